@@ -1,0 +1,36 @@
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from brokerproc import TARGET, BrokerProcess  # noqa: E402
+
+
+@pytest.fixture
+def broker() -> Iterator[BrokerProcess]:
+    """A fresh broker with default options on free ports."""
+    b = BrokerProcess().start()
+    yield b
+    b.stop()
+
+
+@pytest.fixture
+def broker_factory() -> Iterator[Callable[..., BrokerProcess]]:
+    """Start brokers with extra command-line options: `broker_factory("--max-keepalive", "10")`."""
+    started: list[BrokerProcess] = []
+
+    def start(*args: str, env: dict[str, str] | None = None) -> BrokerProcess:
+        if TARGET == "mosquitto" and args:
+            pytest.skip("option specific to mcloudtt-broker")
+        b = BrokerProcess(*args, env=env).start()
+        started.append(b)
+        return b
+
+    yield start
+    for b in started:
+        b.stop()
