@@ -1,0 +1,1 @@
+"""Cluster buses: how a broker hands publishes to the other brokers and receives theirs."""

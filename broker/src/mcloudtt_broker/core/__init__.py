@@ -1,0 +1,1 @@
+"""Routing and sessions, sans-IO: the broker core the asyncio shell drives."""

@@ -1,0 +1,579 @@
+"""One client connection, sans-IO: bytes in through `receive_data`, bytes out through `out`.
+
+Theory of operation. The asyncio shell owns the socket and hands every received chunk to
+`receive_data`. This object decodes packets and acts on them against the `Broker` (sessions,
+routing, retained messages); whatever must go back to this client, or to any other client as a
+delivery, is appended to that connection's `out` buffer, and `link.kick()` asks the shell to
+flush it soon (once per loop iteration, however many packets were written). When the protocol
+says the connection ends, `link.close()` asks the shell to flush and close; the shell reports
+the end with `connection_lost()`, which is where wills and session expiry are decided.
+
+Protocol errors raise `ProtocolError`; they are answered with CONNACK (before the session is
+up) or DISCONNECT (5.0) carrying the reason code, then the connection closes (MQTT-4.13.1-1).
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import TYPE_CHECKING, Protocol
+
+from ..mqtt.codec import MQTT_5, MQTT_311, Decoder, UnsupportedProtocolVersion, encode
+from ..mqtt.errors import ProtocolError
+from ..mqtt.packets import (
+    Auth,
+    ConnAck,
+    Connect,
+    Disconnect,
+    Packet,
+    PingReq,
+    PubAck,
+    PubComp,
+    Publish,
+    PubRec,
+    PubRel,
+    SubAck,
+    Subscribe,
+    UnsubAck,
+    Unsubscribe,
+)
+from ..mqtt.properties import EMPTY_PROPERTIES, Properties
+from ..mqtt.reason_codes import ReasonCode, connack_code_311
+from ..mqtt.topics import is_valid_topic_filter, split_shared
+from .message import Message
+from .session import AWAITING_COMP, NEVER_EXPIRES, Session
+from .trie import Subscription
+
+if TYPE_CHECKING:
+    from .broker import Broker
+
+CONNECTING, CONNECTED, CLOSED = 0, 1, 2
+
+_PINGRESP = b"\xd0\x00"
+
+
+class Link(Protocol):
+    """What the shell offers a connection: a flush request and a close request."""
+
+    def kick(self) -> None: ...
+    def close(self) -> None: ...
+
+
+class ServerConnection:
+    __slots__ = (
+        "alias_in",
+        "alias_out",
+        "alias_out_max",
+        "broker",
+        "client_id",
+        "congested",
+        "created_at",
+        "decoder",
+        "keep_alive",
+        "last_received",
+        "link",
+        "max_packet_out",
+        "out",
+        "problem_info",
+        "send_quota",
+        "session",
+        "state",
+        "version",
+        "will",
+        "will_delay",
+        "will_on_close",
+    )
+
+    def __init__(self, broker: Broker, link: Link, now: float) -> None:
+        self.broker = broker
+        self.link = link
+        self.decoder = Decoder(max_packet_size=broker.settings.max_packet_size)
+        self.out = bytearray()
+        self.state = CONNECTING
+        self.version = MQTT_311
+        self.client_id = ""
+        self.session: Session | None = None
+        self.created_at = now
+        self.last_received = now
+        self.keep_alive = 0
+        self.send_quota = broker.settings.max_inflight
+        self.max_packet_out = 0  # client's Maximum Packet Size; 0 = no limit
+        self.alias_in: dict[int, str] = {}
+        self.alias_out: dict[str, int] = {}
+        self.alias_out_max = 0
+        self.problem_info = True
+        self.congested = False
+        self.will: Message | None = None
+        self.will_on_close = True  # cleared by DISCONNECT 0x00 (MQTT-3.1.2-10)
+        self.will_delay = 0
+
+    # ---------------------------------------------------------------- input
+
+    def receive_data(self, data: bytes, now: float) -> None:
+        if self.state == CLOSED:
+            return
+        self.last_received = now
+        self.broker.stats.bytes_received += len(data)
+        decoder = self.decoder
+        decoder.feed(data)
+        try:
+            while self.state != CLOSED:
+                packet = decoder.next_packet()
+                if packet is None:
+                    break
+                if type(packet) is Publish:
+                    self._on_publish(packet, now)
+                else:
+                    self._dispatch(packet, now)
+        except ProtocolError as error:
+            self._protocol_error(error)
+
+    def _dispatch(self, packet: Packet, now: float) -> None:
+        if isinstance(packet, PubAck):
+            self._on_puback(packet, now)
+        elif isinstance(packet, PubRec):
+            self._on_pubrec(packet, now)
+        elif isinstance(packet, PubComp):
+            self._on_pubcomp(packet, now)
+        elif isinstance(packet, PubRel):
+            self._on_pubrel(packet)
+        elif isinstance(packet, PingReq):
+            self._write(_PINGRESP)  # MQTT-3.12.4-1
+        elif isinstance(packet, Subscribe):
+            self._on_subscribe(packet, now)
+        elif isinstance(packet, Unsubscribe):
+            self._on_unsubscribe(packet)
+        elif isinstance(packet, Connect):
+            self._on_connect(packet, now)
+        elif isinstance(packet, Disconnect):
+            self._on_disconnect(packet)
+        elif isinstance(packet, Auth):
+            # Enhanced authentication is not offered, so AUTH is never expected (MQTT-4.12.0-?).
+            raise ProtocolError("AUTH without an authentication method")
+        else:
+            raise ProtocolError(f"a client must not send {type(packet).__name__}")
+
+    # ---------------------------------------------------------------- output
+
+    def _write(self, data: bytes | bytearray) -> None:
+        out = self.out
+        if not out:
+            self.link.kick()
+        out += data
+
+    def send_packet(self, packet: Packet) -> None:
+        out = self.out
+        if not out:
+            self.link.kick()
+        encode(packet, self.version, out)
+
+    def take_output(self) -> bytearray:
+        data = self.out
+        self.out = bytearray()
+        self.broker.stats.bytes_sent += len(data)
+        return data
+
+    def write_pubrel(self, packet_id: int) -> None:
+        self._write(bytes((0x62, 2, packet_id >> 8, packet_id & 0xFF)))
+
+    def write_publish(
+        self,
+        message: Message,
+        qos: int,
+        retain: bool,
+        packet_id: int,
+        dup: bool,
+        identifiers: tuple[int, ...],
+    ) -> bool:
+        """Write one delivery; False when it was dropped for the client's Maximum Packet Size."""
+        v5 = self.version == MQTT_5
+        stats = self.broker.stats
+        if not dup and not (
+            v5 and (identifiers or self.alias_out_max or message.expires_at is not None)
+        ):
+            head, tail = message.wire(self.version, qos, retain)
+            size = len(head) + len(tail) + (2 if qos else 0)
+            if self.max_packet_out and size > self.max_packet_out:
+                stats.dropped["packet_too_large"] += 1  # MQTT-3.1.2-25
+                return False
+            out = self.out
+            if not out:
+                self.link.kick()
+            out += head
+            if qos:
+                out += packet_id.to_bytes(2, "big")
+            out += tail
+            stats.messages_sent[qos] += 1
+            return True
+        topic = message.topic
+        props = message.properties
+        if v5:
+            changes: dict[str, object] = {}
+            if identifiers:
+                changes["subscription_identifiers"] = identifiers  # MQTT-3.3.4-3
+            if message.expires_at is not None:
+                changes["message_expiry_interval"] = message.remaining_expiry(self.broker.clock())
+            if self.alias_out_max:
+                alias = self.alias_out.get(topic)
+                if alias is not None:
+                    changes["topic_alias"] = alias
+                    topic = ""
+                elif len(self.alias_out) < self.alias_out_max:
+                    alias = len(self.alias_out) + 1
+                    self.alias_out[topic] = alias
+                    changes["topic_alias"] = alias
+            if changes:
+                props = props.replace(**changes)
+        packet = Publish(
+            topic=topic,
+            payload=message.payload,
+            qos=qos,
+            retain=retain,
+            dup=dup,
+            packet_id=packet_id if qos else None,
+            properties=props,
+        )
+        wire = bytearray()
+        encode(packet, self.version, wire)
+        if self.max_packet_out and len(wire) > self.max_packet_out:
+            stats.dropped["packet_too_large"] += 1
+            return False
+        self._write(wire)
+        stats.messages_sent[qos] += 1
+        return True
+
+    # ---------------------------------------------------------------- CONNECT
+
+    def _on_connect(self, packet: Connect, now: float) -> None:
+        broker = self.broker
+        settings = broker.settings
+        self.version = version = packet.protocol_level
+        props = packet.properties
+        v5 = version == MQTT_5
+        if props.authentication_method is not None:
+            # Enhanced authentication (MQTT 5.0 section 4.12) is not offered.
+            self._refuse(ReasonCode.BAD_AUTHENTICATION_METHOD)
+            return
+        client_id = packet.client_id
+        assigned = None
+        if not client_id:
+            if not v5 and not packet.clean_start:
+                self._refuse(ReasonCode.CLIENT_IDENTIFIER_NOT_VALID)  # MQTT-3.1.3-8
+                return
+            client_id = assigned = f"auto-{uuid.uuid4().hex}"  # MQTT-3.1.3-6
+        if not broker.authenticate(client_id, packet.username, packet.password):
+            self._refuse(ReasonCode.BAD_USER_NAME_OR_PASSWORD)
+            return
+        will = packet.will
+        will_message = None
+        if will is not None:
+            if not will.topic or "+" in will.topic or "#" in will.topic:
+                raise ProtocolError("invalid will topic", ReasonCode.TOPIC_NAME_INVALID)
+            expiry = will.properties.message_expiry_interval
+            will_message = Message(
+                will.topic,
+                will.payload,
+                will.qos,
+                will.retain,
+                will.properties.replace(will_delay_interval=None)
+                if will.properties.will_delay_interval is not None
+                else will.properties,
+                expires_at=None if expiry is None else now + expiry,
+                origin=client_id,
+            )
+            self.will_delay = will.properties.will_delay_interval or 0
+
+        keep_alive = packet.keep_alive
+        server_keep_alive = None
+        if settings.max_keepalive and (keep_alive == 0 or keep_alive > settings.max_keepalive):
+            if v5:
+                keep_alive = server_keep_alive = settings.max_keepalive  # MQTT-3.2.2-21
+        self.keep_alive = keep_alive
+
+        if v5:
+            requested_expiry = props.session_expiry_interval or 0
+        else:
+            requested_expiry = 0 if packet.clean_start else NEVER_EXPIRES
+        expiry = min(requested_expiry, settings.max_session_expiry)
+
+        self.client_id = client_id
+        session, present = broker.attach_session(self, client_id, packet.clean_start, now)
+        session.version = version
+        session.expiry_interval = expiry
+        self.session = session
+        self.state = CONNECTED
+        self.will = will_message
+        self.problem_info = props.request_problem_information != 0
+        if v5:
+            self.send_quota = min(props.receive_maximum or 65_535, settings.max_inflight)
+            self.max_packet_out = props.maximum_packet_size or 0
+            self.alias_out_max = min(props.topic_alias_maximum or 0, settings.topic_alias_maximum)
+
+        ack_props = EMPTY_PROPERTIES
+        if v5:
+            values: dict[str, object] = {
+                "receive_maximum": settings.receive_maximum,
+                "topic_alias_maximum": settings.topic_alias_maximum,
+                "maximum_packet_size": settings.max_packet_size,
+            }
+            if assigned is not None:
+                values["assigned_client_identifier"] = assigned
+            if server_keep_alive is not None:
+                values["server_keep_alive"] = server_keep_alive
+            if expiry != requested_expiry:
+                values["session_expiry_interval"] = expiry  # MQTT-3.2.2-? server overrides
+            ack_props = Properties(**values)  # type: ignore[arg-type]
+        self.send_packet(ConnAck(session_present=present, reason_code=0, properties=ack_props))
+        if present:
+            session.resend_inflight()
+        session.pump(now)
+
+    def _refuse(self, reason: ReasonCode) -> None:
+        """Answer a CONNECT with an error CONNACK and close (MQTT-3.2.2-6: no session present)."""
+        code = int(reason) if self.version == MQTT_5 else connack_code_311(reason)
+        self.send_packet(ConnAck(session_present=False, reason_code=code))
+        self.will_on_close = False
+        self._end()
+
+    # ---------------------------------------------------------------- PUBLISH in
+
+    def _on_publish(self, packet: Publish, now: float) -> None:
+        if self.state != CONNECTED:
+            raise ProtocolError("PUBLISH before CONNECT")
+        session = self.session
+        assert session is not None
+        broker = self.broker
+        topic = packet.topic
+        props = packet.properties
+        expires_at = None
+        if props is not EMPTY_PROPERTIES:
+            alias = props.topic_alias
+            if alias is not None:
+                if alias > broker.settings.topic_alias_maximum:
+                    raise ProtocolError("topic alias out of range", ReasonCode.TOPIC_ALIAS_INVALID)
+                if topic:
+                    self.alias_in[alias] = topic  # MQTT-3.3.2-?: a new mapping
+                else:
+                    mapped = self.alias_in.get(alias)
+                    if mapped is None:
+                        raise ProtocolError("unknown topic alias")  # MQTT-3.3.2-7
+                    topic = mapped
+                props = props.replace(topic_alias=None)
+            if props.subscription_identifiers:
+                raise ProtocolError(
+                    "PUBLISH from a client with a subscription identifier"
+                )  # MQTT-3.3.4-6
+            if props.message_expiry_interval is not None:
+                expires_at = now + props.message_expiry_interval
+        if not topic or "+" in topic or "#" in topic:
+            raise ProtocolError(f"invalid topic name {topic!r}", ReasonCode.TOPIC_NAME_INVALID)
+        qos = packet.qos
+        if qos == 2:
+            pid = packet.packet_id
+            assert pid is not None
+            if pid in session.awaiting_release:
+                # A resend of a message already delivered (method B, MQTT-4.3.3-?): ack again.
+                self._write(bytes((0x50, 2, pid >> 8, pid & 0xFF)))
+                return
+            if len(session.awaiting_release) >= broker.settings.receive_maximum:
+                raise ProtocolError(
+                    "more QoS 2 messages in flight than Receive Maximum",
+                    ReasonCode.RECEIVE_MAXIMUM_EXCEEDED,
+                )  # MQTT-3.3.4-9
+        broker.stats.messages_received[qos] += 1
+        allowed = broker.authorize_publish(self.client_id, topic)
+        if allowed:
+            broker.publish(
+                Message(
+                    topic,
+                    packet.payload,
+                    qos,
+                    packet.retain,
+                    props,
+                    expires_at=expires_at,
+                    origin=self.client_id,
+                )
+            )
+        if qos == 1:
+            pid = packet.packet_id
+            assert pid is not None
+            if allowed or self.version != MQTT_5:
+                self._write(bytes((0x40, 2, pid >> 8, pid & 0xFF)))
+            else:
+                self.send_packet(PubAck(packet_id=pid, reason_code=ReasonCode.NOT_AUTHORIZED))
+        elif qos == 2:
+            pid = packet.packet_id
+            assert pid is not None
+            if allowed or self.version != MQTT_5:
+                session.awaiting_release.add(pid)
+                self._write(bytes((0x50, 2, pid >> 8, pid & 0xFF)))
+            else:
+                self.send_packet(PubRec(packet_id=pid, reason_code=ReasonCode.NOT_AUTHORIZED))
+
+    def _on_pubrel(self, packet: PubRel) -> None:
+        session = self._connected_session()
+        pid = packet.packet_id
+        if pid in session.awaiting_release:
+            session.awaiting_release.discard(pid)
+            self._write(bytes((0x70, 2, pid >> 8, pid & 0xFF)))
+        elif self.version == MQTT_5:
+            self.send_packet(
+                PubComp(packet_id=pid, reason_code=ReasonCode.PACKET_IDENTIFIER_NOT_FOUND)
+            )
+        else:
+            self._write(bytes((0x70, 2, pid >> 8, pid & 0xFF)))
+
+    # ---------------------------------------------------------------- acks of our PUBLISH
+
+    def _on_puback(self, packet: PubAck, now: float) -> None:
+        session = self._connected_session()
+        entry = session.inflight.get(packet.packet_id)
+        if entry is not None and entry.qos == 1:
+            del session.inflight[packet.packet_id]
+            if session.queue:
+                session.pump(now)
+
+    def _on_pubrec(self, packet: PubRec, now: float) -> None:
+        session = self._connected_session()
+        pid = packet.packet_id
+        entry = session.inflight.get(pid)
+        if entry is None or entry.qos != 2:
+            if self.version == MQTT_5:
+                self.send_packet(
+                    PubRel(packet_id=pid, reason_code=ReasonCode.PACKET_IDENTIFIER_NOT_FOUND)
+                )
+            else:
+                self.write_pubrel(pid)
+            return
+        if packet.reason_code >= 0x80:
+            del session.inflight[pid]  # the receiver refused it: the flow ends here (MQTT-4.3.3-?)
+            session.pump(now)
+            return
+        entry.state = AWAITING_COMP
+        self.write_pubrel(pid)
+
+    def _on_pubcomp(self, packet: PubComp, now: float) -> None:
+        session = self._connected_session()
+        entry = session.inflight.get(packet.packet_id)
+        if entry is not None and entry.state == AWAITING_COMP:
+            del session.inflight[packet.packet_id]
+            if session.queue:
+                session.pump(now)
+
+    # ---------------------------------------------------------------- SUBSCRIBE / UNSUBSCRIBE
+
+    def _on_subscribe(self, packet: Subscribe, now: float) -> None:
+        session = self._connected_session()
+        broker = self.broker
+        v5 = self.version == MQTT_5
+        identifier = None
+        if packet.properties.subscription_identifiers:
+            identifier = packet.properties.subscription_identifiers[0]
+        codes: list[int] = []
+        retained_to_send: list[tuple[Subscription, str]] = []
+        for request in packet.subscriptions:
+            full_filter = request.topic_filter
+            try:
+                group, inner = split_shared(full_filter)
+            except ValueError:
+                codes.append(ReasonCode.TOPIC_FILTER_INVALID if v5 else 0x80)
+                continue
+            if not is_valid_topic_filter(inner):
+                codes.append(ReasonCode.TOPIC_FILTER_INVALID if v5 else 0x80)
+                continue
+            if group is not None and request.no_local:
+                raise ProtocolError("No Local on a shared subscription")  # MQTT-3.8.3-4
+            sub = Subscription(
+                session=session,
+                topic_filter=full_filter,
+                qos=request.qos,
+                no_local=request.no_local,
+                retain_as_published=request.retain_as_published,
+                retain_handling=request.retain_handling,
+                identifier=identifier,
+                share_group=group,
+            )
+            existed = broker.subscribe(session, sub, inner)
+            codes.append(request.qos)
+            # Retained messages: not for shared subscriptions (MQTT-3.8.4-?), and per Retain
+            # Handling: 0 always, 1 only for a new subscription, 2 never (MQTT-3.3.1-9..11).
+            if group is None and (
+                request.retain_handling == 0 or (request.retain_handling == 1 and not existed)
+            ):
+                retained_to_send.append((sub, inner))
+        self.send_packet(SubAck(packet_id=packet.packet_id, reason_codes=tuple(codes)))
+        for sub, inner in retained_to_send:
+            broker.send_retained(session, sub, inner, now)
+
+    def _on_unsubscribe(self, packet: Unsubscribe) -> None:
+        session = self._connected_session()
+        codes = []
+        for full_filter in packet.topic_filters:
+            removed = self.broker.unsubscribe(session, full_filter)
+            codes.append(ReasonCode.SUCCESS if removed else ReasonCode.NO_SUBSCRIPTION_EXISTED)
+        self.send_packet(
+            UnsubAck(
+                packet_id=packet.packet_id,
+                reason_codes=tuple(codes) if self.version == MQTT_5 else (),
+            )
+        )
+
+    # ---------------------------------------------------------------- endings
+
+    def _on_disconnect(self, packet: Disconnect) -> None:
+        session = self._connected_session()
+        new_expiry = packet.properties.session_expiry_interval
+        if new_expiry is not None:
+            if session.expiry_interval == 0 and new_expiry != 0:
+                raise ProtocolError(
+                    "session expiry set on DISCONNECT after 0 on CONNECT"
+                )  # MQTT-3.14.2-2
+            session.expiry_interval = min(new_expiry, self.broker.settings.max_session_expiry)
+        # MQTT-3.1.2-10: a normal DISCONNECT deletes the will; 5.0 reason 0x04 keeps it.
+        self.will_on_close = packet.reason_code == ReasonCode.DISCONNECT_WITH_WILL
+        self._end()
+
+    def _connected_session(self) -> Session:
+        if self.state != CONNECTED or self.session is None:
+            raise ProtocolError("packet before CONNECT")
+        return self.session
+
+    def _protocol_error(self, error: ProtocolError) -> None:
+        self.broker.stats.protocol_errors += 1
+        if self.state == CONNECTING:
+            if isinstance(error, UnsupportedProtocolVersion):
+                # Answer in 3.1.1 form, which clients of every level can read (MQTT-3.1.2-2).
+                self._write(b"\x20\x02\x00\x01")
+            elif self.decoder.version == MQTT_5:
+                self.version = MQTT_5
+                self.send_packet(ConnAck(reason_code=error.reason_code))
+            self.will_on_close = False
+        elif self.version == MQTT_5:
+            props = EMPTY_PROPERTIES
+            if self.problem_info:
+                props = Properties(reason_string=str(error)[:200])
+            self.send_packet(Disconnect(reason_code=error.reason_code, properties=props))
+        self._end()
+
+    def disconnect(self, reason: ReasonCode, *, publish_will: bool) -> None:
+        """Server-initiated close: DISCONNECT with `reason` for 5.0 clients, then close."""
+        if self.state == CLOSED:
+            return
+        if self.state == CONNECTED and self.version == MQTT_5:
+            self.send_packet(Disconnect(reason_code=reason))
+        self.will_on_close = publish_will
+        self._end()
+
+    def connection_lost(self, now: float) -> None:
+        """The shell reports the socket closed (by us or by the peer)."""
+        self._end(now)
+
+    def _end(self, now: float | None = None) -> None:
+        if self.state == CLOSED:
+            return
+        was_connected = self.state == CONNECTED
+        self.state = CLOSED
+        self.link.close()
+        if was_connected:
+            self.broker.detach(self, self.broker.clock() if now is None else now)
+        else:
+            self.broker.forget(self)

@@ -1,0 +1,158 @@
+"""Session state (MQTT 5.0 section 4.1): subscriptions, QoS 1/2 flows and the offline queue.
+
+A session outlives its network connections when it is persistent. Outgoing QoS 1/2 messages sit
+in `inflight` (sent, not yet acknowledged; resent with DUP on reconnect, MQTT-4.4.0-1) or in
+`queue` (not yet sent: the client is away, its Receive Maximum is used up, or its socket is
+congested). Incoming QoS 2 packet ids wait in `awaiting_release` until PUBREL (method B of
+MQTT 4.3.3: the message is delivered on receipt, duplicates are recognised by id).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import TYPE_CHECKING
+
+from .message import Message
+from .trie import Subscription
+
+if TYPE_CHECKING:
+    from .connection import ServerConnection
+    from .stats import Stats
+
+NEVER_EXPIRES = 0xFFFFFFFF
+
+AWAITING_ACK = 0  # QoS 1 PUBLISH sent, PUBACK due; QoS 2 PUBLISH sent, PUBREC due
+AWAITING_COMP = 1  # QoS 2 PUBREL sent, PUBCOMP due
+
+
+class Outgoing:
+    __slots__ = ("identifiers", "message", "qos", "retain", "state")
+
+    def __init__(
+        self, message: Message, qos: int, retain: bool, identifiers: tuple[int, ...]
+    ) -> None:
+        self.message = message
+        self.qos = qos
+        self.retain = retain
+        self.identifiers = identifiers
+        self.state = AWAITING_ACK
+
+
+Pending = tuple[Message, int, bool, tuple[int, ...]]
+
+
+class Session:
+    __slots__ = (
+        "awaiting_release",
+        "client_id",
+        "connection",
+        "ended_at",
+        "expiry_interval",
+        "inflight",
+        "max_queued",
+        "next_packet_id",
+        "queue",
+        "stats",
+        "subscriptions",
+        "version",
+    )
+
+    def __init__(self, client_id: str, *, max_queued: int, stats: Stats) -> None:
+        self.client_id = client_id
+        self.version = 4
+        self.connection: ServerConnection | None = None
+        self.subscriptions: dict[str, Subscription] = {}
+        self.inflight: dict[int, Outgoing] = {}
+        self.queue: deque[Pending] = deque()
+        self.awaiting_release: set[int] = set()
+        self.next_packet_id = 1
+        self.expiry_interval = 0
+        self.ended_at: float | None = None  # when the last connection closed
+        self.max_queued = max_queued
+        self.stats = stats
+
+    def __repr__(self) -> str:
+        return f"Session({self.client_id!r}, online={self.online})"
+
+    @property
+    def online(self) -> bool:
+        return self.connection is not None
+
+    def allocate_packet_id(self) -> int:
+        pid = self.next_packet_id
+        inflight = self.inflight
+        while pid in inflight:  # MQTT-2.2.1-3: an id is not reused while it is in flight
+            pid = pid + 1 if pid < 65_535 else 1
+        self.next_packet_id = pid + 1 if pid < 65_535 else 1
+        return pid
+
+    def deliver(
+        self, message: Message, qos: int, retain: bool, identifiers: tuple[int, ...]
+    ) -> None:
+        """Send `message` to this session's client at `qos`, or queue it, or count the drop."""
+        conn = self.connection
+        if qos == 0:
+            if conn is None:
+                # QoS 0 is not kept for absent clients (MQTT 5.0 section 3.1.2.4 allows either).
+                self.stats.dropped["offline_qos0"] += 1
+            elif conn.congested:
+                self.stats.dropped["slow_consumer"] += 1
+            else:
+                conn.write_publish(message, 0, retain, 0, False, identifiers)
+            return
+        if (
+            conn is not None
+            and not self.queue
+            and len(self.inflight) < conn.send_quota
+            and not conn.congested
+        ):
+            self._send(conn, message, qos, retain, identifiers)
+        elif len(self.queue) < self.max_queued:
+            self.queue.append((message, qos, retain, identifiers))
+        else:
+            self.stats.dropped["queue_full"] += 1
+
+    def _send(
+        self,
+        conn: ServerConnection,
+        message: Message,
+        qos: int,
+        retain: bool,
+        identifiers: tuple[int, ...],
+    ) -> None:
+        pid = self.allocate_packet_id()
+        if conn.write_publish(message, qos, retain, pid, False, identifiers):
+            self.inflight[pid] = Outgoing(message, qos, retain, identifiers)
+
+    def pump(self, now: float) -> None:
+        """Move queued messages into flight while the client's window and socket allow."""
+        conn = self.connection
+        if conn is None:
+            return
+        queue = self.queue
+        inflight = self.inflight
+        quota = conn.send_quota
+        while queue and len(inflight) < quota and not conn.congested:
+            message, qos, retain, identifiers = queue.popleft()
+            if message.expires_at is not None and now >= message.expires_at:
+                self.stats.dropped["expired"] += 1  # MQTT-3.3.2-5
+                continue
+            self._send(conn, message, qos, retain, identifiers)
+
+    def resend_inflight(self) -> None:
+        """On a resumed session: resend unacknowledged PUBLISH with DUP, and PUBREL (MQTT-4.4.0-1)."""
+        conn = self.connection
+        assert conn is not None
+        for pid, entry in list(self.inflight.items()):
+            if entry.state == AWAITING_ACK:
+                if not conn.write_publish(
+                    entry.message, entry.qos, entry.retain, pid, True, entry.identifiers
+                ):
+                    del self.inflight[pid]
+            else:
+                conn.write_pubrel(pid)
+
+    def drop_all(self) -> None:
+        self.inflight.clear()
+        self.queue.clear()
+        self.awaiting_release.clear()

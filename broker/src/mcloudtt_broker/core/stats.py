@@ -1,0 +1,29 @@
+"""Counters the core keeps for /metrics and $SYS (plain integers: cheap on the hot path)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+
+class Stats:
+    __slots__ = (
+        "bytes_received",
+        "bytes_sent",
+        "connections_total",
+        "dropped",
+        "messages_received",
+        "messages_sent",
+        "protocol_errors",
+        "started_at",
+    )
+
+    def __init__(self, started_at: float) -> None:
+        self.started_at = started_at
+        self.connections_total = 0
+        self.messages_received = [0, 0, 0]  # by QoS
+        self.messages_sent = [0, 0, 0]  # by QoS
+        self.bytes_received = 0
+        self.bytes_sent = 0
+        # reason -> count: queue_full, slow_consumer, expired, packet_too_large, offline_qos0
+        self.dropped: Counter[str] = Counter()
+        self.protocol_errors = 0

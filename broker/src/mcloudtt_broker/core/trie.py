@@ -1,0 +1,189 @@
+"""Subscription matching: a topic trie with `+`, `#`, `$`-topics and shared groups.
+
+`match(topic)` walks the levels of a topic once and returns the matching subscriptions grouped
+per session, plus the matching shared groups. Results are cached per topic name (fan-in traffic
+repeats topics) and the cache is dropped on any subscription change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .session import Session
+
+
+@dataclass(slots=True, eq=False)
+class Subscription:
+    """One subscription of one session (MQTT 5.0 section 3.8.3.1 options)."""
+
+    session: Session
+    topic_filter: str  # as subscribed, including any $share/{group}/ prefix
+    qos: int
+    no_local: bool = False
+    retain_as_published: bool = False
+    retain_handling: int = 0
+    identifier: int | None = None
+    share_group: str | None = None
+
+
+@dataclass(slots=True, eq=False)
+class SharedGroup:
+    """The members of one `$share/{name}/{filter}`; each message goes to one of them."""
+
+    name: str
+    topic_filter: str
+    members: dict[Session, Subscription] = field(default_factory=dict)
+    turn: int = 0
+
+    def pick(self) -> Subscription | None:
+        """Round robin over members, preferring ones that are connected right now."""
+        members = list(self.members.values())
+        if not members:
+            return None
+        count = len(members)
+        for step in range(count):
+            candidate = members[(self.turn + step) % count]
+            if candidate.session.online:
+                self.turn = (self.turn + step + 1) % count
+                return candidate
+        self.turn = (self.turn + 1) % count
+        return members[self.turn % count]
+
+
+class _Node:
+    __slots__ = ("children", "groups", "subscribers")
+
+    def __init__(self) -> None:
+        self.children: dict[str, _Node] = {}
+        self.subscribers: dict[Session, Subscription] = {}
+        self.groups: dict[str, SharedGroup] = {}
+
+    def empty(self) -> bool:
+        return not (self.children or self.subscribers or self.groups)
+
+
+# Per-session matches: a single subscription (the common case) or several overlapping ones.
+SessionMatches = list[tuple["Session", list[Subscription]]]
+MatchResult = tuple[SessionMatches, list[SharedGroup]]
+
+
+class SubscriptionTrie:
+    def __init__(self, *, cache_size: int = 65_536) -> None:
+        self._root = _Node()
+        self._cache: dict[str, MatchResult] = {}
+        self._cache_size = cache_size
+        self.count = 0
+
+    def _node(self, topic_filter: str, create: bool) -> _Node | None:
+        node = self._root
+        for level in topic_filter.split("/"):
+            child = node.children.get(level)
+            if child is None:
+                if not create:
+                    return None
+                child = node.children[level] = _Node()
+            node = child
+        return node
+
+    def add(self, sub: Subscription, inner_filter: str) -> bool:
+        """Insert or replace `sub`; returns True when the session already had this filter."""
+        node = self._node(inner_filter, create=True)
+        assert node is not None
+        self._cache.clear()
+        if sub.share_group is None:
+            existed = sub.session in node.subscribers
+            node.subscribers[sub.session] = sub
+        else:
+            group = node.groups.get(sub.share_group)
+            if group is None:
+                group = node.groups[sub.share_group] = SharedGroup(sub.share_group, inner_filter)
+            existed = sub.session in group.members
+            group.members[sub.session] = sub
+        if not existed:
+            self.count += 1
+        return existed
+
+    def remove(self, session: Session, inner_filter: str, share_group: str | None) -> bool:
+        levels = inner_filter.split("/")
+        path = [self._root]
+        node = self._root
+        for level in levels:
+            child = node.children.get(level)
+            if child is None:
+                return False
+            path.append(child)
+            node = child
+        if share_group is None:
+            removed = node.subscribers.pop(session, None) is not None
+        else:
+            group = node.groups.get(share_group)
+            removed = group is not None and group.members.pop(session, None) is not None
+            if group is not None and not group.members:
+                del node.groups[share_group]
+        if removed:
+            self.count -= 1
+            self._cache.clear()
+            # Prune empty branches so churn does not leave the trie growing.
+            for depth in range(len(levels), 0, -1):
+                if path[depth].empty():
+                    del path[depth - 1].children[levels[depth - 1]]
+                else:
+                    break
+        return removed
+
+    def match(self, topic: str) -> MatchResult:
+        hit = self._cache.get(topic)
+        if hit is not None:
+            return hit
+        per_session: dict[Session, list[Subscription]] = {}
+        groups: list[SharedGroup] = []
+
+        def collect(node: _Node) -> None:
+            for session, sub in node.subscribers.items():
+                found = per_session.get(session)
+                if found is None:
+                    per_session[session] = [sub]
+                else:
+                    found.append(sub)
+            if node.groups:
+                groups.extend(node.groups.values())
+
+        levels = topic.split("/")
+        count = len(levels)
+        dollar = topic.startswith("$")
+        stack = [(self._root, 0)]
+        while stack:
+            node, index = stack.pop()
+            children = node.children
+            if index == count:
+                collect(node)
+                # "a/#" matches "a" too: '#' includes the parent level (MQTT 5.0 section 4.7.1.2).
+                multi = children.get("#")
+                if multi is not None:
+                    collect(multi)
+                continue
+            if not (dollar and index == 0):  # MQTT-4.7.2-1: no leading wildcard for $-topics
+                multi = children.get("#")
+                if multi is not None:
+                    collect(multi)
+                single = children.get("+")
+                if single is not None:
+                    stack.append((single, index + 1))
+            exact = children.get(levels[index])
+            if exact is not None:
+                stack.append((exact, index + 1))
+        result: MatchResult = (list(per_session.items()), groups)
+        if len(self._cache) >= self._cache_size:
+            self._cache.clear()
+        self._cache[topic] = result
+        return result
+
+    def groups(self) -> Iterator[SharedGroup]:
+        stack = [self._root]
+        while stack:
+            node = stack.pop()
+            yield from node.groups.values()
+            stack.extend(node.children.values())

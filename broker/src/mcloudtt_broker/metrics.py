@@ -1,0 +1,104 @@
+"""Prometheus text exposition of the broker's counters and gauges."""
+
+from __future__ import annotations
+
+from .core.broker import Broker
+
+DROP_REASONS = ("queue_full", "slow_consumer", "expired", "packet_too_large", "offline_qos0")
+
+
+def render_metrics(broker: Broker, now: float) -> str:
+    stats = broker.stats
+    lines: list[str] = []
+
+    def metric(name: str, kind: str, help_text: str, samples: list[tuple[str, float]]) -> None:
+        lines.append(f"# HELP {name} {help_text}")
+        lines.append(f"# TYPE {name} {kind}")
+        for labels, value in samples:
+            lines.append(
+                f"{name}{labels} {value:g}"
+                if isinstance(value, float)
+                else f"{name}{labels} {value}"
+            )
+
+    sessions = broker.sessions.values()
+    metric(
+        "mcloudtt_connections", "gauge", "Clients connected now.", [("", broker.connected_count())]
+    )
+    metric(
+        "mcloudtt_connections_total",
+        "counter",
+        "Connections accepted.",
+        [("", stats.connections_total)],
+    )
+    metric(
+        "mcloudtt_messages_received_total",
+        "counter",
+        "PUBLISH packets received from clients, by QoS.",
+        [(f'{{qos="{q}"}}', stats.messages_received[q]) for q in range(3)],
+    )
+    metric(
+        "mcloudtt_messages_sent_total",
+        "counter",
+        "PUBLISH packets sent to clients, by QoS.",
+        [(f'{{qos="{q}"}}', stats.messages_sent[q]) for q in range(3)],
+    )
+    metric(
+        "mcloudtt_bytes_received_total",
+        "counter",
+        "Bytes read from clients.",
+        [("", stats.bytes_received)],
+    )
+    metric(
+        "mcloudtt_bytes_sent_total",
+        "counter",
+        "Bytes written to clients.",
+        [("", stats.bytes_sent)],
+    )
+    reasons = dict.fromkeys(DROP_REASONS, 0) | dict(stats.dropped)
+    metric(
+        "mcloudtt_messages_dropped_total",
+        "counter",
+        "Deliveries not made, by reason.",
+        [(f'{{reason="{r}"}}', n) for r, n in sorted(reasons.items())],
+    )
+    metric(
+        "mcloudtt_protocol_errors_total",
+        "counter",
+        "Connections closed for a protocol error.",
+        [("", stats.protocol_errors)],
+    )
+    metric(
+        "mcloudtt_inflight_messages",
+        "gauge",
+        "QoS 1/2 messages sent and not yet acknowledged.",
+        [("", sum(len(s.inflight) for s in sessions))],
+    )
+    metric(
+        "mcloudtt_queued_messages",
+        "gauge",
+        "QoS 1/2 messages waiting to be sent.",
+        [("", sum(len(s.queue) for s in sessions))],
+    )
+    metric(
+        "mcloudtt_retained_messages",
+        "gauge",
+        "Retained messages stored.",
+        [("", len(broker.retained))],
+    )
+    metric(
+        "mcloudtt_subscriptions",
+        "gauge",
+        "Subscriptions of all sessions.",
+        [("", broker.trie.count)],
+    )
+    metric(
+        "mcloudtt_sessions", "gauge", "Sessions, connected or not.", [("", len(broker.sessions))]
+    )
+    metric(
+        "mcloudtt_uptime_seconds",
+        "gauge",
+        "Seconds since start.",
+        [("", int(now - stats.started_at))],
+    )
+    return "\n".join(lines) + "\n"

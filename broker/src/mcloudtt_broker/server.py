@@ -1,0 +1,194 @@
+"""The asyncio shell: listeners, one Protocol object per connection, timers, graceful shutdown.
+
+No task per packet or per delivery: each socket's `data_received` runs the sans-IO core inline,
+and each connection's output is flushed once per loop iteration (`kick` schedules it), so many
+deliveries to one subscriber become one `transport.write`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import ssl
+from dataclasses import dataclass, field
+
+from .core.broker import Broker, BrokerSettings
+from .core.connection import ServerConnection
+from .httpd import HttpServer
+
+log = logging.getLogger("mcloudtt.broker")
+
+WRITE_HIGH_WATER = 256 * 1024
+
+
+class MQTTProtocol(asyncio.Protocol):
+    __slots__ = ("conn", "flush_scheduled", "loop", "server", "transport")
+
+    def __init__(self, server: BrokerServer) -> None:
+        self.server = server
+        self.loop = server.loop
+        self.transport: asyncio.Transport | None = None
+        self.conn: ServerConnection | None = None
+        self.flush_scheduled = False
+
+    # asyncio callbacks ------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, hence no isinstance check.
+        self.transport = transport  # type: ignore[assignment]
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)  # type: ignore[attr-defined]
+        self.conn = self.server.broker.connect(self, self.loop.time())
+
+    def data_received(self, data: bytes) -> None:
+        conn = self.conn
+        if conn is not None:
+            conn.receive_data(data, self.loop.time())
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        conn = self.conn
+        if conn is not None:
+            conn.connection_lost(self.loop.time())
+        self.server.closed(self)
+
+    def pause_writing(self) -> None:
+        # The client is not reading: stop reading from it too (its acks and publishes wait in
+        # its socket), and let the core drop QoS 0 / queue QoS 1-2 for it.
+        if self.conn is not None:
+            self.conn.congested = True
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        conn = self.conn
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+        if conn is not None:
+            conn.congested = False
+            if conn.session is not None and conn.session.connection is conn:
+                conn.session.pump(self.loop.time())
+
+    # Link (what the core calls) -------------------------------------------------------
+    def kick(self) -> None:
+        if not self.flush_scheduled:
+            self.flush_scheduled = True
+            self.loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        self.flush_scheduled = False
+        conn = self.conn
+        transport = self.transport
+        if conn is None or transport is None or not conn.out:
+            return
+        data = conn.take_output()
+        if not transport.is_closing():
+            transport.write(data)
+
+    def close(self) -> None:
+        self.flush()
+        if self.transport is not None:
+            self.transport.close()
+
+
+@dataclass(kw_only=True)
+class ServerOptions:
+    binds: list[tuple[str, int]]
+    tls_binds: list[tuple[str, int]] = field(default_factory=list)
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    http: tuple[str, int] | None = None
+    drain_timeout: float = 5.0
+
+
+class BrokerServer:
+    def __init__(self, settings: BrokerSettings, options: ServerOptions) -> None:
+        self.settings = settings
+        self.options = options
+        self.loop = asyncio.get_running_loop()
+        self.broker = Broker(settings, clock=self.loop.time)
+        self.protocols: set[MQTTProtocol] = set()
+        self.listeners: list[asyncio.Server] = []
+        self.http: HttpServer | None = None
+        self.accepting = False
+        self._ticker: asyncio.Task[None] | None = None
+        self._all_closed = asyncio.Event()
+
+    def _factory(self) -> MQTTProtocol:
+        protocol = MQTTProtocol(self)
+        self.protocols.add(protocol)
+        self._all_closed.clear()
+        return protocol
+
+    def closed(self, protocol: MQTTProtocol) -> None:
+        self.protocols.discard(protocol)
+        if not self.protocols:
+            self._all_closed.set()
+
+    async def start(self) -> None:
+        for host, port in self.options.binds:
+            self.listeners.append(
+                await self.loop.create_server(
+                    self._factory, host, port, backlog=4096, reuse_address=True
+                )
+            )
+            log.info("MQTT listening on %s:%d", host, port)
+        if self.options.tls_binds:
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            assert self.options.tls_cert is not None
+            context.load_cert_chain(self.options.tls_cert, self.options.tls_key)
+            for host, port in self.options.tls_binds:
+                self.listeners.append(
+                    await self.loop.create_server(
+                        self._factory, host, port, ssl=context, backlog=4096, reuse_address=True
+                    )
+                )
+                log.info("MQTT over TLS listening on %s:%d", host, port)
+        if self.options.http is not None:
+            self.http = HttpServer(self)
+            await self.http.start(*self.options.http)
+        self.accepting = True
+        self._ticker = asyncio.create_task(self._tick_forever(), name="mcloudtt-tick")
+
+    async def _tick_forever(self) -> None:
+        while True:
+            await asyncio.sleep(0.25)
+            try:
+                self.broker.tick(self.loop.time())
+            except Exception:  # a bug in one tick must not stop keepalive for everyone
+                log.exception("tick failed")
+
+    def ready(self) -> bool:
+        return self.accepting
+
+    async def stop(self) -> None:
+        """Stop accepting, tell clients (5.0: DISCONNECT 0x8B), flush, close within the drain timeout."""
+        self.accepting = False
+        for listener in self.listeners:
+            listener.close()
+        self.broker.shutdown()
+        if self.protocols:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._all_closed.wait(), self.options.drain_timeout)
+        for protocol in list(self.protocols):
+            if protocol.transport is not None:
+                protocol.transport.abort()
+        if self._ticker is not None:
+            self._ticker.cancel()
+        if self.http is not None:
+            await self.http.stop()
+        for listener in self.listeners:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(listener.wait_closed(), 1.0)
+
+
+async def serve(settings: BrokerSettings, options: ServerOptions) -> None:
+    server = BrokerServer(settings, options)
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    log.info("broker %s ready", settings.broker_id)
+    await stop.wait()
+    log.info("shutting down")
+    await server.stop()
