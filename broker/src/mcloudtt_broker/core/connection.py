@@ -17,7 +17,14 @@ from __future__ import annotations
 import uuid
 from typing import TYPE_CHECKING, Protocol
 
-from ..mqtt.codec import MQTT_5, MQTT_311, Decoder, UnsupportedProtocolVersion, encode
+from ..mqtt.codec import (
+    MQTT_5,
+    MQTT_311,
+    Decoder,
+    UnsupportedProtocolVersion,
+    decode_publish_header,
+    encode,
+)
 from ..mqtt.errors import ProtocolError
 from ..mqtt.packets import (
     Auth,
@@ -36,6 +43,7 @@ from ..mqtt.packets import (
     UnsubAck,
     Unsubscribe,
 )
+from ..mqtt.primitives import encode_varint, varint_size
 from ..mqtt.properties import EMPTY_PROPERTIES, Properties
 from ..mqtt.reason_codes import ReasonCode, connack_code_311
 from ..mqtt.topics import is_valid_topic_filter, split_shared
@@ -117,19 +125,44 @@ class ServerConnection:
         decoder.feed(data)
         try:
             while self.state != CLOSED:
-                packet = decoder.next_packet()
-                if packet is None:
+                frame = decoder.next_frame()
+                if frame is None:
                     break
-                if type(packet) is Publish:
-                    self._on_publish(packet, now)
+                packet_type, flags, buffer, start, stop = frame
+                if packet_type == 3:
+                    # Hot path: straight from the frame to a Message, no Publish object.
+                    topic, packet_id, props, payload_at = decode_publish_header(
+                        flags, buffer, start, stop, self.version
+                    )
+                    self._on_publish(
+                        topic,
+                        buffer[payload_at:stop],
+                        (flags >> 1) & 0x03,
+                        bool(flags & 0x01),
+                        packet_id,
+                        props,
+                        now,
+                    )
+                elif packet_type == 4 and stop - start == 2:
+                    self._on_puback((buffer[start] << 8) | buffer[start + 1], now)
                 else:
-                    self._dispatch(packet, now)
+                    self._dispatch(decoder.decode_frame(*frame), now)
         except ProtocolError as error:
             self._protocol_error(error)
 
     def _dispatch(self, packet: Packet, now: float) -> None:
-        if isinstance(packet, PubAck):
-            self._on_puback(packet, now)
+        if isinstance(packet, Publish):
+            self._on_publish(
+                packet.topic,
+                packet.payload,
+                packet.qos,
+                packet.retain,
+                packet.packet_id,
+                packet.properties,
+                now,
+            )
+        elif isinstance(packet, PubAck):
+            self._on_puback(packet.packet_id, now)
         elif isinstance(packet, PubRec):
             self._on_pubrec(packet, now)
         elif isinstance(packet, PubComp):
@@ -190,18 +223,28 @@ class ServerConnection:
         if not dup and not (
             v5 and (identifiers or self.alias_out_max or message.expires_at is not None)
         ):
-            head, tail = message.wire(self.version, qos, retain)
-            size = len(head) + len(tail) + (2 if qos else 0)
-            if self.max_packet_out and size > self.max_packet_out:
-                stats.dropped["packet_too_large"] += 1  # MQTT-3.1.2-25
-                return False
+            topic_wire = message.topic_wire
+            payload = message.payload
+            props_wire = message.properties_wire if v5 else b""
+            length = len(topic_wire) + len(props_wire) + len(payload) + (2 if qos else 0)
+            if self.max_packet_out and length + 5 > self.max_packet_out:
+                if 1 + varint_size(length) + length > self.max_packet_out:
+                    stats.dropped["packet_too_large"] += 1  # MQTT-3.1.2-25
+                    return False
             out = self.out
             if not out:
                 self.link.kick()
-            out += head
+            out.append(0x30 | (qos << 1) | (1 if retain else 0))
+            if length < 128:
+                out.append(length)
+            else:
+                encode_varint(length, out)
+            out += topic_wire
             if qos:
                 out += packet_id.to_bytes(2, "big")
-            out += tail
+            if v5:
+                out += props_wire
+            out += payload
             stats.messages_sent[qos] += 1
             return True
         topic = message.topic
@@ -336,14 +379,21 @@ class ServerConnection:
 
     # ---------------------------------------------------------------- PUBLISH in
 
-    def _on_publish(self, packet: Publish, now: float) -> None:
+    def _on_publish(
+        self,
+        topic: str,
+        payload: bytes,
+        qos: int,
+        retain: bool,
+        packet_id: int | None,
+        props: Properties,
+        now: float,
+    ) -> None:
         if self.state != CONNECTED:
             raise ProtocolError("PUBLISH before CONNECT")
         session = self.session
         assert session is not None
         broker = self.broker
-        topic = packet.topic
-        props = packet.properties
         expires_at = None
         if props is not EMPTY_PROPERTIES:
             alias = props.topic_alias
@@ -351,28 +401,28 @@ class ServerConnection:
                 if alias > broker.settings.topic_alias_maximum:
                     raise ProtocolError("topic alias out of range", ReasonCode.TOPIC_ALIAS_INVALID)
                 if topic:
-                    self.alias_in[alias] = topic  # MQTT-3.3.2-?: a new mapping
+                    self.alias_in[alias] = topic  # a new or changed mapping (MQTT 5.0 3.3.2.3.4)
                 else:
                     mapped = self.alias_in.get(alias)
                     if mapped is None:
-                        raise ProtocolError("unknown topic alias")  # MQTT-3.3.2-7
+                        raise ProtocolError("unknown topic alias")
                     topic = mapped
                 props = props.replace(topic_alias=None)
+                if props == EMPTY_PROPERTIES:
+                    props = EMPTY_PROPERTIES
             if props.subscription_identifiers:
-                raise ProtocolError(
-                    "PUBLISH from a client with a subscription identifier"
-                )  # MQTT-3.3.4-6
+                # MQTT-3.3.4-6: a client never sends a Subscription Identifier.
+                raise ProtocolError("PUBLISH from a client with a subscription identifier")
             if props.message_expiry_interval is not None:
                 expires_at = now + props.message_expiry_interval
         if not topic or "+" in topic or "#" in topic:
+            # MQTT-4.7.3-1 and MQTT-3.3.2-2
             raise ProtocolError(f"invalid topic name {topic!r}", ReasonCode.TOPIC_NAME_INVALID)
-        qos = packet.qos
         if qos == 2:
-            pid = packet.packet_id
-            assert pid is not None
-            if pid in session.awaiting_release:
-                # A resend of a message already delivered (method B, MQTT-4.3.3-?): ack again.
-                self._write(bytes((0x50, 2, pid >> 8, pid & 0xFF)))
+            assert packet_id is not None
+            if packet_id in session.awaiting_release:
+                # A resend of a message already delivered (method B of MQTT 4.3.3): ack again.
+                self._write(bytes((0x50, 2, packet_id >> 8, packet_id & 0xFF)))
                 return
             if len(session.awaiting_release) >= broker.settings.receive_maximum:
                 raise ProtocolError(
@@ -380,34 +430,26 @@ class ServerConnection:
                     ReasonCode.RECEIVE_MAXIMUM_EXCEEDED,
                 )  # MQTT-3.3.4-9
         broker.stats.messages_received[qos] += 1
-        allowed = broker.authorize_publish(self.client_id, topic)
+        allowed = topic[0] != "$" or broker.authorize_publish(self.client_id, topic)
         if allowed:
             broker.publish(
                 Message(
-                    topic,
-                    packet.payload,
-                    qos,
-                    packet.retain,
-                    props,
-                    expires_at=expires_at,
-                    origin=self.client_id,
+                    topic, payload, qos, retain, props, expires_at=expires_at, origin=self.client_id
                 )
             )
         if qos == 1:
-            pid = packet.packet_id
-            assert pid is not None
+            assert packet_id is not None
             if allowed or self.version != MQTT_5:
-                self._write(bytes((0x40, 2, pid >> 8, pid & 0xFF)))
+                self._write(bytes((0x40, 2, packet_id >> 8, packet_id & 0xFF)))
             else:
-                self.send_packet(PubAck(packet_id=pid, reason_code=ReasonCode.NOT_AUTHORIZED))
+                self.send_packet(PubAck(packet_id=packet_id, reason_code=ReasonCode.NOT_AUTHORIZED))
         elif qos == 2:
-            pid = packet.packet_id
-            assert pid is not None
+            assert packet_id is not None
             if allowed or self.version != MQTT_5:
-                session.awaiting_release.add(pid)
-                self._write(bytes((0x50, 2, pid >> 8, pid & 0xFF)))
+                session.awaiting_release.add(packet_id)
+                self._write(bytes((0x50, 2, packet_id >> 8, packet_id & 0xFF)))
             else:
-                self.send_packet(PubRec(packet_id=pid, reason_code=ReasonCode.NOT_AUTHORIZED))
+                self.send_packet(PubRec(packet_id=packet_id, reason_code=ReasonCode.NOT_AUTHORIZED))
 
     def _on_pubrel(self, packet: PubRel) -> None:
         session = self._connected_session()
@@ -424,11 +466,11 @@ class ServerConnection:
 
     # ---------------------------------------------------------------- acks of our PUBLISH
 
-    def _on_puback(self, packet: PubAck, now: float) -> None:
+    def _on_puback(self, packet_id: int, now: float) -> None:
         session = self._connected_session()
-        entry = session.inflight.get(packet.packet_id)
+        entry = session.inflight.get(packet_id)
         if entry is not None and entry.qos == 1:
-            del session.inflight[packet.packet_id]
+            del session.inflight[packet_id]
             if session.queue:
                 session.pump(now)
 
@@ -543,7 +585,7 @@ class ServerConnection:
             if isinstance(error, UnsupportedProtocolVersion):
                 # Answer in 3.1.1 form, which clients of every level can read (MQTT-3.1.2-2).
                 self._write(b"\x20\x02\x00\x01")
-            elif self.decoder.version == MQTT_5:
+            elif self.decoder.requested_level == MQTT_5:
                 self.version = MQTT_5
                 self.send_packet(ConnAck(reason_code=error.reason_code))
             self.will_on_close = False

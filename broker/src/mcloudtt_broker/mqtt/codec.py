@@ -183,26 +183,40 @@ def _decode_connack(flags: int, data: Buffer, pos: int, end: int, version: int) 
     return ConnAck(session_present=bool(ack_flags & 1), reason_code=code, properties=props)
 
 
-def _decode_publish(flags: int, data: Buffer, pos: int, end: int, version: int) -> Publish:
+def decode_publish_header(
+    flags: int, data: Buffer, pos: int, end: int, version: int
+) -> tuple[str, int | None, Properties, int]:
+    """Topic, packet id and properties of a PUBLISH; returns them and where the payload starts.
+
+    The broker's hot path calls this on the frame from `Decoder.next_frame()` and slices the
+    payload itself, so no `Publish` object is built for a message that is only forwarded.
+    """
     qos = (flags >> 1) & 0x03
     if qos == 3:
         raise MalformedPacket("PUBLISH with QoS 3")  # MQTT-3.3.1-4
-    dup = bool(flags & 0x08)
-    if dup and not qos:
+    if flags & 0x08 and not qos:
         raise MalformedPacket("DUP set on a QoS 0 PUBLISH")  # MQTT-3.3.1-2
-    topic, pos = decode_string(data, pos, end)
-    packet_id = None
-    if qos:
-        packet_id, pos = _packet_id(data, pos, end)
-    props = EMPTY_PROPERTIES
-    if version == MQTT_5:
-        props, pos = decode_properties(data, pos, end, 3)
+    try:
+        topic, pos = decode_string(data, pos, end)
+        packet_id = None
+        if qos:
+            packet_id, pos = _packet_id(data, pos, end)
+        props = EMPTY_PROPERTIES
+        if version == MQTT_5:
+            props, pos = decode_properties(data, pos, end, 3)
+    except IncompletePacket:
+        raise MalformedPacket("PUBLISH shorter than its fields") from None
+    return topic, packet_id, props, pos
+
+
+def _decode_publish(flags: int, data: Buffer, pos: int, end: int, version: int) -> Publish:
+    topic, packet_id, props, pos = decode_publish_header(flags, data, pos, end, version)
     return Publish(
         topic=topic,
         payload=bytes(data[pos:end]),
-        qos=qos,
+        qos=(flags >> 1) & 0x03,
         retain=bool(flags & 0x01),
-        dup=dup,
+        dup=bool(flags & 0x08),
         packet_id=packet_id,
         properties=props,
     )
@@ -352,7 +366,15 @@ _DECODERS: dict[int, Callable[[int, Buffer, int, int, int], Any]] = {
 class Decoder:
     """Incremental decoder: `feed()` bytes, then call `next_packet()` until it returns None."""
 
-    __slots__ = ("_data", "_pos", "_tail", "_tail_len", "max_packet_size", "version")
+    __slots__ = (
+        "_data",
+        "_pos",
+        "_tail",
+        "_tail_len",
+        "max_packet_size",
+        "requested_level",
+        "version",
+    )
 
     def __init__(
         self, *, version: int | None = None, max_packet_size: int = MAX_VARINT + 5
@@ -364,6 +386,7 @@ class Decoder:
         self.max_packet_size = max_packet_size
         # None until CONNECT is decoded: the first packet must be CONNECT then (MQTT-3.1.0-1).
         self.version = version
+        self.requested_level = version
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         if self._pos >= len(self._data) and not self._tail:
@@ -386,7 +409,12 @@ class Decoder:
         self._tail.clear()
         self._tail_len = 0
 
-    def next_packet(self) -> Packet | None:
+    def next_frame(self) -> tuple[int, int, bytes, int, int] | None:
+        """The next whole frame as (type, flags, buffer, body start, body end), or None.
+
+        Checks the fixed header (size, reserved flags, CONNECT first); the body is decoded by
+        `decode_frame` or, for PUBLISH on the hot path, by `decode_publish_header`.
+        """
         while True:
             data = self._data
             pos = self._pos
@@ -411,7 +439,6 @@ class Decoder:
                     self._merge()
                     continue
                 return None
-            first = data[pos]
             total = i - pos + length
             if total > self.max_packet_size:
                 raise PacketTooLarge(f"packet of {total} bytes exceeds {self.max_packet_size}")
@@ -421,30 +448,46 @@ class Decoder:
                     continue
                 return None
             break
+        first = data[pos]
         packet_type = first >> 4
         flags = first & 0x0F
         stop = i + length
         self._pos = stop
-        if self.version is None and packet_type != 1:
-            raise ProtocolError("the first packet must be CONNECT")  # MQTT-3.1.0-1
-        if packet_type == 3:
-            pass
-        elif packet_type == 0:
-            raise MalformedPacket("reserved packet type 0")
-        elif _REQUIRED_FLAGS[packet_type] != flags:
-            raise MalformedPacket(f"invalid fixed-header flags for packet type {packet_type}")
+        if packet_type != 3:
+            if self.version is None and packet_type != 1:
+                raise ProtocolError("the first packet must be CONNECT")  # MQTT-3.1.0-1
+            if packet_type == 0:
+                raise MalformedPacket("reserved packet type 0")
+            if _REQUIRED_FLAGS[packet_type] != flags:
+                raise MalformedPacket(f"invalid fixed-header flags for packet type {packet_type}")
+        elif self.version is None:
+            raise ProtocolError("the first packet must be CONNECT")
+        return packet_type, flags, data, i, stop
+
+    def decode_frame(
+        self, packet_type: int, flags: int, data: bytes, start: int, stop: int
+    ) -> Packet:
         version = self.version or MQTT_311
         try:
             if packet_type == 1:
                 if self.version is not None:
                     raise ProtocolError("second CONNECT")  # MQTT-3.1.0-2
-                packet = _decode_connect(flags, data, i, stop, version)
+                if data[start : start + 6] == b"\x00\x04MQTT" and stop > start + 6:
+                    # Known before the rest is checked, so an error can be answered in kind.
+                    self.requested_level = data[start + 6]
+                packet = _decode_connect(flags, data, start, stop, version)
                 self.version = packet.protocol_level
                 return packet
-            decoded: Packet = _DECODERS[packet_type](flags, data, i, stop, version)
+            decoded: Packet = _DECODERS[packet_type](flags, data, start, stop, version)
             return decoded
         except IncompletePacket:
             raise MalformedPacket("packet shorter than its fields") from None
+
+    def next_packet(self) -> Packet | None:
+        frame = self.next_frame()
+        if frame is None:
+            return None
+        return self.decode_frame(*frame)
 
 
 # --------------------------------------------------------------------------------------------
