@@ -154,6 +154,15 @@ def decode_properties(
     stop = pos + length
     if stop > end:
         raise MalformedPacket("property length runs past the end of the packet")
+    return decode_property_body(data, pos, stop, packet_type), stop
+
+
+def decode_property_body(
+    data: memoryview | bytes, pos: int, stop: int, packet_type: int
+) -> Properties:
+    """Decode the properties in data[pos:stop] (a section without its length prefix)."""
+    if pos == stop:
+        return EMPTY_PROPERTIES
     values: dict[str, Any] = {}
     subscription_ids: list[int] = []
     user_properties: list[tuple[str, str]] = []
@@ -217,7 +226,7 @@ def decode_properties(
         values["subscription_identifiers"] = tuple(subscription_ids)
     if user_properties:
         values["user_properties"] = tuple(user_properties)
-    return Properties(**values), pos
+    return Properties(**values)
 
 
 def encode_properties(props: Properties, out: bytearray) -> None:
@@ -225,6 +234,13 @@ def encode_properties(props: Properties, out: bytearray) -> None:
     if props is EMPTY_PROPERTIES:
         out.append(0)
         return
+    body = encode_property_body(props)
+    encode_varint(len(body), out)
+    out += body
+
+
+def encode_property_body(props: Properties) -> bytearray:
+    """The properties without the section's length prefix."""
     body = bytearray()
     for pid, name, kind in _ENCODE_ORDER:
         value = getattr(props, name)
@@ -252,5 +268,4 @@ def encode_properties(props: Properties, out: bytearray) -> None:
             encode_string(value, body)
         else:
             encode_binary(value, body)
-    encode_varint(len(body), out)
-    out += body
+    return body
