@@ -9,6 +9,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from brokerproc import TARGET, BrokerProcess  # noqa: E402
+from redisproc import RedisProcess  # noqa: E402
 
 
 @pytest.fixture
@@ -34,3 +35,11 @@ def broker_factory() -> Iterator[Callable[..., BrokerProcess]]:
     yield start
     for b in started:
         b.stop()
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisProcess]:
+    """A fresh redis-server on a free port; `kill()`, `restart()` and `url` for fault tests."""
+    server = RedisProcess().start()
+    yield server
+    server.close()
