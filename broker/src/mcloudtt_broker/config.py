@@ -55,6 +55,16 @@ def _positive_int(value: Any) -> int:
     return number
 
 
+def _bounded(low: int, high: int) -> Callable[[Any], int]:
+    def convert(value: Any) -> int:
+        number = _non_negative_int(value)
+        if not low <= number <= high:
+            raise ValueError(f"must be between {low} and {high}, got {number}")
+        return number
+
+    return convert
+
+
 def _non_negative_float(value: Any) -> float:
     if isinstance(value, bool):
         raise ValueError(f"expected a number, got {value!r}")
@@ -116,14 +126,14 @@ OPTIONS: tuple[Option, ...] = (
     Option("id", _text, None, "broker id (default: the host name)", metavar="NAME"),
     Option(
         "max-keepalive",
-        _non_negative_int,
+        _bounded(0, 65_535),
         0,
         "longest keepalive granted, seconds (0: no limit; 5.0 Server Keep Alive)",
         metavar="SECONDS",
     ),
     Option(
         "max-packet-size",
-        _positive_int,
+        _bounded(64, 268_435_460),
         4 * 1024 * 1024,
         "largest packet accepted, bytes",
         metavar="BYTES",
@@ -137,21 +147,21 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "receive-maximum",
-        _positive_int,
+        _bounded(1, 65_535),
         1024,
         "QoS 2 messages a client may have unreleased at once",
         metavar="N",
     ),
     Option(
         "max-inflight",
-        _positive_int,
+        _bounded(1, 65_535),
         1024,
         "unacknowledged QoS 1/2 deliveries per client",
         metavar="N",
     ),
     Option(
         "topic-alias-maximum",
-        _non_negative_int,
+        _bounded(0, 65_535),
         64,
         "topic aliases accepted per 5.0 client",
         metavar="N",

@@ -28,7 +28,7 @@ def render_metrics(broker: Broker, now: float) -> str:
     metric(
         "mcloudtt_connections_total",
         "counter",
-        "Connections accepted.",
+        "MQTT connections accepted (CONNACK sent with success).",
         [("", stats.connections_total)],
     )
     metric(

@@ -8,7 +8,8 @@ about once a second for keepalive, delayed wills, session expiry and `$SYS` stat
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from .. import __version__
@@ -37,6 +38,20 @@ class BrokerSettings:
     sys_interval: float = 10.0  # 0 disables $SYS
 
 
+class RemoteBroker:
+    """Another broker of the cluster, as a holder of subscriptions in the cluster table."""
+
+    __slots__ = ("broker_id", "filters")
+    online = True
+
+    def __init__(self, broker_id: str) -> None:
+        self.broker_id = broker_id
+        self.filters: set[str] = set()
+
+    def __repr__(self) -> str:
+        return f"RemoteBroker({self.broker_id!r})"
+
+
 Authenticator = Callable[[str, "str | None", "bytes | None"], bool]
 
 
@@ -62,7 +77,12 @@ class Broker:
         self.stats = Stats(clock())
         self.sessions: dict[str, Session] = {}
         self.connections: set[ServerConnection] = set()
-        self.trie = SubscriptionTrie()
+        self.trie: SubscriptionTrie[Session] = SubscriptionTrie()
+        # The cluster table: what other brokers subscribed to, kept current by the bus.
+        self.remote: SubscriptionTrie[RemoteBroker] = SubscriptionTrie()
+        self.peers: dict[str, RemoteBroker] = {}
+        self.filter_refs: Counter[str] = Counter()  # local sessions per full filter
+        self._group_turns: Counter[str] = Counter()
         self.pending_wills: dict[str, tuple[float, Message]] = {}
         self.expiring: dict[str, float] = {}
         self._next_sys = clock() + self.settings.sys_interval
@@ -72,12 +92,12 @@ class Broker:
     def connect(self, link: Link, now: float) -> ServerConnection:
         conn = ServerConnection(self, link, now)
         self.connections.add(conn)
-        self.stats.connections_total += 1
         return conn
 
     def attach_session(
         self, conn: ServerConnection, client_id: str, clean_start: bool, now: float
     ) -> tuple[Session, bool]:
+        self.stats.connections_total += 1
         # MQTT-3.1.3-9: a new connection for the ClientId cancels a delayed will.
         self.pending_wills.pop(client_id, None)
         existing = self.sessions.get(client_id)
@@ -141,9 +161,14 @@ class Broker:
 
     # ------------------------------------------------------------ subscriptions
 
-    def subscribe(self, session: Session, sub: Subscription, inner_filter: str) -> bool:
+    def subscribe(self, session: Session, sub: Subscription[Session], inner_filter: str) -> bool:
         session.subscriptions[sub.topic_filter] = sub
-        return self.trie.add(sub, inner_filter)
+        existed = self.trie.add(sub, inner_filter)
+        if not existed:
+            self.filter_refs[sub.topic_filter] += 1
+            if self.filter_refs[sub.topic_filter] == 1:
+                self.bus.subscription_added(sub.topic_filter)
+        return existed
 
     def unsubscribe(self, session: Session, full_filter: str) -> bool:
         sub = session.subscriptions.pop(full_filter, None)
@@ -151,10 +176,49 @@ class Broker:
             return False
         group, inner = split_shared(full_filter)
         self.trie.remove(session, inner, group)
+        self.filter_refs[full_filter] -= 1
+        if self.filter_refs[full_filter] <= 0:
+            del self.filter_refs[full_filter]
+            self.bus.subscription_removed(full_filter)
         return True
 
+    # ------------------------------------------------------------ the cluster table
+
+    def remote_subscribe(self, broker_id: str, full_filter: str) -> None:
+        peer = self.peers.get(broker_id)
+        if peer is None:
+            peer = self.peers[broker_id] = RemoteBroker(broker_id)
+        if full_filter in peer.filters:
+            return
+        try:
+            group, inner = split_shared(full_filter)
+        except ValueError:
+            return
+        peer.filters.add(full_filter)
+        entry: Subscription[RemoteBroker] = Subscription(
+            session=peer, topic_filter=full_filter, qos=2, share_group=group
+        )
+        self.remote.add(entry, inner)
+
+    def remote_unsubscribe(self, broker_id: str, full_filter: str) -> None:
+        peer = self.peers.get(broker_id)
+        if peer is None or full_filter not in peer.filters:
+            return
+        peer.filters.discard(full_filter)
+        group, inner = split_shared(full_filter)
+        self.remote.remove(peer, inner, group)
+
+    def remote_forget(self, broker_id: str) -> None:
+        """A broker left the cluster (or its table is being reloaded): drop its entries."""
+        peer = self.peers.pop(broker_id, None)
+        if peer is not None:
+            for full_filter in list(peer.filters):
+                group, inner = split_shared(full_filter)
+                self.remote.remove(peer, inner, group)
+            peer.filters.clear()
+
     def send_retained(
-        self, session: Session, sub: Subscription, inner_filter: str, now: float
+        self, session: Session, sub: Subscription[Session], inner_filter: str, now: float
     ) -> None:
         identifiers = (sub.identifier,) if sub.identifier else ()
         for message in list(self.retained.match(inner_filter)):
@@ -172,25 +236,73 @@ class Broker:
 
     def publish(self, message: Message) -> None:
         """A publish accepted here (from a client, a will or $SYS): store, route, forward."""
+        self._store_retained(message)
+        targets, groups = self.route(message)
+        self.bus.forward(message, targets, groups)
+
+    def deliver_remote(self, message: Message, *, plain: bool, groups: Sequence[str]) -> None:
+        """A publish from another broker: keep its retained state and deliver here only.
+
+        `plain`: deliver to local non-shared subscriptions; `groups`: shared groups the origin
+        chose this broker for.
+        """
+        self._store_retained(message)
+        per_session, _ = self.trie.match(message.topic)
+        if plain:
+            self._deliver_plain(message, per_session)
+        for key in groups:
+            group_name, inner = split_shared(key)
+            group = self.trie.group(inner, group_name or "")
+            member = group.pick() if group is not None else None
+            if member is not None:
+                self._deliver_one(message, member)
+
+    def _store_retained(self, message: Message) -> None:
         if message.retain:
             if message.payload:
                 self.retained.set(message)
             else:
                 self.retained.delete(message.topic)  # MQTT-3.3.1-10: empty payload clears
-        self.route(message)
-        self.bus.forward(message)
 
-    def deliver_remote(self, message: Message) -> None:
-        """A publish from another broker: store its retained state and route locally only."""
-        if message.retain:
-            if message.payload:
-                self.retained.set(message)
-            else:
-                self.retained.delete(message.topic)
-        self.route(message)
+    def route(self, message: Message) -> tuple[list[str], dict[str, list[str]]]:
+        """Deliver to local subscribers; return what the cluster still has to do.
 
-    def route(self, message: Message) -> None:
+        Returns the remote brokers with a matching plain subscription, and for each remote
+        broker the shared groups it was chosen to serve: each shared group gets the message once
+        in the whole cluster (round robin over the brokers that have members).
+        """
         per_session, groups = self.trie.match(message.topic)
+        self._deliver_plain(message, per_session)
+        if not self.peers:
+            for group in groups:
+                member = group.pick()
+                if member is not None:
+                    self._deliver_one(message, member)
+            return [], {}
+        remote_plain, remote_groups = self.remote.match(message.topic)
+        targets = [peer.broker_id for peer, _ in remote_plain]
+        assignments: dict[str, list[str]] = {}
+        if groups or remote_groups:
+            local_groups = {group.key: group for group in groups}
+            candidates: dict[str, list[str | None]] = {key: [None] for key in local_groups}
+            for remote_group in remote_groups:
+                options = candidates.setdefault(remote_group.key, [])
+                options.extend(peer.broker_id for peer in remote_group.members)
+            for key, options in candidates.items():
+                turn = self._group_turns[key]
+                self._group_turns[key] = turn + 1
+                choice = options[turn % len(options)]
+                if choice is None:
+                    member = local_groups[key].pick()
+                    if member is not None:
+                        self._deliver_one(message, member)
+                else:
+                    assignments.setdefault(choice, []).append(key)
+        return targets, assignments
+
+    def _deliver_plain(
+        self, message: Message, per_session: list[tuple[Session, list[Subscription[Session]]]]
+    ) -> None:
         origin = message.origin
         msg_qos = message.qos
         msg_retain = message.retain
@@ -212,15 +324,13 @@ class Broker:
                 retain = msg_retain and any(s.retain_as_published for s in live)
                 identifiers = tuple(s.identifier for s in live if s.identifier)
             session.deliver(message, qos, retain, identifiers)
-        for group in groups:
-            member = group.pick()
-            if member is None:
-                continue
-            qos = member.qos if member.qos < msg_qos else msg_qos
-            retain = msg_retain and member.retain_as_published
-            member.session.deliver(
-                message, qos, retain, (member.identifier,) if member.identifier else ()
-            )
+
+    def _deliver_one(self, message: Message, member: Subscription[Session]) -> None:
+        qos = member.qos if member.qos < message.qos else message.qos
+        retain = message.retain and member.retain_as_published
+        member.session.deliver(
+            message, qos, retain, (member.identifier,) if member.identifier else ()
+        )
 
     # ------------------------------------------------------------ time
 

@@ -415,8 +415,11 @@ class ServerConnection:
                 raise ProtocolError("PUBLISH from a client with a subscription identifier")
             if props.message_expiry_interval is not None:
                 expires_at = now + props.message_expiry_interval
-        if not topic or "+" in topic or "#" in topic:
-            # MQTT-4.7.3-1 and MQTT-3.3.2-2
+        if not topic:
+            # MQTT 5.0 section 3.3.2.1: an empty topic without a Topic Alias is a protocol error.
+            raise ProtocolError("empty topic name without a topic alias")
+        if "+" in topic or "#" in topic:
+            # MQTT-3.3.2-2
             raise ProtocolError(f"invalid topic name {topic!r}", ReasonCode.TOPIC_NAME_INVALID)
         if qos == 2:
             assert packet_id is not None
@@ -511,7 +514,7 @@ class ServerConnection:
         if packet.properties.subscription_identifiers:
             identifier = packet.properties.subscription_identifiers[0]
         codes: list[int] = []
-        retained_to_send: list[tuple[Subscription, str]] = []
+        retained_to_send: list[tuple[Subscription[Session], str]] = []
         for request in packet.subscriptions:
             full_filter = request.topic_filter
             try:
@@ -524,7 +527,7 @@ class ServerConnection:
                 continue
             if group is not None and request.no_local:
                 raise ProtocolError("No Local on a shared subscription")  # MQTT-3.8.3-4
-            sub = Subscription(
+            sub: Subscription[Session] = Subscription(
                 session=session,
                 topic_filter=full_filter,
                 qos=request.qos,

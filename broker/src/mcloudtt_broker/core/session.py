@@ -61,7 +61,7 @@ class Session:
         self.client_id = client_id
         self.version = 4
         self.connection: ServerConnection | None = None
-        self.subscriptions: dict[str, Subscription] = {}
+        self.subscriptions: dict[str, Subscription[Session]] = {}
         self.inflight: dict[int, Outgoing] = {}
         self.queue: deque[Pending] = deque()
         self.awaiting_release: set[int] = set()

@@ -7,19 +7,26 @@ repeats topics) and the cache is dropped on any subscription change.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Generic, Protocol, TypeVar
 
-if TYPE_CHECKING:
-    from .session import Session
+
+class Subscriber(Hashable, Protocol):
+    """Who holds subscriptions: a local session, or (in the cluster table) a remote broker."""
+
+    @property
+    def online(self) -> bool: ...
+
+
+S = TypeVar("S", bound=Subscriber)
 
 
 @dataclass(slots=True, eq=False)
-class Subscription:
+class Subscription(Generic[S]):
     """One subscription of one session (MQTT 5.0 section 3.8.3.1 options)."""
 
-    session: Session
+    session: S
     topic_filter: str  # as subscribed, including any $share/{group}/ prefix
     qos: int
     no_local: bool = False
@@ -30,15 +37,20 @@ class Subscription:
 
 
 @dataclass(slots=True, eq=False)
-class SharedGroup:
+class SharedGroup(Generic[S]):
     """The members of one `$share/{name}/{filter}`; each message goes to one of them."""
 
     name: str
     topic_filter: str
-    members: dict[Session, Subscription] = field(default_factory=dict)
+    members: dict[S, Subscription[S]] = field(default_factory=dict)
     turn: int = 0
 
-    def pick(self) -> Subscription | None:
+    @property
+    def key(self) -> str:
+        """The full shared filter, `$share/{name}/{filter}`, which names the group cluster-wide."""
+        return f"$share/{self.name}/{self.topic_filter}"
+
+    def pick(self) -> Subscription[S] | None:
         """Round robin over members, preferring ones that are connected right now."""
         members = list(self.members.values())
         if not members:
@@ -53,31 +65,29 @@ class SharedGroup:
         return members[self.turn % count]
 
 
-class _Node:
+class _Node(Generic[S]):
     __slots__ = ("children", "groups", "subscribers")
 
     def __init__(self) -> None:
-        self.children: dict[str, _Node] = {}
-        self.subscribers: dict[Session, Subscription] = {}
-        self.groups: dict[str, SharedGroup] = {}
+        self.children: dict[str, _Node[S]] = {}
+        self.subscribers: dict[S, Subscription[S]] = {}
+        self.groups: dict[str, SharedGroup[S]] = {}
 
     def empty(self) -> bool:
         return not (self.children or self.subscribers or self.groups)
 
 
-# Per-session matches: a single subscription (the common case) or several overlapping ones.
-SessionMatches = list[tuple["Session", list[Subscription]]]
-MatchResult = tuple[SessionMatches, list[SharedGroup]]
-
-
-class SubscriptionTrie:
+class SubscriptionTrie(Generic[S]):
     def __init__(self, *, cache_size: int = 65_536) -> None:
-        self._root = _Node()
-        self._cache: dict[str, MatchResult] = {}
+        self._root: _Node[S] = _Node()
+        # Per topic: each subscriber's matching subscriptions (usually one), and shared groups.
+        self._cache: dict[
+            str, tuple[list[tuple[S, list[Subscription[S]]]], list[SharedGroup[S]]]
+        ] = {}
         self._cache_size = cache_size
         self.count = 0
 
-    def _node(self, topic_filter: str, create: bool) -> _Node | None:
+    def _node(self, topic_filter: str, create: bool) -> _Node[S] | None:
         node = self._root
         for level in topic_filter.split("/"):
             child = node.children.get(level)
@@ -88,7 +98,7 @@ class SubscriptionTrie:
             node = child
         return node
 
-    def add(self, sub: Subscription, inner_filter: str) -> bool:
+    def add(self, sub: Subscription[S], inner_filter: str) -> bool:
         """Insert or replace `sub`; returns True when the session already had this filter."""
         node = self._node(inner_filter, create=True)
         assert node is not None
@@ -106,7 +116,7 @@ class SubscriptionTrie:
             self.count += 1
         return existed
 
-    def remove(self, session: Session, inner_filter: str, share_group: str | None) -> bool:
+    def remove(self, session: S, inner_filter: str, share_group: str | None) -> bool:
         levels = inner_filter.split("/")
         path = [self._root]
         node = self._root
@@ -134,14 +144,16 @@ class SubscriptionTrie:
                     break
         return removed
 
-    def match(self, topic: str) -> MatchResult:
+    def match(
+        self, topic: str
+    ) -> tuple[list[tuple[S, list[Subscription[S]]]], list[SharedGroup[S]]]:
         hit = self._cache.get(topic)
         if hit is not None:
             return hit
-        per_session: dict[Session, list[Subscription]] = {}
-        groups: list[SharedGroup] = []
+        per_session: dict[S, list[Subscription[S]]] = {}
+        groups: list[SharedGroup[S]] = []
 
-        def collect(node: _Node) -> None:
+        def collect(node: _Node[S]) -> None:
             for session, sub in node.subscribers.items():
                 found = per_session.get(session)
                 if found is None:
@@ -175,13 +187,17 @@ class SubscriptionTrie:
             exact = children.get(levels[index])
             if exact is not None:
                 stack.append((exact, index + 1))
-        result: MatchResult = (list(per_session.items()), groups)
+        result = (list(per_session.items()), groups)
         if len(self._cache) >= self._cache_size:
             self._cache.clear()
         self._cache[topic] = result
         return result
 
-    def groups(self) -> Iterator[SharedGroup]:
+    def group(self, inner_filter: str, name: str) -> SharedGroup[S] | None:
+        node = self._node(inner_filter, create=False)
+        return None if node is None else node.groups.get(name)
+
+    def groups(self) -> Iterator[SharedGroup[S]]:
         stack = [self._root]
         while stack:
             node = stack.pop()

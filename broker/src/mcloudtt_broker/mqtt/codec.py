@@ -419,6 +419,9 @@ class Decoder:
             data = self._data
             pos = self._pos
             end = len(data)
+            if self.version is None and pos < end and data[pos] >> 4 != 1:
+                # MQTT-3.1.0-1: known from the first byte, no need to wait for the frame.
+                raise ProtocolError("the first packet must be CONNECT")
             # Fixed header: type and flags, then the remaining length (MQTT 5.0 section 2.1).
             i = pos + 1
             length = 0

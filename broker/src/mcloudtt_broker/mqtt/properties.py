@@ -11,6 +11,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from .errors import IncompletePacket, MalformedPacket, ProtocolError
+from .reason_codes import ReasonCode
 from .primitives import (
     decode_binary,
     decode_string,
@@ -206,6 +207,8 @@ def decode_property_body(
         if pid in _BOOLEAN_BYTES and value > 1:
             raise ProtocolError(f"property {name} must be 0 or 1")
         if pid in _NON_ZERO and value == 0:
+            if pid == 0x23:
+                raise ProtocolError("topic alias 0", ReasonCode.TOPIC_ALIAS_INVALID)  # MQTT-3.3.2-8
             raise ProtocolError(f"property {name} must not be 0")
         if kind == PAIR:
             user_properties.append(value)
