@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from mcloudtt_broker.mqtt import (
     MQTT_5,
     MQTT_311,
@@ -63,7 +62,9 @@ def packets_for(version: int) -> list[object]:
                 payload=b"offline",
                 qos=1,
                 retain=True,
-                properties=Properties(will_delay_interval=5, content_type="text/plain") if v5 else Properties(),
+                properties=Properties(will_delay_interval=5, content_type="text/plain")
+                if v5
+                else Properties(),
             ),
             properties=Properties(
                 session_expiry_interval=120,
@@ -79,13 +80,22 @@ def packets_for(version: int) -> list[object]:
         ConnAck(session_present=True, reason_code=0),
         ConnAck(
             reason_code=0x86 if v5 else 4,
-            properties=Properties(assigned_client_identifier="auto-1", server_keep_alive=60, reason_string="bad")
+            properties=Properties(
+                assigned_client_identifier="auto-1", server_keep_alive=60, reason_string="bad"
+            )
             if v5
             else Properties(),
         ),
         Publish(topic="a/b", payload=b"x"),
         Publish(topic="a/b", payload=b"", qos=1, packet_id=1, retain=True),
-        Publish(topic="sensors/€/temp", payload=bytes(range(256)) * 5, qos=2, dup=True, packet_id=65535, properties=props),
+        Publish(
+            topic="sensors/€/temp",
+            payload=bytes(range(256)) * 5,
+            qos=2,
+            dup=True,
+            packet_id=65535,
+            properties=props,
+        ),
         PubAck(packet_id=7),
         PubRec(packet_id=8),
         PubRel(packet_id=9),
@@ -108,22 +118,41 @@ def packets_for(version: int) -> list[object]:
             PubAck(packet_id=7, reason_code=0x10),
             PubRec(packet_id=8, reason_code=0x80, properties=Properties(reason_string="no")),
             PubRel(packet_id=9, reason_code=0x92),
-            PubComp(packet_id=10, reason_code=0, properties=Properties(user_properties=(("x", "y"),))),
+            PubComp(
+                packet_id=10, reason_code=0, properties=Properties(user_properties=(("x", "y"),))
+            ),
             Subscribe(
                 packet_id=13,
                 subscriptions=(
                     SubscriptionRequest(
-                        topic_filter="$share/g/a/#", qos=1, retain_as_published=True, retain_handling=2
+                        topic_filter="$share/g/a/#",
+                        qos=1,
+                        retain_as_published=True,
+                        retain_handling=2,
                     ),
                     SubscriptionRequest(topic_filter="x", no_local=True, retain_handling=1),
                 ),
                 properties=Properties(subscription_identifiers=(42,)),
             ),
-            Publish(topic="", payload=b"p", qos=1, packet_id=3, properties=Properties(topic_alias=4, subscription_identifiers=(1, 268_435_455))),
-            SubAck(packet_id=13, reason_codes=(1, 0x8F), properties=Properties(reason_string="why")),
+            Publish(
+                topic="",
+                payload=b"p",
+                qos=1,
+                packet_id=3,
+                properties=Properties(topic_alias=4, subscription_identifiers=(1, 268_435_455)),
+            ),
+            SubAck(
+                packet_id=13, reason_codes=(1, 0x8F), properties=Properties(reason_string="why")
+            ),
             UnsubAck(packet_id=12, reason_codes=(0, 0x11)),
-            Disconnect(reason_code=0x04, properties=Properties(session_expiry_interval=0, reason_string="bye")),
-            Auth(reason_code=0x18, properties=Properties(authentication_method="SCRAM", authentication_data=b"\x01")),
+            Disconnect(
+                reason_code=0x04,
+                properties=Properties(session_expiry_interval=0, reason_string="bye"),
+            ),
+            Auth(
+                reason_code=0x18,
+                properties=Properties(authentication_method="SCRAM", authentication_data=b"\x01"),
+            ),
             Auth(),
         ]
     else:
@@ -211,7 +240,11 @@ def test_unsupported_protocol_levels(wire: bytes, reason: None) -> None:
         (MQTT_311, b"\x36\x03\x00\x01a", MalformedPacket),  # QoS 3
         (MQTT_311, b"\x38\x03\x00\x01a", MalformedPacket),  # DUP on QoS 0
         (MQTT_311, b"\x80\x06\x00\x01\x00\x01a\x00", MalformedPacket),  # SUBSCRIBE flags 0000
-        (MQTT_311, b"\x82\x06\x00\x01\x00\x01a\x04", MalformedPacket),  # reserved option bits in 3.1.1
+        (
+            MQTT_311,
+            b"\x82\x06\x00\x01\x00\x01a\x04",
+            MalformedPacket,
+        ),  # reserved option bits in 3.1.1
         (MQTT_5, b"\x82\x07\x00\x01\x00\x00\x01a\x30", ProtocolError),  # Retain Handling 3
         (MQTT_311, b"\x82\x02\x00\x01", ProtocolError),  # no topic filter
         (MQTT_311, b"\x30\x03\x00\x02a", MalformedPacket),  # string longer than packet
@@ -228,7 +261,9 @@ def test_unsupported_protocol_levels(wire: bytes, reason: None) -> None:
         (MQTT_5, b"\x30\x07\x00\x01a\x03\x23\x00\x00", ProtocolError),  # topic alias 0
     ],
 )
-def test_malformed_packets_raise_with_reason(version: int, wire: bytes, expected: type[Exception]) -> None:
+def test_malformed_packets_raise_with_reason(
+    version: int, wire: bytes, expected: type[Exception]
+) -> None:
     decoder = Decoder(version=version)
     decoder.feed(wire)
     with pytest.raises(expected) as caught:
@@ -290,8 +325,12 @@ def test_arbitrary_bytes_decode_or_raise_protocol_error(data: bytes, version: in
     retain=st.booleans(),
     version=st.sampled_from([MQTT_311, MQTT_5]),
 )
-def test_publish_round_trip_property(topic: str, payload: bytes, qos: int, retain: bool, version: int) -> None:
-    packet = Publish(topic=topic, payload=payload, qos=qos, retain=retain, packet_id=5 if qos else None)
+def test_publish_round_trip_property(
+    topic: str, payload: bytes, qos: int, retain: bool, version: int
+) -> None:
+    packet = Publish(
+        topic=topic, payload=payload, qos=qos, retain=retain, packet_id=5 if qos else None
+    )
     decoder = Decoder(version=version)
     decoder.feed(encode_bytes(packet, version))
     assert decoder.next_packet() == packet

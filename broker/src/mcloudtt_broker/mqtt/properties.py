@@ -11,7 +11,6 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from .errors import IncompletePacket, MalformedPacket, ProtocolError
-from .reason_codes import ReasonCode
 from .primitives import (
     decode_binary,
     decode_string,
@@ -20,6 +19,7 @@ from .primitives import (
     encode_string,
     encode_varint,
 )
+from .reason_codes import ReasonCode
 
 # Packet type numbers (MQTT 5.0 table 2-1); WILL stands for the will properties inside CONNECT.
 CONNECT, CONNACK, PUBLISH, PUBACK, PUBREC, PUBREL, PUBCOMP = 1, 2, 3, 4, 5, 6, 7
