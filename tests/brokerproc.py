@@ -118,13 +118,18 @@ class BrokerProcess:
                 self.proc.wait()
         if self._tmp is not None:
             self._tmp.cleanup()
+        self.output()  # collect and close the pipe
         return self.proc.returncode
 
     def output(self) -> str:
-        assert self.proc is not None and self.proc.stdout is not None
+        """Everything the process printed, once it has exited ("" while it runs)."""
+        assert self.proc is not None
         if self.proc.poll() is None:
             return ""
-        return self.proc.stdout.read().decode(errors="replace")
+        if self.proc.stdout is not None and not self.proc.stdout.closed:
+            self._output = self.proc.stdout.read().decode(errors="replace")
+            self.proc.stdout.close()
+        return getattr(self, "_output", "")
 
 
 @contextmanager

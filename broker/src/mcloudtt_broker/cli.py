@@ -8,6 +8,7 @@ import logging
 import sys
 from typing import NoReturn
 
+from .cluster.redis_bus import ClusterSettings, DuplicateBrokerId
 from .config import OPTIONS, ConfigError, env_name, environment, resolve
 from .core.broker import BrokerSettings
 from .server import ServerOptions, serve
@@ -72,6 +73,21 @@ def main(argv: list[str] | None = None) -> None:
         tls_key=values["tls-key"],
         http=values["http"],
         drain_timeout=values["drain-timeout"],
+        ready_without_redis=values["ready-without-redis"],
+        cluster=None
+        if values["redis"] is None
+        else ClusterSettings(
+            url=values["redis"],
+            broker_id=values["id"],
+            mode=values["cluster-mode"],
+            sync_channel=values["sync-channel"],
+            prefix=values["redis-prefix"],
+            tap_stream=values["tap-stream"],
+            tap_maxlen=values["tap-maxlen"],
+            buffer_limit=values["cluster-buffer"],
+            presence_ttl=values["presence-ttl"],
+            backoff_max=values["redis-backoff-max"],
+        ),
     )
     try:
         import uvloop
@@ -81,6 +97,9 @@ def main(argv: list[str] | None = None) -> None:
         runner = uvloop.run
     try:
         runner(serve(settings, options))
+    except DuplicateBrokerId as error:
+        print(f"mcloudtt-broker: error: {error}", file=sys.stderr)
+        sys.exit(2)
     except OSError as error:
         # e.g. the port is taken: one line, not a traceback.
         print(f"mcloudtt-broker: error: {error}", file=sys.stderr)

@@ -74,6 +74,41 @@ def _non_negative_float(value: Any) -> float:
     return number
 
 
+def _positive_float(value: Any) -> float:
+    number = _non_negative_float(value)
+    if number == 0:
+        raise ValueError("must be greater than 0")
+    return number
+
+
+def _boolean(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false, got {value!r}")
+
+
+def _choice(*choices: str) -> Callable[[Any], str]:
+    def convert(value: Any) -> str:
+        text = str(value).lower()
+        if text not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}, got {value!r}")
+        return text
+
+    return convert
+
+
+def _redis_url(value: Any) -> str:
+    text = str(value)
+    if not text.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError(f"expected a redis:// or rediss:// URL, got {text!r}")
+    return text
+
+
 def _text(value: Any) -> str:
     if not isinstance(value, (str, int)):
         raise ValueError(f"expected text, got {value!r}")
@@ -195,6 +230,66 @@ OPTIONS: tuple[Option, ...] = (
         metavar="SECONDS",
     ),
     Option("log-level", _log_level, "INFO", "debug, info, warning or error", metavar="LEVEL"),
+    Option(
+        "redis",
+        _redis_url,
+        None,
+        "join the cluster through Redis (redis:// or rediss://)",
+        metavar="URL",
+    ),
+    Option(
+        "cluster-mode",
+        _choice("routed", "broadcast"),
+        "routed",
+        "routed (to matching brokers) or broadcast (all, on the sync channel)",
+        metavar="MODE",
+    ),
+    Option("sync-channel", _text, "sync", "Pub/Sub channel of broadcast mode", metavar="NAME"),
+    Option(
+        "redis-prefix", _text, "mcloudtt", "prefix of the cluster's Redis keys", metavar="PREFIX"
+    ),
+    Option(
+        "tap-stream",
+        _text,
+        None,
+        "also append every publish to this Redis stream (for the adapter)",
+        metavar="KEY",
+    ),
+    Option(
+        "tap-maxlen",
+        _positive_int,
+        1_000_000,
+        "approximate length the tap stream is trimmed to",
+        metavar="N",
+    ),
+    Option(
+        "cluster-buffer",
+        _positive_int,
+        100_000,
+        "messages buffered for the cluster while Redis is away",
+        metavar="N",
+    ),
+    Option(
+        "presence-ttl",
+        _positive_float,
+        10.0,
+        "seconds a broker's presence lives without heartbeat",
+        metavar="SECONDS",
+    ),
+    Option(
+        "redis-backoff-max",
+        _positive_float,
+        1.0,
+        "longest wait between Redis reconnect attempts",
+        metavar="SECONDS",
+    ),
+    Option(
+        "ready-without-redis",
+        _boolean,
+        False,
+        "report ready while serving locally without Redis",
+        metavar="BOOL",
+    ),
 )
 OPTIONS_BY_NAME = {option.name: option for option in OPTIONS}
 

@@ -57,6 +57,11 @@ class HttpServer:
                 return "200 OK", b"ready\n", text
             return "503 Service Unavailable", b"not ready\n", text
         if path == "/metrics":
-            body = render_metrics(self.owner.broker, self.owner.loop.time()).encode()
+            bus = self.owner.bus
+            cluster = bus.metrics() if bus is not None else None
+            dropped = dict(bus.dropped) if bus is not None else None
+            body = render_metrics(
+                self.owner.broker, self.owner.loop.time(), cluster, dropped
+            ).encode()
             return "200 OK", body, "text/plain; version=0.0.4; charset=utf-8"
         return "404 Not Found", b"not found\n", text

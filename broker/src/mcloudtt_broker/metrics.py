@@ -4,10 +4,16 @@ from __future__ import annotations
 
 from .core.broker import Broker
 
+CLUSTER_DROP_REASONS = ("buffer_full_qos0", "buffer_full", "unconfirmed_overflow", "peer_gone")
 DROP_REASONS = ("queue_full", "slow_consumer", "expired", "packet_too_large", "offline_qos0")
 
 
-def render_metrics(broker: Broker, now: float) -> str:
+def render_metrics(
+    broker: Broker,
+    now: float,
+    cluster: dict[str, float] | None = None,
+    cluster_dropped: dict[str, int] | None = None,
+) -> str:
     stats = broker.stats
     lines: list[str] = []
 
@@ -101,4 +107,20 @@ def render_metrics(broker: Broker, now: float) -> str:
         "Seconds since start.",
         [("", int(now - stats.started_at))],
     )
+    if cluster is not None:
+        for name, value in cluster.items():
+            kind = "counter" if name.endswith("_total") else "gauge"
+            metric(
+                f"mcloudtt_cluster_{name}",
+                kind,
+                f"Cluster link: {name.replace('_', ' ')}.",
+                [("", value)],
+            )
+        reasons = dict.fromkeys(CLUSTER_DROP_REASONS, 0) | dict(cluster_dropped or {})
+        metric(
+            "mcloudtt_cluster_dropped_total",
+            "counter",
+            "Cluster messages given up, by reason.",
+            [(f'{{reason="{r}"}}', n) for r, n in sorted(reasons.items())],
+        )
     return "\n".join(lines) + "\n"

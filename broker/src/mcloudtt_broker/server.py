@@ -14,6 +14,7 @@ import signal
 import ssl
 from dataclasses import dataclass, field
 
+from .cluster.redis_bus import ClusterSettings, RedisBus
 from .core.broker import Broker, BrokerSettings
 from .core.connection import ServerConnection
 from .httpd import HttpServer
@@ -98,6 +99,8 @@ class ServerOptions:
     tls_key: str | None = None
     http: tuple[str, int] | None = None
     drain_timeout: float = 5.0
+    cluster: ClusterSettings | None = None
+    ready_without_redis: bool = False
 
 
 class BrokerServer:
@@ -105,7 +108,10 @@ class BrokerServer:
         self.settings = settings
         self.options = options
         self.loop = asyncio.get_running_loop()
-        self.broker = Broker(settings, clock=self.loop.time)
+        self.bus = RedisBus(options.cluster) if options.cluster is not None else None
+        self.broker = Broker(settings, clock=self.loop.time, bus=self.bus)
+        if self.bus is not None:
+            self.bus.attach(self.broker)
         self.protocols: set[MQTTProtocol] = set()
         self.listeners: list[asyncio.Server] = []
         self.http: HttpServer | None = None
@@ -147,6 +153,8 @@ class BrokerServer:
             self.http = HttpServer(self)
             await self.http.start(*self.options.http)
         self.accepting = True
+        if self.bus is not None:
+            await self.bus.start()
         self._ticker = asyncio.create_task(self._tick_forever(), name="mcloudtt-tick")
 
     async def _tick_forever(self) -> None:
@@ -158,7 +166,11 @@ class BrokerServer:
                 log.exception("tick failed")
 
     def ready(self) -> bool:
-        return self.accepting
+        if not self.accepting:
+            return False
+        if self.bus is None or self.options.ready_without_redis:
+            return True
+        return self.bus.ready()
 
     async def stop(self) -> None:
         """Stop accepting, tell clients (5.0: DISCONNECT 0x8B), flush, close within the drain timeout."""
@@ -174,6 +186,8 @@ class BrokerServer:
                 protocol.transport.abort()
         if self._ticker is not None:
             self._ticker.cancel()
+        if self.bus is not None:
+            await self.bus.stop()
         if self.http is not None:
             await self.http.stop()
         for listener in self.listeners:
@@ -189,6 +203,12 @@ async def serve(settings: BrokerSettings, options: ServerOptions) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     log.info("broker %s ready", settings.broker_id)
-    await stop.wait()
+    waits: list[asyncio.Future[object]] = [asyncio.ensure_future(stop.wait())]
+    if server.bus is not None and server.bus.fatal is not None:
+        waits.append(server.bus.fatal)  # type: ignore[arg-type]
+    done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
     log.info("shutting down")
     await server.stop()
+    for future in done:
+        if future.exception() is not None:
+            raise future.exception()  # type: ignore[misc]

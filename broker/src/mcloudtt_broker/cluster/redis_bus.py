@@ -1,0 +1,724 @@
+"""The Redis cluster bus: brokers that act as one, and keep serving when Redis does not.
+
+Theory of operation.
+
+* Presence: `{prefix}:broker:{id}` holds this instance's token with a TTL, refreshed by a
+  heartbeat; a second live broker with the same id is refused. `{prefix}:brokers` lists ids.
+* Cluster table: `{prefix}:subs:{id}` is the set of filters with local subscribers on broker
+  `id`; changes are announced on the Pub/Sub channel `{prefix}:control`, and every broker keeps
+  the whole table in its core (`Broker.remote_subscribe`), reloaded after every reconnect.
+* Messages: each broker reads its inbox stream `{prefix}:inbox:{id}` with a consumer group and
+  acknowledges entries after handing them to local sessions. Entries are batches of records
+  (`records.py`), one XADD per destination per flush, so the Redis cost is per batch, not per
+  message. Routed mode (default) sends a publish only to brokers with a matching subscriber;
+  broadcast mode (the seed's) puts every publish on the Pub/Sub channel `sync`, where QoS 0 is
+  delivered from, and sends QoS 1/2 to every broker's inbox for at-least-once.
+* At least once for QoS 1/2: the origin keeps each QoS 1/2 record until the receiver reports
+  progress in `{prefix}:progress:{receiver}` (origin -> highest sequence handled), and resends
+  what is unconfirmed after every reconnect, even if Redis lost its data; receivers drop
+  sequences they have already handled (per origin, in order). Envelope sequences start at the
+  boot time in microseconds, so a restarted origin never reuses one.
+* Retained messages: the hash `{prefix}:retained` (topic -> envelope), written on each retained
+  publish, loaded at start and after each reconnect; retained publishes go to every broker.
+* The retry pattern: Redis unreachable (at start or later) never stops the broker. It serves
+  local clients, buffers outbound cluster traffic up to a bound (QoS 0 dropped first, counted),
+  retries with capped exponential backoff and jitter, and on reconnect re-registers, reloads the
+  table and retained messages, resends unconfirmed records and flushes its buffer.
+* Bad data (malformed batches or envelopes, unknown versions) is counted and dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+import uuid
+from collections import Counter, deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError, ResponseError
+
+from ..core.message import Message
+from ..mqtt.properties import EMPTY_PROPERTIES
+from .envelope import Envelope, EnvelopeError, decode_envelope, encode_envelope
+from .records import InboxError, encode_record, iter_records
+
+if TYPE_CHECKING:
+    from ..core.broker import Broker
+
+log = logging.getLogger("mcloudtt.cluster")
+
+ROUTED = "routed"
+BROADCAST = "broadcast"
+GROUP = "brokers"
+
+# redis-py's annotations describe every response shape at once (RESP2 and RESP3, bytes or str);
+# we use bytes responses throughout and check shapes where they are read.
+RedisClient = Any
+
+
+class DuplicateBrokerId(RuntimeError):
+    """Another live broker already uses this id."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClusterSettings:
+    url: str
+    broker_id: str
+    mode: str = ROUTED
+    sync_channel: str = "sync"
+    prefix: str = "mcloudtt"
+    tap_stream: str | None = None
+    tap_maxlen: int = 1_000_000
+    buffer_limit: int = 100_000  # outbound messages kept while Redis is away
+    presence_ttl: float = 10.0
+    backoff_max: float = 1.0
+    inbox_maxlen: int = 100_000  # entries (batches) kept for a broker that does not read
+
+
+@dataclass(slots=True)
+class _Outbound:
+    message: Message
+    envelope: bytes
+    targets: Sequence[str]
+    groups: Mapping[str, list[str]]
+
+
+class RedisBus:
+    def __init__(self, settings: ClusterSettings) -> None:
+        self.settings = settings
+        self.me = settings.broker_id
+        prefix = settings.prefix
+        self.k_presence = f"{prefix}:broker:{self.me}"
+        self.k_brokers = f"{prefix}:brokers"
+        self.k_control = f"{prefix}:control"
+        self.k_retained = f"{prefix}:retained"
+        self.k_inbox = f"{prefix}:inbox:{self.me}"
+        self.k_progress = f"{prefix}:progress:{self.me}"
+        self.token = uuid.uuid4().hex
+        self.broker: Broker | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.redis: RedisClient | None = None
+        self.connected = False
+        self.sequence = time.time_ns() // 1000  # never reused by a later incarnation
+        self.outbound: deque[_Outbound] = deque()
+        self.control: list[tuple[str, str]] = []  # ("add"|"del", filter) announced on connect
+        self.unconfirmed: dict[str, deque[tuple[int, bytes]]] = {}
+        self.handled: dict[str, int] = {}  # origin -> highest sequence delivered from my inbox
+        self.live_peers: set[str] = set()
+        self.missing_since: dict[str, float] = {}  # peer -> when its presence was first missed
+        self.stats: Counter[str] = Counter()
+        self.dropped: Counter[str] = Counter()
+        self.fatal: asyncio.Future[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._flush_scheduled = False
+        self._flush_task: asyncio.Task[None] | None = None
+        self._connected_event = asyncio.Event()
+        self._lost_event = asyncio.Event()
+        self._closing = False
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def attach(self, broker: Broker) -> None:
+        self.broker = broker
+
+    async def start(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.fatal = self.loop.create_future()
+        self._tasks.append(asyncio.create_task(self._link_forever(), name="cluster-link"))
+
+    async def stop(self) -> None:
+        """Flush what can be flushed quickly, leave the cluster, close."""
+        self._closing = True
+        if self.connected and self.redis is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._flush(), 2.0)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._leave(), 2.0)
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(BaseException):
+                await task
+        if self.redis is not None:
+            with contextlib.suppress(Exception):
+                await self.redis.aclose()
+
+    def ready(self) -> bool:
+        return self.connected
+
+    # ------------------------------------------------------------------ ClusterBus (sync, hot path)
+
+    def forward(
+        self, message: Message, targets: Sequence[str], groups: Mapping[str, list[str]]
+    ) -> None:
+        mode = self.settings.mode
+        if not (
+            targets or groups or message.retain or mode == BROADCAST or self.settings.tap_stream
+        ):
+            return  # nobody else wants it: no envelope, no Redis traffic
+        self.sequence += 1
+        envelope = encode_envelope(
+            Envelope(
+                origin=self.me,
+                sequence=self.sequence,
+                received_at_us=time.time_ns() // 1000,
+                client_id=message.origin,
+                topic=message.topic,
+                payload=message.payload,
+                qos=message.qos,
+                retain=message.retain,
+                properties=self._forward_properties(message),
+            )
+        )
+        item = _Outbound(message, envelope, targets, groups)
+        outbound = self.outbound
+        if len(outbound) >= self.settings.buffer_limit:
+            if not self._make_room(message.qos):
+                return
+        outbound.append(item)
+        self._schedule_flush()
+
+    def subscription_added(self, full_filter: str) -> None:
+        self.control.append(("add", full_filter))
+        self._schedule_flush()
+
+    def subscription_removed(self, full_filter: str) -> None:
+        self.control.append(("del", full_filter))
+        self._schedule_flush()
+
+    def _forward_properties(self, message: Message) -> Any:
+        if message.expires_at is None or self.loop is None:
+            return message.properties
+        remaining = message.remaining_expiry(
+            self.broker.clock() if self.broker else self.loop.time()
+        )
+        return message.properties.replace(message_expiry_interval=remaining)
+
+    def _make_room(self, qos: int) -> bool:
+        """The buffer is full: drop QoS 0 first (MQTT allows it), then the oldest message."""
+        if qos == 0:
+            self.dropped["buffer_full_qos0"] += 1
+            return False
+        for index, item in enumerate(self.outbound):
+            if item.message.qos == 0:
+                del self.outbound[index]
+                self.dropped["buffer_full_qos0"] += 1
+                return True
+        self.outbound.popleft()
+        self.dropped["buffer_full"] += 1
+        return True
+
+    # ------------------------------------------------------------------ flushing
+
+    def _schedule_flush(self) -> None:
+        if self._flush_scheduled or not self.connected or self.loop is None:
+            return
+        self._flush_scheduled = True
+        self.loop.call_soon(self._start_flush)
+
+    def _start_flush(self) -> None:
+        self._flush_scheduled = False
+        if self._flush_task is None or self._flush_task.done():
+            self._flush_task = asyncio.ensure_future(self._flush())
+
+    async def _flush(self) -> None:
+        redis = self.redis
+        while self.connected and redis is not None and (self.outbound or self.control):
+            control, self.control = self.control, []
+            items = [self.outbound.popleft() for _ in range(min(len(self.outbound), 4096))]
+            pipe = redis.pipeline(transaction=False)
+            self._add_control(pipe, control)
+            confirmable = self._add_items(pipe, items)
+            try:
+                await pipe.execute()
+            except (RedisError, OSError) as error:
+                self.control[:0] = control
+                self.outbound.extendleft(reversed(items))
+                self._link_lost(error)
+                return
+            self.stats["forwarded"] += len(items)
+            for dest, sequence, record in confirmable:
+                self.unconfirmed.setdefault(dest, deque()).append((sequence, record))
+            self._bound_unconfirmed()
+
+    def _add_control(self, pipe: Any, control: list[tuple[str, str]]) -> None:
+        subs_key = f"{self.settings.prefix}:subs:{self.me}"
+        for op, full_filter in control:
+            if op == "add":
+                pipe.sadd(subs_key, full_filter)
+            else:
+                pipe.srem(subs_key, full_filter)
+            pipe.publish(self.k_control, f"{op}\x00{self.me}\x00{full_filter}")
+
+    def _add_items(self, pipe: Any, items: list[_Outbound]) -> list[tuple[str, int, bytes]]:
+        settings = self.settings
+        broadcast = settings.mode == BROADCAST
+        batches: dict[str, list[bytes]] = {}
+        confirmable: list[tuple[str, int, bytes]] = []
+        sequence = 0
+        for item in items:
+            message = item.message
+            envelope = item.envelope
+            sequence = int.from_bytes(envelope[10:18], "big")
+            if broadcast:
+                pipe.publish(settings.sync_channel, envelope)
+                # QoS 0 is delivered from `sync`; QoS 1/2 also go to every inbox (at least once).
+                if message.qos or message.retain:
+                    dests: set[str] = set(self.live_peers)
+                else:
+                    dests = set(item.groups)
+                plain_to = dests if message.qos else set()
+            else:
+                dests = set(item.targets) | set(item.groups)
+                if message.retain:
+                    dests |= self.live_peers  # every broker keeps the same retained state
+                plain_to = set(item.targets)
+            for dest in dests:
+                if dest == self.me:
+                    continue
+                record = encode_record(envelope, dest in plain_to, item.groups.get(dest, ()))
+                batches.setdefault(dest, []).append(record)
+                if message.qos:
+                    confirmable.append((dest, sequence, record))
+            if message.retain:
+                if message.payload:
+                    pipe.hset(self.k_retained, message.topic, envelope)
+                else:
+                    pipe.hdel(self.k_retained, message.topic)
+            if settings.tap_stream:
+                pipe.xadd(
+                    settings.tap_stream,
+                    {"e": envelope},
+                    maxlen=settings.tap_maxlen,
+                    approximate=True,
+                )
+        for dest, records in batches.items():
+            pipe.xadd(
+                f"{settings.prefix}:inbox:{dest}",
+                {"b": b"".join(records)},
+                maxlen=settings.inbox_maxlen,
+                approximate=True,
+            )
+        return confirmable
+
+    def _bound_unconfirmed(self) -> None:
+        total = sum(len(q) for q in self.unconfirmed.values())
+        limit = self.settings.buffer_limit
+        while total > limit:
+            dest = max(self.unconfirmed, key=lambda d: len(self.unconfirmed[d]))
+            self.unconfirmed[dest].popleft()
+            self.dropped["unconfirmed_overflow"] += 1
+            total -= 1
+
+    # ------------------------------------------------------------------ the link
+
+    async def _link_forever(self) -> None:
+        delay = 0.05
+        while not self._closing:
+            try:
+                await self._connect()
+                delay = 0.05
+                self._lost_event.clear()
+                workers = [
+                    asyncio.create_task(self._inbox_loop(), name="cluster-inbox"),
+                    asyncio.create_task(self._pubsub_loop(), name="cluster-pubsub"),
+                    asyncio.create_task(self._heartbeat_loop(), name="cluster-heartbeat"),
+                ]
+                try:
+                    await self._lost_event.wait()
+                finally:
+                    for worker in workers:
+                        worker.cancel()
+                    for worker in workers:
+                        with contextlib.suppress(BaseException):
+                            await worker
+            except DuplicateBrokerId as error:
+                log.error("%s", error)
+                if self.fatal is not None and not self.fatal.done():
+                    self.fatal.set_exception(error)
+                return
+            except (RedisError, OSError) as error:
+                self._link_lost(error)
+            if self._closing:
+                return
+            # Capped exponential backoff with jitter.
+            await asyncio.sleep(delay * random.uniform(0.8, 1.2))
+            delay = min(delay * 2, self.settings.backoff_max)
+
+    def _link_lost(self, error: BaseException) -> None:
+        if self.connected:
+            log.warning("lost Redis: %s", error)
+            self.stats["link_losses"] += 1
+        self.connected = False
+        self._connected_event.clear()
+        self._lost_event.set()
+
+    async def _connect(self) -> None:
+        if self.redis is not None:
+            with contextlib.suppress(Exception):
+                await self.redis.aclose()
+        self.redis = aioredis.Redis.from_url(
+            self.settings.url,
+            socket_connect_timeout=1.0,
+            socket_timeout=5.0,
+            health_check_interval=10,
+        )
+        redis = self.redis
+        await redis.ping()
+        await self._claim_id(redis)
+        # Our whole table, re-announced: whatever the others knew about us may be stale.
+        self.control.clear()
+        assert self.broker is not None
+        subs_key = f"{self.settings.prefix}:subs:{self.me}"
+        # One transaction: a peer must never read our table half rewritten (empty).
+        pipe = redis.pipeline(transaction=True)
+        pipe.delete(subs_key)
+        filters = list(self.broker.filter_refs)
+        if filters:
+            pipe.sadd(subs_key, *filters)
+        pipe.sadd(self.k_brokers, self.me)
+        pipe.publish(self.k_control, f"reset\x00{self.me}\x00")
+        await pipe.execute()
+        await self._ensure_group(redis)
+        await self._load_peers(redis)
+        # Resend what receivers have not confirmed (Redis may have lost it), then the buffer,
+        # in sequence order: receivers drop a sequence lower than one they already handled.
+        await self._resend_unconfirmed(redis)
+        self.connected = True
+        self.stats["connects"] += 1
+        self._flush_task = asyncio.ensure_future(self._flush())
+        await self._flush_task
+        await self._load_retained(redis)
+        self._connected_event.set()
+        log.info("cluster link up (%s mode, %d peers)", self.settings.mode, len(self.live_peers))
+
+    async def _claim_id(self, redis: RedisClient) -> None:
+        ttl_ms = int(self.settings.presence_ttl * 1000)
+        deadline = time.monotonic() + self.settings.presence_ttl + 1.0
+        while True:
+            if await redis.set(self.k_presence, self.token, nx=True, px=ttl_ms):
+                return
+            holder = await redis.get(self.k_presence)
+            if holder is not None and holder.decode() == self.token:
+                await redis.pexpire(self.k_presence, ttl_ms)
+                return
+            if time.monotonic() > deadline:
+                raise DuplicateBrokerId(
+                    f"broker id {self.me!r} is already live in the cluster at {self.settings.url}; "
+                    "give each broker a unique --id"
+                )
+            await asyncio.sleep(0.25)
+
+    async def _leave(self) -> None:
+        redis = self.redis
+        assert redis is not None
+        if (await redis.get(self.k_presence)) == self.token.encode():
+            pipe = redis.pipeline(transaction=False)
+            pipe.delete(self.k_presence)
+            pipe.delete(f"{self.settings.prefix}:subs:{self.me}")
+            pipe.srem(self.k_brokers, self.me)
+            pipe.publish(self.k_control, f"gone\x00{self.me}\x00")
+            await pipe.execute()
+
+    async def _ensure_group(self, redis: RedisClient) -> None:
+        try:
+            await redis.xgroup_create(self.k_inbox, GROUP, id="0", mkstream=True)
+        except ResponseError as error:
+            if "BUSYGROUP" not in str(error):
+                raise
+
+    async def _load_peers(self, redis: RedisClient) -> None:
+        """(Re)load the table of every live peer.
+
+        A peer we knew whose presence is missing is not forgotten here: after a Redis restart
+        nobody's presence exists until they reconnect. The heartbeat forgets a peer once its
+        presence has been missing for a whole TTL.
+        """
+        assert self.broker is not None
+        ids = {raw.decode() for raw in await redis.smembers(self.k_brokers)} - {self.me}
+        prefix = self.settings.prefix
+        for peer in ids:
+            if await redis.exists(f"{prefix}:broker:{peer}"):
+                self.live_peers.add(peer)
+                self.missing_since.pop(peer, None)
+                await self._load_peer_table(redis, peer)
+            else:
+                await redis.srem(self.k_brokers, peer)
+
+    async def _load_peer_table(self, redis: RedisClient, peer: str) -> None:
+        assert self.broker is not None
+        filters = await redis.smembers(f"{self.settings.prefix}:subs:{peer}")
+        self.broker.remote_forget(peer)
+        for raw in filters:
+            self.broker.remote_subscribe(peer, raw.decode())
+
+    async def _load_retained(self, redis: RedisClient) -> None:
+        assert self.broker is not None
+        store = self.broker.retained
+        seen: set[str] = set()
+        async for _topic, envelope_raw in redis.hscan_iter(self.k_retained):
+            try:
+                envelope = decode_envelope(envelope_raw)
+            except EnvelopeError:
+                self.stats["bad_envelopes"] += 1
+                continue
+            message = self._to_message(envelope)
+            if message is None:
+                continue
+            seen.add(message.topic)
+            store.set(message)
+        # A retained message cleared while we were away is gone from the hash: drop it here too.
+        for topic in [m.topic for m in store.match("#")] + [m.topic for m in store.match("$SYS/#")]:
+            if topic not in seen and not topic.startswith("$SYS/"):
+                store.delete(topic)
+
+    async def _resend_unconfirmed(self, redis: RedisClient) -> None:
+        if not self.unconfirmed:
+            return
+        progress = await self._progress(redis, list(self.unconfirmed))
+        pipe = redis.pipeline(transaction=False)
+        resent = 0
+        for dest, queue in self.unconfirmed.items():
+            confirmed = progress.get(dest, 0)
+            while queue and queue[0][0] <= confirmed:
+                queue.popleft()
+            if queue:
+                pipe.xadd(
+                    f"{self.settings.prefix}:inbox:{dest}",
+                    {"b": b"".join(record for _, record in queue)},
+                    maxlen=self.settings.inbox_maxlen,
+                    approximate=True,
+                )
+                resent += len(queue)
+        if resent:
+            await pipe.execute()
+            self.stats["resent"] += resent
+
+    async def _progress(self, redis: RedisClient, dests: list[str]) -> dict[str, int]:
+        pipe = redis.pipeline(transaction=False)
+        for dest in dests:
+            pipe.hget(f"{self.settings.prefix}:progress:{dest}", self.me)
+        values = await pipe.execute()
+        return {
+            dest: int(value) for dest, value in zip(dests, values, strict=True) if value is not None
+        }
+
+    # ------------------------------------------------------------------ workers
+
+    async def _heartbeat_loop(self) -> None:
+        redis = self.redis
+        assert redis is not None and self.broker is not None
+        interval = max(0.2, self.settings.presence_ttl / 4)
+        try:
+            while True:
+                await asyncio.sleep(interval)
+                ttl_ms = int(self.settings.presence_ttl * 1000)
+                holder = await redis.get(self.k_presence)
+                if holder is not None and holder.decode() != self.token:
+                    raise DuplicateBrokerId(f"broker id {self.me!r} was taken by another broker")
+                await redis.set(self.k_presence, self.token, px=ttl_ms)
+                # Peers whose presence expired have left: forget their table entries.
+                prefix = self.settings.prefix
+                now = time.monotonic()
+                for peer in list(self.live_peers):
+                    if await redis.exists(f"{prefix}:broker:{peer}"):
+                        self.missing_since.pop(peer, None)
+                    elif (
+                        now - self.missing_since.setdefault(peer, now) > self.settings.presence_ttl
+                    ):
+                        self._peer_gone(peer)
+                # Trim what receivers confirmed.
+                if self.unconfirmed:
+                    progress = await self._progress(redis, list(self.unconfirmed))
+                    for dest, queue in list(self.unconfirmed.items()):
+                        confirmed = progress.get(dest, 0)
+                        while queue and queue[0][0] <= confirmed:
+                            queue.popleft()
+                        if not queue:
+                            del self.unconfirmed[dest]
+        except DuplicateBrokerId as error:
+            log.error("%s", error)
+            if self.fatal is not None and not self.fatal.done():
+                self.fatal.set_exception(error)
+        except (RedisError, OSError) as error:
+            self._link_lost(error)
+
+    def _peer_gone(self, peer: str) -> None:
+        assert self.broker is not None
+        self.live_peers.discard(peer)
+        self.missing_since.pop(peer, None)
+        self.broker.remote_forget(peer)
+        dropped = self.unconfirmed.pop(peer, None)
+        if dropped:
+            self.dropped["peer_gone"] += len(dropped)
+        log.info("peer %s left the cluster", peer)
+
+    async def _pubsub_loop(self) -> None:
+        redis = self.redis
+        assert redis is not None
+        pubsub = redis.pubsub(ignore_subscribe_messages=True)
+        channels = [self.k_control]
+        if self.settings.mode == BROADCAST:
+            channels.append(self.settings.sync_channel)
+        try:
+            await pubsub.subscribe(*channels)
+            # Anything announced before we listened is covered by the table load in _connect;
+            # reload once more now that we listen, so nothing falls between the two.
+            await self._load_peers(redis)
+            sync = self.settings.sync_channel.encode()
+            while True:
+                message = await pubsub.get_message(timeout=1.0)
+                if message is None:
+                    continue
+                channel = message["channel"]
+                data = message["data"]
+                if channel == sync:
+                    self._on_sync(data)
+                else:
+                    await self._on_control(redis, data)
+        except (RedisError, OSError) as error:
+            self._link_lost(error)
+        finally:
+            with contextlib.suppress(Exception):
+                await pubsub.aclose()
+
+    async def _on_control(self, redis: RedisClient, data: bytes) -> None:
+        assert self.broker is not None
+        try:
+            op, peer, argument = data.decode().split("\x00", 2)
+        except (UnicodeDecodeError, ValueError):
+            self.stats["bad_control"] += 1
+            return
+        if peer == self.me:
+            return
+        if op == "add":
+            self.live_peers.add(peer)
+            self.broker.remote_subscribe(peer, argument)
+        elif op == "del":
+            self.broker.remote_unsubscribe(peer, argument)
+        elif op == "reset":
+            self.live_peers.add(peer)
+            await self._load_peer_table(redis, peer)
+        elif op == "gone":
+            self._peer_gone(peer)
+        else:
+            self.stats["bad_control"] += 1
+
+    def _on_sync(self, data: bytes) -> None:
+        assert self.broker is not None
+        try:
+            envelope = decode_envelope(data)
+        except EnvelopeError:
+            self.stats["bad_envelopes"] += 1
+            return
+        if envelope.origin == self.me or envelope.qos or envelope.retain:
+            return  # our own, or it comes through the inbox (QoS 1/2 and retained)
+        message = self._to_message(envelope)
+        if message is not None:
+            self.stats["received"] += 1
+            self.broker.deliver_remote(message, plain=True, groups=())
+
+    async def _inbox_loop(self) -> None:
+        redis = self.redis
+        assert redis is not None
+        last_id = "0"  # first what was delivered to us before and not acknowledged
+        try:
+            while True:
+                try:
+                    response = await redis.xreadgroup(
+                        GROUP, self.me, {self.k_inbox: last_id}, count=64, block=1000
+                    )
+                except ResponseError as error:
+                    if "NOGROUP" in str(error):  # Redis restarted empty
+                        await self._ensure_group(redis)
+                        last_id = "0"
+                        continue
+                    raise
+                entries = response[0][1] if response else []
+                if not entries:
+                    if last_id == "0":
+                        last_id = ">"
+                    continue
+                self._handle_entries(entries)
+                ids = [entry_id for entry_id, _ in entries]
+                pipe = redis.pipeline(transaction=False)
+                pipe.xack(self.k_inbox, GROUP, *ids)
+                if self.handled:
+                    pipe.hset(self.k_progress, mapping={k: str(v) for k, v in self.handled.items()})
+                pipe.xtrim(self.k_inbox, minid=ids[-1], approximate=False)
+                await pipe.execute()
+        except (RedisError, OSError) as error:
+            self._link_lost(error)
+
+    def _handle_entries(self, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
+        assert self.broker is not None
+        handled = self.handled
+        for _, fields in entries:
+            batch = fields.get(b"b")
+            if batch is None:
+                self.stats["bad_batches"] += 1
+                continue
+            try:
+                for plain, groups, raw in iter_records(batch):
+                    try:
+                        envelope = decode_envelope(raw)
+                    except EnvelopeError:
+                        self.stats["bad_envelopes"] += 1
+                        continue
+                    if envelope.sequence <= handled.get(envelope.origin, 0):
+                        self.stats["duplicates"] += 1
+                        continue
+                    handled[envelope.origin] = envelope.sequence
+                    message = self._to_message(envelope)
+                    if message is not None:
+                        self.stats["received"] += 1
+                        self.broker.deliver_remote(message, plain=plain, groups=groups)
+            except InboxError:
+                self.stats["bad_batches"] += 1
+
+    def _to_message(self, envelope: Envelope) -> Message | None:
+        assert self.broker is not None
+        props = envelope.properties
+        expires_at = None
+        if props is not EMPTY_PROPERTIES and props.message_expiry_interval is not None:
+            age = max(0.0, time.time() - envelope.received_at_us / 1e6)
+            remaining = props.message_expiry_interval - age
+            if remaining <= 0:
+                self.stats["expired"] += 1
+                return None
+            expires_at = self.broker.clock() + remaining
+        return Message(
+            envelope.topic,
+            envelope.payload,
+            envelope.qos,
+            envelope.retain,
+            props,
+            expires_at=expires_at,
+            origin=envelope.client_id,
+        )
+
+    # ------------------------------------------------------------------ metrics
+
+    def metrics(self) -> dict[str, float]:
+        return {
+            "link_up": 1.0 if self.connected else 0.0,
+            "connects_total": float(self.stats["connects"]),
+            "link_losses_total": float(self.stats["link_losses"]),
+            "buffered_messages": float(len(self.outbound)),
+            "unconfirmed_messages": float(sum(len(q) for q in self.unconfirmed.values())),
+            "forwarded_total": float(self.stats["forwarded"]),
+            "received_total": float(self.stats["received"]),
+            "duplicates_total": float(self.stats["duplicates"]),
+            "resent_total": float(self.stats["resent"]),
+            "bad_envelopes_total": float(self.stats["bad_envelopes"] + self.stats["bad_batches"]),
+            "peers": float(len(self.live_peers)),
+            "remote_filters": float(sum(len(p.filters) for p in self.broker.peers.values()))
+            if self.broker is not None
+            else 0.0,
+        }

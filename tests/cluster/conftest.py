@@ -1,0 +1,90 @@
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+from broker.clients import PahoClient
+from brokerproc import BrokerProcess
+from redisproc import RedisProcess
+
+CLUSTER_ARGS = ("--presence-ttl", "2", "--sys-interval", "0", "--redis-backoff-max", "0.5")
+
+
+def wait_until(
+    condition: Callable[[], bool], timeout: float = 5.0, what: str = "condition"
+) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def start_broker(redis_url: str, broker_id: str, *extra: str) -> BrokerProcess:
+    return BrokerProcess("--redis", redis_url, "--id", broker_id, *CLUSTER_ARGS, *extra).start()
+
+
+def wait_ready(brokers: list[BrokerProcess], timeout: float = 5.0) -> None:
+    for b in brokers:
+        wait_until(lambda b=b: b.http_get("/readyz")[0] == 200, timeout, f"{b.port} ready")
+    for b in brokers:
+        wait_until(
+            lambda b=b: b.metric("mcloudtt_cluster_peers") == len(brokers) - 1,
+            timeout,
+            "every broker to see its peers",
+        )
+
+
+def wait_filters(brokers: list[BrokerProcess], at_least: int) -> None:
+    """Wait until every broker's cluster table holds `at_least` remote filters."""
+    for b in brokers:
+        wait_until(
+            lambda b=b: b.metric("mcloudtt_cluster_remote_filters") >= at_least,
+            5.0,
+            f"the cluster table on {b.port} to hold {at_least} remote filters",
+        )
+
+
+@pytest.fixture
+def cluster_factory(redis_server: RedisProcess) -> Iterator[Callable[..., list[BrokerProcess]]]:
+    started: list[BrokerProcess] = []
+
+    def start(count: int, *extra: str, ready: bool = True) -> list[BrokerProcess]:
+        brokers = [
+            start_broker(redis_server.url, f"b{len(started) + i + 1}", *extra) for i in range(count)
+        ]
+        started.extend(brokers)
+        if ready:
+            wait_ready(brokers)
+        return brokers
+
+    yield start
+    for b in started:
+        try:
+            _, text = b.http_get("/metrics")
+            interesting = [
+                line
+                for line in text.splitlines()
+                if not line.startswith("#") and (" 0" not in line[-2:]) and "_total" in line
+            ]
+        except OSError as error:
+            interesting = [f"/metrics unreachable: {error}"]
+        code = b.stop()
+        # Shown by pytest when the test failed: what each broker logged.
+        print(f"--- broker {b.port} exited {code}", *interesting, b.output()[-4000:], sep="\n")
+
+
+@pytest.fixture
+def clients() -> Iterator[Callable[..., PahoClient]]:
+    made: list[PahoClient] = []
+
+    def make(port: int, client_id: str = "", **kwargs: object) -> PahoClient:
+        client = PahoClient(port, client_id, **kwargs)  # type: ignore[arg-type]
+        made.append(client)
+        return client
+
+    yield make
+    for client in made:
+        client.stop()
