@@ -8,8 +8,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from brokerproc import TARGET, BrokerProcess  # noqa: E402
-from redisproc import RedisProcess  # noqa: E402
+from brokerproc import TARGET, BrokerProcess
+from redisproc import RedisProcess
 
 
 @pytest.fixture
