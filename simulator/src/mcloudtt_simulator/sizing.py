@@ -1,0 +1,205 @@
+"""From a fleet's load to a cluster: broker pods and Redis sizing.
+
+Every constant below is a default that a flag overrides; where it comes from is said beside it.
+Replace the broker figures with your own benchmark of the broker build you deploy (the load-test
+member measures them the same way as `shared/design/anchors.md`).
+
+Brokers: one broker's capacity is the benchmark's *delivered* msg/s in the fan-in test (one
+publish in, one delivery out). A publish with F deliveries costs about (1 + F) / 2 benchmark
+messages; forwarding through Redis to another pod adds `cluster_overhead`. Pods are the largest
+of what the message load, the connection count and the connect rate (reconnect storms) need, each
+at `headroom` of capacity, plus `spare` pods so that losing one (a node drain, a crash) keeps the
+rest under capacity, and never fewer than `min_pods`.
+
+Redis: memory = retained messages + persistent sessions + the client registry + the stream
+backlog of the acked hop, times a fragmentation factor, and twice that to be provisioned so that
+an RDB/AOF rewrite fork's copy-on-write fits. Commands per second per publish, connect and
+disconnect are set out in `REDIS_OPS_*`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+__all__ = ["BrokerSizing", "Rates", "RedisSizing", "SizingInputs", "size_brokers", "size_redis"]
+
+# Broker: our asyncio probe core's QoS 1 fan-in (anchors.md: 36,200 delivered msg/s; QoS 0 was
+# 49,000). Conservative for mixed QoS traffic until the broker member's benchmark replaces it.
+BROKER_CAPACITY_MSG_S = 36_000.0
+# Peak utilisation we plan for: the machine-to-machine noise of the benchmarks is 10-40 %.
+HEADROOM = 0.6
+# Connect handshakes per second one broker sustains (anchors.md: 2,841/s for the probe core).
+CONNECT_RATE_PER_BROKER = 2_800.0
+# Connections per pod: 2.5 KB per idle connection in the probe core; keepalive timers and TLS
+# make busy ones dearer. 50k keeps a pod well inside 1 GiB.
+MAX_CONNECTIONS_PER_BROKER = 50_000
+# Extra work per message that crosses pods through Redis (encode + decode of the envelope).
+CLUSTER_OVERHEAD = 0.25
+SPARE_PODS = 1
+MIN_PODS = 2
+# Seconds over which a rate must hold to count as the peak a broker must sustain: brokers and
+# TCP buffers absorb shorter spikes (the 1 s peak is reported as well).
+PEAK_WINDOW_S = 10.0
+
+# Redis commands per event (routed mode, docs/architecture.md):
+REDIS_OPS_PER_PUBLISH = 1.0  # PUBLISH or XADD to the pods that hold subscribers
+REDIS_OPS_PER_QOS_HOP = 1.0  # XACK of the acked hop for QoS >= 1
+REDIS_OPS_PER_RETAINED = 1.0  # HSET / HDEL of the retained hash
+REDIS_OPS_PER_TAP = 1.0  # the `sync` channel feed for the adapter
+REDIS_OPS_PER_CONNECT = 4.0  # claim the ClientId, load session + subscriptions, presence
+REDIS_OPS_PER_DISCONNECT = 2.0  # release the ClientId, save the session
+# One Redis primary's sustainable commands/s for small commands without pipelining.
+REDIS_OPS_CAPACITY = 80_000.0
+# Memory model (bytes): hash field overhead, session base, per subscription, registry entry.
+REDIS_ENTRY_OVERHEAD = 64
+REDIS_SESSION_BASE = 256
+REDIS_SUBSCRIPTION = 96
+REDIS_CLIENT_ENTRY = 96
+REDIS_STREAM_BACKLOG_S = 30.0  # QoS >= 1 hop messages kept until trimmed
+REDIS_FRAGMENTATION = 1.5
+REDIS_FORK_FACTOR = 2.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class Rates:
+    """Events per second into the cluster (a peak over PEAK_WINDOW_S, or a mean)."""
+
+    in_msg_s: float  # publishes from devices (data + status) and wills
+    deliveries_s: float  # deliveries to subscribers
+    qos_msg_s: float  # publishes at QoS >= 1
+    retained_s: float  # retained publishes (status, wills, retained streams)
+    connects_s: float
+    disconnects_s: float  # graceful and not
+
+
+@dataclass(frozen=True, kw_only=True)
+class SizingInputs:
+    peak: Rates
+    mean: Rates
+    peak_connections: int
+    retained_topics: int
+    retained_bytes: float  # sum over retained topics of topic + payload bytes
+    sessions: int  # persistent sessions
+    subscriptions_per_session: float
+    subscription_filter_bytes: float
+    mean_message_bytes: float
+    tap: bool = True
+
+
+@dataclass(frozen=True, kw_only=True)
+class BrokerSizing:
+    brokers_recommended: int
+    binding: str  # which limit decided: messages, connections, connects, minimum
+    by_messages: int
+    by_connections: int
+    by_connects: int
+    capacity_msg_s: float
+    headroom: float
+    spare: int
+    peak_load_msg_s: float  # in benchmark messages
+    utilisation_at_peak: float  # with all recommended pods up
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RedisSizing:
+    memory_bytes: int
+    maxmemory_gb: int
+    ops_s_peak: float
+    ops_s_mean: float
+    primaries: int
+    breakdown: dict[str, int]
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def size_brokers(
+    x: SizingInputs,
+    *,
+    capacity_msg_s: float = BROKER_CAPACITY_MSG_S,
+    headroom: float = HEADROOM,
+    spare: int = SPARE_PODS,
+    min_pods: int = MIN_PODS,
+    max_connections: int = MAX_CONNECTIONS_PER_BROKER,
+    connect_rate: float = CONNECT_RATE_PER_BROKER,
+    cluster_overhead: float = CLUSTER_OVERHEAD,
+) -> BrokerSizing:
+    if capacity_msg_s <= 0 or not 0 < headroom <= 1:
+        raise ValueError("capacity must be > 0 and headroom in (0, 1]")
+    load = (x.peak.in_msg_s + x.peak.deliveries_s) / 2.0 * (1.0 + cluster_overhead)
+    by_msgs = math.ceil(load / (capacity_msg_s * headroom))
+    by_conns = math.ceil(x.peak_connections / (max_connections * headroom))
+    by_connects = math.ceil(x.peak.connects_s / (connect_rate * headroom))
+    need = max(by_msgs, by_conns, by_connects, 1)
+    binding = next(
+        name
+        for name, n in (
+            ("messages", by_msgs),
+            ("connections", by_conns),
+            ("connects", by_connects),
+            ("messages", 1),
+        )
+        if n == need
+    )
+    pods = need + spare
+    if pods < min_pods:
+        pods, binding = min_pods, "minimum"
+    return BrokerSizing(
+        brokers_recommended=pods,
+        binding=binding,
+        by_messages=by_msgs,
+        by_connections=by_conns,
+        by_connects=by_connects,
+        capacity_msg_s=capacity_msg_s,
+        headroom=headroom,
+        spare=spare,
+        peak_load_msg_s=round(load, 1),
+        utilisation_at_peak=round(load / (capacity_msg_s * pods), 4),
+    )
+
+
+def size_redis(
+    x: SizingInputs, *, ops_capacity: float = REDIS_OPS_CAPACITY, headroom: float = HEADROOM
+) -> RedisSizing:
+    retained = x.retained_bytes + x.retained_topics * REDIS_ENTRY_OVERHEAD
+    sessions = x.sessions * (
+        REDIS_SESSION_BASE
+        + x.subscriptions_per_session * (x.subscription_filter_bytes + REDIS_SUBSCRIPTION)
+    )
+    registry = x.peak_connections * REDIS_CLIENT_ENTRY
+    backlog = (
+        x.peak.qos_msg_s * REDIS_STREAM_BACKLOG_S * (x.mean_message_bytes + REDIS_ENTRY_OVERHEAD)
+    )
+    used = (retained + sessions + registry + backlog) * REDIS_FRAGMENTATION
+    provision = used * REDIS_FORK_FACTOR
+    gb = max(1, math.ceil(provision / 2**30))
+
+    def ops(r: Rates) -> float:
+        per_pub = REDIS_OPS_PER_PUBLISH + (REDIS_OPS_PER_TAP if x.tap else 0.0)
+        return (
+            r.in_msg_s * per_pub
+            + r.qos_msg_s * REDIS_OPS_PER_QOS_HOP
+            + r.retained_s * REDIS_OPS_PER_RETAINED
+            + r.connects_s * REDIS_OPS_PER_CONNECT
+            + r.disconnects_s * REDIS_OPS_PER_DISCONNECT
+        )
+
+    peak, mean = ops(x.peak), ops(x.mean)
+    return RedisSizing(
+        memory_bytes=int(used),
+        maxmemory_gb=gb,
+        ops_s_peak=round(peak, 1),
+        ops_s_mean=round(mean, 1),
+        primaries=max(1, math.ceil(peak / (ops_capacity * headroom))),
+        breakdown={
+            "retained": int(retained),
+            "sessions": int(sessions),
+            "client_registry": int(registry),
+            "stream_backlog": int(backlog),
+        },
+    )
