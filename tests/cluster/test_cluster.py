@@ -261,3 +261,48 @@ def test_qos0_losses_during_redis_outage_are_counted(cluster_factory, clients, r
     assert a.metric("mcloudtt_cluster_dropped_total", reason="buffer_full_qos0") >= 150
     redis_server.restart()
     wait_until(lambda: a.metric("mcloudtt_cluster_link_up") == 1, 5, "a reconnected")
+
+
+@pytest.mark.parametrize("version", [4, 5])
+def test_session_resumes_on_another_broker_with_what_was_queued(cluster_factory, clients, version):
+    a, b = cluster_factory(2)
+    first = clients(a.port, "roamer", version=version, clean=False, session_expiry=600)
+    first.subscribe("roam/#", qos=1)
+    first.disconnect()
+    wait_filters([b], at_least=1)
+    publisher = clients(b.port, "roam-pub")
+    for n in range(5):
+        publisher.publish(f"roam/{n}", str(n).encode(), qos=1)
+    # Queued on a while the client was away; it comes back through b.
+    again = clients(b.port, "roamer", version=version, clean=False, session_expiry=600)
+    assert again.session_present
+    assert [m.payload for m in again.get_n(5)] == [str(n).encode() for n in range(5)]
+    # The subscription moved with the session: new messages reach it on b.
+    clients(a.port, "roam-pub-2").publish("roam/x", b"after", qos=1)
+    assert again.get().payload == b"after"
+    # a gave the session up: the only session left there is roam-pub-2's.
+    assert a.metric("mcloudtt_sessions") == 1
+
+
+def test_connect_on_b_takes_over_a_live_connection_on_a(cluster_factory, clients):
+    a, b = cluster_factory(2)
+    watcher = clients(b.port, "watcher")
+    watcher.subscribe("wills/#", qos=1)
+    wait_filters([a], at_least=1)
+    old = clients(a.port, "device-7", will=("wills/device-7", b"gone", 1, False))
+    new = clients(b.port, "device-7")
+    assert old.disconnected.wait(5), "the old connection on a was not closed"
+    assert old.disconnect_reason is not None and int(old.disconnect_reason.value) == 0x8E
+    # MQTT 5.0: the will of the taken-over connection is published (no will delay).
+    assert watcher.get().payload == b"gone"
+    assert new.c.is_connected()
+
+
+def test_clean_start_on_b_discards_the_session_on_a(cluster_factory, clients):
+    a, b = cluster_factory(2)
+    first = clients(a.port, "fresh", clean=False, session_expiry=600)
+    first.subscribe("fresh/#", qos=1)
+    first.disconnect()
+    again = clients(b.port, "fresh", clean=True)
+    assert not again.session_present
+    wait_until(lambda: a.metric("mcloudtt_sessions") == 0, what="a dropped the session")

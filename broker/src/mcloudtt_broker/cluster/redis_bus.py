@@ -46,10 +46,13 @@ from redis.exceptions import RedisError, ResponseError
 from ..core.message import Message
 from ..mqtt.properties import EMPTY_PROPERTIES
 from .envelope import Envelope, EnvelopeError, decode_envelope, encode_envelope
+from .handover import SnapshotError, decode_snapshot, encode_snapshot
 from .records import InboxError, encode_record, iter_records
 
 if TYPE_CHECKING:
     from ..core.broker import Broker
+    from ..core.connection import ServerConnection
+    from ..core.session import SessionSnapshot
 
 log = logging.getLogger("mcloudtt.cluster")
 
@@ -79,6 +82,8 @@ class ClusterSettings:
     presence_ttl: float = 10.0
     backoff_max: float = 1.0
     inbox_maxlen: int = 100_000  # entries (batches) kept for a broker that does not read
+    handover_timeout: float = 3.0  # how long a CONNECT waits for another broker's session
+    client_ttl: int = 8 * 24 * 3600  # how long Redis remembers which broker had a ClientId
 
 
 @dataclass(slots=True)
@@ -121,11 +126,14 @@ class RedisBus:
         self._connected_event = asyncio.Event()
         self._lost_event = asyncio.Event()
         self._closing = False
+        self._handovers: dict[str, asyncio.Future[None]] = {}
+        self._locating: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------------ lifecycle
 
     def attach(self, broker: Broker) -> None:
         self.broker = broker
+        broker.session_locator = self.locate
 
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
@@ -509,6 +517,77 @@ class RedisBus:
             dest: int(value) for dest, value in zip(dests, values, strict=True) if value is not None
         }
 
+    # ------------------------------------------------------------------ sessions across brokers
+
+    def locate(self, conn: ServerConnection, client_id: str, clean_start: bool) -> None:
+        """CONNECT for `client_id`: take it over from whichever broker had it, then finish."""
+        assert self.loop is not None and self.broker is not None
+        if not self.connected:
+            # Serving locally while Redis is away (the retry pattern).
+            self.loop.call_soon(self._finish, conn, None)
+            return
+        task = self.loop.create_task(self._locate(conn, client_id, clean_start))
+        self._locating.add(task)
+        task.add_done_callback(self._locating.discard)
+
+    def _finish(self, conn: ServerConnection, snapshot: SessionSnapshot | None) -> None:
+        assert self.broker is not None
+        conn.finish_connect(snapshot, self.broker.clock())
+
+    async def _locate(self, conn: ServerConnection, client_id: str, clean_start: bool) -> None:
+        snapshot = None
+        try:
+            snapshot = await asyncio.wait_for(
+                self._take_over(client_id, clean_start), self.settings.handover_timeout
+            )
+        except (RedisError, OSError, TimeoutError, SnapshotError) as error:
+            log.warning("session %r not taken over from the cluster: %s", client_id, error)
+            self.stats["handover_failures"] += 1
+        finally:
+            self._handovers.pop(client_id, None)
+        self._finish(conn, snapshot)
+
+    async def _take_over(self, client_id: str, clean_start: bool) -> SessionSnapshot | None:
+        redis = self.redis
+        assert redis is not None and self.broker is not None
+        prefix = self.settings.prefix
+        previous = await redis.set(
+            f"{prefix}:client:{client_id}", self.me, get=True, ex=self.settings.client_ttl
+        )
+        holder = previous.decode() if previous is not None else None
+        if holder is None or holder == self.me or holder not in self.live_peers:
+            return None
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._handovers[client_id] = waiter
+        await redis.publish(
+            self.k_control,
+            f"handover\x00{self.me}\x00{holder}\x00{int(clean_start)}\x00{client_id}",
+        )
+        await waiter
+        self.stats["handovers"] += 1
+        data = await redis.getdel(f"{prefix}:handover:{client_id}")
+        if data is None or clean_start:
+            return None
+        return decode_snapshot(data, self.broker.clock)
+
+    async def _give_up_session(self, redis: RedisClient, requester: str, argument: str) -> None:
+        """A peer took one of our ClientIds: close it here and hand the session over."""
+        assert self.broker is not None
+        target, clean, client_id = argument.split("\x00", 2)
+        if target != self.me:
+            return
+        now = self.broker.clock()
+        snapshot = self.broker.handover(client_id, clean == "1", now)
+        pipe = redis.pipeline(transaction=False)
+        if snapshot is not None:
+            pipe.set(
+                f"{self.settings.prefix}:handover:{client_id}",
+                encode_snapshot(snapshot, self.me, now),
+                ex=60,
+            )
+        pipe.publish(self.k_control, f"handed\x00{self.me}\x00{requester}\x00{client_id}")
+        await pipe.execute()
+
     # ------------------------------------------------------------------ workers
 
     async def _heartbeat_loop(self) -> None:
@@ -607,6 +686,13 @@ class RedisBus:
             await self._load_peer_table(redis, peer)
         elif op == "gone":
             self._peer_gone(peer)
+        elif op == "handover":
+            await self._give_up_session(redis, peer, argument)
+        elif op == "handed":
+            requester, _, client_id = argument.partition("\x00")
+            waiter = self._handovers.get(client_id) if requester == self.me else None
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
         else:
             self.stats["bad_control"] += 1
 

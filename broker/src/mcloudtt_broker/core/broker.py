@@ -19,7 +19,14 @@ from ..mqtt.topics import split_shared
 from .connection import CONNECTED, CONNECTING, Link, ServerConnection
 from .message import Message
 from .retained import MemoryRetainedStore, RetainedStore
-from .session import NEVER_EXPIRES, Session
+from .session import (
+    AWAITING_COMP,
+    NEVER_EXPIRES,
+    Outgoing,
+    Session,
+    SessionSnapshot,
+    snapshot_of,
+)
 from .stats import Stats
 from .trie import Subscription, SubscriptionTrie
 
@@ -86,6 +93,9 @@ class Broker:
         self.pending_wills: dict[str, tuple[float, Message]] = {}
         self.expiring: dict[str, float] = {}
         self._next_sys = clock() + self.settings.sys_interval
+        # Cluster: finds a session that may live on another broker, then calls
+        # `conn.finish_connect(snapshot, now)`; None on a single node.
+        self.session_locator: Callable[[ServerConnection, str, bool], None] | None = None
 
     # ------------------------------------------------------------ connections and sessions
 
@@ -95,20 +105,25 @@ class Broker:
         return conn
 
     def attach_session(
-        self, conn: ServerConnection, client_id: str, clean_start: bool, now: float
+        self,
+        conn: ServerConnection,
+        client_id: str,
+        clean_start: bool,
+        now: float,
+        snapshot: SessionSnapshot | None = None,
     ) -> tuple[Session, bool]:
         self.stats.connections_total += 1
         # MQTT-3.1.3-9: a new connection for the ClientId cancels a delayed will.
         self.pending_wills.pop(client_id, None)
         existing = self.sessions.get(client_id)
         if existing is not None and existing.connection is not None:
-            old = existing.connection
-            existing.connection = None
-            old.session = None
-            if old.will_delay:
-                old.will = None  # the new connection came within the will delay
-            old.disconnect(ReasonCode.SESSION_TAKEN_OVER, publish_will=True)  # MQTT-3.1.4-3
-        if existing is not None and not clean_start:
+            self._kick(existing)
+        if snapshot is not None and not clean_start:
+            # The session comes from another broker: it replaces whatever we had.
+            if existing is not None:
+                self.destroy_session(existing)
+            session, present = self.restore_session(snapshot, now), True
+        elif existing is not None and not clean_start:
             session, present = existing, True
             self.expiring.pop(client_id, None)
         else:
@@ -122,6 +137,59 @@ class Broker:
         session.connection = conn
         session.ended_at = None
         return session, present
+
+    def _kick(self, session: Session) -> None:
+        """Close the session's current connection: its ClientId connected again (MQTT-3.1.4-3)."""
+        old = session.connection
+        assert old is not None
+        session.connection = None
+        old.session = None
+        if old.will_delay:
+            old.will = None  # the new connection came within the will delay (MQTT-3.1.3-9)
+        old.disconnect(ReasonCode.SESSION_TAKEN_OVER, publish_will=True)
+
+    def handover(self, client_id: str, clean_start: bool, now: float) -> SessionSnapshot | None:
+        """Another broker took this ClientId: close our connection, give up the session."""
+        self.pending_wills.pop(client_id, None)
+        session = self.sessions.get(client_id)
+        if session is None:
+            return None
+        if session.connection is not None:
+            self._kick(session)
+        snapshot = None if clean_start else snapshot_of(session)
+        self.destroy_session(session)
+        return snapshot
+
+    def restore_session(self, snapshot: SessionSnapshot, now: float) -> Session:
+        session = Session(
+            snapshot.client_id, max_queued=self.settings.max_queued_messages, stats=self.stats
+        )
+        self.sessions[snapshot.client_id] = session
+        session.expiry_interval = snapshot.expiry_interval
+        for record in snapshot.subscriptions:
+            try:
+                group, inner = split_shared(record.topic_filter)
+            except ValueError:
+                continue
+            sub: Subscription[Session] = Subscription(
+                session=session,
+                topic_filter=record.topic_filter,
+                qos=record.qos,
+                no_local=record.no_local,
+                retain_as_published=record.retain_as_published,
+                retain_handling=record.retain_handling,
+                identifier=record.identifier,
+                share_group=group,
+            )
+            self.subscribe(session, sub, inner)
+        for entry in snapshot.inflight:
+            outgoing = Outgoing(entry.message, entry.qos, entry.retain, entry.identifiers)
+            if entry.awaiting_comp:
+                outgoing.state = AWAITING_COMP
+            session.inflight[entry.packet_id] = outgoing
+        session.queue.extend(snapshot.queue)
+        session.awaiting_release.update(snapshot.awaiting_release)
+        return session
 
     def detach(self, conn: ServerConnection, now: float) -> None:
         """A connected client's network connection ended."""

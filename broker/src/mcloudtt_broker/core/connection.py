@@ -48,13 +48,15 @@ from ..mqtt.properties import EMPTY_PROPERTIES, Properties
 from ..mqtt.reason_codes import ReasonCode, connack_code_311
 from ..mqtt.topics import is_valid_topic_filter, split_shared
 from .message import Message
-from .session import AWAITING_COMP, NEVER_EXPIRES, Session
+from .session import AWAITING_COMP, NEVER_EXPIRES, Session, SessionSnapshot
 from .trie import Subscription
 
 if TYPE_CHECKING:
     from .broker import Broker
 
-CONNECTING, CONNECTED, CLOSED = 0, 1, 2
+# LOCATING: CONNECT accepted, waiting for the cluster to hand over the session (no packet is
+# processed meanwhile; they wait in the decoder). Below CLOSED means "still reading".
+CONNECTING, CONNECTED, CLOSED, LOCATING = 0, 1, 3, 2
 
 _PINGRESP = b"\xd0\x00"
 
@@ -74,6 +76,7 @@ class ServerConnection:
         "broker",
         "client_id",
         "congested",
+        "connect_args",
         "created_at",
         "decoder",
         "keep_alive",
@@ -113,6 +116,7 @@ class ServerConnection:
         self.will: Message | None = None
         self.will_on_close = True  # cleared by DISCONNECT 0x00 (MQTT-3.1.2-10)
         self.will_delay = 0
+        self.connect_args: tuple[Connect, str | None, Message | None] | None = None
 
     # ---------------------------------------------------------------- input
 
@@ -124,7 +128,7 @@ class ServerConnection:
         decoder = self.decoder
         decoder.feed(data)
         try:
-            while self.state != CLOSED:
+            while self.state < LOCATING:
                 frame = decoder.next_frame()
                 if frame is None:
                     break
@@ -288,7 +292,6 @@ class ServerConnection:
 
     def _on_connect(self, packet: Connect, now: float) -> None:
         broker = self.broker
-        settings = broker.settings
         self.version = version = packet.protocol_level
         props = packet.properties
         v5 = version == MQTT_5
@@ -325,6 +328,28 @@ class ServerConnection:
             )
             self.will_delay = will.properties.will_delay_interval or 0
 
+        self.client_id = client_id
+        self.connect_args = (packet, assigned, will_message)
+        if broker.session_locator is not None:
+            # Cluster: the session may live on another broker; CONNACK waits for it.
+            self.state = LOCATING
+            broker.session_locator(self, client_id, packet.clean_start)
+            return
+        self.finish_connect(None, now)
+
+    def finish_connect(self, snapshot: SessionSnapshot | None, now: float) -> None:
+        """Second half of CONNECT: attach (or restore) the session and send CONNACK."""
+        if self.state == CLOSED or self.connect_args is None:
+            return
+        resumed_later = self.state == LOCATING
+        packet, assigned, will_message = self.connect_args
+        self.connect_args = None
+        broker = self.broker
+        settings = broker.settings
+        version = self.version
+        v5 = version == MQTT_5
+        props = packet.properties
+        client_id = self.client_id
         keep_alive = packet.keep_alive
         server_keep_alive = None
         if settings.max_keepalive and (keep_alive == 0 or keep_alive > settings.max_keepalive):
@@ -338,8 +363,7 @@ class ServerConnection:
             requested_expiry = 0 if packet.clean_start else NEVER_EXPIRES
         expiry = min(requested_expiry, settings.max_session_expiry)
 
-        self.client_id = client_id
-        session, present = broker.attach_session(self, client_id, packet.clean_start, now)
+        session, present = broker.attach_session(self, client_id, packet.clean_start, now, snapshot)
         session.version = version
         session.expiry_interval = expiry
         self.session = session
@@ -369,6 +393,8 @@ class ServerConnection:
         if present:
             session.resend_inflight()
         session.pump(now)
+        if resumed_later:
+            self.receive_data(b"", now)  # packets that arrived while the session was located
 
     def _refuse(self, reason: ReasonCode) -> None:
         """Answer a CONNECT with an error CONNACK and close (MQTT-3.2.2-6: no session present)."""

@@ -10,6 +10,7 @@ MQTT 4.3.3: the message is delivered on receipt, duplicates are recognised by id
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .message import Message
@@ -156,3 +157,68 @@ class Session:
         self.inflight.clear()
         self.queue.clear()
         self.awaiting_release.clear()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SubscriptionRecord:
+    """A subscription as it moves between brokers with its session."""
+
+    topic_filter: str
+    qos: int
+    no_local: bool = False
+    retain_as_published: bool = False
+    retain_handling: int = 0
+    identifier: int | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class InflightRecord:
+    packet_id: int
+    message: Message
+    qos: int
+    retain: bool
+    identifiers: tuple[int, ...]
+    awaiting_comp: bool
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SessionSnapshot:
+    """Everything of a session that must survive a move to another broker."""
+
+    client_id: str
+    expiry_interval: int
+    subscriptions: tuple[SubscriptionRecord, ...] = ()
+    inflight: tuple[InflightRecord, ...] = ()
+    queue: tuple[Pending, ...] = ()
+    awaiting_release: tuple[int, ...] = ()
+
+
+def snapshot_of(session: Session) -> SessionSnapshot:
+    return SessionSnapshot(
+        client_id=session.client_id,
+        expiry_interval=session.expiry_interval,
+        subscriptions=tuple(
+            SubscriptionRecord(
+                topic_filter=sub.topic_filter,
+                qos=sub.qos,
+                no_local=sub.no_local,
+                retain_as_published=sub.retain_as_published,
+                retain_handling=sub.retain_handling,
+                identifier=sub.identifier,
+            )
+            for sub in session.subscriptions.values()
+        ),
+        inflight=tuple(
+            InflightRecord(
+                packet_id=pid,
+                message=entry.message,
+                qos=entry.qos,
+                retain=entry.retain,
+                identifiers=entry.identifiers,
+                awaiting_comp=entry.state == AWAITING_COMP,
+            )
+            for pid, entry in session.inflight.items()
+        ),
+        queue=tuple(session.queue),
+        awaiting_release=tuple(sorted(session.awaiting_release)),
+    )
