@@ -306,3 +306,17 @@ def test_clean_start_on_b_discards_the_session_on_a(cluster_factory, clients):
     again = clients(b.port, "fresh", clean=True)
     assert not again.session_present
     wait_until(lambda: a.metric("mcloudtt_sessions") == 0, what="a dropped the session")
+
+
+def test_sys_statistics_of_every_broker_cross_the_cluster(cluster_factory, clients):
+    a, b = cluster_factory(2, "--sys-interval", "0.5")
+    watcher = clients(b.port, "sys-watch")
+    watcher.subscribe("$SYS/brokers/+/clients/connected")
+    seen: set[str] = set()
+    deadline = time.monotonic() + 5
+    while len(seen) < 2 and time.monotonic() < deadline:
+        try:
+            seen.add(watcher.get(timeout=1).topic.split("/")[2])
+        except AssertionError:
+            pass
+    assert seen == {"b1", "b2"}

@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> None:
         max_session_expiry=values["max-session-expiry"],
         connect_timeout=values["connect-timeout"],
         sys_interval=values["sys-interval"],
+        sys_root="$SYS/broker" if values["redis"] is None else f"$SYS/brokers/{values['id']}",
     )
     options = ServerOptions(
         binds=values["bind"],

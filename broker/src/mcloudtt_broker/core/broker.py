@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from .. import __version__
 from ..cluster.bus import ClusterBus, LocalBus
+from ..mqtt.properties import Properties
 from ..mqtt.reason_codes import ReasonCode
 from ..mqtt.topics import split_shared
 from .connection import CONNECTED, CONNECTING, Link, ServerConnection
@@ -43,6 +44,9 @@ class BrokerSettings:
     max_session_expiry: int = 7 * 24 * 3600
     connect_timeout: float = 10.0
     sys_interval: float = 10.0  # 0 disables $SYS
+    # Single node: $SYS/broker/...; a cluster uses $SYS/brokers/{id}/... so brokers do not
+    # overwrite each other's retained statistics.
+    sys_root: str = "$SYS/broker"
 
 
 class RemoteBroker:
@@ -444,8 +448,14 @@ class Broker:
         }
 
     def publish_sys(self, now: float) -> None:
+        # Expire after three missed updates, so a broker that left stops showing numbers.
+        lifetime = max(1, int(3 * self.settings.sys_interval))
+        props = Properties(message_expiry_interval=lifetime)
+        root = self.settings.sys_root
         for name, value in self.sys_values(now).items():
-            self.publish(Message(f"$SYS/broker/{name}", value.encode(), 0, True))
+            self.publish(
+                Message(f"{root}/{name}", value.encode(), 0, True, props, expires_at=now + lifetime)
+            )
 
     def connected_count(self) -> int:
         return sum(1 for c in self.connections if c.state == CONNECTED)
