@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     options = ServerOptions(
         binds=values["bind"],
         tls_binds=values["tls-bind"],
+        ws_binds=values["ws-bind"],
         tls_cert=values["tls-cert"],
         tls_key=values["tls-key"],
         http=values["http"],

@@ -149,6 +149,14 @@ OPTIONS: tuple[Option, ...] = (
         True,
         "HOST:PORT",
     ),
+    Option(
+        "ws-bind",
+        parse_addresses,
+        "",
+        "MQTT over WebSocket listener HOST:PORT (repeatable; sub-protocol mqtt)",
+        True,
+        "HOST:PORT",
+    ),
     Option("tls-cert", _text, None, "PEM certificate chain for --tls-bind", metavar="FILE"),
     Option("tls-key", _text, None, "PEM private key for --tls-bind", metavar="FILE"),
     Option(
@@ -345,8 +353,8 @@ def resolve(
         resolved["id"] = socket.gethostname()
     if resolved["tls-bind"] and not resolved["tls-cert"]:
         raise ConfigError("--tls-bind needs --tls-cert (and --tls-key unless the key is in it)")
-    if not resolved["bind"] and not resolved["tls-bind"]:
-        raise ConfigError("no listener: give --bind or --tls-bind")
+    if not (resolved["bind"] or resolved["tls-bind"] or resolved["ws-bind"]):
+        raise ConfigError("no listener: give --bind, --tls-bind or --ws-bind")
     return resolved
 
 

@@ -18,6 +18,7 @@ from .cluster.redis_bus import ClusterSettings, RedisBus
 from .core.broker import Broker, BrokerSettings
 from .core.connection import ServerConnection
 from .httpd import HttpServer
+from .websocket import WebSocketProtocol
 
 log = logging.getLogger("mcloudtt.broker")
 
@@ -95,6 +96,7 @@ class MQTTProtocol(asyncio.Protocol):
 class ServerOptions:
     binds: list[tuple[str, int]]
     tls_binds: list[tuple[str, int]] = field(default_factory=list)
+    ws_binds: list[tuple[str, int]] = field(default_factory=list)
     tls_cert: str | None = None
     tls_key: str | None = None
     http: tuple[str, int] | None = None
@@ -125,6 +127,9 @@ class BrokerServer:
         self._all_closed.clear()
         return protocol
 
+    def _ws_factory(self) -> WebSocketProtocol:
+        return WebSocketProtocol(self, self._factory(), self.settings.max_packet_size + 16)
+
     def closed(self, protocol: MQTTProtocol) -> None:
         self.protocols.discard(protocol)
         if not self.protocols:
@@ -149,6 +154,13 @@ class BrokerServer:
                     )
                 )
                 log.info("MQTT over TLS listening on %s:%d", host, port)
+        for host, port in self.options.ws_binds:
+            self.listeners.append(
+                await self.loop.create_server(
+                    self._ws_factory, host, port, backlog=4096, reuse_address=True
+                )
+            )
+            log.info("MQTT over WebSocket listening on %s:%d", host, port)
         if self.options.http is not None:
             self.http = HttpServer(self)
             await self.http.start(*self.options.http)
