@@ -57,36 +57,64 @@ class Envelope:
     properties: Properties = EMPTY_PROPERTIES
 
 
-def encode_envelope(envelope: Envelope) -> bytes:
-    origin = envelope.origin.encode()
-    client = envelope.client_id.encode()
-    topic = envelope.topic.encode()
+def pack_envelope(
+    origin: bytes,
+    sequence: int,
+    received_at_us: int,
+    client_id: str,
+    topic: str,
+    payload: bytes,
+    qos: int,
+    retain: bool,
+    properties: Properties,
+) -> bytes:
+    """The envelope bytes from plain fields (`origin` already UTF-8): the brokers' hot path."""
     if len(origin) > 255:
         raise ValueError("broker id longer than 255 bytes")
-    props = (
-        b""
-        if envelope.properties is EMPTY_PROPERTIES
-        else encode_property_body(envelope.properties)
-    )
-    flags = envelope.qos | (0x04 if envelope.retain else 0)
+    client = client_id.encode()
+    raw_topic = topic.encode()
+    props = b"" if properties is EMPTY_PROPERTIES else bytes(encode_property_body(properties))
     return b"".join(
         (
             _HEAD.pack(
-                ENVELOPE_VERSION, flags, envelope.received_at_us, envelope.sequence, len(origin)
+                ENVELOPE_VERSION,
+                qos | (0x04 if retain else 0),
+                received_at_us,
+                sequence,
+                len(origin),
             ),
             origin,
             len(client).to_bytes(2, "big"),
             client,
-            len(topic).to_bytes(2, "big"),
-            topic,
+            len(raw_topic).to_bytes(2, "big"),
+            raw_topic,
             len(props).to_bytes(4, "big"),
-            bytes(props),
-            envelope.payload,
+            props,
+            payload,
         )
     )
 
 
-def decode_envelope(data: bytes) -> Envelope:
+def encode_envelope(envelope: Envelope) -> bytes:
+    return pack_envelope(
+        envelope.origin.encode(),
+        envelope.sequence,
+        envelope.received_at_us,
+        envelope.client_id,
+        envelope.topic,
+        envelope.payload,
+        envelope.qos,
+        envelope.retain,
+        envelope.properties,
+    )
+
+
+# origin, sequence, received_at_us, client_id, topic, payload, qos, retain, properties
+EnvelopeFields = tuple[str, int, int, str, str, bytes, int, bool, Properties]
+
+
+def unpack_envelope(data: bytes) -> EnvelopeFields:
+    """The fields of an envelope, without building an `Envelope`; raises `EnvelopeError`."""
     try:
         if len(data) < _HEAD.size:
             raise EnvelopeError("envelope shorter than its header")
@@ -97,6 +125,7 @@ def decode_envelope(data: bytes) -> Envelope:
         if qos == 3 or flags & 0xF8:
             raise EnvelopeError(f"invalid envelope flags 0x{flags:02x}")
         pos = _HEAD.size
+        end = len(data)
         origin = data[pos : pos + origin_len].decode()
         pos += origin_len
         client_len = int.from_bytes(data[pos : pos + 2], "big")
@@ -109,24 +138,44 @@ def decode_envelope(data: bytes) -> Envelope:
         pos += topic_len
         props_len = int.from_bytes(data[pos : pos + 4], "big")
         pos += 4
-        if pos > len(data) or pos + props_len > len(data) or len(origin.encode()) != origin_len:
+        if pos > end or pos + props_len > end or len(origin) > origin_len or len(topic) > topic_len:
             raise EnvelopeError("envelope truncated")
-        props = decode_property_body(data, pos, pos + props_len, PUBLISH)
-        pos += props_len
+        if props_len:
+            props = decode_property_body(data, pos, pos + props_len, PUBLISH)
+            pos += props_len
+        else:
+            props = EMPTY_PROPERTIES
         if not topic or "+" in topic or "#" in topic or "\x00" in topic:
             raise EnvelopeError(f"invalid topic {topic!r}")
-        return Envelope(
-            origin=origin,
-            sequence=sequence,
-            received_at_us=received_at,
-            client_id=client_id,
-            topic=topic,
-            payload=bytes(data[pos:]),
-            qos=qos,
-            retain=bool(flags & 0x04),
-            properties=props,
+        return (
+            origin,
+            sequence,
+            received_at,
+            client_id,
+            topic,
+            data[pos:],
+            qos,
+            bool(flags & 0x04),
+            props,
         )
     except EnvelopeError:
         raise
     except (UnicodeDecodeError, MQTTError, struct.error, IndexError) as error:
         raise EnvelopeError(f"malformed envelope: {error}") from None
+
+
+def decode_envelope(data: bytes) -> Envelope:
+    origin, sequence, received_at, client_id, topic, payload, qos, retain, props = unpack_envelope(
+        data
+    )
+    return Envelope(
+        origin=origin,
+        sequence=sequence,
+        received_at_us=received_at,
+        client_id=client_id,
+        topic=topic,
+        payload=bytes(payload),
+        qos=qos,
+        retain=retain,
+        properties=props,
+    )

@@ -45,7 +45,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from ..core.message import Message
 from ..mqtt.properties import EMPTY_PROPERTIES
-from .envelope import Envelope, EnvelopeError, decode_envelope, encode_envelope
+from .envelope import EnvelopeError, EnvelopeFields, pack_envelope, unpack_envelope
 from .handover import SnapshotError, decode_snapshot, encode_snapshot
 from .records import InboxError, encode_record, iter_records
 
@@ -59,6 +59,8 @@ log = logging.getLogger("mcloudtt.cluster")
 ROUTED = "routed"
 BROADCAST = "broadcast"
 GROUP = "brokers"
+# Messages per pipeline: small enough that the next hop starts while we encode the next batch.
+FLUSH_BATCH = 4096
 
 # redis-py's annotations describe every response shape at once (RESP2 and RESP3, bytes or str);
 # we use bytes responses throughout and check shapes where they are read.
@@ -106,6 +108,7 @@ class RedisBus:
         self.k_inbox = f"{prefix}:inbox:{self.me}"
         self.k_progress = f"{prefix}:progress:{self.me}"
         self.token = uuid.uuid4().hex
+        self._origin = self.me.encode()
         self.broker: Broker | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.redis: RedisClient | None = None
@@ -171,18 +174,16 @@ class RedisBus:
         ):
             return  # nobody else wants it: no envelope, no Redis traffic
         self.sequence += 1
-        envelope = encode_envelope(
-            Envelope(
-                origin=self.me,
-                sequence=self.sequence,
-                received_at_us=time.time_ns() // 1000,
-                client_id=message.origin,
-                topic=message.topic,
-                payload=message.payload,
-                qos=message.qos,
-                retain=message.retain,
-                properties=self._forward_properties(message),
-            )
+        envelope = pack_envelope(
+            self._origin,
+            self.sequence,
+            time.time_ns() // 1000,
+            message.origin,
+            message.topic,
+            message.payload,
+            message.qos,
+            message.retain,
+            self._forward_properties(message),
         )
         item = _Outbound(message, envelope, targets, groups)
         outbound = self.outbound
@@ -239,7 +240,7 @@ class RedisBus:
         redis = self.redis
         while self.connected and redis is not None and (self.outbound or self.control):
             control, self.control = self.control, []
-            items = [self.outbound.popleft() for _ in range(min(len(self.outbound), 4096))]
+            items = [self.outbound.popleft() for _ in range(min(len(self.outbound), FLUSH_BATCH))]
             pipe = redis.pipeline(transaction=False)
             self._add_control(pipe, control)
             confirmable = self._add_items(pipe, items)
@@ -251,6 +252,7 @@ class RedisBus:
                 self._link_lost(error)
                 return
             self.stats["forwarded"] += len(items)
+            self.stats["flushes"] += 1
             for dest, sequence, record in confirmable:
                 self.unconfirmed.setdefault(dest, deque()).append((sequence, record))
             self._bound_unconfirmed()
@@ -472,11 +474,11 @@ class RedisBus:
         seen: set[str] = set()
         async for _topic, envelope_raw in redis.hscan_iter(self.k_retained):
             try:
-                envelope = decode_envelope(envelope_raw)
+                fields = unpack_envelope(envelope_raw)
             except EnvelopeError:
                 self.stats["bad_envelopes"] += 1
                 continue
-            message = self._to_message(envelope)
+            message = self._to_message(fields)
             if message is None:
                 continue
             seen.add(message.topic)
@@ -699,13 +701,13 @@ class RedisBus:
     def _on_sync(self, data: bytes) -> None:
         assert self.broker is not None
         try:
-            envelope = decode_envelope(data)
+            fields = unpack_envelope(data)
         except EnvelopeError:
             self.stats["bad_envelopes"] += 1
             return
-        if envelope.origin == self.me or envelope.qos or envelope.retain:
+        if fields[0] == self.me or fields[6] or fields[7]:
             return  # our own, or it comes through the inbox (QoS 1/2 and retained)
-        message = self._to_message(envelope)
+        message = self._to_message(fields)
         if message is not None:
             self.stats["received"] += 1
             self.broker.deliver_remote(message, plain=True, groups=())
@@ -718,7 +720,7 @@ class RedisBus:
             while True:
                 try:
                     response = await redis.xreadgroup(
-                        GROUP, self.me, {self.k_inbox: last_id}, count=64, block=1000
+                        GROUP, self.me, {self.k_inbox: last_id}, count=16, block=1000
                     )
                 except ResponseError as error:
                     if "NOGROUP" in str(error):  # Redis restarted empty
@@ -731,7 +733,11 @@ class RedisBus:
                     if last_id == "0":
                         last_id = ">"
                     continue
-                self._handle_entries(entries)
+                self.stats["inbox_reads"] += 1
+                for entry in entries:
+                    self._handle_entry(entry[1])
+                    # Let deliveries flush to subscribers between batches.
+                    await asyncio.sleep(0)
                 ids = [entry_id for entry_id, _ in entries]
                 pipe = redis.pipeline(transaction=False)
                 pipe.xack(self.k_inbox, GROUP, *ids)
@@ -742,52 +748,47 @@ class RedisBus:
         except (RedisError, OSError) as error:
             self._link_lost(error)
 
-    def _handle_entries(self, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
+    def _handle_entry(self, fields: dict[bytes, bytes]) -> None:
         assert self.broker is not None
         handled = self.handled
-        for _, fields in entries:
-            batch = fields.get(b"b")
-            if batch is None:
-                self.stats["bad_batches"] += 1
-                continue
-            try:
-                for plain, groups, raw in iter_records(batch):
-                    try:
-                        envelope = decode_envelope(raw)
-                    except EnvelopeError:
-                        self.stats["bad_envelopes"] += 1
-                        continue
-                    if envelope.sequence <= handled.get(envelope.origin, 0):
-                        self.stats["duplicates"] += 1
-                        continue
-                    handled[envelope.origin] = envelope.sequence
-                    message = self._to_message(envelope)
-                    if message is not None:
-                        self.stats["received"] += 1
-                        self.broker.deliver_remote(message, plain=plain, groups=groups)
-            except InboxError:
-                self.stats["bad_batches"] += 1
+        deliver = self.broker.deliver_remote
+        batch = fields.get(b"b")
+        if batch is None:
+            self.stats["bad_batches"] += 1
+            return
+        received = 0
+        try:
+            for plain, groups, raw in iter_records(batch):
+                try:
+                    envelope = unpack_envelope(raw)
+                except EnvelopeError:
+                    self.stats["bad_envelopes"] += 1
+                    continue
+                origin, sequence = envelope[0], envelope[1]
+                if sequence <= handled.get(origin, 0):
+                    self.stats["duplicates"] += 1
+                    continue
+                handled[origin] = sequence
+                message = self._to_message(envelope)
+                if message is not None:
+                    received += 1
+                    deliver(message, plain=plain, groups=groups)
+        except InboxError:
+            self.stats["bad_batches"] += 1
+        self.stats["received"] += received
 
-    def _to_message(self, envelope: Envelope) -> Message | None:
-        assert self.broker is not None
-        props = envelope.properties
+    def _to_message(self, envelope: EnvelopeFields) -> Message | None:
+        _, _, received_at_us, client_id, topic, payload, qos, retain, props = envelope
         expires_at = None
         if props is not EMPTY_PROPERTIES and props.message_expiry_interval is not None:
-            age = max(0.0, time.time() - envelope.received_at_us / 1e6)
+            assert self.broker is not None
+            age = max(0.0, time.time() - received_at_us / 1e6)
             remaining = props.message_expiry_interval - age
             if remaining <= 0:
                 self.stats["expired"] += 1
                 return None
             expires_at = self.broker.clock() + remaining
-        return Message(
-            envelope.topic,
-            envelope.payload,
-            envelope.qos,
-            envelope.retain,
-            props,
-            expires_at=expires_at,
-            origin=envelope.client_id,
-        )
+        return Message(topic, payload, qos, retain, props, expires_at=expires_at, origin=client_id)
 
     # ------------------------------------------------------------------ metrics
 
@@ -802,6 +803,8 @@ class RedisBus:
             "received_total": float(self.stats["received"]),
             "duplicates_total": float(self.stats["duplicates"]),
             "resent_total": float(self.stats["resent"]),
+            "flushes_total": float(self.stats["flushes"]),
+            "inbox_reads_total": float(self.stats["inbox_reads"]),
             "bad_envelopes_total": float(self.stats["bad_envelopes"] + self.stats["bad_batches"]),
             "peers": float(len(self.live_peers)),
             "remote_filters": float(sum(len(p.filters) for p in self.broker.peers.values()))
