@@ -1,0 +1,1 @@
+"""MCloudTT load tests: `mcloudtt-bench`, the head-to-head benchmark against Mosquitto and amqtt."""

@@ -1,0 +1,281 @@
+"""Start the brokers under test as fresh local processes, each on its own free port.
+
+- mcloudtt: `mcloudtt-broker` from the same environment as this command.
+- mosquitto: the system's binary with a generated configuration (no persistence, unbounded
+  queues: with its default `max_queued_messages 1000` it drops QoS 1 messages for a slow
+  subscriber and the generator would wait for messages that never come).
+- amqtt: pinned in a virtual environment of its own under the cache directory, made on first use,
+  because its dependency pins clash with the project's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Protocol
+
+from . import mqtt
+
+AMQTT_VERSION = "0.12.1"
+BROKER_NAMES = ("mcloudtt", "mosquitto", "amqtt")
+HOST = "127.0.0.1"
+
+
+class BrokerUnavailable(RuntimeError):
+    """The broker cannot be started on this machine (not installed, install failed)."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "mcloudtt-loadtest"
+
+
+@dataclass
+class RunningBroker:
+    name: str
+    port: int
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    _log: IO[bytes] = field(repr=False)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
+class Launcher(Protocol):
+    name: str
+
+    def prepare(self) -> None:
+        """Make the broker runnable (install it if needed); raise BrokerUnavailable if not."""
+
+    def version(self) -> str: ...
+
+    def command(self, port: int, workdir: Path) -> list[str]: ...
+
+
+class McloudttLauncher:
+    name = "mcloudtt"
+
+    def __init__(self, extra_args: str = "") -> None:
+        self.extra_args = shlex.split(extra_args)
+
+    def _base(self) -> list[str]:
+        exe = shutil.which("mcloudtt-broker", path=str(Path(sys.executable).parent))
+        return [exe] if exe else [sys.executable, "-m", "mcloudtt_broker"]
+
+    def prepare(self) -> None:
+        try:
+            from importlib.metadata import PackageNotFoundError, version
+
+            version("mcloudtt-broker")
+        except PackageNotFoundError as e:
+            raise BrokerUnavailable("mcloudtt-broker is not installed in this environment") from e
+
+    def version(self) -> str:
+        from importlib.metadata import version
+
+        return version("mcloudtt-broker")
+
+    def command(self, port: int, workdir: Path) -> list[str]:
+        return [*self._base(), "--bind", f"{HOST}:{port}", *self.extra_args]
+
+
+class MosquittoLauncher:
+    name = "mosquitto"
+
+    def __init__(self, binary: str | None = None) -> None:
+        self.binary = binary or shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+
+    def prepare(self) -> None:
+        if not Path(self.binary).exists():
+            raise BrokerUnavailable(
+                f"{self.binary} not found (Debian: apt-get install -y mosquitto)"
+            )
+
+    def version(self) -> str:
+        out = subprocess.run(
+            [self.binary, "-h"], capture_output=True, text=True, check=False, timeout=10
+        ).stdout
+        first = out.splitlines()[0] if out else ""
+        return first.rsplit(" ", 1)[-1] if "version" in first else "unknown"
+
+    def command(self, port: int, workdir: Path) -> list[str]:
+        conf = workdir / f"mosquitto-{port}.conf"
+        conf.write_text(
+            f"listener {port} {HOST}\n"
+            "allow_anonymous true\n"
+            "persistence false\n"
+            "max_queued_messages 0\n"
+        )
+        return [self.binary, "-c", str(conf)]
+
+
+class AmqttLauncher:
+    name = "amqtt"
+
+    def __init__(self, cache_dir: Path) -> None:
+        self.venv = cache_dir / f"amqtt-{AMQTT_VERSION}"
+
+    @property
+    def python(self) -> Path:
+        return self.venv / "bin" / "python"
+
+    @property
+    def script(self) -> Path:
+        return self.venv / "bin" / "amqtt"
+
+    def _installed(self) -> bool:
+        if not self.script.exists():
+            return False
+        probe = subprocess.run(
+            [str(self.python), "-c", "import amqtt; print(amqtt.__version__)"],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=60,
+        )
+        return probe.returncode == 0 and probe.stdout.strip() == AMQTT_VERSION
+
+    def prepare(self) -> None:
+        if self._installed():
+            return
+        self.venv.parent.mkdir(parents=True, exist_ok=True)
+        uv = shutil.which("uv")
+        if uv:
+            steps = [
+                [
+                    uv,
+                    "venv",
+                    "--quiet",
+                    "--allow-existing",
+                    "--python",
+                    sys.executable,
+                    str(self.venv),
+                ],
+                [
+                    uv,
+                    "pip",
+                    "install",
+                    "--quiet",
+                    "--python",
+                    str(self.python),
+                    f"amqtt=={AMQTT_VERSION}",
+                ],
+            ]
+        else:
+            steps = [
+                [sys.executable, "-m", "venv", str(self.venv)],
+                [str(self.python), "-m", "pip", "install", "--quiet", f"amqtt=={AMQTT_VERSION}"],
+            ]
+        for step in steps:
+            done = subprocess.run(step, capture_output=True, text=True, check=False, timeout=600)
+            if done.returncode != 0:
+                raise BrokerUnavailable(
+                    f"installing amqtt {AMQTT_VERSION} failed: {' '.join(step)}\n{done.stderr[-2000:]}"
+                )
+        if not self._installed():
+            raise BrokerUnavailable(f"amqtt {AMQTT_VERSION} not importable in {self.venv}")
+
+    def version(self) -> str:
+        return AMQTT_VERSION
+
+    def command(self, port: int, workdir: Path) -> list[str]:
+        # JSON is YAML. Only anonymous auth: no $SYS publisher, no packet logger.
+        config = {
+            "listeners": {"default": {"type": "tcp", "bind": f"{HOST}:{port}"}},
+            "plugins": {
+                "amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}
+            },
+        }
+        conf = workdir / f"amqtt-{port}.yaml"
+        conf.write_text(json.dumps(config, indent=2))
+        return [str(self.script), "-c", str(conf)]
+
+
+def make_launcher(name: str, *, cache_dir: Path, mcloudtt_args: str = "") -> Launcher:
+    if name == "mcloudtt":
+        return McloudttLauncher(mcloudtt_args)
+    if name == "mosquitto":
+        return MosquittoLauncher()
+    if name == "amqtt":
+        return AmqttLauncher(cache_dir)
+    raise ValueError(f"unknown broker {name!r}; choose from {', '.join(BROKER_NAMES)}")
+
+
+def _mqtt_probe(port: int, timeout: float) -> bool:
+    """True once the broker answers a CONNECT with a CONNACK."""
+    try:
+        with socket.create_connection((HOST, port), timeout=timeout) as s:
+            s.sendall(mqtt.connect("mcloudtt-bench-probe", keepalive=10))
+            buf = b""
+            while len(buf) < 4:
+                chunk = s.recv(64)
+                if not chunk:
+                    return False
+                buf += chunk
+            packets, _ = mqtt.split_packets(buf)
+            if packets and packets[0].type == mqtt.CONNACK:
+                s.sendall(mqtt.disconnect())
+                return mqtt.parse_connack(packets[0])[1] == 0
+    except OSError:
+        return False
+    return False
+
+
+def start_broker(launcher: Launcher, workdir: Path, *, timeout: float = 30.0) -> RunningBroker:
+    """A fresh broker process on a free port, returned once it answers MQTT."""
+    port = free_port()
+    cmd = launcher.command(port, workdir)
+    log_path = workdir / f"{launcher.name}-{port}.log"
+    log = log_path.open("wb")
+    proc = subprocess.Popen(
+        cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=workdir
+    )
+    broker = RunningBroker(launcher.name, port, proc, log_path, log)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            broker.stop()
+            raise RuntimeError(
+                f"{launcher.name} exited with {proc.returncode} at start:\n{broker.log_tail()}"
+            )
+        if _mqtt_probe(port, timeout=2.0):
+            return broker
+        time.sleep(0.05)
+    broker.stop()
+    raise TimeoutError(f"{launcher.name} did not answer MQTT on port {port} within {timeout}s")

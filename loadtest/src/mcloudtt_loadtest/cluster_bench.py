@@ -1,0 +1,403 @@
+"""`mcloudtt-cluster-bench`: what crossing brokers through Redis costs.
+
+One generator, one run, fresh processes for each figure (medians of --runs):
+
+* throughput of QoS 0 and QoS 1 fan-in (4 publishers, 100-byte payloads, one wildcard
+  subscriber; publishers paused above 2,000 in flight) with everything on one broker, and with
+  the publishers on broker A and the subscriber on broker B of a 3-broker cluster: the ratio
+  cross/single (target >= 0.5);
+* latency at a paced 1,000 msg/s, p50/p99, on one broker and A -> B: what the hop adds (target
+  p99 <= 3 ms);
+* the CPU per message of broker C, which has no subscriber, while A -> B traffic flows, in routed
+  mode (it should do nothing) and in broadcast mode (it receives everything): a broker's cost
+  does not grow with the cluster for traffic it has no subscriber for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from . import clients as c
+from .procstat import UsageMeter, cpu_seconds
+from .scenarios import _percentile
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        time.sleep(0.02)
+    raise TimeoutError(f"nothing on port {port}")
+
+
+def _ready(http_port: int, timeout: float = 20.0) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError):
+            with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/readyz", timeout=1) as r:
+                if r.status == 200:
+                    return
+        time.sleep(0.05)
+    raise TimeoutError("broker not ready")
+
+
+def _metric(http_port: int, name: str) -> float:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=2) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+    return 0.0
+
+
+class Proc:
+    def __init__(self, cmd: list[str], port: int, http_port: int | None = None) -> None:
+        self.port = port
+        self.http_port = http_port
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _wait_port(port, self.proc)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def _broker_exe() -> str:
+    found = shutil.which("mcloudtt-broker", path=str(Path(sys.executable).parent))
+    if not found:
+        raise SystemExit(
+            "mcloudtt-broker is not installed in this environment (uv sync --all-packages)"
+        )
+    return found
+
+
+def _redis_exe() -> str:
+    found = shutil.which("redis-server") or (
+        "/usr/bin/redis-server" if os.path.exists("/usr/bin/redis-server") else None
+    )
+    if not found:
+        raise SystemExit("redis-server is needed (apt-get install redis-server)")
+    return found
+
+
+@contextlib.contextmanager
+def single_broker() -> Iterator[list[Proc]]:
+    port, http = _free_port(), _free_port()
+    broker = Proc(
+        [
+            _broker_exe(),
+            "--bind",
+            f"127.0.0.1:{port}",
+            "--http",
+            f"127.0.0.1:{http}",
+            "--sys-interval",
+            "0",
+            "--log-level",
+            "warning",
+        ],
+        port,
+        http,
+    )
+    try:
+        _ready(http)
+        yield [broker]
+    finally:
+        broker.stop()
+
+
+@contextlib.contextmanager
+def cluster(mode: str, size: int = 3) -> Iterator[list[Proc]]:
+    redis_port = _free_port()
+    folder = tempfile.mkdtemp(prefix="mcloudtt-bench-redis-")
+    redis = Proc(
+        [
+            _redis_exe(),
+            "--port",
+            str(redis_port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            folder,
+        ],
+        redis_port,
+    )
+    brokers: list[Proc] = []
+    try:
+        for index in range(size):
+            port, http = _free_port(), _free_port()
+            brokers.append(
+                Proc(
+                    [
+                        _broker_exe(),
+                        "--bind",
+                        f"127.0.0.1:{port}",
+                        "--http",
+                        f"127.0.0.1:{http}",
+                        "--redis",
+                        f"redis://127.0.0.1:{redis_port}/0",
+                        "--id",
+                        f"bench-{index}",
+                        "--cluster-mode",
+                        mode,
+                        "--sys-interval",
+                        "0",
+                        "--log-level",
+                        "warning",
+                    ],
+                    port,
+                    http,
+                )
+            )
+        for broker in brokers:
+            _ready(broker.http_port or 0)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(
+            _metric(b.http_port or 0, "mcloudtt_cluster_peers") < size - 1 for b in brokers
+        ):
+            time.sleep(0.05)
+        yield brokers
+    finally:
+        for broker in brokers:
+            broker.stop()
+        redis.stop()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+async def fanin(
+    pub_port: int,
+    sub_port: int,
+    pids: list[int],
+    qos: int,
+    warmup: float,
+    duration: float,
+    wait_table: int | None = None,
+) -> dict[str, Any]:
+    flow = c.Flow(c.INFLIGHT_LIMIT)
+    sub = await c.open_client(lambda: c.Subscriber(flow), sub_port, f"cb-sub-{qos}")
+    pubs: list[c.Publisher] = []
+    try:
+        await sub.subscribe([("sensors/+/temp", qos)])
+        if wait_table is not None:  # the publisher's broker must know the subscriber's filter
+            deadline = time.monotonic() + 10
+            while (
+                time.monotonic() < deadline
+                and _metric(wait_table, "mcloudtt_cluster_remote_filters") < 1
+            ):
+                await asyncio.sleep(0.02)
+        for n in range(4):
+            topic = f"sensors/{n}/temp"
+
+            def make(topic: str = topic) -> c.BaseClient:
+                if qos == 0:
+                    return c.QoS0Publisher(flow, topic)
+                return c.QoS1Publisher(flow, topic, window=c.QOS1_WINDOW)
+
+            pub = await c.open_client(make, pub_port, f"cb-pub-{qos}-{n}")
+            assert isinstance(pub, c.Publisher)
+            pubs.append(pub)
+        flow.publishers = pubs
+        flow.start()
+        await asyncio.sleep(warmup)
+        meter = UsageMeter(pids[0])
+        meter.start()
+        cpu0 = [cpu_seconds(pid) for pid in pids]
+        r0 = sub.publishes
+        await asyncio.sleep(duration)
+        r1 = sub.publishes
+        usage = meter.stop()
+        cpu1 = [cpu_seconds(pid) for pid in pids]
+        await flow.stop()
+    finally:
+        await c.close_all([sub, *pubs])
+    delivered = r1 - r0
+    return {
+        "msg_per_s": delivered / usage.wall,
+        "cpu_us_per_msg": [
+            (b - a) / delivered * 1e6 if delivered else float("nan")
+            for a, b in zip(cpu0, cpu1, strict=True)
+        ],
+        "generator_cpu": usage.generator_core_share,
+    }
+
+
+async def latency(
+    pub_port: int, sub_port: int, warmup: float, duration: float, wait_table: int | None = None
+) -> dict[str, float]:
+    sub = await c.open_client(lambda: c.Subscriber(latency=True), sub_port, "cb-lat-sub")
+    made = None
+    try:
+        await sub.subscribe([("sensors/+/temp", 0)])
+        if wait_table is not None:
+            deadline = time.monotonic() + 10
+            while (
+                time.monotonic() < deadline
+                and _metric(wait_table, "mcloudtt_cluster_remote_filters") < 1
+            ):
+                await asyncio.sleep(0.02)
+        made = await c.open_client(
+            lambda: c.PacedPublisher("sensors/0/temp"), pub_port, "cb-lat-pub"
+        )
+        assert isinstance(made, c.PacedPublisher)
+        loop = asyncio.get_running_loop()
+        runner = asyncio.ensure_future(made.run(1000.0, loop.time() + warmup + duration))
+        await asyncio.sleep(warmup)
+        first = len(sub.latencies_ns)
+        await runner
+        await asyncio.sleep(0.05)
+        samples = sorted(v / 1e6 for v in sub.latencies_ns[first:])
+    finally:
+        await c.close_all([sub] + ([made] if made is not None else []))
+    return {
+        "p50_ms": _percentile(samples, 0.5),
+        "p99_ms": _percentile(samples, 0.99),
+        "samples": len(samples),
+    }
+
+
+def one_run(warmup: float, duration: float, console: Console) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for qos in (0, 1):
+        with single_broker() as (a,):
+            r = asyncio.run(fanin(a.port, a.port, [a.pid], qos, warmup, duration))
+            out[f"single_qos{qos}_msg_s"] = r["msg_per_s"]
+            out[f"single_qos{qos}_cpu_us"] = r["cpu_us_per_msg"][0]
+        console.log(f"single broker QoS {qos}: {out[f'single_qos{qos}_msg_s']:,.0f} msg/s")
+        with cluster("routed") as (a, b, cc):
+            r = asyncio.run(
+                fanin(
+                    a.port,
+                    b.port,
+                    [a.pid, b.pid, cc.pid],
+                    qos,
+                    warmup,
+                    duration,
+                    wait_table=a.http_port,
+                )
+            )
+            out[f"cross_qos{qos}_msg_s"] = r["msg_per_s"]
+            out[f"routed_idle_broker_cpu_us_qos{qos}"] = r["cpu_us_per_msg"][2]
+            out[f"cross_qos{qos}_a_cpu_us"] = r["cpu_us_per_msg"][0]
+            out[f"cross_qos{qos}_b_cpu_us"] = r["cpu_us_per_msg"][1]
+            out[f"cross_qos{qos}_generator_cpu"] = r["generator_cpu"]
+        console.log(f"A -> B QoS {qos}: {out[f'cross_qos{qos}_msg_s']:,.0f} msg/s")
+    with cluster("broadcast") as (a, b, cc):
+        r = asyncio.run(
+            fanin(
+                a.port, b.port, [a.pid, b.pid, cc.pid], 0, warmup, duration, wait_table=a.http_port
+            )
+        )
+        out["broadcast_idle_broker_cpu_us_qos0"] = r["cpu_us_per_msg"][2]
+        out["broadcast_cross_qos0_msg_s"] = r["msg_per_s"]
+    with single_broker() as (a,):
+        r = asyncio.run(latency(a.port, a.port, warmup, duration))
+        out["single_p50_ms"], out["single_p99_ms"] = r["p50_ms"], r["p99_ms"]
+    with cluster("routed") as (a, b, _c):
+        r = asyncio.run(latency(a.port, b.port, warmup, duration, wait_table=a.http_port))
+        out["cross_p50_ms"], out["cross_p99_ms"] = r["p50_ms"], r["p99_ms"]
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="mcloudtt-cluster-bench", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--duration", type=float, default=5.0)
+    parser.add_argument("--warmup", type=float, default=1.0)
+    parser.add_argument("--out", type=Path, default=None, help="write the medians as JSON")
+    args = parser.parse_args(argv)
+    console = Console(stderr=True)
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        uvloop.install()
+    runs = []
+    for index in range(args.runs):
+        console.rule(f"run {index + 1}/{args.runs}")
+        runs.append(one_run(args.warmup, args.duration, console))
+    medians = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+    medians["qos0_ratio"] = medians["cross_qos0_msg_s"] / medians["single_qos0_msg_s"]
+    medians["qos1_ratio"] = medians["cross_qos1_msg_s"] / medians["single_qos1_msg_s"]
+    medians["hop_adds_p50_ms"] = medians["cross_p50_ms"] - medians["single_p50_ms"]
+    medians["hop_adds_p99_ms"] = medians["cross_p99_ms"] - medians["single_p99_ms"]
+    table = Table(title=f"Cluster benchmark (medians of {args.runs} runs)")
+    for column in ("figure", "value", "target", "status"):
+        table.add_column(column)
+
+    def row(name: str, value: float, fmt: str, target: str = "", ok: bool | None = None) -> None:
+        table.add_row(
+            name, format(value, fmt), target, "" if ok is None else ("pass" if ok else "FAIL")
+        )
+
+    row("single broker QoS 0 msg/s", medians["single_qos0_msg_s"], ",.0f")
+    row("A -> B QoS 0 msg/s", medians["cross_qos0_msg_s"], ",.0f")
+    row("QoS 0 cross/single", medians["qos0_ratio"], ".2f", ">= 0.5", medians["qos0_ratio"] >= 0.5)
+    row("single broker QoS 1 msg/s", medians["single_qos1_msg_s"], ",.0f")
+    row("A -> B QoS 1 msg/s", medians["cross_qos1_msg_s"], ",.0f")
+    row("QoS 1 cross/single", medians["qos1_ratio"], ".2f", ">= 0.5", medians["qos1_ratio"] >= 0.5)
+    row(
+        "latency p50 single / A->B ms",
+        medians["cross_p50_ms"],
+        ".2f",
+        f"single {medians['single_p50_ms']:.2f}",
+    )
+    row(
+        "latency p99 A->B ms",
+        medians["cross_p99_ms"],
+        ".2f",
+        "<= 3 ms",
+        medians["cross_p99_ms"] <= 3.0,
+    )
+    row("hop adds p99 ms", medians["hop_adds_p99_ms"], ".2f")
+    row("idle broker C CPU µs/msg, routed", medians["routed_idle_broker_cpu_us_qos0"], ".2f")
+    row("idle broker C CPU µs/msg, broadcast", medians["broadcast_idle_broker_cpu_us_qos0"], ".2f")
+    Console().print(table)
+    if args.out is not None:
+        args.out.write_text(json.dumps({"medians": medians, "runs": runs}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
