@@ -62,10 +62,12 @@ def _ready(http_port: int, timeout: float = 20.0) -> None:
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        with contextlib.suppress(OSError):
-            with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/readyz", timeout=1) as r:
-                if r.status == 200:
-                    return
+        with (
+            contextlib.suppress(OSError),
+            urllib.request.urlopen(f"http://127.0.0.1:{http_port}/readyz", timeout=1) as r,
+        ):
+            if r.status == 200:
+                return
         time.sleep(0.05)
     raise TimeoutError("broker not ready")
 
