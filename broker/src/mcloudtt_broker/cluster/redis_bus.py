@@ -716,35 +716,38 @@ class RedisBus:
         redis = self.redis
         assert redis is not None
         last_id = "0"  # first what was delivered to us before and not acknowledged
+        acks: list[bytes] = []
         try:
             while True:
+                # Acknowledge the last batch and ask for the next in one round trip.
+                pipe = redis.pipeline(transaction=False)
+                if acks:
+                    pipe.xack(self.k_inbox, GROUP, *acks)
+                    pipe.hset(self.k_progress, mapping={k: str(v) for k, v in self.handled.items()})
+                    pipe.xtrim(self.k_inbox, minid=acks[-1], approximate=False)
+                pipe.xreadgroup(GROUP, self.me, {self.k_inbox: last_id}, count=16, block=1000)
                 try:
-                    response = await redis.xreadgroup(
-                        GROUP, self.me, {self.k_inbox: last_id}, count=16, block=1000
-                    )
+                    results = await pipe.execute()
                 except ResponseError as error:
                     if "NOGROUP" in str(error):  # Redis restarted empty
                         await self._ensure_group(redis)
                         last_id = "0"
+                        acks = []
                         continue
                     raise
+                acks = []
+                response = results[-1]
                 entries = response[0][1] if response else []
                 if not entries:
                     if last_id == "0":
                         last_id = ">"
                     continue
                 self.stats["inbox_reads"] += 1
-                for entry in entries:
-                    self._handle_entry(entry[1])
+                for entry_id, fields in entries:
+                    self._handle_entry(fields)
+                    acks.append(entry_id)
                     # Let deliveries flush to subscribers between batches.
                     await asyncio.sleep(0)
-                ids = [entry_id for entry_id, _ in entries]
-                pipe = redis.pipeline(transaction=False)
-                pipe.xack(self.k_inbox, GROUP, *ids)
-                if self.handled:
-                    pipe.hset(self.k_progress, mapping={k: str(v) for k, v in self.handled.items()})
-                pipe.xtrim(self.k_inbox, minid=ids[-1], approximate=False)
-                await pipe.execute()
         except (RedisError, OSError) as error:
             self._link_lost(error)
 
