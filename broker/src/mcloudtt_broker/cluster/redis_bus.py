@@ -723,7 +723,8 @@ class RedisBus:
                 pipe = redis.pipeline(transaction=False)
                 if acks:
                     pipe.xack(self.k_inbox, GROUP, *acks)
-                    pipe.hset(self.k_progress, mapping={k: str(v) for k, v in self.handled.items()})
+                    if self.handled:
+                        pipe.hset(self.k_progress, mapping={k: str(v) for k, v in self.handled.items()})
                     pipe.xtrim(self.k_inbox, minid=acks[-1], approximate=False)
                 pipe.xreadgroup(GROUP, self.me, {self.k_inbox: last_id}, count=16, block=1000)
                 try:
