@@ -1,0 +1,5 @@
+"""`python -m mcloudtt_adapter`."""
+
+from .cli import main
+
+main()

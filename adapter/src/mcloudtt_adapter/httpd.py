@@ -1,0 +1,57 @@
+"""HTTP for probes and Prometheus: /healthz, /readyz, /metrics (and /report when it can)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+
+Handler = Callable[[], Awaitable[tuple[str, bytes, str]]]
+
+
+class HttpServer:
+    def __init__(self, routes: dict[str, Handler]) -> None:
+        self.routes = routes
+        self._server: asyncio.Server | None = None
+        self.port = 0
+
+    async def start(self, host: str, port: int) -> None:
+        self._server = await asyncio.start_server(self._handle, host, port, reuse_address=True)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 1.0)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5.0)
+            parts = request.split(b"\r\n", 1)[0].split()
+            path = parts[1].decode(errors="replace").split("?", 1)[0] if len(parts) >= 2 else ""
+            handler = self.routes.get(path)
+            if handler is None:
+                status, body, ctype = "404 Not Found", b"not found\n", "text/plain; charset=utf-8"
+            else:
+                try:
+                    status, body, ctype = await handler()
+                except Exception as error:  # a probe must answer, whatever broke
+                    status = "500 Internal Server Error"
+                    body = f"{type(error).__name__}: {error}\n".encode()
+                    ctype = "text/plain; charset=utf-8"
+            head = (
+                f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+            )
+            writer.write(head.encode() + body)
+            await writer.drain()
+        except (
+            asyncio.IncompleteReadError,
+            asyncio.LimitOverrunError,
+            TimeoutError,
+            ConnectionError,
+        ):
+            pass
+        finally:
+            writer.close()

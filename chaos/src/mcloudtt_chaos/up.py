@@ -1,0 +1,235 @@
+"""`mcloudtt up`: the whole system on one machine.
+
+Redis (the system's redis-server, else a bundled one), three brokers clustered through it, the
+adapter writing what flows through the cluster into DuckDB, a simulated fleet driving the
+brokers, and a live view of all of it. Ctrl-C (or --seconds) stops the fleet, lets the adapter
+drain, stops brokers and Redis, and writes the HTML report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+
+from .local import LocalCluster, executable, free_port, scrape, workdir
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="mcloudtt", description="MCloudTT on one machine.")
+    sub = parser.add_subparsers(dest="command")
+    up = sub.add_parser("up", help="Redis, brokers, adapter, fleet and a live view")
+    up.add_argument("--brokers", type=int, default=3, help="brokers in the cluster (default 3)")
+    up.add_argument("--base-port", type=int, default=1883, help="MQTT port of the first broker")
+    up.add_argument("--http-port", type=int, default=8080, help="HTTP port of the first broker")
+    up.add_argument("--scenario", default="smart-building", help="simulator scenario")
+    up.add_argument("--devices", type=int, default=300, help="simulated devices (0: no fleet)")
+    up.add_argument("--seconds", type=float, default=0, help="stop after this long (0: at Ctrl-C)")
+    up.add_argument("--duckdb", type=Path, default=Path("reports/mcloudtt.duckdb"))
+    up.add_argument("--report", type=Path, default=Path("reports/report.html"))
+    up.add_argument(
+        "--workdir", type=Path, default=None, help="logs and Redis data (default: a temp dir)"
+    )
+    up.add_argument("--no-adapter", action="store_true", help="do not run the adapter")
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        raise SystemExit(2)
+    if args.brokers < 1:
+        parser.error("--brokers must be at least 1")
+    return args
+
+
+def _rate(now: dict[str, float], before: dict[str, float], key: str, seconds: float) -> float:
+    return max(0.0, (now.get(key, 0.0) - before.get(key, 0.0)) / seconds) if seconds > 0 else 0.0
+
+
+def _sum(values: dict[str, float], prefix: str) -> float:
+    return sum(v for k, v in values.items() if k.startswith(prefix))
+
+
+def view(
+    cluster: LocalCluster,
+    adapter_http: int | None,
+    previous: dict[str, dict[str, float]],
+    elapsed: float,
+    interval: float,
+) -> Group:
+    brokers = Table(title=f"MCloudTT on this machine — {elapsed:,.0f} s", expand=False)
+    for column in (
+        "broker",
+        "MQTT",
+        "clients",
+        "in msg/s",
+        "out msg/s",
+        "Redis link",
+        "peers",
+        "retained",
+    ):
+        brokers.add_column(column, justify="right" if column not in ("broker", "MQTT") else "left")
+    for service in cluster.services:
+        if not service.name.startswith("broker-") or service.http_port is None:
+            continue
+        now = scrape(service.http_port)
+        now["in"] = _sum(now, "mcloudtt_messages_received_total")
+        now["out"] = _sum(now, "mcloudtt_messages_sent_total")
+        before = previous.get(service.name, now)
+        previous[service.name] = now
+        link = now.get("mcloudtt_cluster_link_up")
+        brokers.add_row(
+            service.name,
+            f"127.0.0.1:{service.port}",
+            f"{now.get('mcloudtt_connections', 0):,.0f}" if now else "down",
+            f"{_rate(now, before, 'in', interval):,.0f}",
+            f"{_rate(now, before, 'out', interval):,.0f}",
+            "up" if link == 1 else "down" if link == 0 else "?",
+            f"{now.get('mcloudtt_cluster_peers', 0):.0f}",
+            f"{now.get('mcloudtt_retained_messages', 0):,.0f}",
+        )
+    parts: list[Table] = [brokers]
+    if adapter_http is not None:
+        now = scrape(adapter_http)
+        for name in ("rows_out_total", "pending", "lag_seconds", "sink_errors_total"):
+            now[name] = _sum(now, f"mcloudtt_adapter_{name}")
+        before = previous.get("adapter", now)
+        previous["adapter"] = now
+        adapter = Table(title="adapter → DuckDB")
+        for column in ("rows stored", "rows/s", "pending", "lag s", "sink errors"):
+            adapter.add_column(column, justify="right")
+        adapter.add_row(
+            f"{now['rows_out_total']:,.0f}",
+            f"{_rate(now, before, 'rows_out_total', interval):,.0f}",
+            f"{now['pending']:,.0f}",
+            f"{now['lag_seconds']:.3f}",
+            f"{now['sink_errors_total']:,.0f}",
+        )
+        parts.append(adapter)
+    return Group(*parts)
+
+
+def up(args: argparse.Namespace) -> int:
+    console = Console()
+    folder = workdir(args.workdir)
+    cluster = LocalCluster(
+        folder, brokers=args.brokers, base_port=args.base_port, base_http_port=args.http_port
+    )
+    stop_requested = False
+
+    def request_stop(signum: int, frame: object) -> None:
+        nonlocal stop_requested
+        stop_requested = True
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    adapter_http: int | None = None
+    sim = None
+    try:
+        console.print(f"[bold]starting[/] Redis and {args.brokers} brokers (logs in {folder})")
+        cluster.start_redis()
+        cluster.start_brokers("--tap-stream", "mcloudtt:tap", "--sys-interval", "5")
+        endpoints = [
+            f"127.0.0.1:{s.port}" for s in cluster.services if s.name.startswith("broker-")
+        ]
+        if not args.no_adapter:
+            args.duckdb.parent.mkdir(parents=True, exist_ok=True)
+            adapter_http = free_port()
+            cluster.start(
+                "adapter",
+                [
+                    executable("mcloudtt-adapter"),
+                    "run",
+                    "--redis",
+                    cluster.redis_url,
+                    "--redis-mode",
+                    "stream",
+                    "--tap-stream",
+                    "mcloudtt:tap",
+                    "--duckdb",
+                    str(args.duckdb),
+                    "--http",
+                    f"127.0.0.1:{adapter_http}",
+                ],
+                http_port=adapter_http,
+            )
+        if args.devices > 0:
+            seconds = args.seconds if args.seconds > 0 else 365 * 24 * 3600.0
+            command = [
+                executable("mcloudtt-sim"),
+                "run",
+                "--scenario",
+                args.scenario,
+                "--devices",
+                str(args.devices),
+                "--seconds",
+                str(seconds),
+            ]
+            for endpoint in endpoints:
+                command += ["--broker", endpoint]
+            sim = cluster.start("simulator", command)
+        console.print(
+            "MQTT: "
+            + ", ".join(endpoints)
+            + "   metrics: "
+            + ", ".join(
+                f"http://127.0.0.1:{s.http_port}/metrics"
+                for s in cluster.services
+                if s.name.startswith("broker-")
+            )
+        )
+        console.print("[dim]Ctrl-C stops everything and writes the report.[/]")
+        started = time.monotonic()
+        previous: dict[str, dict[str, float]] = {}
+        interval = 1.0
+        with Live(
+            view(cluster, adapter_http, previous, 0, interval),
+            console=console,
+            refresh_per_second=2,
+            transient=False,
+        ) as live:
+            while not stop_requested:
+                time.sleep(interval)
+                elapsed = time.monotonic() - started
+                live.update(view(cluster, adapter_http, previous, elapsed, interval))
+                dead = [s.name for s in cluster.services if not s.alive() and s is not sim]
+                if dead:
+                    console.print(
+                        f"[red]stopped unexpectedly:[/] {', '.join(dead)} (see logs in {folder})"
+                    )
+                    break
+                if args.seconds and elapsed >= args.seconds:
+                    break
+    finally:
+        console.print("[bold]stopping[/]: fleet, adapter (drains), brokers, Redis")
+        cluster.stop()
+    if not args.no_adapter and args.duckdb.exists():
+        args.report.parent.mkdir(parents=True, exist_ok=True)
+        result = subprocess.run(
+            [
+                executable("mcloudtt-adapter"),
+                "report",
+                "--duckdb",
+                str(args.duckdb),
+                "--out",
+                str(args.report),
+            ],
+            check=False,
+        )
+        if result.returncode == 0:
+            console.print(f"report: {args.report.resolve()}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    sys.exit(up(args))
+
+
+if __name__ == "__main__":
+    main()

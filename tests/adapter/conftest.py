@@ -1,0 +1,78 @@
+"""Fixtures for the adapter tests: brokers, adapter processes, the BigQuery emulator."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterator
+
+import pytest
+from brokerproc import BrokerProcess
+
+from .helpers import AdapterProcess, BigQueryEmulator, Publisher, install_bqemulator
+
+
+def _stop_broker(b: BrokerProcess) -> None:
+    b.stop()
+    if b.proc is not None and b.proc.stdout is not None:
+        b.proc.stdout.close()  # else a ResourceWarning fails the run (filterwarnings = error)
+
+
+@pytest.fixture
+def mqtt_broker() -> Iterator[Callable[..., BrokerProcess]]:
+    """`mqtt_broker("--max-queued-messages", "5000")`: a real mcloudtt-broker (quiet logs)."""
+    started: list[BrokerProcess] = []
+
+    def start(*args: str) -> BrokerProcess:
+        b = BrokerProcess("--log-level", "warning", "--sys-interval", "0", *args).start()
+        started.append(b)
+        return b
+
+    yield start
+    for b in started:
+        _stop_broker(b)
+
+
+@pytest.fixture
+def adapter_process() -> Iterator[Callable[..., AdapterProcess]]:
+    """`adapter_process("--mqtt", "127.0.0.1:1883", "--duckdb", path)`: started and ready."""
+    made: list[AdapterProcess] = []
+
+    def start(*args: str, ready: bool = True, env: dict[str, str] | None = None) -> AdapterProcess:
+        a = AdapterProcess(*args, env=env)
+        made.append(a)
+        return a.start(ready=ready)
+
+    yield start
+    for a in made:
+        a.close()
+
+
+@pytest.fixture
+def publisher() -> Iterator[Callable[..., Publisher]]:
+    made: list[Publisher] = []
+
+    def make(port: int, client_id: str = "", version: int = 5) -> Publisher:
+        p = Publisher(port, client_id, version)
+        made.append(p)
+        return p
+
+    yield make
+    for p in made:
+        p.close()
+
+
+@pytest.fixture
+def uid(request: pytest.FixtureRequest) -> str:
+    return "t" + hashlib.sha1(request.node.nodeid.encode()).hexdigest()[:10]
+
+
+@pytest.fixture(scope="session")
+def bigquery_emulator() -> Iterator[BigQueryEmulator]:
+    """bqemulator 1.4.0 in its own venv (installed once into the cache), on free ports."""
+    try:
+        exe, home = install_bqemulator()
+    except Exception as error:  # no registry, no uv, no wheel for this platform
+        pytest.skip(f"the BigQuery emulator could not be installed: {error}")
+    emulator = BigQueryEmulator(exe, home).start()
+    yield emulator
+    emulator.stop()

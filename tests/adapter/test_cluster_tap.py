@@ -1,0 +1,67 @@
+"""Real brokers in a Redis cluster write the tap; the adapter reads it into DuckDB."""
+
+from __future__ import annotations
+
+import signal
+
+import duckdb
+import orjson
+
+from .helpers import wait_until
+
+
+def test_two_brokers_tap_stream_into_duckdb(
+    tmp_path, redis_server, mqtt_broker, adapter_process, publisher
+) -> None:
+    brokers = [
+        mqtt_broker("--redis", redis_server.url, "--id", name, "--tap-stream", "mcloudtt:tap")
+        for name in ("broker-a", "broker-b")
+    ]
+    db = tmp_path / "tap.duckdb"
+    adapter = adapter_process(
+        "--redis", redis_server.url, "--duckdb", str(db), "--consumer", "tap-1"
+    )
+    for b in brokers:
+        wait_until(lambda b=b: b.http_get("/readyz")[0] == 200, 15)
+    pubs = [publisher(b.port, f"dev-{i}") for i, b in enumerate(brokers)]
+    for i in range(60):
+        pubs[i % 2].publish(
+            f"devices/d{i % 6}/env", orjson.dumps({"seq": i, "temp": 20 + i % 5}), qos=i % 2
+        )
+    wait_until(lambda: adapter.metric("mcloudtt_adapter_rows_out_total", sink="duckdb") >= 60, 20)
+    assert adapter.stop(signal.SIGTERM) == 0, adapter.log()
+    with duckdb.connect(str(db), read_only=True) as con:
+        rows = con.execute(
+            "SELECT message_id, broker_id, client_id, source, device_id, qos, payload FROM messages"
+        ).fetchall()
+    assert len(rows) == 60  # each publish once: the tap is written by the accepting broker only
+    assert len({r[0] for r in rows}) == 60
+    assert {r[1] for r in rows} == {"broker-a", "broker-b"}
+    assert {r[2] for r in rows} == {"dev-0", "dev-1"}
+    assert {r[3] for r in rows} == {"stream"}
+    assert sorted(orjson.loads(r[6])["seq"] for r in rows) == list(range(60))
+    by_seq = {orjson.loads(r[6])["seq"]: r for r in rows}
+    assert by_seq[1][5] == 1 and by_seq[2][5] == 0
+    assert by_seq[7][4] == "d1"
+
+
+def test_broadcast_channel_into_duckdb(
+    tmp_path, redis_server, mqtt_broker, adapter_process, publisher
+) -> None:
+    broker = mqtt_broker(
+        "--redis", redis_server.url, "--id", "broker-c", "--cluster-mode", "broadcast"
+    )
+    wait_until(lambda: broker.http_get("/readyz")[0] == 200, 15)
+    db = tmp_path / "sync.duckdb"
+    adapter = adapter_process(
+        "--redis", redis_server.url, "--redis-mode", "pubsub", "--duckdb", str(db)
+    )
+    pub = publisher(broker.port, "dev-sync")
+    for i in range(30):
+        pub.publish(f"devices/d{i % 3}/env", orjson.dumps({"seq": i}))
+    wait_until(lambda: adapter.metric("mcloudtt_adapter_rows_out_total", sink="duckdb") >= 30, 20)
+    assert adapter.stop(signal.SIGTERM) == 0, adapter.log()
+    with duckdb.connect(str(db), read_only=True) as con:
+        got = con.execute("SELECT DISTINCT broker_id, source FROM messages").fetchall()
+        count = con.execute("SELECT COUNT(*) FROM messages").fetchone()
+    assert got == [("broker-c", "pubsub")] and count == (30,)
