@@ -1,0 +1,346 @@
+"""The process contract: options, environment, config file, HTTP endpoints, $SYS, signals."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+from brokerproc import TARGET, broker_command, free_port, wait_for_port
+
+from .clients import mcloudtt_only
+from .mqttraw import (
+    DISCONNECT,
+    MAXIMUM_PACKET_SIZE,
+    PUBACK,
+    TOPIC_ALIAS_MAXIMUM,
+    Packet,
+    RawClient,
+    ack,
+)
+
+MOSQUITTO = TARGET == "mosquitto"
+
+
+@contextmanager
+def started(
+    *args: str, env: dict[str, str] | None = None, port: int
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Run the broker with exactly these arguments until the block ends."""
+    full_env = {**os.environ, **(env or {})}
+    proc = subprocess.Popen(
+        [*broker_command(), *args],
+        env=full_env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_port(port, proc=proc)
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def connack_props(port: int) -> Packet:
+    with RawClient(port) as c:
+        connack = c.connect("cli-check")
+        assert connack.code == 0
+        c.disconnect()
+        return connack
+
+
+# -- bad command lines -----------------------------------------------------------------------------
+
+# name -> (arguments, environment, config file text or None, what the one line must name)
+BAD: dict[str, tuple[list[str], dict[str, str], str | None, str]] = {
+    "unknown-option": (["--no-such-option"], {}, None, "--no-such-option"),
+    "not-a-number": (["--max-packet-size", "lots"], {}, None, "max-packet-size"),
+    "port-out-of-range": (["--bind", "127.0.0.1:99999"], {}, None, "bind"),
+    "env-value": ([], {"MCLOUDTT_MAX_PACKET_SIZE": "lots"}, None, "MCLOUDTT_MAX_PACKET_SIZE"),
+    "toml-syntax": ([], {}, 'bind = ["127.0.0.1:1"\nmax-packet-size = ', "broker.toml"),
+    "toml-unknown-key": ([], {}, "no-such-key = 1\n", "no-such-key"),
+    "config-missing": (["--config", "/nonexistent/nope.toml"], {}, None, "nope.toml"),
+}
+
+
+@pytest.fixture(scope="module")
+def bad_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[int, str]]:
+    """Every BAD command line, run at once (each start costs a second of imports)."""
+    if MOSQUITTO:
+        pytest.skip("mcloudtt-specific contract")
+    procs = {}
+    for name, (args, env, toml, _) in BAD.items():
+        if toml is not None:
+            cfg = tmp_path_factory.mktemp(name) / "broker.toml"
+            cfg.write_text(toml)
+            args = [*args, "--config", str(cfg)]
+        procs[name] = subprocess.Popen(
+            [*broker_command(), *args],
+            env={**os.environ, **env},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+    results = {}
+    for name, proc in procs.items():
+        try:
+            _, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:  # it started instead of refusing
+            proc.kill()
+            _, err = proc.communicate()
+        results[name] = (proc.returncode, err)
+    return results
+
+
+@pytest.mark.parametrize("name", list(BAD))
+def test_bad_configuration_one_line_exit_2(bad_runs, name):
+    code, err = bad_runs[name]
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 2, (code, err)
+    assert len(lines) == 1, f"want exactly one line on stderr, got:\n{err}"
+    assert BAD[name][3] in lines[0], f"{BAD[name][3]!r} not named in: {lines[0]}"
+
+
+# -- configuration sources -------------------------------------------------------------------------
+
+
+@mcloudtt_only
+def test_repeated_bind_listens_on_each():
+    p1, p2, http = free_port(), free_port(), free_port()
+    with started(
+        "--bind",
+        f"127.0.0.1:{p1}",
+        "--bind",
+        f"127.0.0.1:{p2}",
+        "--http",
+        f"127.0.0.1:{http}",
+        port=p1,
+    ):
+        wait_for_port(p2)
+        for p in (p1, p2):
+            assert connack_props(p).code == 0
+
+
+@mcloudtt_only
+def test_environment_variables_configure_the_broker():
+    p1, p2, http = free_port(), free_port(), free_port()
+    env = {
+        "MCLOUDTT_BIND": f"127.0.0.1:{p1},127.0.0.1:{p2}",
+        "MCLOUDTT_HTTP": f"127.0.0.1:{http}",
+        "MCLOUDTT_MAX_PACKET_SIZE": "2048",
+        "MCLOUDTT_TOPIC_ALIAS_MAXIMUM": "7",
+    }
+    with started(env=env, port=p1):
+        wait_for_port(p2)
+        ack = connack_props(p2)
+        assert ack.prop(MAXIMUM_PACKET_SIZE) == 2048
+        assert ack.prop(TOPIC_ALIAS_MAXIMUM) == 7
+        wait_for_port(http)
+
+
+@mcloudtt_only
+def test_config_file_with_dashes_and_underscores(tmp_path):
+    port, http = free_port(), free_port()
+    cfg = tmp_path / "broker.toml"
+    cfg.write_text(
+        f'bind = ["127.0.0.1:{port}"]\n'
+        f'http = "127.0.0.1:{http}"\n'
+        "max-packet-size = 4096\n"
+        "topic_alias_maximum = 9\n"
+        'log-level = "debug"\n'
+    )
+    with started("--config", str(cfg), port=port):
+        ack = connack_props(port)
+        assert ack.prop(MAXIMUM_PACKET_SIZE) == 4096
+        assert ack.prop(TOPIC_ALIAS_MAXIMUM) == 9
+
+
+# -- HTTP endpoints and metrics --------------------------------------------------------------------
+
+
+@mcloudtt_only
+def test_health_and_readiness(mq):
+    broker = mq
+    assert broker.http_get("/healthz")[0] == 200
+    assert broker.http_get("/readyz")[0] == 200
+    assert broker.http_get("/no-such-page")[0] == 404
+
+
+METRICS = {
+    "mcloudtt_connections": "gauge",
+    "mcloudtt_connections_total": "counter",
+    "mcloudtt_messages_received_total": "counter",
+    "mcloudtt_messages_sent_total": "counter",
+    "mcloudtt_bytes_received_total": "counter",
+    "mcloudtt_bytes_sent_total": "counter",
+    "mcloudtt_messages_dropped_total": "counter",
+    "mcloudtt_inflight_messages": "gauge",
+    "mcloudtt_queued_messages": "gauge",
+    "mcloudtt_retained_messages": "gauge",
+    "mcloudtt_subscriptions": "gauge",
+    "mcloudtt_sessions": "gauge",
+}
+
+
+@mcloudtt_only
+def test_metrics_exposition_declares_every_metric(mq):
+    broker = mq
+    status, text = broker.http_get("/metrics")
+    assert status == 200
+    types = {}
+    for line in text.splitlines():
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split()
+            types[name] = kind
+    # Prometheus text format: counters may be declared with or without the _total suffix
+    for name, kind in METRICS.items():
+        declared = types.get(name) or types.get(name.removesuffix("_total"))
+        assert declared == kind, f"{name}: {declared}"
+
+
+@mcloudtt_only
+def test_metrics_follow_traffic(broker, raw):
+    m = broker.metric
+    assert m("mcloudtt_connections") == 0
+    sub = raw(broker.port)
+    sub.connect("msub")
+    sub.subscribe(("mt/#", 1), ("mz/zero", 0))
+    pub = raw(broker.port)
+    pub.connect("mpub")
+    assert m("mcloudtt_connections") == 2
+    assert m("mcloudtt_connections_total") == 2
+    assert m("mcloudtt_subscriptions") == 2
+
+    pub.publish("mt/one", b"x" * 100, qos=1)
+    delivered = sub.next_publish(ack_it=False)
+    assert m("mcloudtt_messages_received_total", qos="1") == 1
+    assert m("mcloudtt_messages_sent_total", qos="1") == 1
+    assert m("mcloudtt_inflight_messages") == 1  # not acknowledged yet
+    sub.send(ack(PUBACK, delivered.packet_id))
+    pub.publish("mz/zero", b"z", qos=0)
+    pub.publish("mt/two", b"t", qos=2, retain=True)
+    assert [p.topic for p in sub.publishes(2)] == ["mz/zero", "mt/two"]
+    assert m("mcloudtt_inflight_messages") == 0
+    assert m("mcloudtt_messages_received_total", qos="0") == 1
+    assert m("mcloudtt_messages_received_total", qos="2") == 1
+    assert m("mcloudtt_retained_messages") == 1
+    assert m("mcloudtt_bytes_received_total") > 100
+    assert m("mcloudtt_bytes_sent_total") > 100
+
+    sub.disconnect()
+    pub.disconnect()
+    assert m("mcloudtt_connections") == 0
+    assert m("mcloudtt_connections_total") == 2
+    assert m("mcloudtt_subscriptions") == 0
+    assert m("mcloudtt_sessions") == 0
+
+
+# -- $SYS --------------------------------------------------------------------------------------
+
+SYS_TOPICS = [
+    "$SYS/broker/clients/connected",
+    "$SYS/broker/messages/received",
+    "$SYS/broker/messages/sent",
+    "$SYS/broker/uptime",
+]
+
+
+def _number(payload: bytes) -> int:
+    return int(payload.split()[0])  # Mosquitto says "12 seconds", a bare number is fine too
+
+
+def test_sys_topics_retained(shared_broker, raw):
+    b = shared_broker() if MOSQUITTO else shared_broker("--sys-interval", "1")
+
+    def first_of_each(cid: str) -> dict[str, Packet]:
+        c = raw(b.port)
+        c.connect(cid)
+        c.subscribe(*[(t, 0) for t in SYS_TOPICS])
+        seen: dict[str, Packet] = {}
+        deadline = time.monotonic() + 5
+        while len(seen) < len(SYS_TOPICS):
+            p = c.next_publish(timeout=max(0.0, deadline - time.monotonic()))
+            seen.setdefault(p.topic, p)
+        return seen
+
+    first_of_each("sys1")  # they exist (published at start or within one interval)
+    seen = first_of_each("sys2")  # so a later subscriber gets the stored copies at once
+    assert sorted(seen) == sorted(SYS_TOPICS)
+    for p in seen.values():
+        assert p.retain, p
+        assert _number(p.payload) >= 0
+
+
+@mcloudtt_only
+def test_sys_topics_updated_every_interval(shared_broker, raw):
+    b = shared_broker("--sys-interval", "1")
+    c = raw(b.port)
+    c.connect("sys")
+    c.subscribe(*[(t, 0) for t in SYS_TOPICS])
+    c.publish("sysx/x", b"")  # matched by nothing; still a received message
+    latest: dict[str, list[int]] = {}
+    deadline = time.monotonic() + 6
+    while time.monotonic() < deadline:
+        p = c.next_publish(timeout=max(0.1, deadline - time.monotonic()))
+        latest.setdefault(p.topic, []).append(_number(p.payload))
+        if all(len(latest.get(t, [])) >= 3 for t in SYS_TOPICS):
+            break
+    uptimes = latest["$SYS/broker/uptime"]
+    assert len(uptimes) >= 3 and uptimes[-1] > uptimes[0]  # republished, and counting
+    assert latest["$SYS/broker/clients/connected"][-1] >= 1
+    assert latest["$SYS/broker/messages/received"][-1] >= 1
+
+
+# -- signals ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["TERM", "INT"])
+def test_signal_drains_and_exits_zero(broker, raw, sig):
+    v5 = raw(broker.port)
+    v5.connect("v5")
+    v4 = raw(broker.port, version=4)
+    v4.connect("v4", version=4)
+    t0 = time.monotonic()
+    broker.signal(sig)
+    got5 = v5.closed(timeout=8)
+    got4 = v4.closed(timeout=8)
+    assert broker.proc.wait(10) == 0
+    assert time.monotonic() - t0 < 10
+    if MOSQUITTO:  # Mosquitto 2.0.11 just closes
+        assert all(p.type == DISCONNECT and p.code == 0x8B for p in got5), got5
+    else:
+        assert [(p.type, p.code) for p in got5] == [(DISCONNECT, 0x8B)]  # Server shutting down
+    assert got4 == []  # 3.1.1 has no server DISCONNECT
+
+
+@mcloudtt_only
+def test_drain_refuses_newcomers_and_is_bounded_by_drain_timeout(broker_factory, raw):
+    b = broker_factory("--drain-timeout", "1")
+    stuck = raw(b.port, rcvbuf=4096)  # never reads: its undelivered data keeps the drain busy
+    stuck.connect("stuck")
+    stuck.subscribe(("drain/#", 1))
+    pub = raw(b.port)
+    pub.connect("pub")
+    for _ in range(100):
+        pub.publish("drain/x", b"y" * 16_000, qos=1)  # far more than the stuck socket holds
+    t0 = time.monotonic()
+    b.signal(signal.SIGTERM)
+    refused = False
+    while not refused and time.monotonic() - t0 < 1.5:
+        try:
+            with RawClient(b.port, timeout=1) as c:
+                refused = c.connect("late").code != 0
+        except (OSError, AssertionError):  # refused, reset, or closed without a CONNACK
+            refused = True
+    assert refused  # stop accepting first
+    assert b.proc.wait(8) == 0
+    assert time.monotonic() - t0 <= 1 + 2.0  # the drain timeout, plus the exit itself
