@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import redis.asyncio as aioredis
 from mcloudtt_broker.cluster.envelope import EnvelopeError, unpack_envelope
+from mcloudtt_broker.config import redact_url
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -185,13 +186,13 @@ class RedisStreamSource:
                 if self._stopping:
                     break
                 delay = backoff.next()
-                log.warning("redis %s: %s; retrying in %.1fs", self.url, error, delay)
+                log.warning("redis %s: %s; retrying in %.1fs", redact_url(self.url), error, delay)
                 await asyncio.sleep(delay)
             except ResponseError as error:
                 self._connected = False
                 if self._stopping:
                     break
-                log.warning("redis %s: %s", self.url, error)
+                log.warning("redis %s: %s", redact_url(self.url), error)
                 await asyncio.sleep(backoff.next())
 
     async def _setup(self) -> None:
@@ -374,7 +375,7 @@ class RedisPubSubSource:
                 if self._stopping:
                     break
                 delay = backoff.next()
-                log.warning("redis %s: %s; retrying in %.1fs", self.url, error, delay)
+                log.warning("redis %s: %s; retrying in %.1fs", redact_url(self.url), error, delay)
                 await asyncio.sleep(delay)
             finally:
                 if pubsub is not None:

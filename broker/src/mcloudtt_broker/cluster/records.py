@@ -25,7 +25,11 @@ class InboxError(ValueError):
 def encode_record(envelope: bytes, plain: bool, groups: Sequence[str]) -> bytes:
     if not groups:  # the common case, on the hot path
         return b"".join(
-            ((len(envelope) + 2).to_bytes(4, "big"), b"\x01\x00" if plain else b"\x00\x00", envelope)
+            (
+                (len(envelope) + 2).to_bytes(4, "big"),
+                b"\x01\x00" if plain else b"\x00\x00",
+                envelope,
+            )
         )
     parts = [b"", bytes((PLAIN if plain else 0, len(groups)))]
     for key in groups:

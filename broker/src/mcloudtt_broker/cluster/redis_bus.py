@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
+from ..config import redact_url
 from ..core.message import Message
 from ..mqtt.properties import EMPTY_PROPERTIES
 from .envelope import EnvelopeError, EnvelopeFields, pack_envelope, unpack_envelope
@@ -65,6 +66,12 @@ FLUSH_BATCH = 4096
 # redis-py's annotations describe every response shape at once (RESP2 and RESP3, bytes or str);
 # we use bytes responses throughout and check shapes where they are read.
 RedisClient = Any
+
+
+def _stream_id(raw: bytes | str) -> tuple[int, int]:
+    text = raw.decode() if isinstance(raw, bytes) else raw
+    milliseconds, _, sequence = text.partition("-")
+    return int(milliseconds), int(sequence or 0)
 
 
 class DuplicateBrokerId(RuntimeError):
@@ -131,6 +138,8 @@ class RedisBus:
         self._closing = False
         self._handovers: dict[str, asyncio.Future[None]] = {}
         self._locating: set[asyncio.Task[None]] = set()
+        self._inbox_position: tuple[int, int] = (0, 0)  # id of the last inbox entry handled
+        self._control_tasks: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -420,7 +429,7 @@ class RedisBus:
                 return
             if time.monotonic() > deadline:
                 raise DuplicateBrokerId(
-                    f"broker id {self.me!r} is already live in the cluster at {self.settings.url}; "
+                    f"broker id {self.me!r} is already live in the cluster at {redact_url(self.settings.url)}; "
                     "give each broker a unique --id"
                 )
             await asyncio.sleep(0.25)
@@ -559,6 +568,8 @@ class RedisBus:
         holder = previous.decode() if previous is not None else None
         if holder is None or holder == self.me or holder not in self.live_peers:
             return None
+        # What we already forwarded to the holder must reach it before it snapshots the session.
+        await self._drain_outbound()
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._handovers[client_id] = waiter
         await redis.publish(
@@ -572,14 +583,36 @@ class RedisBus:
             return None
         return decode_snapshot(data, self.broker.clock)
 
+    async def _drain_outbound(self) -> None:
+        """Return once everything forwarded so far has been written to Redis."""
+        while self.connected:
+            task = self._flush_task
+            if task is not None and not task.done():
+                await task  # a flush in progress holds items already taken from the buffer
+            elif self.outbound or self.control:
+                self._start_flush()
+            else:
+                return
+
     async def _give_up_session(self, redis: RedisClient, requester: str, argument: str) -> None:
         """A peer took one of our ClientIds: close it here and hand the session over."""
         assert self.broker is not None
         target, clean, client_id = argument.split("\x00", 2)
         if target != self.me:
             return
+        # Messages for this session that are already in our inbox belong in the snapshot.
+        info = await redis.xinfo_stream(self.k_inbox)
+        goal = _stream_id(info.get("last-generated-id", b"0-0"))
+        deadline = time.monotonic() + self.settings.handover_timeout / 2
+        while self._inbox_position < goal and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
         now = self.broker.clock()
         snapshot = self.broker.handover(client_id, clean == "1", now)
+        if snapshot is not None:
+            # The requester will announce these filters; route to it from now on, so nothing
+            # published here in between is lost.
+            for record in snapshot.subscriptions:
+                self.broker.remote_subscribe(requester, record.topic_filter)
         pipe = redis.pipeline(transaction=False)
         if snapshot is not None:
             pipe.set(
@@ -689,7 +722,10 @@ class RedisBus:
         elif op == "gone":
             self._peer_gone(peer)
         elif op == "handover":
-            await self._give_up_session(redis, peer, argument)
+            # In its own task: it waits for our inbox, which must not hold up control messages.
+            task = asyncio.ensure_future(self._give_up_session(redis, peer, argument))
+            self._control_tasks.add(task)
+            task.add_done_callback(self._control_tasks.discard)
         elif op == "handed":
             requester, _, client_id = argument.partition("\x00")
             waiter = self._handovers.get(client_id) if requester == self.me else None
@@ -724,7 +760,9 @@ class RedisBus:
                 if acks:
                     pipe.xack(self.k_inbox, GROUP, *acks)
                     if self.handled:
-                        pipe.hset(self.k_progress, mapping={k: str(v) for k, v in self.handled.items()})
+                        pipe.hset(
+                            self.k_progress, mapping={k: str(v) for k, v in self.handled.items()}
+                        )
                     pipe.xtrim(self.k_inbox, minid=acks[-1], approximate=False)
                 pipe.xreadgroup(GROUP, self.me, {self.k_inbox: last_id}, count=16, block=1000)
                 try:
@@ -747,6 +785,7 @@ class RedisBus:
                 for entry_id, fields in entries:
                     self._handle_entry(fields)
                     acks.append(entry_id)
+                    self._inbox_position = _stream_id(entry_id)
                     # Let deliveries flush to subscribers between batches.
                     await asyncio.sleep(0)
         except (RedisError, OSError) as error:
