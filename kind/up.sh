@@ -1,0 +1,105 @@
+#!/usr/bin/env bash
+# MCloudTT on a local kind cluster: create the cluster (kind/cluster.yaml) unless it exists,
+# build the broker and adapter images, load them into the nodes, create the Redis password
+# Secret (once), apply kind/overlays/kind and wait until Redis, the brokers and the adapter are
+# ready. Idempotent: run it again after a code change to rebuild and roll the pods.
+#
+#   kind/up.sh [--skip-build] [--timeout SECONDS]
+#
+# Needs docker (a running daemon), kind >= 0.24 and kubectl. Environment:
+#   KIND_CLUSTER_NAME  cluster name (default mcloudtt)
+#   DOCKER             docker-compatible CLI (default docker; e.g. podman)
+# MQTT is then on 127.0.0.1:1883 and MQTT over WebSocket on 127.0.0.1:8083 (stop any local
+# broker on those ports first). kind/down.sh removes it all.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+CLUSTER=${KIND_CLUSTER_NAME:-mcloudtt}
+DOCKER=${DOCKER:-docker}
+NAMESPACE=mcloudtt
+TAG=dev # kind/base/kustomization.yaml names the images mcloudtt-broker:dev and mcloudtt-adapter:dev
+BUILD=1
+TIMEOUT=300
+
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --skip-build) BUILD=0 ;;
+        --timeout)
+            TIMEOUT=${2:?--timeout needs seconds}
+            shift
+            ;;
+        -h | --help)
+            sed -n '2,16p' "$0"
+            exit 0
+            ;;
+        *)
+            echo "kind/up.sh: unknown option $1" >&2
+            exit 2
+            ;;
+    esac
+    shift
+done
+
+say() { printf '\033[1m==> %s\033[0m\n' "$*"; }
+
+for tool in "$DOCKER" kind kubectl; do
+    if ! command -v "$tool" >/dev/null 2>&1; then
+        echo "kind/up.sh: $tool is not installed" >&2
+        exit 1
+    fi
+done
+
+if kind get clusters 2>/dev/null | grep -qx "$CLUSTER"; then
+    say "kind cluster $CLUSTER exists"
+    existed=1
+else
+    say "creating kind cluster $CLUSTER"
+    kind create cluster --name "$CLUSTER" --config kind/cluster.yaml --wait 180s
+    existed=0
+fi
+CONTEXT="kind-$CLUSTER"
+k() { kubectl --context "$CONTEXT" "$@"; }
+
+if [ "$BUILD" = 1 ]; then
+    for component in broker adapter; do
+        say "building mcloudtt-$component:$TAG"
+        "$DOCKER" build -f "$component/Dockerfile" -t "mcloudtt-$component:$TAG" .
+    done
+fi
+say "loading images into the nodes"
+kind load docker-image --name "$CLUSTER" "mcloudtt-broker:$TAG" "mcloudtt-adapter:$TAG"
+
+k apply -f kind/base/namespace.yaml
+if ! k -n "$NAMESPACE" get secret mcloudtt-redis >/dev/null 2>&1; then
+    say "creating the Redis password (Secret $NAMESPACE/mcloudtt-redis)"
+    secret_dir=$(mktemp -d)
+    trap 'rm -rf "$secret_dir"' EXIT
+    # Hex: safe inside the redis:// URL the pods build from it.
+    (umask 077 && od -An -N24 -tx1 /dev/urandom | tr -d ' \n' >"$secret_dir/password")
+    k -n "$NAMESPACE" create secret generic mcloudtt-redis --from-file=password="$secret_dir/password"
+fi
+
+say "applying kind/overlays/kind"
+k apply -k kind/overlays/kind
+
+if [ "$existed" = 1 ] && [ "$BUILD" = 1 ]; then
+    # Same tag, new image: restart so the pods pick it up.
+    k -n "$NAMESPACE" rollout restart statefulset/mcloudtt-broker deployment/mcloudtt-adapter
+fi
+
+say "waiting for Redis, the brokers and the adapter (up to ${TIMEOUT}s each)"
+k -n "$NAMESPACE" rollout status statefulset/mcloudtt-redis --timeout="${TIMEOUT}s"
+k -n "$NAMESPACE" rollout status statefulset/mcloudtt-broker --timeout="${TIMEOUT}s"
+k -n "$NAMESPACE" rollout status deployment/mcloudtt-adapter --timeout="${TIMEOUT}s"
+k -n "$NAMESPACE" get pods -o wide
+
+cat <<MSG
+
+MCloudTT is up on kind cluster $CLUSTER (kubectl context $CONTEXT).
+  MQTT:           127.0.0.1:1883    mosquitto_sub -h 127.0.0.1 -t '#' -v
+  MQTT/WebSocket: 127.0.0.1:8083
+  broker metrics: kubectl --context $CONTEXT -n $NAMESPACE port-forward mcloudtt-broker-0 8080
+  adapter:        kubectl --context $CONTEXT -n $NAMESPACE port-forward svc/mcloudtt-adapter 9100
+                  (then http://127.0.0.1:9100/report)
+Tear down with kind/down.sh.
+MSG

@@ -1,0 +1,143 @@
+"""Every option the manifests hand the broker and the adapter (arguments and MCLOUDTT_*
+variables, after Kubernetes expands $(VAR)) is one their real command lines accept, with a value
+they accept. An unknown MCLOUDTT_* variable would be ignored silently, so this is the only place
+such a mistake shows before a cluster does."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import pytest
+
+from .manifests import PASSWORD, container, example_values, find, mounts, runtime_env, under_mount
+
+pytestmark = pytest.mark.timeout(900)
+
+Docs = dict[str, list[dict[str, Any]]]
+DEPLOYED = ("base", "kind", "gke")
+
+
+def _container_ports(workload: dict[str, Any], name: str) -> set[int]:
+    return {p["containerPort"] for p in container(workload, name).get("ports", [])}
+
+
+@pytest.mark.parametrize("overlay", DEPLOYED)
+def test_broker_accepts_what_the_manifests_pass(docs: Docs, overlay: str) -> None:
+    from mcloudtt_broker.cli import build_parser
+    from mcloudtt_broker.config import OPTIONS, env_name, resolve
+    from redis.asyncio.connection import parse_url
+
+    d = docs[overlay]
+    sts = find(d, "StatefulSet", "mcloudtt-broker")
+    broker = container(sts, "broker")
+    env = runtime_env(d, sts, "broker")
+
+    known = {env_name(option.name) for option in OPTIONS} | {"MCLOUDTT_CONFIG"}
+    given = {k for k in env if k.startswith("MCLOUDTT_")}
+    assert given - known == set(), f"not broker options: {sorted(given - known)}"
+
+    try:
+        args = build_parser().parse_args(list(broker.get("args", [])))
+    except SystemExit as error:
+        pytest.fail(f"mcloudtt-broker rejects the arguments {broker.get('args')}: exit {error}")
+    values = resolve(vars(args), env, None)  # raises ConfigError on a bad value
+
+    assert values["id"] == sts["metadata"]["name"] + "-0"
+    ports = _container_ports(sts, "broker")
+    listeners = values["bind"] + values["ws-bind"] + values["tls-bind"] + [values["http"]]
+    for host, port in listeners:
+        assert host == "0.0.0.0", f"{host}:{port} is not reachable from outside the pod"
+        assert port in ports, f"listener port {port} is not a container port"
+    assert values["tap-stream"] == "mcloudtt:tap"
+
+    # The Redis URL, as redis-py will read it.
+    url = values["redis"]
+    assert url is not None and "$(" not in url, url
+    kwargs: dict[str, Any] = dict(parse_url(url))
+    assert kwargs["password"] == PASSWORD
+    mounted = mounts(sts, "broker")
+    if overlay == "gke":
+        assert url.startswith("rediss://")
+        values_env = example_values()
+        assert kwargs["host"] == values_env["REDIS_HOST"]
+        assert str(kwargs["port"]) == values_env["REDIS_PORT"]
+        ca = kwargs["ssl_ca_certs"]
+        ca_mount = under_mount(ca, list(mounted))
+        assert ca_mount, f"{ca} is not on a mounted volume"
+        assert mounted[ca_mount]["configMap"]["name"] == "mcloudtt-redis-ca"
+        for path in (values["tls-cert"], values["tls-key"]):
+            mount = under_mount(path, list(mounted))
+            assert mount and mounted[mount]["secret"]["secretName"] == "mcloudtt-broker-tls"
+    else:
+        assert url.startswith("redis://")
+        assert (kwargs["host"], kwargs["port"]) == ("mcloudtt-redis", 6379)
+        redis_service = find(d, "Service", "mcloudtt-redis")
+        assert 6379 in {p["port"] for p in redis_service["spec"]["ports"]}
+
+
+def _adapter_run_parser() -> argparse.ArgumentParser:
+    from mcloudtt_adapter.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    run: argparse.ArgumentParser = sub.choices["run"]
+    return run
+
+
+@pytest.mark.parametrize("overlay", DEPLOYED)
+def test_adapter_accepts_what_the_manifests_pass(
+    docs: Docs, overlay: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mcloudtt_adapter import cli
+
+    d = docs[overlay]
+    dep = find(d, "Deployment", "mcloudtt-adapter")
+    adapter = container(dep, "adapter")
+    env = runtime_env(d, dep, "adapter")
+
+    options = {
+        opt[2:]
+        for action in _adapter_run_parser()._actions
+        for opt in action.option_strings
+        if opt.startswith("--") and opt != "--help"
+    }
+    known = {"MCLOUDTT_ADAPTER_" + o.upper().replace("-", "_") for o in options}
+    given = {k for k in env if k.startswith("MCLOUDTT_")}
+    assert given - known == set(), f"not adapter options: {sorted(given - known)}"
+
+    # The adapter reads its variables while it builds its parser: set exactly these.
+    import os
+
+    for key in list(os.environ):
+        if key.startswith("MCLOUDTT_"):
+            monkeypatch.delenv(key)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    argv = list(adapter.get("command", [])[1:]) + list(adapter.get("args", []))
+    assert argv[:1] == ["run"], argv
+    try:
+        args = cli.build_parser().parse_args(argv)
+    except SystemExit as error:
+        pytest.fail(f"mcloudtt-adapter rejects {argv} with this environment: exit {error}")
+    config = cli.config_from_args(args)
+
+    # What _run() refuses before it starts.
+    assert not (args.duckdb and args.bigquery), "both sinks given"
+    assert args.mqtt or args.redis, "no source"
+    assert args.redis_mode == "stream" and args.tap_stream == "mcloudtt:tap"
+    host, port = config.http
+    assert host == "0.0.0.0" and port in _container_ports(dep, "adapter")
+
+    mounted = mounts(dep, "adapter")
+    writable = [p for p, m in mounted.items() if not m.get("readOnly")]
+    # readOnlyRootFilesystem: whatever the adapter writes must be on a writable volume.
+    assert under_mount(args.dead_letter_file, writable), args.dead_letter_file
+    if overlay == "gke":
+        assert args.bigquery == example_values()["BIGQUERY_TABLE"]
+        assert args.duckdb is None
+        assert args.redis.startswith("rediss://")
+    else:
+        assert args.duckdb and args.bigquery is None
+        mount = under_mount(args.duckdb, writable)
+        assert mount and "persistentVolumeClaim" in mounted[mount], "DuckDB must be on the volume"
