@@ -6,6 +6,7 @@ tests themselves say what MQTT says; options Mosquitto lacks make those tests sk
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -39,6 +40,20 @@ def wait_for_port(port: int, timeout: float = 10.0, proc: subprocess.Popen[bytes
         except OSError:
             time.sleep(0.02)
     raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
+
+
+def parse_metric(text: str, name: str, **labels: str) -> float:
+    """One sample from Prometheus text (labels sorted by name, as our exporters write them)."""
+    want = name
+    if labels:
+        want += "{" + ",".join(f'{k}="{v}"' for k, v in sorted(labels.items())) + "}"
+    for line in text.splitlines():
+        if line.startswith("#"):
+            continue
+        key, _, value = line.rpartition(" ")
+        if key == want:
+            return float(value)
+    return 0.0
 
 
 def broker_command() -> list[str]:
@@ -78,8 +93,13 @@ class BrokerProcess:
         env = dict(os.environ)
         if self.env:
             env.update(self.env)
-        self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        # Output goes to a file, never a pipe: a pipe nobody reads would block a chatty broker.
+        self._log = tempfile.NamedTemporaryFile(prefix="mcloudtt-broker-", suffix=".log", delete=False)
+        self.proc = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT)
+        self._log.close()
         wait_for_port(self.port, proc=self.proc)
+        if TARGET != "mosquitto":
+            wait_for_port(self.http_port, proc=self.proc)
         return self
 
     def http_get(self, path: str) -> tuple[int, str]:
@@ -91,17 +111,7 @@ class BrokerProcess:
 
     def metric(self, name: str, **labels: str) -> float:
         """The value of one Prometheus sample from /metrics (0.0 when absent)."""
-        _, text = self.http_get("/metrics")
-        want = name
-        if labels:
-            want += "{" + ",".join(f'{k}="{v}"' for k, v in sorted(labels.items())) + "}"
-        for line in text.splitlines():
-            if line.startswith("#"):
-                continue
-            key, _, value = line.rpartition(" ")
-            if key == want:
-                return float(value)
-        return 0.0
+        return parse_metric(self.http_get("/metrics")[1], name, **labels)
 
     def signal(self, sig: int = signal.SIGTERM) -> None:
         assert self.proc is not None
@@ -118,7 +128,9 @@ class BrokerProcess:
                 self.proc.wait()
         if self._tmp is not None:
             self._tmp.cleanup()
-        self.output()  # collect and close the pipe
+        self.output()
+        with contextlib.suppress(OSError):
+            os.unlink(self._log.name)
         return self.proc.returncode
 
     def output(self) -> str:
@@ -126,9 +138,9 @@ class BrokerProcess:
         assert self.proc is not None
         if self.proc.poll() is None:
             return ""
-        if self.proc.stdout is not None and not self.proc.stdout.closed:
-            self._output = self.proc.stdout.read().decode(errors="replace")
-            self.proc.stdout.close()
+        if not hasattr(self, "_output"):
+            with contextlib.suppress(OSError), open(self._log.name, "rb") as log:
+                self._output = log.read().decode(errors="replace")
         return getattr(self, "_output", "")
 
 

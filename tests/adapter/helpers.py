@@ -19,7 +19,7 @@ from typing import Any
 
 import orjson
 import paho.mqtt.client as mqtt
-from brokerproc import free_port
+from brokerproc import free_port, parse_metric
 from mcloudtt_adapter.decode import PayloadDecoder
 from mcloudtt_adapter.records import Batch, Record
 from paho.mqtt.enums import CallbackAPIVersion
@@ -153,17 +153,7 @@ class AdapterProcess:
         wait_until(lambda: self._probe("/readyz") == 200, timeout)
 
     def metric(self, name: str, **labels: str) -> float:
-        _, text = self.get("/metrics")
-        want = name
-        if labels:
-            want += "{" + ",".join(f'{k}="{v}"' for k, v in sorted(labels.items())) + "}"
-        for line in text.splitlines():
-            if line.startswith("#"):
-                continue
-            key, _, value = line.rpartition(" ")
-            if key == want:
-                return float(value)
-        return 0.0
+        return parse_metric(self.get("/metrics")[1], name, **labels)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
         assert self.proc is not None

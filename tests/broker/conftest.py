@@ -7,32 +7,23 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from brokerproc import TARGET, BrokerProcess, wait_for_port
+from brokerproc import TARGET, BrokerProcess
 
 from .clients import PahoClient
 from .mqttraw import RawClient
 
 
 def _start(*args: str, env: dict[str, str] | None = None) -> BrokerProcess:
-    b = BrokerProcess(*args, env=env).start()
-    if TARGET != "mosquitto":
-        # start() waits for the MQTT port only; /metrics may come up a moment later
-        wait_for_port(b.http_port, proc=b.proc)
-    return b
+    return BrokerProcess(*args, env=env).start()
 
 
 def _stop(b: BrokerProcess) -> int:
-    # BrokerProcess.stop() leaves the stdout pipe open; with filterwarnings=error the
-    # ResourceWarning would fail the run at exit.
-    code = b.stop()
-    if b.proc is not None and b.proc.stdout is not None:
-        b.proc.stdout.close()
-    return code
+    return b.stop()
 
 
 @pytest.fixture
 def broker() -> Iterator[BrokerProcess]:
-    """A fresh broker with default options on free ports (tests/conftest.py's, pipe closed)."""
+    """A fresh broker with default options on free ports."""
     b = _start()
     yield b
     _stop(b)

@@ -73,13 +73,13 @@ def test_reserved_connect_flag_closes(mq, raw, uid, version):
 def test_will_qos_without_will_flag_closes(mq, raw, uid):
     c = raw(mq.port, version=4)
     c.send(connect(uid, version=4, flags=0x02 | 0x08))
-    assert refused(c.closed())  # MQTT-3.1.2-13
+    assert refused(c.closed())  # MQTT-3.1.2-11 (3.1.1)
 
 
 def test_will_qos_3_closes(mq, raw, uid):
     c = raw(mq.port, version=4)
     c.send(connect(uid, version=4, will=Will("w", b"x", qos=3)))
-    assert refused(c.closed())  # MQTT-3.1.2-14
+    assert refused(c.closed())  # MQTT-3.1.2-14 (3.1.1)
 
 
 @pytest.mark.parametrize("version", [4, 5])

@@ -97,7 +97,7 @@ def test_qos2_resent_publish_before_pubrel_delivered_once(mq, raw, uid, version)
     pub.send(publish(f"{uid}/x", b"once", version=version, qos=2, packet_id=9))
     assert pub.expect(PUBREC).packet_id == 9
     pub.send(publish(f"{uid}/x", b"once", version=version, qos=2, packet_id=9, dup=True))
-    assert pub.expect(PUBREC).packet_id == 9  # MQTT-4.3.3-9: acknowledged again, not redelivered
+    assert pub.expect(PUBREC).packet_id == 9  # 4.3.3: acknowledged again, not delivered twice
     pub.send(ack(PUBREL, 9, version=version))
     assert pub.expect(PUBCOMP).packet_id == 9
     pub.publish(f"{uid}/x", b"marker", qos=1)

@@ -71,7 +71,7 @@ def test_retained_message_replaced(mq, raw, uid, version):
         pub.publish(f"{uid}/r", v, qos=1, retain=True)
     pub.publish(f"{uid}/r", b"not-retained", qos=1, retain=False)  # leaves the store alone
     c, marker = fresh_subscriber(raw, mq.port, uid + "s", version, (f"{uid}/r", 1))
-    assert [p.payload for p in c.until(marker)] == [b"3"]  # MQTT-3.3.1-5 (3.1.1: 3.3.1-7)
+    assert [p.payload for p in c.until(marker)] == [b"3"]  # MQTT-3.3.1-5 (5.0): replaced
 
 
 @VERSIONS

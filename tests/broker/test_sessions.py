@@ -110,7 +110,7 @@ def test_v5_session_expires_after_interval(mq, raw, uid):
     time.sleep(2.2)  # waiting for time itself to pass: the expiry is the behaviour under test
     c2 = raw(mq.port)
     ack = c2.connect(uid, **session(5, expiry=1))
-    assert not ack.session_present  # MQTT-4.1.0-2: the session state is gone
+    assert not ack.session_present  # 3.1.2.11.2: the session state is gone
     c2.subscribe((f"{uid}/m", 1))
     pub.publish(f"{uid}/m", b"marker", qos=1)
     assert c2.until(f"{uid}/m") == []
@@ -146,7 +146,7 @@ def test_v5_disconnect_cannot_set_expiry_when_connect_had_zero(mq, raw, uid):
     c.connect(uid, will=Will(f"{uid}/will", b"W"))  # Session Expiry 0
     c.send(disconnect(0, [(SESSION_EXPIRY, 60)]))
     got = c.closed()
-    # MQTT-3.14.2-2: a protocol error, so not a normal disconnection: the will is published
+    # 3.14.2.2.2: a protocol error, so not a normal disconnection: the will is published
     assert all(p.type == DISCONNECT and p.code == 0x82 for p in got), got
     assert w.next_publish().payload == b"W"
 

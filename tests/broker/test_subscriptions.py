@@ -38,7 +38,7 @@ MATCHES = {
         "R/sport/tennis/player1/ranking",
         "R/sport/tennis/player1/score/wimbledon",
     ],
-    "R/sport/#": [  # MQTT-4.7.1-2: '#' also matches the parent level
+    "R/sport/#": [  # 4.7.1.2: '#' also matches the parent level
         "R/sport",
         "R/sport/",
         "R/sport/tennis",
@@ -123,7 +123,7 @@ def test_invalid_filter_refused(mq, raw, uid, version, bad):
     c.send(subscribe(1, [(f"{uid}/ok", 1), (bad.replace("R", uid), 1)], version=version))
     got = c.closed(timeout=1) if MOSQUITTO else [c.recv()]
     if not MOSQUITTO:
-        # MQTT-4.7.1-1, MQTT-4.7.1-2, MQTT-4.7.3-1; the valid filter beside it is still granted
+        # MQTT-4.7.1-2, MQTT-4.7.1-3, MQTT-4.7.3-1; the valid filter beside it is still granted
         assert got[0].type == SUBACK
         assert got[0].codes == [1, 0x80 if version == 4 else 0x8F]
     else:
@@ -141,7 +141,7 @@ def test_malformed_subscribe_closes(mq, raw, uid, version, case):
     c = raw(mq.port, version=version)
     c.connect(uid, version=version)
     if case == "no-filters":
-        data = subscribe(1, [], version=version)  # MQTT-3.8.3-3
+        data = subscribe(1, [], version=version)  # MQTT-3.8.3-3 (3.1.1), MQTT-3.8.3-2 (5.0)
     elif case == "reserved-header-flags":
         data = subscribe(1, [(f"{uid}/a", 0)], version=version, flags=0)  # MQTT-3.8.1-1
     elif case == "qos-3":

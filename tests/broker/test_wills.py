@@ -116,7 +116,7 @@ def test_retained_will(mq, raw, uid, version):
             break
         time.sleep(0.05)
     assert late is not None, "retained will never stored"
-    assert (late.payload, late.retain, late.qos) == (b"offline", True, 1)  # MQTT-3.1.2-17
+    assert (late.payload, late.retain, late.qos) == (b"offline", True, 1)  # MQTT-3.1.2-15
 
 
 def test_will_taken_over_connection_publishes_will(mq, raw, uid):
@@ -149,7 +149,7 @@ def test_will_properties_carried(mq, raw, uid):
     assert p.prop(CONTENT_TYPE) == "application/json"
     assert p.prop(RESPONSE_TOPIC) == f"{uid}/reply"
     assert p.prop(CORRELATION_DATA) == b"\x00\x01corr"
-    assert p.user_props == [("z", "1"), ("a", "2"), ("z", "3")]  # MQTT-3.3.2-17/-18: in order
+    assert p.user_props == [("z", "1"), ("a", "2"), ("z", "3")]  # MQTT-3.1.3-10: in order
     assert 3590 <= p.prop(MESSAGE_EXPIRY) <= 3600
     assert p.prop(WILL_DELAY) is None  # not a PUBLISH property
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -11,13 +12,28 @@ import duckdb
 from brokerproc import free_port
 
 
+def free_block(count: int) -> int:
+    """The first of `count` consecutive ports that are free right now."""
+    for _ in range(200):
+        first = free_port()
+        if first + count < 65_000 and all(_free(first + i) for i in range(count)):
+            return first
+    raise RuntimeError("no block of free ports")
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
 def test_up_runs_the_whole_system_and_writes_a_report(tmp_path: Path) -> None:
     exe = shutil.which("mcloudtt", path=str(Path(sys.executable).parent))
     assert exe is not None
-    base, http = free_port(), free_port()
-    # Consecutive ports are needed; pick a block that is very likely free.
-    base = 30_000 + base % 10_000
-    http = 40_000 + http % 10_000
+    base, http = free_block(3), free_block(3)
     db = tmp_path / "up.duckdb"
     report = tmp_path / "report.html"
     result = subprocess.run(

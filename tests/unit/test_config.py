@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import pytest
-
 from mcloudtt_broker.config import ConfigError, redact_url, resolve
 
 

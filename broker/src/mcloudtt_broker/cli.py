@@ -8,7 +8,7 @@ import logging
 import sys
 from typing import NoReturn
 
-from .cluster.redis_bus import ClusterSettings, DuplicateBrokerId
+from .cluster.settings import ClusterSettings, DuplicateBrokerId
 from .config import OPTIONS, ConfigError, env_name, environment, resolve
 from .core.broker import BrokerSettings
 from .server import ServerOptions, serve

@@ -1,24 +1,29 @@
-"""A tiny HTTP endpoint for probes and Prometheus: /healthz, /readyz, /metrics."""
+"""A tiny HTTP/1.1 endpoint for probes and Prometheus (/healthz, /readyz, /metrics, ...).
+
+Each route is an async handler returning (status line, body, content type); one request per
+connection. The adapter serves its endpoints with the same class.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable
 
-from .metrics import render_metrics
-
-if TYPE_CHECKING:
-    from .server import BrokerServer
+Handler = Callable[[], Awaitable[tuple[str, bytes, str]]]
+TEXT = "text/plain; charset=utf-8"
+PROMETHEUS = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class HttpServer:
-    def __init__(self, owner: BrokerServer) -> None:
-        self.owner = owner
+    def __init__(self, routes: dict[str, Handler]) -> None:
+        self.routes = routes
         self._server: asyncio.Server | None = None
+        self.port = 0
 
     async def start(self, host: str, port: int) -> None:
         self._server = await asyncio.start_server(self._handle, host, port, reuse_address=True)
+        self.port = self._server.sockets[0].getsockname()[1]
 
     async def stop(self) -> None:
         if self._server is not None:
@@ -31,7 +36,16 @@ class HttpServer:
             request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5.0)
             parts = request.split(b"\r\n", 1)[0].split()
             path = parts[1].decode(errors="replace").split("?", 1)[0] if len(parts) >= 2 else ""
-            status, body, ctype = self.respond(path)
+            handler = self.routes.get(path)
+            if handler is None:
+                status, body, ctype = "404 Not Found", b"not found\n", TEXT
+            else:
+                try:
+                    status, body, ctype = await handler()
+                except Exception as error:  # a probe must answer, whatever broke
+                    status = "500 Internal Server Error"
+                    body = f"{type(error).__name__}: {error}\n".encode()
+                    ctype = TEXT
             head = (
                 f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\n"
                 f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
@@ -47,21 +61,3 @@ class HttpServer:
             pass
         finally:
             writer.close()
-
-    def respond(self, path: str) -> tuple[str, bytes, str]:
-        text = "text/plain; charset=utf-8"
-        if path == "/healthz":
-            return "200 OK", b"ok\n", text
-        if path == "/readyz":
-            if self.owner.ready():
-                return "200 OK", b"ready\n", text
-            return "503 Service Unavailable", b"not ready\n", text
-        if path == "/metrics":
-            bus = self.owner.bus
-            cluster = bus.metrics() if bus is not None else None
-            dropped = dict(bus.dropped) if bus is not None else None
-            body = render_metrics(
-                self.owner.broker, self.owner.loop.time(), cluster, dropped
-            ).encode()
-            return "200 OK", body, "text/plain; version=0.0.4; charset=utf-8"
-        return "404 Not Found", b"not found\n", text

@@ -13,12 +13,17 @@ import logging
 import signal
 import ssl
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from .cluster.redis_bus import ClusterSettings, RedisBus
+from .cluster.settings import ClusterSettings
 from .core.broker import Broker, BrokerSettings
 from .core.connection import ServerConnection
-from .httpd import HttpServer
+from .httpd import PROMETHEUS, TEXT, HttpServer
+from .metrics import render_metrics
 from .websocket import WebSocketProtocol
+
+if TYPE_CHECKING:
+    from .cluster.redis_bus import RedisBus
 
 log = logging.getLogger("mcloudtt.broker")
 
@@ -110,7 +115,11 @@ class BrokerServer:
         self.settings = settings
         self.options = options
         self.loop = asyncio.get_running_loop()
-        self.bus = RedisBus(options.cluster) if options.cluster is not None else None
+        self.bus: RedisBus | None = None
+        if options.cluster is not None:
+            from .cluster.redis_bus import RedisBus
+
+            self.bus = RedisBus(options.cluster)
         self.broker = Broker(settings, clock=self.loop.time, bus=self.bus)
         if self.bus is not None:
             self.bus.attach(self.broker)
@@ -162,7 +171,9 @@ class BrokerServer:
             )
             log.info("MQTT over WebSocket listening on %s:%d", host, port)
         if self.options.http is not None:
-            self.http = HttpServer(self)
+            self.http = HttpServer(
+                {"/healthz": self._healthz, "/readyz": self._readyz, "/metrics": self._metrics}
+            )
             await self.http.start(*self.options.http)
         self.accepting = True
         if self.bus is not None:
@@ -176,6 +187,24 @@ class BrokerServer:
                 self.broker.tick(self.loop.time())
             except Exception:  # a bug in one tick must not stop keepalive for everyone
                 log.exception("tick failed")
+
+    async def _healthz(self) -> tuple[str, bytes, str]:
+        return "200 OK", b"ok\n", TEXT
+
+    async def _readyz(self) -> tuple[str, bytes, str]:
+        if self.ready():
+            return "200 OK", b"ready\n", TEXT
+        return "503 Service Unavailable", b"not ready\n", TEXT
+
+    async def _metrics(self) -> tuple[str, bytes, str]:
+        bus = self.bus
+        body = render_metrics(
+            self.broker,
+            self.loop.time(),
+            bus.metrics() if bus is not None else None,
+            dict(bus.dropped) if bus is not None else None,
+        )
+        return "200 OK", body.encode(), PROMETHEUS
 
     def ready(self) -> bool:
         if not self.accepting:

@@ -228,7 +228,11 @@ def up(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    sys.exit(up(args))
+    try:
+        sys.exit(up(args))
+    except (RuntimeError, TimeoutError) as error:
+        print(f"mcloudtt: error: {error}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -49,6 +49,7 @@ from ..mqtt.properties import EMPTY_PROPERTIES
 from .envelope import EnvelopeError, EnvelopeFields, pack_envelope, unpack_envelope
 from .handover import SnapshotError, decode_snapshot, encode_snapshot
 from .records import InboxError, encode_record, iter_records
+from .settings import BROADCAST, ClusterSettings, DuplicateBrokerId
 
 if TYPE_CHECKING:
     from ..core.broker import Broker
@@ -57,8 +58,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("mcloudtt.cluster")
 
-ROUTED = "routed"
-BROADCAST = "broadcast"
 GROUP = "brokers"
 # Messages per pipeline: small enough that the next hop starts while we encode the next batch.
 FLUSH_BATCH = 4096
@@ -72,27 +71,6 @@ def _stream_id(raw: bytes | str) -> tuple[int, int]:
     text = raw.decode() if isinstance(raw, bytes) else raw
     milliseconds, _, sequence = text.partition("-")
     return int(milliseconds), int(sequence or 0)
-
-
-class DuplicateBrokerId(RuntimeError):
-    """Another live broker already uses this id."""
-
-
-@dataclass(frozen=True, kw_only=True)
-class ClusterSettings:
-    url: str
-    broker_id: str
-    mode: str = ROUTED
-    sync_channel: str = "sync"
-    prefix: str = "mcloudtt"
-    tap_stream: str | None = None
-    tap_maxlen: int = 1_000_000
-    buffer_limit: int = 100_000  # outbound messages kept while Redis is away
-    presence_ttl: float = 10.0
-    backoff_max: float = 1.0
-    inbox_maxlen: int = 100_000  # entries (batches) kept for a broker that does not read
-    handover_timeout: float = 3.0  # how long a CONNECT waits for another broker's session
-    client_ttl: int = 8 * 24 * 3600  # how long Redis remembers which broker had a ClientId
 
 
 @dataclass(slots=True)

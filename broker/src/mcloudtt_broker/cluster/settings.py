@@ -1,0 +1,29 @@
+"""Settings of the Redis cluster bus: a light module, so a single node never imports redis."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+ROUTED = "routed"
+BROADCAST = "broadcast"
+
+
+class DuplicateBrokerId(RuntimeError):
+    """Another live broker already uses this id."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClusterSettings:
+    url: str
+    broker_id: str
+    mode: str = ROUTED
+    sync_channel: str = "sync"
+    prefix: str = "mcloudtt"
+    tap_stream: str | None = None
+    tap_maxlen: int = 1_000_000
+    buffer_limit: int = 100_000  # outbound messages kept while Redis is away
+    presence_ttl: float = 10.0
+    backoff_max: float = 1.0
+    inbox_maxlen: int = 100_000  # entries (batches) kept for a broker that does not read
+    handover_timeout: float = 3.0  # how long a CONNECT waits for another broker's session
+    client_ttl: int = 8 * 24 * 3600  # how long Redis remembers which broker had a ClientId
