@@ -29,7 +29,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_for_port(port: int, timeout: float = 10.0, proc: subprocess.Popen[bytes] | None = None) -> None:
+def wait_for_port(
+    port: int, timeout: float = 10.0, proc: subprocess.Popen[bytes] | None = None
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
@@ -86,15 +88,19 @@ class BrokerProcess:
         else:
             cmd = [
                 *broker_command(),
-                "--bind", f"127.0.0.1:{self.port}",
-                "--http", f"127.0.0.1:{self.http_port}",
+                "--bind",
+                f"127.0.0.1:{self.port}",
+                "--http",
+                f"127.0.0.1:{self.http_port}",
                 *self.extra_args,
             ]
         env = dict(os.environ)
         if self.env:
             env.update(self.env)
         # Output goes to a file, never a pipe: a pipe nobody reads would block a chatty broker.
-        self._log = tempfile.NamedTemporaryFile(prefix="mcloudtt-broker-", suffix=".log", delete=False)
+        self._log = tempfile.NamedTemporaryFile(  # noqa: SIM115 - handed to the child, closed below
+            prefix="mcloudtt-broker-", suffix=".log", delete=False
+        )
         self.proc = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT)
         self._log.close()
         wait_for_port(self.port, proc=self.proc)

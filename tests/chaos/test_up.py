@@ -37,9 +37,24 @@ def test_up_runs_the_whole_system_and_writes_a_report(tmp_path: Path) -> None:
     db = tmp_path / "up.duckdb"
     report = tmp_path / "report.html"
     result = subprocess.run(
-        [exe, "up", "--seconds", "10", "--devices", "40", "--base-port", str(base),
-         "--http-port", str(http), "--duckdb", str(db), "--report", str(report),
-         "--workdir", str(tmp_path / "work")],
+        [
+            exe,
+            "up",
+            "--seconds",
+            "10",
+            "--devices",
+            "40",
+            "--base-port",
+            str(base),
+            "--http-port",
+            str(http),
+            "--duckdb",
+            str(db),
+            "--report",
+            str(report),
+            "--workdir",
+            str(tmp_path / "work"),
+        ],
         capture_output=True,
         text=True,
         timeout=180,
