@@ -471,8 +471,9 @@ class RedisBus:
             seen.add(message.topic)
             store.set(message)
         # A retained message cleared while we were away is gone from the hash: drop it here too.
-        for topic in [m.topic for m in store.match("#")] + [m.topic for m in store.match("$SYS/#")]:
-            if topic not in seen and not topic.startswith("$SYS/"):
+        # ('#' leaves out $-topics, which include our own $SYS statistics.)
+        for topic in [m.topic for m in store.match("#")]:
+            if topic not in seen:
                 store.delete(topic)
 
     async def _resend_unconfirmed(self, redis: RedisClient) -> None:
