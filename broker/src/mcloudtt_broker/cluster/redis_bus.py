@@ -49,6 +49,7 @@ from ..mqtt.properties import EMPTY_PROPERTIES
 from .envelope import EnvelopeError, EnvelopeFields, pack_envelope, unpack_envelope
 from .handover import SnapshotError, decode_snapshot, encode_snapshot
 from .records import InboxError, encode_record, iter_records
+from .resp import Commands, RespWriter, open_writer
 from .settings import BROADCAST, ClusterSettings, DuplicateBrokerId
 
 if TYPE_CHECKING:
@@ -59,8 +60,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("mcloudtt.cluster")
 
 GROUP = "brokers"
-# Messages per pipeline: small enough that the next hop starts while we encode the next batch.
-FLUSH_BATCH = 4096
+# Messages per write: small enough that the next hop starts while we read the rest of a burst.
+FLUSH_BATCH = 256
 
 # redis-py's annotations describe every response shape at once (RESP2 and RESP3, bytes or str);
 # we use bytes responses throughout and check shapes where they are read.
@@ -110,7 +111,8 @@ class RedisBus:
         self.fatal: asyncio.Future[None] | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._flush_scheduled = False
-        self._flush_task: asyncio.Task[None] | None = None
+        self.writer: RespWriter | None = None
+        self._unanswered: deque[tuple[int, list[_Outbound], list[tuple[str, str]]]] = deque()
         self._connected_event = asyncio.Event()
         self._lost_event = asyncio.Event()
         self._closing = False
@@ -134,8 +136,9 @@ class RedisBus:
         """Flush what can be flushed quickly, leave the cluster, close."""
         self._closing = True
         if self.connected and self.redis is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._flush(), 2.0)
+            self._flush()
+            if self.writer is not None:
+                await self.writer.settled(2.0)
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._leave(), 2.0)
         for task in self._tasks:
@@ -178,7 +181,10 @@ class RedisBus:
             if not self._make_room(message.qos):
                 return
         outbound.append(item)
-        self._schedule_flush()
+        if len(outbound) >= FLUSH_BATCH and self.connected:
+            self._flush()  # mid-burst: the next broker starts on these while we read the rest
+        else:
+            self._schedule_flush()
 
     def subscription_added(self, full_filter: str) -> None:
         self.control.append(("add", full_filter))
@@ -216,35 +222,47 @@ class RedisBus:
         if self._flush_scheduled or not self.connected or self.loop is None:
             return
         self._flush_scheduled = True
-        self.loop.call_soon(self._start_flush)
+        self.loop.call_soon(self._flush)
 
-    def _start_flush(self) -> None:
+    def _flush(self) -> None:
+        """Write buffered traffic on the pipelined writer now (synchronous, no round trip)."""
         self._flush_scheduled = False
-        if self._flush_task is None or self._flush_task.done():
-            self._flush_task = asyncio.ensure_future(self._flush())
-
-    async def _flush(self) -> None:
-        redis = self.redis
-        while self.connected and redis is not None and (self.outbound or self.control):
+        writer = self.writer
+        if not self.connected or writer is None or writer.closed:
+            return
+        self._forget_answered()
+        while self.outbound or self.control:
             control, self.control = self.control, []
             items = [self.outbound.popleft() for _ in range(min(len(self.outbound), FLUSH_BATCH))]
-            pipe = redis.pipeline(transaction=False)
-            self._add_control(pipe, control)
-            confirmable = self._add_items(pipe, items)
-            try:
-                await pipe.execute()
-            except (RedisError, OSError) as error:
-                self.control[:0] = control
-                self.outbound.extendleft(reversed(items))
-                self._link_lost(error)
-                return
+            commands = Commands()
+            self._add_control(commands, control)
+            confirmable = self._add_items(commands, items)
+            writer.write(commands)
+            # Kept until Redis answered, to be written again if the connection breaks first.
+            self._unanswered.append((writer.sent, items, control))
             self.stats["forwarded"] += len(items)
             self.stats["flushes"] += 1
             for dest, sequence, record in confirmable:
                 self.unconfirmed.setdefault(dest, deque()).append((sequence, record))
-            self._bound_unconfirmed()
+        self._bound_unconfirmed()
 
-    def _add_control(self, pipe: Any, control: list[tuple[str, str]]) -> None:
+    def _forget_answered(self) -> None:
+        writer = self.writer
+        if writer is None:
+            return
+        unanswered = self._unanswered
+        while unanswered and unanswered[0][0] <= writer.replies:
+            unanswered.popleft()
+
+    def _requeue_unanswered(self) -> None:
+        """The writer broke: what Redis may not have got goes back to the front of the buffer."""
+        self._forget_answered()
+        for _, items, control in reversed(self._unanswered):
+            self.outbound.extendleft(reversed(items))
+            self.control[:0] = control
+        self._unanswered.clear()
+
+    def _add_control(self, pipe: Commands, control: list[tuple[str, str]]) -> None:
         subs_key = f"{self.settings.prefix}:subs:{self.me}"
         for op, full_filter in control:
             if op == "add":
@@ -253,7 +271,7 @@ class RedisBus:
                 pipe.srem(subs_key, full_filter)
             pipe.publish(self.k_control, f"{op}\x00{self.me}\x00{full_filter}")
 
-    def _add_items(self, pipe: Any, items: list[_Outbound]) -> list[tuple[str, int, bytes]]:
+    def _add_items(self, pipe: Commands, items: list[_Outbound]) -> list[tuple[str, int, bytes]]:
         settings = self.settings
         broadcast = settings.mode == BROADCAST
         batches: dict[str, list[bytes]] = {}
@@ -289,18 +307,10 @@ class RedisBus:
                 else:
                     pipe.hdel(self.k_retained, message.topic)
             if settings.tap_stream:
-                pipe.xadd(
-                    settings.tap_stream,
-                    {"e": envelope},
-                    maxlen=settings.tap_maxlen,
-                    approximate=True,
-                )
+                pipe.xadd(settings.tap_stream, "e", envelope, settings.tap_maxlen)
         for dest, records in batches.items():
             pipe.xadd(
-                f"{settings.prefix}:inbox:{dest}",
-                {"b": b"".join(records)},
-                maxlen=settings.inbox_maxlen,
-                approximate=True,
+                f"{settings.prefix}:inbox:{dest}", "b", b"".join(records), settings.inbox_maxlen
             )
         return confirmable
 
@@ -353,6 +363,10 @@ class RedisBus:
             log.warning("lost Redis: %s", error)
             self.stats["link_losses"] += 1
         self.connected = False
+        if self.writer is not None:
+            self._requeue_unanswered()
+            self.writer.close()
+            self.writer = None
         self._connected_event.clear()
         self._lost_event.set()
 
@@ -387,10 +401,10 @@ class RedisBus:
         # Resend what receivers have not confirmed (Redis may have lost it), then the buffer,
         # in sequence order: receivers drop a sequence lower than one they already handled.
         await self._resend_unconfirmed(redis)
+        self.writer = await open_writer(self.settings.url, self._link_lost)
         self.connected = True
         self.stats["connects"] += 1
-        self._flush_task = asyncio.ensure_future(self._flush())
-        await self._flush_task
+        self._flush()
         await self._load_retained(redis)
         self._connected_event.set()
         log.info("cluster link up (%s mode, %d peers)", self.settings.mode, len(self.live_peers))
@@ -563,15 +577,10 @@ class RedisBus:
         return decode_snapshot(data, self.broker.clock)
 
     async def _drain_outbound(self) -> None:
-        """Return once everything forwarded so far has been written to Redis."""
-        while self.connected:
-            task = self._flush_task
-            if task is not None and not task.done():
-                await task  # a flush in progress holds items already taken from the buffer
-            elif self.outbound or self.control:
-                self._start_flush()
-            else:
-                return
+        """Return once everything forwarded so far has been written to Redis and answered."""
+        self._flush()
+        if self.writer is not None:
+            await self.writer.settled(self.settings.handover_timeout / 2)
 
     async def _give_up_session(self, redis: RedisClient, requester: str, argument: str) -> None:
         """A peer took one of our ClientIds: close it here and hand the session over."""
@@ -626,6 +635,7 @@ class RedisBus:
                         now - self.missing_since.setdefault(peer, now) > self.settings.presence_ttl
                     ):
                         self._peer_gone(peer)
+                self._forget_answered()
                 # Trim what receivers confirmed.
                 if self.unconfirmed:
                     progress = await self._progress(redis, list(self.unconfirmed))
