@@ -62,17 +62,20 @@ def pack_envelope(
     sequence: int,
     received_at_us: int,
     client_id: str,
-    topic: str,
+    topic_wire: bytes,
     payload: bytes,
     qos: int,
     retain: bool,
     properties: Properties,
 ) -> bytes:
-    """The envelope bytes from plain fields (`origin` already UTF-8): the brokers' hot path."""
+    """The envelope bytes from plain fields: the brokers' hot path.
+
+    `origin` is the UTF-8 broker id; `topic_wire` the topic as MQTT puts it on the wire (two
+    length bytes, then UTF-8), which is also its form in the envelope.
+    """
     if len(origin) > 255:
         raise ValueError("broker id longer than 255 bytes")
     client = client_id.encode()
-    raw_topic = topic.encode()
     props = b"" if properties is EMPTY_PROPERTIES else bytes(encode_property_body(properties))
     return b"".join(
         (
@@ -86,8 +89,7 @@ def pack_envelope(
             origin,
             len(client).to_bytes(2, "big"),
             client,
-            len(raw_topic).to_bytes(2, "big"),
-            raw_topic,
+            topic_wire,
             len(props).to_bytes(4, "big"),
             props,
             payload,
@@ -96,12 +98,13 @@ def pack_envelope(
 
 
 def encode_envelope(envelope: Envelope) -> bytes:
+    topic = envelope.topic.encode()
     return pack_envelope(
         envelope.origin.encode(),
         envelope.sequence,
         envelope.received_at_us,
         envelope.client_id,
-        envelope.topic,
+        len(topic).to_bytes(2, "big") + topic,
         envelope.payload,
         envelope.qos,
         envelope.retain,

@@ -78,6 +78,7 @@ def _stream_id(raw: bytes | str) -> tuple[int, int]:
 class _Outbound:
     message: Message
     envelope: bytes
+    sequence: int
     targets: Sequence[str]
     groups: Mapping[str, list[str]]
 
@@ -164,18 +165,19 @@ class RedisBus:
         ):
             return  # nobody else wants it: no envelope, no Redis traffic
         self.sequence += 1
+        sequence = self.sequence
         envelope = pack_envelope(
             self._origin,
-            self.sequence,
+            sequence,
             time.time_ns() // 1000,
             message.origin,
-            message.topic,
+            message.topic_wire,
             message.payload,
             message.qos,
             message.retain,
             self._forward_properties(message),
         )
-        item = _Outbound(message, envelope, targets, groups)
+        item = _Outbound(message, envelope, sequence, targets, groups)
         outbound = self.outbound
         if len(outbound) >= self.settings.buffer_limit:
             if not self._make_room(message.qos):
@@ -276,31 +278,41 @@ class RedisBus:
         broadcast = settings.mode == BROADCAST
         batches: dict[str, list[bytes]] = {}
         confirmable: list[tuple[str, int, bytes]] = []
-        sequence = 0
+        live_peers = self.live_peers
         for item in items:
             message = item.message
             envelope = item.envelope
-            sequence = int.from_bytes(envelope[10:18], "big")
-            if broadcast:
-                pipe.publish(settings.sync_channel, envelope)
-                # QoS 0 is delivered from `sync`; QoS 1/2 also go to every inbox (at least once).
-                if message.qos or message.retain:
-                    dests: set[str] = set(self.live_peers)
-                else:
-                    dests = set(item.groups)
-                plain_to = dests if message.qos else set()
+            sequence = item.sequence
+            qos = message.qos
+            if not (broadcast or item.groups or message.retain):
+                # The common case: the same plain record for every broker with a subscriber.
+                record = encode_record(envelope, True, ())
+                for dest in item.targets:
+                    if dest != self.me:
+                        batches.setdefault(dest, []).append(record)
+                        if qos:
+                            confirmable.append((dest, sequence, record))
             else:
-                dests = set(item.targets) | set(item.groups)
-                if message.retain:
-                    dests |= self.live_peers  # every broker keeps the same retained state
-                plain_to = set(item.targets)
-            for dest in dests:
-                if dest == self.me:
-                    continue
-                record = encode_record(envelope, dest in plain_to, item.groups.get(dest, ()))
-                batches.setdefault(dest, []).append(record)
-                if message.qos:
-                    confirmable.append((dest, sequence, record))
+                if broadcast:
+                    pipe.publish(settings.sync_channel, envelope)
+                    # QoS 0 is delivered from `sync`; QoS 1/2 also go to every inbox.
+                    if qos or message.retain:
+                        dests: set[str] = set(live_peers)
+                    else:
+                        dests = set(item.groups)
+                    plain_to = dests if qos else set()
+                else:
+                    dests = set(item.targets) | set(item.groups)
+                    if message.retain:
+                        dests |= live_peers  # every broker keeps the same retained state
+                    plain_to = set(item.targets)
+                for dest in dests:
+                    if dest == self.me:
+                        continue
+                    record = encode_record(envelope, dest in plain_to, item.groups.get(dest, ()))
+                    batches.setdefault(dest, []).append(record)
+                    if qos:
+                        confirmable.append((dest, sequence, record))
             if message.retain:
                 if message.payload:
                     pipe.hset(self.k_retained, message.topic, envelope)
