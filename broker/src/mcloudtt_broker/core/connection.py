@@ -155,17 +155,7 @@ class ServerConnection:
             self._protocol_error(error)
 
     def _dispatch(self, packet: Packet, now: float) -> None:
-        if isinstance(packet, Publish):
-            self._on_publish(
-                packet.topic,
-                packet.payload,
-                packet.qos,
-                packet.retain,
-                packet.packet_id,
-                packet.properties,
-                now,
-            )
-        elif isinstance(packet, PubAck):
+        if isinstance(packet, PubAck):
             self._on_puback(packet.packet_id, now)
         elif isinstance(packet, PubRec):
             self._on_pubrec(packet, now)

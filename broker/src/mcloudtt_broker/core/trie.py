@@ -7,7 +7,7 @@ repeats topics) and the cache is dropped on any subscription change.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterator
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
 
@@ -196,10 +196,3 @@ class SubscriptionTrie(Generic[S]):
     def group(self, inner_filter: str, name: str) -> SharedGroup[S] | None:
         node = self._node(inner_filter, create=False)
         return None if node is None else node.groups.get(name)
-
-    def groups(self) -> Iterator[SharedGroup[S]]:
-        stack = [self._root]
-        while stack:
-            node = stack.pop()
-            yield from node.groups.values()
-            stack.extend(node.children.values())

@@ -611,9 +611,3 @@ def encode_bytes(packet: Packet, version: int) -> bytes:
     out = bytearray()
     encode(packet, version, out)
     return bytes(out)
-
-
-def encoded_properties(props: Properties) -> bytes:
-    out = bytearray()
-    encode_properties(props, out)
-    return bytes(out)
