@@ -240,11 +240,19 @@ def _ack_decoder(cls: Any, packet_type: int) -> Callable[[int, Buffer, int, int,
     return decode
 
 
-def _decode_subscribe(flags: int, data: Buffer, pos: int, end: int, version: int) -> Subscribe:
+def _id_and_properties(
+    data: Buffer, pos: int, end: int, version: int, packet_type: int
+) -> tuple[int, Properties, int]:
+    """The packet identifier, then (5.0) the properties: how SUBSCRIBE and its kin begin."""
     pid, pos = _packet_id(data, pos, end)
     props = EMPTY_PROPERTIES
     if version == MQTT_5:
-        props, pos = decode_properties(data, pos, end, 8)
+        props, pos = decode_properties(data, pos, end, packet_type)
+    return pid, props, pos
+
+
+def _decode_subscribe(flags: int, data: Buffer, pos: int, end: int, version: int) -> Subscribe:
+    pid, props, pos = _id_and_properties(data, pos, end, version, 8)
     subs = []
     while pos < end:
         topic_filter, pos = decode_string(data, pos, end)
@@ -280,18 +288,12 @@ def _decode_subscribe(flags: int, data: Buffer, pos: int, end: int, version: int
 
 
 def _decode_suback(flags: int, data: Buffer, pos: int, end: int, version: int) -> SubAck:
-    pid, pos = _packet_id(data, pos, end)
-    props = EMPTY_PROPERTIES
-    if version == MQTT_5:
-        props, pos = decode_properties(data, pos, end, 9)
+    pid, props, pos = _id_and_properties(data, pos, end, version, 9)
     return SubAck(packet_id=pid, reason_codes=tuple(data[pos:end]), properties=props)
 
 
 def _decode_unsubscribe(flags: int, data: Buffer, pos: int, end: int, version: int) -> Unsubscribe:
-    pid, pos = _packet_id(data, pos, end)
-    props = EMPTY_PROPERTIES
-    if version == MQTT_5:
-        props, pos = decode_properties(data, pos, end, 10)
+    pid, props, pos = _id_and_properties(data, pos, end, version, 10)
     filters = []
     while pos < end:
         topic_filter, pos = decode_string(data, pos, end)
