@@ -82,6 +82,18 @@ def _metric(http_port: int, name: str) -> float:
     return 0.0
 
 
+def _metric_total(http_port: int, name: str) -> float:
+    """The sum of a metric over all its labels (`name{...} value` lines)."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=2) as r:
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in r.read().decode().splitlines()
+            if line.startswith((name + " ", name + "{"))
+        )
+
+
 class Proc:
     def __init__(self, cmd: list[str], port: int, http_port: int | None = None) -> None:
         self.port = port
@@ -324,6 +336,10 @@ def one_run(warmup: float, duration: float, console: Console) -> dict[str, float
             out[f"cross_qos{qos}_a_cpu_us"] = r["cpu_us_per_msg"][0]
             out[f"cross_qos{qos}_b_cpu_us"] = r["cpu_us_per_msg"][1]
             out[f"cross_qos{qos}_generator_cpu"] = r["generator_cpu"]
+            # Anything the cluster path dropped (buffer or unconfirmed overflow) on the way.
+            out[f"cross_qos{qos}_dropped"] = _metric_total(
+                a.http_port or 0, "mcloudtt_cluster_dropped_total"
+            ) + _metric_total(b.http_port or 0, "mcloudtt_cluster_dropped_total")
         console.log(f"A -> B QoS {qos}: {out[f'cross_qos{qos}_msg_s']:,.0f} msg/s")
     with cluster("broadcast") as (a, b, cc):
         r = asyncio.run(
@@ -380,6 +396,8 @@ def main(argv: list[str] | None = None) -> None:
     row("single broker QoS 1 msg/s", medians["single_qos1_msg_s"], ",.0f")
     row("A -> B QoS 1 msg/s", medians["cross_qos1_msg_s"], ",.0f")
     row("QoS 1 cross/single", medians["qos1_ratio"], ".2f", ">= 0.5", medians["qos1_ratio"] >= 0.5)
+    dropped = max(run[f"cross_qos{qos}_dropped"] for run in runs for qos in (0, 1))
+    row("cluster drops in A -> B runs", dropped, ",.0f", "0", dropped == 0)
     row(
         "latency p50 single / A->B ms",
         medians["cross_p50_ms"],

@@ -38,6 +38,8 @@ from ..mqtt.properties import (
 
 ENVELOPE_VERSION = 1
 _HEAD = struct.Struct(">BBQQB")
+_U16 = struct.Struct(">H")
+_U32 = struct.Struct(">I")
 
 
 class EnvelopeError(ValueError):
@@ -57,50 +59,100 @@ class Envelope:
     properties: Properties = EMPTY_PROPERTIES
 
 
-def pack_envelope(
-    origin: bytes,
-    sequence: int,
-    received_at_us: int,
-    client_id: str,
-    topic_wire: bytes,
-    payload: bytes,
-    qos: int,
-    retain: bool,
-    properties: Properties,
-) -> bytes:
-    """The envelope bytes from plain fields: the brokers' hot path.
+# A plain inbox record (records.py: length, flags 0x01, no groups) and the envelope head, as one.
+_PLAIN_RECORD_HEAD = struct.Struct(">IBBBBQQB")
+_FIXED = _HEAD.size + 4  # head and properties length: the rest of the envelope is variable
 
-    `origin` is the UTF-8 broker id; `topic_wire` the topic as MQTT puts it on the wire (two
-    length bytes, then UTF-8), which is also its form in the envelope.
+
+class EnvelopePacker:
+    """Packs this broker's envelopes; the forwarding hot path.
+
+    Keeps the parts that repeat (the origin, publishers' client ids) encoded, and builds a plain
+    inbox record (`records.py`) in one step, without an intermediate envelope.
     """
-    if len(origin) > 255:
-        raise ValueError("broker id longer than 255 bytes")
-    client = client_id.encode()
-    props = b"" if properties is EMPTY_PROPERTIES else bytes(encode_property_body(properties))
-    return b"".join(
-        (
-            _HEAD.pack(
-                ENVELOPE_VERSION,
-                qos | (0x04 if retain else 0),
-                received_at_us,
-                sequence,
-                len(origin),
-            ),
-            origin,
-            len(client).to_bytes(2, "big"),
-            client,
-            topic_wire,
-            len(props).to_bytes(4, "big"),
-            props,
-            payload,
+
+    __slots__ = ("_clients", "origin")
+
+    def __init__(self, origin: bytes) -> None:
+        if len(origin) > 255:
+            raise ValueError("broker id longer than 255 bytes")
+        self.origin = origin
+        self._clients: dict[str, bytes] = {}
+
+    def _client_wire(self, client_id: str) -> bytes:
+        wire = self._clients.get(client_id)
+        if wire is None:
+            raw = client_id.encode()
+            wire = len(raw).to_bytes(2, "big") + raw
+            if len(self._clients) >= 10_000:
+                self._clients.clear()
+            self._clients[client_id] = wire
+        return wire
+
+    def envelope(
+        self,
+        sequence: int,
+        received_at_us: int,
+        client_id: str,
+        topic_wire: bytes,
+        payload: bytes,
+        qos: int,
+        retain: bool,
+        properties: Properties,
+    ) -> bytes:
+        props = b"" if properties is EMPTY_PROPERTIES else bytes(encode_property_body(properties))
+        origin = self.origin
+        return b"".join(
+            (
+                _HEAD.pack(
+                    ENVELOPE_VERSION,
+                    qos | (0x04 if retain else 0),
+                    received_at_us,
+                    sequence,
+                    len(origin),
+                ),
+                origin,
+                self._client_wire(client_id),
+                topic_wire,
+                len(props).to_bytes(4, "big"),
+                props,
+                payload,
+            )
         )
-    )
+
+    def plain_record(
+        self,
+        sequence: int,
+        received_at_us: int,
+        client_id: str,
+        topic_wire: bytes,
+        payload: bytes,
+        qos: int,
+        properties: Properties,
+    ) -> bytes:
+        """The same bytes as `encode_record(envelope(...), True, ())` for a non-retained message."""
+        client = self._client_wire(client_id)
+        props = b"" if properties is EMPTY_PROPERTIES else bytes(encode_property_body(properties))
+        origin = self.origin
+        size = _FIXED + len(origin) + len(client) + len(topic_wire) + len(props) + len(payload)
+        return b"".join(
+            (
+                _PLAIN_RECORD_HEAD.pack(
+                    size + 2, 0x01, 0, ENVELOPE_VERSION, qos, received_at_us, sequence, len(origin)
+                ),
+                origin,
+                client,
+                topic_wire,
+                len(props).to_bytes(4, "big"),
+                props,
+                payload,
+            )
+        )
 
 
 def encode_envelope(envelope: Envelope) -> bytes:
     topic = envelope.topic.encode()
-    return pack_envelope(
-        envelope.origin.encode(),
+    return EnvelopePacker(envelope.origin.encode()).envelope(
         envelope.sequence,
         envelope.received_at_us,
         envelope.client_id,
@@ -118,51 +170,56 @@ EnvelopeFields = tuple[str, int, int, str, str, bytes, int, bool, Properties]
 
 def unpack_envelope(data: bytes) -> EnvelopeFields:
     """The fields of an envelope, without building an `Envelope`; raises `EnvelopeError`."""
+    return unpack_envelope_at(data, 0, len(data))
+
+
+def unpack_envelope_at(data: bytes, pos: int, end: int) -> EnvelopeFields:
+    """`unpack_envelope` of data[pos:end], without slicing it out first (inbox batches)."""
     try:
-        if len(data) < _HEAD.size:
+        if end - pos < _HEAD.size:
             raise EnvelopeError("envelope shorter than its header")
-        version, flags, received_at, sequence, origin_len = _HEAD.unpack_from(data, 0)
+        version, flags, received_at, sequence, origin_len = _HEAD.unpack_from(data, pos)
         if version != ENVELOPE_VERSION:
             raise EnvelopeError(f"unknown envelope version {version}")
         qos = flags & 0x03
         if qos == 3 or flags & 0xF8:
             raise EnvelopeError(f"invalid envelope flags 0x{flags:02x}")
-        pos = _HEAD.size
-        end = len(data)
-        origin = data[pos : pos + origin_len].decode()
-        pos += origin_len
-        client_len = int.from_bytes(data[pos : pos + 2], "big")
-        pos += 2
-        client_id = data[pos : pos + client_len].decode()
-        pos += client_len
-        topic_len = int.from_bytes(data[pos : pos + 2], "big")
-        pos += 2
-        topic = data[pos : pos + topic_len].decode()
-        pos += topic_len
-        props_len = int.from_bytes(data[pos : pos + 4], "big")
-        pos += 4
-        if pos > end or pos + props_len > end or len(origin) > origin_len or len(topic) > topic_len:
+        start = pos + _HEAD.size
+        stop = start + origin_len
+        if stop + 2 > end:
             raise EnvelopeError("envelope truncated")
-        if props_len:
-            props = decode_property_body(data, pos, pos + props_len, PUBLISH)
-            pos += props_len
-        else:
-            props = EMPTY_PROPERTIES
+        origin = data[start:stop].decode()
+        (length,) = _U16.unpack_from(data, stop)
+        start = stop + 2
+        stop = start + length
+        if stop + 2 > end:
+            raise EnvelopeError("envelope truncated")
+        client_id = data[start:stop].decode()
+        (length,) = _U16.unpack_from(data, stop)
+        start = stop + 2
+        stop = start + length
+        if stop + 4 > end:
+            raise EnvelopeError("envelope truncated")
+        topic = data[start:stop].decode()
         if not topic or "+" in topic or "#" in topic or "\x00" in topic:
             raise EnvelopeError(f"invalid topic {topic!r}")
+        (length,) = _U32.unpack_from(data, stop)
+        start = stop + 4
+        stop = start + length
+        if stop > end:
+            raise EnvelopeError("envelope truncated")
+        props = decode_property_body(data, start, stop, PUBLISH) if length else EMPTY_PROPERTIES
         return (
             origin,
             sequence,
             received_at,
             client_id,
             topic,
-            data[pos:],
+            data[stop:end],
             qos,
             bool(flags & 0x04),
             props,
         )
-    except EnvelopeError:
-        raise
     except (UnicodeDecodeError, MQTTError, struct.error, IndexError) as error:
         raise EnvelopeError(f"malformed envelope: {error}") from None
 

@@ -13,9 +13,11 @@ Pure functions, no I/O; `InboxError` for anything that does not parse.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterator, Sequence
 
 PLAIN = 0x01
+_RECORD_HEAD = struct.Struct(">IBB")  # length of the rest, flags, number of groups
 
 
 class InboxError(ValueError):
@@ -41,32 +43,34 @@ def encode_record(envelope: bytes, plain: bool, groups: Sequence[str]) -> bytes:
     return len(body).to_bytes(4, "big") + body
 
 
-def iter_records(batch: bytes) -> Iterator[tuple[bool, tuple[str, ...], bytes]]:
-    """Yield (plain, groups, envelope bytes) for each record of a batch."""
+def iter_records(batch: bytes) -> Iterator[tuple[bool, tuple[str, ...], int, int]]:
+    """Yield (plain, groups, start, stop) for each record of a batch: its envelope is
+    batch[start:stop] (left in place for `unpack_envelope_at`)."""
     pos = 0
     end = len(batch)
     while pos < end:
         if pos + 6 > end:
             raise InboxError("record header runs past the batch")
-        length = int.from_bytes(batch[pos : pos + 4], "big")
+        length, flags, count = _RECORD_HEAD.unpack_from(batch, pos)
         stop = pos + 4 + length
         if length < 2 or stop > end:
             raise InboxError("record length runs past the batch")
-        flags = batch[pos + 4]
-        count = batch[pos + 5]
         cursor = pos + 6
-        groups = []
-        for _ in range(count):
-            if cursor + 2 > stop:
-                raise InboxError("group key runs past the record")
-            key_len = int.from_bytes(batch[cursor : cursor + 2], "big")
-            cursor += 2
-            if cursor + key_len > stop:
-                raise InboxError("group key runs past the record")
-            try:
-                groups.append(batch[cursor : cursor + key_len].decode())
-            except UnicodeDecodeError:
-                raise InboxError("group key is not UTF-8") from None
-            cursor += key_len
-        yield bool(flags & PLAIN), tuple(groups), batch[cursor:stop]
+        if count:
+            groups = []
+            for _ in range(count):
+                if cursor + 2 > stop:
+                    raise InboxError("group key runs past the record")
+                key_len = int.from_bytes(batch[cursor : cursor + 2], "big")
+                cursor += 2
+                if cursor + key_len > stop:
+                    raise InboxError("group key runs past the record")
+                try:
+                    groups.append(batch[cursor : cursor + key_len].decode())
+                except UnicodeDecodeError:
+                    raise InboxError("group key is not UTF-8") from None
+                cursor += key_len
+            yield bool(flags & PLAIN), tuple(groups), cursor, stop
+        else:
+            yield bool(flags & PLAIN), (), cursor, stop
         pos = stop

@@ -45,8 +45,14 @@ from redis.exceptions import RedisError, ResponseError
 
 from ..config import redact_url
 from ..core.message import Message
-from ..mqtt.properties import EMPTY_PROPERTIES
-from .envelope import EnvelopeError, EnvelopeFields, pack_envelope, unpack_envelope
+from ..mqtt.properties import EMPTY_PROPERTIES, Properties
+from .envelope import (
+    EnvelopeError,
+    EnvelopeFields,
+    EnvelopePacker,
+    unpack_envelope,
+    unpack_envelope_at,
+)
 from .handover import SnapshotError, decode_snapshot, encode_snapshot
 from .records import InboxError, encode_record, iter_records
 from .resp import Commands, RespWriter, open_writer
@@ -62,6 +68,8 @@ log = logging.getLogger("mcloudtt.cluster")
 GROUP = "brokers"
 # Messages per write: small enough that the next hop starts while we read the rest of a burst.
 FLUSH_BATCH = 256
+# Seconds between reads of the receivers' progress (what unconfirmed QoS 1/2 records to forget).
+CONFIRM_INTERVAL = 0.1
 
 # redis-py's annotations describe every response shape at once (RESP2 and RESP3, bytes or str);
 # we use bytes responses throughout and check shapes where they are read.
@@ -76,11 +84,19 @@ def _stream_id(raw: bytes | str) -> tuple[int, int]:
 
 @dataclass(slots=True)
 class _Outbound:
+    """A message for other brokers that needs more than one plain record (retained, shared
+    groups, broadcast mode or a tap): its envelope, records are made when it is written."""
+
     message: Message
     envelope: bytes
     sequence: int
     targets: Sequence[str]
     groups: Mapping[str, list[str]]
+
+
+# The common case, a message for plain subscriptions on other brokers only, with its inbox
+# record built at once: (QoS, sequence, record, destination broker ids).
+_PlainOutbound = tuple[int, int, bytes, Sequence[str]]
 
 
 class RedisBus:
@@ -95,13 +111,15 @@ class RedisBus:
         self.k_inbox = f"{prefix}:inbox:{self.me}"
         self.k_progress = f"{prefix}:progress:{self.me}"
         self.token = uuid.uuid4().hex
-        self._origin = self.me.encode()
+        self.packer = EnvelopePacker(self.me.encode())
+        # Every publish goes to Redis in these settings, whether or not a peer subscribed.
+        self._forward_all = settings.mode == BROADCAST or bool(settings.tap_stream)
         self.broker: Broker | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.redis: RedisClient | None = None
         self.connected = False
         self.sequence = time.time_ns() // 1000  # never reused by a later incarnation
-        self.outbound: deque[_Outbound] = deque()
+        self.outbound: deque[_Outbound | _PlainOutbound] = deque()
         self.control: list[tuple[str, str]] = []  # ("add"|"del", filter) announced on connect
         self.unconfirmed: dict[str, deque[tuple[int, bytes]]] = {}
         self.handled: dict[str, int] = {}  # origin -> highest sequence delivered from my inbox
@@ -113,7 +131,9 @@ class RedisBus:
         self._tasks: list[asyncio.Task[None]] = []
         self._flush_scheduled = False
         self.writer: RespWriter | None = None
-        self._unanswered: deque[tuple[int, list[_Outbound], list[tuple[str, str]]]] = deque()
+        self._unanswered: deque[
+            tuple[int, list[_Outbound | _PlainOutbound], list[tuple[str, str]]]
+        ] = deque()
         self._connected_event = asyncio.Event()
         self._lost_event = asyncio.Event()
         self._closing = False
@@ -159,33 +179,46 @@ class RedisBus:
     def forward(
         self, message: Message, targets: Sequence[str], groups: Mapping[str, list[str]]
     ) -> None:
-        mode = self.settings.mode
-        if not (
-            targets or groups or message.retain or mode == BROADCAST or self.settings.tap_stream
-        ):
+        retain = message.retain
+        if not (targets or groups or retain or self._forward_all):
             return  # nobody else wants it: no envelope, no Redis traffic
         self.sequence += 1
         sequence = self.sequence
-        envelope = pack_envelope(
-            self._origin,
-            sequence,
-            time.time_ns() // 1000,
-            message.origin,
-            message.topic_wire,
-            message.payload,
-            message.qos,
-            message.retain,
-            self._forward_properties(message),
-        )
-        item = _Outbound(message, envelope, sequence, targets, groups)
+        qos = message.qos
+        properties = message.properties
+        if message.expires_at is not None:
+            properties = self._remaining_expiry(message)
+        item: _Outbound | _PlainOutbound
+        if groups or retain or self._forward_all:
+            envelope = self.packer.envelope(
+                sequence,
+                time.time_ns() // 1000,
+                message.origin,
+                message.topic_wire,
+                message.payload,
+                qos,
+                retain,
+                properties,
+            )
+            item = _Outbound(message, envelope, sequence, targets, groups)
+        else:
+            record = self.packer.plain_record(
+                sequence,
+                time.time_ns() // 1000,
+                message.origin,
+                message.topic_wire,
+                message.payload,
+                qos,
+                properties,
+            )
+            item = (qos, sequence, record, targets)
         outbound = self.outbound
-        if len(outbound) >= self.settings.buffer_limit:
-            if not self._make_room(message.qos):
-                return
+        if len(outbound) >= self.settings.buffer_limit and not self._make_room(qos):
+            return
         outbound.append(item)
         if len(outbound) >= FLUSH_BATCH and self.connected:
             self._flush()  # mid-burst: the next broker starts on these while we read the rest
-        else:
+        elif not self._flush_scheduled:
             self._schedule_flush()
 
     def subscription_added(self, full_filter: str) -> None:
@@ -196,12 +229,10 @@ class RedisBus:
         self.control.append(("del", full_filter))
         self._schedule_flush()
 
-    def _forward_properties(self, message: Message) -> Any:
-        if message.expires_at is None or self.loop is None:
-            return message.properties
-        remaining = message.remaining_expiry(
-            self.broker.clock() if self.broker else self.loop.time()
-        )
+    def _remaining_expiry(self, message: Message) -> Properties:
+        """The properties to forward: Message Expiry Interval as what remains (MQTT-3.3.2-6)."""
+        assert self.broker is not None
+        remaining = message.remaining_expiry(self.broker.clock())
         return message.properties.replace(message_expiry_interval=remaining)
 
     def _make_room(self, qos: int) -> bool:
@@ -210,7 +241,7 @@ class RedisBus:
             self.dropped["buffer_full_qos0"] += 1
             return False
         for index, item in enumerate(self.outbound):
-            if item.message.qos == 0:
+            if (item[0] if isinstance(item, tuple) else item.message.qos) == 0:
                 del self.outbound[index]
                 self.dropped["buffer_full_qos0"] += 1
                 return True
@@ -273,46 +304,52 @@ class RedisBus:
                 pipe.srem(subs_key, full_filter)
             pipe.publish(self.k_control, f"{op}\x00{self.me}\x00{full_filter}")
 
-    def _add_items(self, pipe: Commands, items: list[_Outbound]) -> list[tuple[str, int, bytes]]:
+    def _add_items(
+        self, pipe: Commands, items: list[_Outbound | _PlainOutbound]
+    ) -> list[tuple[str, int, bytes]]:
         settings = self.settings
         broadcast = settings.mode == BROADCAST
         batches: dict[str, list[bytes]] = {}
         confirmable: list[tuple[str, int, bytes]] = []
         live_peers = self.live_peers
+        me = self.me
         for item in items:
+            if isinstance(item, tuple):
+                # The common case: the same plain record for every broker with a subscriber.
+                qos, sequence, record, targets = item
+                for dest in targets:
+                    if dest != me:
+                        batch = batches.get(dest)
+                        if batch is None:
+                            batch = batches[dest] = []
+                        batch.append(record)
+                        if qos:
+                            confirmable.append((dest, sequence, record))
+                continue
             message = item.message
             envelope = item.envelope
             sequence = item.sequence
             qos = message.qos
-            if not (broadcast or item.groups or message.retain):
-                # The common case: the same plain record for every broker with a subscriber.
-                record = encode_record(envelope, True, ())
-                for dest in item.targets:
-                    if dest != self.me:
-                        batches.setdefault(dest, []).append(record)
-                        if qos:
-                            confirmable.append((dest, sequence, record))
-            else:
-                if broadcast:
-                    pipe.publish(settings.sync_channel, envelope)
-                    # QoS 0 is delivered from `sync`; QoS 1/2 also go to every inbox.
-                    if qos or message.retain:
-                        dests: set[str] = set(live_peers)
-                    else:
-                        dests = set(item.groups)
-                    plain_to = dests if qos else set()
+            if broadcast:
+                pipe.publish(settings.sync_channel, envelope)
+                # QoS 0 is delivered from `sync`; QoS 1/2 also go to every inbox.
+                if qos or message.retain:
+                    dests: set[str] = set(live_peers)
                 else:
-                    dests = set(item.targets) | set(item.groups)
-                    if message.retain:
-                        dests |= live_peers  # every broker keeps the same retained state
-                    plain_to = set(item.targets)
-                for dest in dests:
-                    if dest == self.me:
-                        continue
-                    record = encode_record(envelope, dest in plain_to, item.groups.get(dest, ()))
-                    batches.setdefault(dest, []).append(record)
-                    if qos:
-                        confirmable.append((dest, sequence, record))
+                    dests = set(item.groups)
+                plain_to = dests if qos else set()
+            else:
+                dests = set(item.targets) | set(item.groups)
+                if message.retain:
+                    dests |= live_peers  # every broker keeps the same retained state
+                plain_to = set(item.targets)
+            for dest in dests:
+                if dest == self.me:
+                    continue
+                record = encode_record(envelope, dest in plain_to, item.groups.get(dest, ()))
+                batches.setdefault(dest, []).append(record)
+                if qos:
+                    confirmable.append((dest, sequence, record))
             if message.retain:
                 if message.payload:
                     pipe.hset(self.k_retained, message.topic, envelope)
@@ -348,6 +385,7 @@ class RedisBus:
                     asyncio.create_task(self._inbox_loop(), name="cluster-inbox"),
                     asyncio.create_task(self._pubsub_loop(), name="cluster-pubsub"),
                     asyncio.create_task(self._heartbeat_loop(), name="cluster-heartbeat"),
+                    asyncio.create_task(self._confirm_loop(), name="cluster-confirm"),
                 ]
                 try:
                     await self._lost_event.wait()
@@ -648,19 +686,30 @@ class RedisBus:
                     ):
                         self._peer_gone(peer)
                 self._forget_answered()
-                # Trim what receivers confirmed.
-                if self.unconfirmed:
-                    progress = await self._progress(redis, list(self.unconfirmed))
-                    for dest, queue in list(self.unconfirmed.items()):
-                        confirmed = progress.get(dest, 0)
-                        while queue and queue[0][0] <= confirmed:
-                            queue.popleft()
-                        if not queue:
-                            del self.unconfirmed[dest]
         except DuplicateBrokerId as error:
             log.error("%s", error)
             if self.fatal is not None and not self.fatal.done():
                 self.fatal.set_exception(error)
+        except (RedisError, OSError) as error:
+            self._link_lost(error)
+
+    async def _confirm_loop(self) -> None:
+        """Forget the QoS 1/2 records receivers have handled, a few times a second: what is
+        kept is what a lost link would make us resend, and it must stay well under the bound."""
+        redis = self.redis
+        assert redis is not None
+        try:
+            while True:
+                await asyncio.sleep(CONFIRM_INTERVAL)
+                if not self.unconfirmed:
+                    continue
+                progress = await self._progress(redis, list(self.unconfirmed))
+                for dest, queue in list(self.unconfirmed.items()):
+                    confirmed = progress.get(dest, 0)
+                    while queue and queue[0][0] <= confirmed:
+                        queue.popleft()
+                    if not queue:
+                        del self.unconfirmed[dest]
         except (RedisError, OSError) as error:
             self._link_lost(error)
 
@@ -802,18 +851,23 @@ class RedisBus:
             return
         received = 0
         try:
-            for plain, groups, raw in iter_records(batch):
+            for plain, groups, start, stop in iter_records(batch):
                 try:
-                    envelope = unpack_envelope(raw)
+                    envelope = unpack_envelope_at(batch, start, stop)
                 except EnvelopeError:
                     self.stats["bad_envelopes"] += 1
                     continue
-                origin, sequence = envelope[0], envelope[1]
+                origin, sequence, _, client_id, topic, payload, qos, retain, props = envelope
                 if sequence <= handled.get(origin, 0):
                     self.stats["duplicates"] += 1
                     continue
                 handled[origin] = sequence
-                message = self._to_message(envelope)
+                if props is EMPTY_PROPERTIES:  # nothing expires: the common case, inline
+                    message: Message | None = Message(
+                        topic, payload, qos, retain, props, origin=client_id
+                    )
+                else:
+                    message = self._to_message(envelope)
                 if message is not None:
                     received += 1
                     deliver(message, plain=plain, groups=groups)

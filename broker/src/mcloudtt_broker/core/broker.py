@@ -29,7 +29,7 @@ from .session import (
     snapshot_of,
 )
 from .stats import Stats
-from .trie import Subscription, SubscriptionTrie
+from .trie import SharedGroup, Subscription, SubscriptionTrie
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -63,6 +63,8 @@ class RemoteBroker:
         return f"RemoteBroker({self.broker_id!r})"
 
 
+_NO_TARGETS: tuple[str, ...] = ()
+
 Authenticator = Callable[[str, "str | None", "bytes | None"], bool]
 
 
@@ -91,6 +93,9 @@ class Broker:
         self.trie: SubscriptionTrie[Session] = SubscriptionTrie()
         # The cluster table: what other brokers subscribed to, kept current by the bus.
         self.remote: SubscriptionTrie[RemoteBroker] = SubscriptionTrie()
+        # Per topic: the remote brokers with a plain subscription, and the remote shared groups
+        # (fan-in repeats topics); dropped on every change of the table.
+        self._remote_routes: dict[str, tuple[list[str], list[SharedGroup[RemoteBroker]]]] = {}
         self.peers: dict[str, RemoteBroker] = {}
         self.filter_refs: Counter[str] = Counter()  # local sessions per full filter
         self._group_turns: Counter[str] = Counter()
@@ -271,6 +276,7 @@ class Broker:
             session=peer, topic_filter=full_filter, qos=2, share_group=group
         )
         self.remote.add(entry, inner)
+        self._remote_routes.clear()
 
     def remote_unsubscribe(self, broker_id: str, full_filter: str) -> None:
         peer = self.peers.get(broker_id)
@@ -279,6 +285,7 @@ class Broker:
         peer.filters.discard(full_filter)
         group, inner = split_shared(full_filter)
         self.remote.remove(peer, inner, group)
+        self._remote_routes.clear()
 
     def remote_forget(self, broker_id: str) -> None:
         """A broker left the cluster (or its table is being reloaded): drop its entries."""
@@ -288,6 +295,7 @@ class Broker:
                 group, inner = split_shared(full_filter)
                 self.remote.remove(peer, inner, group)
             peer.filters.clear()
+            self._remote_routes.clear()
 
     def send_retained(
         self, session: Session, sub: Subscription[Session], inner_filter: str, now: float
@@ -336,23 +344,31 @@ class Broker:
             else:
                 self.retained.delete(message.topic)  # MQTT-3.3.1-10: empty payload clears
 
-    def route(self, message: Message) -> tuple[list[str], dict[str, list[str]]]:
+    def route(self, message: Message) -> tuple[Sequence[str], dict[str, list[str]]]:
         """Deliver to local subscribers; return what the cluster still has to do.
 
         Returns the remote brokers with a matching plain subscription, and for each remote
         broker the shared groups it was chosen to serve: each shared group gets the message once
         in the whole cluster (round robin over the brokers that have members).
         """
-        per_session, groups = self.trie.match(message.topic)
-        self._deliver_plain(message, per_session)
+        topic = message.topic
+        per_session, groups = self.trie.match(topic)
+        if per_session:
+            self._deliver_plain(message, per_session)
         if not self.peers:
             for group in groups:
                 member = group.pick()
                 if member is not None:
                     self._deliver_one(message, member)
-            return [], {}
-        remote_plain, remote_groups = self.remote.match(message.topic)
-        targets = [peer.broker_id for peer, _ in remote_plain]
+            return _NO_TARGETS, {}
+        route = self._remote_routes.get(topic)
+        if route is None:
+            remote_plain, found_groups = self.remote.match(topic)
+            route = ([peer.broker_id for peer, _ in remote_plain], found_groups)
+            if len(self._remote_routes) >= 10_000:
+                self._remote_routes.clear()
+            self._remote_routes[topic] = route
+        targets, remote_groups = route
         assignments: dict[str, list[str]] = {}
         if groups or remote_groups:
             local_groups = {group.key: group for group in groups}
