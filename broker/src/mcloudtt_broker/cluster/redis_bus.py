@@ -40,6 +40,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import hiredis
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
@@ -55,7 +56,7 @@ from .envelope import (
 )
 from .handover import SnapshotError, decode_snapshot, encode_snapshot
 from .records import InboxError, encode_record, iter_records
-from .resp import Commands, RespWriter, open_writer
+from .resp import Commands, RespConnection, open_connection
 from .settings import BROADCAST, ClusterSettings, DuplicateBrokerId
 
 if TYPE_CHECKING:
@@ -68,6 +69,10 @@ log = logging.getLogger("mcloudtt.cluster")
 GROUP = "brokers"
 # Messages per write: small enough that the next hop starts while we read the rest of a burst.
 FLUSH_BATCH = 256
+# How long one inbox read blocks in Redis, and how long past that an answer may take before the
+# link counts as lost.
+INBOX_BLOCK_MS = 1000
+REPLY_TIMEOUT = 5.0
 # Seconds between reads of the receivers' progress (what unconfirmed QoS 1/2 records to forget).
 CONFIRM_INTERVAL = 0.1
 
@@ -130,7 +135,7 @@ class RedisBus:
         self.fatal: asyncio.Future[None] | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._flush_scheduled = False
-        self.writer: RespWriter | None = None
+        self.writer: RespConnection | None = None
         self._unanswered: deque[
             tuple[int, list[_Outbound | _PlainOutbound], list[tuple[str, str]]]
         ] = deque()
@@ -275,8 +280,11 @@ class RedisBus:
             self._unanswered.append((writer.sent, items, control))
             self.stats["forwarded"] += len(items)
             self.stats["flushes"] += 1
-            for dest, sequence, record in confirmable:
-                self.unconfirmed.setdefault(dest, deque()).append((sequence, record))
+            for dest, records in confirmable.items():
+                queue = self.unconfirmed.get(dest)
+                if queue is None:
+                    queue = self.unconfirmed[dest] = deque()
+                queue.extend(records)
         self._bound_unconfirmed()
 
     def _forget_answered(self) -> None:
@@ -306,11 +314,13 @@ class RedisBus:
 
     def _add_items(
         self, pipe: Commands, items: list[_Outbound | _PlainOutbound]
-    ) -> list[tuple[str, int, bytes]]:
+    ) -> dict[str, list[tuple[int, bytes]]]:
+        """Add the commands for `items`; return the QoS 1/2 records written per destination
+        (sequence, record), which are kept until the destination confirms them."""
         settings = self.settings
         broadcast = settings.mode == BROADCAST
         batches: dict[str, list[bytes]] = {}
-        confirmable: list[tuple[str, int, bytes]] = []
+        confirmable: dict[str, list[tuple[int, bytes]]] = {}
         live_peers = self.live_peers
         me = self.me
         for item in items:
@@ -324,7 +334,10 @@ class RedisBus:
                             batch = batches[dest] = []
                         batch.append(record)
                         if qos:
-                            confirmable.append((dest, sequence, record))
+                            kept = confirmable.get(dest)
+                            if kept is None:
+                                kept = confirmable[dest] = []
+                            kept.append((sequence, record))
                 continue
             message = item.message
             envelope = item.envelope
@@ -349,7 +362,7 @@ class RedisBus:
                 record = encode_record(envelope, dest in plain_to, item.groups.get(dest, ()))
                 batches.setdefault(dest, []).append(record)
                 if qos:
-                    confirmable.append((dest, sequence, record))
+                    confirmable.setdefault(dest, []).append((sequence, record))
             if message.retain:
                 if message.payload:
                     pipe.hset(self.k_retained, message.topic, envelope)
@@ -451,7 +464,7 @@ class RedisBus:
         # Resend what receivers have not confirmed (Redis may have lost it), then the buffer,
         # in sequence order: receivers drop a sequence lower than one they already handled.
         await self._resend_unconfirmed(redis)
-        self.writer = await open_writer(self.settings.url, self._link_lost)
+        self.writer = await open_connection(self.settings.url, self._link_lost)
         self.connected = True
         self.stats["connects"] += 1
         self._flush()
@@ -801,35 +814,35 @@ class RedisBus:
     async def _inbox_loop(self) -> None:
         redis = self.redis
         assert redis is not None
-        last_id = "0"  # first what was delivered to us before and not acknowledged
+        last_id = b"0"  # first what was delivered to us before and not acknowledged
         acks: list[bytes] = []
+        inbox: RespConnection | None = None
         try:
+            inbox = await open_connection(self.settings.url, lambda error: None)
             while True:
-                # Acknowledge the last batch and ask for the next in one round trip.
-                pipe = redis.pipeline(transaction=False)
+                # Acknowledge the last batch, report progress and ask for the next: one trip.
+                commands = Commands()
                 if acks:
-                    pipe.xack(self.k_inbox, GROUP, *acks)
+                    commands.xack(self.k_inbox, GROUP, acks)
                     if self.handled:
-                        pipe.hset(
-                            self.k_progress, mapping={k: str(v) for k, v in self.handled.items()}
-                        )
-                    pipe.xtrim(self.k_inbox, minid=acks[-1], approximate=False)
-                pipe.xreadgroup(GROUP, self.me, {self.k_inbox: last_id}, count=16, block=1000)
-                try:
-                    results = await pipe.execute()
-                except ResponseError as error:
-                    if "NOGROUP" in str(error):  # Redis restarted empty
-                        await self._ensure_group(redis)
-                        last_id = "0"
-                        acks = []
-                        continue
-                    raise
+                        commands.hset_many(self.k_progress, self.handled)
+                    commands.xtrim_minid(self.k_inbox, acks[-1])
+                commands.xreadgroup(GROUP, self.me, self.k_inbox, last_id, 16, INBOX_BLOCK_MS)
+                async with asyncio.timeout(INBOX_BLOCK_MS / 1000 + REPLY_TIMEOUT):
+                    replies = await inbox.call(commands)
                 acks = []
-                response = results[-1]
+                errors = [str(r) for r in replies if isinstance(r, hiredis.ReplyError)]
+                if errors:
+                    if any("NOGROUP" in error for error in errors):  # Redis restarted empty
+                        await self._ensure_group(redis)
+                        last_id = b"0"
+                        continue
+                    raise ResponseError(errors[0])
+                response = replies[-1]
                 entries = response[0][1] if response else []
                 if not entries:
-                    if last_id == "0":
-                        last_id = ">"
+                    if last_id == b"0":
+                        last_id = b">"
                     continue
                 self.stats["inbox_reads"] += 1
                 for entry_id, fields in entries:
@@ -840,12 +853,21 @@ class RedisBus:
                     await asyncio.sleep(0)
         except (RedisError, OSError) as error:
             self._link_lost(error)
+        finally:
+            if inbox is not None:
+                inbox.close()
 
-    def _handle_entry(self, fields: dict[bytes, bytes]) -> None:
+    def _handle_entry(self, fields: list[bytes] | None) -> None:
+        """One inbox entry: its field list, `b` then the batch (None if it was deleted)."""
         assert self.broker is not None
         handled = self.handled
         deliver = self.broker.deliver_remote
-        batch = fields.get(b"b")
+        batch = None
+        if isinstance(fields, list):
+            for index in range(0, len(fields) - 1, 2):
+                if fields[index] == b"b" and isinstance(fields[index + 1], bytes):
+                    batch = fields[index + 1]
+                    break
         if batch is None:
             self.stats["bad_batches"] += 1
             return
@@ -870,7 +892,7 @@ class RedisBus:
                     message = self._to_message(envelope)
                 if message is not None:
                     received += 1
-                    deliver(message, plain=plain, groups=groups)
+                    deliver(message, plain, groups)
         except InboxError:
             self.stats["bad_batches"] += 1
         self.stats["received"] += received

@@ -1,16 +1,19 @@
-"""A write-only, pipelined Redis connection for the cluster's outbound traffic.
+"""A lean, pipelined Redis connection for the cluster's hot paths.
 
-redis-py's pipelines wait for every reply before the next batch can go, so a broker could only
-forward one batch per round trip. This connection writes commands as soon as they are built,
-from inside the callback that accepted the publishes, and counts the replies as they come back
-(Redis answers in order on one connection): the next hop starts while we are still reading
-the rest of a burst. Replies are only counted; error replies are counted too.
+redis-py's pipelines wait for every reply before the next batch can go, and cost a few hundred
+microseconds of Python per round trip. This connection writes commands as soon as they are built
+and matches replies to them in order (Redis answers in order on one connection):
+
+* `write()` for the outbound traffic: from inside the callback that accepted the publishes, with
+  replies only counted (errors too), so the next hop starts while we still read the burst;
+* `call()` for the inbox: await the replies of one batch of commands (one round trip).
 """
 
 from __future__ import annotations
 
 import asyncio
 import ssl
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -31,7 +34,7 @@ def pack(*args: Arg, out: bytearray) -> None:
 
 
 class Commands:
-    """Collects commands for one write, with the names the bus uses."""
+    """Commands for one write, with the names the bus uses."""
 
     __slots__ = ("count", "data")
 
@@ -39,39 +42,62 @@ class Commands:
         self.data = bytearray()
         self.count = 0
 
-    def _add(self, *args: Arg) -> None:
+    def add(self, *args: Arg) -> None:
         pack(*args, out=self.data)
         self.count += 1
 
     def xadd(self, key: str, field: str, value: bytes, maxlen: int) -> None:
-        self._add("XADD", key, "MAXLEN", "~", maxlen, "*", field, value)
+        self.add("XADD", key, "MAXLEN", "~", maxlen, "*", field, value)
 
     def publish(self, channel: str, message: bytes | str) -> None:
-        self._add("PUBLISH", channel, message)
+        self.add("PUBLISH", channel, message)
 
     def hset(self, key: str, field: str, value: bytes) -> None:
-        self._add("HSET", key, field, value)
+        self.add("HSET", key, field, value)
 
     def hdel(self, key: str, field: str) -> None:
-        self._add("HDEL", key, field)
+        self.add("HDEL", key, field)
 
     def sadd(self, key: str, member: str) -> None:
-        self._add("SADD", key, member)
+        self.add("SADD", key, member)
 
     def srem(self, key: str, member: str) -> None:
-        self._add("SREM", key, member)
+        self.add("SREM", key, member)
+
+    def xack(self, key: str, group: str, ids: list[bytes]) -> None:
+        self.add("XACK", key, group, *ids)
+
+    def hset_many(self, key: str, mapping: dict[str, int]) -> None:
+        args: list[Arg] = []
+        for field, value in mapping.items():
+            args += (field, value)
+        self.add("HSET", key, *args)
+
+    def xtrim_minid(self, key: str, minid: bytes) -> None:
+        self.add("XTRIM", key, "MINID", minid)
+
+    def xreadgroup(
+        self, group: str, consumer: str, key: str, last_id: bytes, count: int, block_ms: int
+    ) -> None:
+        self.add(
+            "XREADGROUP", "GROUP", group, consumer, "COUNT", count, "BLOCK", block_ms,
+            "STREAMS", key, last_id,
+        )  # fmt: skip
 
 
-class RespWriter(asyncio.Protocol):
+class RespConnection(asyncio.Protocol):
     def __init__(self, on_lost: Callable[[BaseException], None]) -> None:
         self.on_lost = on_lost
         self.transport: asyncio.Transport | None = None
         self.reader = hiredis.Reader()
         self.sent = 0  # commands written
         self.replies = 0  # replies read
-        self.errors = 0  # error replies
+        self.errors = 0  # error replies to written (not called) commands
         self.last_error = ""
         self.closed = False
+        # Callers of `call()`, oldest first: (index of their first command, index after their
+        # last, future, replies so far). Commands outside these ranges were `write()`s.
+        self._waiting: deque[tuple[int, int, asyncio.Future[list[Any]], list[Any]]] = deque()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -79,23 +105,51 @@ class RespWriter(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         reader = self.reader
         reader.feed(data)
+        waiting = self._waiting
         while True:
             reply = reader.gets()
             if reply is False:
                 return
-            self.replies += 1
+            index = self.replies
+            self.replies = index + 1
+            if waiting:
+                first, stop, future, replies = waiting[0]
+                if index >= first:
+                    replies.append(reply)
+                    if index + 1 == stop:
+                        waiting.popleft()
+                        if not future.done():
+                            future.set_result(replies)
+                    continue
             if isinstance(reply, hiredis.ReplyError):
                 self.errors += 1
                 self.last_error = str(reply)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        self.on_lost(exc or ConnectionError("Redis closed the connection"))
+        error = exc or ConnectionError("Redis closed the connection")
+        while self._waiting:
+            _, _, future, _ = self._waiting.popleft()
+            if not future.done():
+                future.set_exception(ConnectionError(f"Redis connection lost: {error}"))
+        self.on_lost(error)
 
     def write(self, commands: Commands) -> None:
+        """Send without waiting; the replies are only counted."""
         assert self.transport is not None
         self.transport.write(commands.data)
         self.sent += commands.count
+
+    async def call(self, commands: Commands) -> list[Any]:
+        """Send and wait for the replies, in order; error replies come back as
+        `hiredis.ReplyError` values, not raised."""
+        if self.closed or self.transport is None:
+            raise ConnectionError("Redis connection closed")
+        future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+        first = self.sent
+        self._waiting.append((first, first + commands.count, future, []))
+        self.write(commands)
+        return await future
 
     def close(self) -> None:
         if self.transport is not None and not self.closed:
@@ -111,9 +165,9 @@ class RespWriter(asyncio.Protocol):
         return self.replies >= target
 
 
-async def open_writer(
+async def open_connection(
     url: str, on_lost: Callable[[BaseException], None], timeout: float = 2.0
-) -> RespWriter:
+) -> RespConnection:
     """Connect, authenticate and select the database of `url`."""
     options: dict[str, Any] = parse_url(url)  # type: ignore[no-untyped-call]
     loop = asyncio.get_running_loop()
@@ -121,9 +175,9 @@ async def open_writer(
     if context is not None and "ssl_cert_reqs=none" in url.lower():
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
-    _, writer = await asyncio.wait_for(
+    _, connection = await asyncio.wait_for(
         loop.create_connection(
-            lambda: RespWriter(on_lost),
+            lambda: RespConnection(on_lost),
             options.get("host", "127.0.0.1"),
             int(options.get("port", 6379)),
             ssl=context,
@@ -133,14 +187,17 @@ async def open_writer(
     setup = Commands()
     if options.get("password"):
         if options.get("username"):
-            setup._add("AUTH", options["username"], options["password"])
+            setup.add("AUTH", options["username"], options["password"])
         else:
-            setup._add("AUTH", options["password"])
-    setup._add("SELECT", int(options.get("db", 0)))
-    writer.write(setup)
-    if not await writer.settled(timeout) or writer.errors:
-        writer.close()
-        raise ConnectionError(
-            f"Redis refused the writer connection: {writer.last_error or 'no answer'}"
-        )
-    return writer
+            setup.add("AUTH", options["password"])
+    setup.add("SELECT", int(options.get("db", 0)))
+    try:
+        replies = await asyncio.wait_for(connection.call(setup), timeout)
+    except BaseException:
+        connection.close()
+        raise
+    refused = [str(reply) for reply in replies if isinstance(reply, hiredis.ReplyError)]
+    if refused:
+        connection.close()
+        raise ConnectionError(f"Redis refused the connection: {refused[0]}")
+    return connection

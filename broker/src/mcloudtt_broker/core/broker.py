@@ -316,20 +316,23 @@ class Broker:
 
     def publish(self, message: Message) -> None:
         """A publish accepted here (from a client, a will or $SYS): store, route, forward."""
-        self._store_retained(message)
+        if message.retain:
+            self._store_retained(message)
         targets, groups = self.route(message)
         self.bus.forward(message, targets, groups)
 
-    def deliver_remote(self, message: Message, *, plain: bool, groups: Sequence[str]) -> None:
+    def deliver_remote(self, message: Message, plain: bool, groups: Sequence[str]) -> None:
         """A publish from another broker: keep its retained state and deliver here only.
 
         `plain`: deliver to local non-shared subscriptions; `groups`: shared groups the origin
         chose this broker for.
         """
-        self._store_retained(message)
-        per_session, _ = self.trie.match(message.topic)
+        if message.retain:
+            self._store_retained(message)
         if plain:
-            self._deliver_plain(message, per_session)
+            per_session, _ = self.trie.match(message.topic)
+            if per_session:
+                self._deliver_plain(message, per_session)
         for key in groups:
             group_name, inner = split_shared(key)
             group = self.trie.group(inner, group_name or "")
@@ -338,11 +341,10 @@ class Broker:
                 self._deliver_one(message, member)
 
     def _store_retained(self, message: Message) -> None:
-        if message.retain:
-            if message.payload:
-                self.retained.set(message)
-            else:
-                self.retained.delete(message.topic)  # MQTT-3.3.1-10: empty payload clears
+        if message.payload:
+            self.retained.set(message)
+        else:
+            self.retained.delete(message.topic)  # MQTT-3.3.1-10: empty payload clears
 
     def route(self, message: Message) -> tuple[Sequence[str], dict[str, list[str]]]:
         """Deliver to local subscribers; return what the cluster still has to do.
