@@ -9,10 +9,10 @@ from mcloudtt_broker.cluster.envelope import (
     Envelope,
     EnvelopeError,
     EnvelopePacker,
+    EnvelopeReader,
     decode_envelope,
     encode_envelope,
     unpack_envelope,
-    unpack_envelope_at,
 )
 from mcloudtt_broker.cluster.records import InboxError, encode_record, iter_records
 from mcloudtt_broker.mqtt.properties import EMPTY_PROPERTIES, Properties
@@ -107,7 +107,7 @@ def test_a_batch_mixing_plain_and_shared_records_reads_back_in_order() -> None:
     batch = b"".join(records)
     seen = []
     for plain, groups, start, stop in iter_records(batch):
-        fields = unpack_envelope_at(batch, start, stop)
+        fields = EnvelopeReader().read(batch, start, stop)
         seen.append((plain, groups, fields[1], fields[4], fields[5]))
     assert seen == [
         (True, (), 1, "t/1", b"\x01"),
@@ -128,8 +128,8 @@ def test_every_cut_inside_the_fields_is_an_envelope_error() -> None:
     batch = encode_record(envelope[:-3], True, ()) + encode_record(envelope, True, ())
     (_, _, start, stop), second = iter_records(batch)
     with pytest.raises(EnvelopeError):
-        unpack_envelope_at(batch, start, stop)
-    assert unpack_envelope_at(batch, second[2], second[3])[4] == "a/b"
+        EnvelopeReader().read(batch, start, stop)
+    assert EnvelopeReader().read(batch, second[2], second[3])[4] == "a/b"
 
 
 @pytest.mark.parametrize(
@@ -172,11 +172,36 @@ def test_arbitrary_batches_are_records_or_an_inbox_error(data: bytes) -> None:
         pass
 
 
-def test_the_client_id_cache_stays_bounded() -> None:
+def test_records_of_one_publisher_and_topic_reuse_the_cached_parts_correctly() -> None:
     packer = EnvelopePacker(b"a")
+    for n, (payload, props) in enumerate(
+        [(b"1", EMPTY_PROPERTIES), (b"22", RICH), (b"", EMPTY_PROPERTIES), (b"4444", RICH)]
+    ):
+        record = packer.plain_record(n, n * 10, "pub", wire("s/t"), payload, n % 3, props)
+        envelope = packer.envelope(n, n * 10, "pub", wire("s/t"), payload, n % 3, False, props)
+        assert record == encode_record(envelope, True, ())
+        assert unpack_envelope(record[6:]) == (
+            "a",
+            n,
+            n * 10,
+            "pub",
+            "s/t",
+            payload,
+            n % 3,
+            False,
+            props,
+        )
+
+
+def test_the_caches_stay_bounded() -> None:
+    packer = EnvelopePacker(b"a")
+    reader = EnvelopeReader()
     for n in range(25_000):
-        packer.plain_record(n, 0, f"device-{n}", wire("t"), b"", 0, EMPTY_PROPERTIES)
+        record = packer.plain_record(n, 0, f"device-{n}", wire("t"), b"", 0, EMPTY_PROPERTIES)
+        reader.read(record, 6, len(record))
     assert len(packer._clients) <= 10_000
+    assert len(packer._middles) <= 10_000
+    assert len(reader._names) <= 10_000
     record = packer.plain_record(1, 0, "device-3", wire("t"), b"", 0, EMPTY_PROPERTIES)
     assert unpack_envelope(record[6:])[3] == "device-3"
 

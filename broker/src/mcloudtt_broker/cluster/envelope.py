@@ -61,7 +61,6 @@ class Envelope:
 
 # A plain inbox record (records.py: length, flags 0x01, no groups) and the envelope head, as one.
 _PLAIN_RECORD_HEAD = struct.Struct(">IBBBBQQB")
-_FIXED = _HEAD.size + 4  # head and properties length: the rest of the envelope is variable
 
 
 class EnvelopePacker:
@@ -71,13 +70,15 @@ class EnvelopePacker:
     inbox record (`records.py`) in one step, without an intermediate envelope.
     """
 
-    __slots__ = ("_clients", "origin")
+    __slots__ = ("_clients", "_middles", "origin")
 
     def __init__(self, origin: bytes) -> None:
         if len(origin) > 255:
             raise ValueError("broker id longer than 255 bytes")
         self.origin = origin
-        self._clients: dict[str, bytes] = {}
+        self._clients: dict[str, bytes] = {}  # client id -> its length-prefixed UTF-8
+        # (client id, topic wire) -> origin, client id, topic and an empty properties length.
+        self._middles: dict[tuple[str, bytes], bytes] = {}
 
     def _client_wire(self, client_id: str) -> bytes:
         wire = self._clients.get(client_id)
@@ -131,20 +132,41 @@ class EnvelopePacker:
         properties: Properties,
     ) -> bytes:
         """The same bytes as `encode_record(envelope(...), True, ())` for a non-retained message."""
-        client = self._client_wire(client_id)
-        props = b"" if properties is EMPTY_PROPERTIES else bytes(encode_property_body(properties))
-        origin = self.origin
-        size = _FIXED + len(origin) + len(client) + len(topic_wire) + len(props) + len(payload)
+        if properties is EMPTY_PROPERTIES:
+            # Everything between the head and the payload repeats per publisher and topic.
+            key = (client_id, topic_wire)
+            middle = self._middles.get(key)
+            if middle is None:
+                middle = b"".join(
+                    (self.origin, self._client_wire(client_id), topic_wire, b"\x00\x00\x00\x00")
+                )
+                if len(self._middles) >= 10_000:
+                    self._middles.clear()
+                self._middles[key] = middle
+        else:
+            props = bytes(encode_property_body(properties))
+            middle = b"".join(
+                (
+                    self.origin,
+                    self._client_wire(client_id),
+                    topic_wire,
+                    len(props).to_bytes(4, "big"),
+                    props,
+                )
+            )
         return b"".join(
             (
                 _PLAIN_RECORD_HEAD.pack(
-                    size + 2, 0x01, 0, ENVELOPE_VERSION, qos, received_at_us, sequence, len(origin)
+                    _HEAD.size + len(middle) + len(payload) + 2,
+                    0x01,
+                    0,
+                    ENVELOPE_VERSION,
+                    qos,
+                    received_at_us,
+                    sequence,
+                    len(self.origin),
                 ),
-                origin,
-                client,
-                topic_wire,
-                len(props).to_bytes(4, "big"),
-                props,
+                middle,
                 payload,
             )
         )
@@ -168,60 +190,86 @@ def encode_envelope(envelope: Envelope) -> bytes:
 EnvelopeFields = tuple[str, int, int, str, str, bytes, int, bool, Properties]
 
 
+class EnvelopeReader:
+    """Reads envelopes; the receivers' hot path.
+
+    The origin, client id and topic of an envelope repeat from message to message (one publisher,
+    a few topics), so their bytes are decoded and checked once and remembered (bounded).
+    """
+
+    __slots__ = ("_names",)
+
+    def __init__(self) -> None:
+        self._names: dict[bytes, tuple[str, str, str]] = {}
+
+    def read(self, data: bytes, pos: int, end: int) -> EnvelopeFields:
+        """The fields of the envelope in data[pos:end]; raises `EnvelopeError`."""
+        try:
+            if end - pos < _HEAD.size:
+                raise EnvelopeError("envelope shorter than its header")
+            version, flags, received_at, sequence, origin_len = _HEAD.unpack_from(data, pos)
+            if version != ENVELOPE_VERSION:
+                raise EnvelopeError(f"unknown envelope version {version}")
+            qos = flags & 0x03
+            if qos == 3 or flags & 0xF8:
+                raise EnvelopeError(f"invalid envelope flags 0x{flags:02x}")
+            names_at = pos + _HEAD.size
+            stop = names_at + origin_len
+            if stop + 2 > end:
+                raise EnvelopeError("envelope truncated")
+            stop += 2 + _U16.unpack_from(data, stop)[0]  # past the client id
+            if stop + 2 > end:
+                raise EnvelopeError("envelope truncated")
+            stop += 2 + _U16.unpack_from(data, stop)[0]  # past the topic
+            if stop + 4 > end:
+                raise EnvelopeError("envelope truncated")
+            raw_names = data[names_at:stop]
+            names = self._names.get(raw_names)
+            if names is None:
+                names = _decode_names(raw_names, origin_len)
+                if len(self._names) >= 10_000:
+                    self._names.clear()
+                self._names[raw_names] = names
+            (length,) = _U32.unpack_from(data, stop)
+            start = stop + 4
+            stop = start + length
+            if stop > end:
+                raise EnvelopeError("envelope truncated")
+            props = decode_property_body(data, start, stop, PUBLISH) if length else EMPTY_PROPERTIES
+            origin, client_id, topic = names
+            return (
+                origin,
+                sequence,
+                received_at,
+                client_id,
+                topic,
+                data[stop:end],
+                qos,
+                bool(flags & 0x04),
+                props,
+            )
+        except (UnicodeDecodeError, MQTTError, struct.error, IndexError) as error:
+            raise EnvelopeError(f"malformed envelope: {error}") from None
+
+
+def _decode_names(raw: bytes, origin_len: int) -> tuple[str, str, str]:
+    """Origin, client id and topic from their bytes (lengths already checked by the caller)."""
+    origin = raw[:origin_len].decode()
+    pos = origin_len + 2
+    stop = pos + int.from_bytes(raw[origin_len:pos], "big")
+    client_id = raw[pos:stop].decode()
+    topic = raw[stop + 2 :].decode()
+    if not topic or "+" in topic or "#" in topic or "\x00" in topic:
+        raise EnvelopeError(f"invalid topic {topic!r}")
+    return origin, client_id, topic
+
+
+_READER = EnvelopeReader()
+
+
 def unpack_envelope(data: bytes) -> EnvelopeFields:
     """The fields of an envelope, without building an `Envelope`; raises `EnvelopeError`."""
-    return unpack_envelope_at(data, 0, len(data))
-
-
-def unpack_envelope_at(data: bytes, pos: int, end: int) -> EnvelopeFields:
-    """`unpack_envelope` of data[pos:end], without slicing it out first (inbox batches)."""
-    try:
-        if end - pos < _HEAD.size:
-            raise EnvelopeError("envelope shorter than its header")
-        version, flags, received_at, sequence, origin_len = _HEAD.unpack_from(data, pos)
-        if version != ENVELOPE_VERSION:
-            raise EnvelopeError(f"unknown envelope version {version}")
-        qos = flags & 0x03
-        if qos == 3 or flags & 0xF8:
-            raise EnvelopeError(f"invalid envelope flags 0x{flags:02x}")
-        start = pos + _HEAD.size
-        stop = start + origin_len
-        if stop + 2 > end:
-            raise EnvelopeError("envelope truncated")
-        origin = data[start:stop].decode()
-        (length,) = _U16.unpack_from(data, stop)
-        start = stop + 2
-        stop = start + length
-        if stop + 2 > end:
-            raise EnvelopeError("envelope truncated")
-        client_id = data[start:stop].decode()
-        (length,) = _U16.unpack_from(data, stop)
-        start = stop + 2
-        stop = start + length
-        if stop + 4 > end:
-            raise EnvelopeError("envelope truncated")
-        topic = data[start:stop].decode()
-        if not topic or "+" in topic or "#" in topic or "\x00" in topic:
-            raise EnvelopeError(f"invalid topic {topic!r}")
-        (length,) = _U32.unpack_from(data, stop)
-        start = stop + 4
-        stop = start + length
-        if stop > end:
-            raise EnvelopeError("envelope truncated")
-        props = decode_property_body(data, start, stop, PUBLISH) if length else EMPTY_PROPERTIES
-        return (
-            origin,
-            sequence,
-            received_at,
-            client_id,
-            topic,
-            data[stop:end],
-            qos,
-            bool(flags & 0x04),
-            props,
-        )
-    except (UnicodeDecodeError, MQTTError, struct.error, IndexError) as error:
-        raise EnvelopeError(f"malformed envelope: {error}") from None
+    return _READER.read(data, 0, len(data))
 
 
 def decode_envelope(data: bytes) -> Envelope:

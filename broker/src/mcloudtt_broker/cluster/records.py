@@ -45,7 +45,7 @@ def encode_record(envelope: bytes, plain: bool, groups: Sequence[str]) -> bytes:
 
 def iter_records(batch: bytes) -> Iterator[tuple[bool, tuple[str, ...], int, int]]:
     """Yield (plain, groups, start, stop) for each record of a batch: its envelope is
-    batch[start:stop] (left in place for `unpack_envelope_at`)."""
+    batch[start:stop] (left in place for `EnvelopeReader.read`)."""
     pos = 0
     end = len(batch)
     while pos < end:

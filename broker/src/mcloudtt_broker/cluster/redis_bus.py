@@ -51,8 +51,8 @@ from .envelope import (
     EnvelopeError,
     EnvelopeFields,
     EnvelopePacker,
+    EnvelopeReader,
     unpack_envelope,
-    unpack_envelope_at,
 )
 from .handover import SnapshotError, decode_snapshot, encode_snapshot
 from .records import InboxError, encode_record, iter_records
@@ -117,6 +117,7 @@ class RedisBus:
         self.k_progress = f"{prefix}:progress:{self.me}"
         self.token = uuid.uuid4().hex
         self.packer = EnvelopePacker(self.me.encode())
+        self.reader = EnvelopeReader()
         # Every publish goes to Redis in these settings, whether or not a peer subscribed.
         self._forward_all = settings.mode == BROADCAST or bool(settings.tap_stream)
         self.broker: Broker | None = None
@@ -862,6 +863,7 @@ class RedisBus:
         assert self.broker is not None
         handled = self.handled
         deliver = self.broker.deliver_remote
+        read = self.reader.read
         batch = None
         if isinstance(fields, list):
             for index in range(0, len(fields) - 1, 2):
@@ -875,7 +877,7 @@ class RedisBus:
         try:
             for plain, groups, start, stop in iter_records(batch):
                 try:
-                    envelope = unpack_envelope_at(batch, start, stop)
+                    envelope = read(batch, start, stop)
                 except EnvelopeError:
                     self.stats["bad_envelopes"] += 1
                     continue

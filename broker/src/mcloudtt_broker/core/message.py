@@ -9,6 +9,10 @@ from __future__ import annotations
 
 from ..mqtt.properties import EMPTY_PROPERTIES, Properties, encode_properties
 
+# Topic names repeat (fan-in traffic): their wire form is kept, up to a bound.
+_TOPIC_WIRES: dict[str, bytes] = {}
+_TOPIC_WIRES_MAX = 10_000
+
 
 class Message:
     __slots__ = (
@@ -35,9 +39,15 @@ class Message:
         origin: str = "",
     ) -> None:
         self.topic = topic
-        raw = topic.encode()
-        # The topic as it goes on the wire (length-prefixed UTF-8), built once per message.
-        self.topic_wire = len(raw).to_bytes(2, "big") + raw
+        # The topic as it goes on the wire (length-prefixed UTF-8), built once per topic name.
+        wire = _TOPIC_WIRES.get(topic)
+        if wire is None:
+            raw = topic.encode()
+            wire = len(raw).to_bytes(2, "big") + raw
+            if len(_TOPIC_WIRES) >= _TOPIC_WIRES_MAX:
+                _TOPIC_WIRES.clear()
+            _TOPIC_WIRES[topic] = wire
+        self.topic_wire = wire
         self.payload = payload
         self.qos = qos
         self.retain = retain
