@@ -318,3 +318,117 @@ def test_sys_statistics_of_every_broker_cross_the_cluster(cluster_factory, clien
         with contextlib.suppress(AssertionError):
             seen.add(watcher.get(timeout=1).topic.split("/")[2])
     assert seen == {"b1", "b2"}
+
+
+def test_offline_session_survives_the_death_of_its_broker(cluster_factory, clients):
+    """A persistent session is stored in Redis: when its broker dies, a survivor takes it over,
+    keeps queuing for it, and the client resumes it on any broker with everything queued."""
+    a, b, c = cluster_factory(3)
+    first = clients(a.port, "sensor-9", version=5, clean=False, session_expiry=600)
+    first.subscribe("cmd/sensor-9/#", qos=1)
+    first.disconnect()
+    wait_filters([b, c], at_least=1)
+    publisher = clients(b.port, "commander")
+    for n in range(3):
+        publisher.publish(f"cmd/sensor-9/{n}", f"before-{n}".encode(), qos=1)
+    # Queued on a, which stores the session with its queue within 0.1 s; then a dies.
+    time.sleep(0.5)
+    assert a.proc is not None
+    a.proc.kill()
+    a.proc.wait()
+    # A survivor notices a is gone (presence TTL 2 s) and adopts the session.
+    wait_until(
+        lambda: (
+            b.metric("mcloudtt_cluster_sessions_adopted_total")
+            + c.metric("mcloudtt_cluster_sessions_adopted_total")
+            == 1
+        ),
+        10,
+        "a survivor to adopt the session",
+    )
+    if c.metric("mcloudtt_cluster_sessions_adopted_total"):
+        wait_filters([b], at_least=1)  # c subscribes on the session's behalf now
+    for n in range(3):
+        publisher.publish(f"cmd/sensor-9/{n}", f"after-{n}".encode(), qos=1)
+    # The client comes back on c (whichever survivor adopted it, the session follows).
+    again = clients(c.port, "sensor-9", version=5, clean=False, session_expiry=600)
+    assert again.session_present
+    payloads = [m.payload for m in again.get_n(6)]
+    assert payloads == [f"before-{n}".encode() for n in range(3)] + [
+        f"after-{n}".encode() for n in range(3)
+    ]
+    # Still subscribed: new messages reach it.
+    publisher.publish("cmd/sensor-9/x", b"live", qos=1)
+    assert again.get().payload == b"live"
+
+
+def test_a_client_of_a_dead_broker_resumes_its_session_elsewhere(cluster_factory, clients):
+    """Connected on a when a dies: reconnecting to b gives session present, the subscriptions
+    back, and messages published after the failover."""
+    a, b = cluster_factory(2)
+    device = clients(a.port, "gateway-2", version=4, clean=False)  # a 3.1.1 persistent session
+    device.subscribe("fleet/gateway-2/#", qos=1)
+    wait_filters([b], at_least=1)
+    time.sleep(0.5)  # the session is stored within 0.1 s of the subscription
+    assert a.proc is not None
+    a.proc.kill()
+    a.proc.wait()
+    again = clients(b.port, "gateway-2", version=4, clean=False)
+    assert again.session_present
+    assert (
+        b.metric("mcloudtt_cluster_sessions_restored_total")
+        + b.metric("mcloudtt_cluster_sessions_adopted_total")
+        == 1
+    )
+    clients(b.port, "ops").publish("fleet/gateway-2/reboot", b"now", qos=1)
+    assert again.get().payload == b"now"
+
+
+def test_stored_sessions_follow_their_state(cluster_factory, clients, redis_server):
+    """What Redis holds: persistent sessions only, rewritten when they change, gone when they
+    end (clean start elsewhere, expiry)."""
+    (a,) = cluster_factory(1)
+    r = redis.Redis(port=redis_server.port)
+    keep = clients(a.port, "keeper", version=5, clean=False, session_expiry=600)
+    clients(a.port, "passer-by", version=5, clean=True)  # session expiry 0: not stored
+    keep.subscribe("k/1", qos=1)
+    wait_until(lambda: r.hexists("mcloudtt:sessions:b1", "keeper"), what="session stored")
+    assert not r.hexists("mcloudtt:sessions:b1", "passer-by")
+    keep.subscribe("k/2", qos=0)
+    wait_until(
+        lambda: b"k/2" in (r.hget("mcloudtt:sessions:b1", "keeper") or b""),
+        what="new subscription stored",
+    )
+    keep.disconnect()
+    clients(a.port, "keeper", version=5, clean=True)
+    wait_until(
+        lambda: not r.hexists("mcloudtt:sessions:b1", "keeper"),
+        what="clean start removed the stored session",
+    )
+
+
+def test_a_broker_restarted_under_its_id_takes_back_its_stored_sessions(redis_server, clients):
+    """A pod that restarts keeps its name (StatefulSet): the new run adopts what the old one
+    stored, queued messages included."""
+    a = start_broker(redis_server.url, "keeper-1")
+    try:
+        wait_ready([a])
+        first = clients(a.port, "meter-4", version=5, clean=False, session_expiry=600)
+        first.subscribe("meter/4/#", qos=1)
+        first.disconnect()
+        clients(a.port, "pub").publish("meter/4/reading", b"17.5", qos=1)
+        time.sleep(0.5)  # stored within 0.1 s
+        assert a.proc is not None
+        a.proc.kill()
+        a.proc.wait()
+    finally:
+        a.stop()
+    again = start_broker(redis_server.url, "keeper-1")
+    try:
+        wait_ready([again], timeout=10)  # waits out the old run's presence
+        assert again.metric("mcloudtt_cluster_sessions_adopted_total") == 1
+        back = clients(again.port, "meter-4", version=5, clean=False, session_expiry=600)
+        assert back.session_present
+        assert back.get().payload == b"17.5"
+    finally:
+        again.stop()

@@ -33,6 +33,11 @@ class ClusterBus(Protocol):
         """The last local subscription with this filter went away."""
         ...
 
+    def session_changed(self, client_id: str) -> None:
+        """A session's lasting state changed (subscriptions, connection, queue while away, end):
+        a bus that stores persistent sessions for failover writes it again."""
+        ...
+
 
 class LocalBus:
     """A single node: nothing to forward to."""
@@ -46,4 +51,7 @@ class LocalBus:
         return None
 
     def subscription_removed(self, full_filter: str) -> None:
+        return None
+
+    def session_changed(self, client_id: str) -> None:
         return None

@@ -18,6 +18,10 @@ Theory of operation.
   what is unconfirmed after every reconnect, even if Redis lost its data; receivers drop
   sequences they have already handled (per origin, in order). Envelope sequences start at the
   boot time in microseconds, so a restarted origin never reuses one.
+* Persistent sessions: stored in the hash `{prefix}:sessions:{id}` (client id -> snapshot,
+  `handover.py`) within SESSION_WRITE_DELAY of each change. A CONNECT for a client whose broker
+  is alive hands the session over directly; when that broker is gone (or does not answer), the
+  stored copy is taken, and survivors adopt a gone broker's stored sessions as offline sessions.
 * Retained messages: the hash `{prefix}:retained` (topic -> envelope), written on each retained
   publish, loaded at start and after each reconnect; retained publishes go to every broker.
 * The retry pattern: Redis unreachable (at start or later) never stops the broker. It serves
@@ -46,6 +50,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from ..config import redact_url
 from ..core.message import Message
+from ..core.session import NEVER_EXPIRES, snapshot_of
 from ..mqtt.properties import EMPTY_PROPERTIES, Properties
 from .envelope import (
     EnvelopeError,
@@ -73,6 +78,21 @@ FLUSH_BATCH = 256
 # link counts as lost.
 INBOX_BLOCK_MS = 1000
 REPLY_TIMEOUT = 5.0
+# Persistent sessions are written to Redis at most this long after they change.
+SESSION_WRITE_DELAY = 0.1
+# Claim a session a gone broker stored, if the client registry still names that broker (or no
+# one): KEYS client registry, stored sessions of the gone broker; ARGV gone broker, me, client
+# id, registry TTL. Returns the stored session, or nil; the stored copy is removed either way.
+_ADOPT_SCRIPT = """
+local holder = redis.call('GET', KEYS[1])
+local data = redis.call('HGET', KEYS[2], ARGV[3])
+redis.call('HDEL', KEYS[2], ARGV[3])
+if data and (holder == false or holder == ARGV[1]) then
+  redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[4])
+  return data
+end
+return false
+"""
 # Seconds between reads of the receivers' progress (what unconfirmed QoS 1/2 records to forget).
 CONFIRM_INTERVAL = 0.1
 
@@ -115,6 +135,7 @@ class RedisBus:
         self.k_retained = f"{prefix}:retained"
         self.k_inbox = f"{prefix}:inbox:{self.me}"
         self.k_progress = f"{prefix}:progress:{self.me}"
+        self.k_sessions = f"{prefix}:sessions:{self.me}"
         self.token = uuid.uuid4().hex
         self.packer = EnvelopePacker(self.me.encode())
         self.reader = EnvelopeReader()
@@ -147,6 +168,9 @@ class RedisBus:
         self._locating: set[asyncio.Task[None]] = set()
         self._inbox_position: tuple[int, int] = (0, 0)  # id of the last inbox entry handled
         self._control_tasks: set[asyncio.Task[None]] = set()
+        self._dirty_sessions: set[str] = set()  # client ids whose stored session is stale
+        self._sessions_scheduled = False
+        self._adopting: set[str] = set()  # client ids being claimed from a gone broker
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -163,6 +187,7 @@ class RedisBus:
         """Flush what can be flushed quickly, leave the cluster, close."""
         self._closing = True
         if self.connected and self.redis is not None:
+            self._write_sessions()
             self._flush()
             if self.writer is not None:
                 await self.writer.settled(2.0)
@@ -234,6 +259,34 @@ class RedisBus:
     def subscription_removed(self, full_filter: str) -> None:
         self.control.append(("del", full_filter))
         self._schedule_flush()
+
+    def session_changed(self, client_id: str) -> None:
+        self._dirty_sessions.add(client_id)
+        if not self._sessions_scheduled and self.connected and self.loop is not None:
+            self._sessions_scheduled = True
+            self.loop.call_later(SESSION_WRITE_DELAY, self._write_sessions)
+
+    def _write_sessions(self) -> None:
+        """Store the persistent sessions that changed in `{prefix}:sessions:{me}`, so that
+        another broker can take them over if this one dies; forget the ones that ended."""
+        self._sessions_scheduled = False
+        writer = self.writer
+        broker = self.broker
+        if not self.connected or writer is None or writer.closed or broker is None:
+            return  # kept dirty: written when the link is back
+        if not self._dirty_sessions:
+            return
+        commands = Commands()
+        now = broker.clock()
+        for client_id in self._dirty_sessions:
+            session = broker.sessions.get(client_id)
+            if session is not None and session.expiry_interval:
+                snapshot = encode_snapshot(snapshot_of(session), self.me, now)
+                commands.hset(self.k_sessions, client_id, snapshot)
+            else:
+                commands.hdel(self.k_sessions, client_id)
+        self._dirty_sessions.clear()
+        writer.write(commands)
 
     def _remaining_expiry(self, message: Message) -> Properties:
         """The properties to forward: Message Expiry Interval as what remains (MQTT-3.3.2-6)."""
@@ -465,10 +518,22 @@ class RedisBus:
         # Resend what receivers have not confirmed (Redis may have lost it), then the buffer,
         # in sequence order: receivers drop a sequence lower than one they already handled.
         await self._resend_unconfirmed(redis)
+        if not self.stats["connects"]:
+            # Sessions a previous run of this broker id stored (a restarted pod keeps its name).
+            await self._adopt_sessions(redis, self.me)
         self.writer = await open_connection(self.settings.url, self._link_lost)
         self.connected = True
         self.stats["connects"] += 1
         self._flush()
+        # Redis may have lost what we stored: store every persistent session again.
+        stored = {
+            raw.decode() if isinstance(raw, bytes) else raw
+            for raw in await redis.hkeys(self.k_sessions)
+        }
+        self._dirty_sessions |= stored | {
+            client_id for client_id, s in self.broker.sessions.items() if s.expiry_interval
+        }
+        self._write_sessions()
         await self._load_retained(redis)
         self._connected_event.set()
         log.info("cluster link up (%s mode, %d peers)", self.settings.mode, len(self.live_peers))
@@ -623,8 +688,10 @@ class RedisBus:
             f"{prefix}:client:{client_id}", self.me, get=True, ex=self.settings.client_ttl
         )
         holder = previous.decode() if previous is not None else None
-        if holder is None or holder == self.me or holder not in self.live_peers:
+        if holder is None or holder == self.me:
             return None
+        if holder not in self.live_peers:
+            return await self._take_stored(redis, holder, client_id, clean_start)
         # What we already forwarded to the holder must reach it before it snapshots the session.
         await self._drain_outbound()
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -633,11 +700,30 @@ class RedisBus:
             self.k_control,
             f"handover\x00{self.me}\x00{holder}\x00{int(clean_start)}\x00{client_id}",
         )
-        await waiter
+        try:
+            await asyncio.wait_for(waiter, self.settings.handover_timeout / 2)
+        except TimeoutError:
+            # No answer: the holder died and its presence has not expired yet.
+            return await self._take_stored(redis, holder, client_id, clean_start)
         self.stats["handovers"] += 1
         data = await redis.getdel(f"{prefix}:handover:{client_id}")
         if data is None or clean_start:
             return None
+        return decode_snapshot(data, self.broker.clock)
+
+    async def _take_stored(
+        self, redis: RedisClient, holder: str, client_id: str, clean_start: bool
+    ) -> SessionSnapshot | None:
+        """The session as the gone broker `holder` last stored it in Redis (removed there)."""
+        assert self.broker is not None
+        stored_key = f"{self.settings.prefix}:sessions:{holder}"
+        pipe = redis.pipeline(transaction=True)
+        pipe.hget(stored_key, client_id)
+        pipe.hdel(stored_key, client_id)
+        data, _ = await pipe.execute()
+        if data is None or clean_start:
+            return None
+        self.stats["sessions_restored"] += 1
         return decode_snapshot(data, self.broker.clock)
 
     async def _drain_outbound(self) -> None:
@@ -652,6 +738,9 @@ class RedisBus:
         target, clean, client_id = argument.split("\x00", 2)
         if target != self.me:
             return
+        deadline = time.monotonic() + self.settings.handover_timeout / 2
+        while client_id in self._adopting and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)  # we are taking it from a gone broker right now
         # Messages for this session that are already in our inbox belong in the snapshot.
         info = await redis.xinfo_stream(self.k_inbox)
         goal = _stream_id(info.get("last-generated-id", b"0-0"))
@@ -736,6 +825,51 @@ class RedisBus:
         if dropped:
             self.dropped["peer_gone"] += len(dropped)
         log.info("peer %s left the cluster", peer)
+        if self.connected and self.redis is not None:
+            task = asyncio.ensure_future(self._adopt_sessions(self.redis, peer))
+            self._control_tasks.add(task)
+            task.add_done_callback(self._control_tasks.discard)
+
+    async def _adopt_sessions(self, redis: RedisClient, peer: str) -> None:
+        """Take over the persistent sessions a gone broker stored, as offline sessions here:
+        their subscriptions route to us again and what they miss is queued until the client
+        comes back (to us, or to any broker, which then takes the session from us)."""
+        assert self.broker is not None
+        broker = self.broker
+        stored_key = f"{self.settings.prefix}:sessions:{peer}"
+        try:
+            client_ids = [raw.decode() for raw in await redis.hkeys(stored_key)]
+            for client_id in client_ids:
+                if client_id in broker.sessions:
+                    continue  # the client is already back here
+                self._adopting.add(client_id)
+                try:
+                    data = await redis.eval(
+                        _ADOPT_SCRIPT,
+                        2,
+                        f"{self.settings.prefix}:client:{client_id}",
+                        stored_key,
+                        peer,
+                        self.me,
+                        client_id,
+                        self.settings.client_ttl,
+                    )
+                    if data is None or client_id in broker.sessions:
+                        continue
+                    snapshot = decode_snapshot(data, broker.clock)
+                    now = broker.clock()
+                    session = broker.restore_session(snapshot, now)
+                    session.ended_at = now
+                    if session.expiry_interval != NEVER_EXPIRES:
+                        broker.expiring[client_id] = now + session.expiry_interval
+                    self.stats["sessions_adopted"] += 1
+                except SnapshotError as error:
+                    log.warning("stored session %r of %s dropped: %s", client_id, peer, error)
+                    self.stats["bad_sessions"] += 1
+                finally:
+                    self._adopting.discard(client_id)
+        except (RedisError, OSError) as error:
+            log.warning("sessions of %s not taken over yet: %s", peer, error)
 
     async def _pubsub_loop(self) -> None:
         redis = self.redis
@@ -925,6 +1059,8 @@ class RedisBus:
             "received_total": float(self.stats["received"]),
             "duplicates_total": float(self.stats["duplicates"]),
             "resent_total": float(self.stats["resent"]),
+            "sessions_adopted_total": float(self.stats["sessions_adopted"]),
+            "sessions_restored_total": float(self.stats["sessions_restored"]),
             "flushes_total": float(self.stats["flushes"]),
             "inbox_reads_total": float(self.stats["inbox_reads"]),
             "bad_envelopes_total": float(self.stats["bad_envelopes"] + self.stats["bad_batches"]),

@@ -138,13 +138,11 @@ class Broker:
         else:
             if existing is not None:
                 self.destroy_session(existing)
-            session = Session(
-                client_id, max_queued=self.settings.max_queued_messages, stats=self.stats
-            )
-            self.sessions[client_id] = session
+            session = self._new_session(client_id)
             present = False
         session.connection = conn
         session.ended_at = None
+        self.bus.session_changed(client_id)
         return session, present
 
     def _kick(self, session: Session) -> None:
@@ -169,11 +167,14 @@ class Broker:
         self.destroy_session(session)
         return snapshot
 
+    def _new_session(self, client_id: str) -> Session:
+        session = Session(client_id, max_queued=self.settings.max_queued_messages, stats=self.stats)
+        session.changed = self.bus.session_changed
+        self.sessions[client_id] = session
+        return session
+
     def restore_session(self, snapshot: SessionSnapshot, now: float) -> Session:
-        session = Session(
-            snapshot.client_id, max_queued=self.settings.max_queued_messages, stats=self.stats
-        )
-        self.sessions[snapshot.client_id] = session
+        session = self._new_session(snapshot.client_id)
         session.expiry_interval = snapshot.expiry_interval
         for record in snapshot.subscriptions:
             try:
@@ -198,6 +199,7 @@ class Broker:
             session.inflight[entry.packet_id] = outgoing
         session.queue.extend(snapshot.queue)
         session.awaiting_release.update(snapshot.awaiting_release)
+        self.bus.session_changed(snapshot.client_id)
         return session
 
     def detach(self, conn: ServerConnection, now: float) -> None:
@@ -211,8 +213,10 @@ class Broker:
             expiry = session.expiry_interval
             if expiry == 0:
                 self.destroy_session(session)
-            elif expiry != NEVER_EXPIRES:
-                self.expiring[session.client_id] = now + expiry
+            else:
+                if expiry != NEVER_EXPIRES:
+                    self.expiring[session.client_id] = now + expiry
+                self.bus.session_changed(session.client_id)
         will = conn.will
         if will is not None and conn.will_on_close:
             delay = min(
@@ -234,12 +238,14 @@ class Broker:
         session.drop_all()
         if self.sessions.get(session.client_id) is session:
             del self.sessions[session.client_id]
+            self.bus.session_changed(session.client_id)
         self.expiring.pop(session.client_id, None)
 
     # ------------------------------------------------------------ subscriptions
 
     def subscribe(self, session: Session, sub: Subscription[Session], inner_filter: str) -> bool:
         session.subscriptions[sub.topic_filter] = sub
+        self.bus.session_changed(session.client_id)
         existed = self.trie.add(sub, inner_filter)
         if not existed:
             self.filter_refs[sub.topic_filter] += 1
@@ -251,6 +257,7 @@ class Broker:
         sub = session.subscriptions.pop(full_filter, None)
         if sub is None:
             return False
+        self.bus.session_changed(session.client_id)
         group, inner = split_shared(full_filter)
         self.trie.remove(session, inner, group)
         self.filter_refs[full_filter] -= 1

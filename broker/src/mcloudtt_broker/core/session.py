@@ -10,6 +10,7 @@ MQTT 4.3.3: the message is delivered on receipt, duplicates are recognised by id
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -45,6 +46,7 @@ Pending = tuple[Message, int, bool, tuple[int, ...]]
 class Session:
     __slots__ = (
         "awaiting_release",
+        "changed",
         "client_id",
         "connection",
         "ended_at",
@@ -71,6 +73,8 @@ class Session:
         self.ended_at: float | None = None  # when the last connection closed
         self.max_queued = max_queued
         self.stats = stats
+        # Told when a message is queued while the client is away (the cluster stores the session).
+        self.changed: Callable[[str], None] | None = None
 
     def __repr__(self) -> str:
         return f"Session({self.client_id!r}, online={self.online})"
@@ -110,6 +114,8 @@ class Session:
             self._send(conn, message, qos, retain, identifiers)
         elif len(self.queue) < self.max_queued:
             self.queue.append((message, qos, retain, identifiers))
+            if conn is None and self.changed is not None:
+                self.changed(self.client_id)
         else:
             self.stats.dropped["queue_full"] += 1
 
