@@ -8,8 +8,7 @@ import asyncio
 import hiredis
 import pytest
 from mcloudtt_broker.cluster.resp import Commands, open_connection
-
-from tests.redisproc import RedisProcess
+from redisproc import RedisProcess
 
 
 def commands(*calls: tuple[str | bytes | int, ...]) -> Commands:
