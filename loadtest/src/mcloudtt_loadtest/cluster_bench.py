@@ -134,24 +134,17 @@ def _redis_exe() -> str:
     return found
 
 
+def _start_broker(*extra: str) -> Proc:
+    """A broker on free ports, without $SYS traffic or chatter, plus `extra` options."""
+    port, http = _free_port(), _free_port()
+    command = [_broker_exe(), "--bind", f"127.0.0.1:{port}", "--http", f"127.0.0.1:{http}"]
+    return Proc([*command, *extra, "--sys-interval", "0", "--log-level", "warning"], port, http)
+
+
 @contextlib.contextmanager
 def single_broker() -> Iterator[list[Proc]]:
-    port, http = _free_port(), _free_port()
-    broker = Proc(
-        [
-            _broker_exe(),
-            "--bind",
-            f"127.0.0.1:{port}",
-            "--http",
-            f"127.0.0.1:{http}",
-            "--sys-interval",
-            "0",
-            "--log-level",
-            "warning",
-        ],
-        port,
-        http,
-    )
+    broker = _start_broker()
+    http = broker.http_port or 0
     try:
         _ready(http)
         yield [broker]
@@ -182,28 +175,14 @@ def cluster(mode: str, size: int = 3) -> Iterator[list[Proc]]:
     brokers: list[Proc] = []
     try:
         for index in range(size):
-            port, http = _free_port(), _free_port()
             brokers.append(
-                Proc(
-                    [
-                        _broker_exe(),
-                        "--bind",
-                        f"127.0.0.1:{port}",
-                        "--http",
-                        f"127.0.0.1:{http}",
-                        "--redis",
-                        f"redis://127.0.0.1:{redis_port}/0",
-                        "--id",
-                        f"bench-{index}",
-                        "--cluster-mode",
-                        mode,
-                        "--sys-interval",
-                        "0",
-                        "--log-level",
-                        "warning",
-                    ],
-                    port,
-                    http,
+                _start_broker(
+                    "--redis",
+                    f"redis://127.0.0.1:{redis_port}/0",
+                    "--id",
+                    f"bench-{index}",
+                    "--cluster-mode",
+                    mode,
                 )
             )
         for broker in brokers:

@@ -90,6 +90,19 @@ class EnvelopePacker:
             self._clients[client_id] = wire
         return wire
 
+    def _middle(self, client_id: str, topic_wire: bytes, properties: Properties) -> bytes:
+        """An envelope between its head and its payload: origin, client id, topic, properties."""
+        props = b"" if properties is EMPTY_PROPERTIES else bytes(encode_property_body(properties))
+        return b"".join(
+            (
+                self.origin,
+                self._client_wire(client_id),
+                topic_wire,
+                len(props).to_bytes(4, "big"),
+                props,
+            )
+        )
+
     def envelope(
         self,
         sequence: int,
@@ -101,25 +114,14 @@ class EnvelopePacker:
         retain: bool,
         properties: Properties,
     ) -> bytes:
-        props = b"" if properties is EMPTY_PROPERTIES else bytes(encode_property_body(properties))
-        origin = self.origin
-        return b"".join(
-            (
-                _HEAD.pack(
-                    ENVELOPE_VERSION,
-                    qos | (0x04 if retain else 0),
-                    received_at_us,
-                    sequence,
-                    len(origin),
-                ),
-                origin,
-                self._client_wire(client_id),
-                topic_wire,
-                len(props).to_bytes(4, "big"),
-                props,
-                payload,
-            )
+        head = _HEAD.pack(
+            ENVELOPE_VERSION,
+            qos | (0x04 if retain else 0),
+            received_at_us,
+            sequence,
+            len(self.origin),
         )
+        return b"".join((head, self._middle(client_id, topic_wire, properties), payload))
 
     def plain_record(
         self,
@@ -137,39 +139,23 @@ class EnvelopePacker:
             key = (client_id, topic_wire)
             middle = self._middles.get(key)
             if middle is None:
-                middle = b"".join(
-                    (self.origin, self._client_wire(client_id), topic_wire, b"\x00\x00\x00\x00")
-                )
+                middle = self._middle(client_id, topic_wire, properties)
                 if len(self._middles) >= 10_000:
                     self._middles.clear()
                 self._middles[key] = middle
         else:
-            props = bytes(encode_property_body(properties))
-            middle = b"".join(
-                (
-                    self.origin,
-                    self._client_wire(client_id),
-                    topic_wire,
-                    len(props).to_bytes(4, "big"),
-                    props,
-                )
-            )
-        return b"".join(
-            (
-                _PLAIN_RECORD_HEAD.pack(
-                    _HEAD.size + len(middle) + len(payload) + 2,
-                    0x01,
-                    0,
-                    ENVELOPE_VERSION,
-                    qos,
-                    received_at_us,
-                    sequence,
-                    len(self.origin),
-                ),
-                middle,
-                payload,
-            )
+            middle = self._middle(client_id, topic_wire, properties)
+        head = _PLAIN_RECORD_HEAD.pack(
+            _HEAD.size + len(middle) + len(payload) + 2,
+            0x01,
+            0,
+            ENVELOPE_VERSION,
+            qos,
+            received_at_us,
+            sequence,
+            len(self.origin),
         )
+        return b"".join((head, middle, payload))
 
 
 def encode_envelope(envelope: Envelope) -> bytes:

@@ -80,6 +80,8 @@ INBOX_BLOCK_MS = 1000
 REPLY_TIMEOUT = 5.0
 # Persistent sessions are written to Redis at most this long after they change.
 SESSION_WRITE_DELAY = 0.1
+# Stored sessions of a gone broker claimed per round trip.
+ADOPT_BATCH = 200
 # Claim a session a gone broker stored, if the client registry still names that broker (or no
 # one): KEYS client registry, stored sessions of the gone broker; ARGV gone broker, me, client
 # id, registry TTL. Returns the stored session, or nil; the stored copy is removed either way.
@@ -837,39 +839,51 @@ class RedisBus:
         assert self.broker is not None
         broker = self.broker
         stored_key = f"{self.settings.prefix}:sessions:{peer}"
+        prefix = self.settings.prefix
         try:
-            client_ids = [raw.decode() for raw in await redis.hkeys(stored_key)]
-            for client_id in client_ids:
-                if client_id in broker.sessions:
-                    continue  # the client is already back here
-                self._adopting.add(client_id)
+            stored = [raw.decode() for raw in await redis.hkeys(stored_key)]
+            waiting = [client_id for client_id in stored if client_id not in broker.sessions]
+            for first in range(0, len(waiting), ADOPT_BATCH):
+                # One round trip claims a batch (each claim is atomic on its own).
+                batch = waiting[first : first + ADOPT_BATCH]
+                self._adopting.update(batch)
                 try:
-                    data = await redis.eval(
-                        _ADOPT_SCRIPT,
-                        2,
-                        f"{self.settings.prefix}:client:{client_id}",
-                        stored_key,
-                        peer,
-                        self.me,
-                        client_id,
-                        self.settings.client_ttl,
-                    )
-                    if data is None or client_id in broker.sessions:
-                        continue
-                    snapshot = decode_snapshot(data, broker.clock)
-                    now = broker.clock()
-                    session = broker.restore_session(snapshot, now)
-                    session.ended_at = now
-                    if session.expiry_interval != NEVER_EXPIRES:
-                        broker.expiring[client_id] = now + session.expiry_interval
-                    self.stats["sessions_adopted"] += 1
-                except SnapshotError as error:
-                    log.warning("stored session %r of %s dropped: %s", client_id, peer, error)
-                    self.stats["bad_sessions"] += 1
+                    pipe = redis.pipeline(transaction=False)
+                    for client_id in batch:
+                        pipe.eval(
+                            _ADOPT_SCRIPT,
+                            2,
+                            f"{prefix}:client:{client_id}",
+                            stored_key,
+                            peer,
+                            self.me,
+                            client_id,
+                            self.settings.client_ttl,
+                        )
+                    for client_id, data in zip(batch, await pipe.execute(), strict=True):
+                        if data is not None and client_id not in broker.sessions:
+                            self._adopt(peer, client_id, data)
                 finally:
-                    self._adopting.discard(client_id)
+                    self._adopting.difference_update(batch)
         except (RedisError, OSError) as error:
             log.warning("sessions of %s not taken over yet: %s", peer, error)
+
+    def _adopt(self, peer: str, client_id: str, data: bytes) -> None:
+        """Restore a claimed session as an offline session, its expiry counted from now."""
+        assert self.broker is not None
+        broker = self.broker
+        try:
+            snapshot = decode_snapshot(data, broker.clock)
+        except SnapshotError as error:
+            log.warning("stored session %r of %s dropped: %s", client_id, peer, error)
+            self.stats["bad_sessions"] += 1
+            return
+        now = broker.clock()
+        session = broker.restore_session(snapshot, now)
+        session.ended_at = now
+        if session.expiry_interval != NEVER_EXPIRES:
+            broker.expiring[client_id] = now + session.expiry_interval
+        self.stats["sessions_adopted"] += 1
 
     async def _pubsub_loop(self) -> None:
         redis = self.redis
