@@ -96,6 +96,12 @@ def test_no_echo_and_no_traffic_to_a_core_without_a_match() -> None:
     pub.publish("only/local", b"x")
     assert cluster.hub.stats["forwarded"] == 3
 
+    # A retained publish goes to every other core, still not back to its origin.
+    pub.publish("t", b"kept", qos=1, retain=True)
+    assert local.payloads() == [b"kept"]
+    assert remote.payloads() == [b"kept"]
+    assert sorted(d.dest for d in cluster.hub.log[3:]) == ["b", "c"]
+
 
 def test_unsubscribe_and_session_end_leave_the_cluster_table() -> None:
     cluster = Cluster(("a", "b"))
