@@ -224,8 +224,8 @@ class Client:
         if qos == 1:
             assert self.expect(PUBACK).packet_id == pid
         elif qos == 2:
-            assert self.expect(PUBREC).packet_id == pid
-            self.send(raw.ack(PUBREL, pid, version=self.version))  # type: ignore[arg-type]
+            assert pid is not None and self.expect(PUBREC).packet_id == pid
+            self.send(raw.ack(PUBREL, pid, version=self.version))
             assert self.expect(PUBCOMP).packet_id == pid
 
     def publishes(self, *, ack: bool = True) -> list[Packet]:

@@ -60,7 +60,7 @@ def test_wildcards_route_to_the_cores_that_match_only() -> None:
     pub.connect("pub")
 
     pub.publish("sport/tennis/score", b"1", qos=1)
-    pub.publish("sport", b"2", qos=1)  # MQTT-4.7.1-2: '#' also matches the parent level
+    pub.publish("sport", b"2", qos=1)  # '#' also matches the parent level (MQTT 5.0 4.7.1.2)
     pub.publish("sport/tennis/player1", b"3", qos=1)
     pub.publish("sportx", b"4", qos=1)  # matches nothing anywhere
     pub.publish("other/x/y", b"5", qos=1)

@@ -106,7 +106,7 @@ def test_retained_message_is_replaced_then_deleted_on_every_core() -> None:
     sub.subscribe("s")
     assert sub.payloads() == [b"second"]
 
-    # From another core: an empty retained payload clears it everywhere (MQTT-3.3.1-10).
+    # From another core: an empty retained payload clears it everywhere (MQTT-3.3.1-6).
     eraser = cluster.client("c")
     eraser.connect("eraser")
     eraser.publish("s", b"", retain=True)

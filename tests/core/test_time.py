@@ -75,7 +75,7 @@ def test_session_ends_when_the_expiry_interval_has_passed() -> None:
 def test_session_expiry_zero_ends_with_the_connection() -> None:
     cluster = Cluster(("a",))
     sub = cluster.client("a")
-    sub.connect("sub", clean=False)  # 5.0 without the property: 0 (MQTT-3.1.2-21... 3.1.2.11.2)
+    sub.connect("sub", clean=False)  # no Session Expiry Interval: 0 (MQTT 5.0 3.1.2.11.2)
     sub.subscribe("t")
     sub.drop()
     assert "sub" not in cluster.cores["a"].sessions
@@ -150,7 +150,7 @@ def test_will_is_published_after_the_will_delay() -> None:
     _will_client(cluster, "a", delay=5).drop()
     cluster.advance(4.75)
     assert watcher.publishes() == []
-    cluster.advance(0.25)  # MQTT-3.1.3-9
+    cluster.advance(0.25)  # MQTT 5.0 3.1.3.2.2: once the Will Delay Interval has passed
     [will] = watcher.publishes()
     assert (will.topic, will.payload, will.qos) == ("will/dying", b"gone", 1)
     assert will.prop(WILL_DELAY) is None  # not a PUBLISH property
