@@ -309,3 +309,23 @@ def test_connection_without_connect_is_closed_after_the_connect_timeout() -> Non
     cluster.advance(0.25)
     assert not client.open and client.closed
     assert cluster.cores["a"].connections == set()
+
+
+# ------------------------------------------------------------------ periodic work
+
+
+def test_each_core_publishes_its_own_sys_statistics_every_interval() -> None:
+    cluster = Cluster(("a", "b"), sys_interval=10)
+    watcher = cluster.client("b")
+    watcher.connect("watcher")
+    watcher.subscribe("$SYS/brokers/+/clients/connected")
+    cluster.advance(9.75)
+    assert watcher.publishes() == []
+    cluster.advance(0.25)
+    got = {p.topic: p.payload for p in watcher.publishes()}
+    assert got == {
+        "$SYS/brokers/a/clients/connected": b"0",
+        "$SYS/brokers/b/clients/connected": b"1",
+    }
+    cluster.advance(10)
+    assert len(watcher.publishes()) == 2
