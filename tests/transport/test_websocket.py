@@ -23,11 +23,13 @@ from broker.mqttraw import (
     DISCONNECT,
     PINGRESP,
     PUBACK,
+    SUBACK,
     Packet,
     connect,
     parse,
     pingreq,
     publish,
+    subscribe,
 )
 from brokerproc import BrokerProcess, free_port
 from paho.mqtt.enums import CallbackAPIVersion
@@ -256,6 +258,19 @@ def test_bad_handshake_is_refused_and_closed(ws_broker, request_bytes, status):
     assert line.startswith(b"HTTP/1.1 %d " % status), line
 
 
+def test_unfinished_handshake_closed_after_the_connect_timeout():
+    ws_port = free_port()
+    broker = BrokerProcess("--ws-bind", f"127.0.0.1:{ws_port}", "--connect-timeout", "1").start()
+    try:
+        with socket.create_connection(("127.0.0.1", ws_port), timeout=TIMEOUT) as sock:
+            sock.sendall(b"GET /mqtt HTTP/1.1\r\nHost: x\r\n")  # and then nothing
+            t0 = time.monotonic()
+            assert sock.recv(100) == b""  # closed, not answered
+            assert 0.8 <= time.monotonic() - t0 <= 3.0
+    finally:
+        broker.stop()
+
+
 def test_unsupported_version_answered_with_the_supported_one(ws_broker):
     # RFC 6455 4.2.2 / 4.4: an error status ("such as 426") and the versions served
     line, rest = _http(ws_broker[1], _request(Sec_WebSocket_Version=b"8"))
@@ -370,6 +385,30 @@ def test_packet_at_the_limit_in_tiny_fragments_is_delivered(ws, subscriber, uid)
         c.send_binary(packet[at : at + 64], fin=at + 64 >= len(packet))
     assert c.mqtt_packet().type == PUBACK
     assert watcher.get().payload == b"p" * (MAX_PACKET - 64)
+
+
+def test_subscriber_not_reading_is_backpressured(ws, ws_broker, uid):
+    # The WebSocket link passes the socket's backpressure on to the MQTT connection: a
+    # subscriber that stops reading is congested, and its QoS 0 messages are dropped.
+    broker, _ = ws_broker
+    before = broker.metric("mcloudtt_messages_dropped_total", reason="slow_consumer")
+    c = ws()
+    c.send_binary(connect(uid, version=5))
+    assert c.mqtt_packet().type == CONNACK
+    c.send_binary(subscribe(1, [(f"{uid}/flood", 0)]))
+    assert c.mqtt_packet().type == SUBACK
+    pub = PahoClient(broker.port, uid + "p")
+    try:
+        for _ in range(4000):  # 32 MB, more than the sockets' buffers hold
+            pub.publish(f"{uid}/flood", b"f" * 8000)
+        wait_until(
+            lambda: (
+                broker.metric("mcloudtt_messages_dropped_total", reason="slow_consumer") > before
+            ),
+            what="QoS 0 drops for the congested subscriber",
+        )
+    finally:
+        pub.stop()
 
 
 def _assert_serves_a_new_client(ws_port: int, uid: str) -> None:
