@@ -137,7 +137,7 @@ class BrokerServer:
         return protocol
 
     def _ws_factory(self) -> WebSocketProtocol:
-        return WebSocketProtocol(self, self._factory(), self.settings.max_packet_size + 16)
+        return WebSocketProtocol(self, self._factory())
 
     def closed(self, protocol: MQTTProtocol) -> None:
         self.protocols.discard(protocol)
