@@ -93,17 +93,20 @@ class RedisOptions:
         RedisUrlError when a certificate or key file cannot be read."""
         return self._context if self.tls else None
 
-    def redis_kwargs(self) -> dict[str, Any]:
-        """The same options as keyword arguments of `redis.asyncio.Redis`."""
+    def pool_kwargs(self) -> dict[str, Any]:
+        """The same options as keyword arguments of `redis.asyncio.ConnectionPool`: what
+        `ConnectionPool.from_url` would make of the URL, our way of reading it."""
+        from redis.asyncio.connection import Connection, SSLConnection, UnixDomainSocketConnection
+
         kwargs: dict[str, Any] = {"db": self.db, "username": self.username}
         kwargs["password"] = self.password
         if self.scheme == "unix":
-            kwargs["unix_socket_path"] = self.path
-        else:
-            kwargs["host"], kwargs["port"] = self.host, self.port
+            kwargs.update(connection_class=UnixDomainSocketConnection, path=self.path)
+            return kwargs
+        kwargs.update(host=self.host, port=self.port, connection_class=Connection)
         if self.tls:
             kwargs.update(
-                ssl=True,
+                connection_class=SSLConnection,
                 ssl_ca_certs=self.ssl_ca_certs,
                 ssl_certfile=self.ssl_certfile,
                 ssl_keyfile=self.ssl_keyfile,
@@ -113,11 +116,13 @@ class RedisOptions:
         return kwargs
 
     def client(self, **extra: Any) -> redis.asyncio.Redis:
-        """A redis-py asyncio client for this URL (`extra`: timeouts and the like)."""
+        """A redis-py asyncio client for this URL (`extra`: timeouts and the like), made the
+        way `Redis.from_url` makes one (a pool of its own, no client-side retries)."""
         import redis.asyncio
 
         self.ssl_context()  # an unreadable file is our one-line error, not redis-py's
-        return redis.asyncio.Redis(**self.redis_kwargs(), **extra)
+        pool = redis.asyncio.ConnectionPool(**self.pool_kwargs(), **extra)
+        return redis.asyncio.Redis.from_pool(pool)
 
 
 def _load(option: str, path: str, load: Any, *args: Any) -> None:
