@@ -245,6 +245,11 @@ def link_error_reason(error: BaseException, options: RedisOptions) -> str:
         return f"Redis at {where} does not let this user run a command the cluster needs: {text}"
     for cause in chain:
         if isinstance(cause, ssl.SSLError):
+            if "CERTIFICATE_REQUIRED" in str(cause.reason):
+                return (
+                    f"Redis at {where} wants a client certificate: give ssl_certfile and "
+                    "ssl_keyfile in the Redis URL"
+                )
             return f"TLS handshake with {where} failed ({cause.reason or cause})"
     for cause in chain:
         if isinstance(cause, TimeoutError):
