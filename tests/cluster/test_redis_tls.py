@@ -8,6 +8,7 @@ clients over TCP.
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -17,6 +18,8 @@ import pytest
 from adapter.helpers import AdapterProcess, adapter_command
 from broker.clients import PahoClient
 from brokerproc import BrokerProcess, broker_command, free_port
+from mcloudtt_broker.cluster.redis_url import parse_redis_url
+from mcloudtt_broker.cluster.resp import Commands, open_connection
 from redisproc import SecureRedisProcess, TlsFiles
 
 from .conftest import start_broker, wait_filters, wait_ready, wait_until
@@ -200,6 +203,39 @@ def test_an_acl_user_with_its_password(tls: TlsFiles, secure_redis, brokers) -> 
     wrong = brokers(server.url, "acl-default")
     readyz_says(wrong, "refused the username or password", "WRONGPASS")
     still_alive_after_retries(wrong)
+
+
+def test_the_lean_link_and_redis_py_reach_the_same_database(tls: TlsFiles, secure_redis) -> None:
+    """The same URL: the broker's pipelined link authenticates as the same user and selects the
+    same database as redis-py (TLS with an ACL user, and a unix socket)."""
+    server = secure_redis(
+        tls=tls, password=PASSWORD, users=("bus on >bus-pw ~* &* +@all",), unix_socket=True
+    )
+    tls_url = f"rediss://bus:bus-pw@127.0.0.1:{server.port}/5?ssl_ca_certs={tls.ca}"
+    unix_url = f"unix://:{PASSWORD}@{server.socket_path}?db=2"
+
+    async def scenario() -> None:
+        for url, db in ((tls_url, 5), (unix_url, 2)):
+            options = parse_redis_url(url)
+            lean = await open_connection(options, lambda error: None)
+            commands = Commands()
+            commands.add("SET", "written-by", "lean")
+            commands.add("ACL", "WHOAMI")
+            _, whoami = await lean.call(commands)
+            lean.close()
+            assert whoami == (b"bus" if url == tls_url else b"default")
+            client = options.client()
+            assert await client.get("written-by") == b"lean"
+            assert await client.acl_whoami() == whoami.decode()
+            info = await client.client_info()
+            assert int(info["db"]) == db
+            await client.aclose()
+            other = parse_redis_url(url.replace(f"/{db}?", "/0?").replace(f"db={db}", "db=0"))
+            zero = other.client()
+            assert await zero.get("written-by") is None  # not in database 0
+            await zero.aclose()
+
+    asyncio.run(scenario())
 
 
 # ---------------------------------------------------------------- clear reasons, no crash
