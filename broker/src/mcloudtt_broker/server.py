@@ -99,7 +99,7 @@ class MQTTProtocol(asyncio.Protocol):
 
 @dataclass(kw_only=True)
 class ServerOptions:
-    binds: list[tuple[str, int]]
+    binds: list[tuple[str, int]] = field(default_factory=lambda: [("127.0.0.1", 1883)])
     tls_binds: list[tuple[str, int]] = field(default_factory=list)
     ws_binds: list[tuple[str, int]] = field(default_factory=list)
     tls_cert: str | None = None
