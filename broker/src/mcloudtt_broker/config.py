@@ -75,7 +75,10 @@ def names(value: Any) -> tuple[str, ...]:
 def non_negative_int(value: Any) -> int:
     if isinstance(value, (bool, float)):
         raise ValueError(f"expected a whole number, got {value!r}")
-    number = int(value)
+    try:
+        number = int(value)
+    except ValueError:
+        raise ValueError(f"expected a whole number, got {value!r}") from None
     if number < 0:
         raise ValueError(f"must not be negative, got {number}")
     return number
@@ -101,7 +104,10 @@ def bounded(low: int, high: int) -> Callable[[Any], int]:
 def non_negative_float(value: Any) -> float:
     if isinstance(value, bool):
         raise ValueError(f"expected a number, got {value!r}")
-    number = float(value)
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError(f"expected a number, got {value!r}") from None
     if not number >= 0:  # also refuses nan
         raise ValueError(f"must not be negative, got {number}")
     return number
@@ -355,7 +361,7 @@ def update_tables(document: str, tables: Mapping[str, str]) -> str:
         key = match["key"]
         if key not in tables:
             raise KeyError(f"no option table {key!r}")
-        return match.group(1) + tables[key] + match.group(4)
+        return match.group(1) + "\n" + tables[key] + "\n" + match.group(4)
 
     return TABLE.sub(replace, document)
 
