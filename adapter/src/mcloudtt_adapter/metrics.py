@@ -133,14 +133,14 @@ class Metrics:
             described = dict(self._help)
         for name in sorted(set(values) | set(histograms) | set(described)):
             kind, help_text = described.get(name, ("unknown", ""))
-            if name not in values and name not in histograms and kind != "counter":
-                continue  # a gauge or histogram nobody set yet: no sample is better than 0
             # prometheus-client names a counter's family without _total and adds it back on
             # every exposed line, so the names stay as documented.
             family = Metric(
                 name.removesuffix("_total") if kind == "counter" else name, help_text, kind
             )
-            series = values.get(name) or ({} if name in histograms else {(): 0.0})
+            # A counter nobody incremented is 0; a gauge or histogram nobody set yet is declared
+            # without samples (no made-up value).
+            series = values.get(name) or ({(): 0.0} if kind == "counter" else {})
             for key, value in sorted(series.items()):
                 family.add_sample(name, dict(key), value)
             for key, (bounds, counts, count, total) in sorted(histograms.get(name, {}).items()):
