@@ -3,18 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import os
+import socket
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 import pytest
+import redis
 import redis.asyncio as aioredis
-from mcloudtt_chaos.faultproxy import CHUNK, FaultProxy
+from mcloudtt_chaos.faultproxy import CHUNK, FaultProxy, Toxics
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.retry import Retry as SyncRetry
 from redisproc import RedisProcess
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -308,3 +316,85 @@ def test_redis_through_the_proxy(redis_server: RedisProcess) -> None:
                 await client.aclose()
 
     asyncio.run(main())
+
+
+async def _command(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, command: object
+) -> dict[str, object]:
+    writer.write(json.dumps(command).encode() + b"\n")
+    answer = json.loads(await asyncio.wait_for(reader.readline(), 2))
+    assert isinstance(answer, dict)
+    return answer
+
+
+def test_the_control_socket_changes_toxics_at_run_time() -> None:
+    async def main() -> None:
+        async with echo_proxy() as proxy:
+            control = await proxy.serve_control()
+            creader, cwriter = await asyncio.open_connection(
+                "127.0.0.1", control.sockets[0].getsockname()[1]
+            )
+            base = await median_rtt(proxy, 5)
+            answer = await _command(
+                creader, cwriter, {"op": "latency", "ms": 50, "direction": "upstream"}
+            )
+            assert answer["ok"] is True
+            assert answer["toxics"] == {
+                "upstream": {**dataclasses.asdict(Toxics()), "latency_s": 0.05},
+                "downstream": dataclasses.asdict(Toxics()),
+            }
+            assert await median_rtt(proxy, 5) - base == pytest.approx(0.050, rel=0.2)
+            bad = await _command(creader, cwriter, {"op": "melt"})
+            assert bad["ok"] is False
+            assert "melt" in str(bad["error"])
+            assert (await _command(creader, cwriter, {"op": "down"}))["up"] is False
+            with pytest.raises(ConnectionRefusedError):
+                await connect(proxy)
+            healed = await _command(creader, cwriter, {"op": "heal"})
+            assert healed["up"] is True
+            assert healed["toxics"]["upstream"]["latency_s"] == 0  # type: ignore[index]
+            assert await median_rtt(proxy, 5) < base + 0.010
+            cwriter.close()
+            control.close()
+
+    asyncio.run(main())
+
+
+def test_the_proxy_runs_as_its_own_process(redis_server: RedisProcess) -> None:
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mcloudtt_chaos.faultproxy",
+            "--upstream",
+            f"127.0.0.1:{redis_server.port}",
+            "--control",
+            "0",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        ports = json.loads(proc.stdout.readline())
+        client = redis.Redis(
+            port=ports["listen"], socket_timeout=0.5, retry=SyncRetry(NoBackoff(), 0)
+        )
+        assert client.ping() is True
+        with socket.create_connection(("127.0.0.1", ports["control"])) as control:
+            lines = control.makefile("rw")
+            lines.write(json.dumps({"op": "blackhole"}) + "\n")
+            lines.flush()
+            assert json.loads(lines.readline())["blackhole"] is True
+            with pytest.raises(RedisTimeoutError):
+                client.ping()
+            lines.write(json.dumps({"op": "normal"}) + "\n")
+            lines.flush()
+            assert json.loads(lines.readline())["blackhole"] is False
+        assert client.ping() is True
+        client.close()
+    finally:
+        proc.terminate()
+        proc.wait(5)
+        if proc.stdout is not None:
+            proc.stdout.close()

@@ -12,6 +12,10 @@ while the run goes on, from the same asyncio process:
     await proxy.down(); await proxy.up() # refuse and drop everything, then listen again
     proxy.normal()                       # all toxics off
 
+The same changes as data, for scenario definitions or another process: `await proxy.apply({"op":
+"latency", "ms": 50})`, or one JSON object per line on the control socket of
+`python -m mcloudtt_chaos.faultproxy --upstream 127.0.0.1:6379 --listen 6380 --control 8474`.
+
 Theory of operation. Each accepted connection gets its own upstream connection and two pumps,
 `upstream` (client to server, Toxiproxy's naming) and `downstream`. A pump is a reader task and a
 writer task joined by a bounded queue: the reader stamps each chunk with its arrival time, the
@@ -25,14 +29,18 @@ Toxics are read per chunk, so a change applies at once to connections already op
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
+import dataclasses
+import json
 import random
 import socket
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Literal
+from typing import Any, Literal, cast
 
 Direction = Literal["upstream", "downstream", "both"]
 
@@ -340,6 +348,77 @@ class FaultProxy:
         self.normal()
         await self.up()
 
+    async def apply(self, command: Mapping[str, Any]) -> dict[str, Any]:
+        """One change given as data: {"op": "latency", "ms": 50, "jitter_ms": 5, "direction":
+        "upstream"}; ops are the method names (and "stats"). Returns the state after it."""
+        args = {k: v for k, v in command.items() if k != "op"}
+        op = command.get("op")
+        direction = cast(Direction, args.pop("direction", "both"))
+        if direction not in ("upstream", "downstream", "both"):
+            raise ValueError(f"unknown direction {direction!r}")
+        if op == "latency":
+            self.latency(
+                float(args["ms"]), jitter_ms=float(args.get("jitter_ms", 0)), direction=direction
+            )
+        elif op == "bandwidth":
+            rate = args.get("bytes_per_s")
+            self.bandwidth(None if rate is None else float(rate), direction=direction)
+        elif op == "slicer":
+            self.slicer(
+                int(args["average_size"]),
+                size_variation=int(args.get("size_variation", 0)),
+                delay_ms=float(args.get("delay_ms", 0)),
+                direction=direction,
+            )
+        elif op == "blackhole":
+            timeout = args.get("timeout_ms")
+            self.blackhole(timeout_ms=None if timeout is None else float(timeout))
+        elif op == "reset_peer":
+            self.reset_peer()
+        elif op == "normal":
+            self.normal()
+        elif op == "heal":
+            await self.heal()
+        elif op == "down":
+            await self.down()
+        elif op == "up":
+            await self.up()
+        elif op != "stats":
+            raise ValueError(f"unknown op {op!r}")
+        return self.state()
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "up": self.is_up,
+            "port": self.port,
+            "blackhole": not self._flowing.is_set(),
+            "reset_peer": self._resetting,
+            "toxics": {d: dataclasses.asdict(t) for d, t in self.toxics.items()},
+            "stats": dataclasses.asdict(self.stats),
+        }
+
+    async def serve_control(self, host: str = "127.0.0.1", port: int = 0) -> asyncio.Server:
+        """A control socket: one JSON command per line in, one JSON answer per line out."""
+
+        async def session(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                while line := await reader.readline():
+                    try:
+                        command = json.loads(line)
+                        if not isinstance(command, dict):
+                            raise ValueError("a command is a JSON object")
+                        answer = {"ok": True, **await self.apply(command)}
+                    except (ValueError, KeyError, TypeError) as error:
+                        answer = {"ok": False, "error": f"{type(error).__name__}: {error}"}
+                    writer.write(json.dumps(answer).encode() + b"\n")
+                    await writer.drain()
+            except ConnectionError:
+                pass
+            finally:
+                writer.close()
+
+        return await asyncio.start_server(session, host, port)
+
     # --- connections -------------------------------------------------------------------------
 
     def _drop_all(self, reset: bool) -> None:
@@ -370,3 +449,36 @@ class FaultProxy:
             self.stats.active -= 1
             if task is not None:
                 self._tasks.discard(task)
+
+
+def _address(text: str, default_host: str = "127.0.0.1") -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    return host or default_host, int(port)
+
+
+async def _serve(args: argparse.Namespace) -> None:
+    upstream_host, upstream_port = _address(args.upstream)
+    listen_host, listen_port = _address(args.listen)
+    async with FaultProxy(
+        upstream_host, upstream_port, listen_host=listen_host, listen_port=listen_port
+    ) as proxy:
+        line = {"listen": proxy.port}
+        if args.control is not None:
+            control_host, control_port = _address(args.control)
+            control = await proxy.serve_control(control_host, control_port)
+            line["control"] = int(control.sockets[0].getsockname()[1])
+        print(json.dumps(line), flush=True)  # the ports, for whoever started us
+        await asyncio.Event().wait()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="A TCP fault proxy with Toxiproxy's toxics.")
+    parser.add_argument("--upstream", required=True, help="HOST:PORT to forward to")
+    parser.add_argument("--listen", default="127.0.0.1:0", help="[HOST:]PORT (0: any)")
+    parser.add_argument("--control", help="[HOST:]PORT of the JSON-lines control socket")
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_serve(parser.parse_args(argv)))
+
+
+if __name__ == "__main__":
+    main()
