@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -525,3 +526,61 @@ def test_payload_carries_publisher_sequence_and_time() -> None:
 )
 def test_topic_matching(topic_filter: str, topic: str, matches: bool) -> None:
     assert topic_matches(topic_filter, topic) is matches
+
+
+def _broker_kill_history(*, replayed: bool) -> list[Record]:
+    """The issue's known loss, as a history: a publisher on a at 300 msg/s, a persistent QoS 1
+    subscriber on b; b is killed at 2 s and the subscriber resumes its session on c at 3 s.
+    Without replay of b's inbox, what was routed to b meanwhile never arrives."""
+    records: list[Record] = [
+        *subscriber("s1", t=0.0),
+        Connect(t=0.0, client="p1", conn=1, broker="a", clean_start=True),
+        ConnAck(t=0.0, client="p1", conn=1, broker="a", session_present=False),
+    ]
+    records.append(FaultStart(t=2.0, fault="broker-kill", target="b"))
+    records.append(Disconnect(t=2.0, client="s1", conn=1, normal=False, reason="broker killed"))
+    records.append(Connect(t=3.0, client="s1", conn=2, broker="c", clean_start=False))
+    records.append(ConnAck(t=3.0, client="s1", conn=2, broker="c", session_present=True))
+    records.append(FaultEnd(t=3.0, fault="broker-kill", target="b"))
+    for seq in range(1, 1201):  # 4 s at 300 msg/s
+        t = seq / 300
+        records += publish(t, seq)
+        if t < 2.0:
+            records.append(deliver(t + 0.002, seq))
+        elif t >= 3.0:
+            records.append(deliver(t + 0.002, seq, broker="c"))
+        elif replayed:
+            records.append(deliver(3.001 + seq * 1e-6, seq, broker="c"))
+    return records
+
+
+def test_the_known_broker_kill_loss_is_reported_with_its_sequence_numbers(tmp_path: Path) -> None:
+    path = tmp_path / "broker-kill.jsonl"
+    write_history(path, _broker_kill_history(replayed=False))
+    report = check(read_history(path))
+    assert report.failed() == ["no_lost"]
+    # Sent while b was dead and before the subscriber came back: seq 600 (t=2.0) to 899.
+    assert report.lost_seqs("s1", "p1") == list(range(600, 900))
+    assert report.to_json()["lost"] == 300
+    assert report.recovery_s == pytest.approx(0.002, abs=1e-3)
+
+
+def test_the_same_run_with_the_inbox_replayed_passes() -> None:
+    report = check(_broker_kill_history(replayed=True))
+    assert report.passed, report.failed()
+    assert report.invariants["ordered"].checked == 1200
+
+
+def test_a_long_history_is_checked_quickly() -> None:
+    records: list[Record] = []
+    for n in range(5):
+        records += subscriber(f"s{n}")
+    for seq in range(1, 20_001):
+        t = 1 + seq / 1000
+        records += publish(t, seq, topic=f"t/{seq % 10}")
+        records += [deliver(t + 0.01, seq, to=f"s{n}", topic=f"t/{seq % 10}") for n in range(5)]
+    start = time.perf_counter()
+    report = check(records)
+    assert report.passed
+    assert report.invariants["no_lost"].checked == 100_000
+    assert time.perf_counter() - start < 10
