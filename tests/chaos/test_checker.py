@@ -469,6 +469,30 @@ def test_recovery_time_runs_from_the_fault_end_to_the_first_new_delivery() -> No
     assert report.to_json()["recoveries"][0]["fault"] == "broker-kill"
 
 
+def test_recovery_waits_for_the_slowest_subscriber() -> None:
+    records: list[Record] = [*subscriber("s1"), *subscriber("s2")]
+    records += [FaultStart(t=5.0, fault="broker-kill", target="b")]
+    records.append(FaultEnd(t=10.0, fault="broker-kill", target="b"))
+    records += publish(10.0, 1)
+    records += [deliver(10.01, 1, to="s2"), deliver(11.5, 1, to="s1")]
+    report = check(records)
+    assert report.passed, report.failed()
+    (recovery,) = report.recoveries
+    assert recovery["recovery_s"] == pytest.approx(1.5)
+    assert recovery["first_delivery_s"] == pytest.approx(0.01)
+    assert recovery["slowest"] == "s1"
+
+
+def test_a_subscriber_that_never_flows_again_fails_recovery() -> None:
+    records: list[Record] = [*subscriber("s1"), *subscriber("s2")]
+    records.append(FaultEnd(t=10.0, fault="partition", target="b"))
+    records += [*publish(10.0, 1), deliver(10.01, 1, to="s2")]
+    report = check(records, skip={"no_lost"})
+    assert report.failed() == ["recovered"]
+    assert report.invariants["recovered"].examples[0]["stuck"] == ["s1"]
+    assert report.recovery_s is None
+
+
 def test_no_delivery_after_the_fault_fails_recovery() -> None:
     records: list[Record] = [*subscriber(), FaultEnd(t=1.0, fault="redis-freeze")]
     records += publish(2.0, 1)
