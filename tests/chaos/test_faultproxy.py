@@ -17,7 +17,7 @@ from contextlib import asynccontextmanager
 import pytest
 import redis
 import redis.asyncio as aioredis
-from mcloudtt_chaos.faultproxy import CHUNK, FaultProxy, Toxics
+from mcloudtt_chaos.faultproxy import CHUNK, FaultProxy, Toxics, _rst
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -116,6 +116,25 @@ def test_latency_is_added_within_20_percent() -> None:
         assert again < 0.010
 
     asyncio.run(main())
+
+
+def test_latency_delays_each_chunk_without_serialising_them() -> None:
+    # A link with latency still carries pipelined traffic: 20 writes 5 ms apart each take
+    # ~50 ms, so the last answer comes ~150 ms after the first write, not 20 x 50 ms.
+    async def main() -> float:
+        async with echo_proxy() as proxy:
+            proxy.latency(50, direction="upstream")
+            reader, writer = await connect(proxy)
+            start = time.perf_counter()
+            for i in range(20):
+                writer.write(bytes([i]))
+                await writer.drain()
+                await asyncio.sleep(0.005)
+            assert await asyncio.wait_for(reader.readexactly(20), 5) == bytes(range(20))
+            writer.close()
+            return time.perf_counter() - start
+
+    assert 0.14 <= asyncio.run(main()) < 0.4
 
 
 def test_jitter_spreads_the_latency_around_its_setting() -> None:
@@ -284,6 +303,22 @@ def test_an_unreachable_upstream_resets_the_client() -> None:
                 await asyncio.wait_for(reader.read(1), 2)
             writer.close()
             assert proxy.stats.refused_upstream == 1
+
+    asyncio.run(main())
+
+
+def test_a_reset_from_upstream_reaches_the_client_as_a_reset() -> None:
+    async def resetter(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1)
+        _rst(writer)
+
+    async def main() -> None:
+        async with serving(resetter) as port, FaultProxy("127.0.0.1", port) as proxy:
+            reader, writer = await connect(proxy)
+            writer.write(b"x")
+            with pytest.raises(ConnectionResetError):
+                await asyncio.wait_for(reader.read(1), 2)
+            writer.close()
 
     asyncio.run(main())
 

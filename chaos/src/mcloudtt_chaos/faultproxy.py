@@ -123,6 +123,8 @@ class _Link:
             async with asyncio.TaskGroup() as group:
                 group.create_task(self._pump(client_reader, self.upstream, "upstream"))
                 group.create_task(self._pump(up_reader, self.client, "downstream"))
+        except* ConnectionResetError:
+            self.abort(reset=True)  # pass a reset on as a reset
         except* (OSError, asyncio.IncompleteReadError):
             self.abort()
         finally:
