@@ -17,7 +17,7 @@ from contextlib import asynccontextmanager
 import pytest
 import redis
 import redis.asyncio as aioredis
-from mcloudtt_chaos.faultproxy import CHUNK, FaultProxy, Toxics, _rst
+from mcloudtt_chaos.faultproxy import CHUNK, FaultProxy, Toxics, send_reset
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -310,7 +310,7 @@ def test_an_unreachable_upstream_resets_the_client() -> None:
 def test_a_reset_from_upstream_reaches_the_client_as_a_reset() -> None:
     async def resetter(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.read(1)
-        _rst(writer)
+        send_reset(writer)
 
     async def main() -> None:
         async with serving(resetter) as port, FaultProxy("127.0.0.1", port) as proxy:

@@ -70,7 +70,7 @@ class ProxyStats:
     peak_buffered: int = 0
 
 
-def _rst(writer: asyncio.StreamWriter) -> None:
+def send_reset(writer: asyncio.StreamWriter) -> None:
     """Close with SO_LINGER 0, so the peer gets a TCP RST instead of a FIN."""
     sock = writer.get_extra_info("socket")
     if sock is not None:
@@ -99,7 +99,7 @@ class _Link:
         for writer in (self.client, self.upstream):
             if writer is not None:
                 if reset:
-                    _rst(writer)
+                    send_reset(writer)
                 else:
                     writer.transport.abort()
 
@@ -433,7 +433,7 @@ class FaultProxy:
         self.stats.accepted += 1
         if self._resetting:
             self.stats.resets += 1
-            _rst(writer)
+            send_reset(writer)
             return
         link = _Link(self, writer)
         self._links.add(link)
