@@ -26,7 +26,6 @@ def _container_ports(workload: dict[str, Any], name: str) -> set[int]:
 def test_broker_accepts_what_the_manifests_pass(docs: Docs, overlay: str) -> None:
     from mcloudtt_broker.cli import build_parser
     from mcloudtt_broker.config import OPTIONS, env_name, resolve
-    from redis.asyncio.connection import parse_url
 
     d = docs[overlay]
     sts = find(d, "StatefulSet", "mcloudtt-broker")
@@ -51,29 +50,46 @@ def test_broker_accepts_what_the_manifests_pass(docs: Docs, overlay: str) -> Non
         assert port in ports, f"listener port {port} is not a container port"
     assert values["tap-stream"] == "mcloudtt:tap"
 
-    # The Redis URL, as redis-py will read it.
+    # The Redis URL, as the broker's links (lean and redis-py) will read it.
     url = values["redis"]
     assert url is not None and "$(" not in url, url
-    kwargs: dict[str, Any] = dict(parse_url(url))
-    assert kwargs["password"] == PASSWORD
     mounted = mounts(sts, "broker")
+    _check_redis_url(url, overlay, mounted)
     if overlay == "gke":
-        assert url.startswith("rediss://")
-        values_env = example_values()
-        assert kwargs["host"] == values_env["REDIS_HOST"]
-        assert str(kwargs["port"]) == values_env["REDIS_PORT"]
-        ca = kwargs["ssl_ca_certs"]
-        ca_mount = under_mount(ca, list(mounted))
-        assert ca_mount, f"{ca} is not on a mounted volume"
-        assert mounted[ca_mount]["configMap"]["name"] == "mcloudtt-redis-ca"
         for path in (values["tls-cert"], values["tls-key"]):
             mount = under_mount(path, list(mounted))
             assert mount and mounted[mount]["secret"]["secretName"] == "mcloudtt-broker-tls"
     else:
-        assert url.startswith("redis://")
-        assert (kwargs["host"], kwargs["port"]) == ("mcloudtt-redis", 6379)
         redis_service = find(d, "Service", "mcloudtt-redis")
         assert 6379 in {p["port"] for p in redis_service["spec"]["ports"]}
+
+
+def _check_redis_url(url: str, overlay: str, mounted: dict[str, dict[str, Any]]) -> None:
+    """The rendered URL fed to the real parser (`cluster/redis_url.py`)."""
+    from mcloudtt_broker.cluster.redis_url import parse_redis_url
+
+    options = parse_redis_url(url)  # raises RedisUrlError on anything it cannot use
+    assert options.password == PASSWORD  # from the Secret, through secretKeyRef and $(VAR)
+    assert options.username is None and options.db == 0
+    kwargs = options.pool_kwargs()
+    assert (kwargs["password"], kwargs["db"]) == (PASSWORD, 0)
+    if overlay == "gke":
+        values = example_values()
+        assert options.tls and options.scheme == "rediss"
+        assert (options.host, str(options.port)) == (values["REDIS_HOST"], values["REDIS_PORT"])
+        # The server is verified against Memorystore's CA, hostname (IP) included.
+        assert (options.ssl_cert_reqs, options.ssl_check_hostname) == ("required", True)
+        ca = options.ssl_ca_certs
+        assert ca is not None and kwargs["ssl_ca_certs"] == ca
+        ca_mount = under_mount(ca, list(mounted))
+        assert ca_mount, f"{ca} is not on a mounted volume"
+        assert mounted[ca_mount]["configMap"]["name"] == "mcloudtt-redis-ca"
+        key = ca.removeprefix(ca_mount.rstrip("/") + "/")
+        items = mounted[ca_mount]["configMap"].get("items")
+        assert key == "ca.pem" if not items else key in {i["path"] for i in items}
+    else:
+        assert not options.tls
+        assert (options.host, options.port) == ("mcloudtt-redis", 6379)
 
 
 def _adapter_run_parser() -> argparse.ArgumentParser:
@@ -133,10 +149,10 @@ def test_adapter_accepts_what_the_manifests_pass(
     writable = [p for p, m in mounted.items() if not m.get("readOnly")]
     # readOnlyRootFilesystem: whatever the adapter writes must be on a writable volume.
     assert under_mount(args.dead_letter_file, writable), args.dead_letter_file
+    _check_redis_url(args.redis, overlay, mounted)
     if overlay == "gke":
         assert args.bigquery == example_values()["BIGQUERY_TABLE"]
         assert args.duckdb is None
-        assert args.redis.startswith("rediss://")
     else:
         assert args.duckdb and args.bigquery is None
         mount = under_mount(args.duckdb, writable)

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import hiredis
 from mcloudtt_broker.cluster.inbox import Inbox
 from mcloudtt_broker.cluster.outbox import Outbox
+from mcloudtt_broker.cluster.redis_url import parse_redis_url
 from mcloudtt_broker.cluster.resp import Commands
 from mcloudtt_broker.cluster.settings import ClusterSettings
 from mcloudtt_broker.core.message import Message
@@ -44,7 +45,8 @@ def entries_for(dest: str, batches: list[Commands]) -> list[list[bytes]]:
 def pair() -> tuple[Outbox, Inbox, Core]:
     outbox = Outbox(ClusterSettings(url="redis://unused", broker_id="a"), sequence=0)
     core = Core()
-    inbox = Inbox(ClusterSettings(url="redis://unused", broker_id="b"), core, Counter())  # type: ignore[arg-type]
+    settings = ClusterSettings(url="redis://unused", broker_id="b")
+    inbox = Inbox(settings, core, Counter(), parse_redis_url(settings.url))  # type: ignore[arg-type]
     return outbox, inbox, core
 
 

@@ -82,7 +82,12 @@ def _run_parser(sub: Any) -> argparse.ArgumentParser:
     _add(g, "password", default=None)
     _add(g, "broker-id", default=None, help="broker_id column for MQTT rows")
     g = p.add_argument_group("Redis tap source")
-    _add(g, "redis", metavar="URL", help="redis://host:port/db")
+    _add(
+        g,
+        "redis",
+        metavar="URL",
+        help="redis://host:port/db, rediss://...?ssl_ca_certs=CA, unix:///path",
+    )
     _add(
         g,
         "redis-mode",
@@ -268,6 +273,10 @@ def _run(args: argparse.Namespace) -> int:
 
         for rule in config.rules.topic_rules:
             TopicRule(rule)
+        if config.redis:
+            from mcloudtt_broker.cluster.redis_url import check_redis_url
+
+            check_redis_url(config.redis)  # a RedisUrlError is a ValueError: one line, exit 2
     except ValueError as error:
         print(f"mcloudtt-adapter: error: {error}", file=sys.stderr)
         return 2

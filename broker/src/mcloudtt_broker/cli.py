@@ -8,6 +8,7 @@ import logging
 import sys
 from typing import NoReturn
 
+from .cluster.redis_url import RedisUrlError, check_redis_url
 from .cluster.settings import ClusterSettings, DuplicateBrokerId
 from .config import OPTIONS, ConfigError, env_name, environment, resolve
 from .core.broker import BrokerSettings
@@ -47,7 +48,9 @@ def main(argv: list[str] | None = None) -> None:
     env = environment()
     try:
         values = resolve(args, env, args.get("config") or env.get("MCLOUDTT_CONFIG"))
-    except ConfigError as error:
+        if values["redis"] is not None:
+            check_redis_url(values["redis"])  # the TLS files are read now, not at each retry
+    except (ConfigError, RedisUrlError) as error:
         print(f"mcloudtt-broker: error: {error}", file=sys.stderr)
         sys.exit(2)
     logging.basicConfig(

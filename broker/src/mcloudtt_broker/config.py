@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from .cluster.redis_url import parse_redis_url
+
 
 class ConfigError(Exception):
     """A bad option, environment variable or configuration file."""
@@ -105,8 +107,7 @@ def _choice(*choices: str) -> Callable[[Any], str]:
 
 def _redis_url(value: Any) -> str:
     text = str(value)
-    if not text.startswith(("redis://", "rediss://", "unix://")):
-        raise ValueError(f"expected a redis:// or rediss:// URL, got {text!r}")
+    parse_redis_url(text)  # a RedisUrlError is a ValueError, without the password
     return text
 
 
@@ -243,7 +244,7 @@ OPTIONS: tuple[Option, ...] = (
         "redis",
         _redis_url,
         None,
-        "join the cluster through Redis (redis:// or rediss://)",
+        "join the cluster through Redis (redis://, rediss:// with ssl_* options, unix://)",
         metavar="URL",
     ),
     Option(

@@ -137,7 +137,7 @@ class BrokerServer:
         return protocol
 
     def _ws_factory(self) -> WebSocketProtocol:
-        return WebSocketProtocol(self, self._factory(), self.settings.max_packet_size + 16)
+        return WebSocketProtocol(self, self._factory())
 
     def closed(self, protocol: MQTTProtocol) -> None:
         self.protocols.discard(protocol)
@@ -194,7 +194,11 @@ class BrokerServer:
     async def _readyz(self) -> tuple[str, bytes, str]:
         if self.ready():
             return "200 OK", b"ready\n", TEXT
-        return "503 Service Unavailable", b"not ready\n", TEXT
+        reason = "not ready"
+        if self.accepting and self.bus is not None:
+            # Why the cluster link is down (wrong CA, password, host...): said once, here.
+            reason = f"not ready: {self.bus.link_error or 'connecting to Redis'}"
+        return "503 Service Unavailable", f"{reason}\n".encode(), TEXT
 
     async def _metrics(self) -> tuple[str, bytes, str]:
         bus = self.bus

@@ -22,6 +22,7 @@ from ..mqtt.properties import EMPTY_PROPERTIES
 from .envelope import EnvelopeError, EnvelopeFields, EnvelopeReader, unpack_envelope
 from .link import GROUP, LinkError, RedisClient, stream_id
 from .records import InboxError, iter_records
+from .redis_url import RedisOptions
 from .resp import Commands, open_connection
 from .settings import ClusterSettings
 
@@ -32,8 +33,15 @@ REPLY_TIMEOUT = 5.0
 
 
 class Inbox:
-    def __init__(self, settings: ClusterSettings, core: ClusterCore, stats: Counter[str]) -> None:
+    def __init__(
+        self,
+        settings: ClusterSettings,
+        core: ClusterCore,
+        stats: Counter[str],
+        options: RedisOptions,
+    ) -> None:
         self.settings = settings
+        self.options = options
         self.me = settings.broker_id
         self.k_inbox = f"{settings.prefix}:inbox:{self.me}"
         self.k_progress = f"{settings.prefix}:progress:{self.me}"
@@ -70,7 +78,7 @@ class Inbox:
         """Read and deliver until the link breaks (the bus translates the errors)."""
         last_id = b"0"  # first what was delivered to us before and not acknowledged
         acks: list[bytes] = []
-        inbox = await open_connection(self.settings.url, lambda error: None)
+        inbox = await open_connection(self.options, lambda error: None)
         try:
             while True:
                 # Acknowledge the last batch, report progress and ask for the next: one trip.

@@ -13,6 +13,7 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
+from .redis_url import RedisUrlError
 from .resp import RespConnection
 
 # redis-py's annotations describe every response shape at once (RESP2 and RESP3, bytes or str);
@@ -29,12 +30,13 @@ class LinkError(ConnectionError):
 
 @contextlib.contextmanager
 def redis_errors() -> Iterator[None]:
-    """Turn Redis and socket errors (timeouts included) into `LinkError`."""
+    """Turn Redis and socket errors (timeouts included) into `LinkError`; the original stays
+    its cause, for the reason the link is down (`redis_url.link_error_reason`)."""
     try:
         yield
     except LinkError:
         raise
-    except (RedisError, OSError) as error:
+    except (RedisError, OSError, RedisUrlError) as error:
         raise LinkError(str(error) or type(error).__name__) from error
 
 

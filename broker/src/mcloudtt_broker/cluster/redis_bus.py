@@ -43,7 +43,6 @@ from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from typing import Any
 
 import hiredis
-import redis.asyncio as aioredis
 
 from ..core.message import Message
 from ..core.ports import ClusterCore, Resume
@@ -52,6 +51,7 @@ from .inbox import Inbox
 from .link import Link, LinkError, RedisClient, redis_errors
 from .membership import Membership
 from .outbox import Outbox
+from .redis_url import link_error_reason, parse_redis_url
 from .resp import open_connection
 from .settings import ClusterSettings, DuplicateBrokerId
 
@@ -73,6 +73,8 @@ class RedisBus:
         self.settings = settings
         self.me = settings.broker_id
         self.token = uuid.uuid4().hex
+        self.redis_options = parse_redis_url(settings.url)
+        self.link_error = ""  # why the link is down, for the log and /readyz ("" when up)
         self.link = Link()
         self.live_peers: set[str] = set()
         self.stats: Counter[str] = Counter()
@@ -93,7 +95,7 @@ class RedisBus:
         self.core = core
         self.outbox.clock = core.clock
         settings, stats = self.settings, self.stats
-        self.inbox = Inbox(settings, core, stats)
+        self.inbox = Inbox(settings, core, stats, self.redis_options)
         self.failover = Failover(
             settings,
             core,
@@ -232,9 +234,14 @@ class RedisBus:
 
     def _link_lost(self, error: BaseException) -> None:
         link = self.link
+        reason = link_error_reason(error, self.redis_options)
         if link.connected:
-            log.warning("lost Redis: %s", error)
+            log.warning("lost Redis: %s; retrying", reason)
             self.stats["link_losses"] += 1
+        elif reason != self.link_error:
+            # Once per reason, not once per retry.
+            log.warning("Redis link down: %s; retrying", reason)
+        self.link_error = reason
         link.connected = False
         if link.writer is not None:
             self.outbox.link_lost(link.writer.replies)
@@ -247,8 +254,7 @@ class RedisBus:
         if link.redis is not None:
             with contextlib.suppress(Exception):
                 await link.redis.aclose()
-        link.redis = redis = aioredis.Redis.from_url(
-            self.settings.url,
+        link.redis = redis = self.redis_options.client(
             socket_connect_timeout=1.0,
             socket_timeout=5.0,
             health_check_interval=10,
@@ -266,7 +272,7 @@ class RedisBus:
         if not self.stats["connects"]:
             # Sessions a previous run of this broker id stored (a restarted pod keeps its name).
             await self.failover.adopt_sessions(redis, self.me)
-        writer = await open_connection(self.settings.url, self._link_lost)
+        writer = await open_connection(self.redis_options, self._link_lost)
         link.writer = writer
         if resend is not None:
             refused = [r for r in await writer.call(resend) if isinstance(r, hiredis.ReplyError)]
@@ -277,6 +283,7 @@ class RedisBus:
         self._flush()
         await self.failover.store_all(redis)
         await self.inbox.load_retained(redis)
+        self.link_error = ""
         log.info("cluster link up (%s mode, %d peers)", self.settings.mode, len(self.live_peers))
 
     async def _confirm_loop(self, redis: RedisClient) -> None:

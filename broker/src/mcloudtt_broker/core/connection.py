@@ -320,10 +320,11 @@ class ServerConnection:
 
         self.client_id = client_id
         self.connect_args = (packet, assigned, will_message)
+        # Cluster: the session may live on another broker; CONNACK waits for it.
+        self.state = LOCATING
         if broker.bus.locate_session(client_id, packet.clean_start, self._located):
-            # Cluster: the session may live on another broker; CONNACK waits for it.
-            self.state = LOCATING
             return
+        self.state = CONNECTING
         self.finish_connect(None, now)
 
     def _located(self, snapshot: SessionSnapshot | None) -> None:

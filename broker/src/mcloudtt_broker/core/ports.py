@@ -53,7 +53,7 @@ class ClusterBus(Protocol):
 
         False: nothing to look for, the CONNECT goes on at once and `resume` is never called.
         True: the bus takes the session from wherever it is (that broker gives it up through
-        `ClusterCore.handover`) and calls `resume(snapshot)` exactly once, later, never from
+        `ClusterCore.handover`) and calls `resume(snapshot)` exactly once, later or already
         inside this call.
         """
         ...
