@@ -20,10 +20,10 @@ import time
 from collections import Counter
 from collections.abc import Callable
 
-from ..config import redact_url
 from ..core.ports import ClusterCore
 from .failover import Failover
 from .link import RedisClient
+from .redis_url import redact_url
 from .settings import BROADCAST, ClusterSettings, DuplicateBrokerId
 
 log = logging.getLogger("mcloudtt.cluster")
