@@ -20,9 +20,9 @@ import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import MISSING, dataclass, fields
 from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
 
 from .cluster.redis_url import parse_redis_url
+from .cluster.redis_url import redact_url as redact_url  # where it lived before
 from .cluster.settings import BROADCAST, ROUTED, ClusterSettings
 from .core.broker import BrokerSettings
 from .server import ServerOptions
@@ -608,18 +608,6 @@ BROKER = Scheme(
 )
 OPTIONS = BROKER.options
 OPTIONS_BY_NAME = {option.name: option for option in OPTIONS}
-
-
-def redact_url(url: str) -> str:
-    """The URL with any password replaced, for logs and error messages."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
 def env_name(option: str) -> str:

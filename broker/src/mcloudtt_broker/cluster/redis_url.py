@@ -21,7 +21,7 @@ import os
 import ssl
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
 
 if TYPE_CHECKING:
     import redis.asyncio
@@ -204,6 +204,18 @@ def parse_redis_url(url: str) -> RedisOptions:
     if "ssl_keyfile" in fields and "ssl_certfile" not in fields:
         raise RedisUrlError("ssl_keyfile in the Redis URL needs ssl_certfile (the certificate)")
     return RedisOptions(**fields)
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password replaced, for logs and error messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
 def check_redis_url(url: str) -> RedisOptions:

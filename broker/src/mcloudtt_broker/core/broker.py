@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from .. import __version__
-from ..cluster.bus import ClusterBus, LocalBus
 from ..mqtt.properties import Properties
 from ..mqtt.reason_codes import ReasonCode
 from ..mqtt.topics import split_shared
 from .connection import CONNECTED, CONNECTING, Link, ServerConnection
 from .message import Message
+from .ports import ClusterBus, LocalBus
 from .retained import MemoryRetainedStore, RetainedStore
 from .session import (
     AWAITING_COMP,
@@ -102,9 +102,6 @@ class Broker:
         self.pending_wills: dict[str, tuple[float, Message]] = {}
         self.expiring: dict[str, float] = {}
         self._next_sys = clock() + self.settings.sys_interval
-        # Cluster: finds a session that may live on another broker, then calls
-        # `conn.finish_connect(snapshot, now)`; None on a single node.
-        self.session_locator: Callable[[ServerConnection, str, bool], None] | None = None
 
     # ------------------------------------------------------------ connections and sessions
 
@@ -303,6 +300,49 @@ class Broker:
                 self.remote.remove(peer, inner, group)
             peer.filters.clear()
             self._remote_routes.clear()
+
+    def remote_filter_count(self) -> int:
+        return sum(len(peer.filters) for peer in self.peers.values())
+
+    def local_filters(self) -> list[str]:
+        return list(self.filter_refs)
+
+    # ------------------------------------------------------------ sessions across brokers
+    # (`ports.ClusterCore`: what a cluster bus uses)
+
+    def has_session(self, client_id: str) -> bool:
+        return client_id in self.sessions
+
+    def persistent_sessions(self) -> list[str]:
+        return [client_id for client_id, s in self.sessions.items() if s.expiry_interval]
+
+    def stored_session(self, client_id: str) -> SessionSnapshot | None:
+        session = self.sessions.get(client_id)
+        if session is None or not session.expiry_interval:
+            return None
+        return snapshot_of(session)
+
+    def adopt_session(self, snapshot: SessionSnapshot, now: float) -> None:
+        session = self.restore_session(snapshot, now)
+        session.ended_at = now
+        if session.expiry_interval != NEVER_EXPIRES:
+            self.expiring[session.client_id] = now + session.expiry_interval
+
+    # ------------------------------------------------------------ retained messages
+
+    def retained_messages(self) -> list[Message]:
+        return list(self.retained.match("#"))  # '#' leaves out $-topics (MQTT-4.7.2-1)
+
+    def load_retained(self, messages: Iterable[Message]) -> None:
+        store = self.retained
+        seen: set[str] = set()
+        for message in messages:
+            seen.add(message.topic)
+            store.set(message)
+        # A retained message cleared while we were away is gone from the cluster: drop it here.
+        for topic in [m.topic for m in store.match("#")]:
+            if topic not in seen:
+                store.delete(topic)
 
     def send_retained(
         self, session: Session, sub: Subscription[Session], inner_filter: str, now: float

@@ -320,12 +320,15 @@ class ServerConnection:
 
         self.client_id = client_id
         self.connect_args = (packet, assigned, will_message)
-        if broker.session_locator is not None:
-            # Cluster: the session may live on another broker; CONNACK waits for it.
-            self.state = LOCATING
-            broker.session_locator(self, client_id, packet.clean_start)
+        # Cluster: the session may live on another broker; CONNACK waits for it.
+        self.state = LOCATING
+        if broker.bus.locate_session(client_id, packet.clean_start, self._located):
             return
+        self.state = CONNECTING
         self.finish_connect(None, now)
+
+    def _located(self, snapshot: SessionSnapshot | None) -> None:
+        self.finish_connect(snapshot, self.broker.clock())
 
     def finish_connect(self, snapshot: SessionSnapshot | None, now: float) -> None:
         """Second half of CONNECT: attach (or restore) the session and send CONNACK."""

@@ -27,9 +27,8 @@ from typing import TYPE_CHECKING
 from .message import Message
 
 if TYPE_CHECKING:
-    from ..cluster.bus import ClusterBus
     from .broker import Broker
-    from .connection import ServerConnection
+    from .ports import ClusterBus, Resume
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +148,7 @@ class MemoryBus:
         self.broker_id = broker_id
         self.broker: Broker | None = None
         self.changed_sessions: Counter[str] = Counter()
+        self.locate_sessions = False
 
     def attach(self, broker: Broker, *, locate_sessions: bool = True) -> None:
         """Join the cluster: load the table and the retained messages into `broker`, announce
@@ -164,10 +164,9 @@ class MemoryBus:
             message = _arrive(sent, now, broker.clock())
             if message is not None:
                 broker.retained.set(message)
-        for full_filter in broker.filter_refs:
+        for full_filter in broker.local_filters():
             self.subscription_added(full_filter)
-        if locate_sessions:
-            broker.session_locator = self.locate
+        self.locate_sessions = locate_sessions
 
     # ------------------------------------------------------------------ ClusterBus
 
@@ -217,12 +216,15 @@ class MemoryBus:
 
     # ------------------------------------------------------------------ sessions across cores
 
-    def locate(self, conn: ServerConnection, client_id: str, clean_start: bool) -> None:
+    def locate_session(self, client_id: str, clean_start: bool, resume: Resume) -> bool:
         """CONNECT for `client_id`: take the session over from the core that holds it."""
+        if not self.locate_sessions:
+            return False
         hub = self.hub
         holder = hub.holders.get(client_id)
         hub.holders[client_id] = self.broker_id
-        hub._later(_Locate(hub, self, conn, client_id, clean_start, holder).run)
+        hub._later(_Locate(hub, self, resume, client_id, clean_start, holder).run)
+        return True
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,14 +243,12 @@ class _Step:
 class _Locate:
     hub: MemoryHub
     bus: MemoryBus
-    conn: ServerConnection
+    resume: Resume
     client_id: str
     clean_start: bool
     holder: str | None
 
     def run(self) -> None:
-        broker = self.bus.broker
-        assert broker is not None
         snapshot = None
         holder_bus = self.hub.buses.get(self.holder) if self.holder is not None else None
         if holder_bus is not None and holder_bus is not self.bus and holder_bus.broker is not None:
@@ -258,7 +258,7 @@ class _Locate:
                 self.client_id, self.clean_start, holder_bus.broker.clock()
             )
             self.hub.stats["handovers"] += 1
-        self.conn.finish_connect(None if self.clean_start else snapshot, broker.clock())
+        self.resume(None if self.clean_start else snapshot)
 
 
 if TYPE_CHECKING:

@@ -1,0 +1,183 @@
+"""The inbox: what other brokers sent this one, read from `{prefix}:inbox:{me}`, delivered here.
+
+The stream is read with a consumer group on its own lean connection: one round trip acknowledges
+the last batch, reports progress (`{prefix}:progress:{me}`: origin -> highest sequence handled,
+what the origins' outboxes confirm against) and asks for the next. Each origin's sequences are
+handled in order; one not above the last handled from that origin is a duplicate (a resend) and
+dropped. Broadcast mode's QoS 0 publishes come from the Pub/Sub channel instead (`on_sync`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+
+import hiredis
+from redis.exceptions import ResponseError
+
+from ..core.message import Message
+from ..core.ports import ClusterCore
+from ..mqtt.properties import EMPTY_PROPERTIES
+from .envelope import EnvelopeError, EnvelopeFields, EnvelopeReader, unpack_envelope
+from .link import GROUP, LinkError, RedisClient, stream_id
+from .records import InboxError, iter_records
+from .redis_url import RedisOptions
+from .resp import Commands, open_connection
+from .settings import ClusterSettings
+
+# How long one inbox read blocks in Redis, and how long past that an answer may take before the
+# link counts as lost.
+INBOX_BLOCK_MS = 1000
+REPLY_TIMEOUT = 5.0
+
+
+class Inbox:
+    def __init__(
+        self,
+        settings: ClusterSettings,
+        core: ClusterCore,
+        stats: Counter[str],
+        options: RedisOptions,
+    ) -> None:
+        self.settings = settings
+        self.options = options
+        self.me = settings.broker_id
+        self.k_inbox = f"{settings.prefix}:inbox:{self.me}"
+        self.k_progress = f"{settings.prefix}:progress:{self.me}"
+        self.k_retained = f"{settings.prefix}:retained"
+        self.core = core
+        self.stats = stats
+        self.reader = EnvelopeReader()
+        self.handled: dict[str, int] = {}  # origin -> highest sequence delivered from my inbox
+        self.position: tuple[int, int] = (0, 0)  # id of the last inbox entry handled
+
+    async def ensure_group(self, redis: RedisClient) -> None:
+        try:
+            await redis.xgroup_create(self.k_inbox, GROUP, id="0", mkstream=True)
+        except ResponseError as error:
+            if "BUSYGROUP" not in str(error):
+                raise
+
+    async def load_retained(self, redis: RedisClient) -> None:
+        """The cluster's retained messages, `{prefix}:retained` (topic -> envelope), into the
+        core: at start and after each reconnect."""
+        messages = []
+        async for _topic, envelope_raw in redis.hscan_iter(self.k_retained):
+            try:
+                fields = unpack_envelope(envelope_raw)
+            except EnvelopeError:
+                self.stats["bad_envelopes"] += 1
+                continue
+            message = self.to_message(fields)
+            if message is not None:
+                messages.append(message)
+        self.core.load_retained(messages)
+
+    async def run(self, redis: RedisClient) -> None:
+        """Read and deliver until the link breaks (the bus translates the errors)."""
+        last_id = b"0"  # first what was delivered to us before and not acknowledged
+        acks: list[bytes] = []
+        inbox = await open_connection(self.options, lambda error: None)
+        try:
+            while True:
+                # Acknowledge the last batch, report progress and ask for the next: one trip.
+                commands = Commands()
+                if acks:
+                    commands.xack(self.k_inbox, GROUP, acks)
+                    if self.handled:
+                        commands.hset_many(self.k_progress, self.handled)
+                    commands.xtrim_minid(self.k_inbox, acks[-1])
+                commands.xreadgroup(GROUP, self.me, self.k_inbox, last_id, 16, INBOX_BLOCK_MS)
+                async with asyncio.timeout(INBOX_BLOCK_MS / 1000 + REPLY_TIMEOUT):
+                    replies = await inbox.call(commands)
+                acks = []
+                errors = [str(r) for r in replies if isinstance(r, hiredis.ReplyError)]
+                if errors:
+                    if any("NOGROUP" in error for error in errors):  # Redis restarted empty
+                        await self.ensure_group(redis)
+                        last_id = b"0"
+                        continue
+                    raise LinkError(f"inbox read refused: {errors[0]}")
+                response = replies[-1]
+                entries = response[0][1] if response else []
+                if not entries:
+                    if last_id == b"0":
+                        last_id = b">"
+                    continue
+                self.stats["inbox_reads"] += 1
+                for entry_id, fields in entries:
+                    self.handle_entry(fields)
+                    acks.append(entry_id)
+                    self.position = stream_id(entry_id)
+                    # Let deliveries flush to subscribers between batches.
+                    await asyncio.sleep(0)
+        finally:
+            inbox.close()
+
+    def handle_entry(self, fields: list[bytes] | None) -> None:
+        """One inbox entry: its field list, `b` then the batch (None if it was deleted)."""
+        handled = self.handled
+        deliver = self.core.deliver_remote
+        read = self.reader.read
+        batch = None
+        if isinstance(fields, list):
+            for index in range(0, len(fields) - 1, 2):
+                if fields[index] == b"b" and isinstance(fields[index + 1], bytes):
+                    batch = fields[index + 1]
+                    break
+        if batch is None:
+            self.stats["bad_batches"] += 1
+            return
+        received = 0
+        try:
+            for plain, groups, start, stop in iter_records(batch):
+                try:
+                    envelope = read(batch, start, stop)
+                except EnvelopeError:
+                    self.stats["bad_envelopes"] += 1
+                    continue
+                origin, sequence, _, client_id, topic, payload, qos, retain, props = envelope
+                if sequence <= handled.get(origin, 0):
+                    self.stats["duplicates"] += 1
+                    continue
+                handled[origin] = sequence
+                if props is EMPTY_PROPERTIES:  # nothing expires: the common case, inline
+                    message: Message | None = Message(
+                        topic, payload, qos, retain, props, origin=client_id
+                    )
+                else:
+                    message = self.to_message(envelope)
+                if message is not None:
+                    received += 1
+                    deliver(message, plain, groups)
+        except InboxError:
+            self.stats["bad_batches"] += 1
+        self.stats["received"] += received
+
+    def on_sync(self, data: bytes) -> None:
+        """A publish on the broadcast channel (broadcast mode)."""
+        try:
+            fields = unpack_envelope(data)
+        except EnvelopeError:
+            self.stats["bad_envelopes"] += 1
+            return
+        if fields[0] == self.me or fields[6] or fields[7]:
+            return  # our own, or it comes through the inbox (QoS 1/2 and retained)
+        message = self.to_message(fields)
+        if message is not None:
+            self.stats["received"] += 1
+            self.core.deliver_remote(message, plain=True, groups=())
+
+    def to_message(self, envelope: EnvelopeFields) -> Message | None:
+        """The message an envelope carries, None if it expired on the way (MQTT-3.3.2-5)."""
+        _, _, received_at_us, client_id, topic, payload, qos, retain, props = envelope
+        expires_at = None
+        if props is not EMPTY_PROPERTIES and props.message_expiry_interval is not None:
+            age = max(0.0, time.time() - received_at_us / 1e6)
+            remaining = props.message_expiry_interval - age
+            if remaining <= 0:
+                self.stats["expired"] += 1
+                return None
+            expires_at = self.core.clock() + remaining
+        return Message(topic, payload, qos, retain, props, expires_at=expires_at, origin=client_id)

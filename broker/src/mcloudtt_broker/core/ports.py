@@ -1,0 +1,130 @@
+"""The core's ports: what it asks of a cluster bus, and what a bus may ask of it.
+
+Outgoing (`ClusterBus`): the core hands the bus every publish it accepted from a local client
+("forward this"), the changes of its subscription filters and persistent sessions, and each
+CONNECT whose session may live on another broker. Incoming (`ClusterCore`): a bus that reaches
+other brokers hands their publishes back through `deliver_remote`, which delivers locally and
+never forwards again (no echo), keeps the cluster table current, and moves sessions in and out.
+A bus uses only `ClusterCore`, never the core's internals.
+
+`LocalBus` is the single node: nothing to forward to, no session lives elsewhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Protocol
+
+from .message import Message
+from .session import SessionSnapshot
+
+# Called once with the session found elsewhere (None: none, or a clean start) to finish CONNECT.
+Resume = Callable[[SessionSnapshot | None], None]
+
+
+class ClusterBus(Protocol):
+    def forward(
+        self, message: Message, targets: Sequence[str], groups: Mapping[str, list[str]]
+    ) -> None:
+        """Offer a locally accepted publish to the cluster.
+
+        `targets`: brokers with a plain subscription matching the topic (from the cluster
+        table); `groups`: broker id -> shared groups (`$share/{name}/{filter}`) that broker was
+        chosen to serve for this message. A bus may send to more brokers (broadcast mode).
+        """
+        ...
+
+    def subscription_added(self, full_filter: str) -> None:
+        """The first local subscription with this filter appeared."""
+        ...
+
+    def subscription_removed(self, full_filter: str) -> None:
+        """The last local subscription with this filter went away."""
+        ...
+
+    def session_changed(self, client_id: str) -> None:
+        """A session's lasting state changed (subscriptions, connection, queue while away, end):
+        a bus that stores persistent sessions for failover writes it again
+        (`ClusterCore.stored_session`)."""
+        ...
+
+    def locate_session(self, client_id: str, clean_start: bool, resume: Resume) -> bool:
+        """A CONNECT for `client_id` was accepted: its session may live on another broker.
+
+        False: nothing to look for, the CONNECT goes on at once and `resume` is never called.
+        True: the bus takes the session from wherever it is (that broker gives it up through
+        `ClusterCore.handover`) and calls `resume(snapshot)` exactly once, later or already
+        inside this call.
+        """
+        ...
+
+
+class ClusterCore(Protocol):
+    """What a cluster bus may use of the broker core."""
+
+    clock: Callable[[], float]
+
+    # The cluster table: other brokers' subscription filters.
+    def remote_subscribe(self, broker_id: str, full_filter: str) -> None: ...
+
+    def remote_unsubscribe(self, broker_id: str, full_filter: str) -> None: ...
+
+    def remote_forget(self, broker_id: str) -> None: ...
+
+    def remote_filter_count(self) -> int: ...
+
+    def local_filters(self) -> list[str]:
+        """The filters with local subscribers: this broker's entries in the cluster table."""
+        ...
+
+    # Messages from other brokers.
+    def deliver_remote(self, message: Message, plain: bool, groups: Sequence[str]) -> None: ...
+
+    def retained_messages(self) -> list[Message]:
+        """The retained messages (without `$` topics, which include this broker's `$SYS`)."""
+        ...
+
+    def load_retained(self, messages: Iterable[Message]) -> None:
+        """Make the retained messages (without `$` topics) exactly `messages`."""
+        ...
+
+    # Sessions across brokers.
+    def has_session(self, client_id: str) -> bool: ...
+
+    def persistent_sessions(self) -> list[str]:
+        """Client ids of the sessions that outlive their connection (Session Expiry > 0)."""
+        ...
+
+    def stored_session(self, client_id: str) -> SessionSnapshot | None:
+        """The session to store for failover; None when there is none to store (gone, or it
+        ends with its connection)."""
+        ...
+
+    def handover(self, client_id: str, clean_start: bool, now: float) -> SessionSnapshot | None:
+        """Another broker took `client_id`: close the connection here, give up the session."""
+        ...
+
+    def adopt_session(self, snapshot: SessionSnapshot, now: float) -> None:
+        """Take a session a gone broker served, as an offline session expiring from `now`."""
+        ...
+
+
+class LocalBus:
+    """A single node: nothing to forward to."""
+
+    def forward(
+        self, message: Message, targets: Sequence[str], groups: Mapping[str, list[str]]
+    ) -> None:
+        return None
+
+    def subscription_added(self, full_filter: str) -> None:
+        return None
+
+    def subscription_removed(self, full_filter: str) -> None:
+        return None
+
+    def session_changed(self, client_id: str) -> None:
+        return None
+
+    def locate_session(self, client_id: str, clean_start: bool, resume: Resume) -> bool:
+        return False
