@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> None:
         receive_maximum=values["receive-maximum"],
         max_inflight=values["max-inflight"],
         topic_alias_maximum=values["topic-alias-maximum"],
+        mqtt31=values["mqtt31"],
         max_session_expiry=values["max-session-expiry"],
         connect_timeout=values["connect-timeout"],
         sys_interval=values["sys-interval"],

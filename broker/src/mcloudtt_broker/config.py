@@ -212,6 +212,13 @@ OPTIONS: tuple[Option, ...] = (
         metavar="N",
     ),
     Option(
+        "mqtt31",
+        _boolean,
+        True,
+        "accept MQTT 3.1 clients (protocol name MQIsdp, level 3)",
+        metavar="BOOL",
+    ),
+    Option(
         "max-session-expiry",
         _non_negative_int,
         7 * 24 * 3600,

@@ -4,7 +4,21 @@ from __future__ import annotations
 
 from .core.broker import Broker
 
-CLUSTER_DROP_REASONS = ("buffer_full_qos0", "buffer_full", "unconfirmed_overflow", "peer_gone")
+CLUSTER_WRONG_ACK_KINDS = (
+    "puback_unknown",
+    "puback_for_qos2",
+    "pubrec_for_qos1",
+    "pubcomp_unknown",
+    "pubcomp_for_qos1",
+)
+DROP_REASONS = ("buffer_full_qos0", "buffer_full", "unconfirmed_overflow", "peer_gone")
+WRONG_ACK_KINDS = (
+    "puback_unknown",
+    "puback_for_qos2",
+    "pubrec_for_qos1",
+    "pubcomp_unknown",
+    "pubcomp_for_qos1",
+)
 DROP_REASONS = ("queue_full", "slow_consumer", "expired", "packet_too_large", "offline_qos0")
 
 
@@ -73,6 +87,19 @@ def render_metrics(
         "counter",
         "Connections closed for a protocol error.",
         [("", stats.protocol_errors)],
+    )
+    kinds = dict.fromkeys(WRONG_ACK_KINDS, 0) | dict(stats.wrong_acks)
+    metric(
+        "mcloudtt_wrong_acks_total",
+        "counter",
+        "Acknowledgements that matched no flow (each closed its connection), by kind.",
+        [(f'{{kind="{k}"}}', n) for k, n in sorted(kinds.items())],
+    )
+    metric(
+        "mcloudtt_oversized_closes_total",
+        "counter",
+        "Connections closed because a packet they needed exceeded their Maximum Packet Size.",
+        [("", stats.oversized_closes)],
     )
     metric(
         "mcloudtt_inflight_messages",
