@@ -4,14 +4,7 @@ from __future__ import annotations
 
 from .core.broker import Broker
 
-CLUSTER_WRONG_ACK_KINDS = (
-    "puback_unknown",
-    "puback_for_qos2",
-    "pubrec_for_qos1",
-    "pubcomp_unknown",
-    "pubcomp_for_qos1",
-)
-DROP_REASONS = ("buffer_full_qos0", "buffer_full", "unconfirmed_overflow", "peer_gone")
+CLUSTER_DROP_REASONS = ("buffer_full_qos0", "buffer_full", "unconfirmed_overflow", "peer_gone")
 WRONG_ACK_KINDS = (
     "puback_unknown",
     "puback_for_qos2",
