@@ -293,7 +293,7 @@ def test_pubrec_and_pubrel_for_unknown_ids_get_their_answer(mq, raw, uid, versio
     c.send(ack(PUBREL, 4244, version=version))
     comp = c.expect(PUBCOMP)
     assert (rel.packet_id, comp.packet_id) == (4243, 4244)
-    if version == 5:
+    if version == 5 and not MOSQUITTO:  # Mosquitto 2.0.11 answers 0x00
         assert (rel.code, comp.code) == (0x92, 0x92)  # Packet Identifier not found
     alive(c)
 
@@ -445,6 +445,7 @@ def test_mqtt31_will(mq, raw, uid):
     assert w.next_publish().payload == b"3.1 gone"
 
 
+@pytest.mark.skipif(MOSQUITTO, reason="Mosquitto 2.0.11 lets 3.1 client ids be longer")
 @pytest.mark.parametrize("client_id", ["x" * 24, ""])
 def test_mqtt31_client_id_outside_1_to_23_refused(mq, raw, client_id):
     c = raw(mq.port, version=3)
