@@ -3,10 +3,16 @@ malformed 5.0 SUBSCRIBE/UNSUBSCRIBE, and MQTT 3.1 (MQIsdp) clients."""
 
 from __future__ import annotations
 
+import queue
+import ssl
 import struct
+import subprocess
+import time
 
+import paho.mqtt.client as mqtt
 import pytest
-from brokerproc import TARGET
+from brokerproc import TARGET, free_port, wait_for_port
+from paho.mqtt.enums import CallbackAPIVersion
 
 from .clients import mcloudtt_only
 from .mqttraw import (
@@ -479,3 +485,54 @@ def test_paho_mqttv31(mq, paho, uid, qos):
     w.subscribe(f"{uid}/will", 1)
     c.kill()
     assert w.get().payload == b"paho 3.1 gone"
+
+
+@mcloudtt_only
+def test_paho_mqttv31_on_every_listener(broker_factory, tmp_path, uid):
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    # fmt: off
+    subprocess.run(
+        [
+            "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+            "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1",
+            "-keyout", str(key), "-out", str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    # fmt: on
+    ws_port, tls_port = free_port(), free_port()
+    b = broker_factory(
+        "--ws-bind", f"127.0.0.1:{ws_port}", "--tls-bind", f"127.0.0.1:{tls_port}",
+        "--tls-cert", str(cert), "--tls-key", str(key),
+    )  # fmt: skip
+    wait_for_port(ws_port)
+    wait_for_port(tls_port)
+    for name, port, transport, tls in [
+        ("tcp", b.port, "tcp", False),
+        ("ws", ws_port, "websockets", False),
+        ("tls", tls_port, "tcp", True),
+    ]:
+        client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=f"{uid}{name}",
+            protocol=mqtt.MQTTv31,
+            transport=transport,  # type: ignore[arg-type]
+        )
+        if tls:
+            client.tls_set(ca_certs=str(cert), tls_version=ssl.PROTOCOL_TLS_CLIENT)
+        got: queue.Queue[bytes] = queue.Queue()
+        client.on_message = lambda c, u, m, got=got: got.put(m.payload)
+        client.connect("127.0.0.1", port)
+        client.loop_start()
+        try:
+            info = client.subscribe(f"{uid}/{name}", qos=1)
+            assert info[0] == mqtt.MQTT_ERR_SUCCESS
+            deadline = time.monotonic() + 5
+            while not client.is_connected() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            client.publish(f"{uid}/{name}", b"3.1 over " + name.encode(), qos=1)
+            assert got.get(timeout=5) == b"3.1 over " + name.encode(), name
+        finally:
+            client.disconnect()
+            client.loop_stop()
