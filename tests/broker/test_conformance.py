@@ -219,13 +219,14 @@ def test_maximum_packet_size_20_too_small_for_an_assigned_client_id(mq, raw):
 
 @mcloudtt_only
 def test_paho_maximum_packet_size(mq, paho, uid):
-    sub = paho(mq.port, uid, connect_props={"MaximumPacketSize": 40})
-    assert sub.subscribe(f"{uid}/a", 1) == [1]
+    sub = paho(mq.port, uid, connect_props={"MaximumPacketSize": 20})
+    topic = uid[1:8]
+    assert sub.subscribe(topic, 1) == [1]
     pub = paho(mq.port, uid + "p")
-    pub.publish(f"{uid}/a", b"fits", qos=1)
-    pub.publish(f"{uid}/a", b"y" * 100, qos=1)
-    pub.publish(f"{uid}/a", b"also fits", qos=1)
-    assert [m.payload for m in sub.get_n(2)] == [b"fits", b"also fits"]
+    pub.publish(topic, b"twenty", qos=1)  # a 20-byte PUBLISH
+    pub.publish(topic, b"twenty1", qos=1)  # 21 bytes: never sent to sub
+    pub.publish(topic, b"end", qos=1)
+    assert [m.payload for m in sub.get_n(2)] == [b"twenty", b"end"]
 
 
 # -- wrong acknowledgements ------------------------------------------------------------------------

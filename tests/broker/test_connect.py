@@ -107,8 +107,13 @@ def test_second_connect_is_a_protocol_error(mq, raw, uid, version):
     got = c.closed()  # MQTT-3.1.0-2
     # The close is what proves the second CONNECT refused: 5.0 says why first (0x82), 3.1.1
     # closes without a word (MQTT-4.8.0-1).
-    expected = [(DISCONNECT, 0x82)] if version == 5 else []
-    assert [(p.type, p.code) for p in got] == expected, got
+    codes = [(p.type, p.code) for p in got]
+    if version == 4:
+        assert codes == [], got
+    elif MOSQUITTO:  # Mosquitto 2.0.11 closes without telling (allowed: 4.13.1 says SHOULD)
+        assert codes in ([], [(DISCONNECT, 0x82)]), got
+    else:
+        assert codes == [(DISCONNECT, 0x82)], got
 
 
 # -- client identifiers ------------------------------------------------------------------------
