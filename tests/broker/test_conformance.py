@@ -30,6 +30,7 @@ from .mqttraw import (
     UNSUBSCRIBE,
     USER_PROPERTY,
     WILL_DELAY,
+    Props,
     Will,
     ack,
     encode_props,
@@ -336,7 +337,7 @@ def test_duplicates_after_a_reconnect_are_accepted(mq, raw, uid, version):
 # -- malformed SUBSCRIBE / UNSUBSCRIBE in 5.0 ---------------------------------------------------
 
 
-def unsubscribe_with(packet_id: int, filters: list[str], props) -> bytes:  # type: ignore[no-untyped-def]
+def unsubscribe_with(packet_id: int, filters: list[str], props: Props) -> bytes:
     body = struct.pack("!H", packet_id) + encode_props(props)
     for f in filters:
         body += utf8(f)

@@ -100,12 +100,12 @@ def test_takeover_across_brokers_hands_on_only_a_lasting_session(
 @pytest.mark.parametrize("version", [4, 5])
 def test_paho_clean_session_taken_over_on_another_broker(pair, uid, version):
     a, b = pair
-    expiry = {"session_expiry": 60} if version == 5 else {}
+    expiry: dict[str, Any] = {"session_expiry": 60} if version == 5 else {}
     old = PahoClient(a.port, uid, version=version, clean=True)
     new = None
     try:
         assert old.subscribe(f"{uid}/s", 1) == [1]
-        new = PahoClient(b.port, uid, version=version, clean=False, **expiry)  # type: ignore[arg-type]
+        new = PahoClient(b.port, uid, version=version, clean=False, **expiry)
         assert not new.session_present
         assert old.disconnected.wait(5)
     finally:

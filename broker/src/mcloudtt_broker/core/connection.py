@@ -365,7 +365,7 @@ class ServerConnection:
             self.will_delay = will.properties.will_delay_interval or 0
 
         if self.max_packet_out:
-            _, _, _, ack_props = self._accept_terms(packet, assigned)
+            _, _, ack_props = self._accept_terms(packet, assigned)
             wire = bytearray()
             encode(ConnAck(session_present=True, properties=ack_props), version, wire)
             if len(wire) > self.max_packet_out:
@@ -397,7 +397,7 @@ class ServerConnection:
         v5 = version == MQTT_5
         props = packet.properties
         client_id = self.client_id
-        self.keep_alive, _, expiry, ack_props = self._accept_terms(packet, assigned)
+        self.keep_alive, expiry, ack_props = self._accept_terms(packet, assigned)
 
         session, present = broker.attach_session(self, client_id, packet.clean_start, now, snapshot)
         session.version = version
@@ -421,10 +421,8 @@ class ServerConnection:
         if resumed_later:
             self.receive_data(b"", now)  # packets that arrived while the session was located
 
-    def _accept_terms(
-        self, packet: Connect, assigned: str | None
-    ) -> tuple[int, int, int, Properties]:
-        """Keep alive, requested and granted session expiry, and a success CONNACK's properties."""
+    def _accept_terms(self, packet: Connect, assigned: str | None) -> tuple[int, int, Properties]:
+        """Keep alive, session expiry granted, and the properties of a success CONNACK."""
         settings = self.broker.settings
         v5 = packet.protocol_level == MQTT_5
         keep_alive = packet.keep_alive
@@ -438,7 +436,7 @@ class ServerConnection:
             requested_expiry = 0 if packet.clean_start else NEVER_EXPIRES
         expiry = min(requested_expiry, settings.max_session_expiry)
         if not v5:
-            return keep_alive, requested_expiry, expiry, EMPTY_PROPERTIES
+            return keep_alive, expiry, EMPTY_PROPERTIES
         values: dict[str, object] = {
             "receive_maximum": settings.receive_maximum,
             "topic_alias_maximum": settings.topic_alias_maximum,
@@ -451,7 +449,7 @@ class ServerConnection:
         if expiry != requested_expiry:
             # The server tells the value it uses instead of the client's (5.0 section 3.2.2.3.2).
             values["session_expiry_interval"] = expiry
-        return keep_alive, requested_expiry, expiry, Properties(**values)  # type: ignore[arg-type]
+        return keep_alive, expiry, Properties(**values)  # type: ignore[arg-type]
 
     def _refuse(self, reason: ReasonCode) -> None:
         """Answer a CONNECT with an error CONNACK and close (MQTT-3.2.2-6: no session present)."""
@@ -645,8 +643,9 @@ class ServerConnection:
             )
             existed = broker.subscribe(session, sub, inner)
             codes.append(request.qos)
-            # Retained messages: not for shared subscriptions (5.0 sections 3.3.1.3, 4.8.2), and per Retain
-            # Handling: 0 always, 1 only for a new subscription, 2 never (MQTT-3.3.1-9..11).
+            # Retained messages: not for shared subscriptions (5.0 sections 3.3.1.3, 4.8.2), and
+            # per Retain Handling: 0 always, 1 only for a new subscription, 2 never
+            # (MQTT-3.3.1-9..11).
             if group is None and (
                 request.retain_handling == 0 or (request.retain_handling == 1 and not existed)
             ):
@@ -737,10 +736,10 @@ class ServerConnection:
 def _check_filter(full_filter: str, v5: bool) -> None:
     """Raise for a topic filter that breaks the syntax rules (5.0: a Malformed Packet, 0x81).
 
-    An empty filter (MQTT-4.7.3-1), '#' not alone or not last (MQTT-4.7.1-1), '+' not a whole
-    level (MQTT-4.7.1-2), a bad share name (MQTT-4.8.2-1, MQTT-4.8.2-2). 5.0 keeps SUBACK 0x8F
-    for a well-formed filter the server does not allow; 3.1 has no SUBACK failure code at all,
-    so there the connection closes too.
+    An empty filter (MQTT-4.7.3-1), '#' not alone or not last (MQTT-4.7.1-1; 3.1.1: -2), '+'
+    not a whole level (MQTT-4.7.1-2; 3.1.1: -3), a bad share name (MQTT-4.8.2-1, -2). 5.0
+    keeps SUBACK 0x8F for a well-formed filter the server does not allow; 3.1 has no SUBACK
+    failure code at all, so there the connection closes too.
     """
     try:
         _, inner = split_shared(full_filter)
