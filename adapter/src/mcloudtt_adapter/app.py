@@ -210,7 +210,7 @@ class Adapter:
                     self.metrics.set(
                         "mcloudtt_adapter_stream_pending", float(value), source=source.name
                     )
-        return "200 OK", self.metrics.render().encode(), "text/plain; version=0.0.4; charset=utf-8"
+        return "200 OK", self.metrics.exposition(), "text/plain; version=0.0.4; charset=utf-8"
 
     async def _report(self) -> tuple[str, bytes, str]:
         reader = getattr(self.sink, "reader", None)
