@@ -62,7 +62,7 @@ class PahoClient:
         password: str | None = None,
     ) -> None:
         self.version = version
-        proto = mqtt.MQTTv5 if version == 5 else mqtt.MQTTv311
+        proto = {5: mqtt.MQTTv5, 3: mqtt.MQTTv31}.get(version, mqtt.MQTTv311)
         self.c = mqtt.Client(
             CallbackAPIVersion.VERSION2,
             client_id=client_id,

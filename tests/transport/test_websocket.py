@@ -193,6 +193,17 @@ def test_subprotocol_mqtt_selected(ws):
     assert ws(subprotocols=()).subprotocol is None  # lenient: a client that offers none
 
 
+def test_mqtt31_client_offering_mqttv31_is_served(ws, uid):
+    # MQTT 3.1 over WebSocket predates the "mqtt" name: such clients offer "mqttv3.1" alone.
+    c = ws(subprotocols=("mqttv3.1",))
+    assert c.subprotocol == "mqttv3.1"
+    c.send_binary(connect(uid, version=3))  # protocol name MQIsdp, level 3
+    ack = c.mqtt_packet(version=3)
+    assert (ack.type, ack.code) == (CONNACK, 0)
+    c.send_binary(subscribe(1, [(f"{uid}/w", 1)], version=3))
+    assert c.mqtt_packet(version=3).codes == [1]
+
+
 def _http(port: int, request: bytes) -> tuple[bytes, bytes]:
     """Send a raw request; the status line and everything else up to the close."""
     with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as sock:

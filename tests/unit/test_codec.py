@@ -7,6 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from mcloudtt_broker.mqtt import (
     MQTT_5,
+    MQTT_31,
     MQTT_311,
     Auth,
     ConnAck,
@@ -222,7 +223,8 @@ def test_oversized_packet_is_refused_from_its_header() -> None:
 @pytest.mark.parametrize(
     ("wire", "reason"),
     [
-        (b"\x10\x0c\x00\x06MQIsdp\x03\x02\x00\x3c", None),  # MQTT 3.1
+        (b"\x10\x0c\x00\x06MQIsdp\x04\x02\x00\x3c", None),  # MQIsdp is level 3 only
+        (b"\x10\x0a\x00\x04MQTT\x03\x02\x00\x3c", None),  # MQTT at level 3
         (b"\x10\x0a\x00\x04MQTT\x06\x02\x00\x3c", None),  # unknown level
     ],
 )
@@ -231,6 +233,53 @@ def test_unsupported_protocol_levels(wire: bytes, reason: None) -> None:
     decoder.feed(wire)
     with pytest.raises(UnsupportedProtocolVersion):
         decoder.next_packet()
+
+
+def test_mqtt31_connect_is_decoded_and_later_packets_read_as_311() -> None:
+    connect = Connect(
+        client_id="old-device",
+        protocol_level=MQTT_31,
+        protocol_name="MQIsdp",
+        clean_start=False,
+        will=Will(topic="w", payload=b"gone", qos=1),
+    )
+    wire = encode_bytes(connect, MQTT_31)
+    assert wire[2:11] == b"\x00\x06MQIsdp\x03"
+    decoder = Decoder()
+    decoder.feed(wire)
+    assert decoder.next_packet() == connect
+    assert decoder.version == MQTT_31
+    # A 3.1 SUBSCRIBE has no property section: read as 3.1.1.
+    sub = Subscribe(packet_id=7, subscriptions=(SubscriptionRequest(topic_filter="a/#", qos=2),))
+    decoder.feed(encode_bytes(sub, MQTT_311))
+    assert decoder.next_packet() == sub
+
+
+@pytest.mark.parametrize("version", [MQTT_311, MQTT_5])
+@pytest.mark.parametrize("packet_type", [3, 8, 10])
+def test_packet_identifier_zero_is_malformed(version: int, packet_type: int) -> None:
+    body = {
+        3: b"\x00\x01t\x00\x00" + (b"\x00" if version == MQTT_5 else b""),  # QoS 1 PUBLISH
+        8: b"\x00\x00" + (b"\x00" if version == MQTT_5 else b"") + b"\x00\x01t\x00",
+        10: b"\x00\x00" + (b"\x00" if version == MQTT_5 else b"") + b"\x00\x01t",
+    }[packet_type]
+    first = {3: 0x32, 8: 0x82, 10: 0xA2}[packet_type]
+    decoder = Decoder(version=version)
+    decoder.feed(bytes([first, len(body)]) + body)
+    with pytest.raises(MalformedPacket):  # MQTT-2.2.1-3 (3.1.1: MQTT-2.3.1-1)
+        decoder.next_packet()
+
+
+@pytest.mark.parametrize("packet_type", [8, 10])
+def test_property_not_allowed_in_subscribe_or_unsubscribe_is_malformed(packet_type: int) -> None:
+    # Message Expiry Interval (0x02) belongs to PUBLISH only (5.0 section 2.2.2.2).
+    props = b"\x05\x02\x00\x00\x00\x05"
+    body = b"\x00\x01" + props + b"\x00\x01t" + (b"\x00" if packet_type == 8 else b"")
+    decoder = Decoder(version=MQTT_5)
+    decoder.feed(bytes([0x82 if packet_type == 8 else 0xA2, len(body)]) + body)
+    with pytest.raises(MalformedPacket) as caught:
+        decoder.next_packet()
+    assert caught.value.reason_code == ReasonCode.MALFORMED_PACKET
 
 
 @pytest.mark.parametrize(

@@ -30,6 +30,14 @@ BROKER_FAMILIES = {
     "mcloudtt_bytes_sent_total": ("counter", "Bytes written to clients."),
     "mcloudtt_messages_dropped_total": ("counter", "Deliveries not made, by reason."),
     "mcloudtt_protocol_errors_total": ("counter", "Connections closed for a protocol error."),
+    "mcloudtt_wrong_acks_total": (
+        "counter",
+        "Acknowledgements that matched no flow (each closed its connection), by kind.",
+    ),
+    "mcloudtt_oversized_closes_total": (
+        "counter",
+        "Connections closed because a packet they needed exceeded their Maximum Packet Size.",
+    ),
     "mcloudtt_inflight_messages": ("gauge", "QoS 1/2 messages sent and not yet acknowledged."),
     "mcloudtt_queued_messages": ("gauge", "QoS 1/2 messages waiting to be sent."),
     "mcloudtt_retained_messages": ("gauge", "Retained messages stored."),

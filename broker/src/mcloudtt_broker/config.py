@@ -496,6 +496,13 @@ BROKER = Scheme(
             metavar="N",
         ),
         _broker(
+            "mqtt31",
+            boolean,
+            "accept MQTT 3.1 clients (protocol name `MQIsdp`, level 3; false: CONNACK 0x01)",
+            setting=(BrokerSettings, "mqtt31"),
+            metavar="BOOL",
+        ),
+        _broker(
             "max-session-expiry",
             non_negative_int,
             "longest session expiry granted (3.1.1 persistent sessions get this)",

@@ -17,6 +17,13 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from .core.broker import Broker
 
 CLUSTER_DROP_REASONS = ("buffer_full_qos0", "buffer_full", "unconfirmed_overflow", "peer_gone")
+WRONG_ACK_KINDS = (
+    "puback_unknown",
+    "puback_for_qos2",
+    "pubrec_for_qos1",
+    "pubcomp_unknown",
+    "pubcomp_for_qos1",
+)
 DROP_REASONS = ("queue_full", "slow_consumer", "expired", "packet_too_large", "offline_qos0")
 
 
@@ -87,6 +94,20 @@ class BrokerCollector(Collector):
             "mcloudtt_protocol_errors_total",
             "Connections closed for a protocol error.",
             stats.protocol_errors,
+        )
+        kinds = dict.fromkeys(WRONG_ACK_KINDS, 0) | dict(stats.wrong_acks)
+        yield _by_label(
+            CounterMetricFamily(
+                "mcloudtt_wrong_acks_total",
+                "Acknowledgements that matched no flow (each closed its connection), by kind.",
+                labels=["kind"],
+            ),
+            dict(sorted(kinds.items())),
+        )
+        yield _counter(
+            "mcloudtt_oversized_closes_total",
+            "Connections closed because a packet they needed exceeded their Maximum Packet Size.",
+            stats.oversized_closes,
         )
         for name, help_text, value in (
             (

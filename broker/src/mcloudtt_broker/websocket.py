@@ -42,6 +42,9 @@ if TYPE_CHECKING:
 
 MAX_HANDSHAKE = 8192  # bytes of request line and headers; more is answered 431
 SUBPROTOCOL = "mqtt"
+# What WebSocket clients of the MQTT 3.1 era offer instead; served when "mqtt" is not offered
+# (the CONNECT then says which protocol it speaks, and --mqtt31 decides on 3.1).
+SUBPROTOCOL_31 = "mqttv3.1"
 
 
 class _FramingTransport:
@@ -175,10 +178,13 @@ class WebSocketProtocol(asyncio.Protocol):
         if offer.subprotocols:
             # MQTT-6.0.0-3: the client offers "mqtt", and that is what the server selects
             # (MQTT-6.0.0-4); a client that offers none is served without the header.
-            if SUBPROTOCOL not in offer.subprotocols:
+            if SUBPROTOCOL in offer.subprotocols:
+                subprotocol = SUBPROTOCOL
+            elif SUBPROTOCOL_31 in offer.subprotocols:
+                subprotocol = SUBPROTOCOL_31
+            else:
                 self._reject(400)
                 return
-            subprotocol = SUBPROTOCOL
         trailing, _ = http.trailing_data
         assert self.transport is not None
         self.transport.write(handshake.send(AcceptConnection(subprotocol=subprotocol)))

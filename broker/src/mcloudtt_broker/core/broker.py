@@ -41,6 +41,7 @@ class BrokerSettings:
     receive_maximum: int = 1024  # inbound QoS 2 awaiting PUBREL, per client
     max_inflight: int = 1024  # outbound unacknowledged QoS 1/2, per client
     topic_alias_maximum: int = 64
+    mqtt31: bool = True  # accept MQTT 3.1 (MQIsdp, level 3) clients
     max_session_expiry: int = 7 * 24 * 3600
     connect_timeout: float = 10.0
     sys_interval: float = 10.0  # 0 disables $SYS
@@ -123,7 +124,13 @@ class Broker:
         self.pending_wills.pop(client_id, None)
         existing = self.sessions.get(client_id)
         if existing is not None and existing.connection is not None:
-            self._kick(existing)
+            self._kick(existing, session_ends=clean_start or existing.expiry_interval == 0)
+            if existing.expiry_interval == 0:
+                # A session made with CleanSession 1 (3.1.1) or Session Expiry 0 (5.0) ends with
+                # its connection, a takeover included: nothing of it is reused (MQTT-3.1.2-6 in
+                # 3.1.1, 5.0 section 3.1.2.11.2), so the new connection starts afresh.
+                self.destroy_session(existing)
+                existing = None
         if snapshot is not None and not clean_start:
             # The session comes from another broker: it replaces whatever we had.
             if existing is not None:
@@ -142,14 +149,26 @@ class Broker:
         self.bus.session_changed(client_id)
         return session, present
 
-    def _kick(self, session: Session) -> None:
-        """Close the session's current connection: its ClientId connected again (MQTT-3.1.4-3)."""
+    def _kick(self, session: Session, *, session_ends: bool) -> None:
+        """Close the session's current connection: its ClientId connected again (MQTT-3.1.4-3).
+
+        The will rules on takeover: the old connection did not end with a normal DISCONNECT, so
+        its will is published (MQTT-3.1.2-8), at once, unless its session continues into the
+        new connection. A will with a delay whose session continues is dropped: the ClientId
+        came back within the delay (MQTT-3.1.3-9). When the session ends here (the old
+        connection had Session Expiry 0 / CleanSession 1, or the new one asks for Clean Start
+        1), a will delay no longer holds: the will goes when the session ends (5.0 sections
+        3.1.2.5 and 3.1.4). 3.1.1 has no will delay: its will is always published.
+        """
         old = session.connection
         assert old is not None
         session.connection = None
         old.session = None
         if old.will_delay:
-            old.will = None  # the new connection came within the will delay (MQTT-3.1.3-9)
+            if session_ends:
+                old.will_delay = 0
+            else:
+                old.will = None
         old.disconnect(ReasonCode.SESSION_TAKEN_OVER, publish_will=True)
 
     def handover(self, client_id: str, clean_start: bool, now: float) -> SessionSnapshot | None:
@@ -158,9 +177,11 @@ class Broker:
         session = self.sessions.get(client_id)
         if session is None:
             return None
+        # A session with expiry 0 ends with its connection (see attach_session): not handed on.
+        ends = clean_start or session.expiry_interval == 0
         if session.connection is not None:
-            self._kick(session)
-        snapshot = None if clean_start else snapshot_of(session)
+            self._kick(session, session_ends=ends)
+        snapshot = None if ends else snapshot_of(session)
         self.destroy_session(session)
         return snapshot
 

@@ -9,23 +9,30 @@ says the connection ends, `link.close()` asks the shell to flush and close; the 
 the end with `connection_lost()`, which is where wills and session expiry are decided.
 
 Protocol errors raise `ProtocolError`; they are answered with CONNACK (before the session is
-up) or DISCONNECT (5.0) carrying the reason code, then the connection closes (MQTT-4.13.1-1).
+up) or DISCONNECT (5.0) carrying the reason code, then the connection closes (MQTT-4.13.1-1;
+3.1.1 closes without a word, MQTT-4.8.0-1).
+
+Versions: MQTT 3.1 (`MQIsdp`, level 3) is handled as 3.1.1 except for its client identifier
+rule (1 to 23 characters), its CONNACK (no session-present flag) and its SUBACK (no failure
+code). Everything written to a 5.0 client respects its Maximum Packet Size (MQTT-3.1.2-24).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, NoReturn, Protocol
 
 from ..mqtt.codec import (
     MQTT_5,
+    MQTT_31,
     MQTT_311,
     Decoder,
     UnsupportedProtocolVersion,
     decode_publish_header,
     encode,
 )
-from ..mqtt.errors import ProtocolError
+from ..mqtt.errors import MalformedPacket, ProtocolError
 from ..mqtt.packets import (
     Auth,
     ConnAck,
@@ -174,7 +181,7 @@ class ServerConnection:
         elif isinstance(packet, Disconnect):
             self._on_disconnect(packet)
         elif isinstance(packet, Auth):
-            # Enhanced authentication is not offered, so AUTH is never expected (MQTT-4.12.0-?).
+            # Enhanced authentication is not offered, so AUTH is never expected (MQTT-4.12.0-7).
             raise ProtocolError("AUTH without an authentication method")
         else:
             raise ProtocolError(f"a client must not send {type(packet).__name__}")
@@ -187,11 +194,42 @@ class ServerConnection:
             self.link.kick()
         out += data
 
-    def send_packet(self, packet: Packet) -> None:
+    def send_packet(self, packet: Packet) -> bool:
+        """Write a non-PUBLISH packet; False when it could not be sent and the connection closed."""
+        if self.max_packet_out:
+            return self._send_limited(packet)
         out = self.out
         if not out:
             self.link.kick()
         encode(packet, self.version, out)
+        return True
+
+    def _send_limited(self, packet: Packet) -> bool:
+        """Send within the client's Maximum Packet Size (MQTT-3.1.2-24), or close without it."""
+        wire = bytearray()
+        encode(packet, self.version, wire)
+        if len(wire) > self.max_packet_out:
+            props: Properties = getattr(packet, "properties", EMPTY_PROPERTIES)
+            if props.reason_string is not None or props.user_properties:
+                # The Reason String and User Properties go first: a sender must not send them
+                # if they make the packet too large (MQTT-3.2.2-19/20, MQTT-3.4.2-2/3,
+                # MQTT-3.5.2-2/3, MQTT-3.6.2-2/3, MQTT-3.7.2-2/3, MQTT-3.9.2-1/2,
+                # MQTT-3.11.2-1/2, MQTT-3.14.2-3/4).
+                lean = props.replace(reason_string=None, user_properties=())
+                if lean == EMPTY_PROPERTIES:
+                    lean = EMPTY_PROPERTIES
+                lean_packet = dataclasses.replace(packet, properties=lean)  # type: ignore[arg-type]
+                wire.clear()
+                encode(lean_packet, self.version, wire)
+        if len(wire) > self.max_packet_out:
+            # Even its smallest form does not fit: never sent (MQTT-3.1.2-24). The exchange
+            # cannot go on without it (a CONNACK, SUBACK, acknowledgement or DISCONNECT), so
+            # the connection closes.
+            self.broker.stats.oversized_closes += 1
+            self._end()
+            return False
+        self._write(wire)
+        return True
 
     def take_output(self) -> bytearray:
         data = self.out
@@ -289,7 +327,15 @@ class ServerConnection:
             # Enhanced authentication (MQTT 5.0 section 4.12) is not offered.
             self._refuse(ReasonCode.BAD_AUTHENTICATION_METHOD)
             return
+        if version == MQTT_31 and not broker.settings.mqtt31:
+            raise UnsupportedProtocolVersion(version)  # refused by --mqtt31 false: CONNACK 0x01
+        if v5:
+            self.max_packet_out = props.maximum_packet_size or 0
         client_id = packet.client_id
+        if version == MQTT_31 and not 1 <= len(client_id) <= 23:
+            # MQTT 3.1 section 3.1: the Client Identifier is 1 to 23 characters; return code 2.
+            self._refuse(ReasonCode.CLIENT_IDENTIFIER_NOT_VALID)
+            return
         assigned = None
         if not client_id:
             if not v5 and not packet.clean_start:
@@ -318,6 +364,17 @@ class ServerConnection:
             )
             self.will_delay = will.properties.will_delay_interval or 0
 
+        if self.max_packet_out:
+            _, _, ack_props = self._accept_terms(packet, assigned)
+            wire = bytearray()
+            encode(ConnAck(session_present=True, properties=ack_props), version, wire)
+            if len(wire) > self.max_packet_out:
+                # MQTT-3.1.2-24: not even our CONNACK fits the client's limit (nothing in it may
+                # be left out), so the connection closes without one, before any session work.
+                self.broker.stats.oversized_closes += 1
+                self.will_on_close = False
+                self._end()
+                return
         self.client_id = client_id
         self.connect_args = (packet, assigned, will_message)
         # Cluster: the session may live on another broker; CONNACK waits for it.
@@ -343,18 +400,7 @@ class ServerConnection:
         v5 = version == MQTT_5
         props = packet.properties
         client_id = self.client_id
-        keep_alive = packet.keep_alive
-        server_keep_alive = None
-        if settings.max_keepalive and (keep_alive == 0 or keep_alive > settings.max_keepalive):
-            if v5:
-                keep_alive = server_keep_alive = settings.max_keepalive  # MQTT-3.2.2-21
-        self.keep_alive = keep_alive
-
-        if v5:
-            requested_expiry = props.session_expiry_interval or 0
-        else:
-            requested_expiry = 0 if packet.clean_start else NEVER_EXPIRES
-        expiry = min(requested_expiry, settings.max_session_expiry)
+        self.keep_alive, expiry, ack_props = self._accept_terms(packet, assigned)
 
         session, present = broker.attach_session(self, client_id, packet.clean_start, now, snapshot)
         session.version = version
@@ -365,29 +411,48 @@ class ServerConnection:
         self.problem_info = props.request_problem_information != 0
         if v5:
             self.send_quota = min(props.receive_maximum or 65_535, settings.max_inflight)
-            self.max_packet_out = props.maximum_packet_size or 0
             self.alias_out_max = min(props.topic_alias_maximum or 0, settings.topic_alias_maximum)
-
-        ack_props = EMPTY_PROPERTIES
-        if v5:
-            values: dict[str, object] = {
-                "receive_maximum": settings.receive_maximum,
-                "topic_alias_maximum": settings.topic_alias_maximum,
-                "maximum_packet_size": settings.max_packet_size,
-            }
-            if assigned is not None:
-                values["assigned_client_identifier"] = assigned
-            if server_keep_alive is not None:
-                values["server_keep_alive"] = server_keep_alive
-            if expiry != requested_expiry:
-                values["session_expiry_interval"] = expiry  # MQTT-3.2.2-? server overrides
-            ack_props = Properties(**values)  # type: ignore[arg-type]
-        self.send_packet(ConnAck(session_present=present, reason_code=0, properties=ack_props))
+        # MQTT 3.1 has no session-present flag: that CONNACK byte is reserved there.
+        ack = ConnAck(
+            session_present=present and version != MQTT_31, reason_code=0, properties=ack_props
+        )
+        if not self.send_packet(ack):
+            return
         if present:
             session.resend_inflight()
         session.pump(now)
         if resumed_later:
             self.receive_data(b"", now)  # packets that arrived while the session was located
+
+    def _accept_terms(self, packet: Connect, assigned: str | None) -> tuple[int, int, Properties]:
+        """Keep alive, session expiry granted, and the properties of a success CONNACK."""
+        settings = self.broker.settings
+        v5 = packet.protocol_level == MQTT_5
+        keep_alive = packet.keep_alive
+        server_keep_alive = None
+        if settings.max_keepalive and (keep_alive == 0 or keep_alive > settings.max_keepalive):
+            if v5:
+                keep_alive = server_keep_alive = settings.max_keepalive  # MQTT-3.2.2-21
+        if v5:
+            requested_expiry = packet.properties.session_expiry_interval or 0
+        else:
+            requested_expiry = 0 if packet.clean_start else NEVER_EXPIRES
+        expiry = min(requested_expiry, settings.max_session_expiry)
+        if not v5:
+            return keep_alive, expiry, EMPTY_PROPERTIES
+        values: dict[str, object] = {
+            "receive_maximum": settings.receive_maximum,
+            "topic_alias_maximum": settings.topic_alias_maximum,
+            "maximum_packet_size": settings.max_packet_size,
+        }
+        if assigned is not None:
+            values["assigned_client_identifier"] = assigned
+        if server_keep_alive is not None:
+            values["server_keep_alive"] = server_keep_alive
+        if expiry != requested_expiry:
+            # The server tells the value it uses instead of the client's (5.0 section 3.2.2.3.2).
+            values["session_expiry_interval"] = expiry
+        return keep_alive, expiry, Properties(**values)  # type: ignore[arg-type]
 
     def _refuse(self, reason: ReasonCode) -> None:
         """Answer a CONNECT with an error CONNACK and close (MQTT-3.2.2-6: no session present)."""
@@ -488,6 +553,17 @@ class ServerConnection:
 
     # ---------------------------------------------------------------- acks of our PUBLISH
 
+    # An acknowledgement that matches no flow of ours is a protocol error: 5.0 answers DISCONNECT
+    # 0x82 (section 4.13.1), 3.1.1 closes (MQTT-4.8.0-1); PUBREC and PUBREL for an unknown id get
+    # the 0x92 answer the spec names instead (5.0 sections 3.6.2.1, 3.7.2.1). The duplicates a
+    # reconnect brings stay accepted: the flows resent on resume (MQTT-4.4.0-1) are still in
+    # `inflight` under their ids, a repeated PUBREC is answered with PUBREL again, and a
+    # repeated PUBREL with PUBCOMP.
+
+    def _wrong_ack(self, kind: str) -> NoReturn:
+        self.broker.stats.wrong_acks[kind] += 1
+        raise ProtocolError(f"unexpected acknowledgement: {kind.replace('_', ' ')}")
+
     def _on_puback(self, packet_id: int, now: float) -> None:
         session = self._connected_session()
         entry = session.inflight.get(packet_id)
@@ -495,12 +571,14 @@ class ServerConnection:
             del session.inflight[packet_id]
             if session.queue:
                 session.pump(now)
+        else:
+            self._wrong_ack("puback_unknown" if entry is None else "puback_for_qos2")
 
     def _on_pubrec(self, packet: PubRec, now: float) -> None:
         session = self._connected_session()
         pid = packet.packet_id
         entry = session.inflight.get(pid)
-        if entry is None or entry.qos != 2:
+        if entry is None:
             if self.version == MQTT_5:
                 self.send_packet(
                     PubRel(packet_id=pid, reason_code=ReasonCode.PACKET_IDENTIFIER_NOT_FOUND)
@@ -508,8 +586,11 @@ class ServerConnection:
             else:
                 self.write_pubrel(pid)
             return
+        if entry.qos != 2:
+            self._wrong_ack("pubrec_for_qos1")
         if packet.reason_code >= 0x80:
-            del session.inflight[pid]  # the receiver refused it: the flow ends here (MQTT-4.3.3-?)
+            # The receiver refused it: no PUBREL (MQTT-4.3.3-4), never resent (MQTT-4.4.0-2).
+            del session.inflight[pid]
             session.pump(now)
             return
         entry.state = AWAITING_COMP
@@ -522,6 +603,10 @@ class ServerConnection:
             del session.inflight[packet.packet_id]
             if session.queue:
                 session.pump(now)
+        elif entry is not None and entry.qos == 1:
+            self._wrong_ack("pubcomp_for_qos1")
+        else:
+            self._wrong_ack("pubcomp_unknown")  # no flow, or no PUBREL sent for it yet
 
     # ---------------------------------------------------------------- SUBSCRIBE / UNSUBSCRIBE
 
@@ -532,6 +617,9 @@ class ServerConnection:
         identifier = None
         if packet.properties.subscription_identifiers:
             identifier = packet.properties.subscription_identifiers[0]
+        if v5 or self.version == MQTT_31:
+            for request in packet.subscriptions:
+                _check_filter(request.topic_filter, v5)
         codes: list[int] = []
         retained_to_send: list[tuple[Subscription[Session], str]] = []
         for request in packet.subscriptions:
@@ -539,10 +627,10 @@ class ServerConnection:
             try:
                 group, inner = split_shared(full_filter)
             except ValueError:
-                codes.append(ReasonCode.TOPIC_FILTER_INVALID if v5 else 0x80)
+                codes.append(0x80)  # 3.1.1: Failure (MQTT-3.8.4-5)
                 continue
             if not is_valid_topic_filter(inner):
-                codes.append(ReasonCode.TOPIC_FILTER_INVALID if v5 else 0x80)
+                codes.append(0x80)
                 continue
             if group is not None and request.no_local:
                 raise ProtocolError("No Local on a shared subscription")  # MQTT-3.8.3-4
@@ -558,18 +646,23 @@ class ServerConnection:
             )
             existed = broker.subscribe(session, sub, inner)
             codes.append(request.qos)
-            # Retained messages: not for shared subscriptions (MQTT-3.8.4-?), and per Retain
-            # Handling: 0 always, 1 only for a new subscription, 2 never (MQTT-3.3.1-9..11).
+            # Retained messages: not for shared subscriptions (5.0 sections 3.3.1.3, 4.8.2), and
+            # per Retain Handling: 0 always, 1 only for a new subscription, 2 never
+            # (MQTT-3.3.1-9..11).
             if group is None and (
                 request.retain_handling == 0 or (request.retain_handling == 1 and not existed)
             ):
                 retained_to_send.append((sub, inner))
-        self.send_packet(SubAck(packet_id=packet.packet_id, reason_codes=tuple(codes)))
+        if not self.send_packet(SubAck(packet_id=packet.packet_id, reason_codes=tuple(codes))):
+            return
         for sub, inner in retained_to_send:
             broker.send_retained(session, sub, inner, now)
 
     def _on_unsubscribe(self, packet: Unsubscribe) -> None:
         session = self._connected_session()
+        if self.version == MQTT_5:
+            for full_filter in packet.topic_filters:
+                _check_filter(full_filter, True)
         codes = []
         for full_filter in packet.topic_filters:
             removed = self.broker.unsubscribe(session, full_filter)
@@ -641,3 +734,20 @@ class ServerConnection:
             self.broker.detach(self, self.broker.clock() if now is None else now)
         else:
             self.broker.forget(self)
+
+
+def _check_filter(full_filter: str, v5: bool) -> None:
+    """Raise for a topic filter that breaks the syntax rules (5.0: a Malformed Packet, 0x81).
+
+    An empty filter (MQTT-4.7.3-1), '#' not alone or not last (MQTT-4.7.1-1; 3.1.1: -2), '+'
+    not a whole level (MQTT-4.7.1-2; 3.1.1: -3), a bad share name (MQTT-4.8.2-1, -2). 5.0
+    keeps SUBACK 0x8F for a well-formed filter the server does not allow; 3.1 has no SUBACK
+    failure code at all, so there the connection closes too.
+    """
+    try:
+        _, inner = split_shared(full_filter)
+    except ValueError:
+        inner = ""
+    if not is_valid_topic_filter(inner):
+        message = f"invalid topic filter {full_filter!r}"
+        raise MalformedPacket(message) if v5 else ProtocolError(message)

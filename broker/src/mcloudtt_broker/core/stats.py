@@ -13,8 +13,10 @@ class Stats:
         "dropped",
         "messages_received",
         "messages_sent",
+        "oversized_closes",
         "protocol_errors",
         "started_at",
+        "wrong_acks",
     )
 
     def __init__(self, started_at: float) -> None:
@@ -27,3 +29,8 @@ class Stats:
         # reason -> count: queue_full, slow_consumer, expired, packet_too_large, offline_qos0
         self.dropped: Counter[str] = Counter()
         self.protocol_errors = 0
+        # kind -> count: acknowledgements that match no flow (puback_unknown, puback_for_qos2,
+        # pubrec_for_qos1, pubcomp_unknown, pubcomp_for_qos1); each also closes its connection.
+        self.wrong_acks: Counter[str] = Counter()
+        # Connections closed because a packet they needed exceeded their Maximum Packet Size.
+        self.oversized_closes = 0

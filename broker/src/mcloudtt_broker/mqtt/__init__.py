@@ -3,7 +3,15 @@
 Nothing in this package does I/O or imports asyncio, sockets or redis.
 """
 
-from .codec import MQTT_5, MQTT_311, Decoder, UnsupportedProtocolVersion, encode, encode_bytes
+from .codec import (
+    MQTT_5,
+    MQTT_31,
+    MQTT_311,
+    Decoder,
+    UnsupportedProtocolVersion,
+    encode,
+    encode_bytes,
+)
 from .errors import MalformedPacket, MQTTError, PacketTooLarge, ProtocolError
 from .packets import (
     Auth,
@@ -31,6 +39,7 @@ from .reason_codes import ReasonCode
 __all__ = [
     "EMPTY_PROPERTIES",
     "MQTT_5",
+    "MQTT_31",
     "MQTT_311",
     "Auth",
     "ConnAck",

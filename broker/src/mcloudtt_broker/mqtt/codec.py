@@ -51,6 +51,7 @@ from .properties import (
 )
 from .reason_codes import ReasonCode
 
+MQTT_31 = 3  # MQTT 3.1 (protocol name MQIsdp): read and written as 3.1.1
 MQTT_311 = 4
 MQTT_5 = 5
 
@@ -95,7 +96,7 @@ class UnsupportedProtocolVersion(ProtocolError):
 def _packet_id(data: Buffer, pos: int, end: int) -> tuple[int, int]:
     pid, pos = decode_u16(data, pos, end)
     if pid == 0:
-        raise ProtocolError("packet identifier 0")  # MQTT-2.2.1-3
+        raise MalformedPacket("packet identifier 0")  # MQTT-2.2.1-3 (3.1.1: MQTT-2.3.1-1)
     return pid, pos
 
 
@@ -105,9 +106,12 @@ def _decode_connect(flags: int, data: Buffer, pos: int, end: int, version: int) 
         raise IncompletePacket
     level = data[pos]
     pos += 1
-    if name not in ("MQTT", "MQIsdp"):
+    if name == "MQIsdp":
+        if level != MQTT_31:
+            raise UnsupportedProtocolVersion(level)  # MQTT 3.1 is MQIsdp at level 3 only
+    elif name != "MQTT":
         raise UnsupportedProtocolVersion(level)  # MQTT-3.1.2-1
-    if level not in (MQTT_311, MQTT_5) or name != "MQTT":
+    elif level not in (MQTT_311, MQTT_5):
         raise UnsupportedProtocolVersion(level)  # MQTT-3.1.2-2
     if pos + 3 > end:
         raise IncompletePacket
@@ -126,7 +130,7 @@ def _decode_connect(flags: int, data: Buffer, pos: int, end: int, version: int) 
         raise MalformedPacket("will QoS 3")  # MQTT-3.1.2-14
     if not will_flag and (will_qos or will_retain):
         raise MalformedPacket("will QoS or retain set without a will")  # MQTT-3.1.2-11/13/15
-    if level == MQTT_311 and has_password and not has_username:
+    if level != MQTT_5 and has_password and not has_username:
         raise MalformedPacket("password without user name")  # MQTT-3.1.2-22
     props = EMPTY_PROPERTIES
     if level == MQTT_5:
@@ -268,6 +272,8 @@ def _decode_subscribe(flags: int, data: Buffer, pos: int, end: int, version: int
                 raise MalformedPacket("SUBSCRIBE reserved option bits set")  # MQTT-3.8.3-5
             retain_handling = (options >> 4) & 0x03
             if retain_handling == 3:
+                # 5.0 section 3.8.3.1 names this a Protocol Error (0x82); Mosquitto answers
+                # 0x81, we follow the specification.
                 raise ProtocolError("Retain Handling 3")
             subs.append(
                 SubscriptionRequest(
@@ -283,7 +289,9 @@ def _decode_subscribe(flags: int, data: Buffer, pos: int, end: int, version: int
                 raise MalformedPacket("SUBSCRIBE reserved option bits set")  # MQTT-3.8.3-4
             subs.append(SubscriptionRequest(topic_filter=topic_filter, qos=qos))
     if not subs:
-        raise ProtocolError("SUBSCRIBE without a topic filter")  # MQTT-3.8.3-3
+        # MQTT-3.8.3-2 (3.1.1: MQTT-3.8.3-3); 5.0 section 3.8.3 names it a Protocol Error
+        # (0x82), where Mosquitto answers 0x81: we follow the specification.
+        raise ProtocolError("SUBSCRIBE without a topic filter")
     return Subscribe(packet_id=pid, subscriptions=tuple(subs), properties=props)
 
 

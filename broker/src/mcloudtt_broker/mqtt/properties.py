@@ -83,7 +83,9 @@ PROPERTY_TABLE: dict[int, tuple[str, int, frozenset[int]]] = {
 
 # Properties whose byte value must be 0 or 1.
 _BOOLEAN_BYTES = frozenset({0x01, 0x17, 0x19, 0x24, 0x25, 0x28, 0x29, 0x2A})
-# Properties for which 0 is a protocol error (MQTT-3.1.2-?? receive maximum, packet size, alias).
+# Properties for which 0 is a protocol error: Subscription Identifier (5.0 sections 3.3.2.3.8,
+# 3.8.2.1.2), Receive Maximum (3.1.2.11.3, 3.2.2.3.3), Maximum Packet Size (3.1.2.11.4,
+# 3.2.2.3.6), Topic Alias (MQTT-3.3.2-8).
 _NON_ZERO = frozenset({0x0B, 0x21, 0x23, 0x27})
 
 
@@ -174,7 +176,9 @@ def decode_property_body(
             raise MalformedPacket(f"unknown property identifier 0x{pid:02x}")
         name, kind, allowed = entry
         if packet_type not in allowed:
-            raise ProtocolError(f"property {name} is not allowed in this packet")
+            # 5.0 section 2.2.2.2: an identifier not valid for its packet type is a Malformed
+            # Packet.
+            raise MalformedPacket(f"property {name} is not allowed in this packet")
         value: Any
         try:
             if kind == BYTE:
@@ -218,7 +222,8 @@ def decode_property_body(
             subscription_ids.append(value)
         else:
             if name in values:
-                # MQTT-2.2.2-? : a property other than these two may appear once only.
+                # 5.0 section 3, for each property but these two: "It is a Protocol Error to
+                # include the ... more than once".
                 raise ProtocolError(f"property {name} appears more than once")
             values[name] = value
     if pos != stop:
