@@ -9,7 +9,7 @@ all (a string over 65535 bytes, a QoS 1 PUBLISH without a packet id) raises Valu
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 
 from .wire import Properties, encode_properties, utf8, varint
 
@@ -45,10 +45,13 @@ def packet(ptype: int, flags: int, body: bytes) -> bytes:
     return bytes(((ptype << 4) | flags,)) + varint(len(body)) + body
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True)
 class Will:
+    """A will message for CONNECT: `Will(topic, payload, qos=1, ...)`."""
+
     topic: str | bytes
     payload: bytes = b""
+    _: KW_ONLY
     qos: int = 0
     retain: bool = False
     props: Properties | None = None
