@@ -305,6 +305,16 @@ def test_reader_frames_byte_by_byte_and_keeps_a_partial_tail() -> None:
     assert reader.next_frame() is None and reader.buffered == 5
 
 
+@pytest.mark.parametrize("size", [0, 125, 126, 16_380, 16_381, 2_100_000])
+def test_reader_across_length_sizes(size: int) -> None:
+    # one-, two-, three- and four-byte remaining lengths, whole and cut in two at every header byte
+    raw = publish("a/b", bytes(size), version=4, qos=1, packet_id=1)
+    for cut in range(1, 7):
+        reader = Reader()
+        frames = reader.frames(raw[:cut]) + reader.frames(raw[cut:])
+        assert frames == [(PUBLISH, 0x02, raw[len(raw) - size - 7 :])]
+
+
 def test_reader_limits() -> None:
     with pytest.raises(MalformedPacket):
         Reader().frames(b"\x30\xff\xff\xff\xff\x01")
@@ -322,6 +332,9 @@ def test_arbitrary_bytes_parse_or_raise_malformed(data: bytes, version: int) -> 
         return
     one_by_one = Reader()
     assert [f for i in range(len(data)) for f in one_by_one.frames(data[i : i + 1])] == frames
+    stepped = Reader()
+    stepped.feed(data)
+    assert list(iter(stepped.next_frame, None)) == frames
     for frame in frames:
         with contextlib.suppress(MalformedPacket):  # nothing else: no IndexError, no UnicodeError
             assert isinstance(parse(*frame, version), Packet)

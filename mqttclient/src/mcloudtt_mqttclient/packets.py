@@ -132,10 +132,11 @@ def ack(
 
     In 5.0 a success code with no properties is left off (MQTT 5.0 section 3.4.2.1).
     """
-    body = packet_id.to_bytes(2, "big")
-    if version == MQTT_5 and (code or props):
-        body += bytes((code,)) + encode_properties(props)
-    return packet(ptype, 0x02 if ptype == PUBREL else 0, body)
+    first = (ptype << 4) | (0x02 if ptype == PUBREL else 0)
+    if version != MQTT_5 or not (code or props):
+        return bytes((first, 2)) + packet_id.to_bytes(2, "big")  # the common case, kept cheap
+    body = packet_id.to_bytes(2, "big") + bytes((code,)) + encode_properties(props)
+    return bytes((first,)) + varint(len(body)) + body
 
 
 def sub_opts(qos: int = 0, *, no_local: bool = False, rap: bool = False, rh: int = 0) -> int:

@@ -71,11 +71,35 @@ class Reader:
         return None
 
     def frames(self, data: bytes | bytearray | memoryview) -> list[Frame]:
-        """Feed `data` and return every frame now complete."""
-        self._buf += data
-        out = []
-        while (frame := self.next_frame()) is not None:
-            out.append(frame)
+        """Feed `data` and return every frame now complete (`next_frame` in a loop, inlined)."""
+        buf = self._buf
+        buf += data
+        pos = self._pos
+        n = len(buf)
+        out: list[Frame] = []
+        while n - pos >= 2:
+            length = buf[pos + 1]
+            start = pos + 2
+            if length >= 0x80:  # two bytes or more: 128 bytes to 16 KiB is common enough
+                if n - pos >= 3 and buf[pos + 2] < 0x80:
+                    length = (length & 0x7F) | (buf[pos + 2] << 7)
+                    start = pos + 3
+                else:
+                    header = read_varint(buf, pos + 1)
+                    if header is None:
+                        break
+                    length, start = header
+            if length > self.max_size:
+                raise MalformedPacket(f"packet of {length} bytes exceeds {self.max_size}")
+            end = start + length
+            if end > n:
+                break
+            first = buf[pos]
+            out.append((first >> 4, first & 0x0F, bytes(buf[start:end])))
+            pos = end
+        if pos:
+            del buf[:pos]
+        self._pos = 0
         return out
 
 
@@ -96,10 +120,13 @@ def split_publish(flags: int, body: bytes, version: int) -> tuple[bytes, bytes, 
         pid = (body[pos] << 8) | body[pos + 1]
         pos += 2
     if version == MQTT_5:
-        got = read_varint(body, pos)
-        if got is None:
-            raise MalformedPacket("PUBLISH ends inside its property length")
-        pos = got[1] + got[0]
+        if body[pos] < 0x80:
+            pos += 1 + body[pos]
+        else:
+            got = read_varint(body, pos)
+            if got is None:
+                raise MalformedPacket("PUBLISH ends inside its property length")
+            pos = got[1] + got[0]
     if pos > len(body):
         raise MalformedPacket("PUBLISH shorter than its header")
     return topic, body[pos:], qos, bool(flags & 0x01), pid
