@@ -257,7 +257,7 @@ class RawClient:
             return p
         rec = self._await(PUBREC)
         assert rec.packet_id == pid
-        self.send(ack(PUBREL, pid, version=self.version))  # type: ignore[arg-type]
+        self.send(ack(PUBREL, pid, version=self.version))  # type: ignore[arg-type,unused-ignore]
         comp = self._await(PUBCOMP)
         assert comp.packet_id == pid
         return comp
