@@ -1,8 +1,8 @@
-"""A blocking raw-socket MQTT client for protocol-level tests, on the independent client codec.
+"""A blocking raw-socket MQTT client for protocol-level tests, on the independent client
 
 The packets come from `mcloudtt_mqttclient`, which shares no code with the broker's codec: a test
 that encoded with the broker's encoder would share its bugs. Packets are built as bytes so a test
-can also build wrong ones; what the broker sends is parsed and checked by the same codec.
+can also build wrong ones; what the broker sends is parsed and checked by the same
 """
 
 from __future__ import annotations
@@ -16,64 +16,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import mcloudtt_mqttclient as codec
-from mcloudtt_mqttclient import (  # noqa: F401  (re-exported for the tests)
-    ASSIGNED_CLIENT_ID,
-    AUTH,
-    AUTH_DATA,
-    AUTH_METHOD,
-    CONNACK,
-    CONNECT,
-    CONTENT_TYPE,
-    CORRELATION_DATA,
-    DISCONNECT,
-    MAXIMUM_PACKET_SIZE,
-    MAXIMUM_QOS,
-    MESSAGE_EXPIRY,
-    NAMES,
-    PAYLOAD_FORMAT,
-    PINGREQ,
-    PINGRESP,
-    PUBACK,
-    PUBCOMP,
-    PUBLISH,
-    PUBREC,
-    PUBREL,
-    REASON_STRING,
-    RECEIVE_MAXIMUM,
-    REQUEST_PROBLEM_INFO,
-    REQUEST_RESPONSE_INFO,
-    RESPONSE_INFO,
-    RESPONSE_TOPIC,
-    RETAIN_AVAILABLE,
-    SERVER_KEEP_ALIVE,
-    SERVER_REFERENCE,
-    SESSION_EXPIRY,
-    SHARED_SUB_AVAILABLE,
-    SUB_ID_AVAILABLE,
-    SUBACK,
-    SUBSCRIBE,
-    SUBSCRIPTION_ID,
-    TOPIC_ALIAS,
-    TOPIC_ALIAS_MAXIMUM,
-    UNSUBACK,
-    UNSUBSCRIBE,
-    USER_PROPERTY,
-    WILDCARD_SUB_AVAILABLE,
-    WILL_DELAY,
-    Packet,
-    Will,
-    ack,
-    connect,
-    disconnect,
-    packet,
-    pingreq,
-    publish,
-    sub_opts,
-    subscribe,
-    unsubscribe,
-    utf8,
-    varint,
-)
+from mcloudtt_mqttclient import *  # noqa: F403  (the codec's builders and constants, for the tests)
 from mcloudtt_mqttclient import Properties as Props
 from mcloudtt_mqttclient import encode_properties as encode_props  # noqa: F401
 
@@ -84,7 +27,7 @@ class Malformed(AssertionError):
     """The broker sent bytes that do not decode: a broker bug, reported as a test failure."""
 
 
-def parse(ptype: int, flags: int, body: bytes, version: int) -> Packet:
+def _parse(ptype: int, flags: int, body: bytes, version: int) -> codec.Packet:
     try:
         return codec.parse(ptype, flags, body, version)
     except codec.MalformedPacket as e:
@@ -122,9 +65,9 @@ class RawClient:
         self.reader = codec.Reader(max_size=codec.MAX_VARINT)
         self.eof = False
         self.aliases: dict[int, str] = {}
-        self.pending: deque[Packet] = deque()  # deliveries that arrived while awaiting an ack
+        self.pending: deque[codec.Packet] = deque()  # deliveries that arrived while awaiting an ack
         self._next_id = 0
-        self.connack: Packet | None = None
+        self.connack: codec.Packet | None = None
 
     # -- bytes ---------------------------------------------------------------------------------
 
@@ -159,7 +102,7 @@ class RawClient:
 
     # -- packets -------------------------------------------------------------------------------
 
-    def recv(self, timeout: float | None = None) -> Packet:
+    def recv(self, timeout: float | None = None) -> codec.Packet:
         """The next packet, whatever it is; TimeoutError if none, Closed on EOF."""
         if self.pending:
             return self.pending.popleft()
@@ -167,9 +110,9 @@ class RawClient:
         while True:
             frame = self._frame()
             if frame is not None:
-                p = parse(*frame, self.version)
-                if p.type == PUBLISH and self.version == 5:
-                    alias = p.prop(TOPIC_ALIAS)
+                p = _parse(*frame, self.version)
+                if p.type == codec.PUBLISH and self.version == 5:
+                    alias = p.prop(codec.TOPIC_ALIAS)
                     if isinstance(alias, int):
                         if p.topic:
                             self.aliases[alias] = p.topic
@@ -181,22 +124,24 @@ class RawClient:
                 raise Closed("broker closed the connection")
             self._fill(deadline)
 
-    def expect(self, ptype: int, timeout: float | None = None) -> Packet:
+    def expect(self, ptype: int, timeout: float | None = None) -> codec.Packet:
         p = self.recv(timeout)
-        assert p.type == ptype, f"expected {NAMES[ptype]}, got {p!r}"
+        assert p.type == ptype, f"expected {codec.NAMES[ptype]}, got {p!r}"
         return p
 
-    def _await(self, ptype: int) -> Packet:
+    def _await(self, ptype: int) -> codec.Packet:
         """Wait for an ack of `ptype`, keeping deliveries that overtake it for later."""
         deadline = time.monotonic() + self.timeout
         while True:
             p = self._recv_wire(max(0.0, deadline - time.monotonic()))
             if p.type == ptype:
                 return p
-            assert p.type in (PUBLISH, PUBREL), f"expected {NAMES[ptype]}, got {p!r}"
+            assert p.type in (codec.PUBLISH, codec.PUBREL), (
+                f"expected {codec.NAMES[ptype]}, got {p!r}"
+            )
             self.pending.append(p)
 
-    def _recv_wire(self, timeout: float) -> Packet:
+    def _recv_wire(self, timeout: float) -> codec.Packet:
         saved, self.pending = self.pending, deque()
         try:
             return self.recv(timeout)
@@ -207,24 +152,26 @@ class RawClient:
         self._next_id = self._next_id % 65535 + 1
         return self._next_id
 
-    def connect(self, client_id: str | bytes = "", **kw: Any) -> Packet:
+    def connect(self, client_id: str | bytes = "", **kw: Any) -> codec.Packet:
         kw.setdefault("version", self.version)
-        self.send(connect(client_id, **kw))
-        self.connack = self._await(CONNACK)
+        self.send(codec.connect(client_id, **kw))
+        self.connack = self._await(codec.CONNACK)
         return self.connack
 
-    def subscribe(self, *filters: str | tuple[str, int], props: Props | None = None) -> Packet:
+    def subscribe(
+        self, *filters: str | tuple[str, int], props: Props | None = None
+    ) -> codec.Packet:
         pid = self.next_id()
         pairs = [(f, 0) if isinstance(f, str) else f for f in filters]
-        self.send(subscribe(pid, pairs, version=self.version, props=props))
-        p = self._await(SUBACK)
+        self.send(codec.subscribe(pid, pairs, version=self.version, props=props))
+        p = self._await(codec.SUBACK)
         assert p.packet_id == pid  # MQTT-3.8.4-2
         return p
 
-    def unsubscribe(self, *filters: str) -> Packet:
+    def unsubscribe(self, *filters: str) -> codec.Packet:
         pid = self.next_id()
-        self.send(unsubscribe(pid, filters, version=self.version))
-        p = self._await(UNSUBACK)
+        self.send(codec.unsubscribe(pid, filters, version=self.version))
+        p = self._await(codec.UNSUBACK)
         assert p.packet_id == pid  # MQTT-3.10.4-4
         return p
 
@@ -235,11 +182,11 @@ class RawClient:
         qos: int = 0,
         retain: bool = False,
         props: Props | None = None,
-    ) -> Packet | None:
+    ) -> codec.Packet | None:
         """Publish and finish the QoS flow; returns the PUBACK or PUBCOMP (None for QoS 0)."""
         pid = self.next_id() if qos else None
         self.send(
-            publish(
+            codec.publish(
                 topic,
                 payload,
                 version=self.version,
@@ -252,40 +199,40 @@ class RawClient:
         if qos == 0:
             return None
         if qos == 1:
-            p = self._await(PUBACK)
+            p = self._await(codec.PUBACK)
             assert p.packet_id == pid
             return p
-        rec = self._await(PUBREC)
+        rec = self._await(codec.PUBREC)
         assert rec.packet_id == pid
-        self.send(ack(PUBREL, pid, version=self.version))  # type: ignore[arg-type,unused-ignore]
-        comp = self._await(PUBCOMP)
+        self.send(codec.ack(codec.PUBREL, rec.packet_id, version=self.version))
+        comp = self._await(codec.PUBCOMP)
         assert comp.packet_id == pid
         return comp
 
-    def next_publish(self, timeout: float | None = None, *, ack_it: bool = True) -> Packet:
+    def next_publish(self, timeout: float | None = None, *, ack_it: bool = True) -> codec.Packet:
         """The next PUBLISH; with ack_it, acknowledge it (PUBACK or PUBREC) and answer PUBRELs."""
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         while True:
             p = self.recv(max(0.0, deadline - time.monotonic()))
-            if p.type == PUBREL and ack_it:
-                self.send(ack(PUBCOMP, p.packet_id, version=self.version))
+            if p.type == codec.PUBREL and ack_it:
+                self.send(codec.ack(codec.PUBCOMP, p.packet_id, version=self.version))
                 continue
-            if p.type == PINGRESP:
+            if p.type == codec.PINGRESP:
                 continue
-            assert p.type == PUBLISH, f"expected PUBLISH, got {p!r}"
+            assert p.type == codec.PUBLISH, f"expected PUBLISH, got {p!r}"
             if ack_it and p.qos == 1:
-                self.send(ack(PUBACK, p.packet_id, version=self.version))
+                self.send(codec.ack(codec.PUBACK, p.packet_id, version=self.version))
             elif ack_it and p.qos == 2:
-                self.send(ack(PUBREC, p.packet_id, version=self.version))
+                self.send(codec.ack(codec.PUBREC, p.packet_id, version=self.version))
             return p
 
-    def publishes(self, n: int, timeout: float | None = None) -> list[Packet]:
+    def publishes(self, n: int, timeout: float | None = None) -> list[codec.Packet]:
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         return [self.next_publish(max(0.0, deadline - time.monotonic())) for _ in range(n)]
 
     def until(
         self, topic: str, timeout: float | None = None, *, ack_it: bool = True
-    ) -> list[Packet]:
+    ) -> list[codec.Packet]:
         """Every PUBLISH received before the first one on `topic` (a marker), marker excluded.
 
         A broker handles one connection's packets in order and keeps order per topic and QoS;
@@ -293,17 +240,17 @@ class RawClient:
         overtake QoS>0 ones queued behind a full inflight window), at QoS 0 after QoS 0 traffic.
         """
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
-        got: list[Packet] = []
+        got: list[codec.Packet] = []
         while True:
             p = self.next_publish(max(0.0, deadline - time.monotonic()), ack_it=ack_it)
             if p.topic == topic:
                 return got
             got.append(p)
 
-    def closed(self, timeout: float | None = None) -> list[Packet]:
+    def closed(self, timeout: float | None = None) -> list[codec.Packet]:
         """Wait until the broker closes the connection; the packets it sent before that."""
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
-        got: list[Packet] = []
+        got: list[codec.Packet] = []
         while True:
             try:
                 got.append(self.recv(max(0.0, deadline - time.monotonic())))
@@ -315,9 +262,9 @@ class RawClient:
 
     def disconnect(self, code: int = 0, props: Props | None = None) -> None:
         """A normal DISCONNECT; the broker must then close the connection (MQTT-3.14.4-1)."""
-        self.send(disconnect(code, props, version=self.version))
+        self.send(codec.disconnect(code, props, version=self.version))
         left = self.closed()
-        assert all(p.type != DISCONNECT for p in left), left
+        assert all(p.type != codec.DISCONNECT for p in left), left
         self.close()
 
     def __enter__(self) -> RawClient:
@@ -327,5 +274,5 @@ class RawClient:
         self.close()
 
 
-def disconnect_codes(packets: Iterable[Packet]) -> list[int]:
-    return [p.code for p in packets if p.type == DISCONNECT]
+def disconnect_codes(packets: Iterable[codec.Packet]) -> list[int]:
+    return [p.code for p in packets if p.type == codec.DISCONNECT]
