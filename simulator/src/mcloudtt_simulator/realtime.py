@@ -382,18 +382,7 @@ class DeviceRunner:
             self._write(packet)
             d.stats.resent += 1
         if self.status is not None:
-            pid = self._alloc_pid()
-            packet = mqtt.publish(
-                self.status,
-                self._status_message("online"),
-                version=self.version,
-                qos=1,
-                retain=True,
-                packet_id=pid,
-            )
-            self.inflight[pid] = [packet, 1, 0, True]
-            self._write(packet)
-            d.stats.status_sent += 1
+            self._publish_status(self.status, "online")
         backlog, self.backlog = self.backlog, []
         for s, payload, seq in backlog:
             self._write_data(s, payload, seq)
@@ -401,6 +390,21 @@ class DeviceRunner:
             self._arm_ping()
         if not self.want_online:  # the model went offline while we were connecting
             self._disconnect()
+
+    def _publish_status(self, topic: bytes, state: str) -> None:
+        """The retained status message at QoS 1, tracked in flight like data."""
+        pid = self._alloc_pid()
+        packet = mqtt.publish(
+            topic,
+            self._status_message(state),
+            version=self.version,
+            qos=1,
+            retain=True,
+            packet_id=pid,
+        )
+        self.inflight[pid] = [packet, 1, 0, True]
+        self._write(packet)
+        self.driver.stats.status_sent += 1
 
     def _arm_ping(self) -> None:
         interval = self.cls.keepalive / 2.0
@@ -423,18 +427,7 @@ class DeviceRunner:
         self.closing = True
         self.driver.stats.disconnects += 1
         if self.status is not None:
-            pid = self._alloc_pid()
-            packet = mqtt.publish(
-                self.status,
-                self._status_message("offline"),
-                version=self.version,
-                qos=1,
-                retain=True,
-                packet_id=pid,
-            )
-            self.inflight[pid] = [packet, 1, 0, True]
-            self._write(packet)
-            self.driver.stats.status_sent += 1
+            self._publish_status(self.status, "offline")
         if not self.inflight:
             self._finish_close()
         else:
