@@ -34,7 +34,7 @@ DEFAULT_MAX_SIZE = 1 << 24
 
 
 class Reader:
-    """Incremental framing of a byte stream; never buffers more than one partial frame."""
+    """Incremental framing of a byte stream; keeps only the bytes not yet returned as frames."""
 
     __slots__ = ("_buf", "_pos", "max_size")
 
