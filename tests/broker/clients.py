@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import queue
 import threading
-from typing import Any
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -17,6 +19,20 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 TIMEOUT = 5.0
 
 mcloudtt_only = pytest.mark.skipif(TARGET == "mosquitto", reason="mcloudtt-specific contract")
+
+T = TypeVar("T")
+
+
+def wait_until(predicate: Callable[[], T], timeout: float = TIMEOUT, what: str = "condition") -> T:
+    """Poll `predicate` until it returns something true (returned), or fail after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.02)
 
 
 def props(packet_type: int = PacketTypes.PUBLISH, **values: Any) -> Properties:

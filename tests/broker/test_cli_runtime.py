@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 from brokerproc import TARGET, broker_command, free_port, wait_for_port
+from prometheus_client.parser import text_string_to_metric_families
 
 from .clients import mcloudtt_only
 from .mqttraw import (
@@ -68,6 +71,8 @@ BAD: dict[str, tuple[list[str], dict[str, str], str | None, str]] = {
     "env-value": ([], {"MCLOUDTT_MAX_PACKET_SIZE": "lots"}, None, "MCLOUDTT_MAX_PACKET_SIZE"),
     "toml-syntax": ([], {}, 'bind = ["127.0.0.1:1"\nmax-packet-size = ', "broker.toml"),
     "toml-unknown-key": ([], {}, "no-such-key = 1\n", "no-such-key"),
+    "toml-value": ([], {}, 'max-packet-size = "lots"\n', "max-packet-size in"),
+    "env-listener": ([], {"MCLOUDTT_WS_BIND": "nowhere"}, None, "MCLOUDTT_WS_BIND"),
     "config-missing": (["--config", "/nonexistent/nope.toml"], {}, None, "nope.toml"),
 }
 
@@ -175,36 +180,52 @@ def test_health_and_readiness(mq):
     assert broker.http_get("/no-such-page")[0] == 404
 
 
-METRICS = {
-    "mcloudtt_connections": "gauge",
-    "mcloudtt_connections_total": "counter",
-    "mcloudtt_messages_received_total": "counter",
-    "mcloudtt_messages_sent_total": "counter",
-    "mcloudtt_bytes_received_total": "counter",
-    "mcloudtt_bytes_sent_total": "counter",
-    "mcloudtt_messages_dropped_total": "counter",
-    "mcloudtt_inflight_messages": "gauge",
-    "mcloudtt_queued_messages": "gauge",
-    "mcloudtt_retained_messages": "gauge",
-    "mcloudtt_subscriptions": "gauge",
-    "mcloudtt_sessions": "gauge",
-}
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def documented_metrics(section: str) -> set[str]:
+    """The metric names the README's `section` (a heading) lists."""
+    text = README.read_text(encoding="utf-8").split(section + "\n", 1)[1]
+    text = text.split("\n## ", 1)[0].split("\n### ", 1)[0]
+    return set(re.findall(r"`(mcloudtt_\w+)", text))
+
+
+def exposed(text: str) -> dict[str, str]:
+    """Sample name (labels aside) -> family type, read with prometheus-client's own parser."""
+    return {
+        sample.name: family.type
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def assert_documented_families(text: str, section: str) -> None:
+    names = documented_metrics(section)
+    assert len(names) >= 7, names
+    types = exposed(text)
+    assert names - set(types) == set(), f"documented in {section!r}, not exposed"
+    for name in names:
+        assert types[name] == ("counter" if name.endswith("_total") else "gauge"), name
 
 
 @mcloudtt_only
-def test_metrics_exposition_declares_every_metric(mq):
-    broker = mq
-    status, text = broker.http_get("/metrics")
+def test_metrics_scrape_has_every_documented_family(mq):
+    status, text = mq.http_get("/metrics")
     assert status == 200
-    types = {}
-    for line in text.splitlines():
-        if line.startswith("# TYPE "):
-            _, _, name, kind = line.split()
-            types[name] = kind
-    # Prometheus text format: counters may be declared with or without the _total suffix
-    for name, kind in METRICS.items():
-        declared = types.get(name) or types.get(name.removesuffix("_total"))
-        assert declared == kind, f"{name}: {declared}"
+    assert_documented_families(text, "### Metrics")
+
+
+@mcloudtt_only
+def test_cluster_metrics_scrape_has_every_documented_family(broker_factory, redis_server):
+    b = broker_factory("--redis", redis_server.url, "--id", "scraped", "--sys-interval", "0")
+    deadline = time.monotonic() + 10
+    while b.http_get("/readyz")[0] != 200:
+        assert time.monotonic() < deadline, "the cluster link never came up"
+        time.sleep(0.05)
+    text = b.http_get("/metrics")[1]
+    assert_documented_families(text, "## The cluster")
+    assert exposed(text)["mcloudtt_cluster_link_up"] == "gauge"
+    assert b.metric("mcloudtt_cluster_link_up") == 1
 
 
 @mcloudtt_only

@@ -206,7 +206,7 @@ def test_pinging_client_stays_connected(mq, raw, uid):
         c.send(pingreq())
         c.expect(PINGRESP)  # MQTT-3.12.4-1
         pongs += 1
-        time.sleep(0.5)
+        time.sleep(0.5)  # pacing the pings over the keepalive is the point
     assert pongs >= 4
     c.disconnect()
 

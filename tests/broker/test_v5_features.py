@@ -252,7 +252,7 @@ def test_expired_messages_counted(shared_broker, raw, uid):
     pub = raw(b.port)
     pub.connect(uid + "p")
     pub.publish(f"{uid}/e", b"short", qos=1, props=[(MESSAGE_EXPIRY, 1)])
-    time.sleep(1.5)
+    time.sleep(1.5)  # letting the interval pass is the point
     back = raw(b.port)
     back.connect(uid + "s", **kw)
     back.subscribe((f"{uid}/m", 1))

@@ -67,7 +67,9 @@ def cluster_factory(redis_server: RedisProcess) -> Iterator[Callable[..., list[B
             interesting = [
                 line
                 for line in text.splitlines()
-                if not line.startswith("#") and (" 0" not in line[-2:]) and "_total" in line
+                if not line.startswith("#")
+                and not line.endswith((" 0", " 0.0"))
+                and "_total" in line
             ]
         except OSError as error:
             interesting = [f"/metrics unreachable: {error}"]

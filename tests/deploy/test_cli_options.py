@@ -5,7 +5,6 @@ such a mistake shows before a cluster does."""
 
 from __future__ import annotations
 
-import argparse
 from typing import Any
 
 import pytest
@@ -26,7 +25,6 @@ def _container_ports(workload: dict[str, Any], name: str) -> set[int]:
 def test_broker_accepts_what_the_manifests_pass(docs: Docs, overlay: str) -> None:
     from mcloudtt_broker.cli import build_parser
     from mcloudtt_broker.config import OPTIONS, env_name, resolve
-    from redis.asyncio.connection import parse_url
 
     d = docs[overlay]
     sts = find(d, "StatefulSet", "mcloudtt-broker")
@@ -51,93 +49,86 @@ def test_broker_accepts_what_the_manifests_pass(docs: Docs, overlay: str) -> Non
         assert port in ports, f"listener port {port} is not a container port"
     assert values["tap-stream"] == "mcloudtt:tap"
 
-    # The Redis URL, as redis-py will read it.
+    # The Redis URL, as the broker's links (lean and redis-py) will read it.
     url = values["redis"]
     assert url is not None and "$(" not in url, url
-    kwargs: dict[str, Any] = dict(parse_url(url))
-    assert kwargs["password"] == PASSWORD
     mounted = mounts(sts, "broker")
+    _check_redis_url(url, overlay, mounted)
     if overlay == "gke":
-        assert url.startswith("rediss://")
-        values_env = example_values()
-        assert kwargs["host"] == values_env["REDIS_HOST"]
-        assert str(kwargs["port"]) == values_env["REDIS_PORT"]
-        ca = kwargs["ssl_ca_certs"]
-        ca_mount = under_mount(ca, list(mounted))
-        assert ca_mount, f"{ca} is not on a mounted volume"
-        assert mounted[ca_mount]["configMap"]["name"] == "mcloudtt-redis-ca"
         for path in (values["tls-cert"], values["tls-key"]):
             mount = under_mount(path, list(mounted))
             assert mount and mounted[mount]["secret"]["secretName"] == "mcloudtt-broker-tls"
     else:
-        assert url.startswith("redis://")
-        assert (kwargs["host"], kwargs["port"]) == ("mcloudtt-redis", 6379)
         redis_service = find(d, "Service", "mcloudtt-redis")
         assert 6379 in {p["port"] for p in redis_service["spec"]["ports"]}
 
 
-def _adapter_run_parser() -> argparse.ArgumentParser:
-    from mcloudtt_adapter.cli import build_parser
+def _check_redis_url(url: str, overlay: str, mounted: dict[str, dict[str, Any]]) -> None:
+    """The rendered URL fed to the real parser (`cluster/redis_url.py`)."""
+    from mcloudtt_broker.cluster.redis_url import parse_redis_url
 
-    parser = build_parser()
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    run: argparse.ArgumentParser = sub.choices["run"]
-    return run
+    options = parse_redis_url(url)  # raises RedisUrlError on anything it cannot use
+    assert options.password == PASSWORD  # from the Secret, through secretKeyRef and $(VAR)
+    assert options.username is None and options.db == 0
+    kwargs = options.pool_kwargs()
+    assert (kwargs["password"], kwargs["db"]) == (PASSWORD, 0)
+    if overlay == "gke":
+        values = example_values()
+        assert options.tls and options.scheme == "rediss"
+        assert (options.host, str(options.port)) == (values["REDIS_HOST"], values["REDIS_PORT"])
+        # The server is verified against Memorystore's CA, hostname (IP) included.
+        assert (options.ssl_cert_reqs, options.ssl_check_hostname) == ("required", True)
+        ca = options.ssl_ca_certs
+        assert ca is not None and kwargs["ssl_ca_certs"] == ca
+        ca_mount = under_mount(ca, list(mounted))
+        assert ca_mount, f"{ca} is not on a mounted volume"
+        assert mounted[ca_mount]["configMap"]["name"] == "mcloudtt-redis-ca"
+        key = ca.removeprefix(ca_mount.rstrip("/") + "/")
+        items = mounted[ca_mount]["configMap"].get("items")
+        assert key == "ca.pem" if not items else key in {i["path"] for i in items}
+    else:
+        assert not options.tls
+        assert (options.host, options.port) == ("mcloudtt-redis", 6379)
 
 
 @pytest.mark.parametrize("overlay", DEPLOYED)
-def test_adapter_accepts_what_the_manifests_pass(
-    docs: Docs, overlay: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_adapter_accepts_what_the_manifests_pass(docs: Docs, overlay: str) -> None:
     from mcloudtt_adapter import cli
+    from mcloudtt_adapter.config import ADAPTER
 
     d = docs[overlay]
     dep = find(d, "Deployment", "mcloudtt-adapter")
     adapter = container(dep, "adapter")
     env = runtime_env(d, dep, "adapter")
 
-    options = {
-        opt[2:]
-        for action in _adapter_run_parser()._actions
-        for opt in action.option_strings
-        if opt.startswith("--") and opt != "--help"
-    }
-    known = {"MCLOUDTT_ADAPTER_" + o.upper().replace("-", "_") for o in options}
+    known = {ADAPTER.env_name(option.name) for option in ADAPTER.options} | {ADAPTER.config_env}
     given = {k for k in env if k.startswith("MCLOUDTT_")}
     assert given - known == set(), f"not adapter options: {sorted(given - known)}"
 
-    # The adapter reads its variables while it builds its parser: set exactly these.
-    import os
-
-    for key in list(os.environ):
-        if key.startswith("MCLOUDTT_"):
-            monkeypatch.delenv(key)
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
     argv = list(adapter.get("command", [])[1:]) + list(adapter.get("args", []))
     assert argv[:1] == ["run"], argv
     try:
         args = cli.build_parser().parse_args(argv)
     except SystemExit as error:
-        pytest.fail(f"mcloudtt-adapter rejects {argv} with this environment: exit {error}")
-    config = cli.config_from_args(args)
+        pytest.fail(f"mcloudtt-adapter rejects {argv}: exit {error}")
+    # Exactly this environment; raises ConfigError on a bad value, both sinks or no source.
+    config, _ = cli.config_from_args(args, env)
 
-    # What _run() refuses before it starts.
-    assert not (args.duckdb and args.bigquery), "both sinks given"
-    assert args.mqtt or args.redis, "no source"
-    assert args.redis_mode == "stream" and args.tap_stream == "mcloudtt:tap"
+    assert config.redis_mode == "stream" and config.tap_stream == "mcloudtt:tap"
+    assert config.http is not None
     host, port = config.http
     assert host == "0.0.0.0" and port in _container_ports(dep, "adapter")
 
     mounted = mounts(dep, "adapter")
     writable = [p for p, m in mounted.items() if not m.get("readOnly")]
     # readOnlyRootFilesystem: whatever the adapter writes must be on a writable volume.
-    assert under_mount(args.dead_letter_file, writable), args.dead_letter_file
+    assert under_mount(config.dead_letter_file, writable), config.dead_letter_file
+    assert config.redis is not None
+    _check_redis_url(config.redis, overlay, mounted)
     if overlay == "gke":
-        assert args.bigquery == example_values()["BIGQUERY_TABLE"]
-        assert args.duckdb is None
-        assert args.redis.startswith("rediss://")
+        assert config.bigquery == example_values()["BIGQUERY_TABLE"]
+        assert config.duckdb is None
     else:
-        assert args.duckdb and args.bigquery is None
-        mount = under_mount(args.duckdb, writable)
+        assert config.duckdb and config.bigquery is None
+        mount = under_mount(config.duckdb, writable)
         assert mount and "persistentVolumeClaim" in mounted[mount], "DuckDB must be on the volume"

@@ -5,33 +5,32 @@ from __future__ import annotations
 import socket
 import ssl
 import subprocess
-import time
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
+from broker.clients import wait_until
 from brokerproc import BrokerProcess, broker_command, free_port, wait_for_port
 from paho.mqtt.enums import CallbackAPIVersion
 
 
-def _roundtrip(client: mqtt.Client, port: int) -> list[tuple[str, bytes]]:
-    got: list[tuple[str, bytes]] = []
-    subscribed = []
-    client.on_message = lambda c, u, m: got.append((m.topic, m.payload))
+def _roundtrip(client: mqtt.Client, port: int) -> list[tuple[str, bytes, int]]:
+    """Subscribe at QoS 1, publish a big QoS 1 and a small QoS 0 message, return what came back."""
+    got: list[tuple[str, bytes, int]] = []
+    subscribed: list[bool] = []
+    client.on_message = lambda c, u, m: got.append((m.topic, m.payload, m.qos))
     client.on_subscribe = lambda *args: subscribed.append(True)
     client.connect("127.0.0.1", port)
     client.loop_start()
     try:
-        deadline = time.monotonic() + 5
-        while not client.is_connected() and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_until(client.is_connected, what="CONNACK")
         client.subscribe("t/#", qos=1)
-        while not subscribed and time.monotonic() < deadline:
-            time.sleep(0.01)
-        client.publish("t/big", b"x" * 70_000, qos=1)  # spans many WebSocket/TLS records
+        wait_until(lambda: subscribed, what="SUBACK")
+        big = client.publish("t/big", b"x" * 70_000, qos=1)  # spans many WebSocket/TLS records
         client.publish("t/small", b"small", qos=0)
-        while len(got) < 2 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        big.wait_for_publish(5)
+        assert big.is_published()  # the PUBACK came back
+        wait_until(lambda: len(got) >= 2, what="both messages")
     finally:
         client.disconnect()
         client.loop_stop()
@@ -48,7 +47,7 @@ def test_mqtt_over_websocket(protocol):
             CallbackAPIVersion.VERSION2, client_id="ws", protocol=protocol, transport="websockets"
         )
         got = _roundtrip(client, ws_port)
-        assert sorted(got) == [("t/big", b"x" * 70_000), ("t/small", b"small")]
+        assert sorted(got) == [("t/big", b"x" * 70_000, 1), ("t/small", b"small", 0)]
     finally:
         broker.stop()
 
@@ -105,7 +104,7 @@ def test_mqtt_over_tls(certificate):
         client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="tls", protocol=mqtt.MQTTv5)
         client.tls_set(ca_certs=str(cert), tls_version=ssl.PROTOCOL_TLS_CLIENT)
         got = _roundtrip(client, tls_port)
-        assert sorted(got) == [("t/big", b"x" * 70_000), ("t/small", b"small")]
+        assert sorted(got) == [("t/big", b"x" * 70_000, 1), ("t/small", b"small", 0)]
     finally:
         broker.stop()
 

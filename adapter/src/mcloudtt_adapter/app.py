@@ -112,6 +112,13 @@ def build_sources(config: AdapterConfig) -> list[Source]:
     return sources
 
 
+def _source_state(source: Source) -> str:
+    if source.connected:
+        return f"{source.name}=up"
+    reason = getattr(source, "last_error", "")  # why a Redis source is down (wrong CA, ...)
+    return f"{source.name}=down ({reason})" if reason else f"{source.name}=down"
+
+
 class Adapter:
     def __init__(
         self,
@@ -191,7 +198,7 @@ class Adapter:
     async def _readyz(self) -> tuple[str, bytes, str]:
         if self.ready():
             return "200 OK", b"ready\n", "text/plain; charset=utf-8"
-        states = ", ".join(f"{s.name}={'up' if s.connected else 'down'}" for s in self.sources)
+        states = ", ".join(_source_state(s) for s in self.sources)
         return "503 Service Unavailable", f"not ready: {states}\n".encode(), "text/plain"
 
     async def _metrics(self) -> tuple[str, bytes, str]:
@@ -203,7 +210,7 @@ class Adapter:
                     self.metrics.set(
                         "mcloudtt_adapter_stream_pending", float(value), source=source.name
                     )
-        return "200 OK", self.metrics.render().encode(), "text/plain; version=0.0.4; charset=utf-8"
+        return "200 OK", self.metrics.exposition(), "text/plain; version=0.0.4; charset=utf-8"
 
     async def _report(self) -> tuple[str, bytes, str]:
         reader = getattr(self.sink, "reader", None)

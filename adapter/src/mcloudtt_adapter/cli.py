@@ -5,8 +5,9 @@ in the loadtest member).
     mcloudtt-adapter run --redis redis://127.0.0.1:6379/0 --bigquery PROJECT.DATASET.TABLE
     mcloudtt-adapter report --duckdb data.duckdb --out report.html
 
-Every `run` option can also be given as an environment variable: `--batch-rows` is
-`MCLOUDTT_ADAPTER_BATCH_ROWS`; repeatable options take a comma-separated list there.
+Every `run` option can also be given as an environment variable (`--batch-rows` is
+`MCLOUDTT_ADAPTER_BATCH_ROWS`; repeatable options take a comma-separated list there) or in a TOML
+file (`--config`); they are declared in `mcloudtt_adapter.config`.
 """
 
 from __future__ import annotations
@@ -16,10 +17,14 @@ import asyncio
 import logging
 import os
 import sys
+from collections.abc import Mapping
 from typing import Any, NoReturn
 
+from mcloudtt_broker.cluster.redis_url import RedisUrlError, check_redis_url
+from mcloudtt_broker.config import ConfigError
+
 from .app import AdapterConfig, run_adapter
-from .decode import DecodeRules
+from .config import ADAPTER, adapter_config
 
 COMMANDS = ("run", "report")
 
@@ -29,130 +34,9 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _address(text: str) -> tuple[str, int]:
-    host, sep, port = text.strip().rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65_536:
-        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
-    return host.strip("[]") or "127.0.0.1", int(port)
-
-
-def _env(name: str) -> str | None:
-    return os.environ.get("MCLOUDTT_ADAPTER_" + name.upper().replace("-", "_"))
-
-
-def _add(
-    parser: argparse.ArgumentParser, name: str, *, repeat: bool = False, **kwargs: Any
-) -> None:
-    env = _env(name)
-    if env is not None:
-        if repeat:
-            kwargs["default"] = [item for item in env.split(",") if item]
-        elif kwargs.get("action") == "store_true":
-            kwargs["default"] = env.lower() in ("1", "true", "yes", "on")
-        else:
-            convert = kwargs.get("type", str)
-            kwargs["default"] = convert(env)
-    if repeat:
-        kwargs["action"] = "append"
-    parser.add_argument(f"--{name}", **kwargs)
-
-
 def _run_parser(sub: Any) -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="ingest messages (the default command)")
-    g = p.add_argument_group("MQTT source")
-    _add(g, "mqtt", type=_address, metavar="HOST:PORT", help="broker to subscribe to")
-    _add(g, "filter", default="#", help="topic filter (default #)")
-    _add(
-        g,
-        "group",
-        default="mcloudtt-adapter",
-        help="shared subscription group ('' for a plain subscription)",
-    )
-    _add(g, "client-id", default=None, help="stable MQTT ClientId (default mcloudtt-adapter-HOST)")
-    _add(
-        g,
-        "session-expiry",
-        type=int,
-        default=86_400,
-        help="seconds the broker keeps the session (and queues) while the adapter is away",
-    )
-    _add(g, "keepalive", type=int, default=30)
-    _add(g, "qos", type=int, choices=(0, 1), default=1)
-    _add(g, "username", default=None)
-    _add(g, "password", default=None)
-    _add(g, "broker-id", default=None, help="broker_id column for MQTT rows")
-    g = p.add_argument_group("Redis tap source")
-    _add(g, "redis", metavar="URL", help="redis://host:port/db")
-    _add(
-        g,
-        "redis-mode",
-        choices=("stream", "pubsub"),
-        default="stream",
-        help="stream: durable tap via consumer group (default); pubsub: the sync channel",
-    )
-    _add(g, "tap-stream", default="mcloudtt:tap")
-    _add(g, "sync-channel", default="sync")
-    _add(g, "redis-group", default="mcloudtt-adapter", help="consumer group")
-    _add(g, "consumer", default=None, help="consumer name (default: the client id)")
-    _add(g, "start-id", default="0", help="where a new group starts: 0 (all kept) or $ (new only)")
-    g = p.add_argument_group("sinks")
-    _add(g, "duckdb", metavar="PATH", help="DuckDB file (the default sink: mcloudtt.duckdb)")
-    _add(
-        g,
-        "duckdb-checkpoint",
-        default="256MB",
-        help="write-ahead log size that triggers a DuckDB checkpoint (DuckDB's default: 16MB)",
-    )
-    _add(g, "table", default="messages", help="DuckDB table name")
-    _add(g, "bigquery", metavar="PROJECT.DATASET.TABLE", help="BigQuery table")
-    _add(g, "bigquery-endpoint", metavar="URL", help="API endpoint (an emulator); no credentials")
-    _add(
-        g,
-        "dead-letter-file",
-        default="mcloudtt-dead-letter.jsonl",
-        help="where rejected rows go when the dead-letter table cannot take them",
-    )
-    g = p.add_argument_group("decoding")
-    _add(
-        g,
-        "topic-rule",
-        repeat=True,
-        metavar="PATTERN",
-        help="e.g. devices/{device_id}/{metric} (repeatable; default that one)",
-    )
-    _add(g, "device-field", repeat=True, metavar="NAME", help="payload field naming the device")
-    _add(g, "time-field", repeat=True, metavar="NAME", help="payload field holding the event time")
-    _add(
-        g, "ignore-field", repeat=True, metavar="NAME", help="payload field not to store as metric"
-    )
-    _add(g, "max-flatten-bytes", type=int, default=256 * 1024)
-    g = p.add_argument_group("batching")
-    _add(g, "batch-rows", type=int, default=10_000)
-    _add(g, "batch-delay", type=float, default=0.25, help="seconds a batch may wait to fill")
-    _add(
-        g,
-        "linger",
-        type=float,
-        default=0.005,
-        help="cut the batch when nothing arrived for this long (seconds)",
-    )
-    _add(
-        g,
-        "max-pending",
-        type=int,
-        default=100_000,
-        help="messages received but not committed before the sources are held back",
-    )
-    g = p.add_argument_group("service")
-    _add(
-        g,
-        "http",
-        type=_address,
-        metavar="HOST:PORT",
-        help="serve /healthz /readyz /metrics /report",
-    )
-    _add(g, "drain-timeout", type=float, default=30.0)
-    _add(g, "log-level", default="info", choices=("debug", "info", "warning", "error"))
+    ADAPTER.add_arguments(p)
     return p  # type: ignore[no-any-return]
 
 
@@ -195,73 +79,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def config_from_args(args: argparse.Namespace) -> AdapterConfig:
-    defaults = DecodeRules()
-    rules = DecodeRules(
-        topic_rules=tuple(args.topic_rule) if args.topic_rule else defaults.topic_rules,
-        device_fields=tuple(args.device_field) if args.device_field else defaults.device_fields,
-        time_fields=tuple(args.time_field) if args.time_field else defaults.time_fields,
-        ignore_fields=tuple(args.ignore_field or ()),
-        max_flatten_bytes=args.max_flatten_bytes,
-    )
-    config = AdapterConfig(
-        mqtt=args.mqtt,
-        mqtt_filter=args.filter,
-        mqtt_group=args.group or None,
-        session_expiry=args.session_expiry,
-        keepalive=args.keepalive,
-        qos=args.qos,
-        username=args.username,
-        password=args.password,
-        broker_id=args.broker_id,
-        redis=args.redis,
-        redis_mode=args.redis_mode,
-        tap_stream=args.tap_stream,
-        sync_channel=args.sync_channel,
-        redis_group=args.redis_group,
-        consumer=args.consumer,
-        start_id=args.start_id,
-        duckdb=args.duckdb,
-        table=args.table,
-        duckdb_checkpoint=args.duckdb_checkpoint,
-        bigquery=args.bigquery,
-        bigquery_endpoint=args.bigquery_endpoint,
-        dead_letter_file=args.dead_letter_file,
-        rules=rules,
-        batch_rows=args.batch_rows,
-        batch_delay=args.batch_delay,
-        linger=args.linger,
-        max_pending=args.max_pending,
-        http=args.http,
-        drain_timeout=args.drain_timeout,
-    )
-    if args.client_id:
-        config.client_id = args.client_id
-    return config
+def config_from_args(
+    args: argparse.Namespace, environ: Mapping[str, str] | None = None
+) -> tuple[AdapterConfig, dict[str, Any]]:
+    """The run options from the command line, the environment and the TOML file, checked
+    (`ConfigError` otherwise), as the adapter's configuration and the resolved values."""
+    cli = vars(args)
+    env = os.environ if environ is None else environ
+    values = ADAPTER.resolve(cli, env, ADAPTER.config_path(cli, env))
+    return adapter_config(values), values
 
 
 def _run(args: argparse.Namespace) -> int:
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    if args.duckdb and args.bigquery:
-        print("mcloudtt-adapter: error: give --duckdb or --bigquery, not both", file=sys.stderr)
-        return 2
-    if not args.mqtt and not args.redis:
-        print(
-            "mcloudtt-adapter: error: give a source: --mqtt HOST:PORT and/or --redis URL",
-            file=sys.stderr,
-        )
-        return 2
     try:
-        config = config_from_args(args)
-        from .decode import TopicRule
-
-        for rule in config.rules.topic_rules:
-            TopicRule(rule)
-    except ValueError as error:
+        config, values = config_from_args(args)
+        if config.redis:
+            check_redis_url(config.redis)  # reads the TLS files now, not at each retry
+    except (ConfigError, RedisUrlError) as error:
         print(f"mcloudtt-adapter: error: {error}", file=sys.stderr)
         return 2
+    logging.basicConfig(
+        level=values["log-level"], format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     try:
         import uvloop
     except ImportError:

@@ -1,10 +1,18 @@
-"""Prometheus text exposition for the adapter (counters, gauges, histograms; no dependency)."""
+"""The adapter's counters, gauges and histograms, exposed through prometheus-client.
+
+The pipeline counts into plain dictionaries (one lock, no per-series objects); `collect()` turns
+them into prometheus-client metric families when Prometheus scrapes.
+"""
 
 from __future__ import annotations
 
 import bisect
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+
+from prometheus_client.exposition import generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector, CollectorRegistry
 
 LATENCY_BUCKETS = (
     0.001,
@@ -23,16 +31,6 @@ LATENCY_BUCKETS = (
     30.0,
 )
 LAG_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
-
-
-def _labels(labels: dict[str, str]) -> str:
-    if not labels:
-        return ""
-    inner = ",".join(
-        f'{k}="{v.replace(chr(92), chr(92) * 2).replace(chr(34), chr(92) + chr(34))}"'
-        for k, v in sorted(labels.items())
-    )
-    return "{" + inner + "}"
 
 
 class Histogram:
@@ -59,6 +57,9 @@ class Metrics:
         self._values: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
         self._histograms: dict[str, dict[tuple[tuple[str, str], ...], Histogram]] = {}
         self._callbacks: list[Callable[[], dict[str, float]]] = []
+        # Private, not prometheus-client's process-wide default registry.
+        self._registry = CollectorRegistry(auto_describe=False)
+        self._registry.register(_Collector(self))
 
     def describe(self, name: str, kind: str, help_text: str) -> None:
         self._help[name] = (kind, help_text)
@@ -118,37 +119,57 @@ class Metrics:
         """A callback returning {name: value} gauges, read at each scrape."""
         self._callbacks.append(callback)
 
-    def render(self) -> str:
+    def families(self) -> Iterator[Metric]:
+        """The prometheus-client view of the registry, built at each scrape."""
         for callback in self._callbacks:
             for name, value in callback().items():
                 self.set(name, value)
-        lines: list[str] = []
         with self._lock:
-            names = sorted(set(self._values) | set(self._histograms) | set(self._help))
-            for name in names:
-                kind, help_text = self._help.get(name, ("untyped", ""))
-                if name not in self._values and name not in self._histograms:
-                    if kind == "counter":
-                        lines.append(f"# HELP {name} {help_text}")
-                        lines.append(f"# TYPE {name} {kind}")
-                        lines.append(f"{name} 0")
-                    continue
-                lines.append(f"# HELP {name} {help_text}")
-                lines.append(f"# TYPE {name} {kind}")
-                for key, value in sorted(self._values.get(name, {}).items()):
-                    lines.append(f"{name}{_labels(dict(key))} {value:g}")
-                for key, hist in sorted(self._histograms.get(name, {}).items()):
-                    base = dict(key)
-                    running = 0
-                    for bound, count in zip(hist.bounds, hist.counts, strict=False):
-                        running += count
-                        lines.append(
-                            f"{name}_bucket{_labels({**base, 'le': f'{bound:g}'})} {running}"
-                        )
-                    lines.append(f"{name}_bucket{_labels({**base, 'le': '+Inf'})} {hist.count}")
-                    lines.append(f"{name}_sum{_labels(base)} {hist.sum:g}")
-                    lines.append(f"{name}_count{_labels(base)} {hist.count}")
-        return "\n".join(lines) + "\n"
+            values = {name: dict(series) for name, series in self._values.items()}
+            histograms = {
+                name: {key: (h.bounds, list(h.counts), h.count, h.sum) for key, h in series.items()}
+                for name, series in self._histograms.items()
+            }
+            described = dict(self._help)
+        for name in sorted(set(values) | set(histograms) | set(described)):
+            kind, help_text = described.get(name, ("unknown", ""))
+            # prometheus-client names a counter's family without _total and adds it back on
+            # every exposed line, so the names stay as documented.
+            family = Metric(
+                name.removesuffix("_total") if kind == "counter" else name, help_text, kind
+            )
+            # A counter nobody incremented is 0; a gauge or histogram nobody set yet is declared
+            # without samples (no made-up value).
+            series = values.get(name) or ({(): 0.0} if kind == "counter" else {})
+            for key, value in sorted(series.items()):
+                family.add_sample(name, dict(key), value)
+            for key, (bounds, counts, count, total) in sorted(histograms.get(name, {}).items()):
+                base = dict(key)
+                running = 0
+                for bound, n in zip(bounds, counts, strict=False):
+                    running += n
+                    # `le` as today ("1", not "1.0"), so existing series keep their identity.
+                    family.add_sample(f"{name}_bucket", {**base, "le": f"{bound:g}"}, running)
+                family.add_sample(f"{name}_bucket", {**base, "le": "+Inf"}, count)
+                family.add_sample(f"{name}_sum", base, total)
+                family.add_sample(f"{name}_count", base, count)
+            yield family
+
+    def exposition(self) -> bytes:
+        """Prometheus text format 0.0.4 from a private registry; counts of any size exact."""
+        return generate_latest(self._registry)
+
+    def render(self) -> str:
+        return self.exposition().decode()
+
+
+class _Collector(Collector):
+    # A separate object: the registry would take `Metrics.describe` for its own describe().
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        return self.metrics.families()
 
 
 def standard_metrics() -> Metrics:

@@ -1,6 +1,18 @@
-"""Prometheus text exposition of the broker's counters and gauges."""
+"""`/metrics`: a prometheus-client collector over the counters the core already keeps.
+
+Nothing is counted here: `collect()` reads `Broker.stats`, the sessions and the cluster bus's
+`metrics()` when Prometheus scrapes, so the hot path stays plain integer increments. The exposed
+names, labels and HELP texts are the ones the README documents; dashboards rely on them.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Protocol
+
+from prometheus_client.exposition import generate_latest
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector, CollectorRegistry
 
 from .core.broker import Broker
 
@@ -8,119 +20,123 @@ CLUSTER_DROP_REASONS = ("buffer_full_qos0", "buffer_full", "unconfirmed_overflow
 DROP_REASONS = ("queue_full", "slow_consumer", "expired", "packet_too_large", "offline_qos0")
 
 
-def render_metrics(
-    broker: Broker,
-    now: float,
-    cluster: dict[str, float] | None = None,
-    cluster_dropped: dict[str, int] | None = None,
-) -> str:
-    stats = broker.stats
-    lines: list[str] = []
+class ClusterMetrics(Protocol):
+    """What the collector reads from the cluster bus."""
 
-    def metric(name: str, kind: str, help_text: str, samples: list[tuple[str, float]]) -> None:
-        lines.append(f"# HELP {name} {help_text}")
-        lines.append(f"# TYPE {name} {kind}")
-        for labels, value in samples:
-            lines.append(
-                f"{name}{labels} {value:g}"
-                if isinstance(value, float)
-                else f"{name}{labels} {value}"
-            )
+    @property
+    def dropped(self) -> Mapping[str, int]: ...
 
-    sessions = broker.sessions.values()
-    metric(
-        "mcloudtt_connections", "gauge", "Clients connected now.", [("", broker.connected_count())]
-    )
-    metric(
-        "mcloudtt_connections_total",
-        "counter",
-        "MQTT connections accepted (CONNACK sent with success).",
-        [("", stats.connections_total)],
-    )
-    metric(
-        "mcloudtt_messages_received_total",
-        "counter",
-        "PUBLISH packets received from clients, by QoS.",
-        [(f'{{qos="{q}"}}', stats.messages_received[q]) for q in range(3)],
-    )
-    metric(
-        "mcloudtt_messages_sent_total",
-        "counter",
-        "PUBLISH packets sent to clients, by QoS.",
-        [(f'{{qos="{q}"}}', stats.messages_sent[q]) for q in range(3)],
-    )
-    metric(
-        "mcloudtt_bytes_received_total",
-        "counter",
-        "Bytes read from clients.",
-        [("", stats.bytes_received)],
-    )
-    metric(
-        "mcloudtt_bytes_sent_total",
-        "counter",
-        "Bytes written to clients.",
-        [("", stats.bytes_sent)],
-    )
-    reasons = dict.fromkeys(DROP_REASONS, 0) | dict(stats.dropped)
-    metric(
-        "mcloudtt_messages_dropped_total",
-        "counter",
-        "Deliveries not made, by reason.",
-        [(f'{{reason="{r}"}}', n) for r, n in sorted(reasons.items())],
-    )
-    metric(
-        "mcloudtt_protocol_errors_total",
-        "counter",
-        "Connections closed for a protocol error.",
-        [("", stats.protocol_errors)],
-    )
-    metric(
-        "mcloudtt_inflight_messages",
-        "gauge",
-        "QoS 1/2 messages sent and not yet acknowledged.",
-        [("", sum(len(s.inflight) for s in sessions))],
-    )
-    metric(
-        "mcloudtt_queued_messages",
-        "gauge",
-        "QoS 1/2 messages waiting to be sent.",
-        [("", sum(len(s.queue) for s in sessions))],
-    )
-    metric(
-        "mcloudtt_retained_messages",
-        "gauge",
-        "Retained messages stored.",
-        [("", len(broker.retained))],
-    )
-    metric(
-        "mcloudtt_subscriptions",
-        "gauge",
-        "Subscriptions of all sessions.",
-        [("", broker.trie.count)],
-    )
-    metric(
-        "mcloudtt_sessions", "gauge", "Sessions, connected or not.", [("", len(broker.sessions))]
-    )
-    metric(
-        "mcloudtt_uptime_seconds",
-        "gauge",
-        "Seconds since start.",
-        [("", int(now - stats.started_at))],
-    )
-    if cluster is not None:
-        for name, value in cluster.items():
-            kind = "counter" if name.endswith("_total") else "gauge"
-            metric(
-                f"mcloudtt_cluster_{name}",
-                kind,
-                f"Cluster link: {name.replace('_', ' ')}.",
-                [("", value)],
-            )
-        reasons = dict.fromkeys(CLUSTER_DROP_REASONS, 0) | dict(cluster_dropped or {})
-        metric(
-            "mcloudtt_cluster_dropped_total",
-            "counter",
-            "Cluster messages given up, by reason.",
-            [(f'{{reason="{r}"}}', n) for r, n in sorted(reasons.items())],
+    def metrics(self) -> dict[str, float]: ...
+
+
+def _counter(name: str, help_text: str, value: float) -> CounterMetricFamily:
+    # CounterMetricFamily drops a trailing _total from the family name; the Prometheus text
+    # exposition puts it back on the HELP, TYPE and sample lines, so the names stay as documented.
+    return CounterMetricFamily(name, help_text, value=value)
+
+
+def _by_label(
+    family: CounterMetricFamily, label_values: Mapping[str, float]
+) -> CounterMetricFamily:
+    for label, value in label_values.items():
+        family.add_metric([label], value)
+    return family
+
+
+class BrokerCollector(Collector):
+    def __init__(self, broker: Broker, bus: ClusterMetrics | None = None) -> None:
+        self.broker = broker
+        self.bus = bus
+
+    def collect(self) -> Iterator[Metric]:
+        broker = self.broker
+        stats = broker.stats
+        sessions = broker.sessions.values()
+        yield GaugeMetricFamily(
+            "mcloudtt_connections", "Clients connected now.", value=broker.connected_count()
         )
-    return "\n".join(lines) + "\n"
+        yield _counter(
+            "mcloudtt_connections_total",
+            "MQTT connections accepted (CONNACK sent with success).",
+            stats.connections_total,
+        )
+        for direction, verb, counts in (
+            ("received", "received from", stats.messages_received),
+            ("sent", "sent to", stats.messages_sent),
+        ):
+            family = CounterMetricFamily(
+                f"mcloudtt_messages_{direction}_total",
+                f"PUBLISH packets {verb} clients, by QoS.",
+                labels=["qos"],
+            )
+            yield _by_label(family, {str(qos): counts[qos] for qos in range(3)})
+        yield _counter(
+            "mcloudtt_bytes_received_total", "Bytes read from clients.", stats.bytes_received
+        )
+        yield _counter("mcloudtt_bytes_sent_total", "Bytes written to clients.", stats.bytes_sent)
+        reasons = dict.fromkeys(DROP_REASONS, 0) | dict(stats.dropped)
+        yield _by_label(
+            CounterMetricFamily(
+                "mcloudtt_messages_dropped_total",
+                "Deliveries not made, by reason.",
+                labels=["reason"],
+            ),
+            dict(sorted(reasons.items())),
+        )
+        yield _counter(
+            "mcloudtt_protocol_errors_total",
+            "Connections closed for a protocol error.",
+            stats.protocol_errors,
+        )
+        for name, help_text, value in (
+            (
+                "mcloudtt_inflight_messages",
+                "QoS 1/2 messages sent and not yet acknowledged.",
+                sum(len(s.inflight) for s in sessions),
+            ),
+            (
+                "mcloudtt_queued_messages",
+                "QoS 1/2 messages waiting to be sent.",
+                sum(len(s.queue) for s in sessions),
+            ),
+            ("mcloudtt_retained_messages", "Retained messages stored.", len(broker.retained)),
+            ("mcloudtt_subscriptions", "Subscriptions of all sessions.", broker.trie.count),
+            ("mcloudtt_sessions", "Sessions, connected or not.", len(broker.sessions)),
+            (
+                "mcloudtt_uptime_seconds",
+                "Seconds since start.",
+                int(broker.clock() - stats.started_at),
+            ),
+        ):
+            yield GaugeMetricFamily(name, help_text, value=value)
+        if self.bus is not None:
+            yield from self._cluster(self.bus)
+
+    def _cluster(self, bus: ClusterMetrics) -> Iterator[Metric]:
+        for name, value in bus.metrics().items():
+            help_text = f"Cluster link: {name.replace('_', ' ')}."
+            if name.endswith("_total"):
+                yield _counter(f"mcloudtt_cluster_{name}", help_text, value)
+            else:
+                yield GaugeMetricFamily(f"mcloudtt_cluster_{name}", help_text, value=value)
+        reasons = dict.fromkeys(CLUSTER_DROP_REASONS, 0) | dict(bus.dropped)
+        yield _by_label(
+            CounterMetricFamily(
+                "mcloudtt_cluster_dropped_total",
+                "Cluster messages given up, by reason.",
+                labels=["reason"],
+            ),
+            dict(sorted(reasons.items())),
+        )
+
+
+def registry_for(broker: Broker, bus: ClusterMetrics | None = None) -> CollectorRegistry:
+    """A private registry (not the process-wide default) holding only the broker's metrics."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(BrokerCollector(broker, bus))
+    return registry
+
+
+def render_metrics(registry: CollectorRegistry) -> bytes:
+    """Prometheus text format 0.0.4 (`generate_latest`); integers of any size print exactly."""
+    return generate_latest(registry)

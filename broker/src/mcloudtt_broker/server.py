@@ -19,7 +19,7 @@ from .cluster.settings import ClusterSettings
 from .core.broker import Broker, BrokerSettings
 from .core.connection import ServerConnection
 from .httpd import PROMETHEUS, TEXT, HttpServer
-from .metrics import render_metrics
+from .metrics import registry_for, render_metrics
 from .websocket import WebSocketProtocol
 
 if TYPE_CHECKING:
@@ -99,7 +99,7 @@ class MQTTProtocol(asyncio.Protocol):
 
 @dataclass(kw_only=True)
 class ServerOptions:
-    binds: list[tuple[str, int]]
+    binds: list[tuple[str, int]] = field(default_factory=lambda: [("127.0.0.1", 1883)])
     tls_binds: list[tuple[str, int]] = field(default_factory=list)
     ws_binds: list[tuple[str, int]] = field(default_factory=list)
     tls_cert: str | None = None
@@ -126,6 +126,7 @@ class BrokerServer:
         self.protocols: set[MQTTProtocol] = set()
         self.listeners: list[asyncio.Server] = []
         self.http: HttpServer | None = None
+        self.metrics = registry_for(self.broker, self.bus)
         self.accepting = False
         self._ticker: asyncio.Task[None] | None = None
         self._all_closed = asyncio.Event()
@@ -137,7 +138,7 @@ class BrokerServer:
         return protocol
 
     def _ws_factory(self) -> WebSocketProtocol:
-        return WebSocketProtocol(self, self._factory(), self.settings.max_packet_size + 16)
+        return WebSocketProtocol(self, self._factory())
 
     def closed(self, protocol: MQTTProtocol) -> None:
         self.protocols.discard(protocol)
@@ -194,17 +195,14 @@ class BrokerServer:
     async def _readyz(self) -> tuple[str, bytes, str]:
         if self.ready():
             return "200 OK", b"ready\n", TEXT
-        return "503 Service Unavailable", b"not ready\n", TEXT
+        reason = "not ready"
+        if self.accepting and self.bus is not None:
+            # Why the cluster link is down (wrong CA, password, host...): said once, here.
+            reason = f"not ready: {self.bus.link_error or 'connecting to Redis'}"
+        return "503 Service Unavailable", f"{reason}\n".encode(), TEXT
 
     async def _metrics(self) -> tuple[str, bytes, str]:
-        bus = self.bus
-        body = render_metrics(
-            self.broker,
-            self.loop.time(),
-            bus.metrics() if bus is not None else None,
-            dict(bus.dropped) if bus is not None else None,
-        )
-        return "200 OK", body.encode(), PROMETHEUS
+        return "200 OK", render_metrics(self.metrics), PROMETHEUS
 
     def ready(self) -> bool:
         if not self.accepting:

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import redis.asyncio as aioredis
 from mcloudtt_broker.cluster.envelope import EnvelopeError, unpack_envelope
-from mcloudtt_broker.config import redact_url
+from mcloudtt_broker.cluster.redis_url import link_error_reason, parse_redis_url
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -85,6 +85,29 @@ class _Backoff:
         return random.uniform(0, min(self.cap, 0.1 * 2**self.attempt))
 
 
+class _LinkState:
+    """Why the Redis link is down: logged once per reason (not per retry), shown in /readyz."""
+
+    def __init__(self, url: str) -> None:
+        self.options = parse_redis_url(url)  # the broker's parser: the same URL, the same link
+        self.last_error = ""
+
+    def client(self) -> aioredis.Redis:
+        return self.options.client(socket_connect_timeout=5)
+
+    def failed(self, error: BaseException, delay: float | None = None) -> None:
+        reason = link_error_reason(error, self.options)
+        if reason != self.last_error:
+            retry = f"; retrying in {delay:.1f}s" if delay is not None else "; retrying"
+            log.warning("redis: %s%s", reason, retry)
+        self.last_error = reason
+
+    def up(self) -> None:
+        if self.last_error:
+            log.info("redis %s: connected", self.options.address)
+        self.last_error = ""
+
+
 class RedisStreamSource:
     name = "stream"
 
@@ -102,6 +125,7 @@ class RedisStreamSource:
         backoff_cap: float = 10.0,
     ) -> None:
         self.url = url
+        self.link = _LinkState(url)
         self.stream = stream
         self.group = group
         self.consumer = consumer
@@ -128,6 +152,10 @@ class RedisStreamSource:
     @property
     def connected(self) -> bool:
         return self._connected
+
+    @property
+    def last_error(self) -> str:
+        return self.link.last_error
 
     def pause(self) -> None:
         pass  # a pull source: the fetch loop waits for room itself
@@ -165,9 +193,10 @@ class RedisStreamSource:
         while not self._stopping:
             try:
                 if self._redis is None:
-                    self._redis = aioredis.Redis.from_url(self.url, socket_connect_timeout=5)
+                    self._redis = self.link.client()
                 await self._setup()
                 self._connected = True
+                self.link.up()
                 backoff.attempt = 0
                 try:
                     await self._flush_acks()
@@ -186,13 +215,13 @@ class RedisStreamSource:
                 if self._stopping:
                     break
                 delay = backoff.next()
-                log.warning("redis %s: %s; retrying in %.1fs", redact_url(self.url), error, delay)
+                self.link.failed(error, delay)
                 await asyncio.sleep(delay)
             except ResponseError as error:
                 self._connected = False
                 if self._stopping:
                     break
-                log.warning("redis %s: %s", redact_url(self.url), error)
+                self.link.failed(error)
                 await asyncio.sleep(backoff.next())
 
     async def _setup(self) -> None:
@@ -311,6 +340,7 @@ class RedisPubSubSource:
     def __init__(self, url: str, *, channel: str = "sync", backoff_cap: float = 10.0) -> None:
         self.url = url
         self.channel = channel
+        self.link = _LinkState(url)
         self.backoff_cap = backoff_cap
         self.pipeline: Pipeline | None = None
         self._stopping = False
@@ -325,6 +355,10 @@ class RedisPubSubSource:
     @property
     def connected(self) -> bool:
         return self._connected
+
+    @property
+    def last_error(self) -> str:
+        return self.link.last_error
 
     def pause(self) -> None:
         pass
@@ -351,10 +385,11 @@ class RedisPubSubSource:
         while not self._stopping:
             pubsub = None
             try:
-                self._redis = aioredis.Redis.from_url(self.url, socket_connect_timeout=5)
+                self._redis = self.link.client()
                 pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
                 await pubsub.subscribe(self.channel)
                 self._connected = True
+                self.link.up()
                 self.subscribed.set()
                 backoff.attempt = 0
                 while not self._stopping:
@@ -375,7 +410,7 @@ class RedisPubSubSource:
                 if self._stopping:
                     break
                 delay = backoff.next()
-                log.warning("redis %s: %s; retrying in %.1fs", redact_url(self.url), error, delay)
+                self.link.failed(error, delay)
                 await asyncio.sleep(delay)
             finally:
                 if pubsub is not None:

@@ -45,7 +45,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import hiredis
-import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
 from ..config import redact_url
@@ -61,6 +60,7 @@ from .envelope import (
 )
 from .handover import SnapshotError, decode_snapshot, encode_snapshot
 from .records import InboxError, encode_record, iter_records
+from .redis_url import RedisUrlError, link_error_reason, parse_redis_url
 from .resp import Commands, RespConnection, open_connection
 from .settings import BROADCAST, ClusterSettings, DuplicateBrokerId
 
@@ -146,6 +146,8 @@ class RedisBus:
         self.broker: Broker | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.redis: RedisClient | None = None
+        self.redis_options = parse_redis_url(settings.url)
+        self.link_error = ""  # why the link is down, for the log and /readyz ("" when up)
         self.connected = False
         self.sequence = time.time_ns() // 1000  # never reused by a later incarnation
         self.outbound: deque[_Outbound | _PlainOutbound] = deque()
@@ -469,7 +471,7 @@ class RedisBus:
                 if self.fatal is not None and not self.fatal.done():
                     self.fatal.set_exception(error)
                 return
-            except (RedisError, OSError) as error:
+            except (RedisError, OSError, RedisUrlError) as error:
                 self._link_lost(error)
             if self._closing:
                 return
@@ -478,9 +480,14 @@ class RedisBus:
             delay = min(delay * 2, self.settings.backoff_max)
 
     def _link_lost(self, error: BaseException) -> None:
+        reason = link_error_reason(error, self.redis_options)
         if self.connected:
-            log.warning("lost Redis: %s", error)
+            log.warning("lost Redis: %s; retrying", reason)
             self.stats["link_losses"] += 1
+        elif reason != self.link_error:
+            # Once per reason, not once per retry.
+            log.warning("Redis link down: %s; retrying", reason)
+        self.link_error = reason
         self.connected = False
         if self.writer is not None:
             self._requeue_unanswered()
@@ -493,8 +500,7 @@ class RedisBus:
         if self.redis is not None:
             with contextlib.suppress(Exception):
                 await self.redis.aclose()
-        self.redis = aioredis.Redis.from_url(
-            self.settings.url,
+        self.redis = self.redis_options.client(
             socket_connect_timeout=1.0,
             socket_timeout=5.0,
             health_check_interval=10,
@@ -523,7 +529,7 @@ class RedisBus:
         if not self.stats["connects"]:
             # Sessions a previous run of this broker id stored (a restarted pod keeps its name).
             await self._adopt_sessions(redis, self.me)
-        self.writer = await open_connection(self.settings.url, self._link_lost)
+        self.writer = await open_connection(self.redis_options, self._link_lost)
         self.connected = True
         self.stats["connects"] += 1
         self._flush()
@@ -537,6 +543,7 @@ class RedisBus:
         }
         self._write_sessions()
         await self._load_retained(redis)
+        self.link_error = ""
         self._connected_event.set()
         log.info("cluster link up (%s mode, %d peers)", self.settings.mode, len(self.live_peers))
 
@@ -967,7 +974,7 @@ class RedisBus:
         acks: list[bytes] = []
         inbox: RespConnection | None = None
         try:
-            inbox = await open_connection(self.settings.url, lambda error: None)
+            inbox = await open_connection(self.redis_options, lambda error: None)
             while True:
                 # Acknowledge the last batch, report progress and ask for the next: one trip.
                 commands = Commands()

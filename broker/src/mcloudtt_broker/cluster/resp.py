@@ -12,13 +12,13 @@ and matches replies to them in order (Redis answers in order on one connection):
 from __future__ import annotations
 
 import asyncio
-import ssl
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 import hiredis
-from redis.connection import parse_url
+
+from .redis_url import RedisOptions, parse_redis_url
 
 Arg = bytes | str | int
 
@@ -131,7 +131,9 @@ class RespConnection(asyncio.Protocol):
         while self._waiting:
             _, _, future, _ = self._waiting.popleft()
             if not future.done():
-                future.set_exception(ConnectionError(f"Redis connection lost: {error}"))
+                lost = ConnectionError(f"Redis connection lost: {error}")
+                lost.__cause__ = error  # the TLS or socket error, for the reason in /readyz
+                future.set_exception(lost)
         self.on_lost(error)
 
     def write(self, commands: Commands) -> None:
@@ -166,31 +168,31 @@ class RespConnection(asyncio.Protocol):
 
 
 async def open_connection(
-    url: str, on_lost: Callable[[BaseException], None], timeout: float = 2.0
+    url: str | RedisOptions, on_lost: Callable[[BaseException], None], timeout: float = 2.0
 ) -> RespConnection:
-    """Connect, authenticate and select the database of `url`."""
-    options: dict[str, Any] = parse_url(url)  # type: ignore[no-untyped-call]
+    """Connect (TCP, TLS or a unix socket), authenticate and select the database, as redis-py
+    does for the same URL (`redis_url.py`)."""
+    options = parse_redis_url(url) if isinstance(url, str) else url
+    context = options.ssl_context()
     loop = asyncio.get_running_loop()
-    context = ssl.create_default_context() if url.startswith("rediss://") else None
-    if context is not None and "ssl_cert_reqs=none" in url.lower():
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    _, connection = await asyncio.wait_for(
-        loop.create_connection(
+    if options.scheme == "unix":
+        opening = loop.create_unix_connection(lambda: RespConnection(on_lost), options.path)
+    else:
+        opening = loop.create_connection(
             lambda: RespConnection(on_lost),
-            options.get("host", "127.0.0.1"),
-            int(options.get("port", 6379)),
+            options.host,
+            options.port,
             ssl=context,
-        ),
-        timeout,
-    )
+            server_hostname=options.host if context is not None else None,
+        )
+    _, connection = await asyncio.wait_for(opening, timeout)
     setup = Commands()
-    if options.get("password"):
-        if options.get("username"):
-            setup.add("AUTH", options["username"], options["password"])
+    if options.password is not None:
+        if options.username:
+            setup.add("AUTH", options.username, options.password)
         else:
-            setup.add("AUTH", options["password"])
-    setup.add("SELECT", int(options.get("db", 0)))
+            setup.add("AUTH", options.password)
+    setup.add("SELECT", options.db)
     try:
         replies = await asyncio.wait_for(connection.call(setup), timeout)
     except BaseException:
