@@ -34,6 +34,9 @@ def _parse(ptype: int, flags: int, body: bytes, version: int) -> codec.Packet:
         raise Malformed(str(e)) from e
 
 
+parse = _parse  # the codec's parse, with a broker's malformed packet as a test failure
+
+
 # ---------------------------------------------------------------------------------------------
 # client
 

@@ -5,7 +5,7 @@ The cores are driven through the same entry points the asyncio shell (`server.py
 chunk, `take_output()` when the link is kicked, `connection_lost(now)` when the socket ends and
 `Broker.tick(now)` every TICK seconds. Time moves only when a test calls `advance`.
 
-Test clients build and read packets with the hand-written codec of `tests/broker/mqttraw.py`,
+Test clients build and read packets with the independent client codec (via `tests/broker/mqttraw.py`),
 not with the broker's, so that a codec bug cannot hide itself.
 """
 
