@@ -5,7 +5,7 @@ The cores are driven through the same entry points the asyncio shell (`server.py
 chunk, `take_output()` when the link is kicked, `connection_lost(now)` when the socket ends and
 `Broker.tick(now)` every TICK seconds. Time moves only when a test calls `advance`.
 
-Test clients build and read packets with the hand-written codec of `tests/broker/mqttraw.py`,
+Test clients build and read packets with the independent client codec (via `tests/broker/mqttraw.py`),
 not with the broker's, so that a codec bug cannot hide itself.
 """
 
@@ -30,6 +30,7 @@ from broker.mqttraw import (
 from mcloudtt_broker.core.broker import Broker, BrokerSettings
 from mcloudtt_broker.core.connection import CLOSED, ServerConnection
 from mcloudtt_broker.core.memory_bus import MemoryBus, MemoryHub
+from mcloudtt_mqttclient import Reader
 
 from broker import mqttraw as raw
 
@@ -122,7 +123,7 @@ class Client:
         self.version = version
         self.kicks = 0
         self.closed = False
-        self.buf = bytearray()
+        self.reader = Reader()
         self.inbox: list[Packet] = []
         self._next_id = 0
         self.conn: ServerConnection = core.connect(self, cluster.clock())
@@ -144,9 +145,8 @@ class Client:
 
     def collect(self) -> None:
         """Take what the core wrote for this client (what `MQTTProtocol.flush` does)."""
-        if self.conn.out:
-            self.buf += self.conn.take_output()
-        while (frame := _frame(self.buf)) is not None:
+        data = self.conn.take_output() if self.conn.out else b""
+        for frame in self.reader.frames(data):
             self.inbox.append(raw.parse(*frame, self.version))
 
     def drop(self) -> None:
@@ -253,29 +253,6 @@ class Client:
 
     def disconnect(self, code: int = 0, props: Props | None = None) -> None:
         self.send(raw.disconnect(code, props, version=self.version))
-
-
-def _frame(buf: bytearray) -> tuple[int, int, bytes] | None:
-    """One whole packet off the front of `buf` (fixed header per MQTT 5.0 section 2.1)."""
-    if len(buf) < 2:
-        return None
-    length, multiplier, i = 0, 1, 1
-    while True:
-        if i >= len(buf):
-            return None
-        byte = buf[i]
-        length += (byte & 0x7F) * multiplier
-        multiplier *= 128
-        i += 1
-        if not byte & 0x80:
-            break
-        assert i <= 4, "remaining length longer than 4 bytes"
-    if len(buf) < i + length:
-        return None
-    first = buf[0]
-    body = bytes(buf[i : i + length])
-    del buf[: i + length]
-    return first >> 4, first & 0x0F, body
 
 
 def topics(packets: Iterable[Packet]) -> list[str]:

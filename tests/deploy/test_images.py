@@ -19,7 +19,7 @@ IMAGES = {
     # member -> workspace members whose source the image may contain
     "broker": {"broker"},
     "adapter": {"adapter", "broker"},  # the adapter imports the broker's codec
-    "simulator": {"simulator"},
+    "simulator": {"simulator", "mqttclient"},  # its MQTT packets come from the client codec
 }
 
 

@@ -32,6 +32,7 @@ from broker.mqttraw import (
     subscribe,
 )
 from brokerproc import BrokerProcess, free_port
+from mcloudtt_mqttclient import Reader
 from paho.mqtt.enums import CallbackAPIVersion
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import (
@@ -58,7 +59,7 @@ class WsClient:
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.ws = WSConnection(ConnectionType.CLIENT)
-        self.stream = bytearray()
+        self.stream = Reader()  # the MQTT byte stream the binary frames carry
         self.events: deque[Event] = deque()
         self.eof = False
         request = Request(host="127.0.0.1", target="/mqtt", subprotocols=list(subprotocols))
@@ -90,7 +91,7 @@ class WsClient:
         self.ws.receive_data(data)
         for event in self.ws.events():
             if isinstance(event, BytesMessage):
-                self.stream += event.data
+                self.stream.feed(event.data)
             else:
                 self.events.append(event)
 
@@ -104,12 +105,10 @@ class WsClient:
     def mqtt_packet(self, version: int = 5) -> Packet:
         """The next whole MQTT packet of the byte stream, whatever frames it came in."""
         while True:
-            split = _split_packet(self.stream)
-            if split is not None:
-                ptype, flags, body, size = split
-                del self.stream[:size]
-                return parse(ptype, flags, body, version)
-            assert not self.eof, f"connection closed; {len(self.stream)} bytes unparsed"
+            frame = self.stream.next_frame()
+            if frame is not None:
+                return parse(*frame, version)
+            assert not self.eof, f"connection closed; {self.stream.buffered} bytes unparsed"
             self._read()
 
     def wait_closed(self) -> list[Event]:
@@ -119,20 +118,6 @@ class WsClient:
         got = list(self.events)
         self.events.clear()
         return got
-
-
-def _split_packet(data: bytearray) -> tuple[int, int, bytes, int] | None:
-    length, shift, i = 0, 0, 1
-    while i < len(data):
-        byte = data[i]
-        i += 1
-        length |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            if len(data) < i + length:
-                return None
-            return data[0] >> 4, data[0] & 0x0F, bytes(data[i : i + length]), i + length
-        shift += 7
-    return None
 
 
 def _close_codes(events: list[Event]) -> list[int]:

@@ -1,9 +1,9 @@
-"""`mcloudtt-adapter`: run the adapter, write a report, or run the benchmark.
+"""`mcloudtt-adapter`: run the adapter or write a report (the benchmark is `mcloudtt-adapter-bench`,
+in the loadtest member).
 
     mcloudtt-adapter [run] --mqtt 127.0.0.1:1883 --duckdb data.duckdb --http 127.0.0.1:9100
     mcloudtt-adapter run --redis redis://127.0.0.1:6379/0 --bigquery PROJECT.DATASET.TABLE
     mcloudtt-adapter report --duckdb data.duckdb --out report.html
-    mcloudtt-adapter bench --messages 300000
 
 Every `run` option can also be given as an environment variable (`--batch-rows` is
 `MCLOUDTT_ADAPTER_BATCH_ROWS`; repeatable options take a comma-separated list there) or in a TOML
@@ -26,7 +26,7 @@ from mcloudtt_broker.config import ConfigError
 from .app import AdapterConfig, run_adapter
 from .config import ADAPTER, adapter_config
 
-COMMANDS = ("run", "report", "bench")
+COMMANDS = ("run", "report")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -71,20 +71,11 @@ def _report_parser(sub: Any) -> argparse.ArgumentParser:
     return p  # type: ignore[no-any-return]
 
 
-def _bench_parser(sub: Any) -> argparse.ArgumentParser:
-    from .bench import add_arguments
-
-    p = sub.add_parser("bench", help="ingest benchmark: broker -> adapter -> DuckDB")
-    add_arguments(p)
-    return p  # type: ignore[no-any-return]
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="mcloudtt-adapter", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
     _run_parser(sub)
     _report_parser(sub)
-    _bench_parser(sub)
     return parser
 
 
@@ -202,14 +193,7 @@ def main(argv: list[str] | None = None) -> None:
         argv.insert(0, "run")
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "run":
-        code = _run(args)
-    elif args.command == "report":
-        code = _report(args)
-    else:
-        from .bench import run_bench
-
-        code = run_bench(args)
+    code = _run(args) if args.command == "run" else _report(args)
     sys.exit(code)
 
 

@@ -23,7 +23,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Protocol
 
-from . import mqtt
+from mcloudtt_mqttclient import (
+    CONNACK,
+    DISCONNECT_BYTES,
+    MQTT_311,
+    Frame,
+    MalformedPacket,
+    Reader,
+    connect,
+    parse,
+)
 
 AMQTT_VERSION = "0.12.1"
 BROKER_NAMES = ("mcloudtt", "mosquitto", "amqtt")
@@ -241,18 +250,18 @@ def _mqtt_probe(port: int, timeout: float) -> bool:
     """True once the broker answers a CONNECT with a CONNACK."""
     try:
         with socket.create_connection((HOST, port), timeout=timeout) as s:
-            s.sendall(mqtt.connect("mcloudtt-bench-probe", keepalive=10))
-            buf = b""
-            while len(buf) < 4:
+            s.sendall(connect("mcloudtt-bench-probe", version=MQTT_311, keepalive=10))
+            reader = Reader()
+            frames: list[Frame] = []
+            while not frames:
                 chunk = s.recv(64)
                 if not chunk:
                     return False
-                buf += chunk
-            packets, _ = mqtt.split_packets(buf)
-            if packets and packets[0].type == mqtt.CONNACK:
-                s.sendall(mqtt.disconnect())
-                return mqtt.parse_connack(packets[0])[1] == 0
-    except OSError:
+                frames = reader.frames(chunk)
+            if frames[0][0] == CONNACK:
+                s.sendall(DISCONNECT_BYTES)
+                return parse(*frames[0], MQTT_311).code == 0
+    except (OSError, MalformedPacket):
         return False
     return False
 

@@ -15,7 +15,23 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from . import mqtt
+from mcloudtt_mqttclient import (
+    CONNACK,
+    DISCONNECT_BYTES,
+    MQTT_311,
+    PUBACK,
+    PUBCOMP,
+    PUBREC,
+    PUBREL,
+    SUBACK,
+    ack,
+    connect,
+    packet_id,
+    parse,
+    publish,
+    read_varint,
+    subscribe,
+)
 
 QOS0_BLOB_PACKETS = 256
 QOS1_WINDOW = 64
@@ -25,8 +41,9 @@ PAYLOAD_SIZE = 100
 # again only long after its PUBACK (MQTT-2.3.1-3 lets it be reused then).
 _PID_CYCLE = 1024
 
-_PUBACK_HEAD = bytes((mqtt.PUBACK << 4, 2))
-_PUBREC_HEAD = bytes((mqtt.PUBREC << 4, 2))
+# An acknowledgement is its first two bytes and the packet id: the hot loop copies the id after.
+_PUBACK_HEAD = ack(PUBACK, 0, version=MQTT_311)[:2]
+_PUBREC_HEAD = ack(PUBREC, 0, version=MQTT_311)[:2]
 
 
 class BaseClient(asyncio.Protocol):
@@ -94,7 +111,7 @@ class BaseClient(asyncio.Protocol):
                 start = i + 2
                 end = start + b
             else:
-                rl = mqtt.decode_remaining_length(view, i + 1)
+                rl = read_varint(view, i + 1)
                 if rl is None:
                     break
                 start = rl[1]
@@ -182,14 +199,15 @@ class BaseClient(asyncio.Protocol):
         pass
 
     def _control(self, kind: int, flags: int, body: bytes) -> None:
-        if kind == mqtt.CONNACK and not self.connack.done():
-            self.connack.set_result(body[1] if len(body) == 2 else -1)
-        elif kind == mqtt.SUBACK and len(body) >= 2:
-            fut = self._subacks.pop((body[0] << 8) | body[1], None)
+        if kind == CONNACK and not self.connack.done():
+            self.connack.set_result(parse(kind, flags, body, MQTT_311).code)
+        elif kind == SUBACK:
+            suback = parse(kind, flags, body, MQTT_311)
+            fut = self._subacks.pop(suback.packet_id, None)
             if fut is not None and not fut.done():
-                fut.set_result(list(body[2:]))
-        elif kind == mqtt.PUBREL and len(body) == 2 and self.transport is not None:
-            self.transport.write(bytes((mqtt.PUBCOMP << 4, 2)) + body)  # MQTT-4.3.3
+                fut.set_result(suback.codes)
+        elif kind == PUBREL and self.transport is not None:
+            self.transport.write(ack(PUBCOMP, packet_id(body), version=MQTT_311))  # MQTT-4.3.3
         # PINGRESP and the rest: nothing to do for a load generator.
 
     # -- commands
@@ -202,13 +220,13 @@ class BaseClient(asyncio.Protocol):
         self._next_pid = self._next_pid % 0xFFFF + 1
         fut: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
         self._subacks[self._next_pid] = fut
-        self.write(mqtt.subscribe(self._next_pid, filters))
+        self.write(subscribe(self._next_pid, filters, version=MQTT_311))
         return fut
 
     def close(self) -> None:
         if self.transport is not None:
             with contextlib.suppress(Exception):
-                self.transport.write(mqtt.disconnect())
+                self.transport.write(DISCONNECT_BYTES)
             self.transport.close()
 
 
@@ -223,7 +241,7 @@ async def open_client(
 ) -> BaseClient:
     """A TCP connection with CONNECT sent and CONNACK (accepted) received."""
     loop = asyncio.get_running_loop()
-    packet = mqtt.connect(client_id, keepalive=keepalive)
+    packet = connect(client_id, version=MQTT_311, keepalive=keepalive)
 
     def make() -> BaseClient:
         client = factory()
@@ -396,15 +414,12 @@ class Publisher(BaseClient):
 
 
 def _publish_prefix(topic: str, qos: int, payload_size: int) -> bytes:
-    """First byte, remaining length and topic of a PUBLISH whose payload is `payload_size` bytes."""
-    topic_raw = topic.encode()
-    body_len = 2 + len(topic_raw) + (2 if qos else 0) + payload_size
-    return (
-        bytes(((mqtt.PUBLISH << 4) | (qos << 1),))
-        + mqtt.encode_remaining_length(body_len)
-        + len(topic_raw).to_bytes(2, "big")
-        + topic_raw
+    """First byte, remaining length and topic of a PUBLISH whose payload is `payload_size` bytes:
+    what comes before the packet id (QoS 1) or the payload (QoS 0)."""
+    whole = publish(
+        topic, bytes(payload_size), version=MQTT_311, qos=qos, packet_id=0 if qos else None
     )
+    return whole[: len(whole) - payload_size - (2 if qos else 0)]
 
 
 class QoS0Publisher(Publisher):
@@ -413,7 +428,7 @@ class QoS0Publisher(Publisher):
     def __init__(self, flow: Flow, topic: str, *, payload_size: int = PAYLOAD_SIZE) -> None:
         super().__init__()
         self.flow = flow
-        packet = mqtt.publish(topic, b"x" * payload_size)
+        packet = publish(topic, b"x" * payload_size, version=MQTT_311)
         self.blob = packet * QOS0_BLOB_PACKETS
 
     def send_unit(self) -> int:
@@ -502,8 +517,13 @@ class RetainedLoader(BaseClient):
 def retained_packets(n: int, *, payload_size: int = PAYLOAD_SIZE) -> list[bytes]:
     payload = b"r" * payload_size
     return [
-        mqtt.publish(
-            f"devices/{i}/state", payload, qos=1, packet_id=i % _PID_CYCLE + 1, retain=True
+        publish(
+            f"devices/{i}/state",
+            payload,
+            version=MQTT_311,
+            qos=1,
+            packet_id=i % _PID_CYCLE + 1,
+            retain=True,
         )
         for i in range(n)
     ]

@@ -2,8 +2,8 @@
 
 Each simulated device is a `DeviceRunner`: it pulls timed actions from its `DeviceModel` (the
 same generator the virtual-time model runs), schedules the next one with `loop.call_at` at
-`t0 + t / speedup`, and performs it over its own MQTT connection (the hand-written client in
-`mqtt.py`; one `asyncio.Protocol` per connection, no task per message). Devices are spread over
+`t0 + t / speedup`, and performs it over its own MQTT connection (packets from the client codec
+`mcloudtt_mqttclient`; one `asyncio.Protocol` per connection, no task per message). Devices are spread over
 the given brokers by index and over worker processes (`--processes`) by index; every process
 rebuilds the same fleet from the scenario and seed, so the split changes nothing about what
 each device does.
@@ -39,9 +39,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import mcloudtt_mqttclient as mqtt
 import numpy as np
 
-from . import mqtt
 from .device import CONNECT, DISCONNECT, DROP, PUBLISH, DeviceModel
 from .fleet import Fleet, Outage
 from .payloads import PayloadGenerator, encode_message, make_generator
@@ -139,7 +139,7 @@ class _DeviceProtocol(asyncio.Protocol):
 
     def __init__(self, device: DeviceRunner) -> None:
         self.device = device
-        self.reader = mqtt.PacketReader()
+        self.reader = mqtt.Reader()
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -148,13 +148,11 @@ class _DeviceProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         try:
-            packets = self.reader.feed(data)
-        except mqtt.ProtocolError:
+            for ptype, flags, body in self.reader.frames(data):
+                self.device.on_packet(self, ptype, flags, body)
+        except mqtt.MalformedPacket:
             assert self.transport is not None
             self.transport.abort()
-            return
-        for ptype, flags, body in packets:
-            self.device.on_packet(self, ptype, flags, body)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.device.on_lost(self)
@@ -266,8 +264,13 @@ class DeviceRunner:
     def _write_data(self, s: int, payload: bytes, seq: int) -> None:
         qos = self.qos[s]
         pid = self._alloc_pid() if qos else 0
-        packet = mqtt.encode_publish(
-            self.topics[s], payload, qos=qos, retain=self.retain[s], pid=pid, version=self.version
+        packet = mqtt.publish(
+            self.topics[s],
+            payload,
+            version=self.version,
+            qos=qos,
+            retain=self.retain[s],
+            packet_id=pid,
         )
         if qos:
             self.inflight[pid] = [packet, qos, 0, False]
@@ -314,15 +317,15 @@ class DeviceRunner:
         self.proto = proto
         will = None
         if self.status is not None:
-            will = (self.status, self._status_message("offline"), 1, True)
+            will = mqtt.Will(self.status, self._status_message("offline"), qos=1, retain=True)
         assert proto.transport is not None
         proto.transport.write(
-            mqtt.encode_connect(
+            mqtt.connect(
                 self.ident.client_id,
+                version=self.version,
                 keepalive=self.cls.keepalive,
                 clean=self.cls.clean_session,
                 will=will,
-                version=self.version,
             )
         )
 
@@ -338,24 +341,24 @@ class DeviceRunner:
             entry = self.inflight.get(pid)
             if entry is not None:
                 entry[2] = 1
-                entry[0] = mqtt.encode_ack(mqtt.PUBREL, pid)
-            self._write(mqtt.encode_ack(mqtt.PUBREL, pid))
+                entry[0] = mqtt.ack(mqtt.PUBREL, pid, version=self.version)
+            self._write(mqtt.ack(mqtt.PUBREL, pid, version=self.version))
         elif ptype == mqtt.CONNACK:
-            present, rc = mqtt.decode_connack(body, self.version)
-            if rc != 0:
+            connack = mqtt.parse(ptype, flags, body, self.version)
+            if connack.code != 0:
                 self.driver.stats.connect_failures += 1
                 assert proto.transport is not None
                 proto.transport.close()
                 return
-            self._on_connack(present)
+            self._on_connack(connack.session_present)
         elif ptype == mqtt.PUBLISH:  # a command on a subscribed topic
-            _t, _p, qos, _r, pid = mqtt.decode_publish(flags, body, self.version)
+            _t, _p, qos, _r, pid = mqtt.split_publish(flags, body, self.version)
             if qos == 1:
-                self._write(mqtt.encode_ack(mqtt.PUBACK, pid))
+                self._write(mqtt.ack(mqtt.PUBACK, pid, version=self.version))
             elif qos == 2:
-                self._write(mqtt.encode_ack(mqtt.PUBREC, pid))
+                self._write(mqtt.ack(mqtt.PUBREC, pid, version=self.version))
         elif ptype == mqtt.PUBREL:
-            self._write(mqtt.encode_ack(mqtt.PUBCOMP, mqtt.packet_id(body)))
+            self._write(mqtt.ack(mqtt.PUBCOMP, mqtt.packet_id(body), version=self.version))
 
     def _on_connack(self, session_present: bool) -> None:
         d = self.driver
@@ -367,7 +370,9 @@ class DeviceRunner:
         if self.cls.subscriptions and not session_present:
             pid = self._alloc_pid()
             self._write(
-                mqtt.encode_subscribe(pid, [(f, 1) for f in self.ident.subscriptions], self.version)
+                mqtt.subscribe(
+                    pid, [(f, 1) for f in self.ident.subscriptions], version=self.version
+                )
             )
         # unacknowledged messages of the previous connection first (MQTT-4.4.0-1), in order
         for entry in self.inflight.values():
@@ -377,18 +382,7 @@ class DeviceRunner:
             self._write(packet)
             d.stats.resent += 1
         if self.status is not None:
-            pid = self._alloc_pid()
-            packet = mqtt.encode_publish(
-                self.status,
-                self._status_message("online"),
-                qos=1,
-                retain=True,
-                pid=pid,
-                version=self.version,
-            )
-            self.inflight[pid] = [packet, 1, 0, True]
-            self._write(packet)
-            d.stats.status_sent += 1
+            self._publish_status(self.status, "online")
         backlog, self.backlog = self.backlog, []
         for s, payload, seq in backlog:
             self._write_data(s, payload, seq)
@@ -396,6 +390,21 @@ class DeviceRunner:
             self._arm_ping()
         if not self.want_online:  # the model went offline while we were connecting
             self._disconnect()
+
+    def _publish_status(self, topic: bytes, state: str) -> None:
+        """The retained status message at QoS 1, tracked in flight like data."""
+        pid = self._alloc_pid()
+        packet = mqtt.publish(
+            topic,
+            self._status_message(state),
+            version=self.version,
+            qos=1,
+            retain=True,
+            packet_id=pid,
+        )
+        self.inflight[pid] = [packet, 1, 0, True]
+        self._write(packet)
+        self.driver.stats.status_sent += 1
 
     def _arm_ping(self) -> None:
         interval = self.cls.keepalive / 2.0
@@ -418,18 +427,7 @@ class DeviceRunner:
         self.closing = True
         self.driver.stats.disconnects += 1
         if self.status is not None:
-            pid = self._alloc_pid()
-            packet = mqtt.encode_publish(
-                self.status,
-                self._status_message("offline"),
-                qos=1,
-                retain=True,
-                pid=pid,
-                version=self.version,
-            )
-            self.inflight[pid] = [packet, 1, 0, True]
-            self._write(packet)
-            self.driver.stats.status_sent += 1
+            self._publish_status(self.status, "offline")
         if not self.inflight:
             self._finish_close()
         else:
@@ -442,7 +440,7 @@ class DeviceRunner:
         proto = self.proto
         if proto is None or proto.transport is None or proto.transport.is_closing():
             return
-        self._write(mqtt.encode_disconnect(self.version))
+        self._write(mqtt.disconnect(version=self.version))
         proto.transport.close()
 
     def _drop(self) -> None:
@@ -606,7 +604,7 @@ class Verifier(asyncio.Protocol):
         self.filters = filters
         self.version = version
         self.name = name
-        self.reader = mqtt.PacketReader()
+        self.reader = mqtt.Reader()
         self.transport: asyncio.Transport | None = None
         self.tracks: dict[bytes, _Track] = {}
         self.latencies = array("d")  # ms
@@ -628,7 +626,7 @@ class Verifier(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's are no asyncio.Transport
         self.transport.write(  # type: ignore[union-attr]
-            mqtt.encode_connect(self.name, keepalive=0, clean=True, version=self.version)
+            mqtt.connect(self.name, version=self.version, keepalive=0, clean=True)
         )
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -639,27 +637,28 @@ class Verifier(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         now = time.time()
         write = self.transport.write  # type: ignore[union-attr]
-        for ptype, flags, body in self.reader.feed(data):
+        version = self.version
+        for ptype, flags, body in self.reader.frames(data):
             if ptype == mqtt.PUBLISH:
-                topic, payload, qos, retain, pid = mqtt.decode_publish(flags, body, self.version)
+                topic, payload, qos, retain, pid = mqtt.split_publish(flags, body, version)
                 if qos == 1:
-                    write(mqtt.encode_ack(mqtt.PUBACK, pid))
+                    write(mqtt.ack(mqtt.PUBACK, pid, version=version))
                 elif qos == 2:
-                    write(mqtt.encode_ack(mqtt.PUBREC, pid))
+                    write(mqtt.ack(mqtt.PUBREC, pid, version=version))
                 self._on_message(topic, payload, retain, now)
             elif ptype == mqtt.PUBREL:
-                write(mqtt.encode_ack(mqtt.PUBCOMP, mqtt.packet_id(body)))
+                write(mqtt.ack(mqtt.PUBCOMP, mqtt.packet_id(body), version=version))
             elif ptype == mqtt.CONNACK:
-                _present, rc = mqtt.decode_connack(body, self.version)
+                rc = mqtt.parse(ptype, flags, body, version).code
                 if rc != 0:
                     assert self.ready is not None
                     self.ready.set_exception(
                         ConnectionError(f"verifier refused by {self.broker}: code {rc}")
                     )
                     return
-                write(mqtt.encode_subscribe(1, self.filters, self.version))
+                write(mqtt.subscribe(1, self.filters, version=version))
             elif ptype == mqtt.SUBACK:
-                _pid, codes = mqtt.decode_suback(body, self.version)
+                codes = mqtt.parse(ptype, flags, body, version).codes
                 assert self.ready is not None
                 if any(c >= 0x80 for c in codes):
                     self.ready.set_exception(
@@ -701,7 +700,7 @@ class Verifier(asyncio.Protocol):
 
     def close(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(mqtt.encode_disconnect(self.version))
+            self.transport.write(mqtt.disconnect(version=self.version))
             self.transport.close()
 
 

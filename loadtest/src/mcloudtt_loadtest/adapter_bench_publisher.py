@@ -1,8 +1,8 @@
-"""Load generator for `mcloudtt-adapter bench`: raw MQTT 5.0 PUBLISHes over asyncio.
+"""Load generator for `mcloudtt-adapter-bench`: raw MQTT 5.0 PUBLISHes over asyncio.
 
-Runs in its own process (`python -m mcloudtt_adapter.benchpub ...`) so that the adapter's CPU
-time is measured alone. QoS 1 with a sliding window of unacknowledged messages; an optional rate
-limit; JSON payloads carrying the publish time in `ts` (seconds, microsecond digits), so the
+Runs in its own process (`python -m mcloudtt_loadtest.adapter_bench_publisher ...`) so that the
+adapter's CPU time is measured alone. QoS 1 with a sliding window of unacknowledged messages; an
+optional rate limit; JSON payloads carrying the publish time in `ts` (seconds, microsecond digits), so the
 adapter's event time is the publish time and commit time minus event time is the end-to-end delay.
 """
 
@@ -14,30 +14,12 @@ import json
 import os
 import time
 
-from mcloudtt_broker.mqtt import MQTT_5, Connect, Decoder, encode_bytes
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = n & 0x7F
-        n >>= 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def publish_packet(topic: bytes, packet_id: int, payload: bytes, qos: int) -> bytes:
-    body = len(topic).to_bytes(2, "big") + topic
-    if qos:
-        body += packet_id.to_bytes(2, "big")
-    body += b"\x00" + payload  # no properties
-    return bytes([0x30 | (qos << 1)]) + _varint(len(body)) + body
+import mcloudtt_mqttclient as mqtt
 
 
 class _Client(asyncio.Protocol):
     def __init__(self) -> None:
-        self.decoder = Decoder(version=MQTT_5)
+        self.reader = mqtt.Reader()
         self.transport: asyncio.Transport | None = None
         self.connack = asyncio.get_running_loop().create_future()
         self.acked = 0
@@ -55,15 +37,10 @@ class _Client(asyncio.Protocol):
         self.can_write.set()
 
     def data_received(self, data: bytes) -> None:
-        self.decoder.feed(data)
-        while True:
-            frame = self.decoder.next_frame()
-            if frame is None:
-                break
-            ptype = frame[0]
-            if ptype == 4:
+        for ptype, _flags, _body in self.reader.frames(data):
+            if ptype == mqtt.PUBACK:
                 self.acked += 1
-            elif ptype == 2 and not self.connack.done():
+            elif ptype == mqtt.CONNACK and not self.connack.done():
                 self.connack.set_result(True)
         self.progress.set()
 
@@ -88,9 +65,7 @@ async def publish(
     _, client = await loop.create_connection(_Client, host, port)
     assert client.transport is not None
     cid = client_id or f"bench-pub-{os.getpid()}"
-    client.transport.write(
-        encode_bytes(Connect(client_id=cid, protocol_level=MQTT_5, keep_alive=0), MQTT_5)
-    )
+    client.transport.write(mqtt.connect(cid, version=mqtt.MQTT_5, keepalive=0))
     await asyncio.wait_for(client.connack, 10)
     topics = [f"devices/d{i:03d}/env".encode() for i in range(devices)]
     start = time.monotonic()
@@ -119,14 +94,16 @@ async def publish(
                 40 + i % 20,
                 i,
             )
-            parts.append(publish_packet(topics[i % devices], (i % 65535) + 1, payload, qos))
+            parts.append(
+                mqtt.publish(topics[i % devices], payload, qos=qos, packet_id=(i % 65535) + 1)
+            )
         client.transport.write(b"".join(parts))
         sent += n
     while qos and client.acked < count:
         client.progress.clear()
         await asyncio.wait_for(client.progress.wait(), 30)
     elapsed = time.monotonic() - start
-    client.transport.write(b"\xe0\x00")
+    client.transport.write(mqtt.DISCONNECT_BYTES)
     client.transport.close()
     return {
         "sent": sent,
@@ -137,7 +114,7 @@ async def publish(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m mcloudtt_adapter.benchpub")
+    parser = argparse.ArgumentParser(prog="python -m mcloudtt_loadtest.adapter_bench_publisher")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--count", type=int, required=True)

@@ -1,8 +1,8 @@
-"""`mcloudtt-adapter bench`: sustained ingest into DuckDB and publish-to-queryable delay.
+"""`mcloudtt-adapter-bench`: the adapter's sustained ingest into DuckDB, publish-to-queryable delay.
 
 A real broker (`mcloudtt-broker` subprocess), a load generator in its own process
-(`mcloudtt_adapter.benchpub`), and the adapter in this process, MQTT source -> DuckDB sink, with
-the default at-least-once path (QoS 1, PUBACK after commit). With `--pin` (default on machines
+(`mcloudtt_loadtest.adapter_bench_publisher`), and the adapter in this process, MQTT source ->
+DuckDB sink, with the default at-least-once path (QoS 1, PUBACK after commit). With `--pin` (default on machines
 with 2+ cores) the adapter runs on CPU 0 and the broker and generator on the others, so "one
 core" is literal. Three phases:
 
@@ -33,9 +33,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .app import Adapter, AdapterConfig
-from .records import Batch
-from .sinks.base import WriteResult
+from mcloudtt_adapter.app import Adapter, AdapterConfig, tune_runtime
+from mcloudtt_adapter.records import Batch
+from mcloudtt_adapter.sinks.base import WriteResult
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -172,7 +172,7 @@ class _Bench:
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "mcloudtt_adapter.benchpub",
+            "mcloudtt_loadtest.adapter_bench_publisher",
             "--port",
             str(self.port),
             "--count",
@@ -314,8 +314,6 @@ def run_bench(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING)
     console = Console()
     bench = _Bench(args)
-    from .app import tune_runtime
-
     tune_runtime()  # as `mcloudtt-adapter run` does
     try:
         import uvloop
@@ -330,7 +328,7 @@ def run_bench(args: argparse.Namespace) -> int:
     finally:
         bench.close()
     results["python_loop_ns"] = round(calibration, 1)
-    table = Table(title="mcloudtt-adapter bench: broker -> adapter (MQTT, QoS 1) -> DuckDB")
+    table = Table(title="mcloudtt-adapter-bench: broker -> adapter (MQTT, QoS 1) -> DuckDB")
     table.add_column("phase")
     table.add_column("messages", justify="right")
     table.add_column("msg/s (wall)", justify="right")
@@ -367,3 +365,19 @@ def run_bench(args: argparse.Namespace) -> int:
         out.write_text(json.dumps(results, indent=2))
         console.print(f"results in {out}")
     return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mcloudtt-adapter-bench", description=__doc__.split("\n\n")[0].strip("`")
+    )
+    add_arguments(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    sys.exit(run_bench(build_parser().parse_args(argv)))
+
+
+if __name__ == "__main__":
+    main()
