@@ -40,6 +40,5 @@ def broker_factory() -> Iterator[Callable[..., BrokerProcess]]:
 @pytest.fixture
 def redis_server() -> Iterator[RedisProcess]:
     """A fresh redis-server on a free port; `kill()`, `restart()` and `url` for fault tests."""
-    server = RedisProcess().start()
-    yield server
-    server.close()
+    with RedisProcess() as server:
+        yield server

@@ -26,6 +26,7 @@ from mcloudtt_chaos.procs import (
     port_free,
     redis_server_binary,
     scrape,
+    wait_for,
 )
 
 PY = sys.executable
@@ -36,13 +37,16 @@ def _python(code: str, **kwargs: object) -> Process:
 
 
 def _gone(pid: int) -> bool:
+    """Dead (SIGKILL is delivered asynchronously: callers wait for this)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return True
     # A zombie still answers kill(0); its state says it is dead.
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    try:
+        return _state(pid) == "Z"
+    except FileNotFoundError:
+        return True
 
 
 def _state(pid: int) -> str:
@@ -128,7 +132,7 @@ def test_stop_kills_the_whole_group_after_the_timeout() -> None:
     started = time.monotonic()
     assert child.stop(timeout=0.5) == -signal.SIGKILL
     assert 0.5 <= time.monotonic() - started < 5
-    assert _gone(kid)
+    wait_for(lambda: _gone(kid), timeout=2, what="the child to die")
     child.close()
 
 
@@ -166,7 +170,7 @@ def test_pause_freezes_the_group_resume_thaws_it_kill_crashes_it() -> None:
         child.wait_until(lambda: child.log_text().count("tick") > frozen + 3, what="ticking")
         assert child.kill() == -signal.SIGKILL
         assert not child.alive()
-        assert _gone(kid)
+        wait_for(lambda: _gone(kid), timeout=2, what="the child to die")
 
 
 def test_a_paused_process_still_stops() -> None:

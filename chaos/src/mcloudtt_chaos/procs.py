@@ -329,6 +329,10 @@ class Process:
         """Stop it (if it runs) and remove a temporary log."""
         if self.proc is not None:
             self.stop()
+        self.remove_log()
+
+    def remove_log(self) -> None:
+        """Remove the log if it is a temporary one (a named log stays)."""
         if self._own_log:
             self.log_path.unlink(missing_ok=True)
 
