@@ -78,9 +78,13 @@ class BrokerProcess(Process):
 
     def start(self) -> BrokerProcess:
         super().start()
-        self.wait_port(self.port, timeout=10)
-        if TARGET != "mosquitto":
-            self.wait_port(self.http_port, timeout=10)
+        try:
+            self.wait_port(self.port, timeout=10)
+            if TARGET != "mosquitto":
+                self.wait_port(self.http_port, timeout=10)
+        except BaseException:
+            self.stop()  # not left running when it did not come up
+            raise
         return self
 
     def http_get(self, path: str) -> tuple[int, str]:

@@ -472,7 +472,11 @@ class RedisServer(Process):
 
     def start(self, timeout: float = 10.0) -> Self:
         super().start()
-        return self.wait_port(self.port, timeout)
+        try:
+            return self.wait_port(self.port, timeout)
+        except BaseException:
+            self.stop()  # not left running when it did not come up
+            raise
 
     def close(self) -> None:
         super().close()

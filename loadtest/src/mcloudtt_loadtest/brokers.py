@@ -14,14 +14,22 @@ import json
 import os
 import shlex
 import shutil
-import signal
 import socket
 import subprocess
 import sys
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Protocol
+from typing import Protocol
+
+from mcloudtt_chaos.procs import (
+    HOST,
+    NotInstalled,
+    Process,
+    console_script,
+    free_port,
+    mosquitto_binary,
+    mosquitto_config,
+)
 
 from mcloudtt_mqttclient import (
     CONNACK,
@@ -36,17 +44,10 @@ from mcloudtt_mqttclient import (
 
 AMQTT_VERSION = "0.12.1"
 BROKER_NAMES = ("mcloudtt", "mosquitto", "amqtt")
-HOST = "127.0.0.1"
 
 
 class BrokerUnavailable(RuntimeError):
     """The broker cannot be started on this machine (not installed, install failed)."""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
 
 
 def default_cache_dir() -> Path:
@@ -58,32 +59,24 @@ def default_cache_dir() -> Path:
 class RunningBroker:
     name: str
     port: int
-    proc: subprocess.Popen[bytes]
-    log_path: Path
-    _log: IO[bytes] = field(repr=False)
+    process: Process
 
     @property
     def pid(self) -> int:
-        return self.proc.pid
+        return self.process.pid
+
+    @property
+    def log_path(self) -> Path:
+        return self.process.log_path
 
     def alive(self) -> bool:
-        return self.proc.poll() is None
+        return self.process.alive()
 
     def log_tail(self, lines: int = 20) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
+        return self.process.log_tail(lines)
 
     def stop(self, timeout: float = 10.0) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
+        self.process.stop(timeout)
 
 
 class Launcher(Protocol):
@@ -104,8 +97,7 @@ class McloudttLauncher:
         self.extra_args = shlex.split(extra_args)
 
     def _base(self) -> list[str]:
-        exe = shutil.which("mcloudtt-broker", path=str(Path(sys.executable).parent))
-        return [exe] if exe else [sys.executable, "-m", "mcloudtt_broker"]
+        return console_script("mcloudtt-broker", "mcloudtt_broker")
 
     def prepare(self) -> None:
         try:
@@ -128,13 +120,15 @@ class MosquittoLauncher:
     name = "mosquitto"
 
     def __init__(self, binary: str | None = None) -> None:
-        self.binary = binary or shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        self.binary = binary or ""
 
     def prepare(self) -> None:
+        try:
+            self.binary = self.binary or mosquitto_binary()
+        except NotInstalled as error:
+            raise BrokerUnavailable(str(error)) from None
         if not Path(self.binary).exists():
-            raise BrokerUnavailable(
-                f"{self.binary} not found (Debian: apt-get install -y mosquitto)"
-            )
+            raise BrokerUnavailable(f"{self.binary} not found")
 
     def version(self) -> str:
         out = subprocess.run(
@@ -145,12 +139,7 @@ class MosquittoLauncher:
 
     def command(self, port: int, workdir: Path) -> list[str]:
         conf = workdir / f"mosquitto-{port}.conf"
-        conf.write_text(
-            f"listener {port} {HOST}\n"
-            "allow_anonymous true\n"
-            "persistence false\n"
-            "max_queued_messages 0\n"
-        )
+        conf.write_text(mosquitto_config(port))
         return [self.binary, "-c", str(conf)]
 
 
@@ -269,22 +258,20 @@ def _mqtt_probe(port: int, timeout: float) -> bool:
 def start_broker(launcher: Launcher, workdir: Path, *, timeout: float = 30.0) -> RunningBroker:
     """A fresh broker process on a free port, returned once it answers MQTT."""
     port = free_port()
-    cmd = launcher.command(port, workdir)
-    log_path = workdir / f"{launcher.name}-{port}.log"
-    log = log_path.open("wb")
-    proc = subprocess.Popen(
-        cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=workdir
-    )
-    broker = RunningBroker(launcher.name, port, proc, log_path, log)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            broker.stop()
-            raise RuntimeError(
-                f"{launcher.name} exited with {proc.returncode} at start:\n{broker.log_tail()}"
-            )
-        if _mqtt_probe(port, timeout=2.0):
-            return broker
-        time.sleep(0.05)
-    broker.stop()
-    raise TimeoutError(f"{launcher.name} did not answer MQTT on port {port} within {timeout}s")
+    process = Process(
+        launcher.command(port, workdir),
+        name=launcher.name,
+        log_path=workdir / f"{launcher.name}-{port}.log",
+        cwd=workdir,
+    ).start()
+    try:
+        process.wait_until(
+            lambda: _mqtt_probe(port, timeout=2.0),
+            what=f"answering MQTT on port {port}",
+            timeout=timeout,
+            interval=0.05,
+        )
+    except BaseException:
+        process.stop()
+        raise
+    return RunningBroker(launcher.name, port, process)
