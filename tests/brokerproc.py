@@ -55,31 +55,32 @@ class BrokerProcess(Process):
     """A broker subprocess: `port` is MQTT over TCP, `http_port` serves /healthz, /readyz, /metrics."""
 
     def __init__(self, *extra_args: str, env: dict[str, str] | None = None) -> None:
-        self.port = free_port()
-        self.http_port = free_port()
+        port, http_port = free_port(), free_port()
         self.extra_args = list(extra_args)
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         self._output: str | None = None
         if TARGET == "mosquitto":
             self._tmp = tempfile.TemporaryDirectory()
             conf = Path(self._tmp.name) / "mosquitto.conf"
-            conf.write_text(mosquitto_config(self.port))
+            conf.write_text(mosquitto_config(port))
             cmd = [mosquitto_binary(), "-c", str(conf)]
         else:
             cmd = [
                 *broker_command(),
                 "--bind",
-                f"127.0.0.1:{self.port}",
+                f"127.0.0.1:{port}",
                 "--http",
-                f"127.0.0.1:{self.http_port}",
+                f"127.0.0.1:{http_port}",
                 *self.extra_args,
             ]
-        super().__init__(cmd, name="broker", env=env)
+        super().__init__(cmd, name="broker", env=env, port=port, http_port=http_port)
+        self.port: int = port
+        self.http_port: int = http_port
 
     def start(self) -> BrokerProcess:
         super().start()
         try:
-            self.wait_port(self.port, timeout=10)
+            self.wait_port(timeout=10)
             if TARGET != "mosquitto":
                 self.wait_port(self.http_port, timeout=10)
         except BaseException:

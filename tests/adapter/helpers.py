@@ -96,13 +96,15 @@ class AdapterProcess(Process):
     """`mcloudtt-adapter run ...` as a subprocess, with /healthz, /readyz, /metrics on a free port."""
 
     def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
-        self.http_port = free_port()
+        http_port = free_port()
         self.args = list(args)
         super().__init__(
-            [*adapter_command(), "run", *self.args, "--http", f"127.0.0.1:{self.http_port}"],
+            [*adapter_command(), "run", *self.args, "--http", f"127.0.0.1:{http_port}"],
             name="adapter",
             env=env,
+            http_port=http_port,
         )
+        self.http_port: int = http_port
 
     def start(self, ready: bool = True) -> AdapterProcess:
         super().start()

@@ -107,10 +107,10 @@ def test_wait_log_and_wait_http_see_a_real_server() -> None:
         "print('serving on', s.server_port, flush=True)\n"
         "s.serve_forever()\n"
     )
-    with _python(code) as child:
+    with _python(code, port=port, http_port=port) as child:
         match = child.wait_log(r"serving on (\d+)", timeout=10)
         assert int(match.group(1)) == port
-        child.wait_port(port).wait_http(port, "/readyz")
+        child.wait_port().wait_http()  # its own port, /readyz 200
         with pytest.raises(ProcessTimeout):
             child.wait_http(port, "/nothing-here", timeout=0.3)
         assert child.alive()

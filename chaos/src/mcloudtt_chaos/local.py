@@ -14,24 +14,6 @@ from .procs import Process, RedisServer, console_script, port_free
 
 
 @dataclass
-class Service:
-    name: str
-    process: Process
-    port: int | None = None
-    http_port: int | None = None
-
-    @property
-    def log_path(self) -> Path:
-        return self.process.log_path
-
-    def alive(self) -> bool:
-        return self.process.alive()
-
-    def stop(self, timeout: float = 15.0) -> int:
-        return self.process.stop(timeout)
-
-
-@dataclass
 class LocalCluster:
     """Redis plus N brokers on consecutive ports, logs under `workdir`."""
 
@@ -40,17 +22,17 @@ class LocalCluster:
     base_port: int = 1883
     base_http_port: int = 8080
     redis_port: int = 0
-    services: list[Service] = field(default_factory=list)
+    services: list[Process] = field(default_factory=list)
 
     def _spawn(
         self, name: str, cmd: list[str], port: int | None = None, http_port: int | None = None
-    ) -> Service:
-        process = Process(cmd, name=name, log_path=self.workdir / f"{name}.log").start()
-        service = Service(name, process, port, http_port)
-        self.services.append(service)
-        return service
+    ) -> Process:
+        log_path = self.workdir / f"{name}.log"
+        process = Process(cmd, name=name, log_path=log_path, port=port, http_port=http_port)
+        self.services.append(process.start())
+        return process
 
-    def start_redis(self) -> Service:
+    def start_redis(self) -> RedisServer:
         redis = RedisServer(
             self.redis_port or None,
             appendonly=True,
@@ -58,16 +40,14 @@ class LocalCluster:
             log_path=self.workdir / "redis.log",
         )
         self.redis_port = redis.port
-        service = Service("redis", redis, redis.port)
-        self.services.append(service)
-        redis.start()
-        return service
+        self.services.append(redis.start())
+        return redis
 
     @property
     def redis_url(self) -> str:
         return f"redis://127.0.0.1:{self.redis_port}/0"
 
-    def start_brokers(self, *extra: str) -> list[Service]:
+    def start_brokers(self, *extra: str) -> list[Process]:
         started = []
         for index in range(self.brokers):
             port = self.base_port + index
@@ -96,18 +76,17 @@ class LocalCluster:
                     http_port,
                 )
             )
-        for service in started:
-            assert service.port is not None
-            service.process.wait_port(service.port)
+        for broker in started:
+            broker.wait_port()
         return started
 
-    def start(self, name: str, cmd: list[str], http_port: int | None = None) -> Service:
+    def start(self, name: str, cmd: list[str], http_port: int | None = None) -> Process:
         return self._spawn(name, cmd, http_port=http_port)
 
     def stop(self) -> None:
         # Clients first, then brokers (they drain), Redis last.
         for service in reversed(self.services):
-            service.stop()
+            service.stop(timeout=15.0)
 
 
 def workdir(base: Path | None) -> Path:

@@ -226,6 +226,8 @@ class Process:
 
     `log_path=None` logs to a temporary file that `close()` removes. `start()` may be called
     again after the process has gone (a restart on the same command and log, appended).
+    `port` and `http_port` say what it serves (its callers look them up; `wait_port()` and
+    `wait_http()` wait for them unless told another port).
     """
 
     def __init__(
@@ -236,9 +238,13 @@ class Process:
         log_path: Path | str | None = None,
         env: Mapping[str, str] | None = None,
         cwd: Path | str | None = None,
+        port: int | None = None,
+        http_port: int | None = None,
     ) -> None:
         self.cmd = [str(part) for part in cmd]
         self.name = name or Path(self.cmd[0]).name
+        self.port = port
+        self.http_port = http_port
         self.env = dict(env) if env is not None else None
         self.cwd = cwd
         self._own_log = log_path is None
@@ -389,17 +395,24 @@ class Process:
                 raise self.failure(f"not {what} after {timeout:g}s", timeout=True)
             time.sleep(interval)
 
-    def wait_port(self, port: int, timeout: float = 30.0, host: str = HOST) -> Self:
-        """Until something accepts TCP connections on `port`."""
+    def wait_port(self, port: int | None = None, timeout: float = 30.0, host: str = HOST) -> Self:
+        """Until something accepts TCP connections on `port` (default: its own)."""
+        port = _given(port, self.port, "port")
         self.wait_until(
             lambda: port_open(port, host), what=f"listening on {host}:{port}", timeout=timeout
         )
         return self
 
     def wait_http(
-        self, port: int, path: str = "/readyz", status: int = 200, timeout: float = 30.0
+        self,
+        port: int | None = None,
+        path: str = "/readyz",
+        status: int = 200,
+        timeout: float = 30.0,
     ) -> Self:
-        """Until `GET path` answers `status` (for a broker: /readyz 200 is ready to serve)."""
+        """Until `GET path` answers `status` on `port` (default: its `http_port`); for a broker,
+        /readyz 200 is ready to serve."""
+        port = _given(port, self.http_port, "http_port")
         self.wait_until(
             lambda: http_status(port, path) == status,
             what=f"answering {status} on :{port}{path}",
@@ -417,6 +430,14 @@ class Process:
             timeout=timeout,
             interval=0.05,
         )
+
+
+def _given(port: int | None, default: int | None, what: str) -> int:
+    if port is not None:
+        return port
+    if default is None:
+        raise ValueError(f"no port given and the process has no {what}")
+    return default
 
 
 # ------------------------------------------------------------------------------------ Redis
@@ -439,7 +460,7 @@ class RedisServer(Process):
         log_path: Path | str | None = None,
         name: str = "redis",
     ) -> None:
-        self.port = port or free_port()
+        port = port or free_port()
         self.password = password
         self.appendonly = appendonly
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
@@ -451,7 +472,7 @@ class RedisServer(Process):
         cmd = [
             redis_server_binary(),
             "--port",
-            str(self.port),
+            str(port),
             "--bind",
             HOST,
             "--save",
@@ -463,7 +484,8 @@ class RedisServer(Process):
         ]
         if password is not None:
             cmd += ["--requirepass", password]
-        super().__init__([*cmd, *extra_args], name=name, log_path=log_path)
+        super().__init__([*cmd, *extra_args], name=name, log_path=log_path, port=port)
+        self.port: int = port
 
     @property
     def url(self) -> str:
@@ -473,7 +495,7 @@ class RedisServer(Process):
     def start(self, timeout: float = 10.0) -> Self:
         super().start()
         try:
-            return self.wait_port(self.port, timeout)
+            return self.wait_port(timeout=timeout)
         except BaseException:
             self.stop()  # not left running when it did not come up
             raise

@@ -17,7 +17,6 @@ import shutil
 import socket
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -55,28 +54,18 @@ def default_cache_dir() -> Path:
     return Path(base) / "mcloudtt-loadtest"
 
 
-@dataclass
-class RunningBroker:
-    name: str
-    port: int
-    process: Process
+class RunningBroker(Process):
+    """A broker under test, serving MQTT on `port`, its output in `log_path`."""
 
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    @property
-    def log_path(self) -> Path:
-        return self.process.log_path
-
-    def alive(self) -> bool:
-        return self.process.alive()
-
-    def log_tail(self, lines: int = 20) -> str:
-        return self.process.log_tail(lines)
-
-    def stop(self, timeout: float = 10.0) -> None:
-        self.process.stop(timeout)
+    def __init__(self, launcher: Launcher, port: int, workdir: Path) -> None:
+        super().__init__(
+            launcher.command(port, workdir),
+            name=launcher.name,
+            log_path=workdir / f"{launcher.name}-{port}.log",
+            cwd=workdir,
+            port=port,
+        )
+        self.port: int = port
 
 
 class Launcher(Protocol):
@@ -257,21 +246,15 @@ def _mqtt_probe(port: int, timeout: float) -> bool:
 
 def start_broker(launcher: Launcher, workdir: Path, *, timeout: float = 30.0) -> RunningBroker:
     """A fresh broker process on a free port, returned once it answers MQTT."""
-    port = free_port()
-    process = Process(
-        launcher.command(port, workdir),
-        name=launcher.name,
-        log_path=workdir / f"{launcher.name}-{port}.log",
-        cwd=workdir,
-    ).start()
+    broker = RunningBroker(launcher, free_port(), workdir).start()
     try:
-        process.wait_until(
-            lambda: _mqtt_probe(port, timeout=2.0),
-            what=f"answering MQTT on port {port}",
+        broker.wait_until(
+            lambda: _mqtt_probe(broker.port, timeout=2.0),
+            what=f"answering MQTT on port {broker.port}",
             timeout=timeout,
             interval=0.05,
         )
     except BaseException:
-        process.stop()
+        broker.stop()
         raise
-    return RunningBroker(launcher.name, port, process)
+    return broker

@@ -54,20 +54,19 @@ def _metric_total(http_port: int, name: str) -> float:
 class Proc(Process):
     """A process of the benchmark, started and listening on `port`."""
 
-    def __init__(self, cmd: list[str], port: int, http_port: int | None = None) -> None:
-        super().__init__(cmd)
-        self.port = port
-        self.http_port = http_port
+    def __init__(self, cmd: list[str], port: int, http_port: int) -> None:
+        super().__init__(cmd, port=port, http_port=http_port)
+        self.port: int = port
+        self.http_port: int = http_port
         self.start()
         try:
-            self.wait_port(port, timeout=20)
+            self.wait_port(timeout=20)
         except BaseException:
             self.close()
             raise
 
     def ready(self) -> None:
-        assert self.http_port is not None
-        self.wait_http(self.http_port, "/readyz", timeout=20)
+        self.wait_http(path="/readyz", timeout=20)
 
 
 def _start_broker(*extra: str) -> Proc:
@@ -115,7 +114,7 @@ def cluster(mode: str, size: int = 3) -> Iterator[list[Proc]]:
             broker.ready()
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and any(
-            _metric(b.http_port or 0, "mcloudtt_cluster_peers") < size - 1 for b in brokers
+            _metric(b.http_port, "mcloudtt_cluster_peers") < size - 1 for b in brokers
         ):
             time.sleep(0.05)
         yield brokers
@@ -246,8 +245,8 @@ def one_run(warmup: float, duration: float, console: Console) -> dict[str, float
             out[f"cross_qos{qos}_generator_cpu"] = r["generator_cpu"]
             # Anything the cluster path dropped (buffer or unconfirmed overflow) on the way.
             out[f"cross_qos{qos}_dropped"] = _metric_total(
-                a.http_port or 0, "mcloudtt_cluster_dropped_total"
-            ) + _metric_total(b.http_port or 0, "mcloudtt_cluster_dropped_total")
+                a.http_port, "mcloudtt_cluster_dropped_total"
+            ) + _metric_total(b.http_port, "mcloudtt_cluster_dropped_total")
         console.log(f"A -> B QoS {qos}: {out[f'cross_qos{qos}_msg_s']:,.0f} msg/s")
         # The single figure before and after the cross one: this machine's speed drifts.
         after = single(qos)
