@@ -11,12 +11,6 @@ from brokerproc import BrokerProcess
 from .helpers import AdapterProcess, BigQueryEmulator, Publisher, install_bqemulator
 
 
-def _stop_broker(b: BrokerProcess) -> None:
-    b.stop()
-    if b.proc is not None and b.proc.stdout is not None:
-        b.proc.stdout.close()  # else a ResourceWarning fails the run (filterwarnings = error)
-
-
 @pytest.fixture
 def mqtt_broker() -> Iterator[Callable[..., BrokerProcess]]:
     """`mqtt_broker("--max-queued-messages", "5000")`: a real mcloudtt-broker (quiet logs)."""
@@ -29,7 +23,7 @@ def mqtt_broker() -> Iterator[Callable[..., BrokerProcess]]:
 
     yield start
     for b in started:
-        _stop_broker(b)
+        b.stop()
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from brokerproc import TARGET, broker_command, free_port, wait_for_port
+from mcloudtt_chaos.procs import Process
 from prometheus_client.parser import text_string_to_metric_families
 
 from .clients import mcloudtt_only
@@ -30,27 +31,11 @@ MOSQUITTO = TARGET == "mosquitto"
 
 
 @contextmanager
-def started(
-    *args: str, env: dict[str, str] | None = None, port: int
-) -> Iterator[subprocess.Popen[bytes]]:
+def started(*args: str, env: dict[str, str] | None = None, port: int) -> Iterator[Process]:
     """Run the broker with exactly these arguments until the block ends."""
-    full_env = {**os.environ, **(env or {})}
-    proc = subprocess.Popen(
-        [*broker_command(), *args],
-        env=full_env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_for_port(port, proc=proc)
+    with Process([*broker_command(), *args], name="broker", env=env) as proc:
+        proc.wait_port(port, timeout=10)
         yield proc
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def connack_props(port: int) -> Packet:
