@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from signal import SIGTERM
@@ -26,7 +26,14 @@ from mcloudtt_chaos.procs import (
     wait_for,
 )
 
-__all__ = ["TARGET", "BrokerProcess", "broker_command", "free_port", "running_broker"]
+__all__ = [
+    "TARGET",
+    "BrokerProcess",
+    "broker_command",
+    "broker_pool",
+    "free_port",
+    "running_broker",
+]
 
 TARGET = os.environ.get("MCLOUDTT_TEST_TARGET", "mcloudtt")
 
@@ -59,25 +66,29 @@ class BrokerProcess(Process):
         self.extra_args = list(extra_args)
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         self._output: str | None = None
-        if TARGET == "mosquitto":
-            self._tmp = tempfile.TemporaryDirectory()
-            conf = Path(self._tmp.name) / "mosquitto.conf"
-            conf.write_text(mosquitto_config(port))
-            cmd = [mosquitto_binary(), "-c", str(conf)]
-        else:
-            cmd = [
-                *broker_command(),
-                "--bind",
-                f"127.0.0.1:{port}",
-                "--http",
-                f"127.0.0.1:{http_port}",
-                *self.extra_args,
-            ]
-        super().__init__(cmd, name="broker", env=env, port=port, http_port=http_port)
+        super().__init__([], name="broker", env=env, port=port, http_port=http_port)
+        # Tests may set either port before start() (a restart on the same address).
         self.port: int = port
         self.http_port: int = http_port
 
+    def _command(self) -> list[str]:
+        if TARGET == "mosquitto":
+            self._tmp = self._tmp or tempfile.TemporaryDirectory()
+            conf = Path(self._tmp.name) / "mosquitto.conf"
+            conf.write_text(mosquitto_config(self.port))
+            return [mosquitto_binary(), "-c", str(conf)]
+        return [
+            *broker_command(),
+            "--bind",
+            f"127.0.0.1:{self.port}",
+            "--http",
+            f"127.0.0.1:{self.http_port}",
+            *self.extra_args,
+        ]
+
     def start(self) -> BrokerProcess:
+        self.cmd = self._command()
+        self._output = None
         super().start()
         try:
             self.wait_port(timeout=10)
@@ -116,6 +127,23 @@ class BrokerProcess(Process):
         if self.alive():
             return ""
         return self._output if self._output is not None else self.log_text()
+
+
+@contextmanager
+def broker_pool(*base_args: str) -> Iterator[Callable[..., BrokerProcess]]:
+    """`start(*args, env=None)`: a broker with `base_args` and `args`; all stopped at the end."""
+    started: list[BrokerProcess] = []
+
+    def start(*args: str, env: dict[str, str] | None = None) -> BrokerProcess:
+        broker = BrokerProcess(*base_args, *args, env=env).start()
+        started.append(broker)
+        return broker
+
+    try:
+        yield start
+    finally:
+        for broker in started:
+            broker.stop()
 
 
 @contextmanager

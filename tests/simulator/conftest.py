@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from brokerproc import BrokerProcess, free_port
+from brokerproc import BrokerProcess, broker_pool, free_port
 from mcloudtt_chaos.procs import NotInstalled, Process, mosquitto_binary, mosquitto_config
 
 DATA = Path(__file__).parent / "data"
@@ -36,16 +36,8 @@ def mosquitto(tmp_path: Path) -> Iterator[int]:
 @pytest.fixture
 def sim_brokers() -> Iterator[Callable[[], BrokerProcess]]:
     """Start brokers on free ports; each is stopped afterwards."""
-    started: list[BrokerProcess] = []
-
-    def start() -> BrokerProcess:
-        b = BrokerProcess().start()
-        started.append(b)
-        return b
-
-    yield start
-    for b in started:
-        b.stop()
+    with broker_pool() as start:
+        yield start
 
 
 @pytest.fixture
