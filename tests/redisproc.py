@@ -92,24 +92,23 @@ class SecureRedisProcess(RedisProcess):
         self.auth_clients = auth_clients
         self.users = users
         self.socket_path = self.data_dir / "redis.sock" if unix_socket else None
-        # After the plain server's arguments, so that these override them.
-        extra: list[str] = []
-        if tls is not None:
+
+    def extra_args(self) -> list[str]:
+        extra = super().extra_args()  # the password is the plain server's --requirepass
+        if self.tls is not None:
             extra += [
                 "--port", "0",
                 "--tls-port", str(self.port),
-                "--tls-cert-file", str(tls.server_cert),
-                "--tls-key-file", str(tls.server_key),
-                "--tls-ca-cert-file", str(tls.ca),
-                "--tls-auth-clients", "yes" if auth_clients else "no",
+                "--tls-cert-file", str(self.tls.server_cert),
+                "--tls-key-file", str(self.tls.server_key),
+                "--tls-ca-cert-file", str(self.tls.ca),
+                "--tls-auth-clients", "yes" if self.auth_clients else "no",
             ]  # fmt: skip
-        if password:
-            extra += ["--requirepass", password]
-        for user in users:
+        for user in self.users:
             extra += ["--user", *user.split()]
         if self.socket_path is not None:
             extra += ["--unixsocket", str(self.socket_path), "--unixsocketperm", "700"]
-        self.cmd += extra
+        return extra
 
     @property
     def url(self) -> str:

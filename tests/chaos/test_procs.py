@@ -236,3 +236,11 @@ def test_scrape_reads_a_real_broker(broker) -> None:  # type: ignore[no-untyped-
     assert metrics.value("mcloudtt_connections") == 0
     with pytest.raises(OSError):
         scrape(free_port())
+
+
+def test_redis_takes_a_port_set_before_start() -> None:
+    # Redis brought up where a client already waits: the command is made at start().
+    server = RedisServer()
+    server.port = free_port()
+    with server.start():
+        assert redis.Redis(port=server.port).ping()

@@ -446,7 +446,9 @@ def _given(port: int | None, default: int | None, what: str) -> int:
 class RedisServer(Process):
     """redis-server on 127.0.0.1 (a free port unless given), data in its own directory.
 
-    `extra_args` go last, so they override (e.g. `--port 0 --tls-port N ...` for TLS only).
+    The command is made at `start()` from the attributes (a test may set `port` first, to
+    bring Redis up where a client already waits). `extra_args()` come last, so they override
+    (e.g. `--port 0 --tls-port N ...` for TLS only).
     """
 
     def __init__(
@@ -463,29 +465,37 @@ class RedisServer(Process):
         port = port or free_port()
         self.password = password
         self.appendonly = appendonly
+        self._extra = list(extra_args)
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         if data_dir is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="mcloudtt-redis-")
             data_dir = self._tmp.name
         self.data_dir = Path(data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        super().__init__([redis_server_binary()], name=name, log_path=log_path, port=port)
+        self.port: int = port
+
+    def extra_args(self) -> list[str]:
+        """Arguments after the plain server's (subclasses add theirs)."""
+        return list(self._extra)
+
+    def command(self) -> list[str]:
         cmd = [
-            redis_server_binary(),
+            self.cmd[0],
             "--port",
-            str(port),
+            str(self.port),
             "--bind",
             HOST,
             "--save",
             "",
             "--appendonly",
-            "yes" if appendonly else "no",
+            "yes" if self.appendonly else "no",
             "--dir",
             str(self.data_dir),
         ]
-        if password is not None:
-            cmd += ["--requirepass", password]
-        super().__init__([*cmd, *extra_args], name=name, log_path=log_path, port=port)
-        self.port: int = port
+        if self.password is not None:
+            cmd += ["--requirepass", self.password]
+        return [*cmd, *self.extra_args()]
 
     @property
     def url(self) -> str:
@@ -493,6 +503,7 @@ class RedisServer(Process):
         return f"redis://{auth}{HOST}:{self.port}/0"
 
     def start(self, timeout: float = 10.0) -> Self:
+        self.cmd = self.command()
         super().start()
         try:
             return self.wait_port(timeout=timeout)
