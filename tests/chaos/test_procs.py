@@ -243,4 +243,6 @@ def test_redis_takes_a_port_set_before_start() -> None:
     server = RedisServer()
     server.port = free_port()
     with server.start():
-        assert redis.Redis(port=server.port).ping()
+        client = redis.Redis(port=server.port)
+        assert client.ping()
+        client.close()
