@@ -25,6 +25,7 @@ from mcloudtt_chaos.procs import (
     parse_metrics,
     port_free,
     redis_server_binary,
+    run_concurrently,
     scrape,
     wait_for,
 )
@@ -246,3 +247,17 @@ def test_redis_takes_a_port_set_before_start() -> None:
         client = redis.Redis(port=server.port)
         assert client.ping()
         client.close()
+
+
+def test_run_concurrently_collects_status_and_stderr_and_kills_what_does_not_exit() -> None:
+    started = time.monotonic()
+    results = run_concurrently(
+        {
+            "refuses": ([PY, "-c", "import sys; sys.exit('bad option --x')"], None),
+            "hangs": ([PY, "-c", "import time; time.sleep(60)"], {"PATH": os.environ["PATH"]}),
+        },
+        timeout=1.0,
+    )
+    assert results["refuses"] == (1, "bad option --x\n")
+    assert results["hangs"] == (-signal.SIGKILL, "")
+    assert time.monotonic() - started < 10

@@ -221,6 +221,36 @@ def wait_for(
 # ---------------------------------------------------------------------------------- process
 
 
+def run_concurrently(
+    commands: Mapping[str, tuple[Sequence[str], Mapping[str, str] | None]],
+    *,
+    timeout: float = 60.0,
+) -> dict[str, tuple[int, str]]:
+    """Run short-lived commands at once (each start may cost a second of imports) until they
+    exit: name -> (exit status, stderr). `env` replaces the environment; one still running
+    after `timeout` is killed (it started instead of refusing)."""
+    procs = {
+        name: subprocess.Popen(
+            list(cmd),
+            env=dict(env) if env is not None else None,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name, (cmd, env) in commands.items()
+    }
+    results = {}
+    for name, proc in procs.items():
+        try:
+            _, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, err = proc.communicate()
+        results[name] = (proc.returncode, err)
+    return results
+
+
 class Process:
     """A local child process in its own process group, its output in a log file.
 
