@@ -261,3 +261,19 @@ def test_run_concurrently_collects_status_and_stderr_and_kills_what_does_not_exi
     assert results["refuses"] == (1, "bad option --x\n")
     assert results["hangs"] == (-signal.SIGKILL, "")
     assert time.monotonic() - started < 10
+
+
+def test_what_outlives_a_graceful_leader_is_killed_with_its_group() -> None:
+    code = (
+        "import signal, subprocess, sys, time\n"
+        "kid = subprocess.Popen([sys.executable, '-c', "
+        "'import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)'])\n"
+        "signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))\n"
+        "print('child', kid.pid, flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    with _python(code) as child:
+        kid = int(child.wait_log(r"child (\d+)", timeout=10).group(1))
+        assert child.stop() == 0
+        wait_for(lambda: _gone(kid), timeout=2, what="the orphan to die")
+        assert child.stop() == 0  # stopping again signals nobody, says the same

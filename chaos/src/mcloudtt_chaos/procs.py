@@ -326,9 +326,15 @@ class Process:
 
     def signal_group(self, sig: int) -> None:
         """`sig` to every process of its group (children it started included)."""
-        if self.proc is not None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.proc.pid, sig)
+        # Until the leader is reaped its id cannot be reused; after, the same number may be
+        # another process's group, so a reaped process is never signalled again.
+        if self.proc is not None and self.proc.returncode is None:
+            self._killpg(sig)
+
+    def _killpg(self, sig: int) -> None:
+        assert self.proc is not None
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, sig)
 
     def pause(self) -> None:
         """SIGSTOP the group: a frozen process (a GC pause, a stalled VM), sockets open."""
@@ -348,12 +354,13 @@ class Process:
         Returns the exit status (negative: the signal that ended it)."""
         if self.proc is None:
             raise RuntimeError(f"{self.name} was never started")
-        if self.proc.poll() is None:
+        if self.proc.returncode is None:  # not reaped yet: its group is still its own
             self.signal_group(sig)
             self.signal_group(signal.SIGCONT)  # a paused process must run to stop
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(timeout)
-        self.signal_group(signal.SIGKILL)  # what outlived the leader, or the stuck leader
+            # The stuck leader, or what outlived it; at once, before its id can be reused.
+            self._killpg(signal.SIGKILL)
         return self._reap()
 
     def _reap(self) -> int:
