@@ -29,7 +29,6 @@ from mcloudtt_chaos.procs import (
     mosquitto_binary,
     mosquitto_config,
 )
-
 from mcloudtt_mqttclient import (
     CONNACK,
     DISCONNECT_BYTES,
