@@ -277,3 +277,10 @@ def test_what_outlives_a_graceful_leader_is_killed_with_its_group() -> None:
         assert child.stop() == 0
         wait_for(lambda: _gone(kid), timeout=2, what="the orphan to die")
         assert child.stop() == 0  # stopping again signals nobody, says the same
+
+
+def test_a_process_can_be_pinned_to_cpus() -> None:
+    cpu = min(os.sched_getaffinity(0))
+    with _python("import time; print('up', flush=True); time.sleep(60)", cpus={cpu}) as child:
+        child.wait_log("up")
+        assert os.sched_getaffinity(child.pid) == {cpu}

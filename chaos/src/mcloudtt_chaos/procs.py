@@ -269,8 +269,10 @@ class Process:
         cwd: Path | str | None = None,
         port: int | None = None,
         http_port: int | None = None,
+        cpus: set[int] | None = None,
     ) -> None:
         self.cmd = [str(part) for part in cmd]
+        self.cpus = cpus  # pinned to these CPUs (benchmarks keep it off the generator's)
         self.name = name or Path(self.cmd[0]).name
         self.port = port
         self.http_port = http_port
@@ -304,6 +306,9 @@ class Process:
                 cwd=self.cwd,
                 start_new_session=True,
             )
+        if self.cpus:
+            # Set at once, while the interpreter is still starting: its threads inherit it.
+            os.sched_setaffinity(self.proc.pid, self.cpus)
         return self
 
     @property
