@@ -8,7 +8,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from brokerproc import TARGET, BrokerProcess
+from brokerproc import TARGET, BrokerProcess, broker_pool
 from redisproc import RedisProcess
 
 
@@ -23,23 +23,18 @@ def broker() -> Iterator[BrokerProcess]:
 @pytest.fixture
 def broker_factory() -> Iterator[Callable[..., BrokerProcess]]:
     """Start brokers with extra command-line options: `broker_factory("--max-keepalive", "10")`."""
-    started: list[BrokerProcess] = []
+    with broker_pool() as start_broker:
 
-    def start(*args: str, env: dict[str, str] | None = None) -> BrokerProcess:
-        if TARGET == "mosquitto" and args:
-            pytest.skip("option specific to mcloudtt-broker")
-        b = BrokerProcess(*args, env=env).start()
-        started.append(b)
-        return b
+        def start(*args: str, env: dict[str, str] | None = None) -> BrokerProcess:
+            if TARGET == "mosquitto" and args:
+                pytest.skip("option specific to mcloudtt-broker")
+            return start_broker(*args, env=env)
 
-    yield start
-    for b in started:
-        b.stop()
+        yield start
 
 
 @pytest.fixture
 def redis_server() -> Iterator[RedisProcess]:
     """A fresh redis-server on a free port; `kill()`, `restart()` and `url` for fault tests."""
-    server = RedisProcess().start()
-    yield server
-    server.close()
+    with RedisProcess() as server:
+        yield server

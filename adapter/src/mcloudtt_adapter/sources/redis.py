@@ -20,11 +20,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import time
 from typing import TYPE_CHECKING, Any
 
 import redis.asyncio as aioredis
+from mcloudtt_broker.backoff import Backoff
 from mcloudtt_broker.cluster.envelope import EnvelopeError, unpack_envelope
 from mcloudtt_broker.cluster.redis_url import link_error_reason, parse_redis_url
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -73,16 +73,6 @@ def _entries(reply: Any) -> list[tuple[bytes, dict[bytes, bytes] | None]]:
     for _name, entries in reply:
         out.extend(entries)
     return out
-
-
-class _Backoff:
-    def __init__(self, cap: float) -> None:
-        self.cap = cap
-        self.attempt = 0
-
-    def next(self) -> float:
-        self.attempt += 1
-        return random.uniform(0, min(self.cap, 0.1 * 2**self.attempt))
 
 
 class _LinkState:
@@ -188,7 +178,7 @@ class RedisStreamSource:
 
     async def run(self) -> None:
         assert self.pipeline is not None
-        backoff = _Backoff(self.backoff_cap)
+        backoff = Backoff(base=0.2, cap=self.backoff_cap)
         self._ack_task = asyncio.create_task(self._ack_loop(), name="mcloudtt-xack")
         while not self._stopping:
             try:
@@ -197,7 +187,7 @@ class RedisStreamSource:
                 await self._setup()
                 self._connected = True
                 self.link.up()
-                backoff.attempt = 0
+                backoff.reset()
                 try:
                     await self._flush_acks()
                 except ResponseError:
@@ -381,7 +371,7 @@ class RedisPubSubSource:
 
     async def run(self) -> None:
         assert self.pipeline is not None
-        backoff = _Backoff(self.backoff_cap)
+        backoff = Backoff(base=0.2, cap=self.backoff_cap)
         while not self._stopping:
             pubsub = None
             try:
@@ -391,7 +381,7 @@ class RedisPubSubSource:
                 self._connected = True
                 self.link.up()
                 self.subscribed.set()
-                backoff.attempt = 0
+                backoff.reset()
                 while not self._stopping:
                     await self.pipeline.wait_for_room()
                     message = await pubsub.get_message(timeout=0.5)
