@@ -296,6 +296,7 @@ class KindBackend:
         self._cut_clients: set[str] = set()
         self._frozen: set[str] = set()
         self._redis_down = False
+        self._appendonly = True
         self._set_up = False
 
     # ------------------------------------------------------------------ helpers
@@ -378,6 +379,7 @@ class KindBackend:
                 f" kind/overlays/kind/broker-pods.yaml), not {spec.brokers}"
             )
         self.brokers = spec.brokers
+        self._appendonly = spec.redis_appendonly
         self._set_up = True
         self._k(
             "get",
@@ -421,10 +423,7 @@ class KindBackend:
                 f"statefulset/{BROKER_STS}",
                 f"--timeout={BROKER_TIMEOUT_S * spec.brokers}s",
             )
-        if spec.redis_first:
-            if not spec.redis_appendonly:
-                self._redis_cli("CONFIG SET appendonly no", why="no AOF for this run")
-        else:
+        if not spec.redis_first:
             # Brokers before Redis: Redis goes away, then every broker starts again at once. Not
             # `rollout restart`: a rolling update waits for each pod to be ready, which a broker
             # is not without Redis, so it would stall at the first pod.
@@ -537,6 +536,9 @@ class KindBackend:
             f"--timeout={REDIS_TIMEOUT_S}s",
             why="Redis answers PING (its readiness probe)",
         )
+        if not self._appendonly:
+            # redis.conf turns AOF on; each start of Redis reads it again.
+            self._redis_cli("CONFIG SET appendonly no", why="no AOF in this run")
         self._redis_down = False
 
     def kill_redis(self) -> None:
@@ -675,7 +677,7 @@ def plan(scenario: Scenario, spec: ClusterSpec | None = None) -> list[str]:
 
     `scenario` is a scenario run (a callable `(backend, spec)` that calls setup and teardown
     itself), or a list of Protocol calls (`[("kill_broker", "b1"), ("heal", "b1")]`) that this
-    wraps in setup and teardown, or a scenario name looked up in `mcloudtt_chaos.scenarios`.
+    wraps in setup and teardown (keyword arguments in a trailing dict), or a scenario name looked up in `mcloudtt_chaos.scenarios`.
     """
     spec = spec or ClusterSpec()
     backend = KindBackend(dry_run=True)
@@ -686,9 +688,17 @@ def plan(scenario: Scenario, spec: ClusterSpec | None = None) -> list[str]:
     else:
         backend.setup(spec)
         for call in scenario:
-            getattr(backend, call[0])(*call[1:])
+            call_method(backend, call)
         backend.teardown()
     return list(backend.runner.plan)
+
+
+def call_method(backend: KindBackend, call: Sequence[Any]) -> object:
+    """Run `("restart_redis", {"keep_data": False})` or `("kill_broker", "b1")` on a backend: a
+    method name, its arguments, and a trailing dict of keyword arguments."""
+    method, *args = call
+    kwargs = args.pop() if args and isinstance(args[-1], dict) else {}
+    return getattr(backend, method)(*args, **kwargs)
 
 
 def _named(name: str) -> Callable[[KindBackend, ClusterSpec], object]:
