@@ -455,3 +455,34 @@ def test_the_real_runner_captures_and_substitutes(tmp_path: Path) -> None:
         runner.run(kb.Step(argv=("sh", "-c", "exit 3")))
     runner.run(kb.Step(argv=("sh", "-c", "exit 1"), check=False))
     assert runner.plan[1] == f'sh -c \'printf %s "$1" > {shlex.quote(str(out))}\' sh "${{NODE_X}}"'
+
+
+def test_describe_gives_each_call_its_lines_and_keeps_state() -> None:
+    # As the CLI's --dry-run asks a real (not dry-run) backend: nothing runs, state carries.
+    backend = kb.KindBackend()
+    assert not backend.runner.dry_run
+    setup = backend.describe("setup", ClusterSpec(redis_first=False))
+    assert any("delete pod -l app.kubernetes.io/name=mcloudtt-broker" in line for line in setup)
+    cut = backend.describe("cut_from_redis", "b1")
+    assert "NotIn" in cut[0] and "mcloudtt-broker-1" in cut[0]
+    # The heal of a cut broker restores the policy; of an uncut one does nothing.
+    assert backend.describe("heal", "b0") == []
+    (heal,) = backend.describe("heal", "b1")
+    assert "NotIn" not in heal and "as deployed" in heal
+    lose = backend.describe("restart_redis", keep_data=False)
+    assert any("delete pvc/data-mcloudtt-redis-0" in line for line in lose)
+    (refused,) = backend.describe("degrade_redis_link", "b0", LinkFault(latency_ms=100))
+    assert refused.startswith("# not supported on kind:")
+    assert backend.runner.plan == []  # the real runner saw nothing
+
+
+def test_a_named_scenario_yields_its_plan() -> None:
+    try:
+        import mcloudtt_chaos.scenarios  # noqa: F401
+    except ImportError:
+        pytest.skip("mcloudtt_chaos.scenarios is not in this build")
+    lines = kb.plan("broker-kill", ClusterSpec())
+    assert any(
+        "delete pod mcloudtt-broker-" in line and "--grace-period=0" in line for line in lines
+    )
+    assert any("mcloudtt-redis --replicas=1" in line for line in lines)

@@ -30,8 +30,11 @@ How each fault is made on kind (docs/chaos.md says the same for users):
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import http.client
 import importlib
+import inspect
 import json
 import os
 import re
@@ -39,7 +42,7 @@ import shlex
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, TextIO
 
@@ -298,6 +301,7 @@ class KindBackend:
         self._redis_down = False
         self._appendonly = True
         self._set_up = False
+        self._twin: KindBackend | None = None  # dry-run double for describe()
 
     # ------------------------------------------------------------------ helpers
 
@@ -487,6 +491,21 @@ class KindBackend:
             f"--timeout={BROKER_TIMEOUT_S * HPA_MIN}s",
         )
         self._set_up = False
+
+    def describe(self, call: str, *args: Any, **kwargs: Any) -> list[str]:
+        """The plan lines one Protocol call would run (the CLI's --dry-run shows them under
+        the call). Calls go to a dry-run double, so state (what is cut, the spec) carries over
+        from call to call as in a real run."""
+        if self._twin is None:
+            self._twin = KindBackend(
+                dry_run=True, context=self.context, host=self.host, docker=self.docker
+            )
+        before = len(self._twin.runner.plan)
+        try:
+            getattr(self._twin, call)(*args, **kwargs)
+        except NotSupported as error:
+            return [f"# not supported on kind: {error}"]
+        return self._twin.runner.plan[before:]
 
     def endpoints(self) -> list[Endpoint]:
         return [
@@ -702,6 +721,9 @@ def call_method(backend: KindBackend, call: Sequence[Any]) -> object:
 
 
 def _named(name: str) -> Callable[[KindBackend, ClusterSpec], object]:
+    """A scenario of `mcloudtt_chaos.scenarios` by name, as a `(backend, spec)` run: through
+    that module's own dry-run `plan(scenario, backend)` (which shows each Protocol call with
+    the lines `describe` gives), else the scenario called directly."""
     try:
         scenarios = importlib.import_module("mcloudtt_chaos.scenarios")
     except ImportError as error:
@@ -710,10 +732,25 @@ def _named(name: str) -> Callable[[KindBackend, ClusterSpec], object]:
     found = table.get(name) if isinstance(table, dict) else None
     if found is None:
         raise LookupError(f"unknown scenario {name!r}")
-    for run in (found, getattr(found, "run", None)):
-        if callable(run):
-            return run  # type: ignore[no-any-return]
+    module_plan = getattr(scenarios, "plan", None)
+    if callable(module_plan) and dataclasses.is_dataclass(found) and not callable(found):
+
+        def run(backend: KindBackend, spec: ClusterSpec) -> None:
+            scenario = dataclasses.replace(found, cluster=spec)
+            lines = module_plan(scenario, backend)
+            if inspect.isawaitable(lines):
+                lines = asyncio.run(_awaited(lines))
+            backend.runner.plan[:] = list(lines)
+
+        return run
+    for run_ in (found, getattr(found, "run", None)):
+        if callable(run_):
+            return run_  # type: ignore[no-any-return]
     raise LookupError(f"scenario {name!r} has no run(backend, spec)")
+
+
+async def _awaited(value: Awaitable[Any]) -> Any:
+    return await value
 
 
 def print_plan(lines: Iterable[str], out: TextIO = sys.stdout) -> None:
