@@ -486,3 +486,10 @@ def test_a_named_scenario_yields_its_plan() -> None:
         "delete pod mcloudtt-broker-" in line and "--grace-period=0" in line for line in lines
     )
     assert any("mcloudtt-redis --replicas=1" in line for line in lines)
+
+
+def test_kubectl_waits_bound_the_runners_timeout() -> None:
+    steps = steps_of([("kill_redis",), ("restart_redis",)])
+    (wait,) = [s for s in steps if "wait" in s.argv and "--for=delete" in s.argv]
+    assert f"--timeout={kb.REDIS_TIMEOUT_S}s" in wait.argv
+    assert wait.timeout_s == kb.REDIS_TIMEOUT_S

@@ -307,6 +307,10 @@ class KindBackend:
 
     def _k(self, *args: str, why: str = "", **kw: Any) -> str:
         argv = ("kubectl", "--context", self.context, "-n", NAMESPACE, *args)
+        for arg in args:
+            # kubectl's own wait bounds the command's (the runner adds its margin).
+            if match := re.fullmatch(r"--timeout=(\d+)s", arg):
+                kw.setdefault("timeout_s", float(match.group(1)))
         return self.runner.run(Step(argv=argv, why=why, **kw))
 
     def _wait_http(self, url: str, timeout_s: float, why: str = "") -> None:
