@@ -94,8 +94,9 @@ REDIS_CLI = 'REDISCLI_AUTH="$(cat /etc/redis-auth/password)" redis-cli'
 _PID = 'crictl inspect -o go-template --template "{{.info.pid}}" "${1#containerd://}"'
 
 
-class NotSupported(Exception):
-    """This fault cannot be made on kind; the message says why and what to use instead."""
+class NotSupported(NotImplementedError):
+    """This fault cannot be made on kind; the message says why and what to use instead. A
+    NotImplementedError, so a runner can tell "not on this backend" from a failure."""
 
 
 class KindError(Exception):
