@@ -52,7 +52,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Self
+from typing import Any, Literal, Self
 
 from ..backend import ClusterSpec, Endpoint, LinkFault
 from ..procs import (
@@ -614,8 +614,11 @@ class NetnsBackend:
         match = b.proxy.wait_log(r'\{"listen": \d+, "control": (\d+)\}', timeout=30.0)
         b.proxy_control = int(match.group(1))
 
-    def _control(self, b: _Broker, ops: list[dict[str, object]]) -> None:
-        assert b.proxy_control is not None
+    def _control(self, b: _Broker, ops: list[dict[str, object]]) -> dict[str, Any]:
+        """Send each op to the broker's proxy (over the backplane); the state after the last."""
+        if b.proxy_control is None:
+            raise RuntimeError(f"{b.name}'s Redis link is not degraded")
+        answer: dict[str, Any] = {}
         with socket.create_connection((b.backplane_addr, b.proxy_control), timeout=5.0) as s:
             reader = s.makefile("r")
             for op in ops:
@@ -623,6 +626,12 @@ class NetnsBackend:
                 answer = json.loads(reader.readline())
                 if not answer.get("ok"):
                     raise ProcessError(f"fault proxy of {b.name} refused {op}: {answer}")
+        return answer
+
+    def proxy_stats(self, broker: str) -> dict[str, Any]:
+        """The counters of a degraded broker's fault proxy (accepted, bytes per direction...)."""
+        stats: dict[str, Any] = self._control(self.broker(broker), [{"op": "stats"}])["stats"]
+        return stats
 
     def _undegrade(self, b: _Broker) -> None:
         if b.tbf:

@@ -1,0 +1,221 @@
+"""The netns backend against the real thing: namespaces, veths and bridges made by iproute2, Redis
+and brokers inside them, paho clients in the root namespace reaching them through the bridge."""
+
+from __future__ import annotations
+
+import ipaddress
+import queue
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pytest
+from mcloudtt_chaos.backend import ClusterSpec, LinkFault
+from mcloudtt_chaos.backends.netns import (
+    HTTP_PORT,
+    MQTT_PORT,
+    NetnsBackend,
+    cleanup_stale,
+    unavailable_reason,
+)
+
+REASON = unavailable_reason()
+pytestmark = pytest.mark.skipif(REASON is not None, reason=REASON or "")
+
+
+def _leftovers(backend_or_id: NetnsBackend | str) -> list[str]:
+    """Namespaces and links of one run still on the machine."""
+    run_id = backend_or_id if isinstance(backend_or_id, str) else backend_or_id.run_id
+    base = f"mctt{run_id}"
+    names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+    return [w for w in (names + links).replace("@", " ").replace(":", " ").split() if base in w]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NetnsBackend]:
+    backend = NetnsBackend(tmp_path_factory.mktemp("netns"))
+    try:
+        backend.setup(ClusterSpec(brokers=2))
+        for name in ("b0", "b1"):
+            backend.wait_ready(name)
+        yield backend
+    finally:
+        backend.teardown()
+    assert _leftovers(backend) == []
+
+
+class Client:
+    """A paho client in the root namespace, messages collected in a queue."""
+
+    def __init__(self, backend: NetnsBackend, broker: str, *, timeout: float = 5.0) -> None:
+        self.messages: queue.Queue[bytes] = queue.Queue()
+        self.client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2, client_id=f"t-{uuid.uuid4().hex[:8]}"
+        )
+        self.client.connect_timeout = timeout
+        self.client.on_message = lambda _c, _u, msg: self.messages.put(msg.payload)
+        self.connected: queue.Queue[int] = queue.Queue()
+        self.client.on_connect = lambda _c, _u, _f, rc, _p: self.connected.put(rc.value)
+        self.client.connect(backend.broker(broker).client_addr, MQTT_PORT, keepalive=30)
+        self.client.loop_start()
+        assert self.connected.get(timeout=timeout) == 0  # CONNACK: accepted
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def _delivered(backend: NetnsBackend, source: str, target: str, *, timeout: float = 20.0) -> None:
+    """A message published on `source` reaches a subscriber on `target` (through Redis)."""
+    topic = f"netns/{uuid.uuid4().hex[:8]}"
+    sub, pub = Client(backend, target), Client(backend, source)
+    try:
+        sub.client.subscribe(topic, qos=1)
+        deadline = time.monotonic() + timeout
+        # The subscription reaches the other broker through Redis: publish until it arrived.
+        while time.monotonic() < deadline:
+            pub.client.publish(topic, b"hello", qos=1).wait_for_publish(5)
+            try:
+                assert sub.messages.get(timeout=0.3) == b"hello"
+                return
+            except queue.Empty:
+                continue
+        raise AssertionError(f"nothing published on {source} reached {target} in {timeout}s")
+    finally:
+        sub.close()
+        pub.close()
+
+
+def test_brokers_in_their_namespaces_serve_and_route_through_redis(cluster: NetnsBackend) -> None:
+    endpoints = cluster.endpoints()
+    assert [e.name for e in endpoints] == ["b0", "b1"]
+    assert len({e.host for e in endpoints}) == 2  # each its own address
+    assert cluster.subnet is not None
+    assert all(ipaddress.ip_address(e.host) in cluster.subnet for e in endpoints)
+    assert all(cluster.readyz(e.name) == (200, "ready\n") for e in endpoints)
+    _delivered(cluster, "b0", "b1")
+
+
+def test_cut_from_redis_keeps_clients_and_heal_restores(cluster: NetnsBackend) -> None:
+    cluster.cut_from_redis("b1")
+    try:
+        _, body = _wait_status(cluster, "b1", 503)
+        assert "Redis" in body
+        Client(cluster, "b1").close()  # its clients still reach it
+    finally:
+        cluster.heal("b1")
+    cluster.wait_ready("b1")
+    _delivered(cluster, "b0", "b1")
+
+
+def test_cut_from_clients_while_it_stays_ready_behind(cluster: NetnsBackend) -> None:
+    cluster.cut_from_clients("b0")
+    try:
+        with pytest.raises(OSError):  # TimeoutError: the SYN goes nowhere
+            Client(cluster, "b0", timeout=1.0)
+        assert cluster.readyz("b0")[0] == 0
+        assert cluster.readyz("b0", via="backplane") == (200, "ready\n")
+        inside = cluster.exec_in(
+            "b0", "curl", "-s", "-m", "3", f"http://127.0.0.1:{HTTP_PORT}/readyz"
+        )
+        assert inside.stdout == "ready\n"
+    finally:
+        cluster.heal("b0")
+    cluster.wait_ready("b0")
+    _delivered(cluster, "b0", "b1")
+
+
+def test_kill_and_restart_under_the_same_id(cluster: NetnsBackend) -> None:
+    pid = cluster.broker("b1").process.pid
+    cluster.kill_broker("b1")
+    assert cluster.readyz("b1")[0] == 0
+    cluster.start_broker("b1")
+    assert cluster.broker("b1").process.pid != pid
+    cluster.wait_ready("b1", timeout=40.0)  # its old presence may first have to expire
+    assert cluster.endpoints()[1].host == cluster.broker("b1").client_addr
+    _delivered(cluster, "b1", "b0")
+
+
+def test_degraded_link_goes_through_a_proxy_in_the_namespace(cluster: NetnsBackend) -> None:
+    cluster.degrade_redis_link("b1", LinkFault(latency_ms=50, bandwidth_bytes_per_s=200_000))
+    try:
+        b1 = cluster.broker("b1")
+        assert b1.proxy is not None and b1.proxy.alive()
+        qdiscs = subprocess.run(
+            ["tc", "qdisc", "show", "dev", b1.host_backplane_veth], capture_output=True, text=True
+        ).stdout
+        assert b1.tbf == ("tbf" in qdiscs)  # the kernel's cap when it has one
+        # The broker's Redis traffic now flows through the proxy (its old connection reset).
+        _delivered(cluster, "b0", "b1", timeout=30.0)
+        stats = cluster.proxy_stats("b1")
+        assert stats["accepted"] >= 1 and stats["bytes"]["downstream"] > 0
+    finally:
+        cluster.heal("b1")
+    assert cluster.broker("b1").proxy is None
+    assert (
+        "tbf"
+        not in subprocess.run(
+            ["tc", "qdisc", "show", "dev", b1.host_backplane_veth], capture_output=True, text=True
+        ).stdout
+    )
+    cluster.wait_ready("b1")
+    _delivered(cluster, "b0", "b1")
+
+
+def _wait_status(backend: NetnsBackend, broker: str, status: int) -> tuple[int, str]:
+    deadline = time.monotonic() + 30.0
+    while (answer := backend.readyz(broker))[0] != status:
+        assert time.monotonic() < deadline, f"{broker} /readyz still {answer} after 30s"
+        time.sleep(0.2)
+    return answer
+
+
+CRASHING_RUN = """
+import sys, time
+from mcloudtt_chaos.backend import ClusterSpec
+from mcloudtt_chaos.backends.netns import NetnsBackend
+backend = NetnsBackend(sys.argv[1])
+backend.setup(ClusterSpec(brokers=1))
+print(backend.run_id, flush=True)
+time.sleep(600)
+"""
+
+
+def test_teardown_and_cleanup_after_a_crash_leave_nothing(tmp_path: Path) -> None:
+    # A run SIGKILLed after setup: no finally, no atexit; its namespaces and processes stay.
+    crashed = subprocess.Popen(
+        [sys.executable, "-c", CRASHING_RUN, str(tmp_path)], stdout=subprocess.PIPE, text=True
+    )
+    assert crashed.stdout is not None
+    run_id = crashed.stdout.readline().strip()
+    assert run_id and _leftovers(run_id)
+    broker_pids = subprocess.run(
+        ["ip", "netns", "pids", f"mctt{run_id}-b0"], capture_output=True, text=True
+    ).stdout.split()
+    assert broker_pids
+    crashed.kill()
+    crashed.wait()
+    crashed.stdout.close()
+    assert _leftovers(run_id)  # what a crash leaves
+    assert run_id in cleanup_stale()
+    assert _leftovers(run_id) == []
+    for pid in broker_pids:  # its broker, in a session of its own, is gone too
+        assert not _alive(int(pid))
+
+
+def test_cleanup_stale_spares_a_live_run(cluster: NetnsBackend) -> None:
+    assert cluster.run_id not in cleanup_stale()
+    assert cluster.readyz("b0")[0] == 200
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
