@@ -141,30 +141,64 @@ def test_kill_and_restart_under_the_same_id(cluster: NetnsBackend) -> None:
     _delivered(cluster, "b1", "b0")
 
 
-def test_degraded_link_goes_through_a_proxy_in_the_namespace(cluster: NetnsBackend) -> None:
-    cluster.degrade_redis_link("b1", LinkFault(latency_ms=50, bandwidth_bytes_per_s=200_000))
+def test_redis_killed_restarted_and_a_broker_frozen(cluster: NetnsBackend) -> None:
+    cluster.kill_redis()
+    _wait_status(cluster, "b0", 503)
+    cluster.restart_redis(keep_data=True)  # same namespace, address and data directory
+    cluster.wait_ready("b0")
+    cluster.freeze_broker("b0")
     try:
-        b1 = cluster.broker("b1")
+        assert cluster.readyz("b0")[0] == 0  # SIGSTOPped: nothing answers
+    finally:
+        cluster.thaw_broker("b0")
+    cluster.wait_ready("b0")
+    _delivered(cluster, "b0", "b1")
+
+
+def test_degraded_link_goes_through_a_proxy_in_the_namespace(cluster: NetnsBackend) -> None:
+    fast = _delivery_time(cluster, "b0", "b1")
+    cluster.degrade_redis_link("b1", LinkFault(latency_ms=300, bandwidth_bytes_per_s=200_000))
+    b1 = cluster.broker("b1")
+    try:
         assert b1.proxy is not None and b1.proxy.alive()
-        qdiscs = subprocess.run(
-            ["tc", "qdisc", "show", "dev", b1.host_backplane_veth], capture_output=True, text=True
-        ).stdout
+        qdiscs = _qdiscs(b1.host_backplane_veth)
         assert b1.tbf == ("tbf" in qdiscs)  # the kernel's cap when it has one
-        # The broker's Redis traffic now flows through the proxy (its old connection reset).
-        _delivered(cluster, "b0", "b1", timeout=30.0)
+        # The broker's Redis traffic now flows through the proxy (its old connection reset),
+        # and what b1 receives from Redis waits the latency.
+        slow = _delivery_time(cluster, "b0", "b1", timeout=30.0)
+        assert slow >= 0.3 > fast, (fast, slow)
         stats = cluster.proxy_stats("b1")
         assert stats["accepted"] >= 1 and stats["bytes"]["downstream"] > 0
     finally:
         cluster.heal("b1")
-    assert cluster.broker("b1").proxy is None
-    assert (
-        "tbf"
-        not in subprocess.run(
-            ["tc", "qdisc", "show", "dev", b1.host_backplane_veth], capture_output=True, text=True
-        ).stdout
-    )
+    assert b1.proxy is None and "tbf" not in _qdiscs(b1.host_backplane_veth)
     cluster.wait_ready("b1")
-    _delivered(cluster, "b0", "b1")
+    assert _delivery_time(cluster, "b0", "b1") < 0.3
+
+
+def _qdiscs(dev: str) -> str:
+    return subprocess.run(
+        ["tc", "qdisc", "show", "dev", dev], capture_output=True, text=True
+    ).stdout
+
+
+def _delivery_time(
+    backend: NetnsBackend, source: str, target: str, *, timeout: float = 20.0
+) -> float:
+    """Seconds from a publish on `source` to its delivery on `target`, once routing flows."""
+    _delivered(backend, source, target, timeout=timeout)
+    topic = f"netns/{uuid.uuid4().hex[:8]}"
+    sub, pub = Client(backend, target), Client(backend, source)
+    try:
+        sub.client.subscribe(topic, qos=1)
+        time.sleep(1.0)  # the subscription reaches the other broker
+        start = time.monotonic()
+        pub.client.publish(topic, b"timed", qos=1)
+        sub.messages.get(timeout=10.0)
+        return time.monotonic() - start
+    finally:
+        sub.close()
+        pub.close()
 
 
 def _wait_status(backend: NetnsBackend, broker: str, status: int) -> tuple[int, str]:
@@ -175,7 +209,7 @@ def _wait_status(backend: NetnsBackend, broker: str, status: int) -> tuple[int, 
     return answer
 
 
-CRASHING_RUN = """
+RUN = """
 import sys, time
 from mcloudtt_chaos.backend import ClusterSpec
 from mcloudtt_chaos.backends.netns import NetnsBackend
@@ -186,21 +220,35 @@ time.sleep(600)
 """
 
 
-def test_teardown_and_cleanup_after_a_crash_leave_nothing(tmp_path: Path) -> None:
-    # A run SIGKILLed after setup: no finally, no atexit; its namespaces and processes stay.
-    crashed = subprocess.Popen(
-        [sys.executable, "-c", CRASHING_RUN, str(tmp_path)], stdout=subprocess.PIPE, text=True
+def _start_run(workdir: Path) -> tuple[subprocess.Popen[str], str, list[str]]:
+    """A run in another process, set up: (process, run id, pids in its broker's namespace)."""
+    run = subprocess.Popen(
+        [sys.executable, "-c", RUN, str(workdir)], stdout=subprocess.PIPE, text=True
     )
-    assert crashed.stdout is not None
-    run_id = crashed.stdout.readline().strip()
+    assert run.stdout is not None
+    run_id = run.stdout.readline().strip()
+    run.stdout.close()
     assert run_id and _leftovers(run_id)
-    broker_pids = subprocess.run(
+    pids = subprocess.run(
         ["ip", "netns", "pids", f"mctt{run_id}-b0"], capture_output=True, text=True
     ).stdout.split()
-    assert broker_pids
+    assert pids
+    return run, run_id, pids
+
+
+def test_a_terminated_run_removes_everything(tmp_path: Path) -> None:
+    run, run_id, pids = _start_run(tmp_path)
+    run.terminate()  # SIGTERM: the run's finally and atexit hook still tear down
+    assert run.wait(timeout=30) == 128 + 15
+    assert _leftovers(run_id) == []
+    assert not any(_alive(int(pid)) for pid in pids)
+
+
+def test_teardown_and_cleanup_after_a_crash_leave_nothing(tmp_path: Path) -> None:
+    # A run SIGKILLed after setup: no finally, no atexit; its namespaces and processes stay.
+    crashed, run_id, broker_pids = _start_run(tmp_path)
     crashed.kill()
     crashed.wait()
-    crashed.stdout.close()
     assert _leftovers(run_id)  # what a crash leaves
     assert run_id in cleanup_stale()
     assert _leftovers(run_id) == []

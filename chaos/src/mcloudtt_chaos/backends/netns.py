@@ -48,6 +48,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -197,6 +198,9 @@ def cleanup_stale() -> list[str]:
             ids.add(run_id)
     if STATE_DIR.is_dir():
         ids.update(p.stem for p in STATE_DIR.glob("*.json"))
+    for ns in _namespaces():  # a probe of `unavailable_reason()` killed mid-way
+        if (m := re.fullmatch(rf"{PREFIX}probe(\d+)", ns)) and not _pid_alive(int(m.group(1))):
+            _ip("netns", "delete", ns, check=False)
     removed = []
     for run_id in sorted(ids):
         owner = _owner(run_id)
@@ -224,6 +228,19 @@ def _allocation_lock() -> Iterator[None]:
             yield
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _exit_on_sigterm() -> None:
+    """A SIGTERM (a CI job cancelled, `kill`) ends the run through `finally` and atexit, which
+    the default action skips; only where nobody has chosen a handler already."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+
+        def _exit(signum: int, _frame: object) -> None:
+            raise SystemExit(128 + signum)
+
+        signal.signal(signal.SIGTERM, _exit)
 
 
 # ------------------------------------------------------------------------------- processes
@@ -338,6 +355,7 @@ class NetnsBackend:
         if not self._atexit:
             atexit.register(self.teardown)
             self._atexit = True
+            _exit_on_sigterm()
         try:
             with _allocation_lock():
                 self.subnet = _pick_subnet(self._rng)
