@@ -53,9 +53,9 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Self
+from typing import TYPE_CHECKING, Any, Literal, Self
 
-from ..backend import ClusterSpec, Endpoint, LinkFault
+from ..backend import Backend, ClusterSpec, Endpoint, LinkFault
 from ..procs import (
     Process,
     ProcessError,
@@ -585,7 +585,8 @@ class NetnsBackend:
             ops.append({"op": "blackhole"})
         if ops:
             self._start_proxy(b)
-            self._control(b, ops)
+            self._control(b, ops)  # toxics on before any traffic goes through
+            self._take_service_address(b)
 
     def _tbf(self, b: _Broker, bytes_per_s: float) -> bool:
         """Cap both directions of the backplane veth; False when the kernel has no tbf."""
@@ -610,10 +611,11 @@ class NetnsBackend:
 
     def _start_proxy(self, b: _Broker) -> None:
         """A fault proxy on Redis's service address inside the broker's namespace."""
-        # The service address becomes local here: the broker's next connection to it is the
-        # proxy's, and its open ones are reset (their packets now reach the proxy's socket).
-        _ip("-n", b.ns, "addr", "add", f"{self.redis_service_addr}/32", "dev", "lo")
-        b.service_on_lo = True
+        # It listens first (a non-local address may be bound: this namespace's own sysctl), so
+        # no connection of the broker's is ever refused; then the service address becomes
+        # local here: the broker's next connection to it is the proxy's, and its open ones are
+        # reset (their packets now reach the proxy's socket, which knows nothing of them).
+        _run(*_in_ns(b.ns, ["sysctl", "-qw", "net.ipv4.ip_nonlocal_bind=1"]))
         cmd = [
             sys.executable,
             "-m",
@@ -631,6 +633,10 @@ class NetnsBackend:
         b.proxy.start()
         match = b.proxy.wait_log(r'\{"listen": \d+, "control": (\d+)\}', timeout=30.0)
         b.proxy_control = int(match.group(1))
+
+    def _take_service_address(self, b: _Broker) -> None:
+        _ip("-n", b.ns, "addr", "add", f"{self.redis_service_addr}/32", "dev", "lo")
+        b.service_on_lo = True
 
     def _control(self, b: _Broker, ops: list[dict[str, object]]) -> dict[str, Any]:
         """Send each op to the broker's proxy (over the backplane); the state after the last."""
@@ -654,15 +660,15 @@ class NetnsBackend:
     def _undegrade(self, b: _Broker) -> None:
         if b.tbf:
             self._untbf(b)
-        if b.proxy is not None:
-            b.proxy.stop(timeout=2.0)
-            b.proxy = None
-            b.proxy_control = None
-        if b.service_on_lo:
+        if b.service_on_lo:  # first: the broker's next connection goes straight to Redis
             _ip(
                 "-n", b.ns, "addr", "del", f"{self.redis_service_addr}/32", "dev", "lo", check=False
             )
             b.service_on_lo = False
+        if b.proxy is not None:
+            b.proxy.stop(timeout=2.0)
+            b.proxy = None
+            b.proxy_control = None
 
     # ---------------------------------------------------------------- helpers for tests
 
@@ -687,3 +693,7 @@ class NetnsBackend:
             what=f"{broker} /readyz 200 via {via}",
             interval=0.1,
         )
+
+
+if TYPE_CHECKING:  # mypy checks that the class implements the interface
+    _implements: Backend = NetnsBackend()
