@@ -203,19 +203,30 @@ def cleanup_stale() -> list[str]:
             _ip("netns", "delete", ns, check=False)
     removed = []
     for run_id in sorted(ids):
-        owner = _owner(run_id)
-        if owner is not None and (owner == os.getpid() or _pid_alive(owner)):
+        if _owner_alive(run_id):
             continue  # a live run (ours included): its own teardown removes it
         _remove_run(run_id)
         removed.append(run_id)
     return removed
 
 
-def _owner(run_id: str) -> int | None:
+def _start_time(pid: int) -> str | None:
+    """When a process started (clock ticks since boot): with the pid, who it is."""
     try:
-        return int(json.loads((STATE_DIR / f"{run_id}.json").read_text())["pid"])
-    except (OSError, ValueError, KeyError, TypeError):
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
         return None
+
+
+def _owner_alive(run_id: str) -> bool:
+    """Whether the process that made this run still runs (not another one with its pid)."""
+    try:
+        state = json.loads((STATE_DIR / f"{run_id}.json").read_text())
+        pid, started = int(state["pid"]), state.get("started")
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return _pid_alive(pid) and (started is None or _start_time(pid) == started)
 
 
 @contextlib.contextmanager
@@ -253,8 +264,10 @@ def _in_ns(ns: str, cmd: Sequence[str]) -> list[str]:
 class _NsRedis(RedisServer):
     """redis-server inside a namespace, on every address of it."""
 
-    def __init__(self, ns: str, host: str, **kwargs: object) -> None:
-        super().__init__(REDIS_PORT, **kwargs)  # type: ignore[arg-type]
+    def __init__(
+        self, ns: str, host: str, *, appendonly: bool, data_dir: Path, log_path: Path
+    ) -> None:
+        super().__init__(REDIS_PORT, appendonly=appendonly, data_dir=data_dir, log_path=log_path)
         self.ns = ns
         self.host = host  # where the root namespace reaches it (backplane)
         self._binary = self.cmd[0]
@@ -374,7 +387,12 @@ class NetnsBackend:
 
     def _record(self) -> None:
         STATE_DIR.mkdir(parents=True, exist_ok=True)
-        state = {"pid": os.getpid(), "subnet": str(self.subnet), "workdir": str(self.workdir)}
+        state = {
+            "pid": os.getpid(),
+            "started": _start_time(os.getpid()),
+            "subnet": str(self.subnet),
+            "workdir": str(self.workdir),
+        }
         (STATE_DIR / f"{self.run_id}.json").write_text(json.dumps(state))
 
     def _make_network(self, count: int) -> None:
@@ -441,7 +459,9 @@ class NetnsBackend:
         return host_end
 
     def teardown(self) -> None:
-        # Brokers first (they drain), proxies, Redis last; then the network.
+        # Brokers first (they drain, all at once), proxies, Redis last; then the network.
+        for broker in self.brokers.values():
+            broker.process.signal_group(signal.SIGTERM)
         for broker in self.brokers.values():
             for process in (broker.proxy, broker.process):
                 if process is not None and process.proc is not None:
