@@ -4,6 +4,7 @@ and brokers inside them, paho clients in the root namespace reaching them throug
 from __future__ import annotations
 
 import ipaddress
+import os
 import queue
 import subprocess
 import sys
@@ -25,7 +26,19 @@ from mcloudtt_chaos.backends.netns import (
 from paho.mqtt.enums import CallbackAPIVersion
 
 REASON = unavailable_reason()
-pytestmark = pytest.mark.skipif(REASON is not None, reason=REASON or "")
+# Every test but the first needs root and working network namespaces: one reason says why not.
+needs_netns = pytest.mark.skipif(REASON is not None, reason=REASON or "")
+
+
+def test_the_reason_it_cannot_run_is_said(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    with monkeypatch.context() as patch:
+        patch.setenv("PATH", str(tmp_path))  # no iproute2
+        patch.setattr(os, "geteuid", lambda: 0)
+        assert "iproute2" in (unavailable_reason() or "")
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    assert unavailable_reason() == (
+        "the netns backend needs root (network namespaces, veth links, bridges)"
+    )
 
 
 def _leftovers(backend_or_id: NetnsBackend | str) -> list[str]:
@@ -92,6 +105,7 @@ def _delivered(backend: NetnsBackend, source: str, target: str, *, timeout: floa
         pub.close()
 
 
+@needs_netns
 def test_brokers_in_their_namespaces_serve_and_route_through_redis(cluster: NetnsBackend) -> None:
     endpoints = cluster.endpoints()
     assert [e.name for e in endpoints] == ["b0", "b1"]
@@ -102,6 +116,7 @@ def test_brokers_in_their_namespaces_serve_and_route_through_redis(cluster: Netn
     _delivered(cluster, "b0", "b1")
 
 
+@needs_netns
 def test_cut_from_redis_keeps_clients_and_heal_restores(cluster: NetnsBackend) -> None:
     cluster.cut_from_redis("b1")
     try:
@@ -114,6 +129,7 @@ def test_cut_from_redis_keeps_clients_and_heal_restores(cluster: NetnsBackend) -
     _delivered(cluster, "b0", "b1")
 
 
+@needs_netns
 def test_cut_from_clients_while_it_stays_ready_behind(cluster: NetnsBackend) -> None:
     cluster.cut_from_clients("b0")
     try:
@@ -131,6 +147,7 @@ def test_cut_from_clients_while_it_stays_ready_behind(cluster: NetnsBackend) -> 
     _delivered(cluster, "b0", "b1")
 
 
+@needs_netns
 def test_kill_and_restart_under_the_same_id(cluster: NetnsBackend) -> None:
     pid = cluster.broker("b1").process.pid
     cluster.kill_broker("b1")
@@ -142,6 +159,7 @@ def test_kill_and_restart_under_the_same_id(cluster: NetnsBackend) -> None:
     _delivered(cluster, "b1", "b0")
 
 
+@needs_netns
 def test_redis_killed_restarted_and_a_broker_frozen(cluster: NetnsBackend) -> None:
     cluster.kill_redis()
     _wait_status(cluster, "b0", 503)
@@ -156,6 +174,7 @@ def test_redis_killed_restarted_and_a_broker_frozen(cluster: NetnsBackend) -> No
     _delivered(cluster, "b0", "b1")
 
 
+@needs_netns
 def test_degraded_link_goes_through_a_proxy_in_the_namespace(cluster: NetnsBackend) -> None:
     fast = _delivery_time(cluster, "b0", "b1")
     cluster.degrade_redis_link("b1", LinkFault(latency_ms=150, bandwidth_bytes_per_s=200_000))
@@ -237,6 +256,7 @@ def _start_run(workdir: Path) -> tuple[subprocess.Popen[str], str, list[str]]:
     return run, run_id, pids
 
 
+@needs_netns
 def test_a_terminated_run_removes_everything(tmp_path: Path) -> None:
     run, run_id, pids = _start_run(tmp_path)
     run.terminate()  # SIGTERM: the run's finally and atexit hook still tear down
@@ -245,6 +265,7 @@ def test_a_terminated_run_removes_everything(tmp_path: Path) -> None:
     assert not any(_alive(int(pid)) for pid in pids)
 
 
+@needs_netns
 def test_teardown_and_cleanup_after_a_crash_leave_nothing(tmp_path: Path) -> None:
     # A run SIGKILLed after setup: no finally, no atexit; its namespaces and processes stay.
     crashed, run_id, broker_pids = _start_run(tmp_path)
@@ -257,6 +278,7 @@ def test_teardown_and_cleanup_after_a_crash_leave_nothing(tmp_path: Path) -> Non
         assert not _alive(int(pid))
 
 
+@needs_netns
 def test_cleanup_stale_spares_a_live_run(cluster: NetnsBackend) -> None:
     assert cluster.run_id not in cleanup_stale()
     assert cluster.readyz("b0")[0] == 200
