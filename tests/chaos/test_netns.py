@@ -150,13 +150,15 @@ def test_cut_from_clients_while_it_stays_ready_behind(cluster: NetnsBackend) -> 
 @needs_netns
 def test_kill_and_restart_under_the_same_id(cluster: NetnsBackend) -> None:
     pid = cluster.broker("b1").process.pid
+    assert (cluster.rss("b1") or 0) > 1_000_000
     cluster.kill_broker("b1")
-    assert cluster.readyz("b1")[0] == 0
+    assert cluster.readyz("b1")[0] == 0 and cluster.rss("b1") is None
     cluster.start_broker("b1")
     assert cluster.broker("b1").process.pid != pid
     cluster.wait_ready("b1", timeout=40.0)  # its old presence may first have to expire
     assert cluster.endpoints()[1].host == cluster.broker("b1").client_addr
     _delivered(cluster, "b1", "b0")
+    assert "broker b1 ready" in cluster.log("b1")
 
 
 @needs_netns

@@ -510,11 +510,24 @@ class NetnsBackend:
         except OSError as error:
             return 0, f"{broker} unreachable at {host}:{HTTP_PORT}: {error}"
 
-    def logs(self) -> dict[str, Path]:
-        out = {b.name: b.process.log_path for b in self.brokers.values()}
-        if self.redis is not None:
-            out["redis"] = self.redis.log_path
-        return out
+    def log(self, name: str) -> str:
+        """The log of `redis` or a broker (for reports and failing tests)."""
+        process = self.redis if name == "redis" else self.broker(name).process
+        return "" if process is None else process.log_text()
+
+    def rss(self, broker: str) -> int | None:
+        """Resident memory of the broker process in bytes (None: not running)."""
+        process = self.broker(broker).process
+        if not process.alive():
+            return None
+        try:
+            status = Path(f"/proc/{process.pid}/status").read_text()
+        except OSError:
+            return None
+        for line in status.splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        return None
 
     # ---------------------------------------------------------------- Redis
 
@@ -713,6 +726,11 @@ class NetnsBackend:
             what=f"{broker} /readyz 200 via {via}",
             interval=0.1,
         )
+
+
+def create() -> NetnsBackend:
+    """What `backends.load("netns")` returns."""
+    return NetnsBackend()
 
 
 if TYPE_CHECKING:  # mypy checks that the class implements the interface
