@@ -6,6 +6,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import queue
+import socket
 import subprocess
 import sys
 import time
@@ -196,6 +197,57 @@ def test_degraded_link_goes_through_a_proxy_in_the_namespace(cluster: NetnsBacke
     assert b1.proxy is None and "tbf" not in _qdiscs(b1.host_backplane_veth)
     cluster.wait_ready("b1")
     assert _delivery_time(cluster, "b0", "b1") < 0.15
+
+
+SENDER = """
+import socket, sys
+server = socket.create_server((sys.argv[1], 0))
+print(server.getsockname()[1], flush=True)
+conn, _ = server.accept()
+conn.sendall(bytes(int(sys.argv[2])))
+conn.close()
+"""
+
+
+@needs_netns
+def test_a_bandwidth_cap_is_the_kernels_and_holds(cluster: NetnsBackend) -> None:
+    cluster.degrade_redis_link("b0", LinkFault(bandwidth_bytes_per_s=100_000))
+    b0 = cluster.broker("b0")
+    try:
+        if not b0.tbf:
+            pytest.skip("this kernel has no tc tbf: the proxy caps instead")
+        assert b0.proxy is None  # a cap alone needs no proxy, and resets nothing
+        # 150 kB sent from the broker's namespace over its capped backplane veth.
+        sender = subprocess.Popen(
+            [
+                "ip",
+                "netns",
+                "exec",
+                b0.ns,
+                sys.executable,
+                "-c",
+                SENDER,
+                b0.backplane_addr,
+                "150000",
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert sender.stdout is not None
+        port = int(sender.stdout.readline())
+        sender.stdout.close()
+        start, received = time.monotonic(), 0
+        with socket.create_connection((b0.backplane_addr, port), timeout=10) as conn:
+            while chunk := conn.recv(65536):
+                received += len(chunk)
+        rate = received / (time.monotonic() - start)
+        sender.wait(timeout=10)
+        assert received == 150_000
+        assert 75_000 < rate < 125_000, rate
+    finally:
+        cluster.heal("b0")
+    assert "tbf" not in _qdiscs(b0.host_backplane_veth)
+    cluster.wait_ready("b0")
 
 
 def _qdiscs(dev: str) -> str:
