@@ -685,10 +685,10 @@ class NetnsBackend:
                     raise ProcessError(f"fault proxy of {b.name} refused {op}: {answer}")
         return answer
 
-    def proxy_stats(self, broker: str) -> dict[str, Any]:
-        """The counters of a degraded broker's fault proxy (accepted, bytes per direction...)."""
-        stats: dict[str, Any] = self._control(self.broker(broker), [{"op": "stats"}])["stats"]
-        return stats
+    def proxy_state(self, broker: str) -> dict[str, Any]:
+        """The toxics and counters (accepted, bytes per direction...) of a degraded broker's
+        fault proxy."""
+        return self._control(self.broker(broker), [{"op": "stats"}])
 
     def _undegrade(self, b: _Broker) -> None:
         if b.tbf:
