@@ -187,9 +187,9 @@ def test_degraded_link_goes_through_a_proxy_in_the_namespace(cluster: NetnsBacke
         toxics = cluster.proxy_state("b1")["toxics"]["downstream"]
         assert (toxics["latency_s"], toxics["jitter_s"], toxics["slice_size"]) == (0.15, 0.01, 512)
         # The broker's Redis traffic now flows through the proxy (its old connection reset),
-        # and what b1 receives from Redis waits the latency.
+        # and what b1 receives from Redis waits the latency (one way: Redis to b1).
         slow = _delivery_time(cluster, "b0", "b1", timeout=30.0)
-        assert slow >= 0.15 > fast, (fast, slow)
+        assert slow >= 0.14 > fast, (fast, slow)  # 150 ms, less at most 10 of jitter
         stats = cluster.proxy_state("b1")["stats"]
         assert stats["accepted"] >= 1 and stats["bytes"]["downstream"] > 0
     finally:

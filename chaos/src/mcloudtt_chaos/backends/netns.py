@@ -90,8 +90,8 @@ def unavailable_reason() -> str | None:
     try:
         _ip("netns", "add", probe)
         _ip("-n", probe, "link", "set", "lo", "up")
-    except subprocess.CalledProcessError as error:
-        return f"`ip netns` does not work here: {error.stderr.strip() or error}"
+    except NetnsError as error:
+        return f"`ip netns` does not work here: {error}"
     finally:
         _ip("netns", "delete", probe, check=False)
     return None
@@ -100,12 +100,20 @@ def unavailable_reason() -> str | None:
 # ------------------------------------------------------------------------------- iproute2
 
 
+class NetnsError(RuntimeError):
+    """An iproute2 or tc command failed (the message has the command and its stderr)."""
+
+
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["ip", *args], capture_output=True, text=True, check=check)
+    return _run("ip", *args, check=check)
 
 
 def _run(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(list(args), capture_output=True, text=True, check=check)
+    result = subprocess.run(list(args), capture_output=True, text=True)
+    if check and result.returncode != 0:
+        detail = result.stderr.strip() or f"exit status {result.returncode}"
+        raise NetnsError(f"`{' '.join(args)}` failed: {detail}")
+    return result
 
 
 def _namespaces() -> list[str]:
@@ -365,6 +373,7 @@ class NetnsBackend:
         if (reason := unavailable_reason()) is not None:
             raise NetnsUnavailable(reason)
         self.spec = spec
+        self.brokers = {}
         if not self._atexit:
             atexit.register(self.teardown)
             self._atexit = True
