@@ -192,6 +192,10 @@ def test_degraded_link_goes_through_a_proxy_in_the_namespace(cluster: NetnsBacke
         assert slow >= 0.14 > fast, (fast, slow)  # 150 ms, less at most 10 of jitter
         stats = cluster.proxy_state("b1")["stats"]
         assert stats["accepted"] >= 1 and stats["bytes"]["downstream"] > 0
+        # Another degradation replaces this one (a new proxy, only the new toxics).
+        cluster.degrade_redis_link("b1", LinkFault(slice_bytes=64))
+        toxics = cluster.proxy_state("b1")["toxics"]["downstream"]
+        assert (toxics["latency_s"], toxics["slice_size"]) == (0.0, 64)
     finally:
         cluster.heal("b1")
     assert b1.proxy is None

@@ -324,9 +324,9 @@ class NetnsBackend:
         self._rng = random.Random(seed)
         self.run_id = f"{random.SystemRandom().getrandbits(24):06x}"
         self.base = PREFIX + self.run_id
-        self.workdir = (
-            Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="mcloudtt-netns-"))
-        )
+        # Logs and Redis's data; a temporary directory at setup when nobody set one.
+        self.workdir: Path | None = Path(workdir) if workdir else None
+        self._proxies = 0
         self.spec = ClusterSpec()
         self.brokers: dict[str, _Broker] = {}
         self.redis: _NsRedis | None = None
@@ -336,6 +336,11 @@ class NetnsBackend:
         self.backplane_bridge = f"{self.base}r"
         self._made = False
         self._atexit = False
+
+    def _workdir(self) -> Path:
+        if self.workdir is None:
+            self.workdir = Path(tempfile.mkdtemp(prefix="mcloudtt-netns-"))
+        return self.workdir
 
     # ---------------------------------------------------------------- addresses
 
@@ -400,7 +405,7 @@ class NetnsBackend:
             "pid": os.getpid(),
             "started": _start_time(os.getpid()),
             "subnet": str(self.subnet),
-            "workdir": str(self.workdir),
+            "workdir": str(self._workdir()),
         }
         (STATE_DIR / f"{self.run_id}.json").write_text(json.dumps(state))
 
@@ -422,8 +427,8 @@ class NetnsBackend:
             self.redis_ns,
             self.redis_addr,
             appendonly=self.spec.redis_appendonly,
-            data_dir=self.workdir / "redis",
-            log_path=self.workdir / "redis.log",
+            data_dir=self._workdir() / "redis",
+            log_path=self._workdir() / "redis.log",
         )
         for index in range(count):
             name = f"b{index}"
@@ -449,7 +454,7 @@ class NetnsBackend:
             process = Process(
                 _in_ns(ns, cmd),
                 name=name,
-                log_path=self.workdir / f"{name}.log",
+                log_path=self._workdir() / f"{name}.log",
                 env=self.spec.env,
                 port=MQTT_PORT,
                 http_port=HTTP_PORT,
@@ -669,9 +674,10 @@ class NetnsBackend:
             "--control",
             f"{b.backplane_addr}:0",
         ]
-        b.proxy = Process(
-            _in_ns(b.ns, cmd), name=f"proxy-{b.name}", log_path=self.workdir / f"proxy-{b.name}.log"
-        )
+        # A log of its own per proxy: the port line read below must be this one's.
+        self._proxies += 1
+        log_path = self._workdir() / f"proxy-{b.name}-{self._proxies}.log"
+        b.proxy = Process(_in_ns(b.ns, cmd), name=f"proxy-{b.name}", log_path=log_path)
         b.proxy.start()
         match = b.proxy.wait_log(r'\{"listen": \d+, "control": (\d+)\}', timeout=30.0)
         b.proxy_control = int(match.group(1))
