@@ -18,18 +18,23 @@ Faults:
 - kill/stop/freeze: signals to the process group, as in `local` (`ip netns exec` execs the
   program, so the process started is the server itself).
 - `cut_from_redis`: the bridge end of the broker's backplane veth goes down, a cable pulled at
-  the switch: packets are silently lost, TCP retransmits, ARP fails after a few seconds.
+  the switch: packets are silently lost, TCP retransmits, ARP fails after a few seconds (a
+  broker here says `/readyz` 503 about 6 s after the cut).
 - `cut_from_clients`: the same for its clients veth.
 - `degrade_redis_link`: brokers use Redis's *service* address; degrading puts that address on
   the broker namespace's loopback and a fault proxy listening on it, which forwards to Redis's
-  real address (no iptables needed). Connections open at that moment are reset (their replies
-  now come from a local source, their packets reach the proxy), so the broker reconnects
-  through the proxy. A bandwidth cap is `tc tbf` on both ends of the backplane veth when the
-  kernel has it, else the proxy's. `heal` removes all of it.
+  real address (no iptables needed; `tc netem` is not in every kernel). The proxy listens
+  first (`ip_nonlocal_bind` in that namespace), then the address moves: connections open at
+  that moment are reset (their packets now reach the proxy's socket), so the broker reconnects
+  through the proxy. A bandwidth cap alone is `tc tbf` on both ends of the backplane veth when
+  the kernel has it (no proxy, no reset), else the proxy's. `heal` removes all of it.
 
 Everything a run creates is named after its id and recorded in a state file with the owner's
-pid; `teardown()` (also from an atexit hook) removes it, and `cleanup_stale()` removes what a
-killed run left behind (the namespaces' processes first), never touching a live run's.
+pid and start time; `teardown()` (also from an atexit hook, and on SIGTERM, which then unwinds
+like Ctrl-C) removes it, and `cleanup_stale()` removes what a SIGKILLed run left behind (the
+processes in its namespaces first: they run in sessions of their own and outlive it), never
+touching a live run's. Subnets come from 10.203.0.0/16, a /24 that no address or route of the
+root namespace overlaps, picked under a lock so two runs starting at once differ.
 """
 
 from __future__ import annotations
