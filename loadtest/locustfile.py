@@ -202,7 +202,7 @@ class Connection:
             self.sock.settimeout(None)
             self._connack = AsyncResult()
             self._greenlets = [gevent.spawn(self._read_loop), gevent.spawn(self._ping_loop)]
-            props = {mq.SESSION_EXPIRY: session_expiry} if session_expiry else None
+            props = [(mq.SESSION_EXPIRY, session_expiry)] if session_expiry else None
             self._send(
                 mq.connect(
                     self.client_id,
@@ -278,7 +278,8 @@ class Connection:
 
     def disconnect(self) -> None:
         if self.sock is not None and self.connected:
-            with contextlib.suppress(OSError):
+            self.connected = False  # the broker's close that follows is not a drop
+            with contextlib.suppress(OSError, MqttError):
                 self._send(mq.disconnect(version=self.version))
         self.close()
 
@@ -459,9 +460,13 @@ class Subscriber(MqttUser):
     def tracker(self) -> SequenceTracker:
         return SequenceTracker(float(self.opts.loss_grace))
 
+    def entry_name(self) -> str:
+        """The name of its RECV entry in the statistics."""
+        return self.topic_filter()
+
     def on_start(self) -> None:
         self._tracker = self.tracker()
-        self.entry = self.topic_filter()
+        self.entry = self.entry_name()
         self._expirer = gevent.spawn(self._expire_loop)
         if self.open(self.receive):
             self.subscribe()
@@ -598,7 +603,9 @@ class SharedConsumer(Subscriber):
     def on_start(self) -> None:
         _SHARED_LIVE[self.topic_filter()] += 1
         super().on_start()
-        self.entry = "$share/telemetry/+"
+
+    def entry_name(self) -> str:
+        return "$share/telemetry/+"
 
     def on_stop(self) -> None:
         # Only the last of the group gives up on what is missing (the others may still get it).
