@@ -860,6 +860,10 @@ def _report(client_id: str, data: dict[str, Any]) -> None:
 @events.worker_report.add_listener
 def _collect(client_id: str, data: dict[str, Any]) -> None:
     COUNTERS.update(data.get("mqtt_counters", {}))
+    _WORKERS.add(client_id)
+
+
+_WORKERS: set[str] = set()  # on the master: the workers whose counters were summed
 
 
 def summary(environment: Any) -> dict[str, Any]:
@@ -886,16 +890,28 @@ def summary(environment: Any) -> dict[str, Any]:
             "published": sum(v for k, v in counters.items() if k.startswith("published_qos")),
         },
         "e2e_latency": latencies,
+        "workers": len(_WORKERS),
         "failures": stats.total.num_failures,
         "requests": stats.total.num_requests,
     }
 
 
-@events.quitting.add_listener
-def _write_summary(environment: Any, **_: Any) -> None:
-    opts = environment.parsed_options
-    if opts is None or isinstance(environment.runner, WorkerRunner):
+_ENV: list[Any] = []  # the environment, for the quit event (which does not carry it)
+
+
+@events.init.add_listener
+def _keep_environment(environment: Any, **_: Any) -> None:
+    _ENV[:] = [environment]
+
+
+@events.quit.add_listener
+def _write_summary(exit_code: int, **_: Any) -> None:
+    # `quit` comes after the runner has stopped every user (`quitting` comes before, while the
+    # users still run): the counters are final, the subscribers have flushed their gaps.
+    if not _ENV or _ENV[0].parsed_options is None or isinstance(_ENV[0].runner, WorkerRunner):
         return
+    environment = _ENV[0]
+    opts = environment.parsed_options
     result = summary(environment)
     c = result["counters"]
     log.info(
