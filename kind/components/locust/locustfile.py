@@ -780,46 +780,100 @@ SCENARIOS: dict[str, dict[type[User], tuple[str, str | int]]] = {
 
 @events.init_command_line_parser.add_listener
 def _add_options(parser: Any) -> None:
+    # Each option has a LOCUST_* variable too (the Kubernetes component sets them).
     group = parser.add_argument_group("MQTT (mcloudtt locustfile)")
     group.add_argument(
         "--scenario",
+        env_var="LOCUST_SCENARIO",
         choices=sorted(SCENARIOS),
         default="",
         help="what the users do (default fan-in; --tags NAME picks one too)",
     )
     group.add_argument(
-        "--hosts", default="", help="brokers to spread users over: mqtt://a:1883,mqtt://b:1883"
-    )
-    group.add_argument("--qos", type=int, choices=(0, 1, 2), default=0, help="publish QoS")
-    group.add_argument(
-        "--qos-mix", default="", help="publishers' QoS in turn, e.g. 0,1,2 (qos-mix: 0,1,2)"
-    )
-    group.add_argument("--sub-qos", type=int, choices=(0, 1, 2), default=2, help="subscription QoS")
-    group.add_argument(
-        "--interval", type=float, default=1.0, help="seconds between one user's publishes"
+        "--hosts",
+        env_var="LOCUST_HOSTS",
+        default="",
+        help="brokers to spread users over: mqtt://a:1883,mqtt://b:1883",
     )
     group.add_argument(
-        "--payload-size", type=int, default=100, help="bytes per message (header: 32)"
+        "--qos", env_var="LOCUST_QOS", type=int, choices=(0, 1, 2), default=0, help="publish QoS"
     )
     group.add_argument(
-        "--consumers", type=int, default=2, help="subscribers in fan-in, shared, cross-broker"
+        "--qos-mix",
+        env_var="LOCUST_QOS_MIX",
+        default="",
+        help="publishers' QoS in turn, e.g. 0,1,2 (qos-mix: 0,1,2)",
     )
     group.add_argument(
-        "--retained", type=int, default=1000, help="retained messages (retained scenario)"
-    )
-    group.add_argument("--share-group", default="locust", help="shared subscription group prefix")
-    group.add_argument(
-        "--mqtt-version", type=int, choices=(4, 5), default=5, help="4 = 3.1.1, 5 = 5.0"
-    )
-    group.add_argument("--keepalive", type=int, default=60)
-    group.add_argument(
-        "--mqtt-timeout", type=float, default=10.0, help="seconds to wait for an ack"
+        "--sub-qos",
+        env_var="LOCUST_SUB_QOS",
+        type=int,
+        choices=(0, 1, 2),
+        default=2,
+        help="subscription QoS",
     )
     group.add_argument(
-        "--loss-grace", type=float, default=2.0, help="seconds a gap may wait before it is lost"
+        "--interval",
+        env_var="LOCUST_INTERVAL",
+        type=float,
+        default=1.0,
+        help="seconds between one user's publishes",
     )
     group.add_argument(
-        "--mqtt-summary", default="", help="write the MQTT counters to this JSON file"
+        "--payload-size",
+        env_var="LOCUST_PAYLOAD_SIZE",
+        type=int,
+        default=100,
+        help="bytes per message (header: 32)",
+    )
+    group.add_argument(
+        "--consumers",
+        env_var="LOCUST_CONSUMERS",
+        type=int,
+        default=2,
+        help="subscribers in fan-in, shared, cross-broker",
+    )
+    group.add_argument(
+        "--retained",
+        env_var="LOCUST_RETAINED",
+        type=int,
+        default=1000,
+        help="retained messages (retained scenario)",
+    )
+    group.add_argument(
+        "--share-group",
+        env_var="LOCUST_SHARE_GROUP",
+        default="locust",
+        help="shared subscription group prefix",
+    )
+    group.add_argument(
+        "--mqtt-version",
+        env_var="LOCUST_MQTT_VERSION",
+        type=int,
+        choices=(4, 5),
+        default=5,
+        help="4 = 3.1.1, 5 = 5.0",
+    )
+    group.add_argument("--keepalive", env_var="LOCUST_KEEPALIVE", type=int, default=60)
+    group.add_argument(
+        "--mqtt-timeout",
+        env_var="LOCUST_MQTT_TIMEOUT",
+        type=float,
+        default=10.0,
+        help="seconds to wait for an ack",
+    )
+    group.add_argument(
+        "--loss-grace",
+        env_var="LOCUST_LOSS_GRACE",
+        type=float,
+        default=2.0,
+        help="seconds a gap may wait before it is lost",
+    )
+    group.add_argument(
+        "--mqtt-summary",
+        env_var="LOCUST_MQTT_SUMMARY",
+        default="",
+        help="write the MQTT counters to this JSON file",
     )
 
 

@@ -32,20 +32,53 @@ log = logging.getLogger("mqtt-saturation")
 def _add_options(parser: Any) -> None:
     group = parser.add_argument_group("Saturation search (loadtest/saturation.py)")
     group.add_argument(
-        "--sat-start-users", type=int, default=0, help="users of the first step (default: one step)"
-    )
-    group.add_argument("--sat-step-users", type=int, default=100, help="users added per step")
-    group.add_argument("--sat-step-time", type=float, default=20.0, help="seconds per step")
-    group.add_argument(
-        "--sat-spawn-rate", type=float, default=100.0, help="users started per second"
-    )
-    group.add_argument(
-        "--sat-max-users", type=int, default=100_000, help="stop here if it still holds"
+        "--sat-start-users",
+        env_var="LOCUST_SAT_START_USERS",
+        type=int,
+        default=0,
+        help="users of the first step (default: one step)",
     )
     group.add_argument(
-        "--sat-p99-ms", type=float, default=100.0, help="p99 end-to-end latency bound"
+        "--sat-step-users",
+        env_var="LOCUST_SAT_STEP_USERS",
+        type=int,
+        default=100,
+        help="users added per step",
     )
-    group.add_argument("--sat-out", default="reports/saturation.json", help="the result as JSON")
+    group.add_argument(
+        "--sat-step-time",
+        env_var="LOCUST_SAT_STEP_TIME",
+        type=float,
+        default=20.0,
+        help="seconds per step",
+    )
+    group.add_argument(
+        "--sat-spawn-rate",
+        env_var="LOCUST_SAT_SPAWN_RATE",
+        type=float,
+        default=100.0,
+        help="users started per second",
+    )
+    group.add_argument(
+        "--sat-max-users",
+        env_var="LOCUST_SAT_MAX_USERS",
+        type=int,
+        default=100_000,
+        help="stop here if it still holds",
+    )
+    group.add_argument(
+        "--sat-p99-ms",
+        env_var="LOCUST_SAT_P99_MS",
+        type=float,
+        default=100.0,
+        help="p99 end-to-end latency bound",
+    )
+    group.add_argument(
+        "--sat-out",
+        env_var="LOCUST_SAT_OUT",
+        default="reports/saturation.json",
+        help="the result as JSON",
+    )
 
 
 def snapshot(stats: Any) -> dict[str, Any]:
