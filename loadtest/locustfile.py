@@ -443,8 +443,8 @@ class MqttUser(User):
     def reconnect_if_dropped(self) -> bool:
         if self.conn is not None and self.conn.connected:
             return True
-        gevent.sleep(0.5)
-        return self.open(self.receive if isinstance(self, Subscriber) else None)
+        gevent.sleep(0.5)  # not a tight loop while a broker is down
+        return self.open()
 
 
 class Subscriber(MqttUser):
@@ -474,6 +474,16 @@ class Subscriber(MqttUser):
     def subscribe(self) -> None:
         assert self.conn is not None
         self.conn.subscribe(self.entry, [(self.topic_filter(), int(self.opts.sub_qos))])
+
+    def reconnect_if_dropped(self) -> bool:
+        # A clean session: the subscription is gone with the connection; make it again.
+        if self.conn is not None and self.conn.connected:
+            return True
+        gevent.sleep(0.5)
+        if not self.open(self.receive):
+            return False
+        self.subscribe()
+        return True
 
     def receive(self, topic: bytes, payload: bytes, qos: int) -> None:
         now_ns = time.time_ns()

@@ -32,13 +32,9 @@ def broker() -> Iterator[BrokerProcess]:
         yield b
 
 
-def locust(
+def locust_command(
     tmp_path: Path, host: str, *args: str, users: int = 20, seconds: float = 3, files: str = ""
-) -> tuple[dict[tuple[str, str], dict[str, str]], dict[str, Any], str]:
-    """Run locust headless; (CSV stats rows by (type, name), the MQTT summary, its output)."""
-    prefix = tmp_path / "run"
-    summary = tmp_path / "summary.json"
-    final = tmp_path / "stats.json"
+) -> list[str]:
     cmd = [
         *console_script("locust", "locust"),
         "-f",
@@ -47,11 +43,11 @@ def locust(
         "--host",
         host,
         "--csv",
-        str(prefix),
+        str(tmp_path / "run"),
         "--json-file",
-        str(final.with_suffix("")),  # locust adds .json
+        str(tmp_path / "stats"),  # locust adds .json
         "--mqtt-summary",
-        str(summary),
+        str(tmp_path / "summary.json"),
         "--only-summary",
         "--loss-grace",
         "1",
@@ -59,30 +55,44 @@ def locust(
     ]
     if not files:
         cmd += ["-u", str(users), "-r", str(max(users, 1)), "-t", f"{seconds}s"]
-    done = subprocess.run(
-        cmd, capture_output=True, text=True, timeout=60, check=False, cwd=tmp_path
-    )
-    output = done.stdout + done.stderr
+    return cmd
+
+
+Rows = dict[tuple[str, str], dict[str, str]]
+
+
+def results(tmp_path: Path, returncode: int, output: str) -> tuple[Rows, dict[str, Any], str]:
+    """(stats rows by (type, name), the MQTT summary, the output) of a finished run."""
     assert "Traceback" not in output, output[-4000:]
-    assert done.returncode == 0, output[-4000:]
+    assert returncode == 0, output[-4000:]
     # The CSV is rewritten every second while locust runs (its last write may miss the final
     # second); the JSON file is written once, after the users have stopped: counts from it.
-    with open(f"{prefix}_stats.csv") as handle:
-        assert {"Type", "Name", "Request Count", "Failure Count", "99%"} <= set(
-            next(csv.reader(handle))
-        )
+    with open(tmp_path / "run_stats.csv") as handle:
+        header = set(next(csv.reader(handle)))
+        assert {"Type", "Name", "Request Count", "Failure Count", "99%"} <= header
     rows = {
         (e["method"], e["name"]): {
             "Request Count": str(e["num_requests"]),
             "Failure Count": str(e["num_failures"]),
         }
-        for e in json.loads(final.read_text())
+        for e in json.loads((tmp_path / "stats.json").read_text())
     }
     rows[("", "Aggregated")] = {
         "Request Count": str(sum(int(r["Request Count"]) for r in rows.values())),
         "Failure Count": str(sum(int(r["Failure Count"]) for r in rows.values())),
     }
-    return rows, json.loads(summary.read_text()), output
+    return rows, json.loads((tmp_path / "summary.json").read_text()), output
+
+
+def locust(
+    tmp_path: Path, host: str, *args: str, users: int = 20, seconds: float = 3, files: str = ""
+) -> tuple[Rows, dict[str, Any], str]:
+    """Run locust headless to the end."""
+    cmd = locust_command(tmp_path, host, *args, users=users, seconds=seconds, files=files)
+    done = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=60, check=False, cwd=tmp_path
+    )
+    return results(tmp_path, done.returncode, done.stdout + done.stderr)
 
 
 def count(
@@ -213,6 +223,38 @@ def test_cross_broker_traffic_goes_through_the_cluster(tmp_path: Path) -> None:
     # One consumer on the first broker; every device on the second (offset 1, two hosts: all
     # odd indexes) or the first: what the consumer got from the second went through Redis.
     assert count(rows, "RECV") > 20
+
+
+def test_users_reconnect_and_resubscribe_after_a_broker_restart(tmp_path: Path) -> None:
+    with BrokerProcess() as b:
+        cmd = locust_command(
+            tmp_path,
+            f"mqtt://127.0.0.1:{b.port}",
+            "--interval",
+            "0.1",
+            "--exit-code-on-error",
+            "0",
+            seconds=6,
+        )
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path
+        )
+        time.sleep(2.5)
+        b.stop()
+        time.sleep(0.5)
+        b.start()  # the same port
+        output, _ = proc.communicate(timeout=60)
+    rows, summary, _ = results(tmp_path, proc.returncode, output)
+    c = summary["counters"]
+    assert c["dropped_connections"] == 20  # every user saw its connection go
+    assert (
+        int(rows[("CONNECT", "device")]["Request Count"])
+        - int(rows[("CONNECT", "device")]["Failure Count"])
+        >= 2 * 18
+    )  # and connected again
+    assert int(rows[("SUBSCRIBE", "telemetry/+")]["Request Count"]) == 4  # consumers resubscribed
+    # Messages flowed again after the restart: more than the 2.5 s before it could carry.
+    assert c["received"] > 2 * 18 * 10 * 2.5
 
 
 def test_saturation_shape_finds_the_highest_step_that_held(
