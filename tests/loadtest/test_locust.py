@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from mcloudtt_chaos.procs import console_script
+from mcloudtt_chaos.procs import NotInstalled, Process, console_script, free_port, mosquitto_binary
 
 from tests.brokerproc import BrokerProcess
 from tests.redisproc import RedisProcess
@@ -172,6 +172,39 @@ def test_connect_and_reconnect_storms(tmp_path: Path, broker: BrokerProcess) -> 
     )
     assert_clean(rows, summary)
     assert count(rows, "CONNECT") > 20 * 5  # each reconnected several times
+
+
+def _mosquitto() -> str | None:
+    try:
+        return mosquitto_binary()
+    except NotInstalled:
+        return None
+
+
+@pytest.mark.skipif(_mosquitto() is None, reason="needs Mosquitto (apt-get install -y mosquitto)")
+def test_a_refused_connect_fails_with_its_reason_code(tmp_path: Path) -> None:
+    port = free_port()
+    conf = tmp_path / "mosquitto.conf"
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous false\n")
+    with Process([str(_mosquitto()), "-c", str(conf)], name="mosquitto", port=port) as mosquitto:
+        mosquitto.wait_port(timeout=10)
+        locust(
+            tmp_path,
+            f"mqtt://127.0.0.1:{port}",
+            "--scenario",
+            "connect-storm",
+            "--exit-code-on-error",
+            "0",
+            users=5,
+            seconds=2,
+        )
+    with open(tmp_path / "run_failures.csv") as handle:
+        failures = {
+            (r["Method"], r["Error"]): int(r["Occurrences"]) for r in csv.DictReader(handle)
+        }
+    # MQTT 5.0: 0x87 Not authorized (3.2.2.2); each user tried once a second.
+    assert set(failures) == {("CONNECT", "MqttError('CONNACK 0x87')")}, failures
+    assert failures[("CONNECT", "MqttError('CONNACK 0x87')")] >= 5
 
 
 def test_retained_heavy_subscribe(tmp_path: Path, broker: BrokerProcess) -> None:
