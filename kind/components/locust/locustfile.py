@@ -395,6 +395,7 @@ class MqttUser(User):
     # Cross-broker: consumers count from the first broker, publishers from the second, so that
     # what is published on one node is received on another.
     host_offset = 0
+    _task_started = 0.0  # set by each task: pace() counts the interval from there
 
     def __init__(self, environment: Any) -> None:
         super().__init__(environment)
@@ -435,8 +436,6 @@ class MqttUser(User):
         """Seconds to wait so that each task starts every --interval seconds."""
         return max(0.0, float(self.opts.interval) - (time.monotonic() - self._task_started))
 
-    _task_started = 0.0
-
     def wait_time(self) -> float:
         return self.pace()
 
@@ -452,7 +451,6 @@ class Subscriber(MqttUser):
 
     abstract = True
     role = "consumer"
-    label = "RECV"
 
     def topic_filter(self) -> str:
         return "telemetry/+"
@@ -725,7 +723,7 @@ class RetainedSeeder(MqttUser):
         return 1.0
 
 
-class RetainedSubscriber(Subscriber):
+class RetainedSubscriber(MqttUser):
     """Subscribes to `retained/#` again and again; "RETAINED all" is the time until every
     retained message has arrived (a failure when they do not all come within --mqtt-timeout)."""
 
@@ -735,9 +733,7 @@ class RetainedSubscriber(Subscriber):
         return "retained/#"
 
     def on_start(self) -> None:
-        self.entry = "retained/#"
-        self._tracker = SequenceTracker(float(self.opts.loss_grace))
-        self._expirer = gevent.spawn(lambda: None)
+        self.entry = self.topic_filter()
         self._got: set[bytes] = set()
 
     def receive(self, topic: bytes, payload: bytes, qos: int) -> None:
