@@ -430,6 +430,9 @@ class MqttUser(User):
 
     def next_payload(self) -> bytes:
         self.seq += 1
+        skip = int(self.opts.skip_every)
+        if skip and self.seq % skip == 0:
+            self.seq += 1  # --skip-every: a number never sent, as if the broker had dropped it
         return stamp(self.pub_id, self.seq, int(self.opts.payload_size))
 
     def pace(self) -> float:
@@ -874,6 +877,13 @@ def _add_options(parser: Any) -> None:
         type=float,
         default=2.0,
         help="seconds a gap may wait before it is lost",
+    )
+    group.add_argument(
+        "--skip-every",
+        env_var="LOCUST_SKIP_EVERY",
+        type=int,
+        default=0,
+        help="harness self-check: publishers skip every Nth sequence number (each is then lost)",
     )
     group.add_argument(
         "--mqtt-summary",

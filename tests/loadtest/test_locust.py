@@ -407,6 +407,32 @@ def test_the_loss_detector_sees_a_dropped_message() -> None:
     assert out["flushed"] == [["q", 4]]
 
 
+def test_a_dropped_message_is_a_failure_in_the_reports(
+    tmp_path: Path, broker: BrokerProcess
+) -> None:
+    # The devices skip every 5th sequence number: to each consumer that is one message lost
+    # (a RECV failure), whatever the broker does.
+    rows, summary, _ = locust(
+        tmp_path,
+        f"mqtt://127.0.0.1:{broker.port}",
+        "--skip-every",
+        "5",
+        "--interval",
+        "0.1",
+        "--exit-code-on-error",
+        "0",
+    )
+    lost = summary["counters"]["lost"]
+    received = summary["counters"]["received"]
+    assert int(rows[("RECV", "telemetry/+")]["Failure Count"]) == lost
+    # Two consumers see every device's gaps: about one per four delivered.
+    assert received / 4 * 0.7 < lost <= received / 4 + 2 * 18
+    assert summary["counters"]["duplicates"] == 0
+    with open(tmp_path / "run_failures.csv") as handle:
+        errors = {r["Error"] for r in csv.DictReader(handle)}
+    assert errors and all(e.startswith("MessageLost('publisher ") for e in errors), errors
+
+
 def test_the_component_carries_the_same_locustfiles() -> None:
     # kustomize's load restrictor keeps the ConfigMap's files inside the component: copies.
     for name in ("locustfile.py", "saturation.py"):
