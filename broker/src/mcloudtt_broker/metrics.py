@@ -16,13 +16,33 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from .core.broker import Broker
 
-CLUSTER_DROP_REASONS = ("buffer_full_qos0", "buffer_full", "unconfirmed_overflow", "peer_gone")
+CLUSTER_LIMITS = (
+    "connections",
+    "listener_connections",
+    "connect_rate",
+    "publish_rate",
+    "bandwidth",
+    "subscriptions",
+    "topic_length",
+    "topic_levels",
+)
+DROP_REASONS = ("buffer_full_qos0", "buffer_full", "unconfirmed_overflow", "peer_gone")
 WRONG_ACK_KINDS = (
     "puback_unknown",
     "puback_for_qos2",
     "pubrec_for_qos1",
     "pubcomp_unknown",
     "pubcomp_for_qos1",
+)
+LIMITS = (
+    "connections",
+    "listener_connections",
+    "connect_rate",
+    "publish_rate",
+    "bandwidth",
+    "subscriptions",
+    "topic_length",
+    "topic_levels",
 )
 DROP_REASONS = ("queue_full", "slow_consumer", "expired", "packet_too_large", "offline_qos0")
 
@@ -108,6 +128,16 @@ class BrokerCollector(Collector):
             "mcloudtt_oversized_closes_total",
             "Connections closed because a packet they needed exceeded their Maximum Packet Size.",
             stats.oversized_closes,
+        )
+        limits = dict.fromkeys(LIMITS, 0) | dict(stats.limited)
+        yield _by_label(
+            CounterMetricFamily(
+                "mcloudtt_limited_total",
+                "Times a limit was hit (a refused CONNECT or SUBSCRIBE, a closed connection, or "
+                "a client's reading paused), by limit.",
+                labels=["limit"],
+            ),
+            dict(sorted(limits.items())),
         )
         for name, help_text, value in (
             (

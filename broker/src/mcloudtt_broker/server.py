@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import signal
 import ssl
@@ -18,8 +19,10 @@ from typing import TYPE_CHECKING
 from .cluster.settings import ClusterSettings
 from .core.broker import Broker, BrokerSettings
 from .core.connection import ServerConnection
+from .core.limits import BucketTable, Throttle
 from .httpd import PROMETHEUS, TEXT, HttpServer
 from .metrics import registry_for, render_metrics
+from .mqtt.reason_codes import ReasonCode
 from .websocket import WebSocketProtocol
 
 if TYPE_CHECKING:
@@ -31,26 +34,52 @@ WRITE_HIGH_WATER = 256 * 1024
 
 
 class MQTTProtocol(asyncio.Protocol):
-    __slots__ = ("conn", "flush_scheduled", "loop", "server", "transport")
+    __slots__ = ("conn", "flush_scheduled", "listener", "loop", "server", "throttled", "transport")
 
-    def __init__(self, server: BrokerServer) -> None:
+    def __init__(self, server: BrokerServer, listener: int = 0) -> None:
         self.server = server
+        self.listener = listener
         self.loop = server.loop
         self.transport: asyncio.Transport | None = None
         self.conn: ServerConnection | None = None
         self.flush_scheduled = False
+        self.throttled = False  # reading paused by a publish rate or bandwidth limit
 
     # asyncio callbacks ------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, hence no isinstance check.
         self.transport = transport  # type: ignore[assignment]
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)  # type: ignore[attr-defined]
-        self.conn = self.server.broker.connect(self, self.loop.time())
+        self.conn = conn = self.server.broker.connect(self, self.loop.time())
+        if self.server.admit(self, transport):
+            conn.refusal = ReasonCode.QUOTA_EXCEEDED  # CONNACK 0x97 (5.0) / 0x03 (3.1.1)
 
     def data_received(self, data: bytes) -> None:
         conn = self.conn
         if conn is not None:
             conn.receive_data(data, self.loop.time())
+            throttle = conn.throttle
+            if throttle is not None and throttle.wait:
+                self._throttle(throttle)
+
+    def _throttle(self, throttle: Throttle) -> None:
+        """Over its publish rate or bandwidth: stop reading this client until its debt is paid
+        (it is slowed, never dropped; its packets wait in its socket)."""
+        wait = throttle.take_wait()
+        self.server.broker.stats.limited[throttle.reason] += 1
+        if self.throttled or self.transport is None or self.transport.is_closing():
+            return
+        self.throttled = True
+        self.transport.pause_reading()
+        self.loop.call_later(wait, self._unthrottle)
+
+    def _unthrottle(self) -> None:
+        self.throttled = False
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if self.conn is None or not self.conn.congested:
+            transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
         conn = self.conn
@@ -68,7 +97,7 @@ class MQTTProtocol(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         conn = self.conn
-        if self.transport is not None and not self.transport.is_closing():
+        if self.transport is not None and not self.transport.is_closing() and not self.throttled:
             self.transport.resume_reading()
         if conn is not None:
             conn.congested = False
@@ -108,6 +137,12 @@ class ServerOptions:
     drain_timeout: float = 5.0
     cluster: ClusterSettings | None = None
     ready_without_redis: bool = False
+    # Limits (0: off). Over a connection limit or the CONNECT rate, the CONNECT is answered
+    # with CONNACK 0x97 Quota exceeded (5.0) / 0x03 Server unavailable (3.1.1) and closed.
+    max_connections: int = 0  # open network connections, all listeners together
+    max_listener_connections: int = 0  # open network connections per listener
+    connect_rate: float = 0.0  # CONNECTs per second per source address (token bucket)
+    connect_burst: int = 0  # that bucket's size; 0: max(1, one second's worth)
 
 
 class BrokerServer:
@@ -124,6 +159,12 @@ class BrokerServer:
         if self.bus is not None:
             self.bus.attach(self.broker)
         self.protocols: set[MQTTProtocol] = set()
+        self.per_listener: dict[int, int] = {}
+        self.open_count = 0
+        self.connect_rates: BucketTable | None = None
+        if options.connect_rate:
+            burst = options.connect_burst or max(1.0, options.connect_rate)
+            self.connect_rates = BucketTable(options.connect_rate, burst)
         self.listeners: list[asyncio.Server] = []
         self.http: HttpServer | None = None
         self.metrics = registry_for(self.broker, self.bus)
@@ -131,16 +172,40 @@ class BrokerServer:
         self._ticker: asyncio.Task[None] | None = None
         self._all_closed = asyncio.Event()
 
-    def _factory(self) -> MQTTProtocol:
-        protocol = MQTTProtocol(self)
+    def _factory(self, listener: int = 0) -> MQTTProtocol:
+        protocol = MQTTProtocol(self, listener)
         self.protocols.add(protocol)
         self._all_closed.clear()
         return protocol
 
-    def _ws_factory(self) -> WebSocketProtocol:
-        return WebSocketProtocol(self, self._factory())
+    def _ws_factory(self, listener: int = 0) -> WebSocketProtocol:
+        return WebSocketProtocol(self, self._factory(listener))
+
+    def admit(self, protocol: MQTTProtocol, transport: asyncio.BaseTransport) -> str:
+        """Count a new network connection; the limit it breaks ('' for none), counted."""
+        self.open_count += 1
+        count = self.per_listener[protocol.listener] = (
+            self.per_listener.get(protocol.listener, 0) + 1
+        )
+        options = self.options
+        limit = ""
+        if options.max_connections and self.open_count > options.max_connections:
+            limit = "connections"
+        elif options.max_listener_connections and count > options.max_listener_connections:
+            limit = "listener_connections"
+        elif self.connect_rates is not None:
+            peer = transport.get_extra_info("peername")
+            host = str(peer[0]) if isinstance(peer, tuple) else str(peer)
+            if not self.connect_rates.try_take(host, self.loop.time()):
+                limit = "connect_rate"
+        if limit:
+            self.broker.stats.limited[limit] += 1
+        return limit
 
     def closed(self, protocol: MQTTProtocol) -> None:
+        if protocol.conn is not None:  # counted by admit()
+            self.open_count -= 1
+            self.per_listener[protocol.listener] -= 1
         self.protocols.discard(protocol)
         if not self.protocols:
             self._all_closed.set()
@@ -149,7 +214,11 @@ class BrokerServer:
         for host, port in self.options.binds:
             self.listeners.append(
                 await self.loop.create_server(
-                    self._factory, host, port, backlog=4096, reuse_address=True
+                    functools.partial(self._factory, len(self.listeners)),
+                    host,
+                    port,
+                    backlog=4096,
+                    reuse_address=True,
                 )
             )
             log.info("MQTT listening on %s:%d", host, port)
@@ -160,14 +229,23 @@ class BrokerServer:
             for host, port in self.options.tls_binds:
                 self.listeners.append(
                     await self.loop.create_server(
-                        self._factory, host, port, ssl=context, backlog=4096, reuse_address=True
+                        functools.partial(self._factory, len(self.listeners)),
+                        host,
+                        port,
+                        ssl=context,
+                        backlog=4096,
+                        reuse_address=True,
                     )
                 )
                 log.info("MQTT over TLS listening on %s:%d", host, port)
         for host, port in self.options.ws_binds:
             self.listeners.append(
                 await self.loop.create_server(
-                    self._ws_factory, host, port, backlog=4096, reuse_address=True
+                    functools.partial(self._ws_factory, len(self.listeners)),
+                    host,
+                    port,
+                    backlog=4096,
+                    reuse_address=True,
                 )
             )
             log.info("MQTT over WebSocket listening on %s:%d", host, port)
@@ -186,6 +264,8 @@ class BrokerServer:
             await asyncio.sleep(0.25)
             try:
                 self.broker.tick(self.loop.time())
+                if self.connect_rates is not None:
+                    self.connect_rates.prune(self.loop.time())
             except Exception:  # a bug in one tick must not stop keepalive for everyone
                 log.exception("tick failed")
 

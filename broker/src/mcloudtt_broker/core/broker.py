@@ -48,6 +48,13 @@ class BrokerSettings:
     # Single node: $SYS/broker/...; a cluster uses $SYS/brokers/{id}/... so brokers do not
     # overwrite each other's retained statistics.
     sys_root: str = "$SYS/broker"
+    # Limits (0: off; an unset limit costs nothing per message).
+    publish_rate: float = 0.0  # PUBLISH packets per second per client (token bucket)
+    publish_burst: int = 0  # bucket size; 0: one second's worth
+    bandwidth: int = 0  # bytes per second read from each client (token bucket, 1 s burst)
+    max_subscriptions: int = 0  # per client; more: SUBACK 0x97 (5.0) / 0x80 (3.1.1)
+    max_topic_length: int = 0  # bytes of UTF-8 in a topic name or filter
+    max_topic_levels: int = 0  # '/'-separated levels in a topic name or filter
 
 
 class RemoteBroker:

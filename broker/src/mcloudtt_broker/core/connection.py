@@ -54,6 +54,7 @@ from ..mqtt.primitives import encode_varint, varint_size
 from ..mqtt.properties import EMPTY_PROPERTIES, Properties
 from ..mqtt.reason_codes import ReasonCode, connack_code_311
 from ..mqtt.topics import is_valid_topic_filter, split_shared
+from .limits import new_throttle
 from .message import Message
 from .session import AWAITING_COMP, NEVER_EXPIRES, Session, SessionSnapshot
 from .trie import Subscription
@@ -92,9 +93,12 @@ class ServerConnection:
         "max_packet_out",
         "out",
         "problem_info",
+        "refusal",
         "send_quota",
         "session",
         "state",
+        "throttle",
+        "topic_limits",
         "version",
         "will",
         "will_delay",
@@ -124,6 +128,13 @@ class ServerConnection:
         self.will_on_close = True  # cleared by DISCONNECT 0x00 (MQTT-3.1.2-10)
         self.will_delay = 0
         self.connect_args: tuple[Connect, str | None, Message | None] | None = None
+        # Limits: the shell sets `refusal` when a connection limit refuses this CONNECT;
+        # `throttle` is None (no per-message work) unless a publish rate or bandwidth is set.
+        self.refusal: ReasonCode | None = None
+        self.throttle = new_throttle(broker.settings, now)
+        self.topic_limits = bool(
+            broker.settings.max_topic_length or broker.settings.max_topic_levels
+        )
 
     # ---------------------------------------------------------------- input
 
@@ -132,6 +143,9 @@ class ServerConnection:
             return
         self.last_received = now
         self.broker.stats.bytes_received += len(data)
+        throttle = self.throttle
+        if throttle is not None:
+            throttle.on_bytes(len(data), now)
         decoder = self.decoder
         decoder.feed(data)
         try:
@@ -141,6 +155,8 @@ class ServerConnection:
                     break
                 packet_type, flags, buffer, start, stop = frame
                 if packet_type == 3:
+                    if throttle is not None:
+                        throttle.on_publish(now)
                     # Hot path: straight from the frame to a Message, no Publish object.
                     topic, packet_id, props, payload_at = decode_publish_header(
                         flags, buffer, start, stop, self.version
@@ -331,6 +347,10 @@ class ServerConnection:
             raise UnsupportedProtocolVersion(version)  # refused by --mqtt31 false: CONNACK 0x01
         if v5:
             self.max_packet_out = props.maximum_packet_size or 0
+        if self.refusal is not None:
+            # A connection limit (counted by the shell): 5.0 0x97 Quota exceeded, 3.1.1 0x03.
+            self._refuse(self.refusal)
+            return
         client_id = packet.client_id
         if version == MQTT_31 and not 1 <= len(client_id) <= 23:
             # MQTT 3.1 section 3.1: the Client Identifier is 1 to 23 characters; return code 2.
@@ -505,6 +525,11 @@ class ServerConnection:
         if "+" in topic or "#" in topic:
             # MQTT-3.3.2-2
             raise ProtocolError(f"invalid topic name {topic!r}", ReasonCode.TOPIC_NAME_INVALID)
+        if self.topic_limits:
+            limit = self._topic_over_limit(topic)
+            if limit:
+                # 5.0: DISCONNECT 0x90 Topic Name invalid; 3.1.1: the connection closes.
+                raise ProtocolError(f"topic over the {limit} limit", ReasonCode.TOPIC_NAME_INVALID)
         if qos == 2:
             assert packet_id is not None
             if packet_id in session.awaiting_release:
@@ -632,6 +657,10 @@ class ServerConnection:
             if not is_valid_topic_filter(inner):
                 codes.append(0x80)
                 continue
+            refused = self._subscription_over_limit(session, full_filter, inner)
+            if refused:
+                codes.append(refused)
+                continue
             if group is not None and request.no_local:
                 raise ProtocolError("No Local on a shared subscription")  # MQTT-3.8.3-4
             sub: Subscription[Session] = Subscription(
@@ -657,6 +686,35 @@ class ServerConnection:
             return
         for sub, inner in retained_to_send:
             broker.send_retained(session, sub, inner, now)
+
+    def _topic_over_limit(self, topic: str) -> str:
+        """The limit a topic name or filter breaks ('' for none), counted."""
+        settings = self.broker.settings
+        limit = ""
+        if settings.max_topic_length and len(topic.encode()) > settings.max_topic_length:
+            limit = "topic_length"
+        elif settings.max_topic_levels and topic.count("/") >= settings.max_topic_levels:
+            limit = "topic_levels"
+        if limit:
+            self.broker.stats.limited[limit] += 1
+        return limit
+
+    def _subscription_over_limit(self, session: Session, full_filter: str, inner: str) -> int:
+        """The SUBACK failure code for a filter over a limit, 0 when within them."""
+        v5 = self.version == MQTT_5
+        if self.topic_limits and self._topic_over_limit(inner):
+            code = ReasonCode.TOPIC_FILTER_INVALID if v5 else 0x80
+        else:
+            limit = self.broker.settings.max_subscriptions
+            if not limit or full_filter in session.subscriptions:
+                return 0
+            if len(session.subscriptions) < limit:
+                return 0
+            self.broker.stats.limited["subscriptions"] += 1
+            code = ReasonCode.QUOTA_EXCEEDED if v5 else 0x80
+        if self.version == MQTT_31:
+            raise ProtocolError("subscription over a limit")  # 3.1 has no SUBACK failure code
+        return int(code)
 
     def _on_unsubscribe(self, packet: Unsubscribe) -> None:
         session = self._connected_session()

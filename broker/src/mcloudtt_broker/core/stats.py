@@ -11,6 +11,7 @@ class Stats:
         "bytes_sent",
         "connections_total",
         "dropped",
+        "limited",
         "messages_received",
         "messages_sent",
         "oversized_closes",
@@ -34,3 +35,6 @@ class Stats:
         self.wrong_acks: Counter[str] = Counter()
         # Connections closed because a packet they needed exceeded their Maximum Packet Size.
         self.oversized_closes = 0
+        # limit -> count of times it was hit: connections, listener_connections, connect_rate,
+        # publish_rate and bandwidth (reading paused), subscriptions, topic_length, topic_levels.
+        self.limited: Counter[str] = Counter()
