@@ -584,8 +584,8 @@ BROKER = Scheme(
         _broker(
             "bandwidth",
             non_negative_int,
-            "bytes per second read from each client (token bucket, one second's burst); a "
-            "faster client is slowed, not dropped",
+            "bytes of PUBLISH packets per second from each client (token bucket, one "
+            "second's burst); a faster client is slowed, not dropped",
             setting=(BrokerSettings, "bandwidth"),
             metavar="BYTES",
             shown="0 (no limit)",

@@ -16,17 +16,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from .core.broker import Broker
 
-CLUSTER_LIMITS = (
-    "connections",
-    "listener_connections",
-    "connect_rate",
-    "publish_rate",
-    "bandwidth",
-    "subscriptions",
-    "topic_length",
-    "topic_levels",
-)
-DROP_REASONS = ("buffer_full_qos0", "buffer_full", "unconfirmed_overflow", "peer_gone")
+CLUSTER_DROP_REASONS = ("buffer_full_qos0", "buffer_full", "unconfirmed_overflow", "peer_gone")
 WRONG_ACK_KINDS = (
     "puback_unknown",
     "puback_for_qos2",

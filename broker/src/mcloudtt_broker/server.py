@@ -34,7 +34,16 @@ WRITE_HIGH_WATER = 256 * 1024
 
 
 class MQTTProtocol(asyncio.Protocol):
-    __slots__ = ("conn", "flush_scheduled", "listener", "loop", "server", "throttled", "transport")
+    __slots__ = (
+        "conn",
+        "first_bytes",
+        "flush_scheduled",
+        "listener",
+        "loop",
+        "server",
+        "throttled",
+        "transport",
+    )
 
     def __init__(self, server: BrokerServer, listener: int = 0) -> None:
         self.server = server
@@ -44,6 +53,7 @@ class MQTTProtocol(asyncio.Protocol):
         self.conn: ServerConnection | None = None
         self.flush_scheduled = False
         self.throttled = False  # reading paused by a publish rate or bandwidth limit
+        self.first_bytes = server.connect_rates is not None  # the CONNECT rate is checked on them
 
     # asyncio callbacks ------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -57,6 +67,12 @@ class MQTTProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         conn = self.conn
         if conn is not None:
+            if self.first_bytes:
+                # The first bytes are the CONNECT: charge it to its source address's bucket
+                # (a port probe that sends nothing costs no token).
+                self.first_bytes = False
+                if conn.refusal is None and self.server.over_connect_rate(self.transport):
+                    conn.refusal = ReasonCode.QUOTA_EXCEEDED
             conn.receive_data(data, self.loop.time())
             throttle = conn.throttle
             if throttle is not None and throttle.wait:
@@ -76,10 +92,15 @@ class MQTTProtocol(asyncio.Protocol):
     def _unthrottle(self) -> None:
         self.throttled = False
         transport = self.transport
-        if transport is None or transport.is_closing():
+        conn = self.conn
+        if transport is None or transport.is_closing() or conn is None:
             return
-        if self.conn is None or not self.conn.congested:
+        if not conn.congested:
             transport.resume_reading()
+        conn.receive_data(b"", self.loop.time())  # the packets left waiting in the decoder
+        throttle = conn.throttle
+        if throttle is not None and throttle.wait:
+            self._throttle(throttle)
 
     def connection_lost(self, exc: Exception | None) -> None:
         conn = self.conn
@@ -193,14 +214,20 @@ class BrokerServer:
             limit = "connections"
         elif options.max_listener_connections and count > options.max_listener_connections:
             limit = "listener_connections"
-        elif self.connect_rates is not None:
-            peer = transport.get_extra_info("peername")
-            host = str(peer[0]) if isinstance(peer, tuple) else str(peer)
-            if not self.connect_rates.try_take(host, self.loop.time()):
-                limit = "connect_rate"
         if limit:
             self.broker.stats.limited[limit] += 1
         return limit
+
+    def over_connect_rate(self, transport: asyncio.BaseTransport | None) -> bool:
+        """Charge a CONNECT to its source address's bucket; True (counted) when it is empty."""
+        if self.connect_rates is None or transport is None:
+            return False
+        peer = transport.get_extra_info("peername")
+        host = str(peer[0]) if isinstance(peer, tuple) else str(peer)
+        if self.connect_rates.try_take(host, self.loop.time()):
+            return False
+        self.broker.stats.limited["connect_rate"] += 1
+        return True
 
     def closed(self, protocol: MQTTProtocol) -> None:
         if protocol.conn is not None:  # counted by admit()

@@ -51,7 +51,7 @@ class BrokerSettings:
     # Limits (0: off; an unset limit costs nothing per message).
     publish_rate: float = 0.0  # PUBLISH packets per second per client (token bucket)
     publish_burst: int = 0  # bucket size; 0: one second's worth
-    bandwidth: int = 0  # bytes per second read from each client (token bucket, 1 s burst)
+    bandwidth: int = 0  # bytes of PUBLISH per second per client (token bucket, 1 s burst)
     max_subscriptions: int = 0  # per client; more: SUBACK 0x97 (5.0) / 0x80 (3.1.1)
     max_topic_length: int = 0  # bytes of UTF-8 in a topic name or filter
     max_topic_levels: int = 0  # '/'-separated levels in a topic name or filter

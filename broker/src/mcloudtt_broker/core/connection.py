@@ -144,8 +144,6 @@ class ServerConnection:
         self.last_received = now
         self.broker.stats.bytes_received += len(data)
         throttle = self.throttle
-        if throttle is not None:
-            throttle.on_bytes(len(data), now)
         decoder = self.decoder
         decoder.feed(data)
         try:
@@ -155,8 +153,6 @@ class ServerConnection:
                     break
                 packet_type, flags, buffer, start, stop = frame
                 if packet_type == 3:
-                    if throttle is not None:
-                        throttle.on_publish(now)
                     # Hot path: straight from the frame to a Message, no Publish object.
                     topic, packet_id, props, payload_at = decode_publish_header(
                         flags, buffer, start, stop, self.version
@@ -170,6 +166,11 @@ class ServerConnection:
                         props,
                         now,
                     )
+                    if throttle is not None and throttle.on_publish(stop - start, now):
+                        # Over its publish rate or bandwidth: the rest waits in the decoder
+                        # until the shell, having paused reading for `throttle.wait`, calls
+                        # again (slowed, never dropped).
+                        break
                 elif packet_type == 4 and stop - start == 2:
                     self._on_puback((buffer[start] << 8) | buffer[start + 1], now)
                 else:

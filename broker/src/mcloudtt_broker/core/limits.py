@@ -29,7 +29,7 @@ class TokenBucket:
     def _refill(self, now: float) -> float:
         tokens = self.tokens
         if now > self.stamp:
-            tokens = min(self.burst, tokens + (now - self.stamp) * self.rate)
+            tokens = self.tokens = min(self.burst, tokens + (now - self.stamp) * self.rate)
             self.stamp = now
         return tokens
 
@@ -74,8 +74,8 @@ class BucketTable:
 
 
 class Throttle:
-    """A client's publish-rate and bandwidth buckets. The core charges them as it reads; `wait`
-    is the longest debt seen since the shell last looked (the shell pauses reading that long)."""
+    """A client's publish-rate and bandwidth buckets, charged for each PUBLISH read. When one is
+    in debt the core stops reading packets and the shell pauses the socket for `wait` seconds."""
 
     __slots__ = ("bytes", "publishes", "reason", "wait")
 
@@ -85,19 +85,20 @@ class Throttle:
         self.wait = 0.0
         self.reason = ""  # the limit behind `wait`: publish_rate or bandwidth
 
-    def on_bytes(self, count: int, now: float) -> None:
-        if self.bytes is not None:
-            wait = self.bytes.charge(now, count)
-            if wait > self.wait:
-                self.wait = wait
-                self.reason = "bandwidth"
-
-    def on_publish(self, now: float) -> None:
+    def on_publish(self, size: int, now: float) -> bool:
+        """Charge one PUBLISH of `size` bytes; True when the client must now wait."""
+        wait = 0.0
         if self.publishes is not None:
             wait = self.publishes.charge(now)
-            if wait > self.wait:
-                self.wait = wait
+            if wait:
                 self.reason = "publish_rate"
+        if self.bytes is not None:
+            byte_wait = self.bytes.charge(now, size)
+            if byte_wait > wait:
+                wait = byte_wait
+                self.reason = "bandwidth"
+        self.wait = wait
+        return wait > 0.0
 
     def take_wait(self) -> float:
         wait = self.wait
