@@ -8,7 +8,7 @@ from collections.abc import Callable
 import pytest
 from brokerproc import BrokerProcess, free_port
 
-from .clients import PahoClient, mcloudtt_only, wait_until
+from .clients import mcloudtt_only, wait_until
 from .mqttraw import MQTT_311, RawClient, disconnect_codes
 
 pytestmark = mcloudtt_only
