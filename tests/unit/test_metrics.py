@@ -38,6 +38,11 @@ BROKER_FAMILIES = {
         "counter",
         "Connections closed because a packet they needed exceeded their Maximum Packet Size.",
     ),
+    "mcloudtt_limited_total": (
+        "counter",
+        "Times a limit was hit (a refused CONNECT or SUBSCRIBE, a closed connection, or a "
+        "client's reading paused), by limit.",
+    ),
     "mcloudtt_inflight_messages": ("gauge", "QoS 1/2 messages sent and not yet acknowledged."),
     "mcloudtt_queued_messages": ("gauge", "QoS 1/2 messages waiting to be sent."),
     "mcloudtt_retained_messages": ("gauge", "Retained messages stored."),
