@@ -1,0 +1,94 @@
+"""Short seeded fuzz runs (CI) and the replay of every saved crashing input.
+
+The long runs are `mcloudtt-fuzz codec --inputs 1000000` and friends (see loadtest/README.md).
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+from mcloudtt_loadtest import fuzz
+
+CRASHERS = Path(__file__).parent / "crashers"
+
+
+def test_codec_short_seeded_run(tmp_path: Path) -> None:
+    result = fuzz.fuzz_in_process("codec", 20_000, seed=13, crashers=tmp_path)
+    assert result.inputs == 20_000
+    assert result.crashes == [], [p.with_suffix(".txt").read_text() for p in result.crashes]
+
+
+def test_core_short_seeded_run(tmp_path: Path) -> None:
+    result = fuzz.fuzz_in_process("core", 10_000, seed=13, crashers=tmp_path)
+    assert result.crashes == [], [p.with_suffix(".txt").read_text() for p in result.crashes]
+
+
+def test_live_short_seeded_run(tmp_path: Path) -> None:
+    result = fuzz.fuzz_live(300, seed=13, crashers=tmp_path, batch=50)
+    assert result.inputs == 300
+    assert result.crashes == [], [p.with_suffix(".txt").read_text() for p in result.crashes]
+
+
+def test_the_mutations_reach_deep_into_the_core() -> None:
+    """Without this the core run would prove little: most inputs must get past CONNECT."""
+    rng = random.Random(5)
+    seeds = fuzz.seed_corpus(rng)
+    target = fuzz.CoreTarget(renew=10**9)
+    for _ in range(2000):
+        data = fuzz.mutate(seeds, rng)
+        target.run(data, random.Random(data))
+    assert target.broker is not None
+    stats = target.broker.stats
+    assert stats.connections_total > 1000
+    assert min(stats.messages_received) > 300  # every QoS
+    assert 500 < stats.protocol_errors < 2000  # mutations do hit the error path, not always
+
+
+def test_a_run_is_reproducible_from_its_seed() -> None:
+    a, b = random.Random(9), random.Random(9)
+    seeds_a, seeds_b = fuzz.seed_corpus(a), fuzz.seed_corpus(b)
+    assert [fuzz.mutate(seeds_a, a) for _ in range(200)] == [
+        fuzz.mutate(seeds_b, b) for _ in range(200)
+    ]
+
+
+def test_a_crashing_input_is_saved(tmp_path: Path) -> None:
+    def brittle(data: bytes, rng: random.Random) -> None:
+        if data[:1] == b"\x10" and len(data) % 7 == 0:
+            raise IndexError("found one")
+
+    result = fuzz.fuzz_in_process("core", 500, seed=1, crashers=tmp_path, run=brittle)
+    assert result.crashes
+    saved = result.crashes[0]
+    assert saved.name.startswith("core-") and saved.suffix == ".bin"
+    assert "IndexError: found one" in saved.with_suffix(".txt").read_text()
+    with pytest.raises(IndexError):
+        brittle(saved.read_bytes(), random.Random(0))
+
+
+@pytest.mark.parametrize(
+    "path", sorted(CRASHERS.glob("*.bin")), ids=lambda p: p.name if isinstance(p, Path) else p
+)
+def test_saved_crasher_no_longer_crashes(path: Path) -> None:
+    """Every input that once crashed (tests/fuzz/crashers/), replayed against its target."""
+    data = path.read_bytes()
+    target = path.name.split("-")[0]
+    if target == "codec":
+        fuzz.run_codec(data, random.Random(data))
+    elif target == "core":
+        fuzz.run_core(data, random.Random(data))
+    else:
+        # A live batch: its streams replayed against a fresh broker.
+        from mcloudtt_chaos.procs import Process, console_script, free_port
+
+        port = free_port()
+        with Process(
+            [*console_script("mcloudtt-broker", "mcloudtt_broker"), "--bind", f"127.0.0.1:{port}"],
+            port=port,
+        ) as broker:
+            broker.start().wait_port(timeout=20)
+            fuzz.send_streams(port, fuzz.unpack_streams(data), random.Random(0))
+            assert broker.alive()
+            fuzz.paho_check(port)
