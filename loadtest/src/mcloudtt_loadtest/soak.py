@@ -17,6 +17,7 @@ shown (they are allowed, e.g. while a subscriber is away). Exit status 1 when a 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import tempfile
@@ -31,8 +32,8 @@ import paho.mqtt.client as mqtt
 from mcloudtt_chaos.local import LocalCluster
 from mcloudtt_chaos.procs import Process, free_block
 from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.properties import Properties
 from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from .procstat import rss_bytes
 
@@ -313,10 +314,8 @@ def soak(
         return report
     finally:
         for client in clients:
-            try:
+            with contextlib.suppress(Exception):  # a client already gone
                 client.stop()
-            except Exception:
-                pass
         cluster.stop()
         for service in cluster.services:
             service.close()
