@@ -31,6 +31,15 @@ def test_live_short_seeded_run(tmp_path: Path) -> None:
     assert result.crashes == [], [p.with_suffix(".txt").read_text() for p in result.crashes]
 
 
+def test_live_with_every_limit_on(tmp_path: Path) -> None:
+    """The shell's limit paths (reading paused and resumed, refusals) under hostile input."""
+    limits = "--publish-rate 20 --publish-burst 5 --bandwidth 3000 --max-subscriptions 2"
+    limits += " --max-topic-levels 3 --max-topic-length 40 --max-connections 60"
+    limits += " --max-listener-connections 60 --connect-rate 500"
+    result = fuzz.fuzz_live(200, seed=17, crashers=tmp_path, broker_args=limits.split())
+    assert result.crashes == [], [p.with_suffix(".txt").read_text() for p in result.crashes]
+
+
 def test_the_mutations_reach_deep_into_the_core() -> None:
     """Without this the core run would prove little: most inputs must get past CONNECT."""
     rng = random.Random(5)

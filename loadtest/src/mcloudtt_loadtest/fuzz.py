@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import random
+import shlex
 import socket
 import struct
 import sys
@@ -430,6 +431,7 @@ def fuzz_live(
     port: int | None = None,
     batch: int = 50,
     progress: Callable[[int], None] | None = None,
+    broker_args: Sequence[str] = (),
 ) -> Result:
     """Batches of `batch` mutated streams to a broker (started here unless `port` is given)."""
     from mcloudtt_chaos.procs import Process, console_script, free_port
@@ -448,6 +450,7 @@ def fuzz_live(
                 "2",
                 "--sys-interval",
                 "1",
+                *broker_args,
             ],
             name="fuzzed-broker",
             port=port,
@@ -505,6 +508,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--corpus", type=Path, help="extra seed inputs (*.bin files)")
     parser.add_argument("--crashers", type=Path, default=DEFAULT_CRASHERS)
     parser.add_argument("--port", type=int, help="live: fuzz this broker instead of starting one")
+    parser.add_argument(
+        "--broker-args",
+        default="",
+        help="live: more options for the broker started, e.g. '--publish-rate 50'",
+    )
     args = parser.parse_args(argv)
     from rich.progress import Progress
 
@@ -516,7 +524,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         if args.target == "live":
             result = fuzz_live(
-                args.inputs, args.seed, args.crashers, args.corpus, args.port, progress=progress
+                args.inputs,
+                args.seed,
+                args.crashers,
+                args.corpus,
+                args.port,
+                progress=progress,
+                broker_args=shlex.split(args.broker_args),
             )
         else:
             result = fuzz_in_process(
