@@ -25,6 +25,12 @@ def test_core_short_seeded_run(tmp_path: Path) -> None:
     assert result.crashes == [], [p.with_suffix(".txt").read_text() for p in result.crashes]
 
 
+def test_cluster_short_seeded_run(tmp_path: Path) -> None:
+    """Two cores on an in-memory bus: session handovers and forwarded publishes fuzzed too."""
+    result = fuzz.fuzz_in_process("cluster", 3_000, seed=13, crashers=tmp_path)
+    assert result.crashes == [], [p.with_suffix(".txt").read_text() for p in result.crashes]
+
+
 def test_live_short_seeded_run(tmp_path: Path) -> None:
     result = fuzz.fuzz_live(300, seed=13, crashers=tmp_path, batch=50)
     assert result.inputs == 300
@@ -88,6 +94,8 @@ def test_saved_crasher_no_longer_crashes(path: Path) -> None:
         fuzz.run_codec(data, random.Random(data))
     elif target == "core":
         fuzz.run_core(data, random.Random(data))
+    elif target == "cluster":
+        fuzz.run_cluster(data, random.Random(data))
     else:
         # A live batch: its streams replayed against a fresh broker.
         from mcloudtt_chaos.procs import Process, console_script, free_port

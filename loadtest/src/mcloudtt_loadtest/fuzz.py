@@ -22,6 +22,7 @@ batch's streams with 4-byte length prefixes); `tests/fuzz/test_crashers.py` repl
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import random
 import shlex
@@ -38,6 +39,7 @@ from pathlib import Path
 import mcloudtt_mqttclient as mc
 from mcloudtt_broker.core.broker import Broker, BrokerSettings
 from mcloudtt_broker.core.connection import CLOSED, ServerConnection
+from mcloudtt_broker.core.memory_bus import MemoryHub
 from mcloudtt_broker.mqtt.codec import MQTT_5, MQTT_311, Decoder, decode_publish_header
 from mcloudtt_broker.mqtt.errors import ProtocolError
 
@@ -262,20 +264,48 @@ class CoreTarget:
     now: float = 1000.0
     count: int = 0
     broker: Broker | None = None
+    # cluster: two cores on an in-memory bus (sessions located and taken over between them,
+    # forwarded publishes); each input goes to one of them.
+    cluster: bool = False
+    cores: list[Broker] = field(default_factory=list)
+    hub: MemoryHub | None = None
+
+    def _renew(self) -> None:
+        settings = self.settings[(self.count // self.renew) % len(self.settings)]
+        if not self.cluster:
+            self.broker = Broker(settings, clock=lambda: self.now)
+            self.cores = [self.broker]
+            return
+        self.hub = MemoryHub(clock=lambda: self.now)
+        self.cores = []
+        for broker_id in ("a", "b"):
+            bus = self.hub.bus(broker_id)
+            core = Broker(
+                dataclasses.replace(
+                    settings, broker_id=broker_id, sys_root=f"$SYS/brokers/{broker_id}"
+                ),
+                clock=lambda: self.now,
+                bus=bus,
+            )
+            bus.attach(core)
+            self.cores.append(core)
+        self.broker = self.cores[0]
 
     def run(self, data: bytes, rng: random.Random | None = None) -> None:
         rng = rng or random.Random(0)
         if self.broker is None or self.count % self.renew == 0:
-            settings = self.settings[(self.count // self.renew) % len(self.settings)]
-            self.broker = Broker(settings, clock=lambda: self.now)
+            self._renew()
         self.count += 1
-        broker = self.broker
+        broker = rng.choice(self.cores)
+        hub = self.hub
         link = _Link()
         conn = broker.connect(link, self.now)
         link.conn = conn
         for piece in chunks(data, rng):
             self.now += rng.choice([0.0, 0.001, 0.5])
             conn.receive_data(piece, self.now)  # anything raised here is a crash
+            if hub is not None:
+                hub.pump()
             if conn.state == CLOSED and not link.closed:
                 raise CoreCrash("the connection closed without asking its shell to close")
             conn.take_output()
@@ -285,12 +315,20 @@ class CoreTarget:
         conn.connection_lost(self.now)
         if conn.state != CLOSED:
             raise CoreCrash("connection_lost left the connection open")
-        broker.tick(self.now)
+        for core in self.cores:
+            core.tick(self.now)
+        if hub is not None:
+            hub.pump()
 
 
 def run_core(data: bytes, rng: random.Random | None = None) -> None:
     """`data` against a fresh core (what a saved crasher replays)."""
     CoreTarget().run(data, rng)
+
+
+def run_cluster(data: bytes, rng: random.Random | None = None) -> None:
+    """`data` against a fresh pair of cores on an in-memory bus."""
+    CoreTarget(cluster=True).run(data, rng)
 
 
 # ---------------------------------------------------------------------------------------- live
@@ -402,7 +440,7 @@ def fuzz_in_process(
     """`inputs` mutated streams through the codec or a core (or `run`, a target of one's own)."""
     rng = random.Random(seed)
     seeds = load_corpus(corpus, rng)
-    core = CoreTarget()
+    core = CoreTarget(cluster=target == "cluster")
     if run is None:
         run = run_codec if target == "codec" else core.run
     result = Result(target)
@@ -502,7 +540,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Mutation fuzzing (coverage-less: atheris does not install here) of the "
         "codec, the connection state machine, or a live broker over TCP.",
     )
-    parser.add_argument("target", choices=["codec", "core", "live"])
+    parser.add_argument("target", choices=["codec", "core", "cluster", "live"])
     parser.add_argument("--inputs", type=int, default=100_000, help="inputs to run")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--corpus", type=Path, help="extra seed inputs (*.bin files)")
