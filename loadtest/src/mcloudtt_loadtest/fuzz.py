@@ -9,7 +9,8 @@ encoder), then mutated: bit flips, byte edits, truncation, remaining-length fiel
 packet-type swaps, duplicated, dropped and reordered packets, splices of other seeds, and plain
 random bytes; the result is fed in random chunks.
 
-Oracles. codec: feeding the decoder anything raises nothing but the codec's `ProtocolError`s.
+Oracles. codec: feeding the decoder anything raises nothing but the codec's `ProtocolError`s,
+and every packet it accepts encodes and decodes back to itself.
 core: no exception escapes `ServerConnection.receive_data` (protocol errors are answered with
 a reason code and the connection closes: the documented path), and a closed connection asked
 its shell to close. live: after each batch the broker process is alive and a well-behaved paho
@@ -40,8 +41,15 @@ import mcloudtt_mqttclient as mc
 from mcloudtt_broker.core.broker import Broker, BrokerSettings
 from mcloudtt_broker.core.connection import CLOSED, ServerConnection
 from mcloudtt_broker.core.memory_bus import MemoryHub
-from mcloudtt_broker.mqtt.codec import MQTT_5, MQTT_311, Decoder, decode_publish_header
+from mcloudtt_broker.mqtt.codec import (
+    MQTT_5,
+    MQTT_311,
+    Decoder,
+    decode_publish_header,
+    encode,
+)
 from mcloudtt_broker.mqtt.errors import ProtocolError
+from mcloudtt_broker.mqtt.packets import Connect, Packet
 
 DEFAULT_CRASHERS = Path("tests/fuzz/crashers")
 
@@ -190,8 +198,22 @@ def chunks(data: bytes, rng: random.Random) -> Iterator[bytes]:
 # ------------------------------------------------------------------------------------- targets
 
 
+class CodecMismatch(AssertionError):
+    """A decoded packet, encoded again, did not decode to itself."""
+
+
+def _round_trip(packet: Packet, version: int) -> None:
+    wire = bytearray()
+    encode(packet, version, wire)
+    again = Decoder(version=None if isinstance(packet, Connect) else version)
+    again.feed(bytes(wire))
+    if again.next_packet() != packet:
+        raise CodecMismatch(f"{packet!r} does not survive encode/decode (version {version})")
+
+
 def run_codec(data: bytes, rng: random.Random | None = None) -> None:
-    """Decode `data` as a stream; only the codec's protocol errors may come out."""
+    """Decode `data` as a stream; only the codec's protocol errors may come out, and what the
+    first decoder (no version yet, as a server's) accepts survives encoding and decoding."""
     rng = rng or random.Random(0)
     for version in (None, MQTT_311, MQTT_5):
         decoder = Decoder(version=version, max_packet_size=rng.choice([1 << 20, 64, 256]))
@@ -208,7 +230,9 @@ def run_codec(data: bytes, rng: random.Random | None = None) -> None:
                             flags, buffer, start, stop, decoder.version or MQTT_311
                         )
                     else:
-                        decoder.decode_frame(*frame)
+                        packet = decoder.decode_frame(*frame)
+                        if version is None:
+                            _round_trip(packet, decoder.version or MQTT_311)
         except ProtocolError:
             pass
 
