@@ -5,19 +5,26 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import shutil
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from mcloudtt_chaos.backend import Endpoint
-from mcloudtt_chaos.checker import check
+from mcloudtt_chaos.checker import INVARIANTS, check
 from mcloudtt_chaos.history import (
+    Acked,
     Connect,
     Delivered,
     Disconnect,
+    FaultEnd,
+    FaultStart,
     HistoryWriter,
     Record,
+    Sent,
     Snapshot,
     Subscribed,
     WillPublished,
@@ -31,6 +38,7 @@ from mcloudtt_chaos.procs import (
     scrape,
     wait_for,
 )
+from mcloudtt_chaos.report import ScenarioResult, timeline, write_html, write_json
 from mcloudtt_chaos.workload import Workload, WorkloadSpec
 
 BROKERS = 3
@@ -190,3 +198,85 @@ def test_reconnects_elsewhere_keep_the_session(cluster: list[Endpoint], tmp_path
     report = check(records)
     assert report.passed, report.failed()
     assert report.invariants["sessions_kept"].checked >= 1
+
+
+def with_fault(history: list[Record]) -> list[Record]:
+    """The history with a fault window over its middle (bands and recovery to draw)."""
+    sent = [r.t for r in history if isinstance(r, Sent)]
+    middle = (sent[0] + sent[-1]) / 2
+    return [
+        *history,
+        FaultStart(t=middle - 0.5, fault="marker", target="b1"),
+        FaultEnd(t=middle + 0.5, fault="marker", target="b1"),
+    ]
+
+
+def test_report_json_and_html(history: list[Record], tmp_path: Path) -> None:
+    good = ScenarioResult.from_history("no-fault", with_fault(history), backend="local")
+    victim = next(d for d in history if isinstance(d, Delivered) and "sub311-" in d.subscriber)
+    broken = [r for r in history if not (isinstance(r, Delivered) and r == victim)]
+    bad = ScenarioResult.from_history("broken", broken)
+
+    data = json.loads(write_json(tmp_path / "report.json", [good, bad]).read_text())
+    assert data["passed"] is False
+    first, second = data["scenarios"]
+    assert first["scenario"] == "no-fault" and first["passed"] is True
+    assert first["backend"] == "local"
+    assert set(first["invariants"]) == set(INVARIANTS)
+    assert first["lost"] == 0 and first["duplicates"] == 0
+    assert first["recovery_s"] is not None and 0 <= first["recovery_s"] < 2
+    assert second["passed"] is False and second["lost"] == 1
+    assert second["lost_messages"] == [
+        {"subscriber": victim.subscriber, "publisher": victim.publisher, "seqs": [victim.seq]}
+    ]
+    line = first["timeline"]
+    assert line["bin_s"] == 0.5 and len(line["t"]) == len(line["publish_rate"])
+    # SPEC.rate messages per second, give or take the start and the scheduling.
+    busy = sorted(line["publish_rate"])[len(line["publish_rate"]) // 2]
+    assert 0.5 * SPEC.rate <= busy <= 1.3 * SPEC.rate, line["publish_rate"]
+    assert max(line["delivery_rate"]) > max(line["publish_rate"])  # fan-out to subscribers
+    assert line["backlog"][-1] == 0  # drained: everything acknowledged
+    assert line["faults"][0]["fault"] == "marker" and line["faults"][0]["end"] is not None
+
+    page = write_html(tmp_path / "report.html", [good, bad]).read_text()
+    assert page.startswith("<!DOCTYPE html>") and page.count("<svg") == 2
+    assert "no-fault" in page and "broken" in page
+    assert 'class="fail"' in page and 'class="pass"' in page
+    assert f"<code>{victim.seq}</code>" in page  # the lost seq named in the page
+    # Self-contained: nothing to fetch.
+    assert not any(x in page for x in ('src="http', 'href="http', "<link", "<script", "<img"))
+
+
+def test_timeline_counts_backlog() -> None:
+    records: list[Record] = [
+        Sent(t=0.0, publisher="p", topic="t", qos=1, seq=1),
+        Sent(t=0.1, publisher="p", topic="t", qos=1, seq=2),
+        Sent(t=0.2, publisher="p", topic="t", qos=0, seq=3),
+        Acked(t=0.7, publisher="p", seq=1),
+        Sent(t=0.8, publisher="p", topic="t", qos=1, seq=2, dup=True),
+        Acked(t=1.2, publisher="p", seq=2),
+    ]
+    line = timeline(records)
+    assert line.t == [0.0, 0.5, 1.0]
+    assert line.publish_rate == [6.0, 0.0, 0.0]  # a resend is not a new publish
+    assert line.backlog == [2, 2, 1]  # the peak outstanding in each bin
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium is not installed")
+def test_html_renders_in_chromium(history: list[Record], tmp_path: Path) -> None:
+    page = write_html(
+        tmp_path / "report.html",
+        [ScenarioResult.from_history("no-fault", with_fault(history))],
+    )
+    shot = tmp_path / "shot.png"
+    subprocess.run(
+        [
+            "chromium", "--headless", "--no-sandbox", "--disable-gpu",
+            f"--screenshot={shot}", "--window-size=1200,1400", page.as_uri(),
+        ],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    assert shot.stat().st_size > 10_000
+    keep = os.environ.get("MCLOUDTT_CHAOS_SCREENSHOT")
+    if keep:
+        shutil.copy(shot, keep)
