@@ -74,6 +74,10 @@ from .history import (
 )
 from .procs import scrape
 
+# A publisher behind its schedule by less than this catches up, at most MAX_BURST at a time.
+CATCH_UP_S = 0.2
+MAX_BURST = 8
+
 
 class RecordSink(Protocol):
     def write(self, record: Record) -> None: ...
@@ -104,6 +108,7 @@ class WorkloadSpec:
     backoff_base: float = 0.05
     backoff_cap: float = 2.0
     will_hold_s: tuple[float, float] = (0.5, 1.5)  # how long a will client stays connected
+    reconnect: str = "next"  # after a loss: "next" broker in turn, or "random" other one
 
 
 class _Backoff:
@@ -146,6 +151,8 @@ class _Client:
     """One MQTT client and the thread that drives it."""
 
     role = "client"
+    # How long paho's loop() may block: how late `tick` can run (a publisher's pacing).
+    loop_timeout = 0.05
 
     def __init__(
         self,
@@ -179,6 +186,8 @@ class _Client:
         self.client = paho.Client(
             CallbackAPIVersion.VERSION2, client_id=name, protocol=version, **kwargs
         )
+        # A broker behind a black hole must not hold the thread in connect() for minutes.
+        self.client.connect_timeout = workload.spec.connect_timeout
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
@@ -219,7 +228,7 @@ class _Client:
                 continue
             deadline = time.monotonic() + self.w.spec.connect_timeout
             while not self.stopping.is_set():
-                rc = self.client.loop(timeout=0.01)
+                rc = self.client.loop(timeout=self.loop_timeout)
                 now = time.monotonic()
                 if rc != paho.MQTT_ERR_SUCCESS:
                     break
@@ -233,8 +242,16 @@ class _Client:
             self.connected.clear()
             self._lost("connection lost")
             self.stopping.wait(self.backoff.next())
-            self.broker_index = (self.broker_index + 1) % len(self.w.endpoints)
+            self._next_broker()
         self._finish()
+
+    def _next_broker(self) -> None:
+        """Where to try next: devices behind a load balancer land on any broker."""
+        n = len(self.w.endpoints)
+        if self.w.spec.reconnect == "random" and n > 1:
+            self.broker_index = self.rng.choice([i for i in range(n) if i != self.broker_index])
+        else:
+            self.broker_index = (self.broker_index + 1) % n
 
     def _connect(self) -> bool:
         endpoint = self.w.endpoints[self.broker_index]
@@ -252,14 +269,13 @@ class _Client:
             self.client.connect(
                 endpoint.host, endpoint.mqtt_port, keepalive=self.w.spec.keepalive, **kwargs
             )
-        except OSError:
-            self.broker_index = (self.broker_index + 1) % len(self.w.endpoints)
+        except OSError:  # refused, unreachable, timed out: the next broker
+            self._next_broker()
             return False
         self.conn += 1
         self.broker = endpoint.name
         self._ended = False
         self._closing_normally = False
-        self.w.counters.connects += 1
         self.w.record(
             Connect(
                 t=time.monotonic(),
@@ -291,7 +307,6 @@ class _Client:
             return
         self._ended = True
         self.connected.clear()
-        self.w.counters.disconnects += 1
         self.w.record(
             Disconnect(
                 t=time.monotonic(), client=self.name, conn=self.conn, normal=False, reason=reason
@@ -309,7 +324,6 @@ class _Client:
     def disconnect_normally(self) -> None:
         self._ended = True
         self._closing_normally = True
-        self.w.counters.disconnects += 1
         self.w.record(
             Disconnect(
                 t=time.monotonic(),
@@ -412,8 +426,6 @@ class _Subscriber(_Client):
             publisher, seq, _ = decode_payload(bytes(message.payload))
         except (ValueError, KeyError, TypeError):
             return
-        self.w.counters.delivered += 1
-        self.w.delivery_times.append(now)
         self.received.add((publisher, seq))
         self.w.record(
             Delivered(
@@ -448,7 +460,6 @@ class _Watcher(_Client):
         except (ValueError, KeyError, TypeError):
             return
         self.seen.add((client, conn))
-        self.w.counters.wills += 1
         self.w.record(
             WillPublished(t=now, watcher=self.name, client=client, conn=conn, broker=self.broker)
         )
@@ -458,6 +469,7 @@ class _WillClient(_Client):
     """Connects with a will, holds the connection a while, then ends it one way or the other."""
 
     role = "will"
+    loop_timeout = 0.02
 
     def __init__(self, workload: Workload, name: str, home: int, index: int) -> None:
         super().__init__(workload, name, home, protocol=4, persistent=False)
@@ -492,6 +504,7 @@ class _WillClient(_Client):
 
 class _Publisher(_Client):
     role = "publisher"
+    loop_timeout = 0.005
 
     def __init__(self, workload: Workload, name: str, home: int, qos: int, interval: float) -> None:
         super().__init__(workload, name, home, protocol=4)
@@ -527,13 +540,20 @@ class _Publisher(_Client):
         self.next_at = max(self.next_at, now)
 
     def tick(self, now: float) -> None:
-        if not self.publishing.is_set() or now < self.next_at:
-            return
-        # A fixed schedule: after a stall the publisher does not catch up in a burst.
-        self.next_at = max(self.next_at + self.interval, now)
-        if len(self.pending) >= self.w.spec.window:
-            self.w.counters.throttled += 1
-            return
+        # A fixed schedule, kept up with across the jitter of the loop (a few turns at once),
+        # but never caught up after a stall: a burst would not be the rate asked for.
+        if now - self.next_at > CATCH_UP_S:
+            self.next_at = now
+        for _ in range(MAX_BURST):
+            if not self.publishing.is_set() or now < self.next_at:
+                return
+            self.next_at += self.interval
+            if len(self.pending) >= self.w.spec.window:
+                self.w.count_throttled()
+                continue
+            self._publish_next(now)
+
+    def _publish_next(self, now: float) -> None:
         self.seq += 1
         payload = encode_payload(self.name, self.seq, now, size=self.w.spec.payload_size)
         info = self.client.publish(self.topic, payload, qos=self.qos)
@@ -542,8 +562,6 @@ class _Publisher(_Client):
             return
         self.pending[info.mid] = self.seq
         self.sent_at[self.seq] = now
-        self.w.counters.sent += 1
-        self.w.sent_times.append(now)
         self.w.record(
             Sent(
                 t=now,
@@ -559,8 +577,6 @@ class _Publisher(_Client):
         seq = self.pending.pop(mid, None)
         if seq is None:
             return
-        self.w.counters.acked += 1
-        self.w.ack_times.append(now)
         if reason < 0x80:
             self.acked[seq] = self.sent_at.get(seq, now)
         self.w.record(Acked(t=now, publisher=self.name, seq=seq, reason_code=reason))
@@ -640,8 +656,30 @@ class Workload:
 
     # ---------------------------------------------------------------- the history
     def record(self, record: Record) -> None:
+        """Write one record (from any client thread) and count it for the report."""
         with self._lock:
             self.writer.write(record)
+            c = self.counters
+            if isinstance(record, Sent):
+                if not record.dup and not record.retain:
+                    c.sent += 1
+                    self.sent_times.append(record.t)
+            elif isinstance(record, Acked):
+                c.acked += 1
+                self.ack_times.append(record.t)
+            elif isinstance(record, Delivered):
+                c.delivered += 1
+                self.delivery_times.append(record.t)
+            elif isinstance(record, Connect):
+                c.connects += 1
+            elif isinstance(record, Disconnect):
+                c.disconnects += 1
+            elif isinstance(record, WillPublished):
+                c.wills += 1
+
+    def count_throttled(self) -> None:
+        with self._lock:
+            self.counters.throttled += 1
 
     @property
     def clients(self) -> list[_Client]:
