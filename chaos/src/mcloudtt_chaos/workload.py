@@ -477,7 +477,8 @@ class _WillClient(_Client):
         self.cycle = 0
         self.end_at = 0.0
         self.cycling = True
-        self.abnormal: set[int] = set()  # connections killed by the workload
+        self.abnormal: set[int] = set()  # accepted connections that ended without DISCONNECT
+        self.accepted = 0  # the last connection the broker CONNACKed
 
     def will_topic(self) -> str | None:
         return f"{self.w.spec.topic_prefix}/will/{self.name}"
@@ -488,6 +489,14 @@ class _WillClient(_Client):
 
     def on_connected(self, session_present: bool) -> None:
         self.end_at = time.monotonic() + self.rng.uniform(*self.w.spec.will_hold_s)
+        self.accepted = self.conn
+
+    def _lost(self, reason: str) -> None:
+        # Killed by the workload or by a fault: its will is due (MQTT-3.1.2-8), if the broker
+        # had accepted the connection.
+        if not self._ended and self.accepted == self.conn:
+            self.abnormal.add(self.conn)
+        super()._lost(reason)
 
     def tick(self, now: float) -> None:
         if not self.cycling or now < self.end_at:
@@ -495,7 +504,6 @@ class _WillClient(_Client):
         self.cycle += 1
         # Alternate, so a short run has both kinds; the offset varies which comes first.
         if (self.cycle + self.index) % 2:
-            self.abnormal.add(self.conn)
             self._drop("socket closed by the workload")
         else:
             self.disconnect_normally()
