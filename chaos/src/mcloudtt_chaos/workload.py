@@ -45,7 +45,7 @@ import random
 import socket
 import threading
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -88,9 +88,10 @@ class RecordSink(Protocol):
 class WorkloadSpec:
     """What runs; the caller decides for how long (between `start` and `stop_publishing`)."""
 
-    rate: float = 200.0  # publishes per second, all publishers together
+    rate: float = 200.0  # publishes per second, all publishers together (an equal share each)
     qos1_publishers: int = 2
     qos2_publishers: int = 2
+    qos0_publishers: int = 1  # its losses are counted, not judged
     subscribers_v311: int = 1  # persistent sessions (clean session off)
     subscribers_v5: int = 1  # persistent sessions (session expiry `session_expiry`)
     shared_members: int = 2  # members of one `$share/<shared_group>/...` group
@@ -567,8 +568,9 @@ class _Publisher(_Client):
         if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
             self.seq -= 1
             return
-        self.pending[info.mid] = self.seq
-        self.sent_at[self.seq] = now
+        if self.qos > 0:  # QoS 0 has no acknowledgement to wait for
+            self.pending[info.mid] = self.seq
+            self.sent_at[self.seq] = now
         self.w.record(
             Sent(
                 t=now,
@@ -622,21 +624,19 @@ class Workload:
         pub_homes = list(range(max(1, (n + 1) // 2))) if n > 1 else [0]
         sub_homes = [i for i in range(n) if i not in pub_homes] or pub_homes
         spread = sub_homes + pub_homes
-        publishers = self.spec.qos1_publishers + self.spec.qos2_publishers
-        interval = publishers / self.spec.rate if self.spec.rate > 0 else float("inf")
+        levels = [
+            *[1] * self.spec.qos1_publishers,
+            *[2] * self.spec.qos2_publishers,
+            *[0] * self.spec.qos0_publishers,
+        ]
+        interval = len(levels) / self.spec.rate if self.spec.rate > 0 else float("inf")
         self.publishers: list[_Publisher] = []
-        for i in range(publishers):
-            qos = 1 if i < self.spec.qos1_publishers else 2
-            number = i if qos == 1 else i - self.spec.qos1_publishers
-            self.publishers.append(
-                _Publisher(
-                    self,
-                    f"{prefix}pub-q{qos}-{number}",
-                    pub_homes[i % len(pub_homes)],
-                    qos,
-                    interval,
-                )
-            )
+        numbers = Counter[int]()
+        for i, qos in enumerate(levels):
+            name = f"{prefix}pub-q{qos}-{numbers[qos]}"
+            numbers[qos] += 1
+            home = pub_homes[i % len(pub_homes)]
+            self.publishers.append(_Publisher(self, name, home, qos, interval))
         self.subscribers: list[_Subscriber] = []
         homes = itertools.cycle(sub_homes)
         for i in range(self.spec.subscribers_v311):
