@@ -202,7 +202,7 @@ def test_reconnects_elsewhere_keep_the_session(cluster: list[Endpoint], tmp_path
             time.sleep(1.0)
             sub = workload.subscribers[0]
             first = sub.broker
-            sub._drop("test drops it")
+            workload.drop(sub.name)
             wait_for(
                 lambda: sub.connected.is_set() and sub.broker != first,
                 timeout=10,

@@ -177,6 +177,7 @@ class _Client:
         self.ever_connected = False
         self.subscribed = threading.Event()
         self.stopping = threading.Event()
+        self._drop_requested = threading.Event()  # set by other threads, acted on by ours
         self._ended = True  # the current connection's Disconnect is written
         self._closing_normally = False
         self.rng = random.Random(f"{workload.spec.seed}/{name}")
@@ -234,7 +235,10 @@ class _Client:
                 now = time.monotonic()
                 if rc != paho.MQTT_ERR_SUCCESS:
                     break
-                if self.connected.is_set():
+                if self._drop_requested.is_set():
+                    self._drop_requested.clear()
+                    self._drop("dropped on request")
+                elif self.connected.is_set():
                     self.tick(now)
                 elif now > deadline:  # a broker that takes TCP but never answers CONNECT
                     self._drop("no CONNACK")
@@ -246,6 +250,11 @@ class _Client:
             self.stopping.wait(self.backoff.next())
             self._next_broker()
         self._finish()
+
+    def request_drop(self) -> None:
+        """End the current connection abnormally (socket shut, no DISCONNECT), from any
+        thread: the client's own thread does it and then reconnects as after any loss."""
+        self._drop_requested.set()
 
     def _next_broker(self) -> None:
         """Where to try next: devices behind a load balancer land on any broker."""
@@ -707,6 +716,13 @@ class Workload:
         """The clients connected to `broker` now (a fault's target: who holds sessions)."""
         return [c.name for c in self.clients if c.connected.is_set() and c.broker == broker]
 
+    def client(self, name: str) -> _Client:
+        return next(c for c in self.clients if c.name == name)
+
+    def drop(self, name: str) -> None:
+        """Cut one client's connection without DISCONNECT (it reconnects elsewhere)."""
+        self.client(name).request_drop()
+
     def placement(self) -> dict[str, str]:
         """Each client's current (or last) broker."""
         return {c.name: c.broker or self.endpoints[c.home].name for c in self.clients}
@@ -878,6 +894,12 @@ class Workload:
                 if c.thread.is_alive():
                     c.thread.join(timeout)
 
+    def __enter__(self) -> Workload:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
     # ---------------------------------------------------------------- for the report
     def counters_json(self) -> dict[str, int]:
         c = self.counters
@@ -890,6 +912,7 @@ class Workload:
             "connects": c.connects,
             "disconnects": c.disconnects,
             "wills": c.wills,
+            "awaited": sum(self.awaited().values()),
         }
 
     def publish_rate_series(self, bin_s: float = 0.5) -> dict[str, list[float]]:
