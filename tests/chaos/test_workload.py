@@ -162,8 +162,12 @@ def test_snapshot_records_retained_and_filters(history: list[Record]) -> None:
     for s in snaps:
         assert sorted(s.retained) == [f"chaos/retained/{i}" for i in range(SPEC.retained_topics)]
     assert len({tuple(sorted(s.retained.items())) for s in snaps}) == 1
+    # The cluster's filters, as every broker counts them (its own + its peers'): chaos/data/#
+    # and chaos/will/# on b2, the shared group's filter on b2 and on b0.
+    assert {s.subscriptions for s in snaps} == {(("cluster", "distinct-filters", 4),)}
     report = check(history)
     assert report.invariants["retained_equal"].checked == BROKERS
+    assert report.invariants["subscriptions_equal"].passed
 
 
 def test_subscriptions_recorded(history: list[Record]) -> None:

@@ -732,62 +732,77 @@ class Workload:
         """Subscribers and watchers first (until every SUBACK), then the retained messages, then
         the will clients and publishers."""
         self.started_at = time.monotonic()
-        listeners = [*self.watchers, *self.subscribers, *self.shared]
-        for c in listeners:
-            c.start()
-        deadline = time.monotonic() + timeout
-        for c in listeners:
-            if not c.subscribed.wait(max(0.0, deadline - time.monotonic())):
-                raise TimeoutError(f"{c.name} not subscribed within {timeout} s")
-        self._set_retained(timeout)
-        for c in [*self.will_clients, *self.publishers]:
-            c.start()
-        for c in self.publishers:
-            if not c.connected.wait(max(0.0, deadline - time.monotonic())):
-                raise TimeoutError(f"{c.name} not connected within {timeout} s")
+        try:
+            listeners = [*self.watchers, *self.subscribers, *self.shared]
+            for c in listeners:
+                c.start()
+            deadline = time.monotonic() + timeout
+            for c in listeners:
+                if not c.subscribed.wait(max(0.0, deadline - time.monotonic())):
+                    raise TimeoutError(f"{c.name} not subscribed within {timeout} s")
+            self._set_retained(timeout)
+            for c in [*self.will_clients, *self.publishers]:
+                c.start()
+            for c in self.publishers:
+                if not c.connected.wait(max(0.0, deadline - time.monotonic())):
+                    raise TimeoutError(f"{c.name} not connected within {timeout} s")
+        except BaseException:
+            self.stop()  # no client thread left behind
+            raise
 
     def _set_retained(self, timeout: float) -> None:
+        """Publish the retained messages (QoS 1, retain) from a short-lived client, on the
+        first broker that takes the connection, and write them down like any publish."""
         if not self.spec.retained_topics:
             return
         name = f"{self.prefix}retainer"
-        endpoint = self.endpoints[0]
         client = paho.Client(CallbackAPIVersion.VERSION2, client_id=name)
-        acks: dict[int, tuple[int, int]] = {}
-        pending: dict[int, int] = {}
+        client.connect_timeout = self.spec.connect_timeout
+        acks: list[tuple[int, float, int]] = []  # (mid, when, reason), from paho's thread
 
         def on_publish(c: Any, u: Any, mid: int, reason: ReasonCode, p: Any) -> None:
-            acks[mid] = (pending.get(mid, -1), _rc_value(reason))
+            acks.append((mid, time.monotonic(), _rc_value(reason)))
 
         client.on_publish = on_publish
-        client.connect(endpoint.host, endpoint.mqtt_port, keepalive=self.spec.keepalive)
+        endpoint = self._connect_any(client)
         client.loop_start()
         try:
+            seq_of: dict[int, int] = {}
             for i in range(self.spec.retained_topics):
                 topic = f"{self.spec.topic_prefix}/retained/{i}"
                 now = time.monotonic()
                 payload = encode_payload(name, i + 1, now)
-                self.record(
-                    Sent(
-                        t=now,
-                        publisher=name,
-                        topic=topic,
-                        qos=1,
-                        seq=i + 1,
-                        broker=endpoint.name,
-                        retain=True,
-                    )
+                sent = Sent(
+                    t=now,
+                    publisher=name,
+                    topic=topic,
+                    qos=1,
+                    seq=i + 1,
+                    broker=endpoint.name,
+                    retain=True,
                 )
-                info = client.publish(topic, payload, qos=1, retain=True)
-                pending[info.mid] = i + 1
+                self.record(sent)
+                seq_of[client.publish(topic, payload, qos=1, retain=True).mid] = i + 1
                 self.retained[topic] = _digest(payload)
             end = time.monotonic() + timeout
-            while len(acks) < len(pending) and time.monotonic() < end:
+            while len(acks) < len(seq_of) and time.monotonic() < end:
                 time.sleep(0.01)
-            for _mid, (seq, reason) in sorted(acks.items()):
-                self.record(Acked(t=time.monotonic(), publisher=name, seq=seq, reason_code=reason))
+            for mid, when, reason in list(acks):
+                if mid in seq_of:
+                    self.record(Acked(t=when, publisher=name, seq=seq_of[mid], reason_code=reason))
         finally:
             client.disconnect()
             client.loop_stop()
+
+    def _connect_any(self, client: paho.Client) -> Endpoint:
+        error: OSError | None = None
+        for endpoint in self.endpoints:
+            try:
+                client.connect(endpoint.host, endpoint.mqtt_port, keepalive=self.spec.keepalive)
+                return endpoint
+            except OSError as failed:
+                error = failed
+        raise ConnectionError(f"no broker took the connection: {error}")
 
     def fault_start(self, name: str, target: str = "") -> None:
         self.record(FaultStart(t=time.monotonic(), fault=name, target=target))
