@@ -268,6 +268,7 @@ def test_report_json_and_html(history: list[Record], tmp_path: Path) -> None:
     assert second["lost_messages"] == [
         {"subscriber": victim.subscriber, "publisher": victim.publisher, "seqs": [victim.seq]}
     ]
+    assert sum(second["timeline"]["lost"]) == 1  # drawn at the time it was sent
     line = first["timeline"]
     assert line["bin_s"] == 0.5 and len(line["t"]) == len(line["publish_rate"])
     # SPEC.rate messages per second, give or take the start and the scheduling.
