@@ -206,6 +206,7 @@ def test_reconnects_elsewhere_keep_the_session(cluster: list[Endpoint], tmp_path
             time.sleep(1.0)
             sub = workload.subscribers[0]
             first = sub.broker
+            workload.hold_reconnects(0.8)  # back only after 0.8 s, not after its backoff
             workload.drop(sub.name)
             wait_for(
                 lambda: sub.connected.is_set() and sub.broker != first,
@@ -228,6 +229,10 @@ def test_reconnects_elsewhere_keep_the_session(cluster: list[Endpoint], tmp_path
     back = next(
         r.t for r in records if isinstance(r, ConnAck) and r.client == sub.name and r.conn == 2
     )
+    again = next(
+        r for r in records if isinstance(r, Connect) and r.client == sub.name and r.conn == 2
+    )
+    assert again.t - gone >= 0.7 and not again.clean_start and again.broker != first
     sent = {(r.publisher, r.seq): r.t for r in records if isinstance(r, Sent)}
     outside = [x for x in report.lost if not gone - 0.05 <= sent[(x.publisher, x.seq)] <= back]
     assert not outside, outside

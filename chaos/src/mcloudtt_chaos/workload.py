@@ -247,7 +247,8 @@ class _Client:
                 break  # `_finish` ends the connection with DISCONNECT
             self.connected.clear()
             self._lost("connection lost")
-            self.stopping.wait(self.backoff.next())
+            delay = max(self.backoff.next(), self.w.reconnect_hold - time.monotonic())
+            self.stopping.wait(delay)
             self._next_broker()
         self._finish()
 
@@ -622,6 +623,9 @@ class Workload:
         self._awaited: dict[str, set[tuple[str, int]]] = defaultdict(set)
         self.group_party = f"$share/{self.spec.shared_group}"
         self.started_at: float | None = None
+        # Clients that lose their broker do not reconnect before this time (a scenario that
+        # wants them back only after the dead broker's presence expired).
+        self.reconnect_hold = 0.0
         rng = random.Random(self.spec.seed)
         prefix = self.spec.client_prefix
         if prefix is None:
@@ -803,6 +807,11 @@ class Workload:
             except OSError as failed:
                 error = failed
         raise ConnectionError(f"no broker took the connection: {error}")
+
+    def hold_reconnects(self, seconds: float) -> None:
+        """Clients that lose their connection from now on wait `seconds` before they
+        reconnect (instead of their short backoff); `hold_reconnects(0)` lifts it."""
+        self.reconnect_hold = time.monotonic() + seconds if seconds > 0 else 0.0
 
     def fault_start(self, name: str, target: str = "") -> None:
         self.record(FaultStart(t=time.monotonic(), fault=name, target=target))
