@@ -29,7 +29,7 @@ from .local import redis_server_binary
 # The uid:gid the images run as; the manifests' runAsUser/runAsGroup must be the same.
 IMAGE_UID = 10001
 # Subnets the networks are taken from: a /24 each, at random, retried on overlap.
-SUBNET_POOL = ipaddress.ip_network("10.213.0.0/16")
+SUBNET_POOL = ipaddress.IPv4Network("10.213.0.0/16")
 
 
 class DockerError(RuntimeError):
