@@ -116,8 +116,10 @@ for component in "${COMPONENTS[@]}"; do
     image=mcloudtt-$component:$TAG
     log "building $image on $BASE_IMAGE"
     # --network none: the build cannot reach anything, so it installs from the wheelhouse or fails.
+    # The classic builder: BuildKit needs the buildx plugin, which Debian's docker.io lacks.
     DOCKER_BUILDKIT=0 "$DOCKER" build --quiet --network none \
         --build-arg "BASE_IMAGE=$BASE_IMAGE" \
-        -f "$component/Dockerfile" -t "$image" . >/dev/null
+        -f "$component/Dockerfile" -t "$image" . 2>&1 >/dev/null |
+        { grep -v -E '^(DEPRECATED: The legacy builder| +BuildKit is currently| +environment-variable|$)' || true; } >&2
     echo "$image"
 done
