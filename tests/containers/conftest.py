@@ -17,18 +17,24 @@ ROOT = Path(__file__).resolve().parents[2]
 TAG = "dev"  # kind/base/kustomization.yaml pins the images to :dev
 
 
-@pytest.fixture(scope="session")
-def docker() -> Docker:
-    # .ci/containers says why docker cannot run on this machine (not root, no kernel support)...
+def require_docker() -> None:
+    """Called at the top of every test module here: where containers cannot run, the module is
+    skipped with the reason (one summary line for all of them)."""
+    # .ci/containers says why docker cannot run on this machine (not root, no kernel support).
     skipped = os.environ.get("MCLOUDTT_CONTAINERS_SKIP")
     if skipped:
-        pytest.skip(f"containers: {skipped}")
+        pytest.skip(f"containers: {skipped}", allow_module_level=True)
+    reason = unavailable_reason()
+    if reason is not None and not os.environ.get("MCLOUDTT_REQUIRE_DOCKER"):
+        pytest.skip(f"containers: {reason}", allow_module_level=True)
+
+
+@pytest.fixture(scope="session")
+def docker() -> Docker:
+    # Where .ci/containers started a daemon, one that does not answer fails every test here.
     reason = unavailable_reason()
     if reason is not None:
-        # ...and where it started a daemon, one that does not answer is a failure, not a skip.
-        if os.environ.get("MCLOUDTT_REQUIRE_DOCKER"):
-            pytest.fail(f"containers: {reason} (MCLOUDTT_REQUIRE_DOCKER is set)")
-        pytest.skip(f"containers: {reason}")
+        pytest.fail(f"containers: {reason} (MCLOUDTT_REQUIRE_DOCKER is set)", pytrace=False)
     return Docker()
 
 

@@ -15,8 +15,10 @@ import pytest
 from deploy.manifests import PASSWORD, Tools, ToolsUnavailable, container, find, runtime_env
 from mcloudtt_chaos.containers import Docker, Fleet, wait_for
 
+from .conftest import require_docker
 from .mqtt import http_get
 
+require_docker()
 pytestmark = pytest.mark.timeout(900)
 
 Docs = list[dict[str, Any]]
@@ -25,6 +27,8 @@ WORKLOADS = {
     "broker": ("StatefulSet", "mcloudtt-broker", "broker"),
     "adapter": ("Deployment", "mcloudtt-adapter", "adapter"),
 }
+# Uncompressed sizes measured in docs/deploy.md, with room: a stray build tool or cache shows.
+MAX_SIZE = {"broker": 180e6, "adapter": 520e6}
 # What each image's own code accepts as environment variables: asked of the image, not of the
 # sources on the host.
 KNOWN_ENV = {
@@ -76,7 +80,9 @@ def test_manifest_describes_the_image(
     docker: Docker, kind_docs: Docs, component: str, image: str
 ) -> None:
     workload, spec = _workload(kind_docs, component)
-    config = docker.image(image)["Config"]
+    inspected = docker.image(image)
+    config = inspected["Config"]
+    assert inspected["Size"] < MAX_SIZE[component], f"{image}: {inspected['Size'] / 1e6:.0f} MB"
 
     # The name kind/up.sh loads is the name the pods ask for, and it is never pulled.
     assert spec["image"] == image

@@ -16,9 +16,10 @@ from dataclasses import dataclass
 import pytest
 from mcloudtt_chaos.containers import IMAGE_UID, Container, Docker, DockerError, Fleet, wait_for
 
-from .conftest import ROOT
+from .conftest import ROOT, require_docker
 from .mqtt import Client, http_get, metric
 
+require_docker()
 pytestmark = pytest.mark.timeout(600)
 
 PASSWORD = "0123456789abcdef0123456789abcdef"  # hex, like the one kind/up.sh makes
