@@ -6,8 +6,6 @@ MQTT clients and probes come from the host, to the containers' addresses on the 
 
 from __future__ import annotations
 
-import os
-import signal
 import time
 import uuid
 from collections.abc import Iterator
@@ -189,7 +187,7 @@ def test_crashed_broker_is_restarted_by_its_policy_and_rejoins(cluster: Cluster)
     # A crash (or an OOM kill) from the container's point of view: its PID 1 killed outright.
     # `docker kill` would not do: docker counts it as a manual stop and applies no restart
     # policy to it.
-    os.kill(int(b2.state()["Pid"]), signal.SIGKILL)
+    b2.crash()
     wait_for(lambda: b2.restart_count() > before, timeout=30, what="a restart by the policy")
     wait_ready([b2])
     assert b2.state()["Running"] is True

@@ -16,6 +16,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -144,8 +145,14 @@ class Container:
     def restart_count(self) -> int:
         return int(self.docker.inspect(self.name)[0]["RestartCount"])
 
-    def kill(self, signal: str = "KILL") -> None:
-        self.docker("kill", "--signal", signal, self.name)
+    def kill(self, sig: str = "KILL") -> None:
+        """`docker kill`: docker counts it as a manual stop, so no restart policy applies."""
+        self.docker("kill", "--signal", sig, self.name)
+
+    def crash(self) -> None:
+        """SIGKILL to the container's PID 1 from the host, as a crash or an OOM kill would end
+        it: the restart policy applies (the part the kubelet plays for a crashed pod)."""
+        os.kill(int(self.state()["Pid"]), signal.SIGKILL)
 
     def stop(self, timeout: float = 30) -> int:
         """SIGTERM (the image's STOPSIGNAL), SIGKILL after `timeout`; the exit code."""
