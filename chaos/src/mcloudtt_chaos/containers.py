@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .local import redis_server_binary
+from .procs import redis_server_binary
 
 # The uid:gid the images run as; the manifests' runAsUser/runAsGroup must be the same.
 IMAGE_UID = 10001
