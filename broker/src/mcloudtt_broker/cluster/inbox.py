@@ -5,11 +5,17 @@ the last batch, reports progress (`{prefix}:progress:{me}`: origin -> highest se
 what the origins' outboxes confirm against) and asks for the next. Each origin's sequences are
 handled in order; one not above the last handled from that origin is a duplicate (a resend) and
 dropped. Broadcast mode's QoS 0 publishes come from the Pub/Sub channel instead (`on_sync`).
+
+Handled entries are trimmed only REPLAY_WINDOW_MS behind the last one, so that if this broker
+dies, the broker that takes its sessions can replay what its clients had not acknowledged yet
+(`replay.py`). `pause()` parks the reader between reads while such a replay runs, so that what
+this inbox delivers next comes after the replayed messages.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import Counter
 
@@ -23,6 +29,7 @@ from .envelope import EnvelopeError, EnvelopeFields, EnvelopeReader, unpack_enve
 from .link import GROUP, LinkError, RedisClient, stream_id
 from .records import InboxError, iter_records
 from .redis_url import RedisOptions
+from .replay import REPLAY_WINDOW_MS
 from .resp import Commands, open_connection
 from .settings import ClusterSettings
 
@@ -51,6 +58,19 @@ class Inbox:
         self.reader = EnvelopeReader()
         self.handled: dict[str, int] = {}  # origin -> highest sequence delivered from my inbox
         self.position: tuple[int, int] = (0, 0)  # id of the last inbox entry handled
+        self._running = asyncio.Event()
+        self._running.set()
+        self._parked = asyncio.Event()
+
+    async def pause(self, timeout: float) -> None:
+        """Stop delivering after the current read; return once the reader is parked."""
+        self._running.clear()
+        # No reader running (the link is down): nothing is delivered anyway.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._parked.wait(), timeout)
+
+    def resume(self) -> None:
+        self._running.set()
 
     async def ensure_group(self, redis: RedisClient) -> None:
         try:
@@ -78,16 +98,23 @@ class Inbox:
         """Read and deliver until the link breaks (the bus translates the errors)."""
         last_id = b"0"  # first what was delivered to us before and not acknowledged
         acks: list[bytes] = []
+        self._parked.clear()
         inbox = await open_connection(self.options, lambda error: None)
         try:
             while True:
+                if not self._running.is_set():
+                    self._parked.set()
+                    await self._running.wait()
+                    self._parked.clear()
                 # Acknowledge the last batch, report progress and ask for the next: one trip.
                 commands = Commands()
                 if acks:
                     commands.xack(self.k_inbox, GROUP, acks)
                     if self.handled:
                         commands.hset_many(self.k_progress, self.handled)
-                    commands.xtrim_minid(self.k_inbox, acks[-1])
+                    # Keep what was handled a while: a replay may need it (replay.py).
+                    last_ms = int(acks[-1].partition(b"-")[0])
+                    commands.xtrim_minid(self.k_inbox, b"%d-0" % max(0, last_ms - REPLAY_WINDOW_MS))
                 commands.xreadgroup(GROUP, self.me, self.k_inbox, last_id, 16, INBOX_BLOCK_MS)
                 async with asyncio.timeout(INBOX_BLOCK_MS / 1000 + REPLY_TIMEOUT):
                     replies = await inbox.call(commands)
@@ -127,6 +154,8 @@ class Inbox:
                     batch = fields[index + 1]
                     break
         if batch is None:
+            if isinstance(fields, list) and fields[:1] == [b"m"]:
+                return  # an origin's end marker, for a replay (replay.py)
             self.stats["bad_batches"] += 1
             return
         received = 0

@@ -46,7 +46,7 @@ import hiredis
 
 from ..core.message import Message
 from ..core.ports import ClusterCore, Resume
-from .failover import Failover
+from .failover import SESSION_WRITE_DELAY, Failover
 from .inbox import Inbox
 from .link import Link, LinkError, RedisClient, redis_errors
 from .membership import Membership
@@ -104,6 +104,13 @@ class RedisBus:
             stats,
             drain=self._drain_outbound,
             inbox_position=lambda: self.inbox.position,
+            inbox_handled=lambda: self.inbox.handled,
+            to_message=self.inbox.to_message,
+            pause_inbox=self.inbox.pause,
+            resume_inbox=self.inbox.resume,
+            hold=self._hold_announcements,
+            announce_adoption=self._announce_adoption,
+            replay=settings.replay,
         )
         self.membership = Membership(
             settings,
@@ -113,6 +120,7 @@ class RedisBus:
             token=self.token,
             failover=self.failover,
             on_peer_gone=self._peer_gone,
+            on_adopted=self._on_adopted,
             on_sync=self.inbox.on_sync,
         )
 
@@ -217,6 +225,7 @@ class RedisBus:
                     self._worker(self.membership.listen(redis), "cluster-pubsub"),
                     self._worker(self.membership.heartbeat(redis), "cluster-heartbeat"),
                     self._worker(self._confirm_loop(redis), "cluster-confirm"),
+                    self._worker(self._checkpoint_loop(), "cluster-checkpoint"),
                 ]
                 try:
                     await self._lost_event.wait()
@@ -261,17 +270,19 @@ class RedisBus:
         )
         await redis.ping()
         membership = self.membership
-        await membership.claim_id(redis)
+        first = not self.stats["connects"]
+        await membership.claim_id(redis, first)
+        await self.inbox.ensure_group(redis)
+        if first:
+            # Sessions a previous run of this broker id stored (a restarted pod keeps its name),
+            # with what its inbox still holds for them, before our table is announced.
+            await self.failover.adopt_sessions(redis, self.me)
         self.outbox.clear_announcements()  # the whole table is announced now
         await membership.register(redis)
-        await self.inbox.ensure_group(redis)
         await membership.load_peers(redis)
         # Resend what receivers have not confirmed (Redis may have lost it), then the buffer,
         # in sequence order: receivers drop a sequence lower than one they already handled.
         resend = self.outbox.resend(await self._progress(redis, self.outbox.destinations()))
-        if not self.stats["connects"]:
-            # Sessions a previous run of this broker id stored (a restarted pod keeps its name).
-            await self.failover.adopt_sessions(redis, self.me)
         writer = await open_connection(self.redis_options, self._link_lost)
         link.writer = writer
         if resend is not None:
@@ -312,8 +323,33 @@ class RedisBus:
         }
 
     def _peer_gone(self, peer: str) -> None:
-        self.outbox.forget_destination(peer)
+        # Its records stay unconfirmed, and we keep routing to its inbox, until its sessions'
+        # adopter announces itself (`_on_adopted`).
         self.failover.peer_gone(peer)
+
+    def _hold_announcements(self, hold: bool) -> None:
+        self.outbox.holding = hold
+
+    def _announce_adoption(self, dead: str) -> None:
+        """We adopted `dead`'s sessions: tell every broker (with their filters), and stop
+        routing to `dead` ourselves."""
+        self.outbox.announce_adoption(dead)
+        self._flush()
+        self.core.remote_forget(dead)
+        self._on_adopted(self.me, dead)
+
+    def _on_adopted(self, adopter: str, dead: str) -> None:
+        """We stopped routing to `dead` (`adopter` took its sessions): after everything we
+        sent it, an end marker in its inbox, for the adopter's replay."""
+        self._flush()
+        self.outbox.mark(dead)
+        self._flush()
+        self.outbox.forget_destination(dead)
+
+    async def _checkpoint_loop(self) -> None:
+        while True:
+            await asyncio.sleep(SESSION_WRITE_DELAY)
+            self.failover.checkpoint()
 
     # ------------------------------------------------------------------ metrics
 
@@ -331,6 +367,7 @@ class RedisBus:
             "resent_total": float(stats["resent"]),
             "sessions_adopted_total": float(stats["sessions_adopted"]),
             "sessions_restored_total": float(stats["sessions_restored"]),
+            "replayed_total": float(stats["replayed"]),
             "flushes_total": float(stats["flushes"]),
             "inbox_reads_total": float(stats["inbox_reads"]),
             "bad_envelopes_total": float(stats["bad_envelopes"] + stats["bad_batches"]),

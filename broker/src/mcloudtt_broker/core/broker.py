@@ -349,6 +349,24 @@ class Broker:
         if session.expiry_interval != NEVER_EXPIRES:
             self.expiring[session.client_id] = now + session.expiry_interval
 
+    def idle_sessions(self) -> list[str]:
+        # Online persistent sessions with nothing in flight or queued: everything delivered to
+        # them so far is acknowledged (a cluster bus checkpoints them for its inbox replay).
+        return [
+            client_id
+            for client_id, s in self.sessions.items()
+            if s.expiry_interval and s.connection is not None and not s.inflight and not s.queue
+        ]
+
+    def replay_to(self, client_ids: Iterable[str], message: Message) -> None:
+        """Deliver `message` to the plain subscriptions of these sessions only (a dead
+        broker's inbox replayed to the sessions taken from it)."""
+        wanted = set(client_ids)
+        per_session, _ = self.trie.match(message.topic)
+        chosen = [(session, subs) for session, subs in per_session if session.client_id in wanted]
+        if chosen:
+            self._deliver_plain(message, chosen)
+
     # ------------------------------------------------------------ retained messages
 
     def retained_messages(self) -> list[Message]:

@@ -108,6 +108,14 @@ class ClusterCore(Protocol):
         """Take a session a gone broker served, as an offline session expiring from `now`."""
         ...
 
+    def idle_sessions(self) -> list[str]:
+        """Client ids of the online persistent sessions with nothing in flight or queued."""
+        ...
+
+    def replay_to(self, client_ids: Iterable[str], message: Message) -> None:
+        """Deliver `message` to the plain subscriptions of these local sessions only."""
+        ...
+
 
 class LocalBus:
     """A single node: nothing to forward to."""
