@@ -29,6 +29,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 
+from ..core.message import Message
 from ..core.ports import ClusterCore, Resume
 from ..core.session import SessionSnapshot
 from .envelope import EnvelopeFields
@@ -79,11 +80,11 @@ class Failover:
         drain: Callable[[], Awaitable[None]],
         inbox_position: Callable[[], tuple[int, int]],
         inbox_handled: Callable[[], dict[str, int]] = dict,
-        to_message: Callable[[EnvelopeFields], object] | None = None,
-        pause_inbox: Callable[[float], Awaitable[None]] | None = None,
+        to_message: Callable[[EnvelopeFields], Message | None] | None = None,
+        pause_inbox: Callable[[], None] | None = None,
         resume_inbox: Callable[[], None] | None = None,
-        hold: Callable[[bool], None] | None = None,
-        announce_adoption: Callable[[str], None] | None = None,
+        announce_adoption: Callable[[str, list[str]], None] | None = None,
+        finish_adoption: Callable[[str], list[bytes]] | None = None,
         replay: bool = True,
     ) -> None:
         self.settings = settings
@@ -102,12 +103,12 @@ class Failover:
         self.to_message = to_message
         self.pause_inbox = pause_inbox
         self.resume_inbox = resume_inbox
-        self.hold = hold
-        self.announce_adoption = announce_adoption
+        self.announce_adoption = announce_adoption  # (dead, filters): tell every broker
+        self.finish_adoption = finish_adoption  # stop routing to dead: our records for it
         self.replay_enabled = replay  # False only to show what is lost without it (tests)
         self.k_marks = f"{prefix}:marks:{self.me}"
         self._checkpointed: dict[str, tuple[int, int]] = {}
-        self._adopted_waiters: dict[str, asyncio.Event] = {}
+        self._paused_for: dict[str, int] = {}  # client id -> inbox pauses until it resumes
         self.loop: asyncio.AbstractEventLoop | None = None
         self._dirty: set[str] = set()  # client ids whose stored session is stale
         self._write_scheduled = False
@@ -209,6 +210,16 @@ class Failover:
         finally:
             self._handovers.pop(client_id, None)
         resume(snapshot)
+        # The session is here now: our inbox delivers to it again (after what it brought).
+        while client_id in self._paused_for:
+            self._unpause(client_id)
+
+    def _unpause(self, client_id: str) -> None:
+        count = self._paused_for.pop(client_id, 0)
+        if count > 1:
+            self._paused_for[client_id] = count - 1
+        if count and self.resume_inbox is not None:
+            self.resume_inbox()
 
     async def _take_over(self, client_id: str, clean_start: bool) -> SessionSnapshot | None:
         redis = self.link.redis
@@ -238,6 +249,11 @@ class Failover:
     ) -> SessionSnapshot | None:
         """Ask the live broker `holder` for the session; TimeoutError if it does not answer."""
         prefix = self.settings.prefix
+        # The holder routes the session's messages to us from the moment it gives it up: our
+        # inbox must wait until the session is restored here, or they reach nobody.
+        if self.pause_inbox is not None:
+            self.pause_inbox()
+            self._paused_for[client_id] = self._paused_for.get(client_id, 0) + 1
         # What we already forwarded to the holder must reach it before it snapshots the session.
         await self.drain()
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -246,7 +262,11 @@ class Failover:
             self.k_control,
             f"handover\x00{self.me}\x00{holder}\x00{int(clean_start)}\x00{client_id}",
         )
-        await asyncio.wait_for(waiter, self.settings.handover_timeout / 2)
+        try:
+            await asyncio.wait_for(waiter, self.settings.handover_timeout / 2)
+        except TimeoutError:
+            self._unpause(client_id)  # no session coming (yet): do not hold the inbox up
+            raise
         self.stats["handovers"] += 1
         data = await redis.getdel(f"{prefix}:handover:{client_id}")
         if data is None or clean_start:
@@ -447,21 +467,35 @@ class Failover:
     async def _adopt_gone(
         self, redis: RedisClient, peer: str, claimed: dict[str, tuple[SessionSnapshot, Marks]]
     ) -> None:
+        """Adopt a dead broker's sessions with what was routed to it: every other broker
+        routes their filters to us from `adopted` on and marks the dead inbox; we read it
+        up to those markers, then (in one step, so that nothing published here falls between)
+        restore the sessions, add what we had sent the dead broker ourselves, stop routing to
+        it, and hand the replayed messages to the sessions. Our inbox waits meanwhile: what
+        it delivers to them comes after the replay."""
         prefix = self.settings.prefix
         assert self.pause_inbox is not None and self.resume_inbox is not None
-        assert self.hold is not None and self.announce_adoption is not None
-        # Parked: what our inbox delivers to these sessions must come after the replay.
-        await self.pause_inbox(self.settings.handover_timeout)
+        assert self.announce_adoption is not None and self.finish_adoption is not None
+        self.pause_inbox()
         try:
-            origins = set(self.peers) | {self.me}
-            self.hold(True)
-            try:
-                self._restore(claimed)
-            finally:
-                # Every broker now routes the dead one's filters to us, and marks its inbox.
-                self.announce_adoption(peer)
+            origins = set(self.peers) - {peer}
+            filters = sorted(
+                {r.topic_filter for snapshot, _ in claimed.values() for r in snapshot.subscriptions}
+            )
+            self.announce_adoption(peer, filters)
+            replay = None
             if self.replay_enabled and claimed:
-                await self._replay(redis, peer, claimed, origins)
+                replay = await self._read_dead_inbox(redis, peer, claimed, origins)
+                ms, seq = self.inbox_position()
+                ours = await redis.xrange(self.k_inbox, min=f"({ms}-{seq}", max="+")
+                elsewhere = origins_and_sequences(ours)
+            # From here to the end, no await: nothing published here comes in between.
+            self._restore(claimed)
+            own = self.finish_adoption(peer)
+            if replay is not None:
+                replay.feed_records(own)
+                # What our own waiting inbox holds is delivered by it: not twice.
+                self.stats["replayed"] += replay.deliver(elsewhere)
         finally:
             self.resume_inbox()
         pipe = redis.pipeline(transaction=False)
@@ -470,18 +504,18 @@ class Failover:
         await pipe.execute()
         log.info("adopted %d sessions of %s", len(claimed), peer)
 
-    async def _replay(
+    async def _read_dead_inbox(
         self,
         redis: RedisClient,
         peer: str,
         claimed: dict[str, tuple[SessionSnapshot, Marks]],
         origins: set[str],
-    ) -> None:
-        """Replay the dead inbox to the claimed sessions until every origin's end marker."""
+    ) -> Replay:
+        """Read the dead inbox past the claimed sessions' marks, to every origin's marker."""
         assert self.to_message is not None
         replay = Replay(
             self.core,
-            self.to_message,  # type: ignore[arg-type]
+            self.to_message,
             {client_id: marks for client_id, (_, marks) in claimed.items()},
             origins,
         )
@@ -499,10 +533,7 @@ class Failover:
                 await asyncio.sleep(0.005)
         if replay.pending:
             log.warning("replay of %s: no end marker from %s", peer, sorted(replay.pending))
-        # What our own parked inbox holds will be delivered by it: not twice.
-        ms, seq = self.inbox_position()
-        ours = await redis.xrange(self.k_inbox, min=f"({ms}-{seq}", max="+")
-        self.stats["replayed"] += replay.deliver(origins_and_sequences(ours))
+        return replay
 
     async def _readopt_own(
         self, redis: RedisClient, claimed: dict[str, tuple[SessionSnapshot, Marks]]
@@ -515,7 +546,7 @@ class Failover:
         assert self.to_message is not None
         replay = Replay(
             self.core,
-            self.to_message,  # type: ignore[arg-type]
+            self.to_message,
             {client_id: marks for client_id, (_, marks) in claimed.items()},
             (),
         )

@@ -8,14 +8,14 @@ dropped. Broadcast mode's QoS 0 publishes come from the Pub/Sub channel instead 
 
 Handled entries are trimmed only REPLAY_WINDOW_MS behind the last one, so that if this broker
 dies, the broker that takes its sessions can replay what its clients had not acknowledged yet
-(`replay.py`). `pause()` parks the reader between reads while such a replay runs, so that what
-this inbox delivers next comes after the replayed messages.
+(`replay.py`). `pause()` holds deliveries (the reader waits before its next entry) while such a
+replay runs, or a session comes in from another broker, so that what this inbox delivers next
+comes after the replayed or handed-over messages.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections import Counter
 
@@ -58,19 +58,18 @@ class Inbox:
         self.reader = EnvelopeReader()
         self.handled: dict[str, int] = {}  # origin -> highest sequence delivered from my inbox
         self.position: tuple[int, int] = (0, 0)  # id of the last inbox entry handled
-        self._running = asyncio.Event()
-        self._running.set()
-        self._parked = asyncio.Event()
+        self.pauses = 0  # deliveries wait while this is above 0
+        self._resumed = asyncio.Event()
 
-    async def pause(self, timeout: float) -> None:
-        """Stop delivering after the current read; return once the reader is parked."""
-        self._running.clear()
-        # No reader running (the link is down): nothing is delivered anyway.
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._parked.wait(), timeout)
+    def pause(self) -> None:
+        """Deliver nothing more until `resume()` (pauses nest)."""
+        self.pauses += 1
+        self._resumed.clear()
 
     def resume(self) -> None:
-        self._running.set()
+        self.pauses = max(0, self.pauses - 1)
+        if not self.pauses:
+            self._resumed.set()
 
     async def ensure_group(self, redis: RedisClient) -> None:
         try:
@@ -98,14 +97,9 @@ class Inbox:
         """Read and deliver until the link breaks (the bus translates the errors)."""
         last_id = b"0"  # first what was delivered to us before and not acknowledged
         acks: list[bytes] = []
-        self._parked.clear()
         inbox = await open_connection(self.options, lambda error: None)
         try:
             while True:
-                if not self._running.is_set():
-                    self._parked.set()
-                    await self._running.wait()
-                    self._parked.clear()
                 # Acknowledge the last batch, report progress and ask for the next: one trip.
                 commands = Commands()
                 if acks:
@@ -134,6 +128,8 @@ class Inbox:
                     continue
                 self.stats["inbox_reads"] += 1
                 for entry_id, fields in entries:
+                    if self.pauses:
+                        await self._resumed.wait()
                     self.handle_entry(fields)
                     acks.append(entry_id)
                     self.position = stream_id(entry_id)

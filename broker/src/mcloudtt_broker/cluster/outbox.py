@@ -92,9 +92,6 @@ class Outbox:
         # Written, not yet answered: (commands written after it, items, announcements).
         self._unanswered: deque[tuple[int, list[Item], list[tuple[str, str]]]] = deque()
         self.wake_pending = False  # `wake(False)` was called and no flush has run since
-        # While sessions are adopted, their filters are held and announced with the adoption.
-        self.holding = False
-        self.held: list[tuple[str, str]] = []
 
     # ------------------------------------------------------------------ the hot path
 
@@ -148,22 +145,14 @@ class Outbox:
 
     def announce(self, op: str, full_filter: str) -> None:
         """`op` "add" or "del": a filter gained its first or lost its last local subscriber."""
-        if self.holding:
-            self.held.append((op, full_filter))
-            return
         self.control.append((op, full_filter))
         if not self.wake_pending:
             self.wake_pending = True
             self.wake(False)
 
-    def announce_adoption(self, dead: str) -> None:
-        """We adopted `dead`'s sessions: their filters (held since `holding`) and the adoption,
-        in one control message, after everything announced before (`adopted`: every broker
-        stops routing to `dead` and routes to us, in one step)."""
-        self.holding = False
-        filters = [f for op, f in self.held if op == "add"]
-        self.control.extend(op_filter for op_filter in self.held if op_filter[0] == "del")
-        self.held = []
+    def announce_adoption(self, dead: str, filters: Sequence[str]) -> None:
+        """We adopt `dead`'s sessions: their filters and the adoption in one control message
+        (`adopted`: every broker stops routing to `dead` and routes them to us, in one step)."""
         self.control.append(("adopted", "\x00".join([dead, *filters])))
         self.wake(True)
 

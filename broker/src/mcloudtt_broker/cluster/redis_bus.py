@@ -108,8 +108,8 @@ class RedisBus:
             to_message=self.inbox.to_message,
             pause_inbox=self.inbox.pause,
             resume_inbox=self.inbox.resume,
-            hold=self._hold_announcements,
             announce_adoption=self._announce_adoption,
+            finish_adoption=self._finish_adoption,
             replay=settings.replay,
         )
         self.membership = Membership(
@@ -327,16 +327,19 @@ class RedisBus:
         # adopter announces itself (`_on_adopted`).
         self.failover.peer_gone(peer)
 
-    def _hold_announcements(self, hold: bool) -> None:
-        self.outbox.holding = hold
+    def _announce_adoption(self, dead: str, filters: list[str]) -> None:
+        """We adopt `dead`'s sessions: every broker routes their filters to us instead."""
+        self.outbox.announce_adoption(dead, filters)
+        self._flush()
 
-    def _announce_adoption(self, dead: str) -> None:
-        """We adopted `dead`'s sessions: tell every broker (with their filters), and stop
-        routing to `dead` ourselves."""
-        self.outbox.announce_adoption(dead)
+    def _finish_adoption(self, dead: str) -> list[bytes]:
+        """Stop routing to `dead` ourselves; return the QoS 1/2 records we sent it that it
+        never confirmed (the adopter replays them too)."""
         self._flush()
         self.core.remote_forget(dead)
-        self._on_adopted(self.me, dead)
+        records = [record for _, record in self.outbox.unconfirmed.get(dead, ())]
+        self.outbox.forget_destination(dead)
+        return records
 
     def _on_adopted(self, adopter: str, dead: str) -> None:
         """We stopped routing to `dead` (`adopter` took its sessions): after everything we

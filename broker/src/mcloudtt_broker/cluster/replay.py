@@ -22,6 +22,8 @@ from .envelope import EnvelopeError, EnvelopeFields, EnvelopeReader
 from .link import stream_id
 from .records import InboxError, iter_records
 
+_AFTER_ALL = (1 << 63, 0)
+
 # How long an inbox keeps the entries it handled, for a replay after its broker died.
 REPLAY_WINDOW_MS = 10_000
 
@@ -88,7 +90,14 @@ class Replay:
         batch = fields.get(b"b")
         if not isinstance(batch, bytes):
             return
-        position = stream_id(entry_id)
+        self._feed_batch(stream_id(entry_id), batch)
+
+    def feed_records(self, records: Iterable[bytes]) -> None:
+        """Our own records for the dead broker (unconfirmed in our outbox): after everything
+        in its inbox, duplicates of what was found there dropped."""
+        self._feed_batch(_AFTER_ALL, b"".join(records))
+
+    def _feed_batch(self, position: tuple[int, int], batch: bytes) -> None:
         try:
             for plain, _groups, start, stop in iter_records(batch):
                 if not plain:
