@@ -38,6 +38,7 @@ class Publisher(threading.Thread):
         self.acked: set[int] = set()
         self.sent = 0
         self._mids: dict[int, int] = {}
+        self._early: set[int] = set()
         self._lock = threading.Lock()
         self.stopping = threading.Event()
         self.c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="noloss-pub")
@@ -49,7 +50,9 @@ class Publisher(threading.Thread):
     def _on_publish(self, c: Any, u: Any, mid: int, rc: Any, p: Any) -> None:
         with self._lock:
             seq = self._mids.pop(mid, None)
-            if seq is not None:
+            if seq is None:
+                self._early.add(mid)  # acknowledged before `run` noted its mid
+            else:
                 self.acked.add(seq)
 
     def run(self) -> None:
@@ -59,9 +62,14 @@ class Publisher(threading.Thread):
             delay = due - time.monotonic()
             if delay > 0:
                 time.sleep(delay)
+            # Not under our lock: paho calls `_on_publish` under its own.
+            info = self.c.publish(TOPIC, str(self.sent).encode(), self.qos)
             with self._lock:
-                info = self.c.publish(TOPIC, str(self.sent).encode(), self.qos)
-                self._mids[info.mid] = self.sent
+                if info.mid in self._early:
+                    self._early.discard(info.mid)
+                    self.acked.add(self.sent)
+                else:
+                    self._mids[info.mid] = self.sent
             self.sent += 1
 
     def finish(self) -> None:
@@ -152,6 +160,12 @@ def check(pub: Publisher, sub: Subscriber, qos: int) -> None:
             seen.add(seq)
             firsts.append(seq)
     assert firsts == sorted(firsts), "order per publisher broken"
+    from collections import Counter
+
+    dups = sorted(k for k, v in Counter(got).items() if v > 1)
+    if dups:
+        first_idx = [i for i, x in enumerate(sub.got) if x[0] == dups[0]]
+        print("dups", ranges(dups), "at", first_idx, sub.got[first_idx[-1] - 2 : first_idx[-1] + 3])
     if qos == 2:
         assert len(got) == len(set(got)), f"QoS 2 delivered twice: {len(got) - len(set(got))}"
 

@@ -108,6 +108,9 @@ class Failover:
         self.replay_enabled = replay  # False only to show what is lost without it (tests)
         self.k_marks = f"{prefix}:marks:{self.me}"
         self._checkpointed: dict[str, tuple[int, int]] = {}
+        self._checkpoint_position: tuple[int, int] = (0, 0)
+        self._completed: set[str] = set()
+        self._completed_scheduled = False
         self._paused_for: dict[str, int] = {}  # client id -> inbox pauses until it resumes
         self.loop: asyncio.AbstractEventLoop | None = None
         self._dirty: set[str] = set()  # client ids whose stored session is stale
@@ -155,6 +158,20 @@ class Failover:
     def marks(self) -> dict[str, object]:
         return Marks(self.inbox_position(), dict(self.inbox_handled())).encode()
 
+    def delivery_completed(self, client_id: str) -> None:
+        """A QoS 2 delivery completed: store the session (with its marks) on the next turn of
+        the loop, so that a replay after our death does not deliver it again."""
+        self._completed.add(client_id)
+        if not self._completed_scheduled and self.loop is not None:
+            self._completed_scheduled = True
+            self.loop.call_soon(self._write_completed)
+
+    def _write_completed(self) -> None:
+        self._completed_scheduled = False
+        self._dirty |= self._completed
+        self._completed.clear()
+        self.write_sessions()
+
     def checkpoint(self) -> None:
         """Online sessions seen idle: everything their broker's inbox delivered to them so far
         is acknowledged; a replay starts after it (one HSET, only when the inbox moved)."""
@@ -162,6 +179,12 @@ class Failover:
         if writer is None:
             return
         position = self.inbox_position()
+        if self._checkpoint_position != position:
+            # Online sessions that are not idle: stored again, with what they have in flight.
+            self._checkpoint_position = position
+            self._dirty.update(self.core.busy_sessions())
+            if self._dirty:
+                self.write_sessions()
         idle = [c for c in self.core.idle_sessions() if self._checkpointed.get(c) != position]
         if not idle:
             return
@@ -453,6 +476,13 @@ class Failover:
                             # Seen idle after it was stored: nothing in it is unacknowledged.
                             snapshot = dataclasses.replace(snapshot, inflight=(), queue=())
                             marks = fresher
+                    log.info(
+                        client_id,
+                        snapshot_marks(data),
+                        checkpoint,
+                        marks,
+                        len(snapshot.inflight),
+                    )
                     claimed[client_id] = (snapshot, marks)
             finally:
                 self._adopting.difference_update(batch)

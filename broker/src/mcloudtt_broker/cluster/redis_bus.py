@@ -164,6 +164,9 @@ class RedisBus:
     def session_changed(self, client_id: str) -> None:
         self.failover.session_changed(client_id)
 
+    def delivery_completed(self, client_id: str) -> None:
+        self.failover.delivery_completed(client_id)
+
     def locate_session(self, client_id: str, clean_start: bool, resume: Resume) -> bool:
         return self.failover.locate_session(client_id, clean_start, resume)
 

@@ -188,6 +188,7 @@ class Broker:
     def _new_session(self, client_id: str) -> Session:
         session = Session(client_id, max_queued=self.settings.max_queued_messages, stats=self.stats)
         session.changed = self.bus.session_changed
+        session.completed = self.bus.delivery_completed
         self.sessions[client_id] = session
         return session
 
@@ -356,6 +357,14 @@ class Broker:
             client_id
             for client_id, s in self.sessions.items()
             if s.expiry_interval and s.connection is not None and not s.inflight and not s.queue
+        ]
+
+    def busy_sessions(self) -> list[str]:
+        # Online persistent sessions with something in flight or queued.
+        return [
+            client_id
+            for client_id, s in self.sessions.items()
+            if s.expiry_interval and s.connection is not None and (s.inflight or s.queue)
         ]
 
     def replay_to(self, client_ids: Iterable[str], message: Message) -> None:

@@ -603,6 +603,8 @@ class ServerConnection:
             del session.inflight[packet.packet_id]
             if session.queue:
                 session.pump(now)
+            if session.expiry_interval and session.completed is not None:
+                session.completed(session.client_id)
         elif entry is not None and entry.qos == 1:
             self._wrong_ack("pubcomp_for_qos1")
         else:

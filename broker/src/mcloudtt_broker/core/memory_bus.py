@@ -214,6 +214,9 @@ class MemoryBus:
     def session_changed(self, client_id: str) -> None:
         self.changed_sessions[client_id] += 1
 
+    def delivery_completed(self, client_id: str) -> None:
+        return None
+
     # ------------------------------------------------------------------ sessions across cores
 
     def locate_session(self, client_id: str, clean_start: bool, resume: Resume) -> bool:

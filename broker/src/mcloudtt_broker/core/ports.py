@@ -48,6 +48,12 @@ class ClusterBus(Protocol):
         (`ClusterCore.stored_session`)."""
         ...
 
+    def delivery_completed(self, client_id: str) -> None:
+        """A persistent session's client completed a QoS 2 delivery (PUBCOMP): a bus that
+        replays a dead broker's inbox stores the session again at once, so that the replay
+        does not deliver it twice (exactly once costs a write per completion)."""
+        ...
+
     def locate_session(self, client_id: str, clean_start: bool, resume: Resume) -> bool:
         """A CONNECT for `client_id` was accepted: its session may live on another broker.
 
@@ -112,6 +118,10 @@ class ClusterCore(Protocol):
         """Client ids of the online persistent sessions with nothing in flight or queued."""
         ...
 
+    def busy_sessions(self) -> list[str]:
+        """Client ids of the online persistent sessions with something in flight or queued."""
+        ...
+
     def replay_to(self, client_ids: Iterable[str], message: Message) -> None:
         """Deliver `message` to the plain subscriptions of these local sessions only."""
         ...
@@ -132,6 +142,9 @@ class LocalBus:
         return None
 
     def session_changed(self, client_id: str) -> None:
+        return None
+
+    def delivery_completed(self, client_id: str) -> None:
         return None
 
     def locate_session(self, client_id: str, clean_start: bool, resume: Resume) -> bool:
