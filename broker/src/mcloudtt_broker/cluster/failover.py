@@ -22,6 +22,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
@@ -110,6 +111,7 @@ class Failover:
         self._checkpointed: dict[str, tuple[int, int]] = {}
         self._checkpoint_position: tuple[int, int] = (0, 0)
         self._completed: set[str] = set()
+        self._releases: list[tuple[str, int]] = []  # PUBRELs waiting for the session's store
         self._completed_scheduled = False
         self._paused_for: dict[str, int] = {}  # client id -> inbox pauses until it resumes
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -139,6 +141,14 @@ class Failover:
         writer = self.link.writable()
         if writer is None or not self._dirty:
             return  # kept dirty: written when the link is back
+        commands = self.session_commands()
+        if commands is not None:
+            writer.write(commands)
+
+    def session_commands(self) -> Commands | None:
+        """The commands that store the dirty sessions (None when none are)."""
+        if not self._dirty:
+            return None
         commands = Commands()
         core = self.core
         now = core.clock()
@@ -153,7 +163,7 @@ class Failover:
                 commands.hdel(self.k_sessions, client_id)
                 commands.hdel(self.k_marks, client_id)
         self._dirty.clear()
-        writer.write(commands)
+        return commands
 
     def marks(self) -> dict[str, object]:
         return Marks(self.inbox_position(), dict(self.inbox_handled())).encode()
@@ -170,7 +180,38 @@ class Failover:
         self._completed_scheduled = False
         self._dirty |= self._completed
         self._completed.clear()
-        self.write_sessions()
+        releases, self._releases = self._releases, []
+        if not releases:
+            self.write_sessions()
+            return
+        self._dirty.update(client_id for client_id, _ in releases)
+        commands = self.session_commands()
+        writer = self.link.writable()
+        if writer is None or commands is None:
+            self._release(releases)
+            return
+        self._spawn(self._store_then_release(writer.call(commands), releases))
+
+    async def _store_then_release(
+        self, stored: Awaitable[object], releases: list[tuple[str, int]]
+    ) -> None:
+        with contextlib.suppress(ConnectionError):
+            await stored
+        self._release(releases)
+
+    def _release(self, releases: list[tuple[str, int]]) -> None:
+        for client_id, packet_id in releases:
+            self.core.release(client_id, packet_id)
+
+    def release_after_store(self, client_id: str, packet_id: int) -> bool:
+        """PUBREC: store the session (it now awaits PUBCOMP), then send PUBREL."""
+        if self.loop is None or self.link.writable() is None:
+            return False
+        self._releases.append((client_id, packet_id))
+        if not self._completed_scheduled:
+            self._completed_scheduled = True
+            self.loop.call_soon(self._write_completed)
+        return True
 
     def checkpoint(self) -> None:
         """Online sessions seen idle: everything their broker's inbox delivered to them so far

@@ -167,6 +167,9 @@ class RedisBus:
     def delivery_completed(self, client_id: str) -> None:
         self.failover.delivery_completed(client_id)
 
+    def release_after_store(self, client_id: str, packet_id: int) -> bool:
+        return self.failover.release_after_store(client_id, packet_id)
+
     def locate_session(self, client_id: str, clean_start: bool, resume: Resume) -> bool:
         return self.failover.locate_session(client_id, clean_start, resume)
 

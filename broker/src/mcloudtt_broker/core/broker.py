@@ -359,6 +359,14 @@ class Broker:
             if s.expiry_interval and s.connection is not None and not s.inflight and not s.queue
         ]
 
+    def release(self, client_id: str, packet_id: int) -> None:
+        session = self.sessions.get(client_id)
+        conn = session.connection if session is not None else None
+        if conn is not None and session is not None:
+            entry = session.inflight.get(packet_id)
+            if entry is not None and entry.state == AWAITING_COMP:
+                conn.write_pubrel(packet_id)
+
     def busy_sessions(self) -> list[str]:
         # Online persistent sessions with something in flight or queued.
         return [

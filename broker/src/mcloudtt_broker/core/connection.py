@@ -594,7 +594,12 @@ class ServerConnection:
             session.pump(now)
             return
         entry.state = AWAITING_COMP
-        self.write_pubrel(pid)
+        # In a cluster the session is stored first: restored elsewhere, it must send PUBREL,
+        # not the PUBLISH again, or the client would deliver it twice.
+        if not (
+            session.expiry_interval and self.broker.bus.release_after_store(session.client_id, pid)
+        ):
+            self.write_pubrel(pid)
 
     def _on_pubcomp(self, packet: PubComp, now: float) -> None:
         session = self._connected_session()

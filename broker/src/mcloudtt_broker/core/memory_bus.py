@@ -217,6 +217,9 @@ class MemoryBus:
     def delivery_completed(self, client_id: str) -> None:
         return None
 
+    def release_after_store(self, client_id: str, packet_id: int) -> bool:
+        return False
+
     # ------------------------------------------------------------------ sessions across cores
 
     def locate_session(self, client_id: str, clean_start: bool, resume: Resume) -> bool:

@@ -54,6 +54,12 @@ class ClusterBus(Protocol):
         does not deliver it twice (exactly once costs a write per completion)."""
         ...
 
+    def release_after_store(self, client_id: str, packet_id: int) -> bool:
+        """A persistent session's client sent PUBREC: True if the bus stores the session
+        first and then calls `ClusterCore.release` (the PUBREL is where the client delivers;
+        a session restored elsewhere must know it was sent), False to send PUBREL now."""
+        ...
+
     def locate_session(self, client_id: str, clean_start: bool, resume: Resume) -> bool:
         """A CONNECT for `client_id` was accepted: its session may live on another broker.
 
@@ -118,6 +124,10 @@ class ClusterCore(Protocol):
         """Client ids of the online persistent sessions with nothing in flight or queued."""
         ...
 
+    def release(self, client_id: str, packet_id: int) -> None:
+        """Send the PUBREL `release_after_store` held back, now that the session is stored."""
+        ...
+
     def busy_sessions(self) -> list[str]:
         """Client ids of the online persistent sessions with something in flight or queued."""
         ...
@@ -146,6 +156,9 @@ class LocalBus:
 
     def delivery_completed(self, client_id: str) -> None:
         return None
+
+    def release_after_store(self, client_id: str, packet_id: int) -> bool:
+        return False
 
     def locate_session(self, client_id: str, clean_start: bool, resume: Resume) -> bool:
         return False
