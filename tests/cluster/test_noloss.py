@@ -281,3 +281,37 @@ def test_restart_under_same_id_loses_nothing(redis_server):
     finally:
         for x in [*brokers, *([restarted] if restarted else [])]:
             x.stop()
+
+
+def test_a_frozen_broker_declared_dead_exits_instead_of_owning_twice(redis_server, clients):
+    """SIGSTOP past the TTL: the session is adopted elsewhere; woken, the broker exits (2)."""
+    url = redis_server.url
+    a, b = start_broker(url, "f1"), start_broker(url, "f2")
+    try:
+        wait_ready([a, b])
+        sub = clients(b.port, "frozen-sub", session_expiry=600, clean=False)
+        sub.subscribe("frozen/t", 1)
+        wait_until(lambda: a.metric("mcloudtt_cluster_remote_filters") >= 1, 5.0, "routing")
+        time.sleep(0.5)  # the session stored (within 0.1 s of its subscription)
+        b.signal(signal.SIGSTOP)
+        try:
+            wait_until(
+                lambda: a.metric("mcloudtt_cluster_sessions_adopted_total") >= 1,
+                15.0,
+                "the frozen broker's session adopted",
+            )
+        finally:
+            b.signal(signal.SIGCONT)
+        assert b.proc is not None
+        assert b.proc.wait(10) == 2
+        assert "declared dead" in b.output()
+        # The session lives on A only: a message published now is queued there for it.
+        pub = clients(a.port, "frozen-pub")
+        pub.publish("frozen/t", b"after", qos=1)
+        back = clients(a.port, "frozen-sub", session_expiry=600, clean=False)
+        assert back.session_present
+        assert back.get().payload == b"after"
+    finally:
+        for x in (a, b):
+            x.stop()
+            print(f"--- broker {x.port}", x.output()[-3000:], sep="\n")
