@@ -50,6 +50,11 @@ return 1
 """
 
 
+# A gone peer whose adoption was never announced to us (its adopter died, or our link was down
+# when it was) is forgotten after this long: its inbox is not read any more.
+ADOPTION_DEADLINE = 30.0
+
+
 def gone_grace(settings: ClusterSettings) -> float:
     """How long past its TTL a peer's presence must stay missing before it is gone."""
     return max(1.0, 2 * settings.backoff_max)
@@ -86,6 +91,7 @@ class Membership:
         self.k_adopter = f"{prefix}:adopter:{self.me}"
         self.on_sync = on_sync
         self.missing_since: dict[str, float] = {}  # peer -> when its presence was first missed
+        self.awaiting_adoption: set[str] = set()  # gone peers we still route to
 
     # ------------------------------------------------------------------ joining and leaving
 
@@ -171,14 +177,22 @@ class Membership:
         self.live_peers.discard(peer)
         self.missing_since.pop(peer, None)
         log.info("peer %s left the cluster", peer)
+        self.awaiting_adoption.add(peer)
+        asyncio.get_running_loop().call_later(ADOPTION_DEADLINE, self._adoption_overdue, peer)
         self.on_peer_gone(peer)
+
+    def _adoption_overdue(self, peer: str) -> None:
+        if peer in self.awaiting_adoption and peer not in self.live_peers:
+            log.warning("no adoption of %s announced; no longer routing to it", peer)
+            self.adopted("", peer)
 
     def adopted(self, adopter: str, argument: str) -> None:
         """Control `adopted`: `adopter` took the sessions of a gone broker; route their
         filters to it instead, in one step (nothing falls between the two)."""
         dead, *filters = argument.split("\x00")
         core = self.core
-        if adopter != self.me:
+        self.awaiting_adoption.discard(dead)
+        if adopter and adopter != self.me:
             self.live_peers.add(adopter)
             for full_filter in filters:
                 core.remote_subscribe(adopter, full_filter)

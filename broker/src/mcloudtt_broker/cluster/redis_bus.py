@@ -343,6 +343,7 @@ class RedisBus:
         never confirmed (the adopter replays them too)."""
         self._flush()
         self.core.remote_forget(dead)
+        self.membership.awaiting_adoption.discard(dead)
         records = [record for _, record in self.outbox.unconfirmed.get(dead, ())]
         self.outbox.forget_destination(dead)
         return records
