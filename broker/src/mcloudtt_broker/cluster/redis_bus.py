@@ -18,8 +18,8 @@ Theory of operation.
   sequences they have already handled (per origin, in order). Envelope sequences start at the
   boot time in microseconds, so a restarted origin never reuses one.
 * Persistent sessions (`failover.py`): stored in `{prefix}:sessions:{id}`, handed over directly
-  when the broker that has one is alive, taken from the store when it is gone, and adopted as
-  offline sessions by the survivors.
+  when the broker that has one is alive; when it is gone, one survivor adopts them as offline
+  sessions and replays the dead inbox to them (`replay.py`): nothing acknowledged is lost.
 * Retained messages: the hash `{prefix}:retained` (topic -> envelope), written on each retained
   publish, loaded at start and after each reconnect; retained publishes go to every broker.
 * The retry pattern (this module, which runs the link): Redis unreachable (at start or later)

@@ -66,6 +66,8 @@ if TYPE_CHECKING:
 CONNECTING, CONNECTED, CLOSED, LOCATING = 0, 1, 3, 2
 
 _PINGRESP = b"\xd0\x00"
+# A cluster stores a session before its PUBREL only while its queue is at most this long.
+STORE_BEFORE_RELEASE_MAX_QUEUE = 100
 
 
 class Link(Protocol):
@@ -596,8 +598,11 @@ class ServerConnection:
         entry.state = AWAITING_COMP
         # In a cluster the session is stored first: restored elsewhere, it must send PUBREL,
         # not the PUBLISH again, or the client would deliver it twice.
+        # (Not behind a long queue: storing it on every PUBREC would cost more than it saves.)
         if not (
-            session.expiry_interval and self.broker.bus.release_after_store(session.client_id, pid)
+            session.expiry_interval
+            and len(session.queue) <= STORE_BEFORE_RELEASE_MAX_QUEUE
+            and self.broker.bus.release_after_store(session.client_id, pid)
         ):
             self.write_pubrel(pid)
 
