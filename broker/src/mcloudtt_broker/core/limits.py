@@ -88,9 +88,19 @@ class Throttle:
     def on_publish(self, size: int, now: float) -> bool:
         """Charge one PUBLISH of `size` bytes; True when the client must now wait."""
         wait = 0.0
-        if self.publishes is not None:
-            wait = self.publishes.charge(now)
-            if wait:
+        bucket = self.publishes
+        if bucket is not None:
+            # TokenBucket.charge inlined: this runs for every PUBLISH of a rate-limited client.
+            tokens = bucket.tokens
+            if now > bucket.stamp:
+                tokens += (now - bucket.stamp) * bucket.rate
+                if tokens > bucket.burst:
+                    tokens = bucket.burst
+                bucket.stamp = now
+            tokens -= 1.0
+            bucket.tokens = tokens
+            if tokens < 0.0:
+                wait = -tokens / bucket.rate
                 self.reason = "publish_rate"
         if self.bytes is not None:
             byte_wait = self.bytes.charge(now, size)
