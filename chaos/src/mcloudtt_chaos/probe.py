@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import socket
 
 from mcloudtt_chaos.backend import Endpoint
 
@@ -60,23 +61,51 @@ async def read_packet(reader: asyncio.StreamReader) -> tuple[int, bytes]:
 class ProbeClient:
     """One connection: `await connect()` returns (session_present, return code)."""
 
-    def __init__(self, endpoint: Endpoint, client_id: str, *, clean: bool = True) -> None:
+    def __init__(
+        self, endpoint: Endpoint, client_id: str, *, clean: bool = True, rcvbuf: int | None = None
+    ) -> None:
         self.endpoint = endpoint
+        self.rcvbuf = (
+            rcvbuf  # a small receive buffer: a slow reader's backlog stays with the broker
+        )
         self.client_id = client_id
         self.clean = clean
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
 
     async def connect(self) -> tuple[bool, int]:
-        self.reader, self.writer = await asyncio.open_connection(
-            self.endpoint.host, self.endpoint.mqtt_port
-        )
+        if self.rcvbuf is None:
+            self.reader, self.writer = await asyncio.open_connection(
+                self.endpoint.host, self.endpoint.mqtt_port
+            )
+        else:
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.rcvbuf)
+            sock.setblocking(False)
+            try:
+                await asyncio.get_running_loop().sock_connect(
+                    sock, (self.endpoint.host, self.endpoint.mqtt_port)
+                )
+            except BaseException:
+                sock.close()
+                raise
+            self.reader, self.writer = await asyncio.open_connection(sock=sock)
         self.writer.write(connect_packet(self.client_id, clean=self.clean))
         await self.writer.drain()
         first, body = await read_packet(self.reader)
         if first >> 4 != 2 or len(body) < 2:
             raise ConnectionError(f"expected CONNACK, got packet type {first >> 4}")
         return bool(body[0] & 1), body[1]
+
+    async def subscribe(self, topic_filter: str, qos: int = 0, packet_id: int = 1) -> int:
+        """SUBSCRIBE and wait for its SUBACK; the granted QoS (0x80: refused)."""
+        assert self.reader is not None and self.writer is not None, "connect() first"
+        self.writer.write(subscribe_packet(packet_id, topic_filter, qos))
+        await self.writer.drain()
+        while True:
+            first, body = await read_packet(self.reader)
+            if first >> 4 == 9:
+                return body[-1]
 
     async def close(self) -> None:
         if self.writer is not None:
@@ -96,10 +125,7 @@ async def local_roundtrip(endpoint: Endpoint, timeout: float = 3.0) -> bool:
                 return False
             assert client.reader is not None and client.writer is not None
             topic = f"chaos/probe/{tag}"
-            client.writer.write(subscribe_packet(1, topic))
-            await client.writer.drain()
-            while (await read_packet(client.reader))[0] >> 4 != 9:  # SUBACK
-                pass
+            await client.subscribe(topic)
             client.writer.write(publish_packet(topic, b"ping"))
             await client.writer.drain()
             while True:

@@ -17,6 +17,7 @@ import asyncio
 import dataclasses
 import inspect
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from typing import Any, Protocol, TypeVar
 
 from mcloudtt_chaos.backend import Backend, ClusterSpec, Endpoint, LinkFault
 from mcloudtt_chaos.checker import Report, Verdict, check
-from mcloudtt_chaos.history import HistoryWriter, Record, read_history
+from mcloudtt_chaos.history import Acked, Delivered, HistoryWriter, Record, Sent, read_history
 from mcloudtt_chaos.probe import ProbeClient, local_roundtrip
 from mcloudtt_chaos.procs import scrape
 
@@ -51,8 +52,12 @@ class WorkloadLike(Protocol):
 WorkloadFactory = Callable[[list[Endpoint], HistoryWriter, Mapping[str, Any]], WorkloadLike]
 
 
-async def _maybe(value: Any) -> Any:
-    return await value if inspect.isawaitable(value) else value
+async def _call(method: Callable[..., Any], *args: Any) -> Any:
+    """A workload method, off the loop: the workload's own clients run on threads and its
+    `start()` and `drain()` block; a coroutine method is awaited instead."""
+    if inspect.iscoroutinefunction(method):
+        return await method(*args)
+    return await asyncio.to_thread(method, *args)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -82,6 +87,10 @@ class Run:
     verdicts: list[Verdict] = field(default_factory=list)
     # Clients whose records leave the history before it is judged (with the reason).
     excluded_clients: dict[str, str] = field(default_factory=dict)
+    # Messages sent before `split_at` are judged apart, as the invariant `split_name`.
+    split_at: float | None = None
+    split_name: str = ""
+    dry: bool = False  # --dry-run: backend calls are recorded, sleeps and probes skipped
 
     @property
     def brokers(self) -> list[str]:
@@ -91,6 +100,12 @@ class Run:
         names = self.brokers
         return names[index % len(names)]
 
+    async def sleep(self, seconds: float) -> None:
+        if self.dry:
+            self.progress(f"sleep {seconds:g}s")
+        else:
+            await asyncio.sleep(seconds)
+
     async def call(self, method: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """A blocking backend call, off the loop (the workload keeps running meanwhile)."""
         return await asyncio.to_thread(method, *args, **kwargs)
@@ -99,11 +114,11 @@ class Run:
     async def fault(self, name: str, target: str = "") -> AsyncIterator[None]:
         """A fault window in the history, around what the block breaks and heals."""
         self.progress(f"fault {name} {target}".rstrip())
-        await _maybe(self.workload.fault_start(name, target))
+        await _call(self.workload.fault_start, name, target)
         try:
             yield
         finally:
-            await _maybe(self.workload.fault_end(name, target))
+            await _call(self.workload.fault_end, name, target)
             self.progress(f"healed {name} {target}".rstrip())
 
     def judge(self, name: str, passed: bool, **counts: Any) -> Verdict:
@@ -160,14 +175,18 @@ class Scenario:
 async def _brokers_before_redis(run: Run) -> None:
     backend, brokers = run.backend, run.brokers
     async with run.fault("redis-absent", "redis"):
-        await asyncio.sleep(run.seconds)
+        await run.sleep(run.seconds)
         answers = await asyncio.gather(*(run.call(backend.readyz, b) for b in brokers))
         up = [b for b, (status, _) in zip(brokers, answers, strict=True) if status != 0]
         run.judge("brokers_stay_up", len(up) == len(brokers), up=len(up), brokers=len(brokers))
         reasons = {b: body.strip() for b, (_, body) in zip(brokers, answers, strict=True)}
         says_why = all(status == 503 and "redis" in body.lower() for status, body in answers)
         run.judge("readyz_says_why", says_why, reasons=reasons)
-        served = await asyncio.gather(*(local_roundtrip(e) for e in backend.endpoints()))
+        served = (
+            [True] * len(brokers)
+            if run.dry
+            else await asyncio.gather(*(local_roundtrip(e) for e in backend.endpoints()))
+        )
         run.judge(
             "serves_local_clients",
             all(served),
@@ -177,6 +196,10 @@ async def _brokers_before_redis(run: Run) -> None:
         await run.call(backend.start_redis)
         ready_after = await run.wait_ready(brokers, timeout=30)
     run.measurements["ready_after_redis_s"] = ready_after
+    # Before the cluster is ready a broker serves only its local clients; what it PUBACKed
+    # then for subscribers on other brokers is judged apart from the rest.
+    run.split_at = time.monotonic()
+    run.split_name = "no_lost_before_ready"
     run.judge(
         "ready_within_2s",
         ready_after is not None and ready_after <= READY_WITHIN_S,
@@ -188,7 +211,7 @@ async def _brokers_before_redis(run: Run) -> None:
 async def _redis_restart(run: Run) -> None:
     async with run.fault("redis-kill", "redis"):
         await run.call(run.backend.kill_redis)
-        await asyncio.sleep(run.seconds)
+        await run.sleep(run.seconds)
         await run.call(run.backend.restart_redis, keep_data=True)
     run.measurements["ready_after_redis_s"] = await run.wait_ready(run.brokers, timeout=30)
 
@@ -196,7 +219,7 @@ async def _redis_restart(run: Run) -> None:
 async def _redis_freeze(run: Run) -> None:
     async with run.fault("redis-freeze", "redis"):
         await run.call(run.backend.freeze_redis)
-        await asyncio.sleep(run.seconds)
+        await run.sleep(run.seconds)
         await run.call(run.backend.thaw_redis)
     run.measurements["ready_after_thaw_s"] = await run.wait_ready(run.brokers, timeout=30)
 
@@ -204,7 +227,7 @@ async def _redis_freeze(run: Run) -> None:
 async def _redis_data_loss(run: Run) -> None:
     async with run.fault("redis-data-loss", "redis"):
         await run.call(run.backend.kill_redis)
-        await asyncio.sleep(run.seconds)
+        await run.sleep(run.seconds)
         await run.call(run.backend.restart_redis, keep_data=False)
     run.measurements["ready_after_redis_s"] = await run.wait_ready(run.brokers, timeout=30)
 
@@ -212,17 +235,18 @@ async def _redis_data_loss(run: Run) -> None:
 def _victim(run: Run) -> str:
     """The broker to break: the workload's own choice when it names one (the broker its
     persistent subscribers sit on), else the last."""
-    chosen = getattr(run.workload, "victim", None)
-    if callable(chosen):
-        chosen = chosen()
-    return str(chosen) if chosen else run.broker(-1)
+    homes = Counter(
+        str(getattr(s, "broker", "") or "") for s in getattr(run.workload, "subscribers", [])
+    )
+    homes.pop("", None)
+    return homes.most_common(1)[0][0] if homes else run.broker(-1)
 
 
 async def _broker_kill(run: Run) -> None:
     victim = _victim(run)
     async with run.fault("broker-kill", victim):
         await run.call(run.backend.kill_broker, victim)
-        await asyncio.sleep(run.seconds)
+        await run.sleep(run.seconds)
         await run.call(run.backend.start_broker, victim)
     run.measurements["victim"] = victim
 
@@ -244,7 +268,7 @@ async def _rolling_restart(run: Run) -> None:
             await run.call(run.backend.stop_broker, broker)
             await run.call(run.backend.start_broker, broker)
             took[broker] = await run.wait_ready([broker], timeout=30)
-        await asyncio.sleep(max(1.0, run.seconds / max(1, len(run.brokers))))
+        await run.sleep(max(1.0, run.seconds / max(1, len(run.brokers))))
     run.measurements["ready_after_restart_s"] = took
 
 
@@ -252,12 +276,12 @@ async def _partition(run: Run) -> None:
     cut_redis, cut_clients = run.broker(1), run.broker(2)
     async with run.fault("cut-from-redis", cut_redis):
         await run.call(run.backend.cut_from_redis, cut_redis)
-        await asyncio.sleep(run.seconds)
+        await run.sleep(run.seconds)
         await run.call(run.backend.heal, cut_redis)
-    await asyncio.sleep(2)
+    await run.sleep(2)
     async with run.fault("cut-from-clients", cut_clients):
         await run.call(run.backend.cut_from_clients, cut_clients)
-        await asyncio.sleep(run.seconds)
+        await run.sleep(run.seconds)
         await run.call(run.backend.heal, cut_clients)
 
 
@@ -273,9 +297,9 @@ async def _slow_link(run: Run) -> None:
     for name, link in SLOW_LINKS:
         async with run.fault(name, target):
             await run.call(run.backend.degrade_redis_link, target, link)
-            await asyncio.sleep(run.seconds / len(SLOW_LINKS))
+            await run.sleep(run.seconds / len(SLOW_LINKS))
             await run.call(run.backend.heal, target)
-        await asyncio.sleep(1)
+        await run.sleep(1)
 
 
 def _rss(backend: Backend, broker: str) -> int | None:
@@ -292,44 +316,52 @@ def _metric(endpoint: Endpoint, name: str) -> float | None:
 
 
 async def _slow_consumer(run: Run) -> None:
-    endpoints = {e.name: e for e in run.backend.endpoints()}
-    stalled = getattr(run.workload, "stalled_subscriber", None)
-    broker = getattr(run.workload, "stalled_broker", None) or run.broker(0)
-    if stalled:
-        # Its queue overflows by design (--max-queued-messages); the others are judged.
-        run.excluded_clients[str(stalled)] = "stops reading on purpose: drops expected"
+    """A persistent QoS 1 subscriber of the workload's topics that reads its CONNACK and SUBACK
+    and then nothing: the broker's send buffer fills, then its inflight window, then the
+    session's queue (--max-queued-messages), and what overflows is dropped and counted. The
+    stalled client is not the workload's, so the workload's own subscribers are still judged."""
+    broker = run.broker(-1)
+    endpoint = {e.name: e for e in run.backend.endpoints()}[broker]
     before = await run.call(_rss, run.backend, broker)
-    dropped_before = await run.call(_metric, endpoints[broker], "mcloudtt_messages_dropped_total")
+    dropped_before = await run.call(_metric, endpoint, "mcloudtt_messages_dropped_total")
     peak = before or 0
-    async with run.fault("slow-consumer", broker):
-        stall = getattr(run.workload, "stall", None)
-        if callable(stall):
-            await _maybe(stall(True))
-        deadline = time.monotonic() + run.seconds
-        while time.monotonic() < deadline:
-            peak = max(peak, await run.call(_rss, run.backend, broker) or 0)
-            await asyncio.sleep(0.25)
-        if callable(stall):
-            await _maybe(stall(False))
-    dropped = await run.call(_metric, endpoints[broker], "mcloudtt_messages_dropped_total")
-    queued = await run.call(_metric, endpoints[broker], "mcloudtt_queued_messages")
+    stalled = ProbeClient(endpoint, "chaos-stalled", clean=False, rcvbuf=4096)
+    try:
+        async with run.fault("slow-consumer", broker):
+            if not run.dry:
+                await stalled.connect()
+                await stalled.subscribe(STALLED_FILTER, qos=1)
+            deadline = time.monotonic() + (0 if run.dry else run.seconds)
+            while time.monotonic() < deadline:
+                rss = await run.call(_rss, run.backend, broker)
+                peak = max(peak, rss or 0)
+                await run.sleep(0.25)
+            dropped = await run.call(_metric, endpoint, "mcloudtt_messages_dropped_total")
+            queued = await run.call(_metric, endpoint, "mcloudtt_queued_messages")
+    finally:
+        await stalled.close()
     growth = None if before is None else peak - before
     run.judge(
         "memory_bounded",
-        growth is None or growth < 200 * 2**20,
+        growth is None or growth < MEMORY_BOUND,
         rss_before=before,
         rss_peak=peak,
         rss_growth=growth,
+        limit=MEMORY_BOUND,
     )
     run.measurements["dropped"] = None if dropped is None else dropped - (dropped_before or 0.0)
-    run.measurements["queued_after"] = queued
+    run.measurements["queued_at_end"] = queued
+
+
+STALLED_FILTER = "chaos/data/#"  # the workload's data topics (WorkloadSpec.topic_prefix)
+MEMORY_BOUND = 200 * 2**20  # RSS growth allowed while one subscriber is stalled
 
 
 async def _reconnect_storm(run: Run) -> None:
     victim = run.broker(-1)
     endpoints = {e.name: e for e in run.backend.endpoints()}
     others = [e for name, e in endpoints.items() if name != victim]
-    count = run.options.storm_clients
+    count = 0 if run.dry else run.options.storm_clients
     clients = [ProbeClient(endpoints[victim], f"storm-{i}", clean=False) for i in range(count)]
     try:
         # Connected a few hundred at a time: the storm is the reconnect, not this.
@@ -393,6 +425,7 @@ SCENARIOS: dict[str, Scenario] = {
             seconds=4.0,
             warmup_s=0.5,
             measures=(
+                "no_lost_before_ready",
                 "brokers_stay_up",
                 "readyz_says_why",
                 "serves_local_clients",
@@ -435,7 +468,8 @@ SCENARIOS: dict[str, Scenario] = {
             name="broker-kill-after-expiry",
             summary="as broker-kill, but its clients come back only after its presence expired",
             cluster=ClusterSpec(broker_args=("--presence-ttl", "3")),
-            load={"reconnect_delay_s": 5.0},
+            # The first reconnect waits 4-8 s (full jitter): past the 3 s presence TTL.
+            load={"backoff_base": 8.0, "backoff_cap": 8.0},
             fault=_broker_kill,
             seconds=6.0,
         ),
@@ -472,7 +506,7 @@ SCENARIOS: dict[str, Scenario] = {
             name="slow-consumer",
             summary="a subscriber stops reading: the broker's memory stays bounded, drops counted",
             cluster=ClusterSpec(broker_args=("--max-queued-messages", "500")),
-            load={"stalled_subscriber": True},
+            load={"payload_size": 1000, "rate": 300.0},
             fault=_slow_consumer,
             seconds=6.0,
             measures=("memory_bounded",),
@@ -557,19 +591,43 @@ def default_workload() -> WorkloadFactory:
         endpoints: list[Endpoint], writer: HistoryWriter, load: Mapping[str, Any]
     ) -> WorkloadLike:
         spec = spec_type(**{k: v for k, v in load.items() if k in names})
-        return module.Workload(endpoints, writer, spec)  # type: ignore[no-any-return]
+        return module.Workload(endpoints, writer, spec)
 
     factory.accepts = names  # type: ignore[attr-defined]
     return factory
 
 
 def judge(
-    records: list[Record], skip: Mapping[str, str], excluded: Mapping[str, str] = {}
+    records: list[Record],
+    skip: Mapping[str, str],
+    excluded: Mapping[str, str] = {},
+    *,
+    split_at: float | None = None,
+    split_name: str = "no_lost_before",
 ) -> Report:
-    """The checker over a history, without the clients a scenario excluded (and why)."""
+    """The checker over a history, without the clients a scenario excluded (and why).
+
+    With `split_at`, messages sent before it are judged apart: `no_lost` (and every other
+    invariant) covers the later ones, and `split_name` is the `no_lost` of the earlier ones;
+    `lost` lists both."""
     if excluded:
         records = [r for r in records if not _involves(r, excluded)]
-    return check(records, skip=set(skip))
+    if split_at is None:
+        return check(records, skip=set(skip))
+    early = {(r.publisher, r.seq) for r in records if isinstance(r, Sent) and r.t < split_at}
+
+    def keep(record: Record, want_early: bool) -> bool:
+        if isinstance(record, Sent | Acked | Delivered):
+            return ((record.publisher, record.seq) in early) == want_early
+        return True
+
+    report = check([r for r in records if keep(r, False)], skip=set(skip))
+    before = check([r for r in records if keep(r, True)], skip=set(skip))
+    verdict = before.invariants["no_lost"]
+    verdict.name = split_name
+    report.invariants[split_name] = verdict
+    report.lost = sorted([*report.lost, *before.lost])
+    return report
 
 
 def _involves(record: Record, clients: Mapping[str, str]) -> bool:
@@ -614,6 +672,8 @@ async def run_scenario(
         duration_s=0.0,
         load_ignored=ignored,
     )
+    if hasattr(backend, "workdir") and backend.workdir is None:
+        backend.workdir = workdir / scenario.name  # its logs kept next to the history
     writer = HistoryWriter(history_path)
     workload: WorkloadLike | None = None
     run: Run | None = None
@@ -623,27 +683,37 @@ async def run_scenario(
         workload = factory(backend.endpoints(), writer, load)
         run = Run(scenario, backend, workload, options, seconds, progress)
         progress("workload starting")
-        await _maybe(workload.start())
+        await _call(workload.start)
         await asyncio.sleep(scenario.warmup_s)
         await scenario.fault(run)
         await asyncio.sleep(scenario.settle_s)
         progress("draining")
-        await _maybe(workload.stop_publishing())
-        await _maybe(workload.drain(options.drain_s))
-        await _maybe(workload.snapshot(backend.endpoints()))
+        await _call(workload.stop_publishing)
+        drained = await _call(workload.drain, options.drain_s)
+        run.measurements["drained"] = drained is not False
+        await _call(workload.snapshot, backend.endpoints())
     except Exception as error:  # the run's verdict, not a crash of the whole command
         result.error = f"{type(error).__name__}: {error}"
     finally:
         if workload is not None:
             try:
-                await _maybe(workload.stop())
+                await _call(workload.stop)
+                counters = getattr(workload, "counters_json", None)
+                if callable(counters) and run is not None:
+                    run.measurements["workload"] = counters()
             except Exception as error:
                 result.error = result.error or f"workload stop: {type(error).__name__}: {error}"
         writer.close()
         progress("tearing down")
         await asyncio.to_thread(backend.teardown)
     excluded = run.excluded_clients if run is not None else {}
-    report = judge(read_history(history_path), scenario.skip, excluded)
+    report = judge(
+        read_history(history_path),
+        scenario.skip,
+        excluded,
+        split_at=run.split_at if run is not None else None,
+        split_name=run.split_name if run is not None else "",
+    )
     if run is not None:
         for verdict in run.verdicts:
             report.invariants[verdict.name] = verdict
@@ -653,3 +723,88 @@ async def run_scenario(
     result.report = report
     result.duration_s = time.monotonic() - started
     return result
+
+
+# ---------------------------------------------------------------------------- dry run
+
+
+class _PlanRecorder:
+    """A stand-in backend for `--dry-run`: every call is written down, nothing is done. A real
+    backend that can say what a call would run (kind: the kubectl commands) offers
+    `describe(call, *args) -> list[str]`, and those lines are shown under the call."""
+
+    def __init__(self, real: Backend, brokers: int, lines: list[str]) -> None:
+        self.name = real.name
+        self._real = real
+        self._brokers = brokers
+        self._lines = lines
+
+    def _record(self, call: str, *args: Any, **kwargs: Any) -> None:
+        shown = ", ".join([*(repr(a) for a in args), *(f"{k}={v!r}" for k, v in kwargs.items())])
+        self._lines.append(f"{call}({shown})")
+        describe = getattr(self._real, "describe", None)
+        if callable(describe):
+            self._lines.extend(f"    {line}" for line in describe(call, *args, **kwargs))
+
+    def endpoints(self) -> list[Endpoint]:
+        return [
+            Endpoint(name=f"b{i}", host="127.0.0.1", mqtt_port=0, http_port=0)
+            for i in range(self._brokers)
+        ]
+
+    def readyz(self, broker: str) -> tuple[int, str]:
+        return 200, "ready"
+
+    def __getattr__(self, call: str) -> Callable[..., None]:
+        if call.startswith("_"):
+            raise AttributeError(call)
+        return lambda *args, **kwargs: self._record(call, *args, **kwargs)
+
+
+class _PlanWorkload:
+    def __init__(self, lines: list[str]) -> None:
+        self._lines = lines
+
+    def start(self) -> None:
+        self._lines.append("workload start")
+
+    def fault_start(self, name: str, target: str = "") -> None:
+        self._lines.append(f"-- fault {name} {target} begins".replace("  ", " "))
+
+    def fault_end(self, name: str, target: str = "") -> None:
+        self._lines.append(f"-- fault {name} {target} ends".replace("  ", " "))
+
+    def stop_publishing(self) -> None: ...
+    def drain(self, timeout: float) -> None: ...
+    def snapshot(self, endpoints: list[Endpoint]) -> None: ...
+    def stop(self) -> None: ...
+
+
+async def plan(
+    scenario: Scenario, backend: Backend, options: RunOptions = RunOptions()
+) -> list[str]:
+    """What `run_scenario` would do, call by call, without doing it (`--dry-run`)."""
+    cluster = scenario.cluster
+    if options.brokers is not None:
+        cluster = dataclasses.replace(cluster, brokers=options.brokers)
+    lines: list[str] = []
+    recorder = _PlanRecorder(backend, cluster.brokers, lines)
+    recorder._record("setup", cluster)
+    workload = _PlanWorkload(lines)
+    seconds = options.seconds if options.seconds is not None else scenario.seconds
+    run = Run(
+        scenario,
+        recorder,  # records every Backend call (a Backend by its __getattr__)
+        workload,
+        options,
+        seconds,
+        progress=lambda text: lines.append(f"   {text}") if text.startswith("sleep") else None,
+        dry=True,
+    )
+    workload.start()
+    await run.sleep(scenario.warmup_s)
+    await scenario.fault(run)
+    await run.sleep(scenario.settle_s)
+    lines.append("workload drain, snapshot, stop")
+    recorder._record("teardown")
+    return lines

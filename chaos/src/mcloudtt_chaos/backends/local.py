@@ -101,6 +101,10 @@ class LocalBackend:
 
     def setup(self, spec: ClusterSpec) -> None:
         self.spec = spec
+        if self.workdir is None:
+            self.workdir = Path(tempfile.mkdtemp(prefix="mcloudtt-chaos-"))
+            self._own_dir = True
+        self.workdir.mkdir(parents=True, exist_ok=True)
         _LIVE.add(self)
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGHUP):
@@ -168,8 +172,10 @@ class LocalBackend:
             self._loop.close()
             self._loop = None
         _LIVE.discard(self)
-        if self._own_dir:
+        if self._own_dir and self.workdir is not None:
             shutil.rmtree(self.workdir, ignore_errors=True)
+            self.workdir = None
+            self._own_dir = False
 
     def __enter__(self) -> LocalBackend:
         return self
