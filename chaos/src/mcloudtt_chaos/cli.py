@@ -12,8 +12,8 @@ usage (an unknown scenario or backend, or a backend this build or machine lacks)
 from __future__ import annotations
 
 import argparse
-import importlib
 import asyncio
+import importlib
 import json
 import sys
 import tempfile
@@ -113,6 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         write_json(args.json, results)
     if args.html is not None:
         write_html(args.html, results)
+    console.print(f"histories and logs in {options.workdir}", highlight=False)
     failed = [r.scenario for r in results if not r.passed]
     console.print(
         f"[bold red]FAILED[/] {', '.join(failed)}" if failed else "[bold green]all passed[/]"
@@ -142,7 +143,7 @@ async def _run_all(
 
 def show_list(console: Console) -> None:
     table = Table(title="chaos scenarios")
-    table.add_column("scenario", style="bold")
+    table.add_column("scenario", style="bold", no_wrap=True)
     table.add_column("fault")
     table.add_column("not judged (why)")
     for scenario in SCENARIOS.values():
@@ -154,7 +155,7 @@ def show_list(console: Console) -> None:
 def show_result(console: Console, result: ScenarioResult) -> None:
     verdict = "[green]passed[/]" if result.passed else "[red]FAILED[/]"
     table = Table(title=f"{result.scenario} on {result.backend}: {verdict}", title_justify="left")
-    table.add_column("invariant")
+    table.add_column("invariant", no_wrap=True)
     table.add_column("passed")
     table.add_column("checked", justify="right")
     table.add_column("failures", justify="right")

@@ -84,10 +84,10 @@ class LocalBackend:
     name = "local"
 
     def __init__(self, workdir: Path | str | None = None, *, seed: int | None = None) -> None:
-        self._own_dir = workdir is None
-        self.workdir = (
-            Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="mcloudtt-chaos-"))
-        )
+        # None: a temporary directory made at setup and removed at teardown; one set (by the
+        # caller, or by the runner: the run's directory) keeps the logs and Redis's files.
+        self.workdir: Path | None = Path(workdir) if workdir else None
+        self._own_dir = False
         self.seed = seed
         self.spec = ClusterSpec()
         self.redis: RedisServer | None = None
