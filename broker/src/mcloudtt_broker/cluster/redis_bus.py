@@ -334,4 +334,7 @@ class RedisBus:
             "bad_envelopes_total": float(stats["bad_envelopes"] + stats["bad_batches"]),
             "peers": float(len(self.live_peers)),
             "remote_filters": float(self.core.remote_filter_count()),
+            # Its own entries in the cluster table: local + remote is the same on every broker
+            # once the tables converged (the chaos snapshot compares them).
+            "local_filters": float(len(self.core.local_filters())),
         }
