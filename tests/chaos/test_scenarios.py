@@ -114,14 +114,14 @@ def redis_restart(tmp_path_factory: pytest.TempPathFactory) -> tuple[int, dict[s
     out = tmp / "verdicts.json"
     start = time.monotonic()
     argv = ["run", "redis-restart", "--brokers", "2", "--seconds", "2", "--json", str(out)]
-    status = cli.main([*argv, "--workdir", str(tmp)])
+    status = cli.main([*argv, "--workdir", str(tmp), "--html", str(tmp / "report.html")])
     assert time.monotonic() - start < 60
     return status, json.loads(out.read_text())
 
 
 def test_redis_restart_loses_nothing(redis_restart: tuple[int, dict[str, Any]]) -> None:
     status, data = redis_restart
-    scenario = data["scenarios"]["redis-restart"]
+    [scenario] = data["scenarios"]
     assert scenario["lost"] == 0, scenario["lost_messages"]
     assert scenario["passed"] and data["passed"] and status == 0, scenario["invariants"]
     assert scenario["invariants"]["no_lost"]["checked"] > 100
@@ -129,7 +129,8 @@ def test_redis_restart_loses_nothing(redis_restart: tuple[int, dict[str, Any]]) 
 
 def test_run_json_has_the_fields(redis_restart: tuple[int, dict[str, Any]]) -> None:
     _, data = redis_restart
-    scenario = data["scenarios"]["redis-restart"]
+    [scenario] = data["scenarios"]
+    assert scenario["scenario"] == "redis-restart"
     for key in ("passed", "invariants", "lost", "lost_messages", "duplicates", "recovery_s"):
         assert key in scenario
     assert scenario["backend"] == "local"
@@ -137,6 +138,10 @@ def test_run_json_has_the_fields(redis_restart: tuple[int, dict[str, Any]]) -> N
     assert scenario["recovery_s"] is not None and scenario["recovery_s"] < 10
     assert scenario["measurements"]["ready_after_redis_s"] is not None
     assert Path(scenario["history"]).exists()
+    page = (Path(scenario["history"]).parent / "report.html").read_text()
+    assert "redis-restart" in page and "<svg" in page
+    faults = scenario["timeline"]["faults"]
+    assert [f["fault"] for f in faults] == ["redis-kill"] and faults[0]["end"] is not None
 
 
 # ------------------------------------------------------------------ broker-kill

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib
 import json
 import sys
 import tempfile
@@ -24,7 +23,9 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from mcloudtt_chaos import report
 from mcloudtt_chaos.backends import NAMES, BackendUnavailable, load
+from mcloudtt_chaos.history import read_history
 from mcloudtt_chaos.scenarios import (
     SCENARIOS,
     RunOptions,
@@ -201,25 +202,41 @@ def _seconds(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
+def _for_report(results: list[ScenarioResult]) -> list[report.ScenarioResult]:
+    """The runner's results as the report module takes them: the history (for the timeline),
+    the verdicts (the scenario's own included) and the rest as extra fields."""
+    out = []
+    for result in results:
+        assert result.report is not None
+        data = result.to_json()
+        extra = {
+            key: data[key]
+            for key in (
+                "backend",
+                "error",
+                "duration_s",
+                "history",
+                "skipped",
+                "measurements",
+                "load_ignored",
+            )
+        }
+        extra["passed"] = result.passed  # a run that broke fails even if nothing was judged
+        records = read_history(result.history) if result.history else []
+        out.append(report.ScenarioResult(result.scenario, records, result.report, extra))
+    return out
+
+
 def write_json(path: Path, results: list[ScenarioResult]) -> None:
-    data = {
-        "passed": all(r.passed for r in results),
-        "scenarios": {r.scenario: r.to_json() for r in results},
-    }
-    path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    """The report's JSON (`scenarios`: a list, each with `passed`, every invariant, `lost`,
+    `lost_messages`, `duplicates`, `recovery_s`, the timeline, backend and measurements)."""
+    data = report.report_json(_for_report(results))
+    data["passed"] = all(r.passed for r in results)
+    path.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
 
 
 def write_html(path: Path, results: list[ScenarioResult]) -> None:
-    try:
-        html_report = importlib.import_module("mcloudtt_chaos.report")
-    except ImportError:
-        print("mcloudtt-chaos: the HTML report is not in this build", file=sys.stderr)
-        return
-    writer = getattr(html_report, "write_html", None)
-    if writer is None:
-        print("mcloudtt-chaos: report.write_html is missing", file=sys.stderr)
-        return
-    writer(path, results)
+    report.write_html(path, _for_report(results))
 
 
 def entry() -> None:
