@@ -363,3 +363,60 @@ def test_local_backend_restart_redis_without_data_comes_back_empty(tmp_path: Pat
         backend.teardown()
     assert backend.redis is not None and not backend.redis.alive()
     assert not backend.brokers["b0"].alive()
+
+
+_HOLDER = """
+import json, sys, time
+from mcloudtt_chaos.backend import ClusterSpec
+from mcloudtt_chaos.backends.local import LocalBackend
+backend = LocalBackend()
+backend.setup(ClusterSpec(brokers=2))
+pids = [p.pid for p in backend.brokers.values()] + [backend.redis.pid]
+print(json.dumps({"pids": pids, "dir": str(backend.workdir)}), flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_local_backend_tears_everything_down_when_interrupted(sig: str, tmp_path: Path) -> None:
+    """Its processes run in sessions of their own (a Ctrl-C reaches only the harness), so the
+    harness must stop them itself: on Ctrl-C and on SIGTERM."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    with subprocess.Popen(
+        [sys.executable, "-c", _HOLDER],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,  # the KeyboardInterrupt's traceback
+        text=True,
+        cwd=tmp_path,
+    ) as holder:
+        try:
+            assert holder.stdout is not None
+            started = json.loads(holder.stdout.readline())
+            pids = started["pids"]
+            assert len(pids) == 3 and all(_alive(pid) for pid in pids)
+            holder.send_signal(getattr(signal, sig))
+            holder.wait(timeout=30)
+        finally:
+            if holder.poll() is None:
+                holder.kill()
+    deadline = time.monotonic() + 5
+    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not [pid for pid in pids if _alive(pid)]
+    assert not os.path.exists(started["dir"])  # its temporary directory removed too
+
+
+def _alive(pid: int) -> bool:
+    import os
+
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(") ")[1][0] != "Z"  # a zombie has exited
+    except (FileNotFoundError, IndexError):
+        return False
+    finally:
+        os.sched_yield()
