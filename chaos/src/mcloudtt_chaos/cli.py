@@ -146,10 +146,19 @@ def show_list(console: Console) -> None:
     table = Table(title="chaos scenarios")
     table.add_column("scenario", style="bold", no_wrap=True)
     table.add_column("fault")
+    table.add_column("also judges")
     table.add_column("not judged (why)")
     for scenario in SCENARIOS.values():
         skipped = "\n".join(f"{name}: {why}" for name, why in scenario.skip.items())
-        table.add_row(scenario.name, scenario.summary, skipped or "-")
+        table.add_row(
+            scenario.name, scenario.summary, "\n".join(scenario.measures) or "-", skipped or "-"
+        )
+    console.print(
+        "Every scenario judges the checker's invariants (no_lost, qos2_once, ordered, "
+        "shared_once, wills, sessions_kept, delivered_were_sent, retained_equal, "
+        "subscriptions_equal, recovered) unless it says otherwise; QoS 0 losses are counted.",
+        highlight=False,
+    )
     console.print(table)
 
 
