@@ -108,8 +108,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                 console.print(line, markup=False, highlight=False)
         return 0
     results = asyncio.run(_run_all(scenarios, args.backend, options, console))
-    for result in results:
-        show_result(console, result)
     if args.json is not None:
         write_json(args.json, results)
     if args.html is not None:
@@ -139,6 +137,7 @@ async def _run_all(
             # A fresh backend per scenario: nothing of one run leaks into the next.
             result = await run_scenario(scenario, load(backend_name), options, progress=progress)
         results.append(result)
+        show_result(console, result)  # each verdict as soon as it is known
     return results
 
 
