@@ -80,7 +80,7 @@ def _positive_float(text: str) -> float:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    console = Console()
+    console = Console(log_path=False)
     if args.command == "list":
         show_list(console)
         return 0
