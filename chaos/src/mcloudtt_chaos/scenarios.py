@@ -495,6 +495,11 @@ SCENARIOS: dict[str, Scenario] = {
             cluster=ClusterSpec(broker_args=("--presence-ttl", "3")),
             fault=_partition,
             seconds=5.0,
+            skip={
+                "wills": "a DISCONNECT a client sends into the cut never reaches the broker, "
+                "whose keepalive then rightly publishes the will (MQTT-3.1.2-8): the history "
+                "cannot tell which the broker saw"
+            },
         ),
         Scenario(
             name="slow-link",
