@@ -2,7 +2,14 @@
 its `Backend` (each module exposes `create() -> Backend`, or a class named `<Name>Backend`).
 
 Modules are imported only when asked for, so a backend that needs what this machine lacks
-(root for `netns`, kubectl for `kind`) costs nothing until it is chosen.
+(root for `netns`, kubectl for `kind`) costs nothing until it is chosen. Creating one must not
+need its platform (`--dry-run` creates it to describe the plan); `setup()` may fail instead.
+
+Optional, looked up with getattr by the scenarios and the runner:
+- `rss(broker) -> int | None`: resident memory of a broker (slow-consumer judges its growth);
+- `describe(call, *args, **kwargs) -> list[str]`: what a Backend call would run (kubectl ...),
+  printed under that call by `--dry-run`;
+- `workdir: Path | None`: set by the runner (when None) to keep logs next to the history.
 """
 
 from __future__ import annotations
@@ -32,4 +39,7 @@ def load(name: str) -> Backend:
     factory = getattr(module, "create", None) or getattr(module, f"{name.title()}Backend", None)
     if factory is None:
         raise BackendUnavailable(f"backend module {name!r} has no create() or backend class")
-    return cast(Backend, factory())
+    try:
+        return cast(Backend, factory())
+    except (OSError, RuntimeError) as error:  # e.g. procs.NotInstalled: a tool it needs
+        raise BackendUnavailable(f"backend {name!r} cannot run here: {error}") from None
