@@ -679,6 +679,8 @@ async def run_scenario(
     )
     if hasattr(backend, "workdir") and backend.workdir is None:
         backend.workdir = workdir / scenario.name  # its logs kept next to the history
+    if hasattr(backend, "seed") and backend.seed is None:
+        backend.seed = options.seed  # the toxics' jitter and slice sizes
     writer = HistoryWriter(history_path)
     workload: WorkloadLike | None = None
     run: Run | None = None
