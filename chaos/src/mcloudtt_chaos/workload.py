@@ -45,6 +45,7 @@ import random
 import socket
 import threading
 import time
+from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -416,7 +417,6 @@ class _Subscriber(_Client):
     ) -> None:
         super().__init__(workload, name, home, protocol=protocol)
         self.group = group
-        self.received: set[tuple[str, int]] = set()
 
     def filters(self) -> list[tuple[str, str | None]]:
         return [(f"{self.w.spec.topic_prefix}/data/#", self.group)]
@@ -426,7 +426,7 @@ class _Subscriber(_Client):
             publisher, seq, _ = decode_payload(bytes(message.payload))
         except (ValueError, KeyError, TypeError):
             return
-        self.received.add((publisher, seq))
+        self.w.note_received(self, publisher, seq)
         self.w.record(
             Delivered(
                 t=now,
@@ -477,7 +477,8 @@ class _WillClient(_Client):
         self.cycle = 0
         self.end_at = 0.0
         self.cycling = True
-        self.abnormal: set[int] = set()  # connections killed by the workload
+        self.abnormal: set[int] = set()  # accepted connections that ended without DISCONNECT
+        self.accepted = 0  # the last connection the broker CONNACKed
 
     def will_topic(self) -> str | None:
         return f"{self.w.spec.topic_prefix}/will/{self.name}"
@@ -488,6 +489,14 @@ class _WillClient(_Client):
 
     def on_connected(self, session_present: bool) -> None:
         self.end_at = time.monotonic() + self.rng.uniform(*self.w.spec.will_hold_s)
+        self.accepted = self.conn
+
+    def _lost(self, reason: str) -> None:
+        # Killed by the workload or by a fault: its will is due (MQTT-3.1.2-8), if the broker
+        # had accepted the connection.
+        if not self._ended and self.accepted == self.conn:
+            self.abnormal.add(self.conn)
+        super()._lost(reason)
 
     def tick(self, now: float) -> None:
         if not self.cycling or now < self.end_at:
@@ -495,7 +504,6 @@ class _WillClient(_Client):
         self.cycle += 1
         # Alternate, so a short run has both kinds; the offset varies which comes first.
         if (self.cycle + self.index) % 2:
-            self.abnormal.add(self.conn)
             self._drop("socket closed by the workload")
         else:
             self.disconnect_normally()
@@ -516,7 +524,6 @@ class _Publisher(_Client):
         self.publishing = threading.Event()
         self.publishing.set()
         self.pending: dict[int, int] = {}  # mid -> seq, not yet acknowledged
-        self.acked: dict[int, float] = {}  # seq -> when it was sent
         self.sent_at: dict[int, float] = {}
         self.client.max_inflight_messages_set(workload.spec.window)
         self.client.max_queued_messages_set(0)
@@ -578,7 +585,8 @@ class _Publisher(_Client):
         if seq is None:
             return
         if reason < 0x80:
-            self.acked[seq] = self.sent_at.get(seq, now)
+            self.w.note_acked(self.name, seq, self.sent_at.get(seq, now))
+        self.sent_at.pop(seq, None)
         self.w.record(Acked(t=now, publisher=self.name, seq=seq, reason_code=reason))
 
 
@@ -598,6 +606,10 @@ class Workload:
         self.ack_times: list[float] = []
         self.delivery_times: list[float] = []
         self._lock = threading.Lock()
+        self._track = threading.Lock()
+        self._received: dict[str, set[tuple[str, int]]] = defaultdict(set)
+        self._awaited: dict[str, set[tuple[str, int]]] = defaultdict(set)
+        self.group_party = f"$share/{self.spec.shared_group}"
         self.started_at: float | None = None
         rng = random.Random(self.spec.seed)
         prefix = self.spec.client_prefix
@@ -661,7 +673,7 @@ class Workload:
             self.writer.write(record)
             c = self.counters
             if isinstance(record, Sent):
-                if not record.dup and not record.retain:
+                if not record.dup:
                     c.sent += 1
                     self.sent_times.append(record.t)
             elif isinstance(record, Acked):
@@ -774,30 +786,41 @@ class Workload:
         for c in self.will_clients:
             c.cycling = False
 
+    # ---------------------------------------------------------------- what is still due
+    def _parties(self) -> list[tuple[str, float]]:
+        """Who expects every acknowledged message sent after its first SUBACK: each plain
+        subscriber, and the shared group as one (any member may take a message)."""
+        out = [(s.name, s.first_suback) for s in self.subscribers if s.first_suback is not None]
+        members = [s.first_suback for s in self.shared if s.first_suback is not None]
+        if members:
+            out.append((self.group_party, min(members)))
+        return out
+
+    def note_acked(self, publisher: str, seq: int, sent_at: float) -> None:
+        key = (publisher, seq)
+        with self._track:
+            for party, since in self._parties():
+                if since < sent_at and key not in self._received[party]:
+                    self._awaited[party].add(key)
+
+    def note_received(self, subscriber: _Subscriber, publisher: str, seq: int) -> None:
+        party = self.group_party if subscriber.group else subscriber.name
+        key = (publisher, seq)
+        with self._track:
+            self._received[party].add(key)
+            self._awaited[party].discard(key)
+
+    def awaited(self) -> dict[str, int]:
+        """Acknowledged messages each subscriber (the group as one) has not received yet."""
+        with self._track:
+            return {party: len(keys) for party, keys in self._awaited.items() if keys}
+
     def _undelivered(self) -> int:
-        """Acknowledged QoS 1/2 messages some live subscriber (or the shared group) still
-        awaits, plus unacknowledged ones and wills not yet seen."""
-        missing = 0
-        acked = [(p.name, seq, t) for p in self.publishers for seq, t in list(p.acked.items())]
-        for s in self.subscribers:
-            since = s.first_suback
-            missing += sum(
-                1
-                for name, seq, t in acked
-                if since is not None and t > since and (name, seq) not in s.received
-            )
-        if self.shared:
-            since_all = [s.first_suback for s in self.shared]
-            since = min((x for x in since_all if x is not None), default=None)
-            got = set().union(*(s.received for s in self.shared))
-            missing += sum(
-                1
-                for name, seq, t in acked
-                if since is not None and t > since and (name, seq) not in got
-            )
+        """Acknowledged QoS 1/2 messages still awaited, unacknowledged ones, unseen wills."""
+        missing = sum(self.awaited().values())
         missing += sum(len(p.pending) for p in self.publishers)
         for c in self.will_clients:
-            for conn in c.abnormal:
+            for conn in list(c.abnormal):
                 for w in self.watchers:
                     if (c.name, conn) not in w.seen:
                         missing += 1
