@@ -420,3 +420,57 @@ def _alive(pid: int) -> bool:
         return False
     finally:
         os.sched_yield()
+
+
+def test_local_backend_links_cut_slow_and_heal(tmp_path: Path) -> None:
+    """Each broker's Redis link and client link go through its own proxy: a cut holds them, a
+    degradation slows them, `heal` restores both."""
+    import socket
+
+    from mcloudtt_chaos.backend import LinkFault
+    from mcloudtt_chaos.probe import ProbeClient
+
+    def ping_s(port: int) -> float:
+        """One PING round trip on an open connection (inline RESP); TimeoutError after 1 s."""
+        with socket.create_connection(("127.0.0.1", port), timeout=1.0) as sock:
+            sock.sendall(b"PING\r\n")
+            assert sock.recv(64) == b"+PONG\r\n"
+            start = time.monotonic()
+            sock.sendall(b"PING\r\n")
+            assert sock.recv(64) == b"+PONG\r\n"
+            return time.monotonic() - start
+
+    async def connack(backend: LocalBackend, timeout: float = 1.0) -> bool:
+        probe = ProbeClient(backend.endpoints()[0], "link-probe")
+        try:
+            async with asyncio.timeout(timeout):
+                return (await probe.connect())[1] == 0
+        except TimeoutError:
+            return False
+        finally:
+            await probe.close()
+
+    backend = LocalBackend(tmp_path)
+    try:
+        backend.setup(ClusterSpec(brokers=1))
+        via = backend.redis_proxies["b0"].port  # the broker's own way to Redis
+        assert ping_s(via) < 0.1
+        backend.degrade_redis_link("b0", LinkFault(latency_ms=100))
+        assert 0.18 < ping_s(via) < 0.5  # 100 ms each way
+        backend.heal("b0")
+        assert ping_s(via) < 0.1
+        backend.cut_from_redis("b0")
+        with pytest.raises(TimeoutError):
+            ping_s(via)
+        # Its clients still reach it. (It answers a CONNECT only after its own Redis timeout,
+        # about 3 s, while the link is held rather than refused.)
+        assert asyncio.run(connack(backend, timeout=10.0))
+        backend.heal("b0")
+        assert ping_s(via) < 0.1
+        backend.cut_from_clients("b0")
+        assert not asyncio.run(connack(backend))
+        assert ping_s(via) < 0.1  # it still reaches Redis
+        backend.heal("b0")
+        assert asyncio.run(connack(backend))
+    finally:
+        backend.teardown()
