@@ -274,10 +274,16 @@ async def _rolling_restart(run: Run) -> None:
 
 async def _partition(run: Run) -> None:
     cut_redis, cut_clients = run.broker(1), run.broker(2)
+    endpoint = {e.name: e for e in run.backend.endpoints()}[cut_redis]
     async with run.fault("cut-from-redis", cut_redis):
         await run.call(run.backend.cut_from_redis, cut_redis)
-        await run.sleep(run.seconds)
+        began = time.monotonic()
+        # A new local client is still served (a broker cut from Redis serves its own clients).
+        served = True if run.dry else await local_roundtrip(endpoint, timeout=run.seconds)
+        took = time.monotonic() - began
+        await run.sleep(max(0.0, run.seconds - took))
         await run.call(run.backend.heal, cut_redis)
+    run.judge("serves_clients_while_cut", served, broker=cut_redis, roundtrip_s=took)
     await run.sleep(2)
     async with run.fault("cut-from-clients", cut_clients):
         await run.call(run.backend.cut_from_clients, cut_clients)
@@ -378,10 +384,19 @@ async def _reconnect_storm(run: Run) -> None:
                 for i in range(count)
             ]
             clients = again
-            results = await asyncio.gather(
-                *(_connect_retrying(c, deadline_s=60) for c in again), return_exceptions=True
-            )
+            done: list[float] = []
+
+            async def back(client: ProbeClient) -> bool:
+                ok = await _connect_retrying(client, deadline_s=STORM_DEADLINE_S)
+                if ok:
+                    done.append(time.monotonic() - start)
+                return ok
+
+            results = await asyncio.gather(*(back(c) for c in again), return_exceptions=True)
             took = time.monotonic() - start
+            done.sort()
+            run.measurements["storm_p50_s"] = done[len(done) // 2] if done else None
+            run.measurements["storm_p99_s"] = done[int(len(done) * 0.99)] if done else None
             await run.call(run.backend.start_broker, victim)
     finally:
         await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
@@ -390,15 +405,21 @@ async def _reconnect_storm(run: Run) -> None:
     run.measurements["storm_reconnect_s"] = took
 
 
+CONNACK_TIMEOUT_S = 5.0
+STORM_DEADLINE_S = 60.0  # every storm client back by then, or storm_reconnected fails
+
+
 async def _connect_retrying(client: ProbeClient, *, deadline_s: float) -> bool:
     deadline = time.monotonic() + deadline_s
     delay = 0.05
     while time.monotonic() < deadline:
         try:
-            _, code = await client.connect()
+            # A broker that takes the TCP connection but never answers is tried again.
+            async with asyncio.timeout(CONNACK_TIMEOUT_S):
+                _, code = await client.connect()
             if code == 0:
                 return True
-        except (OSError, asyncio.IncompleteReadError, ConnectionError):
+        except (OSError, TimeoutError, asyncio.IncompleteReadError, ConnectionError):
             pass
         await client.close()
         await asyncio.sleep(delay)
@@ -495,6 +516,7 @@ SCENARIOS: dict[str, Scenario] = {
             cluster=ClusterSpec(broker_args=("--presence-ttl", "3")),
             fault=_partition,
             seconds=5.0,
+            measures=("serves_clients_while_cut",),
             skip={
                 "wills": "a DISCONNECT a client sends into the cut never reaches the broker, "
                 "whose keepalive then rightly publishes the will (MQTT-3.1.2-8): the history "
