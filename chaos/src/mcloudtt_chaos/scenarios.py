@@ -124,10 +124,11 @@ class Run:
     def judge(self, name: str, passed: bool, **counts: Any) -> Verdict:
         """A verdict the scenario measured itself, next to the checker's."""
         verdict = Verdict(name, checked=1)
-        numbers = {k: v for k, v in counts.items() if isinstance(v, int | float)}
-        verdict.counts.update({k: int(v) for k, v in numbers.items() if isinstance(v, int)})
+        verdict.counts.update(
+            {k: v for k, v in counts.items() if isinstance(v, int) and not isinstance(v, bool)}
+        )
         if not passed:
-            verdict.fail({k: v for k, v in counts.items()})
+            verdict.fail(dict(counts))
         self.measurements[name] = counts
         self.verdicts.append(verdict)
         return verdict
