@@ -16,7 +16,7 @@ import html
 import io
 import json
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,9 +37,12 @@ class ScenarioResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def from_history(cls, name: str, records: Iterable[Record], **extra: Any) -> ScenarioResult:
+    def from_history(
+        cls, name: str, records: Iterable[Record], *, skip: Collection[str] = (), **extra: Any
+    ) -> ScenarioResult:
+        """Check the history (invariants in `skip` counted, not judged) and keep both."""
         records = list(records)
-        return cls(name=name, records=records, report=check(records), extra=extra)
+        return cls(name=name, records=records, report=check(records, skip=skip), extra=extra)
 
 
 @dataclass

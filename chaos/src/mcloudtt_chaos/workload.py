@@ -45,7 +45,7 @@ import random
 import socket
 import threading
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -88,9 +88,10 @@ class RecordSink(Protocol):
 class WorkloadSpec:
     """What runs; the caller decides for how long (between `start` and `stop_publishing`)."""
 
-    rate: float = 200.0  # publishes per second, all publishers together
+    rate: float = 200.0  # publishes per second, all publishers together (an equal share each)
     qos1_publishers: int = 2
     qos2_publishers: int = 2
+    qos0_publishers: int = 1  # its losses are counted, not judged
     subscribers_v311: int = 1  # persistent sessions (clean session off)
     subscribers_v5: int = 1  # persistent sessions (session expiry `session_expiry`)
     shared_members: int = 2  # members of one `$share/<shared_group>/...` group
@@ -176,6 +177,7 @@ class _Client:
         self.ever_connected = False
         self.subscribed = threading.Event()
         self.stopping = threading.Event()
+        self._drop_requested = threading.Event()  # set by other threads, acted on by ours
         self._ended = True  # the current connection's Disconnect is written
         self._closing_normally = False
         self.rng = random.Random(f"{workload.spec.seed}/{name}")
@@ -233,7 +235,10 @@ class _Client:
                 now = time.monotonic()
                 if rc != paho.MQTT_ERR_SUCCESS:
                     break
-                if self.connected.is_set():
+                if self._drop_requested.is_set():
+                    self._drop_requested.clear()
+                    self._drop("dropped on request")
+                elif self.connected.is_set():
                     self.tick(now)
                 elif now > deadline:  # a broker that takes TCP but never answers CONNECT
                     self._drop("no CONNACK")
@@ -245,6 +250,11 @@ class _Client:
             self.stopping.wait(self.backoff.next())
             self._next_broker()
         self._finish()
+
+    def request_drop(self) -> None:
+        """End the current connection abnormally (socket shut, no DISCONNECT), from any
+        thread: the client's own thread does it and then reconnects as after any loss."""
+        self._drop_requested.set()
 
     def _next_broker(self) -> None:
         """Where to try next: devices behind a load balancer land on any broker."""
@@ -567,8 +577,9 @@ class _Publisher(_Client):
         if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
             self.seq -= 1
             return
-        self.pending[info.mid] = self.seq
-        self.sent_at[self.seq] = now
+        if self.qos > 0:  # QoS 0 has no acknowledgement to wait for
+            self.pending[info.mid] = self.seq
+            self.sent_at[self.seq] = now
         self.w.record(
             Sent(
                 t=now,
@@ -622,21 +633,19 @@ class Workload:
         pub_homes = list(range(max(1, (n + 1) // 2))) if n > 1 else [0]
         sub_homes = [i for i in range(n) if i not in pub_homes] or pub_homes
         spread = sub_homes + pub_homes
-        publishers = self.spec.qos1_publishers + self.spec.qos2_publishers
-        interval = publishers / self.spec.rate if self.spec.rate > 0 else float("inf")
+        levels = [
+            *[1] * self.spec.qos1_publishers,
+            *[2] * self.spec.qos2_publishers,
+            *[0] * self.spec.qos0_publishers,
+        ]
+        interval = len(levels) / self.spec.rate if self.spec.rate > 0 else float("inf")
         self.publishers: list[_Publisher] = []
-        for i in range(publishers):
-            qos = 1 if i < self.spec.qos1_publishers else 2
-            number = i if qos == 1 else i - self.spec.qos1_publishers
-            self.publishers.append(
-                _Publisher(
-                    self,
-                    f"{prefix}pub-q{qos}-{number}",
-                    pub_homes[i % len(pub_homes)],
-                    qos,
-                    interval,
-                )
-            )
+        numbers = Counter[int]()
+        for i, qos in enumerate(levels):
+            name = f"{prefix}pub-q{qos}-{numbers[qos]}"
+            numbers[qos] += 1
+            home = pub_homes[i % len(pub_homes)]
+            self.publishers.append(_Publisher(self, name, home, qos, interval))
         self.subscribers: list[_Subscriber] = []
         homes = itertools.cycle(sub_homes)
         for i in range(self.spec.subscribers_v311):
@@ -707,6 +716,13 @@ class Workload:
         """The clients connected to `broker` now (a fault's target: who holds sessions)."""
         return [c.name for c in self.clients if c.connected.is_set() and c.broker == broker]
 
+    def client(self, name: str) -> _Client:
+        return next(c for c in self.clients if c.name == name)
+
+    def drop(self, name: str) -> None:
+        """Cut one client's connection without DISCONNECT (it reconnects elsewhere)."""
+        self.client(name).request_drop()
+
     def placement(self) -> dict[str, str]:
         """Each client's current (or last) broker."""
         return {c.name: c.broker or self.endpoints[c.home].name for c in self.clients}
@@ -716,62 +732,77 @@ class Workload:
         """Subscribers and watchers first (until every SUBACK), then the retained messages, then
         the will clients and publishers."""
         self.started_at = time.monotonic()
-        listeners = [*self.watchers, *self.subscribers, *self.shared]
-        for c in listeners:
-            c.start()
-        deadline = time.monotonic() + timeout
-        for c in listeners:
-            if not c.subscribed.wait(max(0.0, deadline - time.monotonic())):
-                raise TimeoutError(f"{c.name} not subscribed within {timeout} s")
-        self._set_retained(timeout)
-        for c in [*self.will_clients, *self.publishers]:
-            c.start()
-        for c in self.publishers:
-            if not c.connected.wait(max(0.0, deadline - time.monotonic())):
-                raise TimeoutError(f"{c.name} not connected within {timeout} s")
+        try:
+            listeners = [*self.watchers, *self.subscribers, *self.shared]
+            for c in listeners:
+                c.start()
+            deadline = time.monotonic() + timeout
+            for c in listeners:
+                if not c.subscribed.wait(max(0.0, deadline - time.monotonic())):
+                    raise TimeoutError(f"{c.name} not subscribed within {timeout} s")
+            self._set_retained(timeout)
+            for c in [*self.will_clients, *self.publishers]:
+                c.start()
+            for c in self.publishers:
+                if not c.connected.wait(max(0.0, deadline - time.monotonic())):
+                    raise TimeoutError(f"{c.name} not connected within {timeout} s")
+        except BaseException:
+            self.stop()  # no client thread left behind
+            raise
 
     def _set_retained(self, timeout: float) -> None:
+        """Publish the retained messages (QoS 1, retain) from a short-lived client, on the
+        first broker that takes the connection, and write them down like any publish."""
         if not self.spec.retained_topics:
             return
         name = f"{self.prefix}retainer"
-        endpoint = self.endpoints[0]
         client = paho.Client(CallbackAPIVersion.VERSION2, client_id=name)
-        acks: dict[int, tuple[int, int]] = {}
-        pending: dict[int, int] = {}
+        client.connect_timeout = self.spec.connect_timeout
+        acks: list[tuple[int, float, int]] = []  # (mid, when, reason), from paho's thread
 
         def on_publish(c: Any, u: Any, mid: int, reason: ReasonCode, p: Any) -> None:
-            acks[mid] = (pending.get(mid, -1), _rc_value(reason))
+            acks.append((mid, time.monotonic(), _rc_value(reason)))
 
         client.on_publish = on_publish
-        client.connect(endpoint.host, endpoint.mqtt_port, keepalive=self.spec.keepalive)
+        endpoint = self._connect_any(client)
         client.loop_start()
         try:
+            seq_of: dict[int, int] = {}
             for i in range(self.spec.retained_topics):
                 topic = f"{self.spec.topic_prefix}/retained/{i}"
                 now = time.monotonic()
                 payload = encode_payload(name, i + 1, now)
-                self.record(
-                    Sent(
-                        t=now,
-                        publisher=name,
-                        topic=topic,
-                        qos=1,
-                        seq=i + 1,
-                        broker=endpoint.name,
-                        retain=True,
-                    )
+                sent = Sent(
+                    t=now,
+                    publisher=name,
+                    topic=topic,
+                    qos=1,
+                    seq=i + 1,
+                    broker=endpoint.name,
+                    retain=True,
                 )
-                info = client.publish(topic, payload, qos=1, retain=True)
-                pending[info.mid] = i + 1
+                self.record(sent)
+                seq_of[client.publish(topic, payload, qos=1, retain=True).mid] = i + 1
                 self.retained[topic] = _digest(payload)
             end = time.monotonic() + timeout
-            while len(acks) < len(pending) and time.monotonic() < end:
+            while len(acks) < len(seq_of) and time.monotonic() < end:
                 time.sleep(0.01)
-            for _mid, (seq, reason) in sorted(acks.items()):
-                self.record(Acked(t=time.monotonic(), publisher=name, seq=seq, reason_code=reason))
+            for mid, when, reason in list(acks):
+                if mid in seq_of:
+                    self.record(Acked(t=when, publisher=name, seq=seq_of[mid], reason_code=reason))
         finally:
             client.disconnect()
             client.loop_stop()
+
+    def _connect_any(self, client: paho.Client) -> Endpoint:
+        error: OSError | None = None
+        for endpoint in self.endpoints:
+            try:
+                client.connect(endpoint.host, endpoint.mqtt_port, keepalive=self.spec.keepalive)
+                return endpoint
+            except OSError as failed:
+                error = failed
+        raise ConnectionError(f"no broker took the connection: {error}")
 
     def fault_start(self, name: str, target: str = "") -> None:
         self.record(FaultStart(t=time.monotonic(), fault=name, target=target))
@@ -878,6 +909,12 @@ class Workload:
                 if c.thread.is_alive():
                     c.thread.join(timeout)
 
+    def __enter__(self) -> Workload:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
     # ---------------------------------------------------------------- for the report
     def counters_json(self) -> dict[str, int]:
         c = self.counters
@@ -890,6 +927,7 @@ class Workload:
             "connects": c.connects,
             "disconnects": c.disconnects,
             "wills": c.wills,
+            "awaited": sum(self.awaited().values()),
         }
 
     def publish_rate_series(self, bin_s: float = 0.5) -> dict[str, list[float]]:
