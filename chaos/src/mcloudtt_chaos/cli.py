@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import sys
 import tempfile
@@ -93,7 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         seconds=args.seconds,
         rate=args.rate,
         seed=args.seed,
-        workdir=args.workdir or Path(tempfile.mkdtemp(prefix="mcloudtt-chaos-")),
+        workdir=args.workdir,
         storm_clients=args.storm_clients,
     )
     try:
@@ -107,6 +108,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             for line in asyncio.run(plan(scenario, load(args.backend), options)):
                 console.print(line, markup=False, highlight=False)
         return 0
+    if options.workdir is None:  # made only for a real run: histories and logs stay there
+        options = dataclasses.replace(
+            options, workdir=Path(tempfile.mkdtemp(prefix="mcloudtt-chaos-"))
+        )
     results = asyncio.run(_run_all(scenarios, args.backend, options, console))
     if args.json is not None:
         write_json(args.json, results)
