@@ -315,6 +315,18 @@ def _rss(backend: Backend, broker: str) -> int | None:
     return reader(broker) if callable(reader) else None
 
 
+def _drops(endpoint: Endpoint) -> dict[str, float] | None:
+    try:
+        metrics = scrape(endpoint.http_port, host=endpoint.host)
+    except OSError:
+        return None
+    return {
+        dict(labels).get("reason", ""): value
+        for (name, labels), value in metrics.items()
+        if name == "mcloudtt_messages_dropped_total" and value
+    }
+
+
 def _metric(endpoint: Endpoint, name: str) -> float | None:
     try:
         return scrape(endpoint.http_port, host=endpoint.host).total(name)
@@ -345,6 +357,8 @@ async def _slow_consumer(run: Run) -> None:
                 await run.sleep(0.25)
             dropped = await run.call(_metric, endpoint, "mcloudtt_messages_dropped_total")
             queued = await run.call(_metric, endpoint, "mcloudtt_queued_messages")
+            sessions = await run.call(_metric, endpoint, "mcloudtt_sessions")
+            run.measurements["dropped_by_reason"] = await run.call(_drops, endpoint)
     finally:
         await stalled.close()
     growth = None if before is None else peak - before
@@ -357,11 +371,20 @@ async def _slow_consumer(run: Run) -> None:
         limit=MEMORY_BOUND,
     )
     run.measurements["dropped"] = None if dropped is None else dropped - (dropped_before or 0.0)
-    run.measurements["queued_at_end"] = queued
+    # Every session's queue stops at --max-queued-messages, the stalled one's included.
+    limit = None if sessions is None else int(sessions) * STALLED_QUEUE_LIMIT
+    run.judge(
+        "queue_bounded",
+        queued is None or limit is None or queued <= limit,
+        queued=None if queued is None else int(queued),
+        sessions=None if sessions is None else int(sessions),
+        limit=limit,
+    )
 
 
 STALLED_FILTER = "chaos/data/#"  # the workload's data topics (WorkloadSpec.topic_prefix)
 MEMORY_BOUND = 200 * 2**20  # RSS growth allowed while one subscriber is stalled
+STALLED_QUEUE_LIMIT = 500  # the scenario's --max-queued-messages
 
 
 async def _reconnect_storm(run: Run) -> None:
@@ -533,11 +556,20 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario(
             name="slow-consumer",
             summary="a subscriber stops reading: the broker's memory stays bounded, drops counted",
-            cluster=ClusterSpec(broker_args=("--max-queued-messages", "500")),
-            load={"payload_size": 1000, "rate": 300.0},
+            # A small inflight window: the stalled session's queue fills, and overflows, soon.
+            cluster=ClusterSpec(
+                broker_args=(
+                    "--max-queued-messages",
+                    str(STALLED_QUEUE_LIMIT),
+                    "--max-inflight",
+                    "100",
+                )
+            ),
+            # Big enough that the socket buffers cannot hide the backlog: the queue overflows.
+            load={"payload_size": 4000, "rate": 300.0},
             fault=_slow_consumer,
             seconds=6.0,
-            measures=("memory_bounded",),
+            measures=("memory_bounded", "queue_bounded"),
         ),
         Scenario(
             name="reconnect-storm",

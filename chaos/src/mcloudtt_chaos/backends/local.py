@@ -105,6 +105,11 @@ class LocalBackend:
             self.workdir = Path(tempfile.mkdtemp(prefix="mcloudtt-chaos-"))
             self._own_dir = True
         self.workdir.mkdir(parents=True, exist_ok=True)
+        # A fresh cluster every run: an earlier run's Redis files in a reused directory would
+        # bring back its persistent sessions (which then queue and drop this run's messages).
+        shutil.rmtree(self.workdir / "redis", ignore_errors=True)
+        for log in self.workdir.glob("*.log"):
+            log.unlink()
         _LIVE.add(self)
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGHUP):
