@@ -206,6 +206,7 @@ def test_reconnects_elsewhere_keep_the_session(cluster: list[Endpoint], tmp_path
             time.sleep(1.0)
             sub = workload.subscribers[0]
             first = sub.broker
+            workload.hold_reconnects(0.8)  # back only after 0.8 s, not after its backoff
             workload.drop(sub.name)
             wait_for(
                 lambda: sub.connected.is_set() and sub.broker != first,
@@ -228,6 +229,10 @@ def test_reconnects_elsewhere_keep_the_session(cluster: list[Endpoint], tmp_path
     back = next(
         r.t for r in records if isinstance(r, ConnAck) and r.client == sub.name and r.conn == 2
     )
+    again = next(
+        r for r in records if isinstance(r, Connect) and r.client == sub.name and r.conn == 2
+    )
+    assert again.t - gone >= 0.7 and not again.clean_start and again.broker != first
     sent = {(r.publisher, r.seq): r.t for r in records if isinstance(r, Sent)}
     outside = [x for x in report.lost if not gone - 0.05 <= sent[(x.publisher, x.seq)] <= back]
     assert not outside, outside
@@ -268,6 +273,7 @@ def test_report_json_and_html(history: list[Record], tmp_path: Path) -> None:
     assert second["lost_messages"] == [
         {"subscriber": victim.subscriber, "publisher": victim.publisher, "seqs": [victim.seq]}
     ]
+    assert sum(second["timeline"]["lost"]) == 1  # drawn at the time it was sent
     line = first["timeline"]
     assert line["bin_s"] == 0.5 and len(line["t"]) == len(line["publish_rate"])
     # SPEC.rate messages per second, give or take the start and the scheduling.
@@ -370,3 +376,57 @@ def test_clients_of_a_killed_broker_reconnect_elsewhere(tmp_path: Path) -> None:
     assert report.invariants["delivered_were_sent"].passed
     assert report.invariants["ordered"].passed, report.invariants["ordered"].examples
     assert report.recovery_s is not None
+
+
+def test_a_stalled_broker_stops_the_publisher_at_its_window(tmp_path: Path) -> None:
+    """SIGSTOP the only broker: the publisher sends `window` messages, then only counts the
+    turns it skipped (no unbounded backlog); after SIGCONT everything is acknowledged and
+    delivered, and the schedule resumes without a burst."""
+    port = free_block(2)
+    broker = Process(
+        [
+            *console_script("mcloudtt-broker", "mcloudtt_broker"),
+            *("--bind", f"127.0.0.1:{port}", "--http", f"127.0.0.1:{port + 1}"),
+        ],
+        name="b0",
+        log_path=tmp_path / "b0.log",
+        port=port,
+        http_port=port + 1,
+    )
+    endpoint = Endpoint(name="b0", host="127.0.0.1", mqtt_port=port, http_port=port + 1)
+    spec = WorkloadSpec(
+        rate=200,
+        qos1_publishers=1,
+        qos2_publishers=0,
+        qos0_publishers=0,
+        subscribers_v5=0,
+        shared_members=0,
+        will_clients=0,
+        will_watchers=0,
+        retained_topics=0,
+        window=20,
+        keepalive=30,
+    )
+    with broker.start(), HistoryWriter(tmp_path / "history.jsonl") as writer:
+        broker.wait_port()
+        with Workload([endpoint], writer, spec) as workload:
+            workload.start()
+            time.sleep(0.5)
+            broker.pause()
+            try:
+                frozen = workload.counters_json()["sent"]
+                time.sleep(1.5)
+                stalled = workload.counters_json()
+            finally:
+                broker.resume()
+            time.sleep(0.5)
+            workload.stop_publishing()
+            assert workload.drain(10.0), workload.counters_json()
+            after = workload.counters_json()
+    assert stalled["unacked"] <= spec.window
+    assert stalled["sent"] - frozen <= spec.window
+    assert stalled["throttled"] >= 200  # ~1.5 s of turns at 200/s, skipped
+    # After SIGCONT: no catching up on 1.5 s of skipped turns in one burst.
+    assert after["sent"] - stalled["sent"] <= 0.5 * 200 * 1.5
+    report = check(read_history(tmp_path / "history.jsonl"))
+    assert report.passed, report.failed()

@@ -55,6 +55,7 @@ class Timeline:
     delivery_rate: list[float]
     backlog: list[int]  # peak outstanding QoS 1/2 messages in the bin
     faults: list[dict[str, Any]]  # {"fault", "target", "start", "end"} (end None: never ended)
+    lost: list[int] = field(default_factory=list)  # lost QoS 1/2 messages, by when they were sent
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -64,10 +65,13 @@ class Timeline:
             "delivery_rate": self.delivery_rate,
             "backlog": self.backlog,
             "faults": self.faults,
+            "lost": self.lost,
         }
 
 
-def timeline(records: Sequence[Record], bin_s: float = BIN_S) -> Timeline:
+def timeline(
+    records: Sequence[Record], bin_s: float = BIN_S, report: Report | None = None
+) -> Timeline:
     """Publish rate (first sends), delivery rate (every delivery) and the unacknowledged
     backlog (the most QoS 1/2 messages outstanding at once in each bin)."""
     if not records:
@@ -134,14 +138,32 @@ def timeline(records: Sequence[Record], bin_s: float = BIN_S) -> Timeline:
         delivery_rate=[n / bin_s for n in delivered],
         backlog=backlog,
         faults=faults,
+        lost=_lost_by_bin(records, report, origin, bin_s, bins),
     )
+
+
+def _lost_by_bin(
+    records: Sequence[Record], report: Report | None, origin: float, bin_s: float, bins: int
+) -> list[int]:
+    out = [0] * bins
+    if report is None or not report.lost:
+        return out
+    sent: dict[tuple[str, int], float] = {}
+    for r in records:
+        if isinstance(r, Sent):
+            sent.setdefault((r.publisher, r.seq), r.t)
+    for x in report.lost:
+        t = sent.get((x.publisher, x.seq))
+        if t is not None:
+            out[min(bins - 1, int((t - origin) / bin_s))] += 1
+    return out
 
 
 def scenario_json(result: ScenarioResult, *, with_timeline: bool = True) -> dict[str, Any]:
     data: dict[str, Any] = {"scenario": result.name, **result.report.to_json()}
     data.update(result.extra)
     if with_timeline:
-        data["timeline"] = timeline(result.records).to_json()
+        data["timeline"] = timeline(result.records, report=result.report).to_json()
     return data
 
 
@@ -196,13 +218,24 @@ def _plot_svg(line: Timeline, title: str) -> str:
         backlog.step(x, held(line.backlog), where="post", label="unacknowledged", color="#c62828")
         backlog.yaxis.set_major_locator(MaxNLocator(integer=True))
         backlog.set_ylim(0, max(1, *line.backlog) * 1.15 if line.backlog else 1)
+        if any(line.lost):
+            rates.step(
+                x,
+                held(line.lost),
+                where="post",
+                label="lost (by send time)",
+                color="#000000",
+                lw=1.2,
+            )
         end = x[-1] if x else 1.0
+        narrowest = (x[-1] - x[0]) / 250 if len(x) > 1 else 0.01  # an instant stays visible
         for axis in (rates, backlog):
             for i, f in enumerate(line.faults):
                 stop = f["end"] if f["end"] is not None else end
+                axis.axvline(f["start"], color="#e65100", lw=0.8, alpha=0.8)
                 axis.axvspan(
                     f["start"],
-                    stop,
+                    max(stop, f["start"] + narrowest),
                     color="#ff9800",
                     alpha=0.25,
                     lw=0,
@@ -251,7 +284,7 @@ def _fmt(value: Any) -> str:
 
 def _scenario_html(result: ScenarioResult) -> str:
     report = result.report
-    line = timeline(result.records)
+    line = timeline(result.records, report=result.report)
     parts = [
         f'<h2 id="{html.escape(result.name)}">{html.escape(result.name)} '
         f"{_badge(report.passed)}</h2>",

@@ -13,7 +13,7 @@ What each client writes (see `history`): `Connect` once its CONNECT is on the wi
 (normal only when the client itself sent DISCONNECT) and `WillPublished` as a watcher saw it.
 `t` is `time.monotonic()` everywhere; writes are serialised by one lock.
 
-Who runs (`WorkloadSpec`): QoS 1 and QoS 2 publishers, each on its own topic
+Who runs (`WorkloadSpec`): QoS 1, QoS 2 and QoS 0 publishers, each on its own topic
 `<prefix>/data/<publisher>`, on the first half of the brokers; persistent subscribers (3.1.1
 with clean session off, 5.0 with a long session expiry) to `<prefix>/data/#` on the other
 brokers; a `$share` group whose members sit on different brokers; will clients that connect
@@ -25,7 +25,8 @@ published once at start.
 Honest rates: a publisher sends at `rate / publishers` per second on a fixed schedule (no
 catching up after a stall), only while connected, and skips its turn while `window` of its
 messages are unacknowledged, so a fault never builds an unbounded backlog; skipped turns are
-counted (`counters()["throttled"]`).
+counted (`counters_json()["throttled"]`). On a new connection paho resends what is still
+unacknowledged; the workload writes those as `Sent(dup=True)` on the new broker.
 
 Snapshots (`snapshot`): retained messages as each broker serves them, read with a fresh clean
 client per broker subscribed to `#` (retain flag set, MQTT-3.3.1-6); the subscription table from
@@ -33,6 +34,22 @@ the broker's `/metrics` as one row, the number of distinct filters the broker ro
 whole cluster (its own plus every peer's, `mcloudtt_cluster_local_filters` +
 `mcloudtt_cluster_remote_filters`): equal on every broker once the filter tables converged. The
 brokers expose no per-client subscription table, so this is a count, not a row-by-row compare.
+
+A scenario uses it so::
+
+    with HistoryWriter(path) as writer, Workload(backend.endpoints(), writer, spec) as load:
+        load.start()                      # subscribers first, then retained, then publishers
+        time.sleep(warmup)
+        load.fault_start("broker-kill", "b1"); backend.kill_broker("b1"); load.fault_end(...)
+        time.sleep(seconds)
+        load.stop_publishing()
+        drained = load.drain(30.0)        # False: something acknowledged never arrived
+        load.snapshot()                   # after healing: retained + filter count per broker
+    report = checker.check(read_history(path))
+
+`clients_on(broker)` says who a fault would hit, `drop(name)` cuts one client without
+DISCONNECT, `hold_reconnects(s)` keeps clients that lose their broker away for a while,
+`counters_json()` and `publish_rate_series()` feed progress displays.
 """
 
 from __future__ import annotations
@@ -99,7 +116,7 @@ class WorkloadSpec:
     will_clients: int = 2
     will_watchers: int = 1
     retained_topics: int = 3
-    seed: int = 0
+    seed: int = 0  # each client's generator (hold times, backoff jitter) is seeded from it
     topic_prefix: str = "chaos"
     client_prefix: str | None = None  # None: a fresh one per run (no stale sessions)
     session_expiry: int = 3600  # seconds, MQTT 5 sessions
@@ -114,8 +131,9 @@ class WorkloadSpec:
 
 
 class _Backoff:
-    """Capped exponential delay with full jitter (as the broker's own `Backoff`, which the chaos
-    package does not depend on): clients that lost the same broker do not return in step."""
+    """Capped doubling delay, each drawn from [ceiling / 2, ceiling] (the broker's own
+    `Backoff` is not a dependency of the chaos package): clients that lost the same broker do
+    not return in step, and each still waits a little."""
 
     def __init__(self, base: float, cap: float, rng: random.Random) -> None:
         self.base, self.cap, self.rng = base, cap, rng
@@ -152,7 +170,6 @@ def _digest(payload: bytes) -> str:
 class _Client:
     """One MQTT client and the thread that drives it."""
 
-    role = "client"
     # How long paho's loop() may block: how late `tick` can run (a publisher's pacing).
     loop_timeout = 0.05
 
@@ -247,7 +264,8 @@ class _Client:
                 break  # `_finish` ends the connection with DISCONNECT
             self.connected.clear()
             self._lost("connection lost")
-            self.stopping.wait(self.backoff.next())
+            delay = max(self.backoff.next(), self.w.reconnect_hold - time.monotonic())
+            self.stopping.wait(delay)
             self._next_broker()
         self._finish()
 
@@ -420,8 +438,6 @@ class _Client:
 
 
 class _Subscriber(_Client):
-    role = "subscriber"
-
     def __init__(
         self, workload: Workload, name: str, home: int, *, protocol: int, group: str | None = None
     ) -> None:
@@ -454,8 +470,6 @@ class _Subscriber(_Client):
 
 
 class _Watcher(_Client):
-    role = "watcher"
-
     def __init__(self, workload: Workload, name: str, home: int) -> None:
         super().__init__(workload, name, home, protocol=4)
         self.seen: set[tuple[str, int]] = set()
@@ -478,7 +492,6 @@ class _Watcher(_Client):
 class _WillClient(_Client):
     """Connects with a will, holds the connection a while, then ends it one way or the other."""
 
-    role = "will"
     loop_timeout = 0.02
 
     def __init__(self, workload: Workload, name: str, home: int, index: int) -> None:
@@ -521,7 +534,6 @@ class _WillClient(_Client):
 
 
 class _Publisher(_Client):
-    role = "publisher"
     loop_timeout = 0.005
 
     def __init__(self, workload: Workload, name: str, home: int, qos: int, interval: float) -> None:
@@ -622,7 +634,9 @@ class Workload:
         self._awaited: dict[str, set[tuple[str, int]]] = defaultdict(set)
         self.group_party = f"$share/{self.spec.shared_group}"
         self.started_at: float | None = None
-        rng = random.Random(self.spec.seed)
+        # Clients that lose their broker do not reconnect before this time (a scenario that
+        # wants them back only after the dead broker's presence expired).
+        self.reconnect_hold = 0.0
         prefix = self.spec.client_prefix
         if prefix is None:
             prefix = f"w{self.spec.seed}-{random.Random().getrandbits(24):06x}-"
@@ -673,7 +687,6 @@ class Workload:
             for i in range(self.spec.will_clients)
         ]
         self.retained: dict[str, str] = {}  # topic -> digest of what was set
-        rng.random()  # the seed also drives every client's own generator (named by the client)
 
     # ---------------------------------------------------------------- the history
     def record(self, record: Record) -> None:
@@ -803,6 +816,11 @@ class Workload:
             except OSError as failed:
                 error = failed
         raise ConnectionError(f"no broker took the connection: {error}")
+
+    def hold_reconnects(self, seconds: float) -> None:
+        """Clients that lose their connection from now on wait `seconds` before they
+        reconnect (instead of their short backoff); `hold_reconnects(0)` lifts it."""
+        self.reconnect_hold = time.monotonic() + seconds if seconds > 0 else 0.0
 
     def fault_start(self, name: str, target: str = "") -> None:
         self.record(FaultStart(t=time.monotonic(), fault=name, target=target))
