@@ -1,15 +1,39 @@
 from __future__ import annotations
 
+import hashlib
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from broker.mqttraw import RawClient
 from brokerproc import TARGET, BrokerProcess, broker_pool
 from redisproc import RedisProcess
+
+
+@pytest.fixture
+def uid(request: pytest.FixtureRequest) -> str:
+    """A short id unique to this test, for client ids and topic roots."""
+    return "t" + hashlib.sha1(request.node.nodeid.encode()).hexdigest()[:10]
+
+
+@pytest.fixture
+def raw() -> Iterator[Callable[..., RawClient]]:
+    """`raw(port, version=5, ...)`: a raw-socket MQTT connection closed at teardown."""
+    made: list[RawClient] = []
+
+    def make(port: int, **kw: Any) -> RawClient:
+        c = RawClient(port, **kw)
+        made.append(c)
+        return c
+
+    yield make
+    for c in made:
+        c.close()
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -45,11 +44,6 @@ def publisher() -> Iterator[Callable[..., Publisher]]:
     yield make
     for p in made:
         p.close()
-
-
-@pytest.fixture
-def uid(request: pytest.FixtureRequest) -> str:
-    return "t" + hashlib.sha1(request.node.nodeid.encode()).hexdigest()[:10]
 
 
 @pytest.fixture(scope="session")
