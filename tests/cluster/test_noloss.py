@@ -221,12 +221,6 @@ def run_kill(
 def test_broker_kill_loses_no_acknowledged_qos1(redis_server, cluster_factory, version, when):
     brokers = cluster_factory(3, *QUEUE)
     pub, sub = run_kill(brokers, version, 1, when)
-    import sys
-
-    sys.path.insert(0, "/tmp/noloss")
-    import dbg
-
-    dbg.dump(redis_server.url)
     check(pub, sub, 1)
 
 
