@@ -1,4 +1,4 @@
-"""Start real broker processes on free ports for tests.
+"""Start real broker processes on free ports for tests (thin wrappers over mcloudtt_chaos.procs).
 
 `MCLOUDTT_TEST_TARGET=mosquitto` runs the same black-box tests against Mosquitto (a check that the
 tests themselves say what MQTT says; options Mosquitto lacks make those tests skip).
@@ -6,148 +6,144 @@ tests themselves say what MQTT says; options Mosquitto lacks make those tests sk
 
 from __future__ import annotations
 
-import contextlib
 import os
-import shutil
-import signal
-import socket
 import subprocess
-import sys
 import tempfile
-import time
-import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from signal import SIGTERM
+
+from mcloudtt_chaos.procs import (
+    Process,
+    console_script,
+    free_port,
+    http_get,
+    mosquitto_binary,
+    mosquitto_config,
+    parse_metrics,
+    port_open,
+    wait_for,
+)
+
+__all__ = [
+    "TARGET",
+    "BrokerProcess",
+    "broker_command",
+    "broker_pool",
+    "free_port",
+    "running_broker",
+]
 
 TARGET = os.environ.get("MCLOUDTT_TEST_TARGET", "mcloudtt")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_for_port(
     port: int, timeout: float = 10.0, proc: subprocess.Popen[bytes] | None = None
 ) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def listening() -> bool:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"process exited with {proc.returncode} before listening on {port}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.02)
-    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
+        return port_open(port)
+
+    wait_for(listening, timeout=timeout, what=f"something listening on 127.0.0.1:{port}")
 
 
 def parse_metric(text: str, name: str, **labels: str) -> float:
-    """One sample from Prometheus text (labels sorted by name, as our exporters write them)."""
-    want = name
-    if labels:
-        want += "{" + ",".join(f'{k}="{v}"' for k, v in sorted(labels.items())) + "}"
-    for line in text.splitlines():
-        if line.startswith("#"):
-            continue
-        key, _, value = line.rpartition(" ")
-        if key == want:
-            return float(value)
-    return 0.0
+    """One sample from Prometheus text (exactly these labels), 0.0 when absent."""
+    return parse_metrics(text).value(name, **labels)
 
 
 def broker_command() -> list[str]:
-    exe = shutil.which("mcloudtt-broker", path=str(Path(sys.executable).parent))
-    if exe:
-        return [exe]
-    return [sys.executable, "-m", "mcloudtt_broker"]
+    return console_script("mcloudtt-broker", "mcloudtt_broker")
 
 
-class BrokerProcess:
+class BrokerProcess(Process):
     """A broker subprocess: `port` is MQTT over TCP, `http_port` serves /healthz, /readyz, /metrics."""
 
     def __init__(self, *extra_args: str, env: dict[str, str] | None = None) -> None:
-        self.port = free_port()
-        self.http_port = free_port()
+        port, http_port = free_port(), free_port()
         self.extra_args = list(extra_args)
-        self.env = env
-        self.proc: subprocess.Popen[bytes] | None = None
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        self._output: str | None = None
+        super().__init__([], name="broker", env=env, port=port, http_port=http_port)
+        # Tests may set either port before start() (a restart on the same address).
+        self.port: int = port
+        self.http_port: int = http_port
+
+    def _command(self) -> list[str]:
+        if TARGET == "mosquitto":
+            self._tmp = self._tmp or tempfile.TemporaryDirectory()
+            conf = Path(self._tmp.name) / "mosquitto.conf"
+            conf.write_text(mosquitto_config(self.port))
+            return [mosquitto_binary(), "-c", str(conf)]
+        return [
+            *broker_command(),
+            "--bind",
+            f"127.0.0.1:{self.port}",
+            "--http",
+            f"127.0.0.1:{self.http_port}",
+            *self.extra_args,
+        ]
 
     def start(self) -> BrokerProcess:
-        if TARGET == "mosquitto":
-            self._tmp = tempfile.TemporaryDirectory()
-            conf = Path(self._tmp.name) / "mosquitto.conf"
-            conf.write_text(
-                f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-                "max_queued_messages 0\n"
-            )
-            cmd = ["mosquitto", "-c", str(conf)]
-        else:
-            cmd = [
-                *broker_command(),
-                "--bind",
-                f"127.0.0.1:{self.port}",
-                "--http",
-                f"127.0.0.1:{self.http_port}",
-                *self.extra_args,
-            ]
-        env = dict(os.environ)
-        if self.env:
-            env.update(self.env)
-        # Output goes to a file, never a pipe: a pipe nobody reads would block a chatty broker.
-        self._log = tempfile.NamedTemporaryFile(  # noqa: SIM115 - handed to the child, closed below
-            prefix="mcloudtt-broker-", suffix=".log", delete=False
-        )
-        self.proc = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT)
-        self._log.close()
-        wait_for_port(self.port, proc=self.proc)
-        if TARGET != "mosquitto":
-            wait_for_port(self.http_port, proc=self.proc)
+        self.cmd = self._command()
+        self._output = None
+        super().start()
+        try:
+            self.wait_port(timeout=10)
+            if TARGET != "mosquitto":
+                self.wait_port(self.http_port, timeout=10)
+        except BaseException:
+            self.stop()  # not left running when it did not come up
+            raise
         return self
 
     def http_get(self, path: str) -> tuple[int, str]:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=5) as r:
-                return r.status, r.read().decode()
-        except urllib.error.HTTPError as e:
-            return e.code, e.read().decode()
+        return http_get(self.http_port, path)
 
     def metric(self, name: str, **labels: str) -> float:
         """The value of one Prometheus sample from /metrics (0.0 when absent)."""
         return parse_metric(self.http_get("/metrics")[1], name, **labels)
 
-    def signal(self, sig: int = signal.SIGTERM) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(sig)
+    def signal(self, sig: int = SIGTERM) -> None:
+        super().signal(sig)
 
-    def stop(self, timeout: float = 10.0) -> int:
-        assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+    def stop(self, timeout: float = 10.0, sig: int = SIGTERM) -> int:
+        code = super().stop(timeout, sig)
+        if self._output is None:
+            self._output = self.log_text()
+        self.remove_log()  # its text is kept for output()
         if self._tmp is not None:
             self._tmp.cleanup()
-        self.output()
-        with contextlib.suppress(OSError):
-            os.unlink(self._log.name)
-        return self.proc.returncode
+            self._tmp = None
+        return code
+
+    def close(self) -> None:
+        self.stop()
 
     def output(self) -> str:
         """Everything the process printed, once it has exited ("" while it runs)."""
-        assert self.proc is not None
-        if self.proc.poll() is None:
+        if self.alive():
             return ""
-        if not hasattr(self, "_output"):
-            with contextlib.suppress(OSError), open(self._log.name, "rb") as log:
-                self._output = log.read().decode(errors="replace")
-        return getattr(self, "_output", "")
+        return self._output if self._output is not None else self.log_text()
+
+
+@contextmanager
+def broker_pool(*base_args: str) -> Iterator[Callable[..., BrokerProcess]]:
+    """`start(*args, env=None)`: a broker with `base_args` and `args`; all stopped at the end."""
+    started: list[BrokerProcess] = []
+
+    def start(*args: str, env: dict[str, str] | None = None) -> BrokerProcess:
+        broker = BrokerProcess(*base_args, *args, env=env).start()
+        started.append(broker)
+        return broker
+
+    try:
+        yield start
+    finally:
+        for broker in started:
+            broker.stop()
 
 
 @contextmanager

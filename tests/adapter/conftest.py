@@ -2,34 +2,19 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Iterator
 
 import pytest
-from brokerproc import BrokerProcess
+from brokerproc import BrokerProcess, broker_pool
 
 from .helpers import AdapterProcess, BigQueryEmulator, Publisher, install_bqemulator
-
-
-def _stop_broker(b: BrokerProcess) -> None:
-    b.stop()
-    if b.proc is not None and b.proc.stdout is not None:
-        b.proc.stdout.close()  # else a ResourceWarning fails the run (filterwarnings = error)
 
 
 @pytest.fixture
 def mqtt_broker() -> Iterator[Callable[..., BrokerProcess]]:
     """`mqtt_broker("--max-queued-messages", "5000")`: a real mcloudtt-broker (quiet logs)."""
-    started: list[BrokerProcess] = []
-
-    def start(*args: str) -> BrokerProcess:
-        b = BrokerProcess("--log-level", "warning", "--sys-interval", "0", *args).start()
-        started.append(b)
-        return b
-
-    yield start
-    for b in started:
-        _stop_broker(b)
+    with broker_pool("--log-level", "warning", "--sys-interval", "0") as start:
+        yield start
 
 
 @pytest.fixture
@@ -59,11 +44,6 @@ def publisher() -> Iterator[Callable[..., Publisher]]:
     yield make
     for p in made:
         p.close()
-
-
-@pytest.fixture
-def uid(request: pytest.FixtureRequest) -> str:
-    return "t" + hashlib.sha1(request.node.nodeid.encode()).hexdigest()[:10]
 
 
 @pytest.fixture(scope="session")

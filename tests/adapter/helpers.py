@@ -9,10 +9,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,6 +18,7 @@ import paho.mqtt.client as mqtt
 from brokerproc import free_port, parse_metric
 from mcloudtt_adapter.decode import PayloadDecoder
 from mcloudtt_adapter.records import Batch, Record
+from mcloudtt_chaos.procs import Process, console_script, http_get, http_status, wait_for
 from paho.mqtt.enums import CallbackAPIVersion
 
 REPO = Path(__file__).resolve().parents[2]
@@ -29,14 +26,7 @@ T0 = 1_767_225_600_000_000  # 2026-01-01 00:00:00 UTC in microseconds
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"condition not met within {timeout}s")
-        time.sleep(interval)
+    return wait_for(predicate, timeout=timeout, what="the condition", interval=interval)
 
 
 def make_batch(records: list[tuple[str, bytes]], start: int = 0, step_us: int = 1_000_000) -> Batch:
@@ -99,54 +89,39 @@ class Publisher:
 
 
 def adapter_command() -> list[str]:
-    exe = shutil.which("mcloudtt-adapter", path=str(Path(sys.executable).parent))
-    return [exe] if exe else [sys.executable, "-m", "mcloudtt_adapter"]
+    return console_script("mcloudtt-adapter", "mcloudtt_adapter")
 
 
-class AdapterProcess:
+class AdapterProcess(Process):
     """`mcloudtt-adapter run ...` as a subprocess, with /healthz, /readyz, /metrics on a free port."""
 
     def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
-        self.http_port = free_port()
+        http_port = free_port()
         self.args = list(args)
-        self.env = env
-        self.proc: subprocess.Popen[bytes] | None = None
-        self._log = tempfile.NamedTemporaryFile(  # noqa: SIM115 - closed in close()
-            prefix="mcloudtt-adapter-", suffix=".log", delete=False
+        super().__init__(
+            [*adapter_command(), "run", *self.args, "--http", f"127.0.0.1:{http_port}"],
+            name="adapter",
+            env=env,
+            http_port=http_port,
         )
+        self.http_port: int = http_port
 
     def start(self, ready: bool = True) -> AdapterProcess:
-        env = dict(os.environ)
-        if self.env:
-            env.update(self.env)
-        self.proc = subprocess.Popen(
-            [*adapter_command(), "run", *self.args, "--http", f"127.0.0.1:{self.http_port}"],
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
-        wait_until(lambda: self._probe("/healthz") == 200 or self._exited(), 20)
+        super().start()
+        wait_until(lambda: self._probe("/healthz") == 200 or not self.alive(), 20)
         # With ready=False the caller expects that the adapter may stop on its own.
-        if ready and self._exited():
-            raise RuntimeError(f"adapter exited with {self.proc.returncode}:\n{self.log()}")
+        if ready and not self.alive():
+            raise self.failure(f"exited with {self.returncode}")
         if ready:
             self.wait_ready()
         return self
 
-    def _exited(self) -> bool:
-        return self.proc is not None and self.proc.poll() is not None
-
     def _probe(self, path: str) -> int:
-        return self.get(path)[0]
+        return http_status(self.http_port, path, timeout=5)
 
     def get(self, path: str) -> tuple[int, str]:
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=5) as r:
-                return r.status, r.read().decode()
-        except urllib.error.HTTPError as e:
-            body = e.read().decode()
-            e.close()
-            return e.code, body
+            return http_get(self.http_port, path)
         except OSError:
             return 0, ""
 
@@ -156,26 +131,16 @@ class AdapterProcess:
     def metric(self, name: str, **labels: str) -> float:
         return parse_metric(self.get("/metrics")[1], name, **labels)
 
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
-        assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:  # type: ignore[override]
+        return super().stop(timeout, sig)
 
     def log(self) -> str:
-        self._log.flush()
-        return Path(self._log.name).read_text(errors="replace")
+        return self.log_text()
 
     def close(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.stop(signal.SIGKILL)
-        self._log.close()
-        Path(self._log.name).unlink(missing_ok=True)
+        if self.alive():
+            self.kill()
+        self.remove_log()
 
 
 # ------------------------------------------------------------------------ BigQuery emulator
@@ -259,15 +224,14 @@ class BigQueryEmulator:
         self.project = project
         self.rest_port = free_port()
         self.grpc_port = free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.process: Process | None = None
 
     @property
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.rest_port}"
 
     def start(self) -> BigQueryEmulator:
-        env = dict(os.environ, HOME=str(self.home))
-        self.proc = subprocess.Popen(
+        self.process = Process(
             [
                 str(self.exe),
                 "start",
@@ -280,22 +244,16 @@ class BigQueryEmulator:
                 "--log-level",
                 "error",
             ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            env=env,
+            name="bqemulator",
+            env={"HOME": str(self.home)},
+        ).start()
+        datasets = f"/bigquery/v2/projects/{self.project}/datasets"
+        self.process.wait_until(
+            lambda: http_status(self.rest_port, datasets) == 200,
+            what="serving its REST API",
+            timeout=60,
+            interval=0.1,
         )
-
-        def up() -> bool:
-            if self.proc is not None and self.proc.poll() is not None:
-                raise RuntimeError(f"bqemulator exited with {self.proc.returncode}")
-            try:
-                url = f"{self.endpoint}/bigquery/v2/projects/{self.project}/datasets"
-                with urllib.request.urlopen(url, timeout=1) as r:
-                    return r.status == 200
-            except OSError:
-                return False
-
-        wait_until(up, 60, 0.1)
         return self
 
     def client(self, endpoint: str | None = None) -> Any:
@@ -304,13 +262,8 @@ class BigQueryEmulator:
         return make_client(self.project, endpoint or self.endpoint)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.process is not None:
+            self.process.close()
 
 
 class FaultProxy:

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
 from pathlib import Path
 
 import duckdb
 import pytest
+from mcloudtt_chaos.procs import run_concurrently
 from prometheus_client.parser import text_string_to_metric_families
 
 from .helpers import adapter_command, wait_until
@@ -45,28 +45,14 @@ def _environ(extra: dict[str, str]) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def bad_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[int | None, str]]:
     """Every BAD run at once, through the real console script."""
-    procs = {}
+    commands = {}
     for name, (args, env, toml, _) in BAD.items():
         if toml is not None:
             cfg = tmp_path_factory.mktemp(name) / "adapter.toml"
             cfg.write_text(toml)
             args = [*args, "--config", str(cfg)]
-        procs[name] = subprocess.Popen(
-            [*adapter_command(), "run", *args],
-            env=_environ(env),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-    results = {}
-    for name, proc in procs.items():
-        try:
-            _, err = proc.communicate(timeout=60)
-        except subprocess.TimeoutExpired:  # it started instead of refusing
-            proc.kill()
-            _, err = proc.communicate()
-        results[name] = (proc.returncode, err)
-    return results
+        commands[name] = ([*adapter_command(), "run", *args], _environ(env))
+    return run_concurrently(commands)
 
 
 @pytest.mark.parametrize("name", list(BAD))

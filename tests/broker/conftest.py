@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -10,7 +9,6 @@ import pytest
 from brokerproc import TARGET, BrokerProcess
 
 from .clients import PahoClient
-from .mqttraw import RawClient
 
 
 def _start(*args: str, env: dict[str, str] | None = None) -> BrokerProcess:
@@ -90,27 +88,6 @@ def shared_broker(
 def mq(shared_broker: Callable[..., BrokerProcess]) -> BrokerProcess:
     """The session's shared broker with default options (use `uid` to keep tests apart)."""
     return shared_broker()
-
-
-@pytest.fixture
-def uid(request: pytest.FixtureRequest) -> str:
-    """A short id unique to this test, for client ids and topic roots."""
-    return "t" + hashlib.sha1(request.node.nodeid.encode()).hexdigest()[:10]
-
-
-@pytest.fixture
-def raw() -> Iterator[Callable[..., RawClient]]:
-    """`raw(port, version=5, ...)`: a raw-socket MQTT connection closed at teardown."""
-    made: list[RawClient] = []
-
-    def make(port: int, **kw: Any) -> RawClient:
-        c = RawClient(port, **kw)
-        made.append(c)
-        return c
-
-    yield make
-    for c in made:
-        c.close()
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from brokerproc import TARGET, broker_command, free_port, wait_for_port
+from mcloudtt_chaos.procs import Process, run_concurrently
 from prometheus_client.parser import text_string_to_metric_families
 
 from .clients import mcloudtt_only
@@ -30,27 +30,11 @@ MOSQUITTO = TARGET == "mosquitto"
 
 
 @contextmanager
-def started(
-    *args: str, env: dict[str, str] | None = None, port: int
-) -> Iterator[subprocess.Popen[bytes]]:
+def started(*args: str, env: dict[str, str] | None = None, port: int) -> Iterator[Process]:
     """Run the broker with exactly these arguments until the block ends."""
-    full_env = {**os.environ, **(env or {})}
-    proc = subprocess.Popen(
-        [*broker_command(), *args],
-        env=full_env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_for_port(port, proc=proc)
+    with Process([*broker_command(), *args], name="broker", env=env) as proc:
+        proc.wait_port(port, timeout=10)
         yield proc
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def connack_props(port: int) -> Packet:
@@ -82,28 +66,14 @@ def bad_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[int, s
     """Every BAD command line, run at once (each start costs a second of imports)."""
     if MOSQUITTO:
         pytest.skip("mcloudtt-specific contract")
-    procs = {}
+    commands = {}
     for name, (args, env, toml, _) in BAD.items():
         if toml is not None:
             cfg = tmp_path_factory.mktemp(name) / "broker.toml"
             cfg.write_text(toml)
             args = [*args, "--config", str(cfg)]
-        procs[name] = subprocess.Popen(
-            [*broker_command(), *args],
-            env={**os.environ, **env},
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-    results = {}
-    for name, proc in procs.items():
-        try:
-            _, err = proc.communicate(timeout=60)
-        except subprocess.TimeoutExpired:  # it started instead of refusing
-            proc.kill()
-            _, err = proc.communicate()
-        results[name] = (proc.returncode, err)
-    return results
+        commands[name] = ([*broker_command(), *args], {**os.environ, **env})
+    return run_concurrently(commands)
 
 
 @pytest.mark.parametrize("name", list(BAD))

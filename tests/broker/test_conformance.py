@@ -45,16 +45,9 @@ from .mqttraw import (
 from .mqttraw import (
     connect as connect_packet,
 )
+from .takeovers import TAKEOVER_FIELDS, TAKEOVERS, TAKEOVERS_31, session_kw
 
 MOSQUITTO = TARGET == "mosquitto"
-
-
-def session_kw(version: int, clean: bool, expiry: int) -> dict[str, object]:
-    """CONNECT arguments: CleanSession for 3.x, Clean Start and Session Expiry for 5.0."""
-    kw: dict[str, object] = {"clean": clean}
-    if version == 5 and expiry:
-        kw["props"] = [(SESSION_EXPIRY, expiry)]
-    return kw
 
 
 def alive(c) -> None:  # type: ignore[no-untyped-def]
@@ -64,23 +57,8 @@ def alive(c) -> None:  # type: ignore[no-untyped-def]
 
 # -- session state after a takeover ------------------------------------------------------------
 
-# (version, old clean, old expiry, new clean, new expiry, session present for the new connection)
-TAKEOVERS = [
-    pytest.param(4, True, 0, False, 0, False, id="311-clean1-to-clean0"),
-    pytest.param(4, False, 0, False, 0, True, id="311-clean0-to-clean0"),
-    pytest.param(4, False, 0, True, 0, False, id="311-clean0-to-clean1"),
-    pytest.param(5, True, 0, False, 60, False, id="5-cleanstart1-expiry0-to-expiry60"),
-    pytest.param(5, False, 0, False, 60, False, id="5-expiry0-to-expiry60"),
-    pytest.param(5, False, 60, False, 60, True, id="5-expiry60-to-expiry60"),
-    pytest.param(5, False, 60, True, 60, False, id="5-expiry60-to-cleanstart1"),
-    pytest.param(3, True, 0, False, 0, None, id="31-clean1-to-clean0"),
-    pytest.param(3, False, 0, False, 0, None, id="31-clean0-to-clean0"),
-]
 
-
-@pytest.mark.parametrize(
-    ("version", "old_clean", "old_exp", "new_clean", "new_exp", "present"), TAKEOVERS
-)
+@pytest.mark.parametrize(TAKEOVER_FIELDS, TAKEOVERS + TAKEOVERS_31)
 def test_takeover_keeps_only_a_session_meant_to_last(
     mq, raw, uid, version, old_clean, old_exp, new_clean, new_exp, present
 ):

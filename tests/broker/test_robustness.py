@@ -13,6 +13,7 @@ import time
 
 import pytest
 from brokerproc import TARGET
+from mcloudtt_chaos.procs import scrape
 
 from .clients import mcloudtt_only
 from .mqttraw import (
@@ -281,12 +282,7 @@ def test_many_concurrent_connections(mq, uid):
 
 def _dropped_total(broker) -> float:  # type: ignore[no-untyped-def]
     """mcloudtt_messages_dropped_total summed over its reasons (queue_full, slow_consumer...)."""
-    _, text = broker.http_get("/metrics")
-    return sum(
-        float(line.rpartition(" ")[2])
-        for line in text.splitlines()
-        if line.startswith("mcloudtt_messages_dropped_total{")
-    )
+    return scrape(broker.http_port).total("mcloudtt_messages_dropped_total")
 
 
 def _rss_mib(pid: int) -> float:

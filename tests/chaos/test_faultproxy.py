@@ -8,7 +8,6 @@ import json
 import os
 import socket
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -18,6 +17,7 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 from mcloudtt_chaos.faultproxy import CHUNK, FaultProxy, Toxics, send_reset
+from mcloudtt_chaos.procs import Process
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -396,22 +396,10 @@ def test_the_control_socket_changes_toxics_at_run_time() -> None:
 
 
 def test_the_proxy_runs_as_its_own_process(redis_server: RedisProcess) -> None:
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mcloudtt_chaos.faultproxy",
-            "--upstream",
-            f"127.0.0.1:{redis_server.port}",
-            "--control",
-            "0",
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        ports = json.loads(proc.stdout.readline())
+    command = [sys.executable, "-m", "mcloudtt_chaos.faultproxy"]
+    args = ["--upstream", f"127.0.0.1:{redis_server.port}", "--control", "0"]
+    with Process([*command, *args], name="faultproxy") as proc:
+        ports = json.loads(proc.wait_log(r"\{.*\}", timeout=20).group(0))
         client = redis.Redis(
             port=ports["listen"], socket_timeout=0.5, retry=SyncRetry(NoBackoff(), 0)
         )
@@ -428,8 +416,3 @@ def test_the_proxy_runs_as_its_own_process(redis_server: RedisProcess) -> None:
             assert json.loads(lines.readline())["blackhole"] is False
         assert client.ping() is True
         client.close()
-    finally:
-        proc.terminate()
-        proc.wait(5)
-        if proc.stdout is not None:
-            proc.stdout.close()

@@ -3,31 +3,12 @@
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import duckdb
-from brokerproc import free_port
-
-
-def free_block(count: int) -> int:
-    """The first of `count` consecutive ports that are free right now."""
-    for _ in range(200):
-        first = free_port()
-        if first + count < 65_000 and all(_free(first + i) for i in range(count)):
-            return first
-    raise RuntimeError("no block of free ports")
-
-
-def _free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-        return True
+from mcloudtt_chaos.procs import free_block
 
 
 def test_up_runs_the_whole_system_and_writes_a_report(tmp_path: Path) -> None:

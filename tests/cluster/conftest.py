@@ -1,11 +1,11 @@
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator
 
 import pytest
 from broker.clients import PahoClient
 from brokerproc import BrokerProcess
+from mcloudtt_chaos.procs import scrape, wait_for
 from redisproc import RedisProcess
 
 CLUSTER_ARGS = ("--presence-ttl", "2", "--sys-interval", "0", "--redis-backoff-max", "0.5")
@@ -14,12 +14,11 @@ CLUSTER_ARGS = ("--presence-ttl", "2", "--sys-interval", "0", "--redis-backoff-m
 def wait_until(
     condition: Callable[[], bool], timeout: float = 5.0, what: str = "condition"
 ) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
+    """`wait_for`, failing as an assertion (some tests expect a condition never to hold)."""
+    try:
+        wait_for(condition, timeout=timeout, what=what)
+    except TimeoutError as error:
+        raise AssertionError(str(error)) from None
 
 
 def start_broker(redis_url: str, broker_id: str, *extra: str) -> BrokerProcess:
@@ -63,13 +62,10 @@ def cluster_factory(redis_server: RedisProcess) -> Iterator[Callable[..., list[B
     yield start
     for b in started:
         try:
-            _, text = b.http_get("/metrics")
             interesting = [
-                line
-                for line in text.splitlines()
-                if not line.startswith("#")
-                and not line.endswith((" 0", " 0.0"))
-                and "_total" in line
+                f"{name}{dict(labels) or ''} {value:g}"
+                for (name, labels), value in scrape(b.http_port).items()
+                if name.endswith("_total") and value
             ]
         except OSError as error:
             interesting = [f"/metrics unreachable: {error}"]

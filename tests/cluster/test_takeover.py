@@ -4,12 +4,13 @@ to last, the will rules hold, and MQTT 3.1 clients cross the cluster like any ot
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from broker.clients import PahoClient
-from broker.mqttraw import SESSION_EXPIRY, WILL_DELAY, RawClient, Will
+from broker.mqttraw import WILL_DELAY, Will
+from broker.takeovers import TAKEOVER_FIELDS, TAKEOVERS, session_kw
 from brokerproc import BrokerProcess
 from redisproc import RedisProcess
 
@@ -30,48 +31,7 @@ def pair() -> Iterator[tuple[BrokerProcess, BrokerProcess]]:
         server.close()
 
 
-@pytest.fixture
-def raw() -> Iterator[Callable[..., RawClient]]:
-    made: list[RawClient] = []
-
-    def make(port: int, **kw: Any) -> RawClient:
-        c = RawClient(port, **kw)
-        made.append(c)
-        return c
-
-    yield make
-    for c in made:
-        c.close()
-
-
-@pytest.fixture
-def uid(request: pytest.FixtureRequest) -> str:
-    import hashlib
-
-    return "k" + hashlib.sha1(request.node.nodeid.encode()).hexdigest()[:10]
-
-
-def session_kw(version: int, clean: bool, expiry: int) -> dict[str, object]:
-    kw: dict[str, object] = {"clean": clean}
-    if version == 5 and expiry:
-        kw["props"] = [(SESSION_EXPIRY, expiry)]
-    return kw
-
-
-TAKEOVERS = [
-    pytest.param(4, True, 0, False, 0, False, id="311-clean1-to-clean0"),
-    pytest.param(4, False, 0, False, 0, True, id="311-clean0-to-clean0"),
-    pytest.param(4, False, 0, True, 0, False, id="311-clean0-to-clean1"),
-    pytest.param(5, True, 0, False, 60, False, id="5-cleanstart1-expiry0-to-expiry60"),
-    pytest.param(5, False, 0, False, 60, False, id="5-expiry0-to-expiry60"),
-    pytest.param(5, False, 60, False, 60, True, id="5-expiry60-to-expiry60"),
-    pytest.param(5, False, 60, True, 60, False, id="5-expiry60-to-cleanstart1"),
-]
-
-
-@pytest.mark.parametrize(
-    ("version", "old_clean", "old_exp", "new_clean", "new_exp", "present"), TAKEOVERS
-)
+@pytest.mark.parametrize(TAKEOVER_FIELDS, TAKEOVERS)
 def test_takeover_across_brokers_hands_on_only_a_lasting_session(
     pair, raw, uid, version, old_clean, old_exp, new_clean, new_exp, present
 ):

@@ -5,39 +5,20 @@ from __future__ import annotations
 
 import pytest
 from broker.mqttraw import DISCONNECT, SESSION_EXPIRY, WILL_DELAY, Will
+from broker.takeovers import TAKEOVER_FIELDS, TAKEOVERS, session_kw
 
 from .harness import Cluster
 
-# (version, old clean, old expiry, new clean, new expiry, session present for the new connection)
-TAKEOVERS = [
-    pytest.param(4, True, 0, False, 0, False, id="311-clean1-to-clean0"),
-    pytest.param(4, False, 0, False, 0, True, id="311-clean0-to-clean0"),
-    pytest.param(4, False, 0, True, 0, False, id="311-clean0-to-clean1"),
-    pytest.param(5, True, 0, False, 60, False, id="5-cleanstart1-expiry0-to-expiry60"),
-    pytest.param(5, False, 0, False, 60, False, id="5-expiry0-to-expiry60"),
-    pytest.param(5, False, 60, False, 60, True, id="5-expiry60-to-expiry60"),
-    pytest.param(5, False, 60, True, 60, False, id="5-expiry60-to-cleanstart1"),
-]
-
-
-def _kw(version: int, clean: bool, expiry: int) -> dict[str, object]:
-    kw: dict[str, object] = {"clean": clean}
-    if version == 5 and expiry:
-        kw["props"] = [(SESSION_EXPIRY, expiry)]
-    return kw
-
 
 @pytest.mark.parametrize("where", ["one-core", "across-cores"])
-@pytest.mark.parametrize(
-    ("version", "old_clean", "old_exp", "new_clean", "new_exp", "present"), TAKEOVERS
-)
+@pytest.mark.parametrize(TAKEOVER_FIELDS, TAKEOVERS)
 def test_takeover_session_state(where, version, old_clean, old_exp, new_clean, new_exp, present):
     cluster = Cluster(("a", "b"))
     old = cluster.client("a", version=version)
-    old.connect("dev", **_kw(version, old_clean, old_exp))
+    old.connect("dev", **session_kw(version, old_clean, old_exp))
     old.subscribe(("dev/s", 1))
     new = cluster.client("a" if where == "one-core" else "b", version=version)
-    ack = new.connect("dev", **_kw(version, new_clean, new_exp))
+    ack = new.connect("dev", **session_kw(version, new_clean, new_exp))
     assert (ack.code, ack.session_present) == (0, present)
     assert not old.open
     if version == 5:

@@ -21,6 +21,12 @@ ROOT = Path(__file__).resolve().parents[2]
 KIND = ROOT / "kind"
 TERRAFORM = ROOT / "terraform"
 OVERLAYS = {"base": "kind/base", "kind": "kind/overlays/kind", "gke": "kind/overlays/gke"}
+# Opt-in components, rendered on top of each overlay (a small kustomization written into the
+# copied tree, as a user's own overlay would be): name -> (overlay, component).
+WITH_COMPONENTS = {
+    "kind-locust": ("kind/overlays/kind", "kind/components/locust"),
+    "gke-locust": ("kind/overlays/gke", "kind/components/locust"),
+}
 GKE_EXAMPLE = KIND / "overlays" / "gke" / "gke.env.example"
 K8S_VERSION = "1.33"
 
@@ -78,8 +84,17 @@ class Tools:
             shutil.rmtree(tree)
         shutil.copytree(KIND, tree / "kind", ignore=shutil.ignore_patterns("gke.env"))
         shutil.copy(GKE_EXAMPLE, tree / "kind" / "overlays" / "gke" / "gke.env")
+        targets = dict(OVERLAYS)
+        for name, (overlay, component) in WITH_COMPONENTS.items():
+            rel = f"kind/with/{name}"
+            (tree / rel).mkdir(parents=True)
+            (tree / rel / "kustomization.yaml").write_text(
+                "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
+                f"resources:\n  - ../../../{overlay}\ncomponents:\n  - ../../../{component}\n"
+            )
+            targets[name] = rel
         out = {}
-        for name, rel in OVERLAYS.items():
+        for name, rel in targets.items():
             proc = subprocess.run(
                 [str(self.kubectl), "kustomize", str(tree / rel)],
                 capture_output=True,

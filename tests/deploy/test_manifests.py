@@ -28,7 +28,7 @@ Docs = dict[str, list[dict[str, Any]]]
 DEPLOYED = ("kind", "gke")
 
 
-@pytest.mark.parametrize("overlay", ["base", "kind", "gke"])
+@pytest.mark.parametrize("overlay", ["base", "kind", "gke", "kind-locust", "gke-locust"])
 def test_overlay_validates_strictly(tools: Tools, rendered: dict[str, Path], overlay: str) -> None:
     proc = subprocess.run(
         [

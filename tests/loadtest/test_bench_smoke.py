@@ -4,18 +4,24 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from mcloudtt_chaos.procs import NotInstalled, mosquitto_binary
 from mcloudtt_loadtest import report
 from mcloudtt_loadtest.bench import build_parser, settings_from
 
-MOSQUITTO = shutil.which("mosquitto") or (
-    "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None
-)
+
+def _mosquitto() -> str | None:
+    try:
+        return mosquitto_binary()
+    except NotInstalled:
+        return None
+
+
+MOSQUITTO = _mosquitto()
 
 
 @pytest.mark.skipif(MOSQUITTO is None, reason="needs Mosquitto (apt-get install -y mosquitto)")

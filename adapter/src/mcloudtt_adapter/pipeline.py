@@ -224,8 +224,7 @@ class Pipeline:
                     self.failed = FatalSinkError(str(error))
                     return False
                 log.warning("sink %s cannot start yet: %s", self.sink.name, error)
-            delay = backoff.delay()
-            backoff.attempt += 1
+            delay = backoff.next()
             if self._closing or await self._sleep_unless_abandoned(delay):
                 return False
 
@@ -279,8 +278,7 @@ class Pipeline:
             if self.abandon.is_set():
                 return  # not acknowledged: the source redelivers to the next adapter
             self.metrics.inc("mcloudtt_adapter_retries_total", sink=sink_name)
-            delay = backoff.delay()
-            backoff.attempt += 1
+            delay = backoff.next()
             if await self._sleep_unless_abandoned(delay):
                 return
         elapsed = time.monotonic() - started

@@ -19,7 +19,8 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 
-from .local import LocalCluster, executable, free_port, scrape, workdir
+from .local import LocalCluster, workdir
+from .procs import Metrics, console_script, free_port, scrape
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -51,8 +52,11 @@ def _rate(now: dict[str, float], before: dict[str, float], key: str, seconds: fl
     return max(0.0, (now.get(key, 0.0) - before.get(key, 0.0)) / seconds) if seconds > 0 else 0.0
 
 
-def _sum(values: dict[str, float], prefix: str) -> float:
-    return sum(v for k, v in values.items() if k.startswith(prefix))
+def _scrape(port: int) -> Metrics | None:
+    try:
+        return scrape(port, timeout=1.0)
+    except OSError:
+        return None  # down, or not serving yet
 
 
 def view(
@@ -77,27 +81,34 @@ def view(
     for service in cluster.services:
         if not service.name.startswith("broker-") or service.http_port is None:
             continue
-        now = scrape(service.http_port)
-        now["in"] = _sum(now, "mcloudtt_messages_received_total")
-        now["out"] = _sum(now, "mcloudtt_messages_sent_total")
+        metrics = _scrape(service.http_port)
+        if metrics is None:
+            brokers.add_row(service.name, f"127.0.0.1:{service.port}", "down")
+            continue
+        now = {
+            "in": metrics.total("mcloudtt_messages_received_total"),
+            "out": metrics.total("mcloudtt_messages_sent_total"),
+        }
         before = previous.get(service.name, now)
         previous[service.name] = now
-        link = now.get("mcloudtt_cluster_link_up")
+        link = metrics.get(("mcloudtt_cluster_link_up", ()))
         brokers.add_row(
             service.name,
             f"127.0.0.1:{service.port}",
-            f"{now.get('mcloudtt_connections', 0):,.0f}" if now else "down",
+            f"{metrics.value('mcloudtt_connections'):,.0f}",
             f"{_rate(now, before, 'in', interval):,.0f}",
             f"{_rate(now, before, 'out', interval):,.0f}",
             "up" if link == 1 else "down" if link == 0 else "?",
-            f"{now.get('mcloudtt_cluster_peers', 0):.0f}",
-            f"{now.get('mcloudtt_retained_messages', 0):,.0f}",
+            f"{metrics.value('mcloudtt_cluster_peers'):.0f}",
+            f"{metrics.value('mcloudtt_retained_messages'):,.0f}",
         )
     parts: list[Table] = [brokers]
     if adapter_http is not None:
-        now = scrape(adapter_http)
-        for name in ("rows_out_total", "pending", "lag_seconds", "sink_errors_total"):
-            now[name] = _sum(now, f"mcloudtt_adapter_{name}")
+        metrics = _scrape(adapter_http) or Metrics()
+        now = {
+            name: metrics.total(f"mcloudtt_adapter_{name}")
+            for name in ("rows_out_total", "pending", "lag_seconds", "sink_errors_total")
+        }
         before = previous.get("adapter", now)
         previous["adapter"] = now
         adapter = Table(title="adapter → DuckDB")
@@ -143,7 +154,7 @@ def up(args: argparse.Namespace) -> int:
             cluster.start(
                 "adapter",
                 [
-                    executable("mcloudtt-adapter"),
+                    *console_script("mcloudtt-adapter"),
                     "run",
                     "--redis",
                     cluster.redis_url,
@@ -161,7 +172,7 @@ def up(args: argparse.Namespace) -> int:
         if args.devices > 0:
             seconds = args.seconds if args.seconds > 0 else 365 * 24 * 3600.0
             command = [
-                executable("mcloudtt-sim"),
+                *console_script("mcloudtt-sim"),
                 "run",
                 "--scenario",
                 args.scenario,
@@ -212,7 +223,7 @@ def up(args: argparse.Namespace) -> int:
         args.report.parent.mkdir(parents=True, exist_ok=True)
         result = subprocess.run(
             [
-                executable("mcloudtt-adapter"),
+                *console_script("mcloudtt-adapter"),
                 "report",
                 "--duckdb",
                 str(args.duckdb),

@@ -25,8 +25,6 @@ import asyncio
 import json
 import os
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,6 +34,7 @@ from typing import Any
 from mcloudtt_adapter.app import Adapter, AdapterConfig, tune_runtime
 from mcloudtt_adapter.records import Batch
 from mcloudtt_adapter.sinks.base import WriteResult
+from mcloudtt_chaos.procs import Process, console_script, free_port
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -60,25 +59,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--out", default=None, help="directory for the DuckDB file and results.json")
     p.add_argument("--keep", action="store_true", help="keep the DuckDB file")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"broker exited with {proc.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.02)
-    raise TimeoutError(f"broker not listening on {port}")
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -117,12 +97,12 @@ class _Bench:
         self.db = self.tmp / "bench.duckdb"
         for suffix in ("", ".wal"):
             Path(str(self.db) + suffix).unlink(missing_ok=True)
-        self.port = _free_port()
+        self.port = free_port()
         cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set()
         self.pin = args.pin == "on" or (args.pin == "auto" and len(cpus) >= 2)
         self.adapter_cpus = {min(cpus)} if self.pin else None
         self.other_cpus = (cpus - {min(cpus)}) if self.pin else None
-        self.broker: subprocess.Popen[bytes] | None = None
+        self.broker: Process | None = None
         self.results: dict[str, Any] = {"pinned": self.pin}
 
     def _preexec(self) -> Any:
@@ -132,14 +112,13 @@ class _Bench:
         return lambda: os.sched_setaffinity(0, other)
 
     def start_broker(self) -> None:
-        exe = shutil.which("mcloudtt-broker", path=str(Path(sys.executable).parent))
-        cmd = [exe] if exe else [sys.executable, "-m", "mcloudtt_broker"]
         total = (
             self.args.messages
             + self.args.live_messages
             + int(self.args.latency_rate * self.args.latency_seconds)
         )
-        cmd += [
+        cmd = [
+            *console_script("mcloudtt-broker", "mcloudtt_broker"),
             "--bind",
             f"127.0.0.1:{self.port}",
             "--max-inflight",
@@ -151,10 +130,8 @@ class _Bench:
             "--log-level",
             "warning",
         ]
-        self.broker = subprocess.Popen(
-            cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=self._preexec()
-        )
-        _wait_port(self.port, self.broker)
+        self.broker = Process(cmd, name="broker", port=self.port, cpus=self.other_cpus or None)
+        self.broker.start().wait_port(timeout=15)
 
     def config(self) -> AdapterConfig:
         a = self.args
@@ -294,13 +271,8 @@ class _Bench:
         return self.results
 
     def close(self) -> None:
-        if self.broker is not None and self.broker.poll() is None:
-            self.broker.terminate()
-            try:
-                self.broker.wait(10)
-            except subprocess.TimeoutExpired:
-                self.broker.kill()
-                self.broker.wait()
+        if self.broker is not None:
+            self.broker.close()
         if not self.args.keep and not self.args.out:
             shutil.rmtree(self.tmp, ignore_errors=True)
 

@@ -14,15 +14,21 @@ import json
 import os
 import shlex
 import shutil
-import signal
 import socket
 import subprocess
 import sys
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Protocol
+from typing import Protocol
 
+from mcloudtt_chaos.procs import (
+    HOST,
+    NotInstalled,
+    Process,
+    console_script,
+    free_port,
+    mosquitto_binary,
+    mosquitto_config,
+)
 from mcloudtt_mqttclient import (
     CONNACK,
     DISCONNECT_BYTES,
@@ -36,17 +42,10 @@ from mcloudtt_mqttclient import (
 
 AMQTT_VERSION = "0.12.1"
 BROKER_NAMES = ("mcloudtt", "mosquitto", "amqtt")
-HOST = "127.0.0.1"
 
 
 class BrokerUnavailable(RuntimeError):
     """The broker cannot be started on this machine (not installed, install failed)."""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
 
 
 def default_cache_dir() -> Path:
@@ -54,36 +53,18 @@ def default_cache_dir() -> Path:
     return Path(base) / "mcloudtt-loadtest"
 
 
-@dataclass
-class RunningBroker:
-    name: str
-    port: int
-    proc: subprocess.Popen[bytes]
-    log_path: Path
-    _log: IO[bytes] = field(repr=False)
+class RunningBroker(Process):
+    """A broker under test, serving MQTT on `port`, its output in `log_path`."""
 
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def log_tail(self, lines: int = 20) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
-
-    def stop(self, timeout: float = 10.0) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
+    def __init__(self, launcher: Launcher, port: int, workdir: Path) -> None:
+        super().__init__(
+            launcher.command(port, workdir),
+            name=launcher.name,
+            log_path=workdir / f"{launcher.name}-{port}.log",
+            cwd=workdir,
+            port=port,
+        )
+        self.port: int = port
 
 
 class Launcher(Protocol):
@@ -104,8 +85,7 @@ class McloudttLauncher:
         self.extra_args = shlex.split(extra_args)
 
     def _base(self) -> list[str]:
-        exe = shutil.which("mcloudtt-broker", path=str(Path(sys.executable).parent))
-        return [exe] if exe else [sys.executable, "-m", "mcloudtt_broker"]
+        return console_script("mcloudtt-broker", "mcloudtt_broker")
 
     def prepare(self) -> None:
         try:
@@ -128,13 +108,15 @@ class MosquittoLauncher:
     name = "mosquitto"
 
     def __init__(self, binary: str | None = None) -> None:
-        self.binary = binary or shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        self.binary = binary or ""
 
     def prepare(self) -> None:
+        try:
+            self.binary = self.binary or mosquitto_binary()
+        except NotInstalled as error:
+            raise BrokerUnavailable(str(error)) from None
         if not Path(self.binary).exists():
-            raise BrokerUnavailable(
-                f"{self.binary} not found (Debian: apt-get install -y mosquitto)"
-            )
+            raise BrokerUnavailable(f"{self.binary} not found")
 
     def version(self) -> str:
         out = subprocess.run(
@@ -145,12 +127,7 @@ class MosquittoLauncher:
 
     def command(self, port: int, workdir: Path) -> list[str]:
         conf = workdir / f"mosquitto-{port}.conf"
-        conf.write_text(
-            f"listener {port} {HOST}\n"
-            "allow_anonymous true\n"
-            "persistence false\n"
-            "max_queued_messages 0\n"
-        )
+        conf.write_text(mosquitto_config(port))
         return [self.binary, "-c", str(conf)]
 
 
@@ -268,23 +245,15 @@ def _mqtt_probe(port: int, timeout: float) -> bool:
 
 def start_broker(launcher: Launcher, workdir: Path, *, timeout: float = 30.0) -> RunningBroker:
     """A fresh broker process on a free port, returned once it answers MQTT."""
-    port = free_port()
-    cmd = launcher.command(port, workdir)
-    log_path = workdir / f"{launcher.name}-{port}.log"
-    log = log_path.open("wb")
-    proc = subprocess.Popen(
-        cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=workdir
-    )
-    broker = RunningBroker(launcher.name, port, proc, log_path, log)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            broker.stop()
-            raise RuntimeError(
-                f"{launcher.name} exited with {proc.returncode} at start:\n{broker.log_tail()}"
-            )
-        if _mqtt_probe(port, timeout=2.0):
-            return broker
-        time.sleep(0.05)
-    broker.stop()
-    raise TimeoutError(f"{launcher.name} did not answer MQTT on port {port} within {timeout}s")
+    broker = RunningBroker(launcher, free_port(), workdir).start()
+    try:
+        broker.wait_until(
+            lambda: _mqtt_probe(broker.port, timeout=2.0),
+            what=f"answering MQTT on port {broker.port}",
+            timeout=timeout,
+            interval=0.05,
+        )
+    except BaseException:
+        broker.stop()
+        raise
+    return broker

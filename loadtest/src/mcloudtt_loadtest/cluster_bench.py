@@ -20,19 +20,20 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
-import shutil
-import signal
-import socket
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from mcloudtt_chaos.procs import (
+    NotInstalled,
+    Process,
+    RedisServer,
+    console_script,
+    free_port,
+    scrape,
+)
 from rich.console import Console
 from rich.table import Table
 
@@ -41,144 +42,68 @@ from .procstat import UsageMeter, cpu_seconds
 from .scenarios import _percentile
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.returncode}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-            return
-        time.sleep(0.02)
-    raise TimeoutError(f"nothing on port {port}")
-
-
-def _ready(http_port: int, timeout: float = 20.0) -> None:
-    import urllib.request
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with (
-            contextlib.suppress(OSError),
-            urllib.request.urlopen(f"http://127.0.0.1:{http_port}/readyz", timeout=1) as r,
-        ):
-            if r.status == 200:
-                return
-        time.sleep(0.05)
-    raise TimeoutError("broker not ready")
-
-
 def _metric(http_port: int, name: str) -> float:
-    import urllib.request
-
-    with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=2) as r:
-        for line in r.read().decode().splitlines():
-            if line.startswith(name + " "):
-                return float(line.split()[1])
-    return 0.0
+    return scrape(http_port).value(name)
 
 
 def _metric_total(http_port: int, name: str) -> float:
-    """The sum of a metric over all its labels (`name{...} value` lines)."""
-    import urllib.request
-
-    with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=2) as r:
-        return sum(
-            float(line.rsplit(" ", 1)[1])
-            for line in r.read().decode().splitlines()
-            if line.startswith((name + " ", name + "{"))
-        )
+    """The sum of a metric over all its labels."""
+    return scrape(http_port).total(name)
 
 
-class Proc:
-    def __init__(self, cmd: list[str], port: int, http_port: int | None = None) -> None:
-        self.port = port
-        self.http_port = http_port
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        _wait_port(port, self.proc)
+class Proc(Process):
+    """A process of the benchmark, started and listening on `port`."""
 
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
+    def __init__(self, cmd: list[str], port: int, http_port: int) -> None:
+        super().__init__(cmd, port=port, http_port=http_port)
+        self.port: int = port
+        self.http_port: int = http_port
+        self.start()
+        try:
+            self.wait_port(timeout=20)
+        except BaseException:
+            self.close()
+            raise
 
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
-def _broker_exe() -> str:
-    found = shutil.which("mcloudtt-broker", path=str(Path(sys.executable).parent))
-    if not found:
-        raise SystemExit(
-            "mcloudtt-broker is not installed in this environment (uv sync --all-packages)"
-        )
-    return found
-
-
-def _redis_exe() -> str:
-    found = shutil.which("redis-server") or (
-        "/usr/bin/redis-server" if os.path.exists("/usr/bin/redis-server") else None
-    )
-    if not found:
-        raise SystemExit("redis-server is needed (apt-get install redis-server)")
-    return found
+    def ready(self) -> None:
+        self.wait_http(path="/readyz", timeout=20)
 
 
 def _start_broker(*extra: str) -> Proc:
     """A broker on free ports, without $SYS traffic or chatter, plus `extra` options."""
-    port, http = _free_port(), _free_port()
-    command = [_broker_exe(), "--bind", f"127.0.0.1:{port}", "--http", f"127.0.0.1:{http}"]
+    port, http = free_port(), free_port()
+    try:
+        broker = console_script("mcloudtt-broker")
+    except NotInstalled as error:
+        raise SystemExit(str(error)) from None
+    command = [*broker, "--bind", f"127.0.0.1:{port}", "--http", f"127.0.0.1:{http}"]
     return Proc([*command, *extra, "--sys-interval", "0", "--log-level", "warning"], port, http)
 
 
 @contextlib.contextmanager
 def single_broker() -> Iterator[list[Proc]]:
     broker = _start_broker()
-    http = broker.http_port or 0
     try:
-        _ready(http)
+        broker.ready()
         yield [broker]
     finally:
-        broker.stop()
+        broker.close()
 
 
 @contextlib.contextmanager
 def cluster(mode: str, size: int = 3) -> Iterator[list[Proc]]:
-    redis_port = _free_port()
-    folder = tempfile.mkdtemp(prefix="mcloudtt-bench-redis-")
-    redis = Proc(
-        [
-            _redis_exe(),
-            "--port",
-            str(redis_port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            folder,
-        ],
-        redis_port,
-    )
+    try:
+        redis = RedisServer()
+    except NotInstalled as error:
+        raise SystemExit(str(error)) from None
+    redis.start(timeout=20)
     brokers: list[Proc] = []
     try:
         for index in range(size):
             brokers.append(
                 _start_broker(
                     "--redis",
-                    f"redis://127.0.0.1:{redis_port}/0",
+                    redis.url,
                     "--id",
                     f"bench-{index}",
                     "--cluster-mode",
@@ -186,18 +111,17 @@ def cluster(mode: str, size: int = 3) -> Iterator[list[Proc]]:
                 )
             )
         for broker in brokers:
-            _ready(broker.http_port or 0)
+            broker.ready()
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and any(
-            _metric(b.http_port or 0, "mcloudtt_cluster_peers") < size - 1 for b in brokers
+            _metric(b.http_port, "mcloudtt_cluster_peers") < size - 1 for b in brokers
         ):
             time.sleep(0.05)
         yield brokers
     finally:
         for broker in brokers:
-            broker.stop()
-        redis.stop()
-        shutil.rmtree(folder, ignore_errors=True)
+            broker.close()
+        redis.close()
 
 
 async def fanin(
@@ -321,8 +245,8 @@ def one_run(warmup: float, duration: float, console: Console) -> dict[str, float
             out[f"cross_qos{qos}_generator_cpu"] = r["generator_cpu"]
             # Anything the cluster path dropped (buffer or unconfirmed overflow) on the way.
             out[f"cross_qos{qos}_dropped"] = _metric_total(
-                a.http_port or 0, "mcloudtt_cluster_dropped_total"
-            ) + _metric_total(b.http_port or 0, "mcloudtt_cluster_dropped_total")
+                a.http_port, "mcloudtt_cluster_dropped_total"
+            ) + _metric_total(b.http_port, "mcloudtt_cluster_dropped_total")
         console.log(f"A -> B QoS {qos}: {out[f'cross_qos{qos}_msg_s']:,.0f} msg/s")
         # The single figure before and after the cross one: this machine's speed drifts.
         after = single(qos)

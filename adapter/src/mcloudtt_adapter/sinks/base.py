@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import random
 import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
+
+from mcloudtt_broker.backoff import Backoff as CappedBackoff
 
 from ..records import Batch
 
@@ -44,27 +45,18 @@ class Sink(Protocol):
     def close(self) -> None: ...
 
 
-class Backoff:
-    """Capped exponential backoff with full jitter; `wait()` returns False once told to stop."""
+class Backoff(CappedBackoff):
+    """The shared backoff (half jitter: at least half the ceiling) with a blocking wait for
+    sink threads; `wait()` returns False once told to stop."""
 
     def __init__(
         self, *, base: float = 0.2, cap: float = 30.0, stop: threading.Event | None = None
     ) -> None:
-        self.base = base
-        self.cap = cap
-        self.attempt = 0
+        super().__init__(base=base, cap=cap, jitter=0.5)
         self.stop = stop or threading.Event()
 
-    def delay(self) -> float:
-        return random.uniform(self.base / 2, min(self.cap, self.base * 2**self.attempt))
-
     def wait(self) -> bool:
-        pause = self.delay()
-        self.attempt += 1
-        return not self.stop.wait(pause)
-
-    def reset(self) -> None:
-        self.attempt = 0
+        return not self.stop.wait(self.next())
 
 
 class MemorySink:

@@ -19,11 +19,11 @@ import asyncio
 import contextlib
 import logging
 import os
-import random
 import time
 from typing import TYPE_CHECKING, Any
 
 import orjson
+from mcloudtt_broker.backoff import Backoff
 from mcloudtt_broker.mqtt import (
     MQTT_5,
     ConnAck,
@@ -324,11 +324,11 @@ class MqttSource:
     # ------------------------------------------------------------ connection loop
 
     async def run(self) -> None:
-        attempt = 0
+        backoff = Backoff(base=0.2, cap=self.backoff_cap)
         while not self._stopping:
             try:
                 await self._session()
-                attempt = 0
+                backoff.reset()
             except (OSError, ConnectionError, TimeoutError) as error:
                 log.warning("mqtt %s:%d: %s", self.host, self.port, error)
             except MQTTError as error:
@@ -336,10 +336,8 @@ class MqttSource:
             self._connected = False
             if self._stopping:
                 break
-            attempt += 1
-            delay = random.uniform(0, min(self.backoff_cap, 0.1 * 2**attempt))
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._closing.wait(), delay)
+                await asyncio.wait_for(self._closing.wait(), backoff.next())
 
     async def _session(self) -> None:
         loop = asyncio.get_running_loop()

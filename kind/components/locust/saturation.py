@@ -1,0 +1,211 @@
+"""Saturation search: a locust load shape that adds users step by step until the broker no longer
+keeps up, then reports the highest rate that held.
+
+    locust -f loadtest/locustfile.py,loadtest/saturation.py --headless --scenario fan-in \
+        --host mqtt://127.0.0.1:1883 --sat-step-users 200 --sat-step-time 20 --sat-p99-ms 50
+
+Its own file because locust uses any shape class it finds in a locustfile: the plain locustfile
+keeps -u/-r/-t. Each step runs --sat-step-time seconds with --sat-step-users more users (spawned
+at --sat-spawn-rate); at the end of a step the step's own messages are judged (the RECV entries'
+counts and latency histogram, differenced against the previous step): the step holds when
+nothing was lost, no request failed and the p99 end-to-end latency is within --sat-p99-ms. The
+first step that does not hold ends the test; the result is the last step that held, its users,
+received and published msg/s. It is printed and written to --sat-out (JSON). In distributed
+runs the master judges on the statistics the workers report every few seconds: keep the steps
+well over that (20 s or more).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import Counter
+from typing import Any
+
+from locust import LoadTestShape, events
+
+log = logging.getLogger("mqtt-saturation")
+
+
+@events.init_command_line_parser.add_listener
+def _add_options(parser: Any) -> None:
+    group = parser.add_argument_group("Saturation search (loadtest/saturation.py)")
+    group.add_argument(
+        "--sat-start-users",
+        env_var="LOCUST_SAT_START_USERS",
+        type=int,
+        default=0,
+        help="users of the first step (default: one step)",
+    )
+    group.add_argument(
+        "--sat-step-users",
+        env_var="LOCUST_SAT_STEP_USERS",
+        type=int,
+        default=100,
+        help="users added per step",
+    )
+    group.add_argument(
+        "--sat-step-time",
+        env_var="LOCUST_SAT_STEP_TIME",
+        type=float,
+        default=20.0,
+        help="seconds per step",
+    )
+    group.add_argument(
+        "--sat-spawn-rate",
+        env_var="LOCUST_SAT_SPAWN_RATE",
+        type=float,
+        default=100.0,
+        help="users started per second",
+    )
+    group.add_argument(
+        "--sat-max-users",
+        env_var="LOCUST_SAT_MAX_USERS",
+        type=int,
+        default=100_000,
+        help="stop here if it still holds",
+    )
+    group.add_argument(
+        "--sat-p99-ms",
+        env_var="LOCUST_SAT_P99_MS",
+        type=float,
+        default=100.0,
+        help="p99 end-to-end latency bound",
+    )
+    group.add_argument(
+        "--sat-out",
+        env_var="LOCUST_SAT_OUT",
+        default="reports/saturation.json",
+        help="the result as JSON",
+    )
+
+
+def snapshot(stats: Any) -> dict[str, Any]:
+    """What the step judgement needs from locust's statistics, summed over the RECV entries."""
+    recv: Counter[int] = Counter()
+    received = lost = published = 0
+    for (name, method), entry in stats.entries.items():
+        if method == "RECV" and name != "duplicate":
+            recv.update(entry.response_times)
+            received += entry.num_requests - entry.num_failures
+            lost += entry.num_failures
+        elif method == "PUBLISH":
+            published += entry.num_requests - entry.num_failures
+    return {
+        "hist": recv,
+        "received": received,
+        "lost": lost,
+        "published": published,
+        "failures": stats.total.num_failures,
+    }
+
+
+def percentile(hist: Counter[int], q: float) -> float:
+    """The q-quantile of a locust response-time histogram (rounded ms -> count)."""
+    total = sum(v for v in hist.values() if v > 0)
+    if not total:
+        return 0.0
+    rank = q * total
+    seen = 0
+    for ms in sorted(hist):
+        seen += max(hist[ms], 0)
+        if seen >= rank:
+            return float(ms)
+    return float(max(hist))
+
+
+def judge(
+    before: dict[str, Any], after: dict[str, Any], seconds: float, bound_ms: float
+) -> dict[str, Any]:
+    """One step's figures and whether it held."""
+    hist = after["hist"].copy()
+    hist.subtract(before["hist"])
+    step = {
+        "received_per_s": (after["received"] - before["received"]) / seconds,
+        "published_per_s": (after["published"] - before["published"]) / seconds,
+        "lost": after["lost"] - before["lost"],
+        "failures": after["failures"] - before["failures"],
+        "p99_ms": percentile(hist, 0.99),
+        "p50_ms": percentile(hist, 0.50),
+    }
+    reasons = []
+    if step["lost"]:
+        reasons.append(f"{step['lost']} lost")
+    if step["failures"]:
+        reasons.append(f"{step['failures']} failed requests")
+    if step["p99_ms"] > bound_ms:
+        reasons.append(f"p99 {step['p99_ms']:.0f} ms > {bound_ms:g} ms")
+    if not step["received_per_s"]:
+        reasons.append("nothing received")
+    step["held"] = not reasons
+    step["why_not"] = ", ".join(reasons)
+    return step
+
+
+class SaturationShape(LoadTestShape):
+    """Steps of users until a step loses messages or its p99 exceeds the bound."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._step = -1
+        self._before: dict[str, Any] | None = None
+        self.steps: list[dict[str, Any]] = []
+        self.result: dict[str, Any] | None = None
+
+    def _opts(self) -> Any:
+        return self.runner.environment.parsed_options
+
+    def users_at(self, step: int) -> int:
+        opts = self._opts()
+        first = opts.sat_start_users or opts.sat_step_users
+        return min(first + step * opts.sat_step_users, opts.sat_max_users)
+
+    def tick(self) -> tuple[int, float] | None:
+        opts = self._opts()
+        step = int(self.get_run_time() // opts.sat_step_time)
+        if step != self._step:
+            now = snapshot(self.runner.stats)
+            if self._step >= 0 and self._before is not None:
+                figures = judge(self._before, now, opts.sat_step_time, opts.sat_p99_ms)
+                figures["users"] = self.users_at(self._step)
+                self.steps.append(figures)
+                log.info("saturation step %d: %s", self._step, figures)
+                at_max = self.users_at(self._step) >= opts.sat_max_users
+                if not figures["held"] or at_max:
+                    self.finish(figures if not figures["held"] else None)
+                    return None
+            self._step, self._before = step, now
+        return self.users_at(step), opts.sat_spawn_rate
+
+    def finish(self, broke: dict[str, Any] | None) -> None:
+        held = [s for s in self.steps if s["held"]]
+        best = max(held, key=lambda s: s["received_per_s"]) if held else None
+        opts = self._opts()
+        self.result = {
+            "scenario": getattr(opts, "scenario", "") or "fan-in",
+            "bound_p99_ms": opts.sat_p99_ms,
+            "step_time_s": opts.sat_step_time,
+            "highest_held": best,
+            "first_failed": broke,
+            "steps": self.steps,
+        }
+        if best is None:
+            line = f"SATURATION: no step held ({broke['why_not'] if broke else 'no steps'})"
+        else:
+            line = (
+                f"SATURATION: highest sustained rate {best['received_per_s']:.0f} msg/s received"
+                f" ({best['published_per_s']:.0f} msg/s published) with {best['users']} users,"
+                f" p99 {best['p99_ms']:.0f} ms"
+            )
+            line += (
+                f"; next step: {broke['why_not']}"
+                if broke
+                else "; still holding at --sat-max-users"
+            )
+        print(line, flush=True)
+        log.info(line)
+        if opts.sat_out:
+            os.makedirs(os.path.dirname(opts.sat_out) or ".", exist_ok=True)
+            with open(opts.sat_out, "w") as handle:
+                json.dump(self.result, handle, indent=2, default=float)
