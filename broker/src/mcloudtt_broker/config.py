@@ -611,6 +611,14 @@ BROKER = Scheme(
             metavar="SECONDS",
         ),
         _cluster(
+            "cluster-key-file",
+            text,
+            "shared key: every batch and control message on Redis carries an HMAC-SHA256 "
+            "under it, the rest is counted and dropped; two lines during a rotation (sign with "
+            "the first, accept either)",
+            metavar="FILE",
+        ),
+        _cluster(
             "ready-without-redis",
             boolean,
             "report ready while serving locally without Redis",
