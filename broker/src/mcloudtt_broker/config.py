@@ -442,7 +442,7 @@ BROKER = Scheme(
         _broker(
             "tls-key",
             text,
-            "PEM private key for --tls-bind (when not in the certificate file)",
+            "PEM private key for --tls-bind and --wss-bind (when not in the certificate file)",
             setting=(ServerOptions, "tls_key"),
             metavar="FILE",
         ),
