@@ -177,3 +177,13 @@ def test_an_unusable_key_file_is_refused_at_start(tmp_path):
     assert result.returncode == 2
     assert "shorter than 16 bytes" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_broker_kill_with_a_cluster_key_loses_no_acknowledged_message(cluster_factory, tmp_path):
+    """The replay of a dead broker's inbox (tagged batches and end markers) works under a key."""
+    from .test_noloss import QUEUE, check, run_kill
+
+    brokers = cluster_factory(3, *QUEUE, "--cluster-key-file", key_file(tmp_path, "k", b"z" * 32))
+    pub, sub = run_kill(brokers, 5, 1, "after-expiry")
+    check(pub, sub, 1)
+    assert all(b.metric(BAD) == 0 for b in brokers if b.alive())
