@@ -170,6 +170,15 @@ ADAPTER = Scheme(
         ),
         _option(
             REDIS,
+            "cluster-key-file",
+            text,
+            "the brokers' --cluster-key-file: only tap entries and sync envelopes with a valid "
+            "HMAC-SHA256 tag are taken (the rest counted as bad messages and dropped)",
+            setting=_config("cluster_key_file"),
+            metavar="FILE",
+        ),
+        _option(
+            REDIS,
             "redis-group",
             text,
             "consumer group",

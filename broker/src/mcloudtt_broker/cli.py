@@ -8,6 +8,7 @@ import logging
 import sys
 from typing import NoReturn
 
+from .cluster.keys import KeyFileError, read_key_file
 from .cluster.redis_url import RedisUrlError, check_redis_url
 from .cluster.settings import ClusterSettings, DuplicateBrokerId
 from .config import BROKER, ConfigError, environment
@@ -39,7 +40,9 @@ def main(argv: list[str] | None = None) -> None:
         values = BROKER.resolve(args, env, BROKER.config_path(args, env))
         if values["redis"] is not None:
             check_redis_url(values["redis"])  # the TLS files are read now, not at each retry
-    except (ConfigError, RedisUrlError) as error:
+        key_file = values["cluster-key-file"]
+        keys = read_key_file(key_file) if key_file else ()
+    except (ConfigError, RedisUrlError, KeyFileError) as error:
         print(f"mcloudtt-broker: error: {error}", file=sys.stderr)
         sys.exit(2)
     logging.basicConfig(
@@ -55,7 +58,9 @@ def main(argv: list[str] | None = None) -> None:
         sys_root=f"$SYS/brokers/{broker_id}" if clustered else "$SYS/broker",
     )
     cluster = (
-        BROKER.settings(ClusterSettings, values, url=values["redis"], broker_id=broker_id)
+        BROKER.settings(
+            ClusterSettings, values, url=values["redis"], broker_id=broker_id, keys=keys
+        )
         if clustered
         else None
     )

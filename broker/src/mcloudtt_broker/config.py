@@ -381,8 +381,10 @@ def _check_broker(values: dict[str, Any]) -> None:
         values["id"] = socket.gethostname()
     if values["tls-bind"] and not values["tls-cert"]:
         raise ConfigError("--tls-bind needs --tls-cert (and --tls-key unless the key is in it)")
-    if not (values["bind"] or values["tls-bind"] or values["ws-bind"]):
-        raise ConfigError("no listener: give --bind, --tls-bind or --ws-bind")
+    if values["wss-bind"] and not values["tls-cert"]:
+        raise ConfigError("--wss-bind needs --tls-cert (and --tls-key unless the key is in it)")
+    if not (values["bind"] or values["tls-bind"] or values["ws-bind"] or values["wss-bind"]):
+        raise ConfigError("no listener: give --bind, --tls-bind, --ws-bind or --wss-bind")
 
 
 def _broker(name: str, convert: Callable[[Any], Any], help: str, **kwargs: Any) -> Option:
@@ -422,18 +424,42 @@ BROKER = Scheme(
             repeatable=True,
         ),
         _broker(
+            "wss-bind",
+            parse_addresses,
+            "MQTT over secure WebSocket listener (repeatable; sub-protocol mqtt), with "
+            "--tls-cert and --tls-key",
+            setting=(ServerOptions, "wss_binds"),
+            metavar="HOST:PORT",
+            repeatable=True,
+        ),
+        _broker(
             "tls-cert",
             text,
-            "PEM certificate chain for --tls-bind",
+            "PEM certificate chain for --tls-bind and --wss-bind (read again on SIGHUP)",
             setting=(ServerOptions, "tls_cert"),
             metavar="FILE",
         ),
         _broker(
             "tls-key",
             text,
-            "PEM private key for --tls-bind (when not in the certificate file)",
+            "PEM private key for --tls-bind and --wss-bind (when not in the certificate file)",
             setting=(ServerOptions, "tls_key"),
             metavar="FILE",
+        ),
+        _broker(
+            "tls-min-version",
+            choice("1.2", "1.3"),
+            "oldest TLS version accepted on --tls-bind and --wss-bind",
+            setting=(ServerOptions, "tls_min_version"),
+            metavar="VERSION",
+        ),
+        _broker(
+            "tls-ciphers",
+            text,
+            "OpenSSL cipher list for TLS 1.2 (e.g. ECDHE+AESGCM); TLS 1.3 suites stay OpenSSL's",
+            setting=(ServerOptions, "tls_ciphers"),
+            metavar="STRING",
+            shown="OpenSSL's defaults",
         ),
         _broker(
             "http",
@@ -609,6 +635,14 @@ BROKER = Scheme(
             "longest wait between reconnect attempts (exponential, with jitter)",
             setting=(ClusterSettings, "backoff_max"),
             metavar="SECONDS",
+        ),
+        _cluster(
+            "cluster-key-file",
+            text,
+            "shared key: every batch and control message on Redis carries an HMAC-SHA256 "
+            "under it, the rest is counted and dropped; two lines during a rotation (sign with "
+            "the first, accept either)",
+            metavar="FILE",
         ),
         _cluster(
             "ready-without-redis",

@@ -102,8 +102,11 @@ class ServerOptions:
     binds: list[tuple[str, int]] = field(default_factory=lambda: [("127.0.0.1", 1883)])
     tls_binds: list[tuple[str, int]] = field(default_factory=list)
     ws_binds: list[tuple[str, int]] = field(default_factory=list)
+    wss_binds: list[tuple[str, int]] = field(default_factory=list)
     tls_cert: str | None = None
     tls_key: str | None = None
+    tls_min_version: str = "1.2"
+    tls_ciphers: str | None = None
     http: tuple[str, int] | None = None
     drain_timeout: float = 5.0
     cluster: ClusterSettings | None = None
@@ -128,8 +131,21 @@ class BrokerServer:
         self.http: HttpServer | None = None
         self.metrics = registry_for(self.broker, self.bus)
         self.accepting = False
+        self.tls_context: ssl.SSLContext | None = None
         self._ticker: asyncio.Task[None] | None = None
         self._all_closed = asyncio.Event()
+
+    def reload_tls(self) -> None:
+        """SIGHUP: the certificate and key files again, into the listeners' context. New
+        handshakes get the new certificate; established connections keep theirs."""
+        if self.tls_context is None or self.options.tls_cert is None:
+            return
+        try:
+            self.tls_context.load_cert_chain(self.options.tls_cert, self.options.tls_key)
+        except (OSError, ssl.SSLError) as error:
+            log.error("certificate reload failed, keeping the old one: %s", error)
+            return
+        log.info("TLS certificate reloaded from %s", self.options.tls_cert)
 
     def _factory(self) -> MQTTProtocol:
         protocol = MQTTProtocol(self)
@@ -153,10 +169,8 @@ class BrokerServer:
                 )
             )
             log.info("MQTT listening on %s:%d", host, port)
-        if self.options.tls_binds:
-            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-            assert self.options.tls_cert is not None
-            context.load_cert_chain(self.options.tls_cert, self.options.tls_key)
+        if self.options.tls_binds or self.options.wss_binds:
+            context = self.tls_context = tls_server_context(self.options)
             for host, port in self.options.tls_binds:
                 self.listeners.append(
                     await self.loop.create_server(
@@ -164,6 +178,13 @@ class BrokerServer:
                     )
                 )
                 log.info("MQTT over TLS listening on %s:%d", host, port)
+            for host, port in self.options.wss_binds:
+                self.listeners.append(
+                    await self.loop.create_server(
+                        self._ws_factory, host, port, ssl=context, backlog=4096, reuse_address=True
+                    )
+                )
+                log.info("MQTT over secure WebSocket listening on %s:%d", host, port)
         for host, port in self.options.ws_binds:
             self.listeners.append(
                 await self.loop.create_server(
@@ -234,6 +255,21 @@ class BrokerServer:
                 await asyncio.wait_for(listener.wait_closed(), 1.0)
 
 
+TLS_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
+
+
+def tls_server_context(options: ServerOptions) -> ssl.SSLContext:
+    """The context of the TLS and secure WebSocket listeners (--tls-min-version, --tls-ciphers:
+    OpenSSL's cipher list for TLS 1.2; TLS 1.3's suites are OpenSSL's defaults)."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = TLS_VERSIONS[options.tls_min_version]
+    if options.tls_ciphers:
+        context.set_ciphers(options.tls_ciphers)
+    assert options.tls_cert is not None
+    context.load_cert_chain(options.tls_cert, options.tls_key)
+    return context
+
+
 async def serve(settings: BrokerSettings, options: ServerOptions) -> None:
     server = BrokerServer(settings, options)
     await server.start()
@@ -241,6 +277,7 @@ async def serve(settings: BrokerSettings, options: ServerOptions) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, server.reload_tls)
     log.info("broker %s ready", settings.broker_id)
     waits: list[asyncio.Future[object]] = [asyncio.ensure_future(stop.wait())]
     if server.bus is not None and server.bus.fatal is not None:

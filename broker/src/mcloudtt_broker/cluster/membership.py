@@ -133,7 +133,7 @@ class Membership:
         if filters:
             pipe.sadd(self.k_subs, *filters)
         pipe.sadd(self.k_brokers, self.me)
-        pipe.publish(self.k_control, f"reset\x00{self.me}\x00")
+        pipe.publish(self.k_control, self.failover.control_message(f"reset\x00{self.me}\x00"))
         await pipe.execute()
 
     async def leave(self, redis: RedisClient) -> None:
@@ -142,7 +142,7 @@ class Membership:
             pipe.delete(self.k_presence)
             pipe.delete(self.k_subs)
             pipe.srem(self.k_brokers, self.me)
-            pipe.publish(self.k_control, f"gone\x00{self.me}\x00")
+            pipe.publish(self.k_control, self.failover.control_message(f"gone\x00{self.me}\x00"))
             await pipe.execute()
 
     # ------------------------------------------------------------------ the peer table
@@ -255,6 +255,13 @@ class Membership:
                 await pubsub.aclose()
 
     async def on_control(self, redis: RedisClient, data: bytes) -> None:
+        keys = self.failover.keys
+        if keys is not None:
+            opened = keys.open_text(self.k_control.encode(), data)
+            if opened is None:
+                self.stats["bad_tag"] += 1
+                return
+            data = opened
         try:
             op, peer, argument = data.decode().split("\x00", 2)
         except (UnicodeDecodeError, ValueError):
