@@ -383,6 +383,14 @@ def _check_broker(values: dict[str, Any]) -> None:
         raise ConfigError("--tls-bind needs --tls-cert (and --tls-key unless the key is in it)")
     if not (values["bind"] or values["tls-bind"] or values["ws-bind"]):
         raise ConfigError("no listener: give --bind, --tls-bind or --ws-bind")
+    configured = {"password-file": values["password-file"]}
+    for name in values["auth-chain"]:
+        if name not in configured:
+            raise ConfigError(
+                f"--auth-chain: unknown authenticator {name!r} (known: {', '.join(configured)})"
+            )
+        if configured[name] is None:
+            raise ConfigError(f"--auth-chain names {name} but --{name} is not given")
 
 
 def _broker(name: str, convert: Callable[[Any], Any], help: str, **kwargs: Any) -> Option:
@@ -530,6 +538,48 @@ BROKER = Scheme(
             "period of $SYS/broker/... updates (0: off)",
             setting=(BrokerSettings, "sys_interval"),
             metavar="SECONDS",
+        ),
+        _broker(
+            "password-file",
+            text,
+            "users and salted scrypt hashes, one `USER:HASH` a line (`mcloudtt-broker passwd "
+            "FILE USER`); read again on SIGHUP",
+            setting=(ServerOptions, "password_file"),
+            metavar="FILE",
+        ),
+        _broker(
+            "allow-anonymous",
+            boolean,
+            "let clients without a username in",
+            setting=(ServerOptions, "allow_anonymous"),
+            metavar="BOOL",
+            shown="true while no authenticator is configured",
+        ),
+        _broker(
+            "auth-chain",
+            names,
+            "authenticators in the order they are asked (repeatable or comma-separated; "
+            "known: password-file); the first that knows the user decides",
+            setting=(ServerOptions, "auth_chain"),
+            metavar="NAMES",
+            repeatable=True,
+            shown="every configured one",
+        ),
+        _broker(
+            "acl-file",
+            text,
+            "topic rights in Mosquitto's ACL syntax (`user`, `topic`, `pattern` with %u, %c), "
+            "checked on publish, subscribe and delivery; read again on SIGHUP",
+            setting=(ServerOptions, "acl_file"),
+            metavar="FILE",
+        ),
+        _broker(
+            "acl-deny-action",
+            choice("ignore", "disconnect"),
+            "on a denied publish or subscription: ignore (dropped or refused with its reason "
+            "code) or also disconnect the client",
+            setting=(BrokerSettings, "acl_deny_action"),
+            metavar="ACTION",
         ),
         _broker(
             "log-level",

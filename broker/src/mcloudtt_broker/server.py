@@ -15,6 +15,7 @@ import ssl
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from .auth.rules import build_authorizer, build_chain
 from .cluster.settings import ClusterSettings
 from .core.broker import Broker, BrokerSettings
 from .core.connection import ServerConnection
@@ -24,6 +25,7 @@ from .websocket import WebSocketProtocol
 
 if TYPE_CHECKING:
     from .cluster.redis_bus import RedisBus
+    from .core.auth import AuthChain
 
 log = logging.getLogger("mcloudtt.broker")
 
@@ -108,6 +110,10 @@ class ServerOptions:
     drain_timeout: float = 5.0
     cluster: ClusterSettings | None = None
     ready_without_redis: bool = False
+    password_file: str | None = None
+    acl_file: str | None = None
+    allow_anonymous: bool | None = None  # None: only while no authenticator is configured
+    auth_chain: tuple[str, ...] = ()  # empty: every configured authenticator, default order
 
 
 class BrokerServer:
@@ -120,7 +126,13 @@ class BrokerServer:
             from .cluster.redis_bus import RedisBus
 
             self.bus = RedisBus(options.cluster)
-        self.broker = Broker(settings, clock=self.loop.time, bus=self.bus)
+        self.broker = Broker(
+            settings,
+            clock=self.loop.time,
+            bus=self.bus,
+            auth=self._chain(),
+            authorizer=build_authorizer(options.acl_file),
+        )
         if self.bus is not None:
             self.bus.attach(self.broker)
         self.protocols: set[MQTTProtocol] = set()
@@ -130,6 +142,20 @@ class BrokerServer:
         self.accepting = False
         self._ticker: asyncio.Task[None] | None = None
         self._all_closed = asyncio.Event()
+
+    def _chain(self) -> AuthChain:
+        options = self.options
+        return build_chain(options.auth_chain, options.password_file, options.allow_anonymous)
+
+    def reload(self) -> None:
+        """SIGHUP: read the password and ACL files again; on a mistake keep the old rules."""
+        try:
+            chain, authorizer = self._chain(), build_authorizer(self.options.acl_file)
+        except (OSError, ValueError) as error:
+            log.error("reload failed, the old rules stay: %s", error)
+            return
+        self.broker.set_rules(chain, authorizer)
+        log.info("reloaded the password and ACL files")
 
     def _factory(self) -> MQTTProtocol:
         protocol = MQTTProtocol(self)
@@ -241,6 +267,7 @@ async def serve(settings: BrokerSettings, options: ServerOptions) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, server.reload)
     log.info("broker %s ready", settings.broker_id)
     waits: list[asyncio.Future[object]] = [asyncio.ensure_future(stop.wait())]
     if server.bus is not None and server.bus.fatal is not None:

@@ -16,6 +16,7 @@ from .. import __version__
 from ..mqtt.properties import Properties
 from ..mqtt.reason_codes import ReasonCode
 from ..mqtt.topics import split_shared
+from .auth import READ, AuthChain, Authorizer
 from .connection import CONNECTED, CONNECTING, Link, ServerConnection
 from .message import Message
 from .ports import ClusterBus, LocalBus
@@ -48,6 +49,9 @@ class BrokerSettings:
     # Single node: $SYS/broker/...; a cluster uses $SYS/brokers/{id}/... so brokers do not
     # overwrite each other's retained statistics.
     sys_root: str = "$SYS/broker"
+    # What a publish or subscription the ACL denies does besides its answer: "ignore" (3.1.1:
+    # dropped / SUBACK 0x80; 5.0: reason 0x87) or "disconnect" (EMQX's deny_action).
+    acl_deny_action: str = "ignore"
 
 
 class RemoteBroker:
@@ -66,11 +70,8 @@ class RemoteBroker:
 
 _NO_TARGETS: tuple[str, ...] = ()
 
-Authenticator = Callable[[str, "str | None", "bytes | None"], bool]
-
-
-def allow_all(client_id: str, username: str | None, password: bytes | None) -> bool:
-    return True
+# Decisions kept per session before its cache starts afresh (a client walking many topics).
+ACL_CACHE_SIZE = 4096
 
 
 class Broker:
@@ -81,13 +82,16 @@ class Broker:
         clock: Callable[[], float] = time.monotonic,
         bus: ClusterBus | None = None,
         retained: RetainedStore | None = None,
-        authenticate: Authenticator = allow_all,
+        auth: AuthChain | None = None,
+        authorizer: Authorizer | None = None,
     ) -> None:
         self.settings = settings or BrokerSettings()
         self.clock = clock
         self.bus: ClusterBus = bus or LocalBus()
         self.retained: RetainedStore = retained if retained is not None else MemoryRetainedStore()
-        self.authenticate = authenticate
+        self.auth = auth if auth is not None else AuthChain()
+        # None: no ACL, nothing is asked on publish, subscribe or delivery (the hot path).
+        self.authorizer = authorizer
         self.stats = Stats(clock())
         self.sessions: dict[str, Session] = {}
         self.connections: set[ServerConnection] = set()
@@ -373,10 +377,34 @@ class Broker:
             if message.expired(now):
                 self.retained.delete(message.topic)  # MQTT-3.3.2-5
                 continue
+            if self.authorizer is not None and not self.may(session, READ, message.topic):
+                continue
             # MQTT-3.3.1-8/9: retained messages for a new subscription carry RETAIN=1.
             session.deliver(message, min(message.qos, sub.qos), True, identifiers)
 
     # ------------------------------------------------------------ publish and routing
+
+    def may(self, session: Session, action: str, topic: str) -> bool:
+        """The authorizer's answer for this session, cached per (action, topic); counted."""
+        key = (action, topic)
+        cache = session.acl_cache
+        allowed = cache.get(key)
+        if allowed is None:
+            assert self.authorizer is not None
+            allowed = self.authorizer.allowed(session.client_id, session.username, action, topic)
+            if len(cache) >= ACL_CACHE_SIZE:
+                cache.clear()
+            cache[key] = allowed
+        self.stats.acl[action, "allow" if allowed else "deny"] += 1
+        return allowed
+
+    def set_rules(self, auth: AuthChain | None, authorizer: Authorizer | None) -> None:
+        """New authentication chain and ACL (SIGHUP): every cached decision is dropped."""
+        if auth is not None:
+            self.auth = auth
+        self.authorizer = authorizer
+        for session in self.sessions.values():
+            session.acl_cache.clear()
 
     def authorize_publish(self, client_id: str, topic: str) -> bool:
         # $SYS belongs to the broker; clients may read it, not write it.
@@ -464,7 +492,10 @@ class Broker:
         origin = message.origin
         msg_qos = message.qos
         msg_retain = message.retain
+        acl = self.authorizer
         for session, subs in per_session:
+            if acl is not None and not self.may(session, READ, message.topic):
+                continue
             if len(subs) == 1:
                 sub = subs[0]
                 if sub.no_local and session.client_id == origin:
@@ -484,6 +515,8 @@ class Broker:
             session.deliver(message, qos, retain, identifiers)
 
     def _deliver_one(self, message: Message, member: Subscription[Session]) -> None:
+        if self.authorizer is not None and not self.may(member.session, READ, message.topic):
+            return
         qos = member.qos if member.qos < message.qos else message.qos
         retain = message.retain and member.retain_as_published
         member.session.deliver(

@@ -20,6 +20,7 @@ code). Everything written to a 5.0 client respects its Maximum Packet Size (MQTT
 from __future__ import annotations
 
 import dataclasses
+import logging
 import uuid
 from typing import TYPE_CHECKING, NoReturn, Protocol
 
@@ -54,6 +55,7 @@ from ..mqtt.primitives import encode_varint, varint_size
 from ..mqtt.properties import EMPTY_PROPERTIES, Properties
 from ..mqtt.reason_codes import ReasonCode, connack_code_311
 from ..mqtt.topics import is_valid_topic_filter, split_shared
+from .auth import BAD_METHOD, SUBSCRIBE, WRITE, Credentials
 from .message import Message
 from .session import AWAITING_COMP, NEVER_EXPIRES, Session, SessionSnapshot
 from .trie import Subscription
@@ -66,6 +68,8 @@ if TYPE_CHECKING:
 CONNECTING, CONNECTED, CLOSED, LOCATING = 0, 1, 3, 2
 
 _PINGRESP = b"\xd0\x00"
+
+log = logging.getLogger("mcloudtt.auth")
 
 
 class Link(Protocol):
@@ -95,6 +99,7 @@ class ServerConnection:
         "send_quota",
         "session",
         "state",
+        "username",
         "version",
         "will",
         "will_delay",
@@ -109,6 +114,7 @@ class ServerConnection:
         self.state = CONNECTING
         self.version = MQTT_311
         self.client_id = ""
+        self.username: str | None = None
         self.session: Session | None = None
         self.created_at = now
         self.last_received = now
@@ -325,6 +331,7 @@ class ServerConnection:
         v5 = version == MQTT_5
         if props.authentication_method is not None:
             # Enhanced authentication (MQTT 5.0 section 4.12) is not offered.
+            broker.stats.auth[BAD_METHOD.label] += 1
             self._refuse(ReasonCode.BAD_AUTHENTICATION_METHOD)
             return
         if version == MQTT_31 and not broker.settings.mqtt31:
@@ -342,9 +349,26 @@ class ServerConnection:
                 self._refuse(ReasonCode.CLIENT_IDENTIFIER_NOT_VALID)  # MQTT-3.1.3-8
                 return
             client_id = assigned = f"auto-{uuid.uuid4().hex}"  # MQTT-3.1.3-6
-        if not broker.authenticate(client_id, packet.username, packet.password):
-            self._refuse(ReasonCode.BAD_USER_NAME_OR_PASSWORD)
+        decision = broker.auth.decide(
+            Credentials(
+                client_id,
+                packet.username,
+                packet.password,
+                getattr(self.link, "cert_names", ()),
+            )
+        )
+        broker.stats.auth[decision.label] += 1
+        if not decision.allowed:
+            # Who and why, never the password.
+            log.info(
+                "CONNECT refused: client %r, user %r: %s",
+                client_id,
+                packet.username,
+                decision.label,
+            )
+            self._refuse(decision.reason)
             return
+        self.username = decision.username or packet.username
         will = packet.will
         will_message = None
         if will is not None:
@@ -405,6 +429,9 @@ class ServerConnection:
         session, present = broker.attach_session(self, client_id, packet.clean_start, now, snapshot)
         session.version = version
         session.expiry_interval = expiry
+        if session.username != self.username:
+            session.username = self.username
+            session.acl_cache.clear()
         self.session = session
         self.state = CONNECTED
         self.will = will_message
@@ -518,6 +545,11 @@ class ServerConnection:
                 )  # MQTT-3.3.4-9
         broker.stats.messages_received[qos] += 1
         allowed = topic[0] != "$" or broker.authorize_publish(self.client_id, topic)
+        if allowed and broker.authorizer is not None and not broker.may(session, WRITE, topic):
+            allowed = False
+            if broker.settings.acl_deny_action == "disconnect":
+                self.disconnect(ReasonCode.NOT_AUTHORIZED, publish_will=True)
+                return
         if allowed:
             broker.publish(
                 Message(
@@ -631,6 +663,13 @@ class ServerConnection:
                 continue
             if not is_valid_topic_filter(inner):
                 codes.append(0x80)
+                continue
+            if broker.authorizer is not None and not broker.may(session, SUBSCRIBE, inner):
+                if broker.settings.acl_deny_action == "disconnect" or self.version == MQTT_31:
+                    # MQTT 3.1's SUBACK has no failure code: the connection closes instead.
+                    self.disconnect(ReasonCode.NOT_AUTHORIZED, publish_will=True)
+                    return
+                codes.append(ReasonCode.NOT_AUTHORIZED if v5 else 0x80)  # MQTT-3.9.3-2
                 continue
             if group is not None and request.no_local:
                 raise ProtocolError("No Local on a shared subscription")  # MQTT-3.8.3-4

@@ -45,6 +45,7 @@ Pending = tuple[Message, int, bool, tuple[int, ...]]
 
 class Session:
     __slots__ = (
+        "acl_cache",
         "awaiting_release",
         "changed",
         "client_id",
@@ -57,6 +58,7 @@ class Session:
         "queue",
         "stats",
         "subscriptions",
+        "username",
         "version",
     )
 
@@ -75,6 +77,10 @@ class Session:
         self.stats = stats
         # Told when a message is queued while the client is away (the cluster stores the session).
         self.changed: Callable[[str], None] | None = None
+        # The identity the ACL sees (set at each CONNECT) and its decisions: (action, topic) ->
+        # allowed; only used when an authorizer is configured, dropped when the rules reload.
+        self.username: str | None = None
+        self.acl_cache: dict[tuple[str, str], bool] = {}
 
     def __repr__(self) -> str:
         return f"Session({self.client_id!r}, online={self.online})"
