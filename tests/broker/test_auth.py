@@ -4,6 +4,7 @@ clients over TCP and TLS; the `passwd` console script; SIGHUP reloads."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 import subprocess
 from pathlib import Path
@@ -258,3 +259,113 @@ def test_deny_action_disconnect(broker_factory, password_file, acl_file) -> None
     assert bob.disconnected.wait(5)
     assert bob.disconnect_reason.value == 0x87
     bob.disconnect()
+
+
+# -- mutual TLS ------------------------------------------------------------------------------
+
+
+class ClientCerts:
+    """A CA, a server certificate for 127.0.0.1, and client certificates by common name."""
+
+    def __init__(self, directory: Path) -> None:
+        import trustme
+
+        directory.mkdir(parents=True, exist_ok=True)
+        self.dir = directory
+        self.ca = trustme.CA(organization_name="mcloudtt mTLS test CA")
+        self.ca_file = directory / "ca.pem"
+        self.ca.cert_pem.write_to_path(str(self.ca_file))
+        server = self.ca.issue_cert("127.0.0.1", "localhost")
+        self.server_cert, self.server_key = directory / "server.pem", directory / "server.key"
+        server.cert_chain_pems[0].write_to_path(str(self.server_cert))
+        server.private_key_pem.write_to_path(str(self.server_key))
+
+    def context(self, common_name: str | None, *, ca: object | None = None) -> ssl.SSLContext:
+        context = ssl.create_default_context(cafile=str(self.ca_file))
+        if common_name is not None:
+            issuer = ca or self.ca
+            cert = issuer.issue_cert(f"{common_name}.example", common_name=common_name)  # type: ignore[attr-defined]
+            pem = self.dir / f"{common_name}-{id(issuer)}.pem"
+            pem.write_bytes(
+                b"".join(b.bytes() for b in (cert.private_key_pem, *cert.cert_chain_pems))
+            )
+            context.load_cert_chain(str(pem))
+        return context
+
+
+def _tls_connect(port: int, context: ssl.SSLContext, version: int, **kw: object) -> int:
+    """The CONNACK code of a raw client over TLS with this context (its certificate)."""
+    sock = context.wrap_socket(
+        socket.create_connection(("127.0.0.1", port), timeout=5), server_hostname="127.0.0.1"
+    )
+    client = RawClient(port, version=version, sock=sock)
+    try:
+        return client.connect("m1", **kw).code  # type: ignore[arg-type]
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("version", [4, 5])
+def test_mtls_certificate_name_is_the_username(
+    broker_factory, password_file, acl_file, tmp_path, version
+) -> None:
+    certs = ClientCerts(tmp_path / "mtls")
+    tls_port = free_port()
+    b = broker_factory(
+        "--tls-bind", f"127.0.0.1:{tls_port}", "--tls-cert", str(certs.server_cert),
+        "--tls-key", str(certs.server_key), "--tls-ca", str(certs.ca_file),
+        "--password-file", str(password_file), "--acl-file", str(acl_file),
+    )  # fmt: skip
+    wait_for_port(tls_port)
+    not_authorized = 0x87 if version == 5 else 5
+    # A certificate named alice: alice, without a password (and her ACL rights apply).
+    assert _tls_connect(tls_port, certs.context("alice"), version) == 0
+    # Naming itself as in the certificate is fine; another name falls to the password file.
+    assert _tls_connect(tls_port, certs.context("alice"), version, username="alice") == 0
+    assert (
+        _tls_connect(tls_port, certs.context("alice"), version, username="bob", password=b"x") != 0
+    )
+    assert (
+        _tls_connect(tls_port, certs.context("alice"), version, username="bob", password=b"hunter2")
+        == 0
+    )
+    # Without a certificate (optional here): anonymous is off, the password file still works.
+    assert _tls_connect(tls_port, certs.context(None), version) == not_authorized
+    assert (
+        _tls_connect(tls_port, certs.context(None), version, username="bob", password=b"hunter2")
+        == 0
+    )
+    assert b.metric("mcloudtt_auth_total", result="success") == 4
+
+    # aiomqtt with the certificate: subscribes under alice's ACL rights.
+    async def as_alice() -> list[int]:
+        async with aiomqtt.Client(
+            "127.0.0.1", tls_port, tls_context=certs.context("alice"), identifier="am"
+        ) as c:
+            await c.subscribe("alice/#", qos=1)
+            await c.publish("alice/x", b"hi", qos=1)
+            async with asyncio.timeout(5):
+                async for m in c.messages:
+                    return [len(m.payload)]
+        return []
+
+    assert asyncio.run(as_alice()) == [2]
+
+
+def test_mtls_required_refuses_clients_without_a_valid_certificate(
+    broker_factory, tmp_path
+) -> None:
+    import trustme
+
+    certs = ClientCerts(tmp_path / "mtls")
+    tls_port = free_port()
+    broker_factory(
+        "--tls-bind", f"127.0.0.1:{tls_port}", "--tls-cert", str(certs.server_cert),
+        "--tls-key", str(certs.server_key), "--tls-ca", str(certs.ca_file),
+        "--tls-require-client-cert",
+    )  # fmt: skip
+    wait_for_port(tls_port)
+    assert _tls_connect(tls_port, certs.context("dev1"), 5) == 0
+    for context in (certs.context(None), certs.context("dev2", ca=trustme.CA())):
+        with pytest.raises((ssl.SSLError, ConnectionError, OSError, AssertionError)):
+            _tls_connect(tls_port, context, 5)

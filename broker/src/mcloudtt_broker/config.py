@@ -191,6 +191,7 @@ class Option:
     repeatable: bool = False
     section: str = ""
     shown: str | None = None  # the default in words, where its value says too little
+    flag: bool = False  # a BOOL that may stand alone on the command line (meaning true)
 
     def __post_init__(self) -> None:
         if self.setting is not None:
@@ -260,11 +261,13 @@ class Scheme:
                 group = groups[option.section] = (
                     parser.add_argument_group(option.section) if option.section else parser
                 )
+            extra: dict[str, Any] = {"nargs": "?", "const": "true"} if option.flag else {}
             group.add_argument(
                 f"--{option.name}",
                 dest=option.name,
                 action="append" if option.repeatable else "store",
                 default=None,
+                **extra,
                 metavar=option.metavar,
                 help=f"{option.help} [env {self.env_name(option.name)}; "
                 f"default {option.default_text().replace('`', '')}]".replace("%", "%%"),
@@ -383,14 +386,18 @@ def _check_broker(values: dict[str, Any]) -> None:
         raise ConfigError("--tls-bind needs --tls-cert (and --tls-key unless the key is in it)")
     if not (values["bind"] or values["tls-bind"] or values["ws-bind"]):
         raise ConfigError("no listener: give --bind, --tls-bind or --ws-bind")
-    configured = {"password-file": values["password-file"]}
+    if values["tls-require-client-cert"] and not values["tls-ca"]:
+        raise ConfigError("--tls-require-client-cert needs --tls-ca")
+    if values["tls-ca"] and not values["tls-bind"]:
+        raise ConfigError("--tls-ca needs a --tls-bind listener")
+    configured = {"password-file": "password-file", "tls-cert": "tls-ca"}
     for name in values["auth-chain"]:
         if name not in configured:
             raise ConfigError(
                 f"--auth-chain: unknown authenticator {name!r} (known: {', '.join(configured)})"
             )
-        if configured[name] is None:
-            raise ConfigError(f"--auth-chain names {name} but --{name} is not given")
+        if values[configured[name]] is None:
+            raise ConfigError(f"--auth-chain names {name} but --{configured[name]} is not given")
 
 
 def _broker(name: str, convert: Callable[[Any], Any], help: str, **kwargs: Any) -> Option:
@@ -442,6 +449,22 @@ BROKER = Scheme(
             "PEM private key for --tls-bind (when not in the certificate file)",
             setting=(ServerOptions, "tls_key"),
             metavar="FILE",
+        ),
+        _broker(
+            "tls-ca",
+            text,
+            "PEM CA certificates of client certificates (mutual TLS on --tls-bind): a verified "
+            "certificate's subject CN or a SAN is the username (authenticator tls-cert)",
+            setting=(ServerOptions, "tls_ca"),
+            metavar="FILE",
+        ),
+        _broker(
+            "tls-require-client-cert",
+            boolean,
+            "refuse TLS clients without a certificate signed by --tls-ca",
+            setting=(ServerOptions, "tls_require_client_cert"),
+            metavar="BOOL",
+            flag=True,
         ),
         _broker(
             "http",
@@ -559,7 +582,7 @@ BROKER = Scheme(
             "auth-chain",
             names,
             "authenticators in the order they are asked (repeatable or comma-separated; "
-            "known: password-file); the first that knows the user decides",
+            "known: tls-cert, password-file); the first that knows the user decides",
             setting=(ServerOptions, "auth_chain"),
             metavar="NAMES",
             repeatable=True,

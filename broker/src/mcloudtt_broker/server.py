@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from .auth.rules import build_authorizer, build_chain
+from .auth.tls import certificate_names
 from .cluster.settings import ClusterSettings
 from .core.broker import Broker, BrokerSettings
 from .core.connection import ServerConnection
@@ -33,7 +34,7 @@ WRITE_HIGH_WATER = 256 * 1024
 
 
 class MQTTProtocol(asyncio.Protocol):
-    __slots__ = ("conn", "flush_scheduled", "loop", "server", "transport")
+    __slots__ = ("cert_names", "conn", "flush_scheduled", "loop", "server", "transport")
 
     def __init__(self, server: BrokerServer) -> None:
         self.server = server
@@ -41,12 +42,16 @@ class MQTTProtocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.conn: ServerConnection | None = None
         self.flush_scheduled = False
+        # The verified client certificate's names (subject CN, then SANs), for `tls-cert`.
+        self.cert_names: tuple[str, ...] = ()
 
     # asyncio callbacks ------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, hence no isinstance check.
         self.transport = transport  # type: ignore[assignment]
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)  # type: ignore[attr-defined]
+        if self.server.options.tls_ca is not None:
+            self.cert_names = certificate_names(transport.get_extra_info("peercert"))
         self.conn = self.server.broker.connect(self, self.loop.time())
 
     def data_received(self, data: bytes) -> None:
@@ -111,6 +116,8 @@ class ServerOptions:
     cluster: ClusterSettings | None = None
     ready_without_redis: bool = False
     password_file: str | None = None
+    tls_ca: str | None = None  # CA of client certificates (mutual TLS)
+    tls_require_client_cert: bool = False
     acl_file: str | None = None
     allow_anonymous: bool | None = None  # None: only while no authenticator is configured
     auth_chain: tuple[str, ...] = ()  # empty: every configured authenticator, default order
@@ -145,7 +152,12 @@ class BrokerServer:
 
     def _chain(self) -> AuthChain:
         options = self.options
-        return build_chain(options.auth_chain, options.password_file, options.allow_anonymous)
+        return build_chain(
+            options.auth_chain,
+            options.password_file,
+            options.allow_anonymous,
+            tls_cert=options.tls_ca is not None,
+        )
 
     def reload(self) -> None:
         """SIGHUP: read the password and ACL files again; on a mistake keep the old rules."""
@@ -183,6 +195,12 @@ class BrokerServer:
             context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             assert self.options.tls_cert is not None
             context.load_cert_chain(self.options.tls_cert, self.options.tls_key)
+            if self.options.tls_ca is not None:
+                context.load_verify_locations(cafile=self.options.tls_ca)
+                # Optional: a client without a certificate may still log in another way.
+                context.verify_mode = (
+                    ssl.CERT_REQUIRED if self.options.tls_require_client_cert else ssl.CERT_OPTIONAL
+                )
             for host, port in self.options.tls_binds:
                 self.listeners.append(
                     await self.loop.create_server(

@@ -7,22 +7,29 @@ from collections.abc import Sequence
 from ..core.auth import AuthChain, Authenticator, Authorizer
 from .acl import AclFile
 from .passwords import PasswordFile
+from .tls import ClientCertificate
 
 # Every authenticator by its --auth-chain name, in the default order of the chain.
-AUTHENTICATORS = ("password-file",)
+AUTHENTICATORS = ("tls-cert", "password-file")
 
 
 def build_chain(
-    chain: Sequence[str], password_file: str | None, allow_anonymous: bool | None
+    chain: Sequence[str],
+    password_file: str | None,
+    allow_anonymous: bool | None,
+    *,
+    tls_cert: bool = False,
 ) -> AuthChain:
     """Raises OSError or a ValueError naming the file and line for a file that cannot be read."""
-    configured: dict[str, str | None] = {"password-file": password_file}
+    configured = {"password-file": password_file, "tls-cert": "on" if tls_cert else None}
     names = list(chain) or [name for name in AUTHENTICATORS if configured[name] is not None]
     links: list[Authenticator] = []
     for name in names:
         if name == "password-file":
             assert password_file is not None
             links.append(PasswordFile.load(password_file))
+        elif name == "tls-cert":
+            links.append(ClientCertificate())
     return AuthChain(links, allow_anonymous)
 
 
