@@ -85,7 +85,7 @@ class Named:
         self.name, self.user, self.outcome = name, user, outcome
         self.asked = 0
 
-    def authenticate(self, credentials: Credentials) -> tuple[Outcome, str | None]:
+    def authenticate(self, credentials: Credentials, answer: object) -> tuple[Outcome, str | None]:
         self.asked += 1
         if credentials.username != self.user:
             return Outcome.IGNORE, None
@@ -234,3 +234,53 @@ def test_decisions_are_cached_per_session() -> None:
     assert len(alice.take(PUBLISH)) == 5
     assert calls == [("subscribe", "alice/#"), ("write", "alice/t"), ("read", "alice/t")]
     assert core.stats.acl["read", "allow"] == 5
+
+
+class Later:
+    """An authenticator that answers when the test says so (as a lookup in Redis would)."""
+
+    name = "later"
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.cluster = cluster
+        self.waiting: list[tuple[Credentials, object]] = []
+
+    def authenticate(self, credentials: Credentials, answer: object) -> None:
+        self.waiting.append((credentials, answer))
+        return None
+
+    def answer(self, outcome: Outcome) -> None:
+        credentials, answer = self.waiting.pop(0)
+        answer((outcome, credentials.username))  # type: ignore[operator]
+        self.cluster.pump()  # the in-memory bus locates the session
+
+
+def test_a_later_answer_holds_connect_and_the_packets_behind_it() -> None:
+    cluster = Cluster(("a",))
+    core = cluster.cores["a"]
+    later = Later(cluster)
+    core.set_rules(AuthChain([later, PasswordFile(dict(USERS))]), None)
+    client = cluster.client("a")
+    client.send(raw.connect("c1", version=5, username="zoe", password=b"pw"))
+    client.send(raw.subscribe(1, [("t", 0)], version=5))  # waits in the decoder
+    assert client.take() == [] and client.open
+    assert core.sessions == {}
+    later.answer(Outcome.ALLOW)
+    [connack, suback] = client.take()
+    assert (connack.code, suback.codes) == (0, [0])
+    assert core.sessions["c1"].username == "zoe"
+    # IGNORE goes on to the next link, which refuses a wrong password.
+    other = cluster.client("a")
+    other.send(raw.connect("c2", version=5, username="alice", password=b"wrong"))
+    later.answer(Outcome.IGNORE)
+    assert other.expect(raw.CONNACK).code == 0x86
+    # Closed while waiting: the late answer does nothing.
+    gone = cluster.client("a")
+    gone.send(raw.connect("c3", version=5, username="zoe", password=b"pw"))
+    gone.drop()
+    later.answer(Outcome.ALLOW)
+    assert "c3" not in core.sessions
+    unavailable = cluster.client("a", version=4)
+    unavailable.send(raw.connect("c4", version=4, username="zoe", password=b"pw"))
+    later.answer(Outcome.UNAVAILABLE)
+    assert unavailable.expect(raw.CONNACK).code == 3  # 3.1.1: server unavailable

@@ -16,7 +16,7 @@ import hmac
 import os
 from pathlib import Path
 
-from ..core.auth import Credentials, Outcome
+from ..core.auth import Answer, Credentials, Outcome, Result
 
 LN, R, P = 14, 8, 1
 KEY_BYTES = 32
@@ -106,7 +106,7 @@ class PasswordFile:
     def load(cls, path: str | Path) -> PasswordFile:
         return cls(read_file(path))
 
-    def authenticate(self, credentials: Credentials) -> tuple[Outcome, str | None]:
+    def authenticate(self, credentials: Credentials, answer: Answer) -> Result:
         username = credentials.username
         if username is None:
             return Outcome.IGNORE, None

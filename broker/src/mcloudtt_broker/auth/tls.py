@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..core.auth import Credentials, Outcome
+from ..core.auth import Answer, Credentials, Outcome, Result
 
 
 def certificate_names(peercert: Any) -> tuple[str, ...]:
@@ -36,7 +36,7 @@ class ClientCertificate:
 
     name = "tls-cert"
 
-    def authenticate(self, credentials: Credentials) -> tuple[Outcome, str | None]:
+    def authenticate(self, credentials: Credentials, answer: Answer) -> Result:
         names = credentials.cert_names
         if not names:
             return Outcome.IGNORE, None

@@ -20,7 +20,7 @@ The decisions map to reason codes per version: 5.0 CONNACK 0x86 (bad user name o
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -32,6 +32,7 @@ class Outcome(enum.IntEnum):
     DENY = 1  # known user, wrong secret: 0x86 / 4
     FORBID = 2  # the client is known and may not connect: 0x87 / 5
     IGNORE = 3  # not this authenticator's client: ask the next one
+    UNAVAILABLE = 4  # the store cannot be asked now (Redis down): 0x88 / 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,12 +52,20 @@ class Decision:
     username: str | None = None  # the identity the ACL sees (mTLS: the certificate's name)
 
 
+Result = tuple[Outcome, "str | None"]  # the outcome, and the username when allowed
+Answer = Callable[[Result], None]
+
+
 class Authenticator(Protocol):
-    """One link of the chain (a password file, a Redis user store, JWT, a client certificate)."""
+    """One link of the chain (a password file, a Redis user store, JWT, a client certificate).
+
+    `authenticate` answers at once, or returns None and calls `answer` exactly once later (a
+    lookup in Redis): the core never waits on I/O, the CONNECT waits in a state like LOCATING.
+    """
 
     name: str
 
-    def authenticate(self, credentials: Credentials) -> tuple[Outcome, str | None]:
+    def authenticate(self, credentials: Credentials, answer: Answer) -> Result | None:
         """The outcome, and the username the client is known by from now on when allowed."""
         ...
 
@@ -78,6 +87,7 @@ _ACCEPTED = Decision(True, ReasonCode.SUCCESS, "success")
 _ANONYMOUS = Decision(True, ReasonCode.SUCCESS, "anonymous")
 _NO_ANONYMOUS = Decision(False, ReasonCode.NOT_AUTHORIZED, "not_authorized")
 _UNKNOWN_USER = Decision(False, ReasonCode.BAD_USER_NAME_OR_PASSWORD, "bad_username_or_password")
+_UNAVAILABLE = Decision(False, ReasonCode.SERVER_UNAVAILABLE, "server_unavailable")
 BAD_METHOD = Decision(False, ReasonCode.BAD_AUTHENTICATION_METHOD, "bad_authentication_method")
 AUTH_LABELS = (
     "success",
@@ -85,6 +95,7 @@ AUTH_LABELS = (
     "bad_username_or_password",
     "not_authorized",
     "bad_authentication_method",
+    "server_unavailable",
 )
 
 
@@ -105,17 +116,50 @@ class AuthChain:
         """Everyone may connect: no authenticator, anonymous allowed (today's default)."""
         return not self.authenticators and self.allow_anonymous
 
-    def decide(self, credentials: Credentials) -> Decision:
-        for authenticator in self.authenticators:
-            outcome, username = authenticator.authenticate(credentials)
-            if outcome == Outcome.ALLOW:
-                if username == credentials.username:
-                    return _ACCEPTED
-                return Decision(True, ReasonCode.SUCCESS, "success", username)
-            if outcome == Outcome.DENY:
-                return _UNKNOWN_USER
-            if outcome == Outcome.FORBID:
-                return _NO_ANONYMOUS
-        if credentials.username is None or not self.authenticators:
+    def decide(
+        self, credentials: Credentials, done: Callable[[Decision], None] | None = None
+    ) -> Decision | None:
+        """The decision now, or None when a link answers later: then `done(decision)` follows
+        exactly once (None for `done`: every link must answer at once)."""
+        return self._walk(credentials, 0, done)
+
+    def _walk(
+        self, credentials: Credentials, start: int, done: Callable[[Decision], None] | None
+    ) -> Decision | None:
+        links = self.authenticators
+        for index in range(start, len(links)):
+
+            def later(result: Result, index: int = index) -> None:
+                assert done is not None
+                decision = _conclude(result, credentials)
+                if decision is None:
+                    decision = self._walk(credentials, index + 1, done)
+                if decision is not None:
+                    done(decision)
+
+            result = links[index].authenticate(credentials, later)
+            if result is None:
+                if done is None:
+                    raise RuntimeError(f"{links[index].name} answers later; no callback given")
+                return None
+            decision = _conclude(result, credentials)
+            if decision is not None:
+                return decision
+        if credentials.username is None or not links:
             return _ANONYMOUS if self.allow_anonymous else _NO_ANONYMOUS
         return _UNKNOWN_USER
+
+
+def _conclude(result: Result, credentials: Credentials) -> Decision | None:
+    outcome, username = result
+    if outcome == Outcome.ALLOW:
+        if username == credentials.username:
+            return _ACCEPTED
+        return Decision(True, ReasonCode.SUCCESS, "success", username)
+    if outcome == Outcome.DENY:
+        return _UNKNOWN_USER
+    if outcome == Outcome.FORBID:
+        return _NO_ANONYMOUS
+    if outcome == Outcome.UNAVAILABLE:
+        return _UNAVAILABLE
+    return None

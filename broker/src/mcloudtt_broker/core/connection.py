@@ -55,7 +55,7 @@ from ..mqtt.primitives import encode_varint, varint_size
 from ..mqtt.properties import EMPTY_PROPERTIES, Properties
 from ..mqtt.reason_codes import ReasonCode, connack_code_311
 from ..mqtt.topics import is_valid_topic_filter, split_shared
-from .auth import BAD_METHOD, SUBSCRIBE, WRITE, Credentials
+from .auth import BAD_METHOD, SUBSCRIBE, WRITE, Credentials, Decision
 from .message import Message
 from .session import AWAITING_COMP, NEVER_EXPIRES, Session, SessionSnapshot
 from .trie import Subscription
@@ -349,26 +349,6 @@ class ServerConnection:
                 self._refuse(ReasonCode.CLIENT_IDENTIFIER_NOT_VALID)  # MQTT-3.1.3-8
                 return
             client_id = assigned = f"auto-{uuid.uuid4().hex}"  # MQTT-3.1.3-6
-        decision = broker.auth.decide(
-            Credentials(
-                client_id,
-                packet.username,
-                packet.password,
-                getattr(self.link, "cert_names", ()),
-            )
-        )
-        broker.stats.auth[decision.label] += 1
-        if not decision.allowed:
-            # Who and why, never the password.
-            log.info(
-                "CONNECT refused: client %r, user %r: %s",
-                client_id,
-                packet.username,
-                decision.label,
-            )
-            self._refuse(decision.reason)
-            return
-        self.username = decision.username or packet.username
         will = packet.will
         will_message = None
         if will is not None:
@@ -387,11 +367,49 @@ class ServerConnection:
                 origin=client_id,
             )
             self.will_delay = will.properties.will_delay_interval or 0
+        self.client_id = client_id
+        self.connect_args = (packet, assigned, will_message)
+        # The chain may answer later (a lookup in Redis), the cluster may have to hand the
+        # session over: meanwhile nothing else is processed (packets wait in the decoder).
+        self.state = LOCATING
+        credentials = Credentials(
+            client_id, packet.username, packet.password, getattr(self.link, "cert_names", ())
+        )
+        decision = broker.auth.decide(credentials, self._authenticated)
+        if decision is not None:
+            self._admit(decision, now)
 
+    def _authenticated(self, decision: Decision) -> None:
+        """The chain's answer, come later."""
+        if self.state != LOCATING or self.connect_args is None:
+            return  # the connection closed meanwhile
+        now = self.broker.clock()
+        self._admit(decision, now)
+        if self.state == CONNECTED:
+            self.receive_data(b"", now)  # packets that arrived while the chain was asked
+
+    def _admit(self, decision: Decision, now: float) -> None:
+        """Second step of CONNECT: the chain decided; refuse, or go on to locate the session."""
+        broker = self.broker
+        assert self.connect_args is not None
+        packet, assigned, _ = self.connect_args
+        broker.stats.auth[decision.label] += 1
+        if not decision.allowed:
+            # Who and why, never the password.
+            log.info(
+                "CONNECT refused: client %r, user %r: %s",
+                self.client_id,
+                packet.username,
+                decision.label,
+            )
+            self.connect_args = None
+            self._refuse(decision.reason)
+            return
+        self.username = decision.username or packet.username
         if self.max_packet_out:
             _, _, ack_props = self._accept_terms(packet, assigned)
             wire = bytearray()
-            encode(ConnAck(session_present=True, properties=ack_props), version, wire)
+            encode(ConnAck(session_present=True, properties=ack_props), self.version, wire)
             if len(wire) > self.max_packet_out:
                 # MQTT-3.1.2-24: not even our CONNACK fits the client's limit (nothing in it may
                 # be left out), so the connection closes without one, before any session work.
@@ -399,11 +417,8 @@ class ServerConnection:
                 self.will_on_close = False
                 self._end()
                 return
-        self.client_id = client_id
-        self.connect_args = (packet, assigned, will_message)
         # Cluster: the session may live on another broker; CONNACK waits for it.
-        self.state = LOCATING
-        if broker.bus.locate_session(client_id, packet.clean_start, self._located):
+        if broker.bus.locate_session(self.client_id, packet.clean_start, self._located):
             return
         self.state = CONNECTING
         self.finish_connect(None, now)
