@@ -390,7 +390,7 @@ def _check_broker(values: dict[str, Any]) -> None:
         raise ConfigError("--tls-require-client-cert needs --tls-ca")
     if values["tls-ca"] and not values["tls-bind"]:
         raise ConfigError("--tls-ca needs a --tls-bind listener")
-    configured = {"password-file": "password-file", "tls-cert": "tls-ca"}
+    configured = {"password-file": "password-file", "tls-cert": "tls-ca", "redis": "redis"}
     for name in values["auth-chain"]:
         if name not in configured:
             raise ConfigError(
@@ -582,7 +582,8 @@ BROKER = Scheme(
             "auth-chain",
             names,
             "authenticators in the order they are asked (repeatable or comma-separated; "
-            "known: tls-cert, password-file); the first that knows the user decides",
+            "known: tls-cert, password-file, redis: the hash {prefix}:users in the cluster's "
+            "Redis); the first that knows the user decides",
             setting=(ServerOptions, "auth_chain"),
             metavar="NAMES",
             repeatable=True,

@@ -25,6 +25,7 @@ from .metrics import registry_for, render_metrics
 from .websocket import WebSocketProtocol
 
 if TYPE_CHECKING:
+    from .auth.redis_users import RedisUsers
     from .cluster.redis_bus import RedisBus
     from .core.auth import AuthChain
 
@@ -129,6 +130,7 @@ class BrokerServer:
         self.options = options
         self.loop = asyncio.get_running_loop()
         self.bus: RedisBus | None = None
+        self.redis_users: RedisUsers | None = None
         if options.cluster is not None:
             from .cluster.redis_bus import RedisBus
 
@@ -152,11 +154,17 @@ class BrokerServer:
 
     def _chain(self) -> AuthChain:
         options = self.options
+        if "redis" in options.auth_chain and self.redis_users is None:
+            from .auth.redis_users import RedisUsers
+
+            assert options.cluster is not None
+            self.redis_users = RedisUsers(options.cluster.url, options.cluster.prefix)
         return build_chain(
             options.auth_chain,
             options.password_file,
             options.allow_anonymous,
             tls_cert=options.tls_ca is not None,
+            redis_users=self.redis_users,
         )
 
     def reload(self) -> None:
@@ -271,6 +279,8 @@ class BrokerServer:
             self._ticker.cancel()
         if self.bus is not None:
             await self.bus.stop()
+        if self.redis_users is not None:
+            await self.redis_users.close()
         if self.http is not None:
             await self.http.stop()
         for listener in self.listeners:

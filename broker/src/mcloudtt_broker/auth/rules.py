@@ -10,7 +10,7 @@ from .passwords import PasswordFile
 from .tls import ClientCertificate
 
 # Every authenticator by its --auth-chain name, in the default order of the chain.
-AUTHENTICATORS = ("tls-cert", "password-file")
+AUTHENTICATORS = ("tls-cert", "password-file", "redis")
 
 
 def build_chain(
@@ -19,10 +19,12 @@ def build_chain(
     allow_anonymous: bool | None,
     *,
     tls_cert: bool = False,
+    redis_users: Authenticator | None = None,
 ) -> AuthChain:
     """Raises OSError or a ValueError naming the file and line for a file that cannot be read."""
+    # The Redis user store is in the chain only when named (--auth-chain redis).
     configured = {"password-file": password_file, "tls-cert": "on" if tls_cert else None}
-    names = list(chain) or [name for name in AUTHENTICATORS if configured[name] is not None]
+    names = list(chain) or [name for name in AUTHENTICATORS if configured.get(name) is not None]
     links: list[Authenticator] = []
     for name in names:
         if name == "password-file":
@@ -30,6 +32,9 @@ def build_chain(
             links.append(PasswordFile.load(password_file))
         elif name == "tls-cert":
             links.append(ClientCertificate())
+        elif name == "redis":
+            assert redis_users is not None
+            links.append(redis_users)
     return AuthChain(links, allow_anonymous)
 
 
