@@ -369,3 +369,22 @@ def test_mtls_required_refuses_clients_without_a_valid_certificate(
     for context in (certs.context(None), certs.context("dev2", ca=trustme.CA())):
         with pytest.raises((ssl.SSLError, ConnectionError, OSError, AssertionError)):
             _tls_connect(tls_port, context, 5)
+
+
+def test_chain_order_decides_who_answers(broker_factory, password_file, tmp_path) -> None:
+    """alice's certificate with a wrong password: tls-cert first lets her in, the password file
+    first refuses her (it knows alice, and the password is wrong)."""
+    certs = ClientCerts(tmp_path / "mtls")
+    results = {}
+    for chain in ("tls-cert,password-file", "password-file,tls-cert"):
+        tls_port = free_port()
+        broker_factory(
+            "--tls-bind", f"127.0.0.1:{tls_port}", "--tls-cert", str(certs.server_cert),
+            "--tls-key", str(certs.server_key), "--tls-ca", str(certs.ca_file),
+            "--password-file", str(password_file), "--auth-chain", chain,
+        )  # fmt: skip
+        wait_for_port(tls_port)
+        results[chain] = _tls_connect(
+            tls_port, certs.context("alice"), 5, username="alice", password=b"wrong"
+        )
+    assert results == {"tls-cert,password-file": 0, "password-file,tls-cert": 0x86}

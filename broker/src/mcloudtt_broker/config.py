@@ -72,6 +72,11 @@ def names(value: Any) -> tuple[str, ...]:
     raise ValueError(f"expected a list of names, got {value!r}")
 
 
+def name_list(value: Any) -> tuple[str, ...]:
+    """Names given repeated or comma-separated, or both (`--auth-chain a,b --auth-chain c`)."""
+    return tuple(part for item in names(value) for part in names(item))
+
+
 def non_negative_int(value: Any) -> int:
     if isinstance(value, (bool, float)):
         raise ValueError(f"expected a whole number, got {value!r}")
@@ -580,7 +585,7 @@ BROKER = Scheme(
         ),
         _broker(
             "auth-chain",
-            names,
+            name_list,
             "authenticators in the order they are asked (repeatable or comma-separated; "
             "known: tls-cert, password-file, redis: the hash {prefix}:users in the cluster's "
             "Redis); the first that knows the user decides",
