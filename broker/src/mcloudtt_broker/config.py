@@ -395,14 +395,22 @@ def _check_broker(values: dict[str, Any]) -> None:
         raise ConfigError("--tls-require-client-cert needs --tls-ca")
     if values["tls-ca"] and not values["tls-bind"]:
         raise ConfigError("--tls-ca needs a --tls-bind listener")
-    configured = {"password-file": "password-file", "tls-cert": "tls-ca", "redis": "redis"}
+    if values["jwt-audience"] and not (values["jwt-secret-file"] or values["jwks-file"]):
+        raise ConfigError("--jwt-audience needs --jwt-secret-file or --jwks-file")
+    configured = {
+        "password-file": ("password-file", values["password-file"]),
+        "tls-cert": ("tls-ca", values["tls-ca"]),
+        "redis": ("redis", values["redis"]),
+        "jwt": ("jwt-secret-file or --jwks-file", values["jwt-secret-file"] or values["jwks-file"]),
+    }
     for name in values["auth-chain"]:
         if name not in configured:
             raise ConfigError(
                 f"--auth-chain: unknown authenticator {name!r} (known: {', '.join(configured)})"
             )
-        if values[configured[name]] is None:
-            raise ConfigError(f"--auth-chain names {name} but --{configured[name]} is not given")
+        needs, given = configured[name]
+        if not given:
+            raise ConfigError(f"--auth-chain names {name} but --{needs} is not given")
 
 
 def _broker(name: str, convert: Callable[[Any], Any], help: str, **kwargs: Any) -> Option:
@@ -587,12 +595,34 @@ BROKER = Scheme(
             "auth-chain",
             name_list,
             "authenticators in the order they are asked (repeatable or comma-separated; "
-            "known: tls-cert, password-file, redis: the hash {prefix}:users in the cluster's "
+            "known: tls-cert, jwt, password-file, redis: the hash {prefix}:users in the cluster's "
             "Redis); the first that knows the user decides",
             setting=(ServerOptions, "auth_chain"),
             metavar="NAMES",
             repeatable=True,
             shown="every configured one",
+        ),
+        _broker(
+            "jwt-secret-file",
+            text,
+            "HS256 secret: a JWT in the password field logs in as its `sub` (authenticator jwt); "
+            "`exp` required, `nbf` checked; an `acl` claim carries the client's topic rights",
+            setting=(ServerOptions, "jwt_secret_file"),
+            metavar="FILE",
+        ),
+        _broker(
+            "jwks-file",
+            text,
+            "JWKS of the RS256/ES256 public keys JWTs are checked against (by `kid`)",
+            setting=(ServerOptions, "jwks_file"),
+            metavar="FILE",
+        ),
+        _broker(
+            "jwt-audience",
+            text,
+            "the `aud` a JWT must carry",
+            setting=(ServerOptions, "jwt_audience"),
+            metavar="NAME",
         ),
         _broker(
             "acl-file",

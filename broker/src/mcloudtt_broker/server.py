@@ -27,7 +27,7 @@ from .websocket import WebSocketProtocol
 if TYPE_CHECKING:
     from .auth.redis_users import RedisUsers
     from .cluster.redis_bus import RedisBus
-    from .core.auth import AuthChain
+    from .core.auth import AuthChain, Authorizer
 
 log = logging.getLogger("mcloudtt.broker")
 
@@ -117,6 +117,9 @@ class ServerOptions:
     cluster: ClusterSettings | None = None
     ready_without_redis: bool = False
     password_file: str | None = None
+    jwt_secret_file: str | None = None
+    jwks_file: str | None = None
+    jwt_audience: str | None = None
     tls_ca: str | None = None  # CA of client certificates (mutual TLS)
     tls_require_client_cert: bool = False
     acl_file: str | None = None
@@ -140,7 +143,7 @@ class BrokerServer:
             clock=self.loop.time,
             bus=self.bus,
             auth=self._chain(),
-            authorizer=build_authorizer(options.acl_file),
+            authorizer=self._authorizer(),
         )
         if self.bus is not None:
             self.bus.attach(self.broker)
@@ -165,12 +168,22 @@ class BrokerServer:
             options.allow_anonymous,
             tls_cert=options.tls_ca is not None,
             redis_users=self.redis_users,
+            jwt={
+                "secret_file": options.jwt_secret_file,
+                "jwks_file": options.jwks_file,
+                "audience": options.jwt_audience,
+            },
         )
+
+    def _authorizer(self) -> Authorizer | None:
+        options = self.options
+        claims = options.jwt_secret_file is not None or options.jwks_file is not None
+        return build_authorizer(options.acl_file, claim_rights=claims)
 
     def reload(self) -> None:
         """SIGHUP: read the password and ACL files again; on a mistake keep the old rules."""
         try:
-            chain, authorizer = self._chain(), build_authorizer(self.options.acl_file)
+            chain, authorizer = self._chain(), self._authorizer()
         except (OSError, ValueError) as error:
             log.error("reload failed, the old rules stay: %s", error)
             return

@@ -98,22 +98,22 @@ class AclFile:
         rules = self.rules_for(client_id, username)
         levels = topic.split("/")
         if action == SUBSCRIBE:
-            if any(rule.deny and _covers(rule.levels, levels) for rule in rules):
+            if any(rule.deny and filter_covers(rule.levels, levels) for rule in rules):
                 return False
-            return any(rule.read and _covers(rule.levels, levels) for rule in rules)
-        if any(rule.deny and _matches(rule.levels, levels) for rule in rules):
+            return any(rule.read and filter_covers(rule.levels, levels) for rule in rules)
+        if any(rule.deny and topic_matches(rule.levels, levels) for rule in rules):
             return False
         if action == READ:
-            return any(rule.read and _matches(rule.levels, levels) for rule in rules)
+            return any(rule.read and topic_matches(rule.levels, levels) for rule in rules)
         assert action == WRITE
-        return any(rule.write and _matches(rule.levels, levels) for rule in rules)
+        return any(rule.write and topic_matches(rule.levels, levels) for rule in rules)
 
 
 def _plain(name: str) -> bool:
     return not ("+" in name or "#" in name or "/" in name)
 
 
-def _matches(rule: tuple[str, ...], topic: list[str]) -> bool:
+def topic_matches(rule: tuple[str, ...], topic: list[str]) -> bool:
     """Does the rule (a topic filter) match this topic name? (MQTT 4.7 matching)"""
     if topic[0].startswith("$") and rule[0] in ("+", "#"):
         return False  # MQTT-4.7.2-1: a leading wildcard does not match `$` topics
@@ -127,7 +127,7 @@ def _matches(rule: tuple[str, ...], topic: list[str]) -> bool:
     return len(rule) == len(topic)
 
 
-def _covers(rule: tuple[str, ...], topic_filter: list[str]) -> bool:
+def filter_covers(rule: tuple[str, ...], topic_filter: list[str]) -> bool:
     """Does every topic the filter matches match the rule too?"""
     if topic_filter[0].startswith("$") and rule[0] in ("+", "#"):
         return False  # MQTT-4.7.2-1

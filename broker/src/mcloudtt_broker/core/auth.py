@@ -50,9 +50,11 @@ class Decision:
     reason: ReasonCode  # SUCCESS, or the CONNACK reason of the refusal
     label: str  # the /metrics label: success, anonymous, bad_username_or_password, ...
     username: str | None = None  # the identity the ACL sees (mTLS: the certificate's name)
+    rights: Authorizer | None = None  # this client's own rules (JWT claims), instead of the ACL
 
 
-Result = tuple[Outcome, "str | None"]  # the outcome, and the username when allowed
+# The outcome, the username when allowed, and optionally the client's own rights.
+Result = tuple[Outcome, "str | None"] | tuple[Outcome, "str | None", "Authorizer | None"]
 Answer = Callable[[Result], None]
 
 
@@ -151,11 +153,12 @@ class AuthChain:
 
 
 def _conclude(result: Result, credentials: Credentials) -> Decision | None:
-    outcome, username = result
+    outcome, username = result[0], result[1]
     if outcome == Outcome.ALLOW:
-        if username == credentials.username:
+        rights = result[2] if len(result) == 3 else None
+        if username == credentials.username and rights is None:
             return _ACCEPTED
-        return Decision(True, ReasonCode.SUCCESS, "success", username)
+        return Decision(True, ReasonCode.SUCCESS, "success", username, rights)
     if outcome == Outcome.DENY:
         return _UNKNOWN_USER
     if outcome == Outcome.FORBID:

@@ -390,8 +390,10 @@ class Broker:
         cache = session.acl_cache
         allowed = cache.get(key)
         if allowed is None:
-            assert self.authorizer is not None
-            allowed = self.authorizer.allowed(session.client_id, session.username, action, topic)
+            # The client's own rights (JWT claims) decide when it has them, else the ACL.
+            authorizer = session.rights or self.authorizer
+            assert authorizer is not None
+            allowed = authorizer.allowed(session.client_id, session.username, action, topic)
             if len(cache) >= ACL_CACHE_SIZE:
                 cache.clear()
             cache[key] = allowed

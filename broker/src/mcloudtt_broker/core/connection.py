@@ -55,7 +55,7 @@ from ..mqtt.primitives import encode_varint, varint_size
 from ..mqtt.properties import EMPTY_PROPERTIES, Properties
 from ..mqtt.reason_codes import ReasonCode, connack_code_311
 from ..mqtt.topics import is_valid_topic_filter, split_shared
-from .auth import BAD_METHOD, SUBSCRIBE, WRITE, Credentials, Decision
+from .auth import BAD_METHOD, SUBSCRIBE, WRITE, Authorizer, Credentials, Decision
 from .message import Message
 from .session import AWAITING_COMP, NEVER_EXPIRES, Session, SessionSnapshot
 from .trie import Subscription
@@ -96,6 +96,7 @@ class ServerConnection:
         "max_packet_out",
         "out",
         "problem_info",
+        "rights",
         "send_quota",
         "session",
         "state",
@@ -115,6 +116,7 @@ class ServerConnection:
         self.version = MQTT_311
         self.client_id = ""
         self.username: str | None = None
+        self.rights: Authorizer | None = None
         self.session: Session | None = None
         self.created_at = now
         self.last_received = now
@@ -406,6 +408,7 @@ class ServerConnection:
             self._refuse(decision.reason)
             return
         self.username = decision.username or packet.username
+        self.rights = decision.rights
         if self.max_packet_out:
             _, _, ack_props = self._accept_terms(packet, assigned)
             wire = bytearray()
@@ -444,8 +447,9 @@ class ServerConnection:
         session, present = broker.attach_session(self, client_id, packet.clean_start, now, snapshot)
         session.version = version
         session.expiry_interval = expiry
-        if session.username != self.username:
+        if session.username != self.username or session.rights is not self.rights:
             session.username = self.username
+            session.rights = self.rights
             session.acl_cache.clear()
         self.session = session
         self.state = CONNECTED

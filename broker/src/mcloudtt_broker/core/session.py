@@ -18,6 +18,7 @@ from .message import Message
 from .trie import Subscription
 
 if TYPE_CHECKING:
+    from .auth import Authorizer
     from .connection import ServerConnection
     from .stats import Stats
 
@@ -56,6 +57,7 @@ class Session:
         "max_queued",
         "next_packet_id",
         "queue",
+        "rights",
         "stats",
         "subscriptions",
         "username",
@@ -81,6 +83,7 @@ class Session:
         # allowed; only used when an authorizer is configured, dropped when the rules reload.
         self.username: str | None = None
         self.acl_cache: dict[tuple[str, str], bool] = {}
+        self.rights: Authorizer | None = None  # the client's own rules (JWT claims)
 
     def __repr__(self) -> str:
         return f"Session({self.client_id!r}, online={self.online})"
