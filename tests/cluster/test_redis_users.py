@@ -62,3 +62,46 @@ def test_users_in_redis_are_seen_by_every_broker_within_a_second(tmp_path) -> No
             broker.stop()
         server.close()
     assert "Traceback" not in brokers[0].output()
+
+
+def test_rights_in_redis_reach_running_clients_within_a_second() -> None:
+    server = RedisProcess().start()
+    brokers = []
+    try:
+        brokers = [start_broker(server.url, f"ra{i}", "--auth-chain", "redis") for i in (1, 2)]
+        wait_ready(brokers)
+        a, b = brokers
+        store = redis.Redis.from_url(server.url)
+        store.hset(
+            "mcloudtt:users", mapping={"fay": hash_password(b"pw"), "gus": hash_password(b"pw")}
+        )
+        store.hset("mcloudtt:acl:fay", mapping={"fay/#": "readwrite", "news/#": "read"})
+        fay = PahoClient(a.port, "fay1", username="fay", password="pw")
+        fay4 = PahoClient(b.port, "fay2", version=4, username="fay", password="pw")
+        gus = PahoClient(b.port, "gus1", username="gus", password="pw")  # no rights of his own
+        try:
+            assert fay.subscribe("news/#", 1) == [1]
+            assert fay.subscribe("gus/#", 1) == [0x87]
+            assert fay4.subscribe("gus/#", 1) == [0x80]
+            assert gus.subscribe("#", 1) == [1]  # no ACL file: allowed
+            gus.publish("news/a", b"one", qos=1)
+            assert fay.get().payload == b"one"
+            # Take news/secret away from fay in Redis: her running connection is held back.
+            store.hset("mcloudtt:acl:fay", "news/secret", "deny")
+            changed = time.monotonic()
+
+            def held_back() -> bool:
+                gus.publish("news/secret", b"hidden", qos=1)
+                gus.publish("news/a", b"marker", qos=1)
+                return fay.until("news/a") == []
+
+            wait_until(held_back, 2.0, "fay's new rights from Redis")
+            assert time.monotonic() - changed < 2.0
+            assert a.metric("mcloudtt_acl_decisions_total", action="read", result="deny") >= 1
+        finally:
+            for client in (fay, fay4, gus):
+                client.disconnect()
+    finally:
+        for broker in brokers:
+            broker.stop()
+        server.close()

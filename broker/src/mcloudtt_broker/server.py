@@ -153,6 +153,7 @@ class BrokerServer:
         self.metrics = registry_for(self.broker, self.bus)
         self.accepting = False
         self._ticker: asyncio.Task[None] | None = None
+        self._refresher: asyncio.Task[None] | None = None
         self._all_closed = asyncio.Event()
 
     def _chain(self) -> AuthChain:
@@ -177,7 +178,12 @@ class BrokerServer:
 
     def _authorizer(self) -> Authorizer | None:
         options = self.options
-        claims = options.jwt_secret_file is not None or options.jwks_file is not None
+        # Clients may bring rights of their own (JWT claims, Redis): an authorizer is needed.
+        claims = (
+            options.jwt_secret_file is not None
+            or options.jwks_file is not None
+            or "redis" in options.auth_chain
+        )
         return build_authorizer(options.acl_file, claim_rights=claims)
 
     def reload(self) -> None:
@@ -244,6 +250,11 @@ class BrokerServer:
         self.accepting = True
         if self.bus is not None:
             await self.bus.start()
+        if self.redis_users is not None:
+            self.redis_users.changed = self.broker.forget_decisions
+            self._refresher = asyncio.create_task(
+                self.redis_users.refresh_forever(), name="mcloudtt-rights"
+            )
         self._ticker = asyncio.create_task(self._tick_forever(), name="mcloudtt-tick")
 
     async def _tick_forever(self) -> None:
@@ -290,6 +301,8 @@ class BrokerServer:
                 protocol.transport.abort()
         if self._ticker is not None:
             self._ticker.cancel()
+        if self._refresher is not None:
+            self._refresher.cancel()
         if self.bus is not None:
             await self.bus.stop()
         if self.redis_users is not None:

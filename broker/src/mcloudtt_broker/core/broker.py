@@ -405,6 +405,10 @@ class Broker:
         if auth is not None:
             self.auth = auth
         self.authorizer = authorizer
+        self.forget_decisions()
+
+    def forget_decisions(self) -> None:
+        """Some rules changed (a reload, rights changed in Redis): drop every cached decision."""
         for session in self.sessions.values():
             session.acl_cache.clear()
 
