@@ -386,6 +386,12 @@ class Broker:
 
     def may(self, session: Session, action: str, topic: str) -> bool:
         """The authorizer's answer for this session, cached per (action, topic); counted."""
+        if action == READ:
+            allowed = session.acl_read.get(topic)
+            if allowed is None:
+                allowed = self._read_decision(session, topic)
+            self.stats.acl[READ, "allow" if allowed else "deny"] += 1
+            return allowed
         key = (action, topic)
         cache = session.acl_cache
         allowed = cache.get(key)
@@ -400,6 +406,17 @@ class Broker:
         self.stats.acl[action, "allow" if allowed else "deny"] += 1
         return allowed
 
+    def _read_decision(self, session: Session, topic: str) -> bool:
+        """Ask (not counted: the caller counts) and cache whether a delivery may be made."""
+        authorizer = session.rights or self.authorizer
+        assert authorizer is not None
+        allowed = authorizer.allowed(session.client_id, session.username, READ, topic)
+        cache = session.acl_read
+        if len(cache) >= ACL_CACHE_SIZE:
+            cache.clear()
+        cache[topic] = allowed
+        return allowed
+
     def set_rules(self, auth: AuthChain | None, authorizer: Authorizer | None) -> None:
         """New authentication chain and ACL (SIGHUP): every cached decision is dropped."""
         if auth is not None:
@@ -411,6 +428,7 @@ class Broker:
         """Some rules changed (a reload, rights changed in Redis): drop every cached decision."""
         for session in self.sessions.values():
             session.acl_cache.clear()
+            session.acl_read.clear()
 
     def authorize_publish(self, client_id: str, topic: str) -> bool:
         # $SYS belongs to the broker; clients may read it, not write it.
@@ -498,10 +516,18 @@ class Broker:
         origin = message.origin
         msg_qos = message.qos
         msg_retain = message.retain
-        acl = self.authorizer
+        acl = self.authorizer is not None
+        topic = message.topic
+        denied = 0
         for session, subs in per_session:
-            if acl is not None and not self.may(session, READ, message.topic):
-                continue
+            if acl:
+                # Inline cache lookup: one dict get per delivery; counted once per message.
+                allowed = session.acl_read.get(topic)
+                if allowed is None:
+                    allowed = self._read_decision(session, topic)
+                if not allowed:
+                    denied += 1
+                    continue
             if len(subs) == 1:
                 sub = subs[0]
                 if sub.no_local and session.client_id == origin:
@@ -519,6 +545,12 @@ class Broker:
                 retain = msg_retain and any(s.retain_as_published for s in live)
                 identifiers = tuple(s.identifier for s in live if s.identifier)
             session.deliver(message, qos, retain, identifiers)
+        if acl:
+            counts = self.stats.acl
+            if denied:
+                counts[READ, "deny"] += denied
+            if len(per_session) > denied:
+                counts[READ, "allow"] += len(per_session) - denied
 
     def _deliver_one(self, message: Message, member: Subscription[Session]) -> None:
         if self.authorizer is not None and not self.may(member.session, READ, message.topic):

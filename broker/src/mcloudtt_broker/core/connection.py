@@ -451,6 +451,7 @@ class ServerConnection:
             session.username = self.username
             session.rights = self.rights
             session.acl_cache.clear()
+            session.acl_read.clear()
         self.session = session
         self.state = CONNECTED
         self.will = will_message

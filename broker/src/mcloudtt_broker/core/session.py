@@ -47,6 +47,7 @@ Pending = tuple[Message, int, bool, tuple[int, ...]]
 class Session:
     __slots__ = (
         "acl_cache",
+        "acl_read",
         "awaiting_release",
         "changed",
         "client_id",
@@ -83,6 +84,7 @@ class Session:
         # allowed; only used when an authorizer is configured, dropped when the rules reload.
         self.username: str | None = None
         self.acl_cache: dict[tuple[str, str], bool] = {}
+        self.acl_read: dict[str, bool] = {}  # delivery decisions by topic (the hot one)
         self.rights: Authorizer | None = None  # the client's own rules (JWT claims)
 
     def __repr__(self) -> str:
