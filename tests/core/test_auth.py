@@ -284,3 +284,15 @@ def test_a_later_answer_holds_connect_and_the_packets_behind_it() -> None:
     unavailable.send(raw.connect("c4", version=4, username="zoe", password=b"pw"))
     later.answer(Outcome.UNAVAILABLE)
     assert unavailable.expect(raw.CONNACK).code == 3  # 3.1.1: server unavailable
+
+
+@pytest.mark.parametrize(("version", "code"), [(5, 0x87), (4, 5)])
+def test_a_will_on_a_topic_the_client_may_not_write_refuses_the_connect(version, code) -> None:
+    cluster, core = core_with(acl=ACL)
+    refused = cluster.client("a", version=version)
+    will = raw.Will("bob/last", b"gone")
+    assert refused.connect("a1", username="alice", password=b"secret", will=will).code == code
+    allowed = cluster.client("a", version=version)
+    will = raw.Will("alice/last", b"gone")
+    assert allowed.connect("a2", username="alice", password=b"secret", will=will).code == 0
+    assert core.stats.acl["write", "deny"] == 1

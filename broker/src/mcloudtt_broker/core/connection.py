@@ -394,7 +394,7 @@ class ServerConnection:
         """Second step of CONNECT: the chain decided; refuse, or go on to locate the session."""
         broker = self.broker
         assert self.connect_args is not None
-        packet, assigned, _ = self.connect_args
+        packet, assigned, will_message = self.connect_args
         broker.stats.auth[decision.label] += 1
         if not decision.allowed:
             # Who and why, never the password.
@@ -409,6 +409,17 @@ class ServerConnection:
             return
         self.username = decision.username or packet.username
         self.rights = decision.rights
+        authorizer = self.rights or broker.authorizer
+        if (
+            will_message is not None
+            and authorizer is not None
+            and not authorizer.allowed(self.client_id, self.username, WRITE, will_message.topic)
+        ):
+            # A will the client could not publish itself is refused with the CONNECT.
+            broker.stats.acl[WRITE, "deny"] += 1
+            self.connect_args = None
+            self._refuse(ReasonCode.NOT_AUTHORIZED)
+            return
         if self.max_packet_out:
             _, _, ack_props = self._accept_terms(packet, assigned)
             wire = bytearray()
