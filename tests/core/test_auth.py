@@ -296,3 +296,28 @@ def test_a_will_on_a_topic_the_client_may_not_write_refuses_the_connect(version,
     will = raw.Will("alice/last", b"gone")
     assert allowed.connect("a2", username="alice", password=b"secret", will=will).code == 0
     assert core.stats.acl["write", "deny"] == 1
+
+
+def test_acl_file_syntax_and_matching() -> None:
+    acl = AclFile.parse(
+        "topic public/#\n"  # access omitted: readwrite (as Mosquitto)
+        "user eve\n"
+        "topic read a/+/c\n"
+        "pattern write in/%u/%c\n"
+    )
+    assert acl.allowed("c", None, "write", "public/x")
+    assert acl.allowed("c", "eve", "read", "a/b/c") and not acl.allowed("c", "eve", "read", "a/b")
+    assert not acl.allowed("c", "eve", "write", "a/b/c")
+    assert acl.allowed("c1", "eve", "write", "in/eve/c1")
+    # A wildcard (or '/') brought in by %u / %c never applies.
+    assert not acl.allowed("c1", "ev+", "write", "in/ev+/c1")
+    assert not acl.allowed("#", "eve", "write", "in/eve/#")
+    # '#' in a rule does not reach `$` topics (MQTT-4.7.2-1), nor covers a `$` filter.
+    wide = AclFile.parse("topic read #\n")
+    assert not wide.allowed("c", None, "read", "$SYS/x")
+    assert not wide.allowed("c", None, "subscribe", "$SYS/#")
+    assert wide.allowed("c", None, "subscribe", "#")
+    assert AclFile.parse("topic read a/#\n").allowed("c", None, "subscribe", "a")
+    assert not AclFile.parse("topic read a/+\n").allowed("c", None, "subscribe", "a/#")
+    with pytest.raises(ValueError, match="line 2: unknown keyword 'topics'"):
+        AclFile.parse("user x\ntopics read a\n")
