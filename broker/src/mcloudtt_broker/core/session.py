@@ -51,6 +51,7 @@ class Session:
         "awaiting_release",
         "changed",
         "client_id",
+        "completed",
         "connection",
         "ended_at",
         "expiry_interval",
@@ -80,6 +81,8 @@ class Session:
         self.stats = stats
         # Told when a message is queued while the client is away (the cluster stores the session).
         self.changed: Callable[[str], None] | None = None
+        # Told of each QoS 2 completion (the cluster stores the session again).
+        self.completed: Callable[[str], None] | None = None
         # The identity the ACL sees (set at each CONNECT) and its decisions: (action, topic) ->
         # allowed; only used when an authorizer is configured, dropped when the rules reload.
         self.username: str | None = None
