@@ -38,6 +38,11 @@ BROKER_FAMILIES = {
         "counter",
         "Connections closed because a packet they needed exceeded their Maximum Packet Size.",
     ),
+    "mcloudtt_auth_total": ("counter", "CONNECT authentication decisions, by result."),
+    "mcloudtt_acl_decisions_total": (
+        "counter",
+        "ACL decisions (publish: write, subscribe, delivery: read), by action and result.",
+    ),
     "mcloudtt_inflight_messages": ("gauge", "QoS 1/2 messages sent and not yet acknowledged."),
     "mcloudtt_queued_messages": ("gauge", "QoS 1/2 messages waiting to be sent."),
     "mcloudtt_retained_messages": ("gauge", "Retained messages stored."),

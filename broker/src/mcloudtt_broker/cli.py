@@ -33,6 +33,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["passwd"]:
+        from .auth.passwd import main as passwd
+
+        sys.exit(passwd(argv[1:]))
     parser = build_parser()
     args = vars(parser.parse_args(argv))
     env = environment()
@@ -76,8 +82,9 @@ def main(argv: list[str] | None = None) -> None:
     except DuplicateBrokerId as error:
         print(f"mcloudtt-broker: error: {error}", file=sys.stderr)
         sys.exit(2)
-    except OSError as error:
-        # e.g. the port is taken: one line, not a traceback.
+    except (OSError, ValueError) as error:
+        # e.g. the port is taken, a password or ACL file is unreadable (the message names the
+        # file and line, never a hash): one line, not a traceback.
         print(f"mcloudtt-broker: error: {error}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:

@@ -15,6 +15,8 @@ import ssl
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from .auth.rules import build_authorizer, build_chain
+from .auth.tls import certificate_names
 from .cluster.settings import ClusterSettings
 from .core.broker import Broker, BrokerSettings
 from .core.connection import ServerConnection
@@ -23,7 +25,9 @@ from .metrics import registry_for, render_metrics
 from .websocket import WebSocketProtocol
 
 if TYPE_CHECKING:
+    from .auth.redis_users import RedisUsers
     from .cluster.redis_bus import RedisBus
+    from .core.auth import AuthChain, Authorizer
 
 log = logging.getLogger("mcloudtt.broker")
 
@@ -31,7 +35,7 @@ WRITE_HIGH_WATER = 256 * 1024
 
 
 class MQTTProtocol(asyncio.Protocol):
-    __slots__ = ("conn", "flush_scheduled", "loop", "server", "transport")
+    __slots__ = ("cert_names", "conn", "flush_scheduled", "loop", "server", "transport")
 
     def __init__(self, server: BrokerServer) -> None:
         self.server = server
@@ -39,12 +43,16 @@ class MQTTProtocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.conn: ServerConnection | None = None
         self.flush_scheduled = False
+        # The verified client certificate's names (subject CN, then SANs), for `tls-cert`.
+        self.cert_names: tuple[str, ...] = ()
 
     # asyncio callbacks ------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, hence no isinstance check.
         self.transport = transport  # type: ignore[assignment]
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)  # type: ignore[attr-defined]
+        if self.server.options.tls_ca is not None:
+            self.cert_names = certificate_names(transport.get_extra_info("peercert"))
         self.conn = self.server.broker.connect(self, self.loop.time())
 
     def data_received(self, data: bytes) -> None:
@@ -111,6 +119,15 @@ class ServerOptions:
     drain_timeout: float = 5.0
     cluster: ClusterSettings | None = None
     ready_without_redis: bool = False
+    password_file: str | None = None
+    jwt_secret_file: str | None = None
+    jwks_file: str | None = None
+    jwt_audience: str | None = None
+    tls_ca: str | None = None  # CA of client certificates (mutual TLS)
+    tls_require_client_cert: bool = False
+    acl_file: str | None = None
+    allow_anonymous: bool | None = None  # None: only while no authenticator is configured
+    auth_chain: tuple[str, ...] = ()  # empty: every configured authenticator, default order
 
 
 class BrokerServer:
@@ -119,11 +136,18 @@ class BrokerServer:
         self.options = options
         self.loop = asyncio.get_running_loop()
         self.bus: RedisBus | None = None
+        self.redis_users: RedisUsers | None = None
         if options.cluster is not None:
             from .cluster.redis_bus import RedisBus
 
             self.bus = RedisBus(options.cluster)
-        self.broker = Broker(settings, clock=self.loop.time, bus=self.bus)
+        self.broker = Broker(
+            settings,
+            clock=self.loop.time,
+            bus=self.bus,
+            auth=self._chain(),
+            authorizer=self._authorizer(),
+        )
         if self.bus is not None:
             self.bus.attach(self.broker)
         self.protocols: set[MQTTProtocol] = set()
@@ -133,6 +157,7 @@ class BrokerServer:
         self.accepting = False
         self.tls_context: ssl.SSLContext | None = None
         self._ticker: asyncio.Task[None] | None = None
+        self._refresher: asyncio.Task[None] | None = None
         self._all_closed = asyncio.Event()
 
     def reload_tls(self) -> None:
@@ -146,6 +171,48 @@ class BrokerServer:
             log.error("certificate reload failed, keeping the old one: %s", error)
             return
         log.info("TLS certificate reloaded from %s", self.options.tls_cert)
+
+    def _chain(self) -> AuthChain:
+        options = self.options
+        if "redis" in options.auth_chain and self.redis_users is None:
+            from .auth.redis_users import RedisUsers
+
+            assert options.cluster is not None
+            self.redis_users = RedisUsers(options.cluster.url, options.cluster.prefix)
+        return build_chain(
+            options.auth_chain,
+            options.password_file,
+            options.allow_anonymous,
+            tls_cert=options.tls_ca is not None,
+            redis_users=self.redis_users,
+            jwt={
+                "secret_file": options.jwt_secret_file,
+                "jwks_file": options.jwks_file,
+                "audience": options.jwt_audience,
+            },
+        )
+
+    def _authorizer(self) -> Authorizer | None:
+        options = self.options
+        # Clients may bring rights of their own (JWT claims, Redis): an authorizer is needed.
+        claims = (
+            options.jwt_secret_file is not None
+            or options.jwks_file is not None
+            or "redis" in options.auth_chain
+        )
+        return build_authorizer(options.acl_file, claim_rights=claims)
+
+    def reload(self) -> None:
+        """SIGHUP: read the password and ACL files again (on a mistake the old rules stay), and
+        the TLS certificate (one handler: asyncio keeps one per signal)."""
+        try:
+            chain, authorizer = self._chain(), self._authorizer()
+        except (OSError, ValueError) as error:
+            log.error("reload failed, the old rules stay: %s", error)
+            return
+        self.broker.set_rules(chain, authorizer)
+        log.info("reloaded the password and ACL files")
+        self.reload_tls()
 
     def _factory(self) -> MQTTProtocol:
         protocol = MQTTProtocol(self)
@@ -200,6 +267,11 @@ class BrokerServer:
         self.accepting = True
         if self.bus is not None:
             await self.bus.start()
+        if self.redis_users is not None:
+            self.redis_users.changed = self.broker.forget_decisions
+            self._refresher = asyncio.create_task(
+                self.redis_users.refresh_forever(), name="mcloudtt-rights"
+            )
         self._ticker = asyncio.create_task(self._tick_forever(), name="mcloudtt-tick")
 
     async def _tick_forever(self) -> None:
@@ -246,8 +318,12 @@ class BrokerServer:
                 protocol.transport.abort()
         if self._ticker is not None:
             self._ticker.cancel()
+        if self._refresher is not None:
+            self._refresher.cancel()
         if self.bus is not None:
             await self.bus.stop()
+        if self.redis_users is not None:
+            await self.redis_users.close()
         if self.http is not None:
             await self.http.stop()
         for listener in self.listeners:
@@ -267,6 +343,12 @@ def tls_server_context(options: ServerOptions) -> ssl.SSLContext:
         context.set_ciphers(options.tls_ciphers)
     assert options.tls_cert is not None
     context.load_cert_chain(options.tls_cert, options.tls_key)
+    if options.tls_ca is not None:
+        context.load_verify_locations(cafile=options.tls_ca)
+        # Optional: a client without a certificate may still log in another way.
+        context.verify_mode = (
+            ssl.CERT_REQUIRED if options.tls_require_client_cert else ssl.CERT_OPTIONAL
+        )
     return context
 
 
@@ -277,7 +359,7 @@ async def serve(settings: BrokerSettings, options: ServerOptions) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, server.reload_tls)
+    loop.add_signal_handler(signal.SIGHUP, server.reload)
     log.info("broker %s ready", settings.broker_id)
     waits: list[asyncio.Future[object]] = [asyncio.ensure_future(stop.wait())]
     if server.bus is not None and server.bus.fatal is not None:

@@ -18,6 +18,7 @@ from .message import Message
 from .trie import Subscription
 
 if TYPE_CHECKING:
+    from .auth import Authorizer
     from .connection import ServerConnection
     from .stats import Stats
 
@@ -45,6 +46,8 @@ Pending = tuple[Message, int, bool, tuple[int, ...]]
 
 class Session:
     __slots__ = (
+        "acl_cache",
+        "acl_read",
         "awaiting_release",
         "changed",
         "client_id",
@@ -56,8 +59,10 @@ class Session:
         "max_queued",
         "next_packet_id",
         "queue",
+        "rights",
         "stats",
         "subscriptions",
+        "username",
         "version",
     )
 
@@ -78,6 +83,12 @@ class Session:
         self.changed: Callable[[str], None] | None = None
         # Told of each QoS 2 completion (the cluster stores the session again).
         self.completed: Callable[[str], None] | None = None
+        # The identity the ACL sees (set at each CONNECT) and its decisions: (action, topic) ->
+        # allowed; only used when an authorizer is configured, dropped when the rules reload.
+        self.username: str | None = None
+        self.acl_cache: dict[tuple[str, str], bool] = {}
+        self.acl_read: dict[str, bool] = {}  # delivery decisions by topic (the hot one)
+        self.rights: Authorizer | None = None  # the client's own rules (JWT claims)
 
     def __repr__(self) -> str:
         return f"Session({self.client_id!r}, online={self.online})"

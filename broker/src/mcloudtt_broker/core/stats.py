@@ -7,6 +7,8 @@ from collections import Counter
 
 class Stats:
     __slots__ = (
+        "acl",
+        "auth",
         "bytes_received",
         "bytes_sent",
         "connections_total",
@@ -34,3 +36,7 @@ class Stats:
         self.wrong_acks: Counter[str] = Counter()
         # Connections closed because a packet they needed exceeded their Maximum Packet Size.
         self.oversized_closes = 0
+        # CONNECT decisions by label (success, anonymous, bad_username_or_password,
+        # not_authorized, bad_authentication_method), and ACL decisions by (action, result).
+        self.auth: Counter[str] = Counter()
+        self.acl: Counter[tuple[str, str]] = Counter()
