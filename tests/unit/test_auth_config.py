@@ -44,7 +44,7 @@ def test_each_auth_option_from_toml_and_environment(tmp_path: Path) -> None:
         ({"auth-chain": ["redis"]}, "--redis is not given"),
         ({"auth-chain": ["jwt"]}, "--jwt-secret-file or --jwks-file is not given"),
         ({"tls-require-client-cert": "true"}, "--tls-require-client-cert needs --tls-ca"),
-        ({"tls-ca": "ca.pem"}, "--tls-ca needs a --tls-bind listener"),
+        ({"tls-ca": "ca.pem"}, "--tls-ca needs a --tls-bind or --wss-bind listener"),
         ({"jwt-audience": "mqtt"}, "--jwt-audience needs"),
         ({"acl-deny-action": "kick"}, "expected one of ignore, disconnect"),
     ],
