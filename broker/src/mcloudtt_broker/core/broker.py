@@ -215,8 +215,10 @@ class Broker:
             if entry.awaiting_comp:
                 outgoing.state = AWAITING_COMP
             session.inflight[entry.packet_id] = outgoing
-        session.queue.extend(snapshot.queue)
-        session.awaiting_release.update(snapshot.awaiting_release)
+        if snapshot.queue:
+            session.queue_for_append().extend(snapshot.queue)
+        if snapshot.awaiting_release:
+            session.awaiting_release = set(snapshot.awaiting_release)
         self.bus.session_changed(snapshot.client_id)
         return session
 

@@ -42,6 +42,12 @@ class Outgoing:
 
 Pending = tuple[Message, int, bool, tuple[int, ...]]
 
+# Most sessions never queue a message nor receive QoS 2: an idle subscribed device would carry an
+# empty deque (760 bytes) and an empty set (216 bytes) for nothing. These immutable stand-ins are
+# shared until the first write makes the session its own (`queue_for_append`, `hold_release`).
+_NO_QUEUE: tuple[Pending, ...] = ()
+_NO_IDS: frozenset[int] = frozenset()
+
 
 class Session:
     __slots__ = (
@@ -66,8 +72,8 @@ class Session:
         self.connection: ServerConnection | None = None
         self.subscriptions: dict[str, Subscription[Session]] = {}
         self.inflight: dict[int, Outgoing] = {}
-        self.queue: deque[Pending] = deque()
-        self.awaiting_release: set[int] = set()
+        self.queue: deque[Pending] | tuple[Pending, ...] = _NO_QUEUE
+        self.awaiting_release: set[int] | frozenset[int] = _NO_IDS
         self.next_packet_id = 1
         self.expiry_interval = 0
         self.ended_at: float | None = None  # when the last connection closed
@@ -82,6 +88,22 @@ class Session:
     @property
     def online(self) -> bool:
         return self.connection is not None
+
+    def queue_for_append(self) -> deque[Pending]:
+        queue = self.queue
+        if isinstance(queue, deque):
+            return queue
+        made: deque[Pending] = deque(queue)
+        self.queue = made
+        return made
+
+    def hold_release(self, packet_id: int) -> None:
+        """Remember an incoming QoS 2 packet id until its PUBREL."""
+        ids = self.awaiting_release
+        if isinstance(ids, set):
+            ids.add(packet_id)
+        else:
+            self.awaiting_release = {*ids, packet_id}
 
     def allocate_packet_id(self) -> int:
         pid = self.next_packet_id
@@ -113,7 +135,7 @@ class Session:
         ):
             self._send(conn, message, qos, retain, identifiers)
         elif len(self.queue) < self.max_queued:
-            self.queue.append((message, qos, retain, identifiers))
+            self.queue_for_append().append((message, qos, retain, identifiers))
             if conn is None and self.changed is not None:
                 self.changed(self.client_id)
         else:
@@ -137,6 +159,9 @@ class Session:
         if conn is None:
             return
         queue = self.queue
+        if not queue:
+            return
+        assert isinstance(queue, deque)  # a non-empty queue is always the session's own deque
         inflight = self.inflight
         quota = conn.send_quota
         while queue and len(inflight) < quota and not conn.congested:
@@ -161,8 +186,8 @@ class Session:
 
     def drop_all(self) -> None:
         self.inflight.clear()
-        self.queue.clear()
-        self.awaiting_release.clear()
+        self.queue = _NO_QUEUE
+        self.awaiting_release = _NO_IDS
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

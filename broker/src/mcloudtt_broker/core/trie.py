@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Hashable
 from dataclasses import dataclass, field
-from typing import Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 
 class Subscriber(Hashable, Protocol):
@@ -65,13 +65,20 @@ class SharedGroup(Generic[S]):
         return members[self.turn % count]
 
 
+# One shared empty dict stands for "none yet" in every node: a filter like `devices/<id>/cmd`
+# makes two nodes per device, and three empty dicts each cost 192 bytes a node. Reads (the match
+# hot path) see an ordinary empty dict; `SubscriptionTrie.add` and `_node` give a node its own
+# dict before the first insert, so this one is never written to.
+_NONE: dict[Any, Any] = {}
+
+
 class _Node(Generic[S]):
     __slots__ = ("children", "groups", "subscribers")
 
     def __init__(self) -> None:
-        self.children: dict[str, _Node[S]] = {}
-        self.subscribers: dict[S, Subscription[S]] = {}
-        self.groups: dict[str, SharedGroup[S]] = {}
+        self.children: dict[str, _Node[S]] = _NONE
+        self.subscribers: dict[S, Subscription[S]] = _NONE
+        self.groups: dict[str, SharedGroup[S]] = _NONE
 
     def empty(self) -> bool:
         return not (self.children or self.subscribers or self.groups)
@@ -94,6 +101,8 @@ class SubscriptionTrie(Generic[S]):
             if child is None:
                 if not create:
                     return None
+                if node.children is _NONE:
+                    node.children = {}
                 child = node.children[level] = _Node()
             node = child
         return node
@@ -105,10 +114,14 @@ class SubscriptionTrie(Generic[S]):
         self._cache.clear()
         if sub.share_group is None:
             existed = sub.session in node.subscribers
+            if node.subscribers is _NONE:
+                node.subscribers = {}
             node.subscribers[sub.session] = sub
         else:
             group = node.groups.get(sub.share_group)
             if group is None:
+                if node.groups is _NONE:
+                    node.groups = {}
                 group = node.groups[sub.share_group] = SharedGroup(sub.share_group, inner_filter)
             existed = sub.session in group.members
             group.members[sub.session] = sub
