@@ -31,6 +31,8 @@ import math
 import multiprocessing as mp
 import os
 import platform
+import resource
+import socket
 import sys
 import tempfile
 import time
@@ -75,6 +77,13 @@ def _meminfo(key: str) -> int:
     return 0
 
 
+def _has_cap_sys_resource() -> bool:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("CapEff:"):
+            return bool(int(line.split()[1], 16) >> 24 & 1)  # CAP_SYS_RESOURCE is bit 24
+    return False
+
+
 def mem_available() -> int:
     return _meminfo("MemAvailable")
 
@@ -85,6 +94,23 @@ def client_packets(index: int) -> bytes:
     return connect(cid, version=MQTT_311, keepalive=0) + subscribe(
         1, [(f"devices/{index}/cmd", 0)], version=MQTT_311
     )
+
+
+# Linux: bind() picks no port; connect() does, unique per (source, destination) pair, which is
+# both faster than a bind-time search and not limited by ports taken towards other listeners.
+_IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
+
+
+def _bound_socket(source: str) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.IPPROTO_IP, _IP_BIND_ADDRESS_NO_PORT, 1)
+        sock.setblocking(False)
+        sock.bind((source, 0))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 class IdleClient(asyncio.Protocol):
@@ -143,11 +169,14 @@ class Generator:
             transport = None
             try:
                 async with asyncio.timeout(timeout):
+                    sock = _bound_socket(self.source_of(i))
+                    try:
+                        await loop.sock_connect(sock, ("127.0.0.1", self.port))
+                    except BaseException:
+                        sock.close()
+                        raise
                     transport, client = await loop.create_connection(
-                        lambda: IdleClient(done),
-                        "127.0.0.1",
-                        self.port,
-                        local_addr=(self.source_of(i), 0),
+                        lambda: IdleClient(done), sock=sock
                     )
                     transport.write(packet)
                     await done
@@ -273,11 +302,19 @@ def limits_note(target: int) -> tuple[int, str | None]:
     cap = soft - _EXTRA_FDS
     reason = None
     if cap < target:
-        reason = (
-            f"descriptors: RLIMIT_NOFILE is {soft} (fs.nr_open {nr_open}); the broker needs one "
-            f"per connection: as root, `sysctl -w fs.nr_open={target + 2 * _EXTRA_FDS}` and run "
-            "again (or `ulimit -Hn` higher)"
-        )
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        if hard < min(nr_open, target + _EXTRA_FDS) and not _has_cap_sys_resource():
+            why = (
+                f"the hard limit is {hard} and this process may not raise it (no "
+                "CAP_SYS_RESOURCE: a container's default); start it with a higher hard limit "
+                f"(`ulimit -Hn {target + _EXTRA_FDS}`, docker `--ulimit nofile=...`)"
+            )
+        else:
+            why = (
+                f"fs.nr_open is {nr_open}: as root, `sysctl -w fs.nr_open="
+                f"{target + 2 * _EXTRA_FDS}` and run again"
+            )
+        reason = f"descriptors: RLIMIT_NOFILE is {soft}, the broker needs one per connection; {why}"
     file_max = _proc_int("/proc/sys/fs/file-max")
     if file_max is not None and file_max < 2 * target + 10_000:
         cap = min(cap, (file_max - 10_000) // 2)

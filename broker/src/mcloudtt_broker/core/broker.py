@@ -86,6 +86,7 @@ class Broker:
         self.settings = settings or BrokerSettings()
         self.clock = clock
         self.bus: ClusterBus = bus or LocalBus()
+        self._session_changed = self.bus.session_changed
         self.retained: RetainedStore = retained if retained is not None else MemoryRetainedStore()
         self.authenticate = authenticate
         self.stats = Stats(clock())
@@ -187,7 +188,8 @@ class Broker:
 
     def _new_session(self, client_id: str) -> Session:
         session = Session(client_id, max_queued=self.settings.max_queued_messages, stats=self.stats)
-        session.changed = self.bus.session_changed
+        # One bound method for all sessions, not one per session (64 bytes each).
+        session.changed = self._session_changed
         self.sessions[client_id] = session
         return session
 
@@ -214,7 +216,7 @@ class Broker:
             outgoing = Outgoing(entry.message, entry.qos, entry.retain, entry.identifiers)
             if entry.awaiting_comp:
                 outgoing.state = AWAITING_COMP
-            session.inflight[entry.packet_id] = outgoing
+            session.own_inflight()[entry.packet_id] = outgoing
         if snapshot.queue:
             session.queue_for_append().extend(snapshot.queue)
         if snapshot.awaiting_release:

@@ -47,6 +47,8 @@ Pending = tuple[Message, int, bool, tuple[int, ...]]
 # shared until the first write makes the session its own (`queue_for_append`, `hold_release`).
 _NO_QUEUE: tuple[Pending, ...] = ()
 _NO_IDS: frozenset[int] = frozenset()
+# Shared and never written to: `_send` and `Broker.restore_session` give a session its own first.
+_NO_INFLIGHT: dict[int, Outgoing] = {}
 
 
 class Session:
@@ -71,7 +73,7 @@ class Session:
         self.version = 4
         self.connection: ServerConnection | None = None
         self.subscriptions: dict[str, Subscription[Session]] = {}
-        self.inflight: dict[int, Outgoing] = {}
+        self.inflight: dict[int, Outgoing] = _NO_INFLIGHT
         self.queue: deque[Pending] | tuple[Pending, ...] = _NO_QUEUE
         self.awaiting_release: set[int] | frozenset[int] = _NO_IDS
         self.next_packet_id = 1
@@ -88,6 +90,11 @@ class Session:
     @property
     def online(self) -> bool:
         return self.connection is not None
+
+    def own_inflight(self) -> dict[int, Outgoing]:
+        if self.inflight is _NO_INFLIGHT:
+            self.inflight = {}
+        return self.inflight
 
     def queue_for_append(self) -> deque[Pending]:
         queue = self.queue
@@ -151,7 +158,10 @@ class Session:
     ) -> None:
         pid = self.allocate_packet_id()
         if conn.write_publish(message, qos, retain, pid, False, identifiers):
-            self.inflight[pid] = Outgoing(message, qos, retain, identifiers)
+            inflight = self.inflight
+            if inflight is _NO_INFLIGHT:
+                inflight = self.inflight = {}
+            inflight[pid] = Outgoing(message, qos, retain, identifiers)
 
     def pump(self, now: float) -> None:
         """Move queued messages into flight while the client's window and socket allow."""
@@ -185,7 +195,7 @@ class Session:
                 conn.write_pubrel(pid)
 
     def drop_all(self) -> None:
-        self.inflight.clear()
+        self.inflight = _NO_INFLIGHT
         self.queue = _NO_QUEUE
         self.awaiting_release = _NO_IDS
 
