@@ -39,7 +39,7 @@ def test_without_node_aedes_is_skipped_with_the_reason(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("PATH", str(tmp_path))  # an empty directory: no node, no npm
-    with pytest.raises(BrokerUnavailable, match="Node.js and npm are not installed"):
+    with pytest.raises(BrokerUnavailable, match=r"Node\.js and npm are not installed"):
         prepare_aedes(tmp_path / "cache")
     lines: list[str] = []
     result = run_clusters([], runs=1, warmup=0.1, duration=0.1, log=lines.append)
