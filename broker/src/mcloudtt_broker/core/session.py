@@ -195,9 +195,13 @@ class Session:
                 conn.write_pubrel(pid)
 
     def drop_all(self) -> None:
-        self.inflight = _NO_INFLIGHT
-        self.queue = _NO_QUEUE
-        self.awaiting_release = _NO_IDS
+        # In place, as before the stand-ins: a caller holding one of them sees it emptied.
+        if self.inflight:  # non-empty, so the session's own dict
+            self.inflight.clear()
+        if isinstance(self.queue, deque):
+            self.queue.clear()
+        if isinstance(self.awaiting_release, set):
+            self.awaiting_release.clear()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
