@@ -4,8 +4,10 @@
 # Secret (once), apply kind/overlays/kind and wait until Redis, the brokers and the adapter are
 # ready. Idempotent: run it again after a code change to rebuild and roll the pods.
 #
-#   kind/up.sh [--skip-build] [--timeout SECONDS]
+#   kind/up.sh [--skip-build] [--base auto|registry|local|IMAGE] [--timeout SECONDS]
 #
+# --base: what the images build on (kind/images.sh; default auto: the official slim Python
+# image when it can be pulled, else a Debian bookworm base made locally with debootstrap).
 # Needs docker (a running daemon), kind >= 0.24 and kubectl. Environment:
 #   KIND_CLUSTER_NAME  cluster name (default mcloudtt)
 #   DOCKER             docker-compatible CLI (default docker; e.g. podman)
@@ -19,17 +21,22 @@ DOCKER=${DOCKER:-docker}
 NAMESPACE=mcloudtt
 TAG=dev # kind/base/kustomization.yaml names the images mcloudtt-broker:dev and mcloudtt-adapter:dev
 BUILD=1
+BASE=auto
 TIMEOUT=300
 
 while [ $# -gt 0 ]; do
     case "$1" in
         --skip-build) BUILD=0 ;;
+        --base)
+            BASE=${2:?--base needs auto, registry, local or an image}
+            shift
+            ;;
         --timeout)
             TIMEOUT=${2:?--timeout needs seconds}
             shift
             ;;
         -h | --help)
-            sed -n '2,16p' "$0"
+            sed -n '2,19p' "$0"
             exit 0
             ;;
         *)
@@ -61,10 +68,10 @@ CONTEXT="kind-$CLUSTER"
 k() { kubectl --context "$CONTEXT" "$@"; }
 
 if [ "$BUILD" = 1 ]; then
-    for component in broker adapter; do
-        say "building mcloudtt-$component:$TAG"
-        "$DOCKER" build -f "$component/Dockerfile" -t "mcloudtt-$component:$TAG" .
-    done
+    # The same builds as CI: a wheelhouse made here, no network inside the build; on the
+    # official slim Python image, or on a local Debian one where no registry is reachable.
+    say "building mcloudtt-broker:$TAG and mcloudtt-adapter:$TAG (kind/images.sh)"
+    DOCKER=$DOCKER bash kind/images.sh --base "$BASE" --tag "$TAG" broker adapter
 fi
 say "loading images into the nodes"
 kind load docker-image --name "$CLUSTER" "mcloudtt-broker:$TAG" "mcloudtt-adapter:$TAG"

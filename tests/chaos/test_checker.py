@@ -394,6 +394,15 @@ def test_a_will_missing_doubled_or_unwarranted_fails(
     assert (example["wills"], example["disconnect"]) == (wills, why)
 
 
+@pytest.mark.parametrize("wills", [0, 1])
+def test_the_will_of_a_connection_never_acknowledged_is_not_judged(wills: int) -> None:
+    """No CONNACK: the broker may or may not have taken the will; neither way fails."""
+    records = [r for r in _will_client(normal=False) if not isinstance(r, ConnAck)]
+    report = check([*records, *(_will() for _ in range(wills))])
+    assert report.passed, report.failed()
+    assert report.invariants["wills"].counts["not_accepted"] == 1
+
+
 def test_a_will_from_a_connection_without_one_fails() -> None:
     records: list[Record] = [
         Connect(t=1.0, client="w", conn=1, broker="a", clean_start=True),

@@ -1,6 +1,7 @@
-"""Dockerfiles and deployment scripts, checked without a Docker daemon: multi-stage, a slim base,
-a non-root user, only the member each image deploys (and its dependencies), no secrets in the
-build context; hadolint and shellcheck clean."""
+"""Dockerfiles and deployment scripts, checked without a Docker daemon: multi-stage, a slim base
+given as a build argument, a non-root user, only the member each image deploys (and its locked
+dependencies, from a wheelhouse), no secrets in the build context; hadolint and shellcheck
+clean. tests/containers builds and runs the images."""
 
 from __future__ import annotations
 
@@ -26,25 +27,40 @@ IMAGES = {
 @pytest.mark.parametrize("member", sorted(IMAGES))
 def test_dockerfile_builds_one_member(member: str) -> None:
     text = (ROOT / member / "Dockerfile").read_text()
+    # The base is a build argument (kind/base-image.sh's local image where no registry is
+    # reachable), the official slim Python image by default, the same in every stage.
+    base = re.search(r"^ARG BASE_IMAGE=(\S+)$", text, re.MULTILINE)
+    assert base and re.fullmatch(r"python:3\.11-slim(-bookworm)?", base.group(1)), base
+    assert text.index("ARG BASE_IMAGE=") < text.index("\nFROM ")
     stages = re.findall(r"^FROM\s+(\S+)(?:\s+AS\s+(\S+))?", text, re.MULTILINE | re.IGNORECASE)
     assert len(stages) >= 2, "multi-stage"
-    for image, _ in stages:
-        assert re.fullmatch(r"python:3\.\d+-slim(-\w+)?", image), image
+    assert {image for image, _ in stages} == {"${BASE_IMAGE}"}
     final = text[text.rindex("\nFROM ") :]
     user = re.search(r"^USER\s+(\S+)", final, re.MULTILINE)
     assert user and user.group(1).split(":")[0] not in ("root", "0"), "non-root user"
-    assert f"--package mcloudtt-{member}" in text and "--no-dev" in text
-    assert "--locked" in text, "install exactly what uv.lock says"
-    # Only this member's source (and what it imports) is copied in.
-    copied = set(re.findall(r"^COPY\s+(?!--from)(\w+)/src\b", text, re.MULTILINE))
-    assert copied == IMAGES[member], copied
-    # Dependencies are installed from the manifests alone (every member's pyproject.toml, found
-    # by the manifests stage, so a new workspace member needs no change here).
-    assert "COPY --from=manifests /manifests/ ./" in text
-    # The final stage takes the virtualenv from the builder, no source tree.
+    # Only this member's wheelhouse comes in, and pip installs from it with no index: exactly
+    # the hashed pins of requirements.txt, then the members' own wheels without dependencies.
+    copied = re.findall(r"^COPY\s+(?!--from)(\S+)", text, re.MULTILINE)
+    assert copied == [f"build/wheelhouse/{member}/"], copied
+    installs = re.findall(r"pip install ([^&]*)", text.replace("\\\n", " "))
+    assert len(installs) == 2 and all("--no-index" in i for i in installs), installs
+    assert "--require-hashes -r /wheelhouse/requirements.txt" in " ".join(installs[0].split())
+    own = set(re.findall(r"/wheelhouse/mcloudtt_(\w+)-\*\.whl", installs[1]))
+    assert "--no-deps" in installs[1] and own == IMAGES[member], own
+    # The final stage takes the virtualenv from the builder, no wheelhouse, no source tree.
     assert re.search(r"^COPY --from=builder /opt/venv /opt/venv$", final, re.MULTILINE)
     assert not re.search(r"^(ADD|COPY)\s+(?!--from)", final, re.MULTILINE)
     assert not re.search(r"(?i)(password|secret|credentials|token)\s*=", text)
+
+
+def test_images_script_exports_the_lock_per_member() -> None:
+    # The wheelhouse holds what uv.lock pins for that member alone, without dev dependencies.
+    script = (ROOT / "kind" / "images.sh").read_text()
+    assert 'export --frozen --no-dev --package "mcloudtt-$component" --no-emit-workspace' in script
+    assert "--require-hashes" in script and "--network none" in script
+    # kind/up.sh builds through the same script as CI (.ci/containers).
+    for user in ("kind/up.sh", ".ci/containers"):
+        assert "kind/images.sh" in (ROOT / user).read_text(), user
 
 
 def test_dockerignore_keeps_local_state_out() -> None:
@@ -52,11 +68,11 @@ def test_dockerignore_keeps_local_state_out() -> None:
     rules = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
     assert rules[0] == "*", "ignore everything, then allow what the builds need"
     allowed = {r[1:] for r in rules if r.startswith("!")}
-    assert allowed == {"pyproject.toml", "uv.lock", "*/pyproject.toml", "*/README.md", "*/src/"}
+    assert allowed == {"build/wheelhouse/"}
 
 
 def test_lock_matches_the_workspace() -> None:
-    # The images install with `uv sync --locked`: a stale uv.lock fails every image build.
+    # The wheelhouse is `uv export --frozen`: a stale uv.lock would put the wrong pins in it.
     uv = shutil.which("uv") or str(ROOT / ".tools" / "bin" / "uv")
     if not Path(uv).exists():
         pytest.skip("uv is not installed")
@@ -85,6 +101,9 @@ def test_shellcheck(tools: Tools) -> None:
         ROOT / "kind" / "down.sh",
         ROOT / "kind" / "overlays" / "gke" / "configure.sh",
         ROOT / ".ci" / "validate-deploy",
+        ROOT / ".ci" / "containers",
+        ROOT / "kind" / "images.sh",
+        ROOT / "kind" / "base-image.sh",
     ]
     proc = subprocess.run(
         [str(tools.shellcheck), *map(str, scripts)],

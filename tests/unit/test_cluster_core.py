@@ -32,6 +32,12 @@ class RecordingBus:
     def session_changed(self, client_id: str) -> None:
         self.events.append(("changed", client_id))
 
+    def delivery_completed(self, client_id: str) -> None:
+        self.events.append(("completed", client_id))
+
+    def release_after_store(self, client_id: str, packet_id: int) -> bool:
+        return False
+
     def locate_session(self, client_id: str, clean_start: bool, resume: Resume) -> bool:
         return False
 

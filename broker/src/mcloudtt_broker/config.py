@@ -597,6 +597,13 @@ BROKER = Scheme(
             metavar="SECONDS",
         ),
         _cluster(
+            "inbox-replay",
+            boolean,
+            "replay a dead broker's inbox to the sessions taken from it (false only to show what is lost without it)",
+            setting=(ClusterSettings, "replay"),
+            metavar="BOOL",
+        ),
+        _cluster(
             "redis-backoff-max",
             positive_float,
             "longest wait between reconnect attempts (exponential, with jitter)",

@@ -463,8 +463,14 @@ def _check_wills(index: _Index, verdict: Verdict) -> None:
     watchers_of: dict[tuple[str, int], set[str]] = defaultdict(set)
     for w in index.wills:
         watchers_of[(w.client, w.conn)].add(w.watcher)
+    accepted = {(a.client, a.conn) for a in index.connacks if a.reason_code == 0}
     for (client, conn), c in sorted(index.connects.items()):
         if c.will_topic is None:
+            continue
+        if (client, conn) not in accepted:
+            # No CONNACK seen: the client cannot tell whether the broker took the connection
+            # (and its will, MQTT-3.1.2-8) or never read the CONNECT; its will is not judged.
+            verdict.counts["not_accepted"] = verdict.counts.get("not_accepted", 0) + 1
             continue
         gone = index.disconnects.get((client, conn))
         expected: set[str] = set()

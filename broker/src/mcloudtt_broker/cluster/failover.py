@@ -6,23 +6,38 @@
   `{prefix}:handover:{id}`); a gone peer (or one that does not answer), take the copy it stored.
 * Stored sessions: each broker writes its persistent sessions to `{prefix}:sessions:{me}`
   (client id -> snapshot, `session_snapshot.py`) within SESSION_WRITE_DELAY of each change.
-* Adoption: when a broker is gone, the survivors claim its stored sessions (a Lua script, so
-  each is claimed once, and only if no broker took the ClientId since) as offline sessions.
+* Adoption: when a broker is gone, one survivor (the lock `{prefix}:adopter:{id}`, taken only
+  while the presence is missing) claims its stored sessions (a Lua script, so each is claimed
+  once) as offline sessions, with their filters held back; it parks its own inbox, announces
+  `adopted` (every broker stops routing to the dead inbox and routes those filters to it, in one
+  step, and writes an end marker into the dead inbox), replays the dead inbox past each
+  session's marks until every origin's marker is read (`replay.py`), then resumes its inbox and
+  sets `{prefix}:adopted:{id}`. A CONNECT whose holder does not answer waits for that adoption
+  and then takes the session from the adopter: nothing routed to the dead broker is lost.
+* Marks: each stored session carries where it stood in its broker's inbox; online sessions
+  seen idle are checkpointed in `{prefix}:marks:{me}` every SESSION_WRITE_DELAY, so that a
+  replay does not repeat what their clients already acknowledged.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
+import json
 import logging
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 
+from ..core.message import Message
 from ..core.ports import ClusterCore, Resume
 from ..core.session import SessionSnapshot
-from .link import Link, LinkError, RedisClient, redis_errors, stream_id
+from .envelope import EnvelopeFields
+from .link import GROUP, Link, LinkError, RedisClient, redis_errors, stream_id
+from .replay import Marks, Replay, origins_and_sequences
 from .resp import Commands
-from .session_snapshot import SnapshotError, decode_snapshot, encode_snapshot
+from .session_snapshot import SnapshotError, decode_snapshot, encode_snapshot, snapshot_marks
 from .settings import ClusterSettings
 
 log = logging.getLogger("mcloudtt.cluster")
@@ -31,19 +46,27 @@ log = logging.getLogger("mcloudtt.cluster")
 SESSION_WRITE_DELAY = 0.1
 # Stored sessions of a gone broker claimed per round trip.
 ADOPT_BATCH = 200
-# Claim a session a gone broker stored, if the client registry still names that broker (or no
-# one): KEYS client registry, stored sessions of the gone broker; ARGV gone broker, me, client
-# id, registry TTL. Returns the stored session, or nil; the stored copy is removed either way.
+# Claim a session a gone broker stored (a CONNECT elsewhere that took it removed it, so a stored
+# copy is still the gone broker's; a CONNECT waiting for this adoption asks us next): KEYS
+# client registry, stored sessions of the gone broker; ARGV gone broker, me, client id,
+# registry TTL. Returns the stored session, or nil; the stored copy is removed either way.
 _ADOPT_SCRIPT = """
-local holder = redis.call('GET', KEYS[1])
 local data = redis.call('HGET', KEYS[2], ARGV[3])
 redis.call('HDEL', KEYS[2], ARGV[3])
-if data and (holder == false or holder == ARGV[1]) then
+if data then
   redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[4])
   return data
 end
 return false
 """
+# Take the adoption lock of a gone broker only while its presence is missing: KEYS presence,
+# lock; ARGV me, lock TTL seconds.
+_LOCK_SCRIPT = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'EX', ARGV[2]) then return 1 end
+return 0
+"""
+ADOPTER_LOCK_TTL = 300
 
 
 class Failover:
@@ -57,6 +80,13 @@ class Failover:
         *,
         drain: Callable[[], Awaitable[None]],
         inbox_position: Callable[[], tuple[int, int]],
+        inbox_handled: Callable[[], dict[str, int]] = dict,
+        to_message: Callable[[EnvelopeFields], Message | None] | None = None,
+        pause_inbox: Callable[[], None] | None = None,
+        resume_inbox: Callable[[], None] | None = None,
+        announce_adoption: Callable[[str, list[str]], None] | None = None,
+        finish_adoption: Callable[[str], list[bytes]] | None = None,
+        replay: bool = True,
     ) -> None:
         self.settings = settings
         self.me = settings.broker_id
@@ -70,6 +100,20 @@ class Failover:
         self.stats = stats
         self.drain = drain  # returns once what we forwarded so far was written and answered
         self.inbox_position = inbox_position  # id of the last inbox entry handled
+        self.inbox_handled = inbox_handled  # origin -> highest sequence handled
+        self.to_message = to_message
+        self.pause_inbox = pause_inbox
+        self.resume_inbox = resume_inbox
+        self.announce_adoption = announce_adoption  # (dead, filters): tell every broker
+        self.finish_adoption = finish_adoption  # stop routing to dead: our records for it
+        self.replay_enabled = replay  # False only to show what is lost without it (tests)
+        self.k_marks = f"{prefix}:marks:{self.me}"
+        self._checkpointed: dict[str, tuple[int, int]] = {}
+        self._checkpoint_position: tuple[int, int] = (0, 0)
+        self._completed: set[str] = set()
+        self._releases: list[tuple[str, int]] = []  # PUBRELs waiting for the session's store
+        self._completed_scheduled = False
+        self._paused_for: dict[str, int] = {}  # client id -> inbox pauses until it resumes
         self.loop: asyncio.AbstractEventLoop | None = None
         self._dirty: set[str] = set()  # client ids whose stored session is stale
         self._write_scheduled = False
@@ -97,17 +141,102 @@ class Failover:
         writer = self.link.writable()
         if writer is None or not self._dirty:
             return  # kept dirty: written when the link is back
+        commands = self.session_commands()
+        if commands is not None:
+            writer.write(commands)
+
+    def session_commands(self) -> Commands | None:
+        """The commands that store the dirty sessions (None when none are)."""
+        if not self._dirty:
+            return None
         commands = Commands()
         core = self.core
         now = core.clock()
+        marks = self.marks()
         for client_id in self._dirty:
             snapshot = core.stored_session(client_id)
             if snapshot is not None:
-                commands.hset(self.k_sessions, client_id, encode_snapshot(snapshot, self.me, now))
+                commands.hset(
+                    self.k_sessions, client_id, encode_snapshot(snapshot, self.me, now, marks)
+                )
             else:
                 commands.hdel(self.k_sessions, client_id)
+                commands.hdel(self.k_marks, client_id)
         self._dirty.clear()
+        return commands
+
+    def marks(self) -> dict[str, object]:
+        return Marks(self.inbox_position(), dict(self.inbox_handled())).encode()
+
+    def delivery_completed(self, client_id: str) -> None:
+        """A QoS 2 delivery completed: store the session (with its marks) on the next turn of
+        the loop, so that a replay after our death does not deliver it again."""
+        self._completed.add(client_id)
+        if not self._completed_scheduled and self.loop is not None:
+            self._completed_scheduled = True
+            self.loop.call_soon(self._write_completed)
+
+    def _write_completed(self) -> None:
+        self._completed_scheduled = False
+        self._dirty |= self._completed
+        self._completed.clear()
+        releases, self._releases = self._releases, []
+        if not releases:
+            self.write_sessions()
+            return
+        self._dirty.update(client_id for client_id, _ in releases)
+        commands = self.session_commands()
+        writer = self.link.writable()
+        if writer is None or commands is None:
+            self._release(releases)
+            return
+        self._spawn(self._store_then_release(writer.call(commands), releases))
+
+    async def _store_then_release(
+        self, stored: Awaitable[object], releases: list[tuple[str, int]]
+    ) -> None:
+        with contextlib.suppress(ConnectionError):
+            await stored
+        self._release(releases)
+
+    def _release(self, releases: list[tuple[str, int]]) -> None:
+        for client_id, packet_id in releases:
+            self.core.release(client_id, packet_id)
+
+    def release_after_store(self, client_id: str, packet_id: int) -> bool:
+        """PUBREC: store the session (it now awaits PUBCOMP), then send PUBREL."""
+        if self.loop is None or self.link.writable() is None:
+            return False
+        self._releases.append((client_id, packet_id))
+        if not self._completed_scheduled:
+            self._completed_scheduled = True
+            self.loop.call_soon(self._write_completed)
+        return True
+
+    def checkpoint(self) -> None:
+        """Online sessions seen idle: everything their broker's inbox delivered to them so far
+        is acknowledged; a replay starts after it (one HSET, only when the inbox moved)."""
+        writer = self.link.writable()
+        if writer is None:
+            return
+        position = self.inbox_position()
+        if self._checkpoint_position != position:
+            # Online sessions that are not idle: stored again, with what they have in flight.
+            self._checkpoint_position = position
+            self._dirty.update(self.core.busy_sessions())
+            if self._dirty:
+                self.write_sessions()
+        idle = [c for c in self.core.idle_sessions() if self._checkpointed.get(c) != position]
+        if not idle:
+            return
+        marks = json.dumps(self.marks(), separators=(",", ":")).encode()
+        commands = Commands()
+        for client_id in idle:
+            commands.hset(self.k_marks, client_id, marks)
+            self._checkpointed[client_id] = position
         writer.write(commands)
+        if len(self._checkpointed) > 100_000:
+            self._checkpointed.clear()
 
     async def store_all(self, redis: RedisClient) -> None:
         """After a reconnect: Redis may have lost what we stored, store every session again."""
@@ -136,7 +265,8 @@ class Failover:
         try:
             with redis_errors():
                 snapshot = await asyncio.wait_for(
-                    self._take_over(client_id, clean_start), self.settings.handover_timeout
+                    self._take_over(client_id, clean_start),
+                    2 * self.settings.handover_timeout + self.adoption_wait(),
                 )
         except (LinkError, SnapshotError) as error:
             log.warning("session %r not taken over from the cluster: %s", client_id, error)
@@ -144,6 +274,16 @@ class Failover:
         finally:
             self._handovers.pop(client_id, None)
         resume(snapshot)
+        # The session is here now: our inbox delivers to it again (after what it brought).
+        while client_id in self._paused_for:
+            self._unpause(client_id)
+
+    def _unpause(self, client_id: str) -> None:
+        count = self._paused_for.pop(client_id, 0)
+        if count > 1:
+            self._paused_for[client_id] = count - 1
+        if count and self.resume_inbox is not None:
+            self.resume_inbox()
 
     async def _take_over(self, client_id: str, clean_start: bool) -> SessionSnapshot | None:
         redis = self.link.redis
@@ -156,7 +296,28 @@ class Failover:
         if holder is None or holder == self.me:
             return None
         if holder not in self.peers:
-            return await self._take_stored(redis, holder, client_id, clean_start)
+            return await self._after_adoption(redis, holder, client_id, clean_start)
+        try:
+            return await self._handover_from(redis, holder, client_id, clean_start)
+        except TimeoutError:
+            # No answer: the holder died (or froze) and its presence has not expired yet.
+            return await self._after_adoption(redis, holder, client_id, clean_start)
+
+    def adoption_wait(self) -> float:
+        """The longest a CONNECT waits for a silent holder's sessions to be adopted."""
+        settings = self.settings
+        return settings.presence_ttl + 2 * settings.backoff_max + 2 * settings.handover_timeout + 2
+
+    async def _handover_from(
+        self, redis: RedisClient, holder: str, client_id: str, clean_start: bool
+    ) -> SessionSnapshot | None:
+        """Ask the live broker `holder` for the session; TimeoutError if it does not answer."""
+        prefix = self.settings.prefix
+        # The holder routes the session's messages to us from the moment it gives it up: our
+        # inbox must wait until the session is restored here, or they reach nobody.
+        if self.pause_inbox is not None:
+            self.pause_inbox()
+            self._paused_for[client_id] = self._paused_for.get(client_id, 0) + 1
         # What we already forwarded to the holder must reach it before it snapshots the session.
         await self.drain()
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -168,13 +329,43 @@ class Failover:
         try:
             await asyncio.wait_for(waiter, self.settings.handover_timeout / 2)
         except TimeoutError:
-            # No answer: the holder died and its presence has not expired yet.
-            return await self._take_stored(redis, holder, client_id, clean_start)
+            self._unpause(client_id)  # no session coming (yet): do not hold the inbox up
+            raise
         self.stats["handovers"] += 1
         data = await redis.getdel(f"{prefix}:handover:{client_id}")
         if data is None or clean_start:
             return None
         return decode_snapshot(data, self.core.clock)
+
+    async def _after_adoption(
+        self, redis: RedisClient, holder: str, client_id: str, clean_start: bool
+    ) -> SessionSnapshot | None:
+        """The holder is gone or silent: wait until a survivor adopted its sessions (with what
+        was routed to its inbox), then take this one from that adopter. A holder that was only
+        frozen answers the hand-over late; one that nobody adopts leaves its stored copy."""
+        prefix = self.settings.prefix
+        deadline = time.monotonic() + self.adoption_wait()
+        adopter = None
+        while time.monotonic() < deadline:
+            raw = await redis.get(f"{prefix}:adopted:{holder}")
+            if raw is not None:
+                adopter = raw.decode()
+                break
+            late = await redis.getdel(f"{prefix}:handover:{client_id}")
+            if late is not None:
+                self.stats["handovers"] += 1
+                return None if clean_start else decode_snapshot(late, self.core.clock)
+            await asyncio.sleep(0.05)
+        if adopter is None:
+            log.warning("sessions of %s not adopted; taking %r as stored", holder, client_id)
+            return await self._take_stored(redis, holder, client_id, clean_start)
+        await redis.set(f"{prefix}:client:{client_id}", self.me, ex=self.settings.client_ttl)
+        if adopter == self.me:
+            return None  # adopted here: the session is local now
+        try:
+            return await self._handover_from(redis, adopter, client_id, clean_start)
+        except TimeoutError:
+            return await self._take_stored(redis, adopter, client_id, clean_start)
 
     async def _take_stored(
         self, redis: RedisClient, holder: str, client_id: str, clean_start: bool
@@ -255,49 +446,194 @@ class Failover:
             self._spawn(self.adopt_sessions(redis, peer))
 
     async def adopt_sessions(self, redis: RedisClient, peer: str) -> None:
-        """Take over the persistent sessions a gone broker stored, as offline sessions here:
-        their subscriptions route to us again and what they miss is queued until the client
-        comes back (to us, or to any broker, which then takes the session from us)."""
-        core = self.core
+        """Take over the persistent sessions a gone broker stored, as offline sessions here,
+        with what was routed to its inbox for them: their subscriptions route to us and what
+        they miss is queued until the client comes back (to us, or to any broker, which then
+        takes the session from us). `peer` is our own id after a restart under it."""
         prefix = self.settings.prefix
-        stored_key = f"{prefix}:sessions:{peer}"
         try:
             with redis_errors():
-                stored = [raw.decode() for raw in await redis.hkeys(stored_key)]
-                waiting = [client_id for client_id in stored if not core.has_session(client_id)]
-                for first in range(0, len(waiting), ADOPT_BATCH):
-                    # One round trip claims a batch (each claim is atomic on its own).
-                    batch = waiting[first : first + ADOPT_BATCH]
-                    self._adopting.update(batch)
-                    try:
-                        pipe = redis.pipeline(transaction=False)
-                        for client_id in batch:
-                            pipe.eval(
-                                _ADOPT_SCRIPT,
-                                2,
-                                f"{prefix}:client:{client_id}",
-                                stored_key,
-                                peer,
-                                self.me,
-                                client_id,
-                                self.settings.client_ttl,
-                            )
-                        for client_id, data in zip(batch, await pipe.execute(), strict=True):
-                            if data is not None and not core.has_session(client_id):
-                                self._adopt(peer, client_id, data)
-                    finally:
-                        self._adopting.difference_update(batch)
+                if peer != self.me:
+                    locked = await redis.eval(
+                        _LOCK_SCRIPT,
+                        2,
+                        f"{prefix}:broker:{peer}",
+                        f"{prefix}:adopter:{peer}",
+                        self.me,
+                        ADOPTER_LOCK_TTL,
+                    )
+                    if not locked:
+                        return  # another survivor adopts it, or it is back
+                claimed = await self._claim(redis, peer)
+                if peer == self.me:
+                    await self._readopt_own(redis, claimed)
+                else:
+                    await self._adopt_gone(redis, peer, claimed)
         except LinkError as error:
             log.warning("sessions of %s not taken over yet: %s", peer, error)
 
-    def _adopt(self, peer: str, client_id: str, data: bytes) -> None:
-        """Restore a claimed session as an offline session, its expiry counted from now."""
+    async def _claim(
+        self, redis: RedisClient, peer: str
+    ) -> dict[str, tuple[SessionSnapshot, Marks]]:
+        """Claim what `peer` stored, each session with its marks (the freshest we have)."""
         core = self.core
+        prefix = self.settings.prefix
+        stored_key = f"{prefix}:sessions:{peer}"
+        stored = [raw.decode() for raw in await redis.hkeys(stored_key)]
+        waiting = [client_id for client_id in stored if not core.has_session(client_id)]
+        claimed: dict[str, tuple[SessionSnapshot, Marks]] = {}
+        for first in range(0, len(waiting), ADOPT_BATCH):
+            # One round trip claims a batch (each claim is atomic on its own).
+            batch = waiting[first : first + ADOPT_BATCH]
+            self._adopting.update(batch)
+            try:
+                pipe = redis.pipeline(transaction=False)
+                for client_id in batch:
+                    pipe.eval(
+                        _ADOPT_SCRIPT,
+                        2,
+                        f"{prefix}:client:{client_id}",
+                        stored_key,
+                        peer,
+                        self.me,
+                        client_id,
+                        self.settings.client_ttl,
+                    )
+                pipe.hmget(f"{prefix}:marks:{peer}", batch)
+                *results, checkpoints = await pipe.execute()
+                for client_id, data, checkpoint in zip(batch, results, checkpoints, strict=True):
+                    if data is None or core.has_session(client_id):
+                        continue
+                    try:
+                        snapshot = decode_snapshot(data, core.clock)
+                    except SnapshotError as error:
+                        log.warning("stored session %r of %s dropped: %s", client_id, peer, error)
+                        self.stats["bad_sessions"] += 1
+                        continue
+                    marks = Marks.decode(snapshot_marks(data))
+                    if checkpoint is not None:
+                        fresher = Marks.decode(json.loads(checkpoint))
+                        if fresher.position > marks.position:
+                            # Seen idle after it was stored: nothing in it is unacknowledged.
+                            snapshot = dataclasses.replace(snapshot, inflight=(), queue=())
+                            marks = fresher
+                    log.info(
+                        client_id,
+                        snapshot_marks(data),
+                        checkpoint,
+                        marks,
+                        len(snapshot.inflight),
+                    )
+                    claimed[client_id] = (snapshot, marks)
+            finally:
+                self._adopting.difference_update(batch)
+        return claimed
+
+    def _restore(self, claimed: dict[str, tuple[SessionSnapshot, Marks]]) -> None:
+        core = self.core
+        for snapshot, _ in claimed.values():
+            core.adopt_session(snapshot, core.clock())
+            self.stats["sessions_adopted"] += 1
+
+    async def _adopt_gone(
+        self, redis: RedisClient, peer: str, claimed: dict[str, tuple[SessionSnapshot, Marks]]
+    ) -> None:
+        """Adopt a dead broker's sessions with what was routed to it: every other broker
+        routes their filters to us from `adopted` on and marks the dead inbox; we read it
+        up to those markers, then (in one step, so that nothing published here falls between)
+        restore the sessions, add what we had sent the dead broker ourselves, stop routing to
+        it, and hand the replayed messages to the sessions. Our inbox waits meanwhile: what
+        it delivers to them comes after the replay."""
+        prefix = self.settings.prefix
+        assert self.pause_inbox is not None and self.resume_inbox is not None
+        assert self.announce_adoption is not None and self.finish_adoption is not None
+        self.pause_inbox()
         try:
-            snapshot = decode_snapshot(data, core.clock)
-        except SnapshotError as error:
-            log.warning("stored session %r of %s dropped: %s", client_id, peer, error)
-            self.stats["bad_sessions"] += 1
+            origins = set(self.peers) - {peer}
+            filters = sorted(
+                {r.topic_filter for snapshot, _ in claimed.values() for r in snapshot.subscriptions}
+            )
+            self.announce_adoption(peer, filters)
+            replay = None
+            if self.replay_enabled and claimed:
+                replay = await self._read_dead_inbox(redis, peer, claimed, origins)
+                ms, seq = self.inbox_position()
+                ours = await redis.xrange(self.k_inbox, min=f"({ms}-{seq}", max="+")
+                elsewhere = origins_and_sequences(ours)
+            # From here to the end, no await: nothing published here comes in between.
+            self._restore(claimed)
+            own = self.finish_adoption(peer)
+            if replay is not None:
+                replay.feed_records(own)
+                # What our own waiting inbox holds is delivered by it: not twice.
+                self.stats["replayed"] += replay.deliver(elsewhere)
+        finally:
+            self.resume_inbox()
+        pipe = redis.pipeline(transaction=False)
+        pipe.set(f"{prefix}:adopted:{peer}", self.me, ex=ADOPTER_LOCK_TTL)
+        pipe.delete(f"{prefix}:marks:{peer}")
+        await pipe.execute()
+        log.info("adopted %d sessions of %s", len(claimed), peer)
+
+    async def _read_dead_inbox(
+        self,
+        redis: RedisClient,
+        peer: str,
+        claimed: dict[str, tuple[SessionSnapshot, Marks]],
+        origins: set[str],
+    ) -> Replay:
+        """Read the dead inbox past the claimed sessions' marks, to every origin's marker."""
+        assert self.to_message is not None
+        replay = Replay(
+            self.core,
+            self.to_message,
+            {client_id: marks for client_id, (_, marks) in claimed.items()},
+            origins,
+        )
+        key = f"{self.settings.prefix}:inbox:{peer}"
+        start: bytes | str = "-"
+        deadline = time.monotonic() + self.settings.handover_timeout
+        while True:
+            entries = await redis.xrange(key, min=start, max="+", count=1000)
+            for entry_id, fields in entries:
+                replay.feed(entry_id, fields)
+                start = b"(" + entry_id
+            if replay.done or (not entries and time.monotonic() > deadline):
+                break
+            if not entries:
+                await asyncio.sleep(0.005)
+        if replay.pending:
+            log.warning("replay of %s: no end marker from %s", peer, sorted(replay.pending))
+        return replay
+
+    async def _readopt_own(
+        self, redis: RedisClient, claimed: dict[str, tuple[SessionSnapshot, Marks]]
+    ) -> None:
+        """A restart under our id: our stored sessions, and our inbox replayed to them past
+        their marks; the inbox reader then goes on after what was replayed."""
+        self._restore(claimed)
+        if not (self.replay_enabled and claimed):
             return
-        core.adopt_session(snapshot, core.clock())
-        self.stats["sessions_adopted"] += 1
+        assert self.to_message is not None
+        replay = Replay(
+            self.core,
+            self.to_message,
+            {client_id: marks for client_id, (_, marks) in claimed.items()},
+            (),
+        )
+        start: bytes | str = "-"
+        last = None
+        while True:
+            entries = await redis.xrange(self.k_inbox, min=start, max="+", count=1000)
+            if not entries:
+                break
+            for entry_id, fields in entries:
+                replay.feed(entry_id, fields)
+                start = last = b"(" + entry_id
+        self.stats["replayed"] += replay.deliver(set())
+        if last is not None:
+            # Start the group after what was replayed (its pending entries were in it).
+            pipe = redis.pipeline(transaction=True)
+            pipe.xgroup_destroy(self.k_inbox, GROUP)
+            pipe.xgroup_create(self.k_inbox, GROUP, id=last[1:], mkstream=True)
+            await pipe.execute()

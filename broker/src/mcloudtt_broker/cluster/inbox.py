@@ -5,6 +5,12 @@ the last batch, reports progress (`{prefix}:progress:{me}`: origin -> highest se
 what the origins' outboxes confirm against) and asks for the next. Each origin's sequences are
 handled in order; one not above the last handled from that origin is a duplicate (a resend) and
 dropped. Broadcast mode's QoS 0 publishes come from the Pub/Sub channel instead (`on_sync`).
+
+Handled entries are trimmed only REPLAY_WINDOW_MS behind the last one, so that if this broker
+dies, the broker that takes its sessions can replay what its clients had not acknowledged yet
+(`replay.py`). `pause()` holds deliveries (the reader waits before its next entry) while such a
+replay runs, or a session comes in from another broker, so that what this inbox delivers next
+comes after the replayed or handed-over messages.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from .envelope import EnvelopeError, EnvelopeFields, EnvelopeReader, unpack_enve
 from .link import GROUP, LinkError, RedisClient, stream_id
 from .records import InboxError, iter_records
 from .redis_url import RedisOptions
+from .replay import REPLAY_WINDOW_MS
 from .resp import Commands, open_connection
 from .settings import ClusterSettings
 
@@ -51,6 +58,18 @@ class Inbox:
         self.reader = EnvelopeReader()
         self.handled: dict[str, int] = {}  # origin -> highest sequence delivered from my inbox
         self.position: tuple[int, int] = (0, 0)  # id of the last inbox entry handled
+        self.pauses = 0  # deliveries wait while this is above 0
+        self._resumed = asyncio.Event()
+
+    def pause(self) -> None:
+        """Deliver nothing more until `resume()` (pauses nest)."""
+        self.pauses += 1
+        self._resumed.clear()
+
+    def resume(self) -> None:
+        self.pauses = max(0, self.pauses - 1)
+        if not self.pauses:
+            self._resumed.set()
 
     async def ensure_group(self, redis: RedisClient) -> None:
         try:
@@ -87,7 +106,9 @@ class Inbox:
                     commands.xack(self.k_inbox, GROUP, acks)
                     if self.handled:
                         commands.hset_many(self.k_progress, self.handled)
-                    commands.xtrim_minid(self.k_inbox, acks[-1])
+                    # Keep what was handled a while: a replay may need it (replay.py).
+                    last_ms = int(acks[-1].partition(b"-")[0])
+                    commands.xtrim_minid(self.k_inbox, b"%d-0" % max(0, last_ms - REPLAY_WINDOW_MS))
                 commands.xreadgroup(GROUP, self.me, self.k_inbox, last_id, 16, INBOX_BLOCK_MS)
                 async with asyncio.timeout(INBOX_BLOCK_MS / 1000 + REPLY_TIMEOUT):
                     replies = await inbox.call(commands)
@@ -107,6 +128,8 @@ class Inbox:
                     continue
                 self.stats["inbox_reads"] += 1
                 for entry_id, fields in entries:
+                    if self.pauses:
+                        await self._resumed.wait()
                     self.handle_entry(fields)
                     acks.append(entry_id)
                     self.position = stream_id(entry_id)
@@ -127,6 +150,8 @@ class Inbox:
                     batch = fields[index + 1]
                     break
         if batch is None:
+            if isinstance(fields, list) and fields[:1] == [b"m"]:
+                return  # an origin's end marker, for a replay (replay.py)
             self.stats["bad_batches"] += 1
             return
         received = 0

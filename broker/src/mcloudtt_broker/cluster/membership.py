@@ -6,7 +6,14 @@
 * Cluster table: `{prefix}:subs:{id}` is the set of filters with local subscribers on broker
   `id`; changes are announced on the Pub/Sub channel `{prefix}:control` (by the outbox, in order
   with the messages), and every broker keeps the whole table in its core, reloaded after every
-  reconnect. A peer whose presence stays missing for a whole TTL is gone.
+  reconnect. A peer whose presence stays missing for GONE_GRACE past its TTL is gone (the grace
+  covers a Redis restart, after which every broker claims its presence again within its
+  reconnect backoff). Gone is not forgotten: peers keep routing to its inbox until a survivor
+  announces that it adopted its sessions (`adopted`), then route to that survivor instead.
+* Safety of the id: the adoption lock `{prefix}:adopter:{id}` is taken only while the presence
+  is missing (one script), and a broker refreshes its presence only while that lock is absent
+  (one script): a broker frozen past its TTL whose sessions were adopted exits instead of
+  coming back as a second owner.
 * The control channel also carries `reset` (a peer's table was rewritten), `gone` (a peer left)
   and the session hand-over (`handover`, `handed`, for `failover.py`).
 """
@@ -28,6 +35,30 @@ from .settings import BROADCAST, ClusterSettings, DuplicateBrokerId
 
 log = logging.getLogger("mcloudtt.cluster")
 
+# Refresh our presence if it is ours, or re-create it if it expired and nobody adopted us:
+# KEYS presence, adoption lock; ARGV token, TTL ms. 1 ok, 0 adopted (declared dead), -1 taken.
+_REFRESH_SCRIPT = """
+local holder = redis.call('GET', KEYS[1])
+if holder == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+if holder then return -1 end
+if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
+
+
+# A gone peer whose adoption was never announced to us (its adopter died, or our link was down
+# when it was) is forgotten after this long: its inbox is not read any more.
+ADOPTION_DEADLINE = 30.0
+
+
+def gone_grace(settings: ClusterSettings) -> float:
+    """How long past its TTL a peer's presence must stay missing before it is gone."""
+    return max(1.0, 2 * settings.backoff_max)
+
 
 class Membership:
     def __init__(
@@ -40,6 +71,7 @@ class Membership:
         token: str,
         failover: Failover,
         on_peer_gone: Callable[[str], None],
+        on_adopted: Callable[[str, str], None],
         on_sync: Callable[[bytes], None],
     ) -> None:
         self.settings = settings
@@ -55,12 +87,27 @@ class Membership:
         self.token = token
         self.failover = failover
         self.on_peer_gone = on_peer_gone
+        self.on_adopted = on_adopted
+        self.k_adopter = f"{prefix}:adopter:{self.me}"
         self.on_sync = on_sync
         self.missing_since: dict[str, float] = {}  # peer -> when its presence was first missed
+        self.awaiting_adoption: set[str] = set()  # gone peers we still route to
 
     # ------------------------------------------------------------------ joining and leaving
 
-    async def claim_id(self, redis: RedisClient) -> None:
+    async def claim_id(self, redis: RedisClient, first: bool) -> None:
+        """Claim our id: a new process (`first`) clears an old adoption of it; a reconnecting
+        one whose sessions were adopted meanwhile must not serve them any longer."""
+        if not first and await redis.exists(self.k_adopter):
+            raise DuplicateBrokerId(
+                f"broker {self.me!r} was declared dead and its sessions adopted while it was "
+                "away from Redis; exiting so that no session has two owners"
+            )
+        await self._claim(redis)
+        if first:
+            await redis.delete(self.k_adopter, f"{self.settings.prefix}:adopted:{self.me}")
+
+    async def _claim(self, redis: RedisClient) -> None:
         ttl_ms = int(self.settings.presence_ttl * 1000)
         deadline = time.monotonic() + self.settings.presence_ttl + 1.0
         while True:
@@ -124,30 +171,61 @@ class Membership:
             self.core.remote_subscribe(peer, raw.decode())
 
     def peer_gone(self, peer: str) -> None:
+        # Its table stays: we route to its inbox until its sessions' adopter says so.
+        if peer not in self.live_peers:
+            return
         self.live_peers.discard(peer)
         self.missing_since.pop(peer, None)
-        self.core.remote_forget(peer)
         log.info("peer %s left the cluster", peer)
+        self.awaiting_adoption.add(peer)
+        asyncio.get_running_loop().call_later(ADOPTION_DEADLINE, self._adoption_overdue, peer)
         self.on_peer_gone(peer)
+
+    def _adoption_overdue(self, peer: str) -> None:
+        if peer in self.awaiting_adoption and peer not in self.live_peers:
+            log.warning("no adoption of %s announced; no longer routing to it", peer)
+            self.adopted("", peer)
+
+    def adopted(self, adopter: str, argument: str) -> None:
+        """Control `adopted`: `adopter` took the sessions of a gone broker; route their
+        filters to it instead, in one step (nothing falls between the two)."""
+        dead, *filters = argument.split("\x00")
+        core = self.core
+        self.awaiting_adoption.discard(dead)
+        if adopter and adopter != self.me:
+            self.live_peers.add(adopter)
+            for full_filter in filters:
+                core.remote_subscribe(adopter, full_filter)
+        core.remote_forget(dead)
+        log.info("peer %s's sessions adopted by %s", dead, adopter)
+        self.on_adopted(adopter, dead)
 
     # ------------------------------------------------------------------ workers
 
     async def heartbeat(self, redis: RedisClient) -> None:
-        interval = max(0.2, self.settings.presence_ttl / 4)
+        # Five beats per TTL: a broker must miss four in a row to look dead.
+        interval = max(0.1, self.settings.presence_ttl / 5)
         prefix = self.settings.prefix
+        grace = gone_grace(self.settings)
         while True:
             await asyncio.sleep(interval)
             ttl_ms = int(self.settings.presence_ttl * 1000)
-            holder = await redis.get(self.k_presence)
-            if holder is not None and holder.decode() != self.token:
+            state = await redis.eval(
+                _REFRESH_SCRIPT, 2, self.k_presence, self.k_adopter, self.token, ttl_ms
+            )
+            if state == -1:
                 raise DuplicateBrokerId(f"broker id {self.me!r} was taken by another broker")
-            await redis.set(self.k_presence, self.token, px=ttl_ms)
-            # Peers whose presence expired have left: forget their table entries.
+            if state == 0:
+                raise DuplicateBrokerId(
+                    f"broker {self.me!r} was frozen past --presence-ttl and declared dead, its "
+                    "sessions adopted; exiting so that no session has two owners"
+                )
+            # Peers whose presence expired have left (their sessions are adopted).
             now = time.monotonic()
             for peer in list(self.live_peers):
                 if await redis.exists(f"{prefix}:broker:{peer}"):
                     self.missing_since.pop(peer, None)
-                elif now - self.missing_since.setdefault(peer, now) > self.settings.presence_ttl:
+                elif now - self.missing_since.setdefault(peer, now) > grace:
                     self.peer_gone(peer)
 
     async def listen(self, redis: RedisClient) -> None:
@@ -194,6 +272,8 @@ class Membership:
             await self.load_peer_table(redis, peer)
         elif op == "gone":
             self.peer_gone(peer)
+        elif op == "adopted":
+            self.adopted(peer, argument)
         elif op == "handover":
             self.failover.handover_requested(peer, argument)
         elif op == "handed":

@@ -150,9 +150,21 @@ class Outbox:
             self.wake_pending = True
             self.wake(False)
 
+    def announce_adoption(self, dead: str, filters: Sequence[str]) -> None:
+        """We adopt `dead`'s sessions: their filters and the adoption in one control message
+        (`adopted`: every broker stops routing to `dead` and routes them to us, in one step)."""
+        self.control.append(("adopted", "\x00".join([dead, *filters])))
+        self.wake(True)
+
+    def mark(self, dest: str) -> None:
+        """We stopped routing to `dest` (adopted): an end marker in its inbox, after every
+        record we sent there (call after a flush: announcements are written first)."""
+        self.control.append(("mark", dest))
+        self.wake(True)
+
     def clear_announcements(self) -> None:
         """The whole table is being announced again (after a reconnect)."""
-        self.control.clear()
+        self.control = [c for c in self.control if c[0] not in ("add", "del")]
 
     def _make_room(self, qos: int) -> bool:
         """The buffer is full: drop QoS 0 first (MQTT allows it), then the oldest message."""
@@ -216,8 +228,19 @@ class Outbox:
         for op, full_filter in control:
             if op == "add":
                 commands.sadd(self.k_subs, full_filter)
-            else:
+            elif op == "del":
                 commands.srem(self.k_subs, full_filter)
+            elif op == "mark":
+                commands.xadd(
+                    f"{self.settings.prefix}:inbox:{full_filter}",
+                    "m",
+                    self.me.encode(),
+                    self.settings.inbox_maxlen,
+                )
+                continue
+            else:  # adopted: the dead broker, then the filters we took with its sessions
+                for adopted_filter in full_filter.split("\x00")[1:]:
+                    commands.sadd(self.k_subs, adopted_filter)
             commands.publish(self.k_control, f"{op}\x00{self.me}\x00{full_filter}")
 
     def _add_items(

@@ -18,8 +18,8 @@ Theory of operation.
   sequences they have already handled (per origin, in order). Envelope sequences start at the
   boot time in microseconds, so a restarted origin never reuses one.
 * Persistent sessions (`failover.py`): stored in `{prefix}:sessions:{id}`, handed over directly
-  when the broker that has one is alive, taken from the store when it is gone, and adopted as
-  offline sessions by the survivors.
+  when the broker that has one is alive; when it is gone, one survivor adopts them as offline
+  sessions and replays the dead inbox to them (`replay.py`): nothing acknowledged is lost.
 * Retained messages: the hash `{prefix}:retained` (topic -> envelope), written on each retained
   publish, loaded at start and after each reconnect; retained publishes go to every broker.
 * The retry pattern (this module, which runs the link): Redis unreachable (at start or later)
@@ -46,7 +46,7 @@ import hiredis
 from ..backoff import Backoff
 from ..core.message import Message
 from ..core.ports import ClusterCore, Resume
-from .failover import Failover
+from .failover import SESSION_WRITE_DELAY, Failover
 from .inbox import Inbox
 from .link import Link, LinkError, RedisClient, redis_errors
 from .membership import Membership
@@ -104,6 +104,13 @@ class RedisBus:
             stats,
             drain=self._drain_outbound,
             inbox_position=lambda: self.inbox.position,
+            inbox_handled=lambda: self.inbox.handled,
+            to_message=self.inbox.to_message,
+            pause_inbox=self.inbox.pause,
+            resume_inbox=self.inbox.resume,
+            announce_adoption=self._announce_adoption,
+            finish_adoption=self._finish_adoption,
+            replay=settings.replay,
         )
         self.membership = Membership(
             settings,
@@ -113,6 +120,7 @@ class RedisBus:
             token=self.token,
             failover=self.failover,
             on_peer_gone=self._peer_gone,
+            on_adopted=self._on_adopted,
             on_sync=self.inbox.on_sync,
         )
 
@@ -155,6 +163,12 @@ class RedisBus:
 
     def session_changed(self, client_id: str) -> None:
         self.failover.session_changed(client_id)
+
+    def delivery_completed(self, client_id: str) -> None:
+        self.failover.delivery_completed(client_id)
+
+    def release_after_store(self, client_id: str, packet_id: int) -> bool:
+        return self.failover.release_after_store(client_id, packet_id)
 
     def locate_session(self, client_id: str, clean_start: bool, resume: Resume) -> bool:
         return self.failover.locate_session(client_id, clean_start, resume)
@@ -217,6 +231,7 @@ class RedisBus:
                     self._worker(self.membership.listen(redis), "cluster-pubsub"),
                     self._worker(self.membership.heartbeat(redis), "cluster-heartbeat"),
                     self._worker(self._confirm_loop(redis), "cluster-confirm"),
+                    self._worker(self._checkpoint_loop(), "cluster-checkpoint"),
                 ]
                 try:
                     await self._lost_event.wait()
@@ -259,17 +274,19 @@ class RedisBus:
         )
         await redis.ping()
         membership = self.membership
-        await membership.claim_id(redis)
+        first = not self.stats["connects"]
+        await membership.claim_id(redis, first)
+        await self.inbox.ensure_group(redis)
+        if first:
+            # Sessions a previous run of this broker id stored (a restarted pod keeps its name),
+            # with what its inbox still holds for them, before our table is announced.
+            await self.failover.adopt_sessions(redis, self.me)
         self.outbox.clear_announcements()  # the whole table is announced now
         await membership.register(redis)
-        await self.inbox.ensure_group(redis)
         await membership.load_peers(redis)
         # Resend what receivers have not confirmed (Redis may have lost it), then the buffer,
         # in sequence order: receivers drop a sequence lower than one they already handled.
         resend = self.outbox.resend(await self._progress(redis, self.outbox.destinations()))
-        if not self.stats["connects"]:
-            # Sessions a previous run of this broker id stored (a restarted pod keeps its name).
-            await self.failover.adopt_sessions(redis, self.me)
         writer = await open_connection(self.redis_options, self._link_lost)
         link.writer = writer
         if resend is not None:
@@ -310,8 +327,37 @@ class RedisBus:
         }
 
     def _peer_gone(self, peer: str) -> None:
-        self.outbox.forget_destination(peer)
+        # Its records stay unconfirmed, and we keep routing to its inbox, until its sessions'
+        # adopter announces itself (`_on_adopted`).
         self.failover.peer_gone(peer)
+
+    def _announce_adoption(self, dead: str, filters: list[str]) -> None:
+        """We adopt `dead`'s sessions: every broker routes their filters to us instead."""
+        self.outbox.announce_adoption(dead, filters)
+        self._flush()
+
+    def _finish_adoption(self, dead: str) -> list[bytes]:
+        """Stop routing to `dead` ourselves; return the QoS 1/2 records we sent it that it
+        never confirmed (the adopter replays them too)."""
+        self._flush()
+        self.core.remote_forget(dead)
+        self.membership.awaiting_adoption.discard(dead)
+        records = [record for _, record in self.outbox.unconfirmed.get(dead, ())]
+        self.outbox.forget_destination(dead)
+        return records
+
+    def _on_adopted(self, adopter: str, dead: str) -> None:
+        """We stopped routing to `dead` (`adopter` took its sessions): after everything we
+        sent it, an end marker in its inbox, for the adopter's replay."""
+        self._flush()
+        self.outbox.mark(dead)
+        self._flush()
+        self.outbox.forget_destination(dead)
+
+    async def _checkpoint_loop(self) -> None:
+        while True:
+            await asyncio.sleep(SESSION_WRITE_DELAY)
+            self.failover.checkpoint()
 
     # ------------------------------------------------------------------ metrics
 
@@ -329,9 +375,13 @@ class RedisBus:
             "resent_total": float(stats["resent"]),
             "sessions_adopted_total": float(stats["sessions_adopted"]),
             "sessions_restored_total": float(stats["sessions_restored"]),
+            "replayed_total": float(stats["replayed"]),
             "flushes_total": float(stats["flushes"]),
             "inbox_reads_total": float(stats["inbox_reads"]),
             "bad_envelopes_total": float(stats["bad_envelopes"] + stats["bad_batches"]),
             "peers": float(len(self.live_peers)),
             "remote_filters": float(self.core.remote_filter_count()),
+            # Its own entries in the cluster table: local + remote is the same on every broker
+            # once the tables converged (the chaos snapshot compares them).
+            "local_filters": float(len(self.core.local_filters())),
         }

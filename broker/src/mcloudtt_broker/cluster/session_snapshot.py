@@ -66,8 +66,10 @@ def _unpack(text: str, now: float) -> Message:
     )
 
 
-def encode_snapshot(snapshot: SessionSnapshot, origin: str, now: float) -> bytes:
-    document = {
+def encode_snapshot(
+    snapshot: SessionSnapshot, origin: str, now: float, marks: object = None
+) -> bytes:
+    document: dict[str, Any] = {
         "v": 1,
         "client_id": snapshot.client_id,
         "expiry": snapshot.expiry_interval,
@@ -99,7 +101,18 @@ def encode_snapshot(snapshot: SessionSnapshot, origin: str, now: float) -> bytes
         ],
         "awaiting_release": list(snapshot.awaiting_release),
     }
+    if marks is not None:
+        document["marks"] = marks  # where it stood in its broker's inbox (replay.py)
     return json.dumps(document, separators=(",", ":")).encode()
+
+
+def snapshot_marks(data: bytes) -> object:
+    """The marks stored with a snapshot (None without)."""
+    try:
+        document = json.loads(data)
+    except ValueError:
+        return None
+    return document.get("marks") if isinstance(document, dict) else None
 
 
 def decode_snapshot(data: bytes, clock: Callable[[], float]) -> SessionSnapshot:

@@ -22,7 +22,8 @@ class ClusterSettings:
     tap_stream: str | None = None
     tap_maxlen: int = 1_000_000
     buffer_limit: int = 100_000  # outbound messages kept while Redis is away
-    presence_ttl: float = 10.0
+    presence_ttl: float = 5.0
+    replay: bool = True  # replay a dead broker's inbox to the sessions taken from it
     backoff_max: float = 1.0
     inbox_maxlen: int = 100_000  # entries (batches) kept for a broker that does not read
     handover_timeout: float = 3.0  # how long a CONNECT waits for another broker's session

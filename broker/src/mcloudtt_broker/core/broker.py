@@ -87,6 +87,7 @@ class Broker:
         self.clock = clock
         self.bus: ClusterBus = bus or LocalBus()
         self._session_changed = self.bus.session_changed
+        self._delivery_completed = self.bus.delivery_completed
         self.retained: RetainedStore = retained if retained is not None else MemoryRetainedStore()
         self.authenticate = authenticate
         self.stats = Stats(clock())
@@ -190,6 +191,7 @@ class Broker:
         session = Session(client_id, max_queued=self.settings.max_queued_messages, stats=self.stats)
         # One bound method for all sessions, not one per session (64 bytes each).
         session.changed = self._session_changed
+        session.completed = self._delivery_completed
         self.sessions[client_id] = session
         return session
 
@@ -352,6 +354,40 @@ class Broker:
         session.ended_at = now
         if session.expiry_interval != NEVER_EXPIRES:
             self.expiring[session.client_id] = now + session.expiry_interval
+
+    def idle_sessions(self) -> list[str]:
+        # Online persistent sessions with nothing in flight or queued: everything delivered to
+        # them so far is acknowledged (a cluster bus checkpoints them for its inbox replay).
+        return [
+            client_id
+            for client_id, s in self.sessions.items()
+            if s.expiry_interval and s.connection is not None and not s.inflight and not s.queue
+        ]
+
+    def release(self, client_id: str, packet_id: int) -> None:
+        session = self.sessions.get(client_id)
+        conn = session.connection if session is not None else None
+        if conn is not None and session is not None:
+            entry = session.inflight.get(packet_id)
+            if entry is not None and entry.state == AWAITING_COMP:
+                conn.write_pubrel(packet_id)
+
+    def busy_sessions(self) -> list[str]:
+        # Online persistent sessions with something in flight or queued.
+        return [
+            client_id
+            for client_id, s in self.sessions.items()
+            if s.expiry_interval and s.connection is not None and (s.inflight or s.queue)
+        ]
+
+    def replay_to(self, client_ids: Iterable[str], message: Message) -> None:
+        """Deliver `message` to the plain subscriptions of these sessions only (a dead
+        broker's inbox replayed to the sessions taken from it)."""
+        wanted = set(client_ids)
+        per_session, _ = self.trie.match(message.topic)
+        chosen = [(session, subs) for session, subs in per_session if session.client_id in wanted]
+        if chosen:
+            self._deliver_plain(message, chosen)
 
     # ------------------------------------------------------------ retained messages
 

@@ -68,6 +68,8 @@ CONNECTING, CONNECTED, CLOSED, LOCATING = 0, 1, 3, 2
 _PINGRESP = b"\xd0\x00"
 # Never written to: see `alias_in` / `alias_out`.
 _NO_ALIASES: dict[Any, Any] = {}
+# A cluster stores a session before its PUBREL only while its queue is at most this long.
+STORE_BEFORE_RELEASE_MAX_QUEUE = 100
 
 
 class Link(Protocol):
@@ -601,7 +603,15 @@ class ServerConnection:
             session.pump(now)
             return
         entry.state = AWAITING_COMP
-        self.write_pubrel(pid)
+        # In a cluster the session is stored first: restored elsewhere, it must send PUBREL,
+        # not the PUBLISH again, or the client would deliver it twice.
+        # (Not behind a long queue: storing it on every PUBREC would cost more than it saves.)
+        if not (
+            session.expiry_interval
+            and len(session.queue) <= STORE_BEFORE_RELEASE_MAX_QUEUE
+            and self.broker.bus.release_after_store(session.client_id, pid)
+        ):
+            self.write_pubrel(pid)
 
     def _on_pubcomp(self, packet: PubComp, now: float) -> None:
         session = self._connected_session()
@@ -610,6 +620,8 @@ class ServerConnection:
             del session.inflight[packet.packet_id]
             if session.queue:
                 session.pump(now)
+            if session.expiry_interval and session.completed is not None:
+                session.completed(session.client_id)
         elif entry is not None and entry.qos == 1:
             self._wrong_ack("pubcomp_for_qos1")
         else:

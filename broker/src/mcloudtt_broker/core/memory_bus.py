@@ -214,6 +214,12 @@ class MemoryBus:
     def session_changed(self, client_id: str) -> None:
         self.changed_sessions[client_id] += 1
 
+    def delivery_completed(self, client_id: str) -> None:
+        return None
+
+    def release_after_store(self, client_id: str, packet_id: int) -> bool:
+        return False
+
     # ------------------------------------------------------------------ sessions across cores
 
     def locate_session(self, client_id: str, clean_start: bool, resume: Resume) -> bool:

@@ -48,6 +48,18 @@ class ClusterBus(Protocol):
         (`ClusterCore.stored_session`)."""
         ...
 
+    def delivery_completed(self, client_id: str) -> None:
+        """A persistent session's client completed a QoS 2 delivery (PUBCOMP): a bus that
+        replays a dead broker's inbox stores the session again at once, so that the replay
+        does not deliver it twice (exactly once costs a write per completion)."""
+        ...
+
+    def release_after_store(self, client_id: str, packet_id: int) -> bool:
+        """A persistent session's client sent PUBREC: True if the bus stores the session
+        first and then calls `ClusterCore.release` (the PUBREL is where the client delivers;
+        a session restored elsewhere must know it was sent), False to send PUBREL now."""
+        ...
+
     def locate_session(self, client_id: str, clean_start: bool, resume: Resume) -> bool:
         """A CONNECT for `client_id` was accepted: its session may live on another broker.
 
@@ -108,6 +120,22 @@ class ClusterCore(Protocol):
         """Take a session a gone broker served, as an offline session expiring from `now`."""
         ...
 
+    def idle_sessions(self) -> list[str]:
+        """Client ids of the online persistent sessions with nothing in flight or queued."""
+        ...
+
+    def release(self, client_id: str, packet_id: int) -> None:
+        """Send the PUBREL `release_after_store` held back, now that the session is stored."""
+        ...
+
+    def busy_sessions(self) -> list[str]:
+        """Client ids of the online persistent sessions with something in flight or queued."""
+        ...
+
+    def replay_to(self, client_ids: Iterable[str], message: Message) -> None:
+        """Deliver `message` to the plain subscriptions of these local sessions only."""
+        ...
+
 
 class LocalBus:
     """A single node: nothing to forward to."""
@@ -125,6 +153,12 @@ class LocalBus:
 
     def session_changed(self, client_id: str) -> None:
         return None
+
+    def delivery_completed(self, client_id: str) -> None:
+        return None
+
+    def release_after_store(self, client_id: str, packet_id: int) -> bool:
+        return False
 
     def locate_session(self, client_id: str, clean_start: bool, resume: Resume) -> bool:
         return False

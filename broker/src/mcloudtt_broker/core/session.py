@@ -56,6 +56,7 @@ class Session:
         "awaiting_release",
         "changed",
         "client_id",
+        "completed",
         "connection",
         "ended_at",
         "expiry_interval",
@@ -83,6 +84,8 @@ class Session:
         self.stats = stats
         # Told when a message is queued while the client is away (the cluster stores the session).
         self.changed: Callable[[str], None] | None = None
+        # Told of each QoS 2 completion (the cluster stores the session again).
+        self.completed: Callable[[str], None] | None = None
 
     def __repr__(self) -> str:
         return f"Session({self.client_id!r}, online={self.online})"

@@ -1,0 +1,155 @@
+"""Replaying a dead broker's inbox to the sessions taken from it (sans-IO).
+
+Every inbox keeps what it handled for REPLAY_WINDOW_MS more (`inbox.py` trims behind it), so it
+holds what was routed to its broker and not yet acknowledged by the clients there. Each stored
+session carries its *marks*: the inbox entry and the highest sequence per origin its broker had
+handled when the session was stored, or, fresher, when it was last seen idle (online, nothing in
+flight or queued: everything before was acknowledged). The broker that takes the sessions feeds
+the dead inbox's entries to a `Replay`: each record past a session's marks goes to that session
+(per origin in sequence order, resends dropped), until every origin's end marker (`m` entries,
+written when an origin stopped routing to the dead broker) has been read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..core.message import Message
+from ..core.ports import ClusterCore
+from .envelope import EnvelopeError, EnvelopeFields, EnvelopeReader
+from .link import stream_id
+from .records import InboxError, iter_records
+
+_AFTER_ALL = (1 << 63, 0)
+
+# How long an inbox keeps the entries it handled, for a replay after its broker died.
+REPLAY_WINDOW_MS = 10_000
+
+
+@dataclass
+class Marks:
+    """Where a session stood in its broker's inbox."""
+
+    position: tuple[int, int] = (0, 0)
+    seen: dict[str, int] = field(default_factory=dict)
+
+    def encode(self) -> dict[str, Any]:
+        return {"pos": f"{self.position[0]}-{self.position[1]}", "seen": self.seen}
+
+    @staticmethod
+    def decode(document: Any) -> Marks:
+        if not isinstance(document, dict):
+            return Marks()
+        try:
+            seen = {str(k): int(v) for k, v in dict(document.get("seen", {})).items()}
+            return Marks(stream_id(str(document.get("pos", "0-0"))), seen)
+        except (TypeError, ValueError):
+            return Marks()
+
+
+def entry_fields(fields: Any) -> dict[bytes, bytes]:
+    """An entry's fields as a dict, from redis-py's dict or a flat RESP list."""
+    if isinstance(fields, dict):
+        return fields
+    if isinstance(fields, list):
+        return dict(zip(fields[0::2], fields[1::2], strict=False))
+    return {}
+
+
+class Replay:
+    def __init__(
+        self,
+        core: ClusterCore,
+        to_message: Callable[[EnvelopeFields], Message | None],
+        sessions: Mapping[str, Marks],
+        origins: Iterable[str],
+    ) -> None:
+        self.core = core
+        self.to_message = to_message
+        self.sessions = {
+            client_id: Marks(m.position, dict(m.seen)) for client_id, m in sessions.items()
+        }
+        self.pending = set(origins)  # origins whose end marker is still to come
+        self.reader = EnvelopeReader()
+        # What to deliver, in stream order: (origin, sequence, message, client ids).
+        self.found: list[tuple[str, int, Message, list[str]]] = []
+        self.bad = 0
+
+    @property
+    def done(self) -> bool:
+        return not self.pending
+
+    def feed(self, entry_id: bytes | str, raw_fields: Any) -> None:
+        fields = entry_fields(raw_fields)
+        marker = fields.get(b"m")
+        if marker is not None:
+            self.pending.discard(marker.decode(errors="replace"))
+            return
+        batch = fields.get(b"b")
+        if not isinstance(batch, bytes):
+            return
+        self._feed_batch(stream_id(entry_id), batch)
+
+    def feed_records(self, records: Iterable[bytes]) -> None:
+        """Our own records for the dead broker (unconfirmed in our outbox): after everything
+        in its inbox, duplicates of what was found there dropped."""
+        self._feed_batch(_AFTER_ALL, b"".join(records))
+
+    def _feed_batch(self, position: tuple[int, int], batch: bytes) -> None:
+        try:
+            for plain, _groups, start, stop in iter_records(batch):
+                if not plain:
+                    continue  # shared-group deliveries are not replayed
+                try:
+                    envelope = self.reader.read(batch, start, stop)
+                except EnvelopeError:
+                    self.bad += 1
+                    continue
+                origin, sequence = envelope[0], envelope[1]
+                if not envelope[6]:
+                    continue  # QoS 0 is not kept for absent clients anyway
+                takers = []
+                for client_id, marks in self.sessions.items():
+                    if position > marks.position and sequence > marks.seen.get(origin, 0):
+                        marks.seen[origin] = sequence
+                        takers.append(client_id)
+                if takers:
+                    message = self.to_message(envelope)
+                    if message is not None:
+                        self.found.append((origin, sequence, message, takers))
+        except InboxError:
+            self.bad += 1
+
+    def deliver(self, delivered_elsewhere: set[tuple[str, int]]) -> int:
+        """Hand what was found to the sessions, but for what the taker's own inbox will
+        deliver anyway (origin, sequence). Returns how many messages were replayed."""
+        count = 0
+        for origin, sequence, message, takers in self.found:
+            if (origin, sequence) in delivered_elsewhere:
+                continue
+            self.core.replay_to(takers, message)
+            count += 1
+        self.found.clear()
+        return count
+
+
+def origins_and_sequences(entries: Iterable[tuple[Any, Any]]) -> set[tuple[str, int]]:
+    """(origin, sequence) of every record in these inbox entries."""
+    reader = EnvelopeReader()
+    found: set[tuple[str, int]] = set()
+    for _entry_id, raw in entries:
+        batch = entry_fields(raw).get(b"b")
+        if not isinstance(batch, bytes):
+            continue
+        try:
+            for _plain, _groups, start, stop in iter_records(batch):
+                try:
+                    envelope = reader.read(batch, start, stop)
+                except EnvelopeError:
+                    continue
+                found.add((envelope[0], envelope[1]))
+        except InboxError:
+            continue
+    return found

@@ -1,0 +1,326 @@
+"""Issue 11: no acknowledged QoS 1/2 message for a persistent session is lost when the broker
+that holds the session dies (SIGKILL), whether its client comes back elsewhere at once, only
+after the dead broker's presence expired, or to the same broker id restarted.
+
+Three real brokers on a real redis-server; a paho publisher on A with sequence numbers at a
+few hundred messages a second; a persistent paho subscriber on B; B is SIGKILLed mid-stream.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections import Counter
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import pytest
+from brokerproc import BrokerProcess
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from .conftest import start_broker, wait_ready, wait_until
+
+TOPIC = "noloss/seq"
+RATE = 300  # messages a second
+# An offline session's queue must hold what arrives while its broker is declared dead and its
+# client away (the default 1000 is about 3 s at RATE): a bound, not what is tested here.
+QUEUE = ("--max-queued-messages", "100000")
+
+
+class Publisher(threading.Thread):
+    """Publishes 0, 1, 2, ... at RATE; `acked` holds what the broker acknowledged."""
+
+    def __init__(self, port: int, qos: int) -> None:
+        super().__init__(daemon=True)
+        self.qos = qos
+        self.acked: set[int] = set()
+        self.sent = 0
+        self._mids: dict[int, int] = {}
+        self._early: set[int] = set()
+        self._lock = threading.Lock()
+        self.stopping = threading.Event()
+        self.c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="noloss-pub")
+        self.c.max_inflight_messages_set(100)
+        self.c.on_publish = self._on_publish
+        self.c.connect("127.0.0.1", port, 60)
+        self.c.loop_start()
+
+    def _on_publish(self, c: Any, u: Any, mid: int, rc: Any, p: Any) -> None:
+        with self._lock:
+            seq = self._mids.pop(mid, None)
+            if seq is None:
+                self._early.add(mid)  # acknowledged before `run` noted its mid
+            else:
+                self.acked.add(seq)
+
+    def run(self) -> None:
+        start = time.monotonic()
+        while not self.stopping.is_set():
+            due = start + self.sent / RATE
+            delay = due - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            # Not under our lock: paho calls `_on_publish` under its own.
+            info = self.c.publish(TOPIC, str(self.sent).encode(), self.qos)
+            with self._lock:
+                if info.mid in self._early:
+                    self._early.discard(info.mid)
+                    self.acked.add(self.sent)
+                else:
+                    self._mids[info.mid] = self.sent
+            self.sent += 1
+
+    def finish(self) -> None:
+        self.stopping.set()
+        self.join()
+        wait_until(lambda: not self._mids, 10.0, "every publish acknowledged")
+        self.c.loop_stop()
+        self.c.disconnect()
+
+
+class Subscriber:
+    """A persistent-session subscriber; `got` is (sequence, DUP flag) in arrival order."""
+
+    def __init__(self, version: int) -> None:
+        self.version = version
+        self.got: list[tuple[int, bool]] = []
+        self.client: mqtt.Client | None = None
+
+    def connect(self, port: int, timeout: float = 20.0) -> bool:
+        proto = mqtt.MQTTv5 if self.version == 5 else mqtt.MQTTv311
+        c = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=f"noloss-sub-{self.version}",
+            protocol=proto,
+            clean_session=None if self.version == 5 else False,
+        )
+        connected = threading.Event()
+        present: list[bool] = []
+
+        def on_connect(c: Any, u: Any, flags: Any, rc: Any, p: Any) -> None:
+            present.append(bool(flags.session_present))
+            connected.set()
+
+        c.on_connect = on_connect
+        c.on_message = lambda c, u, m: self.got.append((int(m.payload), bool(m.dup)))
+        props = None
+        if self.version == 5:
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = 600
+        c.connect(
+            "127.0.0.1",
+            port,
+            60,
+            clean_start=False if self.version == 5 else mqtt.MQTT_CLEAN_START_FIRST_ONLY,
+            properties=props,
+        )
+        c.loop_start()
+        assert connected.wait(timeout), "no CONNACK"
+        self.client = c
+        return present[0]
+
+    def drop(self) -> None:
+        if self.client is not None:
+            self.client.loop_stop()
+            sock = self.client.socket()
+            if sock is not None:
+                sock.close()
+            self.client = None
+
+
+def received(sub: Subscriber) -> list[int]:
+    return [seq for seq, _ in sub.got]
+
+
+def ranges(values: list[int]) -> str:
+    """1,2,3,7,8 -> '1-3, 7-8' (what a failure shows)."""
+    parts: list[str] = []
+    for v in values:
+        if parts and int(parts[-1].split("-")[-1]) == v - 1:
+            parts[-1] = f"{parts[-1].split('-')[0]}-{v}"
+        else:
+            parts.append(str(v))
+    return ", ".join(parts[:30])
+
+
+def check(pub: Publisher, sub: Subscriber, qos: int) -> None:
+    got = received(sub)
+    print(f"acked {len(pub.acked)}, received {len(got)}, distinct {len(set(got))}")
+    lost = sorted(pub.acked - set(got))
+    if lost:
+        lo = lost[0]
+        print("around", [(i, x) for i, x in enumerate(sub.got) if lo - 20 <= x[0] <= lo + 5])
+    assert not lost, f"{len(lost)} of {len(pub.acked)} acknowledged lost: {ranges(lost)}"
+    firsts: list[int] = []
+    seen: set[int] = set()
+    for seq in got:
+        if seq not in seen:
+            seen.add(seq)
+            firsts.append(seq)
+    assert firsts == sorted(firsts), "order per publisher broken"
+    dups = sorted(k for k, v in Counter(got).items() if v > 1)
+    if dups:
+        first_idx = [i for i, x in enumerate(sub.got) if x[0] == dups[0]]
+        print(
+            "duplicates",
+            ranges(dups),
+            "first at",
+            first_idx,
+            "DUP flags",
+            [dup for seq, dup in sub.got if seq in set(dups)][:10],
+        )
+    if qos == 2:
+        assert len(got) == len(set(got)), f"QoS 2 delivered twice: {len(got) - len(set(got))}"
+
+
+def run_kill(
+    brokers: list[BrokerProcess], version: int, qos: int, when: str
+) -> tuple[Publisher, Subscriber]:
+    """Publish on A, subscribe on B, SIGKILL B mid-stream; the subscriber comes back on C
+    `when` ("at-once" or "after-expiry"); returns once everything acknowledged arrived (or
+    15 s passed)."""
+    a, b, c = brokers
+    sub = Subscriber(version)
+    sub.connect(b.port)
+    assert sub.client is not None
+    sub.client.subscribe(TOPIC, qos)
+    wait_until(lambda: a.metric("mcloudtt_cluster_remote_filters") >= 1, 5.0, "routing")
+    pub = Publisher(a.port, qos)
+    pub.start()
+    try:
+        wait_until(lambda: len(sub.got) > 200, 10.0, "deliveries before the kill")
+        b.signal(signal.SIGKILL)
+        b.proc.wait()  # type: ignore[union-attr]
+        sub.drop()
+        if when == "at-once":
+            assert sub.connect(c.port)
+        elif when == "after-expiry":
+            wait_until(
+                lambda: (
+                    sum(x.metric("mcloudtt_cluster_sessions_adopted_total") for x in (a, c)) >= 1
+                ),
+                20.0,
+                "the session adopted",
+            )
+            time.sleep(0.5)
+            assert sub.connect(c.port)
+        time.sleep(1.0)
+    finally:
+        pub.finish()
+    deadline = time.monotonic() + 15.0
+    while time.monotonic() < deadline and not pub.acked <= set(received(sub)):
+        time.sleep(0.05)
+    return pub, sub
+
+
+@pytest.mark.parametrize("version", [4, 5], ids=["311", "5"])
+@pytest.mark.parametrize("when", ["at-once", "after-expiry"])
+def test_broker_kill_loses_no_acknowledged_qos1(redis_server, cluster_factory, version, when):
+    brokers = cluster_factory(3, *QUEUE)
+    pub, sub = run_kill(brokers, version, 1, when)
+    import sys
+
+    sys.path.insert(0, "/tmp/noloss")
+    import dbg
+
+    dbg.dump(redis_server.url)
+    check(pub, sub, 1)
+
+
+def test_broker_kill_qos2_no_loss_no_duplicate(redis_server, cluster_factory):
+    brokers = cluster_factory(3, *QUEUE)
+    pub, sub = run_kill(brokers, 5, 2, "after-expiry")
+    check(pub, sub, 2)
+
+
+def test_without_replay_acknowledged_messages_are_lost(redis_server, cluster_factory):
+    """The same kill with the replay switched off: what the fix is for."""
+    brokers = cluster_factory(3, *QUEUE, "--inbox-replay", "false")
+    sub = Subscriber(5)
+    a, b, c = brokers
+    sub.connect(b.port)
+    assert sub.client is not None
+    sub.client.subscribe(TOPIC, 1)
+    wait_until(lambda: a.metric("mcloudtt_cluster_remote_filters") >= 1, 5.0, "routing")
+    pub = Publisher(a.port, 1)
+    pub.start()
+    try:
+        wait_until(lambda: len(sub.got) > 200, 10.0, "deliveries before the kill")
+        b.signal(signal.SIGKILL)
+        sub.drop()
+        sub.connect(c.port)
+        time.sleep(1.0)
+    finally:
+        pub.finish()
+    time.sleep(2.0)
+    lost = pub.acked - set(received(sub))
+    assert lost, "expected losses without the replay"
+
+
+def test_restart_under_same_id_loses_nothing(redis_server):
+    url = redis_server.url
+    brokers = [start_broker(url, f"r{i}", *QUEUE) for i in (1, 2, 3)]
+    restarted: BrokerProcess | None = None
+    try:
+        wait_ready(brokers)
+        a, b, _ = brokers
+        sub = Subscriber(5)
+        sub.connect(b.port)
+        assert sub.client is not None
+        sub.client.subscribe(TOPIC, 1)
+        wait_until(lambda: a.metric("mcloudtt_cluster_remote_filters") >= 1, 5.0, "routing")
+        pub = Publisher(a.port, 1)
+        pub.start()
+        try:
+            wait_until(lambda: len(sub.got) > 200, 10.0, "deliveries before the kill")
+            b.signal(signal.SIGKILL)
+            b.proc.wait()  # type: ignore[union-attr]
+            sub.drop()
+            restarted = start_broker(url, "r2", *QUEUE)
+            wait_until(lambda: restarted.http_get("/readyz")[0] == 200, 10.0, "restarted")
+            assert sub.connect(restarted.port)
+            time.sleep(1.0)
+        finally:
+            pub.finish()
+        wait_until(lambda: pub.acked <= set(received(sub)), 15.0, "every acknowledged message")
+        check(pub, sub, 1)
+    finally:
+        for x in [*brokers, *([restarted] if restarted else [])]:
+            x.stop()
+
+
+def test_a_frozen_broker_declared_dead_exits_instead_of_owning_twice(redis_server, clients):
+    """SIGSTOP past the TTL: the session is adopted elsewhere; woken, the broker exits (2)."""
+    url = redis_server.url
+    a, b = start_broker(url, "f1"), start_broker(url, "f2")
+    try:
+        wait_ready([a, b])
+        sub = clients(b.port, "frozen-sub", session_expiry=600, clean=False)
+        sub.subscribe("frozen/t", 1)
+        wait_until(lambda: a.metric("mcloudtt_cluster_remote_filters") >= 1, 5.0, "routing")
+        time.sleep(0.5)  # the session stored (within 0.1 s of its subscription)
+        b.signal(signal.SIGSTOP)
+        try:
+            wait_until(
+                lambda: a.metric("mcloudtt_cluster_sessions_adopted_total") >= 1,
+                15.0,
+                "the frozen broker's session adopted",
+            )
+        finally:
+            b.signal(signal.SIGCONT)
+        assert b.proc is not None
+        assert b.proc.wait(10) == 2
+        assert "declared dead" in b.output()
+        # The session lives on A only: a message published now is queued there for it.
+        pub = clients(a.port, "frozen-pub")
+        pub.publish("frozen/t", b"after", qos=1)
+        back = clients(a.port, "frozen-sub", session_expiry=600, clean=False)
+        assert back.session_present
+        assert back.get().payload == b"after"
+    finally:
+        for x in (a, b):
+            x.stop()
+            print(f"--- broker {x.port}", x.output()[-3000:], sep="\n")

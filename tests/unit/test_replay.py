@@ -1,0 +1,119 @@
+"""The replay's sans-IO half (issue 11): a dead broker's inbox, as an outbox wrote it, handed
+to the sessions taken from it past their marks, once, in order, up to every origin's marker;
+its own unconfirmed records added without doubles; what the taker's inbox delivers skipped."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import hiredis
+from mcloudtt_broker.cluster.envelope import EnvelopeFields
+from mcloudtt_broker.cluster.outbox import Outbox
+from mcloudtt_broker.cluster.replay import Marks, Replay
+from mcloudtt_broker.cluster.resp import Commands
+from mcloudtt_broker.cluster.settings import ClusterSettings
+from mcloudtt_broker.core.message import Message
+
+
+class Core:
+    def __init__(self) -> None:
+        self.replayed: list[tuple[list[str], bytes]] = []
+
+    def replay_to(self, client_ids: Iterable[str], message: Message) -> None:
+        self.replayed.append((sorted(client_ids), message.payload))
+
+
+def to_message(fields: EnvelopeFields) -> Message:
+    return Message(fields[4], bytes(fields[5]), fields[6], fields[7], fields[8], origin=fields[3])
+
+
+def xadds(dest: str, batches: list[Commands]) -> list[tuple[bytes, dict[bytes, bytes]]]:
+    """The entries the commands add to `dest`'s inbox, with made-up stream ids 1-0, 2-0, ..."""
+    reader = hiredis.Reader()
+    for batch in batches:
+        reader.feed(bytes(batch.data))
+    out = []
+    while (command := reader.gets()) is not False:
+        if command[0] == b"XADD" and command[1] == f"mcloudtt:inbox:{dest}".encode():
+            out.append((f"{len(out) + 1}-0".encode(), {command[-2]: command[-1]}))
+    return out
+
+
+def outbox(broker: str) -> Outbox:
+    return Outbox(ClusterSettings(url="redis://unused", broker_id=broker), sequence=0)
+
+
+def publish(box: Outbox, payloads: Iterable[int], qos: int = 1) -> list[Commands]:
+    for n in payloads:
+        box.forward(Message("t", str(n).encode(), qos, False, origin="pub"), ("dead",), {})
+    return box.flush(0)
+
+
+def test_past_each_sessions_marks_in_order_up_to_the_markers() -> None:
+    a = outbox("a")
+    entries = xadds("dead", publish(a, range(6)))  # one entry per flush: 6 records in one
+    a2 = outbox("a")
+    a2.sequence = a.sequence
+    entries += [(b"2-0", fields) for _, fields in xadds("dead", publish(a2, range(6, 8)))]
+    a2.mark("dead")
+    entries += [(b"9-0", {b"m": b"a"})]
+    core = Core()
+    # s1 had seen a's 1..3 (sequences start at 1); s2 nothing; s3's marks are past entry 1.
+    replay = Replay(
+        core,  # type: ignore[arg-type]
+        to_message,
+        {"s1": Marks((0, 0), {"a": 3}), "s2": Marks(), "s3": Marks((1, 0), {})},
+        {"a"},
+    )
+    assert not replay.done
+    for entry_id, fields in entries:
+        replay.feed(entry_id, fields)
+    assert replay.done
+    replay.deliver(set())
+    assert core.replayed == [
+        (["s2"], b"0"),
+        (["s2"], b"1"),
+        (["s2"], b"2"),
+        (["s1", "s2"], b"3"),
+        (["s1", "s2"], b"4"),
+        (["s1", "s2"], b"5"),
+        (["s1", "s2", "s3"], b"6"),
+        (["s1", "s2", "s3"], b"7"),
+    ]
+
+
+def test_resends_own_records_and_the_takers_inbox_are_not_delivered_twice() -> None:
+    a = outbox("a")
+    entries = xadds("dead", publish(a, range(3)))
+    resend = a.resend({})  # the origin resent everything (a reconnect)
+    assert resend is not None
+    entries += [(b"5-0", fields) for _, fields in xadds("dead", [resend])]
+    core = Core()
+    replay = Replay(core, to_message, {"s": Marks()}, ())  # type: ignore[arg-type]
+    for entry_id, fields in entries:
+        replay.feed(entry_id, fields)
+    # The taker's own unconfirmed records for the dead broker: 2 (seen) and 3 (new).
+    mine = outbox("b")
+    publish(mine, range(10, 12))
+    replay.feed_records(record for _, record in mine.unconfirmed["dead"])
+    # The taker's inbox already holds a's sequence 2 (routed to it too): skipped here.
+    assert replay.deliver({("a", 2)}) == 4
+    assert [payload for _, payload in core.replayed] == [b"0", b"2", b"10", b"11"]
+
+
+def test_qos0_and_shared_group_records_are_not_replayed() -> None:
+    a = outbox("a")
+    a.forward(Message("t", b"q0", 0, False, origin="pub"), ("dead",), {})
+    a.forward(Message("t", b"g", 1, False, origin="pub"), (), {"dead": ["$share/g/t"]})
+    core = Core()
+    replay = Replay(core, to_message, {"s": Marks()}, ())  # type: ignore[arg-type]
+    for entry_id, fields in xadds("dead", a.flush(0)):
+        replay.feed(entry_id, fields)
+    assert replay.deliver(set()) == 0
+
+
+def test_marks_round_trip_and_bad_marks_mean_from_the_start() -> None:
+    marks = Marks((12, 3), {"a": 7})
+    assert Marks.decode(marks.encode()) == marks
+    assert Marks.decode(None) == Marks()
+    assert Marks.decode({"pos": "x-y"}) == Marks()
