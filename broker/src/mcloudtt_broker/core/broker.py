@@ -88,6 +88,8 @@ class Broker:
         self.settings = settings or BrokerSettings()
         self.clock = clock
         self.bus: ClusterBus = bus or LocalBus()
+        self._session_changed = self.bus.session_changed
+        self._delivery_completed = self.bus.delivery_completed
         self.retained: RetainedStore = retained if retained is not None else MemoryRetainedStore()
         self.auth = auth if auth is not None else AuthChain()
         # None: no ACL, nothing is asked on publish, subscribe or delivery (the hot path).
@@ -191,8 +193,9 @@ class Broker:
 
     def _new_session(self, client_id: str) -> Session:
         session = Session(client_id, max_queued=self.settings.max_queued_messages, stats=self.stats)
-        session.changed = self.bus.session_changed
-        session.completed = self.bus.delivery_completed
+        # One bound method for all sessions, not one per session (64 bytes each).
+        session.changed = self._session_changed
+        session.completed = self._delivery_completed
         self.sessions[client_id] = session
         return session
 
@@ -219,9 +222,11 @@ class Broker:
             outgoing = Outgoing(entry.message, entry.qos, entry.retain, entry.identifiers)
             if entry.awaiting_comp:
                 outgoing.state = AWAITING_COMP
-            session.inflight[entry.packet_id] = outgoing
-        session.queue.extend(snapshot.queue)
-        session.awaiting_release.update(snapshot.awaiting_release)
+            session.own_inflight()[entry.packet_id] = outgoing
+        if snapshot.queue:
+            session.queue_for_append().extend(snapshot.queue)
+        if snapshot.awaiting_release:
+            session.awaiting_release = set(snapshot.awaiting_release)
         self.bus.session_changed(snapshot.client_id)
         return session
 

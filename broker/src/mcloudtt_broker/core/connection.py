@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import uuid
-from typing import TYPE_CHECKING, NoReturn, Protocol
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 
 from ..mqtt.codec import (
     MQTT_5,
@@ -68,6 +68,8 @@ if TYPE_CHECKING:
 CONNECTING, CONNECTED, CLOSED, LOCATING = 0, 1, 3, 2
 
 _PINGRESP = b"\xd0\x00"
+# Never written to: see `alias_in` / `alias_out`.
+_NO_ALIASES: dict[Any, Any] = {}
 # A cluster stores a session before its PUBREL only while its queue is at most this long.
 STORE_BEFORE_RELEASE_MAX_QUEUE = 100
 
@@ -125,8 +127,9 @@ class ServerConnection:
         self.keep_alive = 0
         self.send_quota = broker.settings.max_inflight
         self.max_packet_out = 0  # client's Maximum Packet Size; 0 = no limit
-        self.alias_in: dict[int, str] = {}
-        self.alias_out: dict[str, int] = {}
+        # Topic aliases (5.0) are rare: a shared empty dict until the first one is set.
+        self.alias_in: dict[int, str] = _NO_ALIASES
+        self.alias_out: dict[str, int] = _NO_ALIASES
         self.alias_out_max = 0
         self.problem_info = True
         self.congested = False
@@ -303,6 +306,8 @@ class ServerConnection:
                     changes["topic_alias"] = alias
                     topic = ""
                 elif len(self.alias_out) < self.alias_out_max:
+                    if self.alias_out is _NO_ALIASES:
+                        self.alias_out = {}
                     alias = len(self.alias_out) + 1
                     self.alias_out[topic] = alias
                     changes["topic_alias"] = alias
@@ -545,6 +550,8 @@ class ServerConnection:
                 if alias > broker.settings.topic_alias_maximum:
                     raise ProtocolError("topic alias out of range", ReasonCode.TOPIC_ALIAS_INVALID)
                 if topic:
+                    if self.alias_in is _NO_ALIASES:
+                        self.alias_in = {}
                     self.alias_in[alias] = topic  # a new or changed mapping (MQTT 5.0 3.3.2.3.4)
                 else:
                     mapped = self.alias_in.get(alias)
@@ -598,7 +605,7 @@ class ServerConnection:
         elif qos == 2:
             assert packet_id is not None
             if allowed or self.version != MQTT_5:
-                session.awaiting_release.add(packet_id)
+                session.hold_release(packet_id)
                 self._write(bytes((0x50, 2, packet_id >> 8, packet_id & 0xFF)))
             else:
                 self.send_packet(PubRec(packet_id=packet_id, reason_code=ReasonCode.NOT_AUTHORIZED))
@@ -607,7 +614,7 @@ class ServerConnection:
         session = self._connected_session()
         pid = packet.packet_id
         if pid in session.awaiting_release:
-            session.awaiting_release.discard(pid)
+            session.awaiting_release -= {pid}  # a frozenset stays one; a set shrinks in place
             self._write(bytes((0x70, 2, pid >> 8, pid & 0xFF)))
         elif self.version == MQTT_5:
             self.send_packet(
