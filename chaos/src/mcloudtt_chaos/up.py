@@ -22,6 +22,11 @@ from rich.table import Table
 from .local import LocalCluster, workdir
 from .procs import Metrics, console_script, free_port, scrape
 
+DEFAULT_DEVICES = 300
+# smart-building devices report about once a model minute: 2,000 at 60x is ~2,000 msg/s.
+LOAD_DEVICES = 2000
+LOAD_SPEEDUP = 60.0
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="mcloudtt", description="MCloudTT on one machine.")
@@ -31,7 +36,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     up.add_argument("--base-port", type=int, default=1883, help="MQTT port of the first broker")
     up.add_argument("--http-port", type=int, default=8080, help="HTTP port of the first broker")
     up.add_argument("--scenario", default="smart-building", help="simulator scenario")
-    up.add_argument("--devices", type=int, default=300, help="simulated devices (0: no fleet)")
+    up.add_argument(
+        "--devices", type=int, default=DEFAULT_DEVICES, help="simulated devices (0: no fleet)"
+    )
     up.add_argument("--seconds", type=float, default=0, help="stop after this long (0: at Ctrl-C)")
     up.add_argument("--duckdb", type=Path, default=Path("reports/mcloudtt.duckdb"))
     up.add_argument("--report", type=Path, default=Path("reports/report.html"))
@@ -39,7 +46,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--workdir", type=Path, default=None, help="logs and Redis data (default: a temp dir)"
     )
     up.add_argument("--no-adapter", action="store_true", help="do not run the adapter")
+    up.add_argument(
+        "--load",
+        action="store_true",
+        help=f"a busy fleet: {LOAD_DEVICES} devices at {LOAD_SPEEDUP:g}x model time "
+        "(thousands of msg/s)",
+    )
     args = parser.parse_args(argv)
+    if args.load and args.devices == DEFAULT_DEVICES:
+        args.devices = LOAD_DEVICES
     if args.command is None:
         parser.print_help()
         raise SystemExit(2)
@@ -57,6 +72,17 @@ def _scrape(port: int) -> Metrics | None:
         return scrape(port, timeout=1.0)
     except OSError:
         return None  # down, or not serving yet
+
+
+def adapter_figures(metrics: Metrics) -> dict[str, float]:
+    """The adapter's headline numbers. Lag is its own gauge (now minus the newest committed
+    event time), not a sum over the commit-latency histogram's series."""
+    return {
+        "rows_out_total": metrics.total("mcloudtt_adapter_rows_out_total"),
+        "pending": metrics.value("mcloudtt_adapter_pending"),
+        "lag_seconds": metrics.value("mcloudtt_adapter_event_lag_seconds"),
+        "sink_errors_total": metrics.total("mcloudtt_adapter_sink_errors_total"),
+    }
 
 
 def view(
@@ -105,10 +131,7 @@ def view(
     parts: list[Table] = [brokers]
     if adapter_http is not None:
         metrics = _scrape(adapter_http) or Metrics()
-        now = {
-            name: metrics.total(f"mcloudtt_adapter_{name}")
-            for name in ("rows_out_total", "pending", "lag_seconds", "sink_errors_total")
-        }
+        now = adapter_figures(metrics)
         before = previous.get("adapter", now)
         previous["adapter"] = now
         adapter = Table(title="adapter → DuckDB")
@@ -145,6 +168,8 @@ def up(args: argparse.Namespace) -> int:
         console.print(f"[bold]starting[/] Redis and {args.brokers} brokers (logs in {folder})")
         cluster.start_redis()
         cluster.start_brokers("--tap-stream", "mcloudtt:tap", "--sys-interval", "5")
+        for note in cluster.notes:
+            console.print(f"[yellow]{note}[/]")
         endpoints = [
             f"127.0.0.1:{s.port}" for s in cluster.services if s.name.startswith("broker-")
         ]
@@ -181,6 +206,8 @@ def up(args: argparse.Namespace) -> int:
                 "--seconds",
                 str(seconds),
             ]
+            if args.load:  # the verifier's subscriber would double the broker's work
+                command += ["--speedup", str(LOAD_SPEEDUP), "--verify", "none"]
             for endpoint in endpoints:
                 command += ["--broker", endpoint]
             sim = cluster.start("simulator", command)
