@@ -9,9 +9,11 @@ drain, stops brokers and Redis, and writes the HTML report.
 from __future__ import annotations
 
 import argparse
+import queue
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -19,8 +21,9 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 
+from .dashboard import Canary, DashboardServer, Sampler, adapter_figures
 from .local import LocalCluster, workdir
-from .procs import Metrics, console_script, free_port, scrape
+from .procs import Metrics, Process, console_script, free_port, port_free, scrape
 
 DEFAULT_DEVICES = 300
 # smart-building devices report about once a model minute: 2,000 at 60x is ~2,000 msg/s.
@@ -52,7 +55,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=f"a busy fleet: {LOAD_DEVICES} devices at {LOAD_SPEEDUP:g}x model time "
         "(thousands of msg/s)",
     )
+    up.add_argument(
+        "--dashboard",
+        default="127.0.0.1:8000",
+        metavar="HOST:PORT",
+        help="where the live dashboard is served (default 127.0.0.1:8000; a free port if taken)",
+    )
+    up.add_argument("--no-dashboard", action="store_true", help="no dashboard, no canary")
     args = parser.parse_args(argv)
+    host, _, port = args.dashboard.rpartition(":")
+    if not host or not port.isdigit():
+        parser.error("--dashboard takes HOST:PORT")
+    args.dashboard_at = (host, int(port))
     if args.load and args.devices == DEFAULT_DEVICES:
         args.devices = LOAD_DEVICES
     if args.command is None:
@@ -72,17 +86,6 @@ def _scrape(port: int) -> Metrics | None:
         return scrape(port, timeout=1.0)
     except OSError:
         return None  # down, or not serving yet
-
-
-def adapter_figures(metrics: Metrics) -> dict[str, float]:
-    """The adapter's headline numbers. Lag is its own gauge (now minus the newest committed
-    event time), not a sum over the commit-latency histogram's series."""
-    return {
-        "rows_out_total": metrics.total("mcloudtt_adapter_rows_out_total"),
-        "pending": metrics.value("mcloudtt_adapter_pending"),
-        "lag_seconds": metrics.value("mcloudtt_adapter_event_lag_seconds"),
-        "sink_errors_total": metrics.total("mcloudtt_adapter_sink_errors_total"),
-    }
 
 
 def view(
@@ -148,6 +151,60 @@ def view(
     return Group(*parts)
 
 
+def _sample_forever(sampler: Sampler, canary: Canary, server: DashboardServer) -> None:
+    while not server.stopping.wait(1.0):
+        canary.tick()
+        sampler.sample()
+
+
+def apply_action(
+    cluster: LocalCluster,
+    sampler: Sampler | None,
+    intended: set[str],
+    action: tuple[str, str],
+) -> None:
+    """A fault (or its repair) from the dashboard, on the main thread that started the
+    processes (a child started from a short-lived thread would die with that thread)."""
+    target, verb = action
+    service: Process | None = next((s for s in cluster.services if s.name == target), None)
+    if service is None:
+        return
+    note = sampler.event if sampler is not None else (lambda text, level="info": None)
+    if verb == "kill":
+        intended.add(target)
+        service.kill()
+        note(f"{target} killed (SIGKILL) from the dashboard", "bad")
+    elif verb == "stop":
+        intended.add(target)
+        service.stop(timeout=10.0)
+        if sampler is not None and target == "redis":
+            sampler.redis_state = "stopped"
+        note(f"{target} stopped from the dashboard", "bad")
+    elif verb in ("restart", "start"):
+        if service.alive():
+            service.resume()
+            service.stop(timeout=10.0)
+        try:
+            cluster.restart(service)
+        except (OSError, RuntimeError) as error:
+            note(f"{target} did not start: {error}", "bad")
+            return
+        intended.discard(target)
+        if sampler is not None and target == "redis":
+            sampler.redis_state = "running"
+        note(f"{target} started again from the dashboard", "good")
+    elif verb == "freeze":
+        service.pause()
+        if sampler is not None:
+            sampler.redis_state = "frozen"
+        note(f"{target} frozen (SIGSTOP) from the dashboard", "bad")
+    elif verb == "thaw":
+        service.resume()
+        if sampler is not None:
+            sampler.redis_state = "running"
+        note(f"{target} thawed (SIGCONT) from the dashboard", "good")
+
+
 def up(args: argparse.Namespace) -> int:
     console = Console()
     folder = workdir(args.workdir)
@@ -164,6 +221,9 @@ def up(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, request_stop)
     adapter_http: int | None = None
     sim = None
+    canary: Canary | None = None
+    server: DashboardServer | None = None
+    sampler: Sampler | None = None
     try:
         console.print(f"[bold]starting[/] Redis and {args.brokers} brokers (logs in {folder})")
         cluster.start_redis()
@@ -221,21 +281,57 @@ def up(args: argparse.Namespace) -> int:
                 if s.name.startswith("broker-")
             )
         )
+        if not args.no_dashboard:
+            canary = Canary(
+                [s.port for s in cluster.services if s.name.startswith("broker-") and s.port]
+            )
+            canary.start()
+            sampler = Sampler(cluster, adapter_http=adapter_http, fleet=sim, canary=canary)
+            sampler.sample()
+            host, port = args.dashboard_at
+            if not port_free(port, host):
+                chosen = free_port(host)
+                console.print(f"[yellow]dashboard port {port} is in use: using {chosen}[/]")
+                port = chosen
+            server = DashboardServer(sampler, host, port)
+            server.start()
+            sampler_thread = threading.Thread(
+                target=_sample_forever, args=(sampler, canary, server), daemon=True
+            )
+            sampler_thread.start()
+            console.print(f"[bold]dashboard:[/] {server.url}")
         console.print("[dim]Ctrl-C stops everything and writes the report.[/]")
         started = time.monotonic()
         previous: dict[str, dict[str, float]] = {}
         interval = 1.0
+        intended: set[str] = set()  # stopped from the dashboard: not a failure
         with Live(
             view(cluster, adapter_http, previous, 0, interval),
             console=console,
             refresh_per_second=2,
             transient=False,
         ) as live:
+            last = time.monotonic()
             while not stop_requested:
-                time.sleep(interval)
-                elapsed = time.monotonic() - started
-                live.update(view(cluster, adapter_http, previous, elapsed, interval))
-                dead = [s.name for s in cluster.services if not s.alive() and s is not sim]
+                deadline = last + interval
+                while not stop_requested and (wait := deadline - time.monotonic()) > 0:
+                    if server is None:
+                        time.sleep(wait)
+                        continue
+                    try:
+                        action = server.actions.get(timeout=min(wait, 0.1))
+                    except queue.Empty:
+                        continue
+                    apply_action(cluster, sampler, intended, action)
+                now = time.monotonic()
+                elapsed = now - started
+                live.update(view(cluster, adapter_http, previous, elapsed, now - last))
+                last = now
+                dead = [
+                    s.name
+                    for s in cluster.services
+                    if not s.alive() and s is not sim and s.name not in intended
+                ]
                 if dead:
                     console.print(
                         f"[red]stopped unexpectedly:[/] {', '.join(dead)} (see logs in {folder})"
@@ -245,6 +341,10 @@ def up(args: argparse.Namespace) -> int:
                     break
     finally:
         console.print("[bold]stopping[/]: fleet, adapter (drains), brokers, Redis")
+        if canary is not None:
+            canary.stop()
+        if server is not None:
+            server.stop()
         cluster.stop()
     if not args.no_adapter and args.duckdb.exists():
         args.report.parent.mkdir(parents=True, exist_ok=True)
