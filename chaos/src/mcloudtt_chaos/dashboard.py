@@ -220,6 +220,7 @@ class Sampler:
                 "state": self.redis_state if redis is not None and redis.alive() else "stopped",
             },
             "adapter": adapter,
+            "adapter_http": self.adapter_http,
             "fleet": {
                 "running": self.fleet is not None and self.fleet.alive(),
                 "connections": sum(b["connections"] for b in brokers),
