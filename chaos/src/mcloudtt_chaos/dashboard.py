@@ -68,6 +68,7 @@ class Canary:
         self.sent_at: dict[int, float] = {}
         self.acked: dict[int, float] = {}
         self.delivered: set[int] = set()
+        self.acked_seqs: set[int] = set()
         self.latencies: deque[tuple[float, float]] = deque(maxlen=600)  # (when, seconds)
         self.lost: set[int] = set()
         self.mids: dict[tuple[int, int], int] = {}  # (publisher, mid) -> seq
@@ -118,6 +119,7 @@ class Canary:
                 seq = self.mids.pop((index, mid), None)
                 if seq is not None:
                     self.acked[seq] = time.time()
+                    self.acked_seqs.add(seq)
 
         return on_publish
 
@@ -149,6 +151,9 @@ class Canary:
             recent = sorted(s for when, s in self.latencies if now - when <= 30)
             return {
                 "published": self.seq,
+                "acknowledged": len(self.acked_seqs),
+                # acknowledged, not delivered yet, not yet judged lost
+                "outstanding": len(self.acked_seqs - self.delivered - self.lost),
                 "delivered": len(self.delivered),
                 "lost": len(self.lost),
                 "p50_ms": _quantile(recent, 0.5) * 1000 if recent else None,
@@ -503,7 +508,7 @@ function render(d){
   const r=document.getElementById("redis");r.className="card "+(d.redis.state==="running"?"ready":d.redis.state==="frozen"?"up":"down");
   r.innerHTML=`<h3>redis <small>127.0.0.1:${d.redis.port}</small> — <span id="redis-state">${d.redis.state}</span></h3>`+
     ["stop","start","freeze","thaw"].map(v=>`<button id="redis-${v}" onclick="act('redis','${v}')">${v}</button>`).join("");
-  if(d.canary){kv(document.getElementById("canary"),[["published",fmt(d.canary.published)],["delivered",fmt(d.canary.delivered)],
+  if(d.canary){kv(document.getElementById("canary"),[["published",fmt(d.canary.published)],["acknowledged",fmt(d.canary.acknowledged)],["delivered",fmt(d.canary.delivered)],
     ["p50 ms",fmt(d.canary.p50_ms,1)],["p99 ms",fmt(d.canary.p99_ms,1)],["subscribers connected",fmt(d.canary.connected)]]);
     const l=document.getElementById("lost");l.textContent=d.canary.lost;l.className=d.canary.lost===0?"zero":"";}
   if(d.adapter){kv(document.getElementById("adapter"),[["state",d.adapter.up?"up":"down"],["rows stored",fmt(d.adapter.rows)],
