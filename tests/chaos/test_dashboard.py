@@ -112,6 +112,16 @@ def test_dashboard_shows_the_cluster_and_breaks_it_at_a_click(tmp_path: Path, br
         )
         assert "broker-2 killed" in browser.find_element(By.ID, "log").text
 
+        # Freeze Redis: the brokers lose their link and readiness; thaw it: they are back.
+        browser.find_element(By.ID, "redis-freeze").click()
+        wait.until(lambda d: d.find_element(By.ID, "redis-state").text == "frozen")
+        wait.until(lambda d: "Redis link down" in d.find_element(By.ID, "log").text)
+        browser.find_element(By.ID, "redis-thaw").click()
+        wait.until(lambda d: d.find_element(By.ID, "redis-state").text == "running")
+        for name in ("broker-1", "broker-2", "broker-3"):
+            wait.until(lambda d, name=name: card(name).get_attribute("data-state") == "ready")
+        assert browser.find_element(By.ID, "lost").text == "0"
+
         # Nothing was requested from anywhere but this machine.
         urls = browser.execute_script(
             "return [location.href, ...performance.getEntriesByType('resource').map(e => e.name)]"
@@ -121,6 +131,7 @@ def test_dashboard_shows_the_cluster_and_breaks_it_at_a_click(tmp_path: Path, br
 
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         assert browser.save_screenshot(str(ARTIFACTS / "dashboard.png"))
+        assert (ARTIFACTS / "dashboard.png").stat().st_size > 10_000
     finally:
         proc.send_signal(signal.SIGTERM)
         try:

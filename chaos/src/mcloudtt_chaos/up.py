@@ -83,7 +83,7 @@ def _rate(now: dict[str, float], before: dict[str, float], key: str, seconds: fl
 
 def _scrape(port: int) -> Metrics | None:
     try:
-        return scrape(port, timeout=1.0)
+        return scrape(port, timeout=0.5)
     except OSError:
         return None  # down, or not serving yet
 
@@ -314,13 +314,21 @@ def up(args: argparse.Namespace) -> int:
             last = time.monotonic()
             while not stop_requested:
                 deadline = last + interval
-                while not stop_requested and (wait := deadline - time.monotonic()) > 0:
+                while not stop_requested:
+                    # At least one look per round: the view's scrapes may take longer than a
+                    # round when a component hangs (a frozen Redis), and a thaw must still pass.
+                    wait = max(0.0, deadline - time.monotonic())
                     if server is None:
                         time.sleep(wait)
-                        continue
+                        break
                     try:
-                        action = server.actions.get(timeout=min(wait, 0.1))
+                        if wait > 0:
+                            action = server.actions.get(timeout=min(wait, 0.1))
+                        else:
+                            action = server.actions.get_nowait()
                     except queue.Empty:
+                        if wait <= 0:
+                            break
                         continue
                     apply_action(cluster, sampler, intended, action)
                 now = time.monotonic()
@@ -345,6 +353,8 @@ def up(args: argparse.Namespace) -> int:
             canary.stop()
         if server is not None:
             server.stop()
+        for service in cluster.services:
+            service.resume()  # a frozen Redis would hold up the adapter's drain
         cluster.stop()
     if not args.no_adapter and args.duckdb.exists():
         args.report.parent.mkdir(parents=True, exist_ok=True)
