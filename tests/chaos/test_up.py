@@ -101,6 +101,8 @@ def test_up_runs_the_whole_system_and_writes_a_report(tmp_path: Path) -> None:
     report = tmp_path / "report.html"
     html = report.read_text()
     assert "<svg" in html
+    final = (tmp_path / "report-dashboard.html").read_text()  # the dashboard's last state
+    assert "const FINAL={" in final and "broker-3" in final
     with duckdb.connect(str(tmp_path / "up.duckdb"), read_only=True) as con:
         rows, brokers = con.execute(
             "select count(*), count(distinct broker_id) from messages"

@@ -519,8 +519,17 @@ function render(d){
   chart("adapterchart",d.history.adapter,["rows/s","lag s"]);
   document.getElementById("log").innerHTML=d.events.map(e=>`<div class="${e.level}">${new Date(e.t*1000).toLocaleTimeString()} ${e.text}</div>`).join("");
 }
-const source=new EventSource("/events");
+const FINAL=null;
+if(FINAL){render(FINAL);document.getElementById("status").textContent="final state (saved at the end of the run)";
+  document.querySelectorAll("button").forEach(b=>b.disabled=true);}
+else{const source=new EventSource("/events");
 source.onmessage=m=>render(JSON.parse(m.data));
-source.onerror=()=>{document.getElementById("status").textContent="disconnected (mcloudtt up stopped?)";};
+source.onerror=()=>{document.getElementById("status").textContent="disconnected (mcloudtt up stopped?)";};}
 </script></body></html>
 """
+
+
+def final_page(snapshot: dict[str, Any]) -> str:
+    """The page frozen at `snapshot`: the dashboard's last state, kept beside the report."""
+    data = json.dumps(snapshot).replace("</", "<\\/")  # no "</script>" inside the script
+    return PAGE.replace("const FINAL=null;", f"const FINAL={data};", 1)

@@ -9,6 +9,7 @@ drain, stops brokers and Redis, and writes the HTML report.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import queue
 import signal
 import subprocess
@@ -21,7 +22,7 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 
-from .dashboard import Canary, DashboardServer, Sampler, adapter_figures
+from .dashboard import Canary, DashboardServer, Sampler, adapter_figures, final_page
 from .local import LocalCluster, workdir
 from .procs import Metrics, Process, console_script, free_port, port_free, scrape
 
@@ -349,6 +350,12 @@ def up(args: argparse.Namespace) -> int:
                     break
     finally:
         console.print("[bold]stopping[/]: fleet, adapter (drains), brokers, Redis")
+        if sampler is not None and sampler.snapshot:
+            with contextlib.suppress(OSError):
+                args.report.parent.mkdir(parents=True, exist_ok=True)
+                final = args.report.with_name(args.report.stem + "-dashboard.html")
+                final.write_text(final_page(sampler.snapshot))
+                console.print(f"dashboard's final state: {final.resolve()}")
         if canary is not None:
             canary.stop()
         if server is not None:
