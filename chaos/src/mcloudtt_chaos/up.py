@@ -27,8 +27,8 @@ from .local import LocalCluster, workdir
 from .procs import Metrics, Process, console_script, free_port, port_free, scrape
 
 DEFAULT_DEVICES = 300
-# smart-building devices report about once a model minute: 2,000 at 60x is ~2,000 msg/s.
-LOAD_DEVICES = 2000
+# smart-building devices report about once a model minute: 3,000 at 60x is ~3,000 msg/s.
+LOAD_DEVICES = 3000
 LOAD_SPEEDUP = 60.0
 
 
