@@ -159,3 +159,22 @@ def test_nothing_is_left_after_sigkill_of_mcloudtt_up(tmp_path: Path) -> None:
     assert wait_for(lambda: not left_behind(markers), timeout=10, what="no process left"), (
         left_behind(markers)
     )
+
+
+def test_a_child_dying_stops_everything(tmp_path: Path) -> None:
+    command, markers, dashboard = up_command(tmp_path, 120, devices=10)
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(
+            lambda: _try_state(dashboard, lambda s: s["fleet"]["running"]),
+            timeout=60,
+            what="the system running",
+        )
+        (broker,) = [line for line in left_behind(markers) if "--id broker-2" in line]
+        os.kill(int(broker.split(":")[0]), signal.SIGKILL)  # not from the dashboard: a crash
+        out, _ = proc.communicate(timeout=90)
+    finally:
+        proc.kill()
+    assert proc.returncode == 1, out[-3000:]
+    assert "stopped unexpectedly: broker-2" in out
+    assert wait_for(lambda: not left_behind(markers), timeout=10, what="no process left")

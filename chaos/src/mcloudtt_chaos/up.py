@@ -222,6 +222,7 @@ def up(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, request_stop)
     adapter_http: int | None = None
     sim = None
+    failed = False  # a child died on its own: everything stopped, exit status 1
     canary: Canary | None = None
     server: DashboardServer | None = None
     sampler: Sampler | None = None
@@ -345,6 +346,7 @@ def up(args: argparse.Namespace) -> int:
                     console.print(
                         f"[red]stopped unexpectedly:[/] {', '.join(dead)} (see logs in {folder})"
                     )
+                    failed = True
                     break
                 if args.seconds and elapsed >= args.seconds:
                     break
@@ -378,7 +380,7 @@ def up(args: argparse.Namespace) -> int:
         )
         if result.returncode == 0:
             console.print(f"report: {args.report.resolve()}")
-    return 0
+    return 1 if failed else 0
 
 
 def main(argv: list[str] | None = None) -> None:
