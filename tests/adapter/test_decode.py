@@ -155,7 +155,11 @@ def test_parse_time_rejects_non_clock_values() -> None:
 def test_simulator_payload_metadata_is_not_a_measurement() -> None:
     # The simulator's wire format: `sent` is the event time, `seq` a sequence number and `ts`
     # the device's own clock; only the fields after them are measurements.
-    from mcloudtt_simulator.payloads import encode_message
+    from mcloudtt_simulator.payloads import EVENT_TIME_FIELD, METADATA_FIELDS, encode_message
+
+    rules = DecodeRules()
+    assert rules.time_fields[0] == EVENT_TIME_FIELD
+    assert set(METADATA_FIELDS) <= set(rules.metadata_fields)
 
     sent = RECEIVED / 1e6 - 0.25
     payload = encode_message("d1", 17, sent, sent + 3.0, {"temperature": 21.5, "co2": 640})
