@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import os
 import re
 import shutil
@@ -255,19 +256,26 @@ def run_concurrently(
     return results
 
 
-def _die_with_parent() -> None:
+def _load_prctl() -> Callable[..., int] | None:
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None  # not Linux
+
+
+# Looked up once here: after fork, in a parent with threads, the child must not dlopen.
+_PRCTL = _load_prctl()
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent: int) -> None:
     """In the child before exec: SIGKILL when the parent dies (PR_SET_PDEATHSIG), so that no
     child outlives a SIGKILLed parent. Linux only; elsewhere nothing happens."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except (OSError, AttributeError):
+    if _PRCTL is None:
         return
-    if os.getppid() == 1:  # the parent died before prctl took effect
+    _PRCTL(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    if os.getppid() != parent:  # the parent died before prctl took effect
         os._exit(1)
-
-
-_PR_SET_PDEATHSIG = 1
 
 
 class Process:
@@ -329,7 +337,11 @@ class Process:
                 env=env,
                 cwd=self.cwd,
                 start_new_session=True,
-                preexec_fn=_die_with_parent if self.die_with_parent else None,
+                preexec_fn=(
+                    functools.partial(_die_with_parent, os.getpid())
+                    if self.die_with_parent
+                    else None
+                ),
             )
         if self.cpus:
             # Set at once, while the interpreter is still starting: its threads inherit it.
