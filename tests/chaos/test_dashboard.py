@@ -52,6 +52,7 @@ def browser() -> Iterator[object]:
 
 @pytest.mark.timeout(240)
 def test_dashboard_shows_the_cluster_and_breaks_it_at_a_click(tmp_path: Path, browser) -> None:  # type: ignore[no-untyped-def]
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -64,28 +65,46 @@ def test_dashboard_shows_the_cluster_and_breaks_it_at_a_click(tmp_path: Path, br
             what="every broker ready",
         )
         browser.get(f"http://127.0.0.1:{port}/")
-        wait = WebDriverWait(browser, 30, poll_frequency=0.2)
+        # The page redraws every second: an element read may be replaced meanwhile (stale).
+        wait = WebDriverWait(
+            browser, 30, poll_frequency=0.2, ignored_exceptions=(StaleElementReferenceException,)
+        )
 
         def card(name: str):  # type: ignore[no-untyped-def]
             return browser.find_element(By.ID, f"card-{name}")
 
+        def read(get):  # type: ignore[no-untyped-def]
+            return wait.until(lambda d: (get(),))[0]  # a one-tuple: truthy, whatever it holds
+
+        def click(element_id: str) -> None:
+            def done(d) -> bool:  # type: ignore[no-untyped-def]
+                d.find_element(By.ID, element_id).click()
+                return True
+
+            wait.until(done)
+
         wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#brokers .card")) == 3)
         for name in ("broker-1", "broker-2", "broker-3"):
-            assert card(name).get_attribute("data-state") == "ready"
+            wait.until(lambda d, name=name: card(name).get_attribute("data-state") == "ready")
 
         # Live: the numbers change between two reads.
-        first = browser.find_element(By.ID, "canary").text
-        first_elapsed = browser.find_element(By.ID, "elapsed").text
+        first = read(lambda: browser.find_element(By.ID, "canary").text)
+        first_elapsed = read(lambda: browser.find_element(By.ID, "elapsed").text)
         wait.until(lambda d: d.find_element(By.ID, "canary").text != first)
-        assert browser.find_element(By.ID, "elapsed").text != first_elapsed
+        wait.until(lambda d: d.find_element(By.ID, "elapsed").text != first_elapsed)
 
         # Kill broker-2 from its button: red; restart it: ready again.
-        browser.find_element(By.ID, "kill-broker-2").click()
+        click("kill-broker-2")
         wait.until(lambda d: card("broker-2").get_attribute("data-state") == "down")
-        assert "down" in card("broker-2").get_attribute("class")
-        colour = card("broker-2").value_of_css_property("border-top-color")
-        assert colour.replace(" ", "") in ("rgba(214,40,40,1)", "rgb(214,40,40)")
-        browser.find_element(By.ID, "restart-broker-2").click()
+        wait.until(lambda d: "down" in card("broker-2").get_attribute("class"))
+        # Red: the border colour of a down broker.
+        wait.until(
+            lambda d: (
+                card("broker-2").value_of_css_property("border-top-color").replace(" ", "")
+                in ("rgba(214,40,40,1)", "rgb(214,40,40)")
+            )
+        )
+        click("restart-broker-2")
         wait.until(lambda d: card("broker-2").get_attribute("data-state") == "ready")
         # The canary keeps publishing through the cluster; none of its acknowledged messages
         # is lost (give the ones around the kill time to arrive).
@@ -98,7 +117,7 @@ def test_dashboard_shows_the_cluster_and_breaks_it_at_a_click(tmp_path: Path, br
                 >= published + 3
             )
         )
-        assert browser.find_element(By.ID, "lost").text == "0"
+        assert read(lambda: browser.find_element(By.ID, "lost").text) == "0"
         # And every acknowledged one arrived (not merely "not judged lost yet").
         wait_for(
             lambda: _try_state(
@@ -110,17 +129,17 @@ def test_dashboard_shows_the_cluster_and_breaks_it_at_a_click(tmp_path: Path, br
             timeout=20,
             what="every acknowledged canary message delivered",
         )
-        assert "broker-2 killed" in browser.find_element(By.ID, "log").text
+        wait.until(lambda d: "broker-2 killed" in d.find_element(By.ID, "log").text)
 
         # Freeze Redis: the brokers lose their link and readiness; thaw it: they are back.
-        browser.find_element(By.ID, "redis-freeze").click()
+        click("redis-freeze")
         wait.until(lambda d: d.find_element(By.ID, "redis-state").text == "frozen")
         wait.until(lambda d: "Redis link down" in d.find_element(By.ID, "log").text)
-        browser.find_element(By.ID, "redis-thaw").click()
+        click("redis-thaw")
         wait.until(lambda d: d.find_element(By.ID, "redis-state").text == "running")
         for name in ("broker-1", "broker-2", "broker-3"):
             wait.until(lambda d, name=name: card(name).get_attribute("data-state") == "ready")
-        assert browser.find_element(By.ID, "lost").text == "0"
+        assert read(lambda: browser.find_element(By.ID, "lost").text) == "0"
 
         # Nothing was requested from anywhere but this machine.
         urls = browser.execute_script(

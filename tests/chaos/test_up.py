@@ -114,9 +114,14 @@ def test_up_runs_the_whole_system_and_writes_a_report(tmp_path: Path) -> None:
                 " and topic not like '$SYS/%'"
             ).fetchall()
         }
+        canary = con.execute(
+            "select count(*), count(metrics) filter (where len(metrics) > 0) from messages"
+            " where topic = 'mcloudtt/canary'"
+        ).fetchone()  # type: ignore[misc]
     assert rows > 0
     assert brokers >= 2  # the fleet is spread over the brokers; the tap carries every broker's id
     assert names and not names & METADATA, names
+    assert canary[0] > 0 and canary[1] == 0  # the canary's probes: stored, nothing measured
     # The report's per-device series and rollups chart measurements only.
     assert not re.search(r"<td>(seq|ts)</td>", html)
     assert not re.search(r"devices/[^<]*</td><td>sent</td>", html)

@@ -103,15 +103,16 @@ class Canary:
     def _delivered(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         now = time.time()
         try:
-            seq, sent = json.loads(message.payload)
-        except (ValueError, TypeError):
+            probe = json.loads(message.payload)
+            seq, sent = int(probe["seq"]), float(probe["sent"])
+        except (ValueError, TypeError, KeyError):
             return
         with self.lock:
             if seq in self.delivered:
                 return  # one subscriber per broker: every copy after the first
             self.delivered.add(seq)
             self.lost.discard(seq)
-            self.latencies.append((now, now - float(sent)))
+            self.latencies.append((now, now - sent))
 
     def _acked(self, index: int) -> Callable[..., None]:
         def on_publish(client: mqtt.Client, userdata: Any, mid: int, *_: Any) -> None:
@@ -134,7 +135,10 @@ class Canary:
                 with self.lock:
                     self.seq += 1
                     seq = self.seq
-                    info = pub.publish(self.TOPIC, json.dumps([seq, now]), qos=1)
+                    # The simulator's metadata names: the adapter takes `sent` as the event time
+                    # and `seq` as an attribute, and charts nothing of it.
+                    probe = json.dumps({"seq": seq, "sent": now})
+                    info = pub.publish(self.TOPIC, probe, qos=1)
                     self.mids[(index, info.mid)] = seq
                     self.sent_at[seq] = now
                 break
@@ -263,6 +267,7 @@ class Sampler:
             "in": m.total("mcloudtt_messages_received_total"),
             "out": m.total("mcloudtt_messages_sent_total"),
             "adopted": m.value("mcloudtt_cluster_sessions_adopted_total"),
+            "restored": m.value("mcloudtt_cluster_sessions_restored_total"),
             "link_losses": m.value("mcloudtt_cluster_link_losses_total"),
             "connects": m.value("mcloudtt_cluster_connects_total"),
         }
@@ -332,6 +337,9 @@ class Sampler:
         if "adopted" in before and counters["adopted"] > before["adopted"]:
             n = counters["adopted"] - before["adopted"]
             self.event(f"{name} adopted {n:.0f} session(s) from a lost broker")
+        if "restored" in before and counters["restored"] > before["restored"]:
+            n = counters["restored"] - before["restored"]
+            self.event(f"{name} restored {n:.0f} persistent session(s) from Redis")
 
     def _adapter(self, now: float) -> dict[str, Any]:
         assert self.adapter_http is not None
