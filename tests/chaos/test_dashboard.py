@@ -67,7 +67,7 @@ def test_dashboard_shows_the_cluster_and_breaks_it_at_a_click(tmp_path: Path, br
         browser.get(f"http://127.0.0.1:{port}/")
         # The page redraws every second: an element read may be replaced meanwhile (stale).
         wait = WebDriverWait(
-            browser, 30, poll_frequency=0.2, ignored_exceptions=(StaleElementReferenceException,)
+            browser, 60, poll_frequency=0.2, ignored_exceptions=(StaleElementReferenceException,)
         )
 
         def card(name: str):  # type: ignore[no-untyped-def]
