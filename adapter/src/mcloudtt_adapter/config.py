@@ -284,6 +284,15 @@ ADAPTER = Scheme(
         ),
         _option(
             DECODING,
+            "metadata-field",
+            names,
+            "top-level payload field kept as an attribute, never a measurement (repeatable)",
+            setting=_rules("metadata_fields"),
+            metavar="NAME",
+            repeatable=True,
+        ),
+        _option(
+            DECODING,
             "max-flatten-bytes",
             positive_int,
             "larger JSON payloads are stored, not flattened into metrics",
