@@ -3,14 +3,17 @@ Docker CLI (every step a command a person can type: `containers.py` logs none of
 
 Topology of one run (`ID` random per run, so two runs never collide):
 
-    this machine (the workload)        network mctt-ID-clients  10.213.X.0/24  (gateway: us)
-                                       network mctt-ID-backplane 10.213.Y.0/24 (gateway: us)
-    container mctt-ID-redis            backplane only
-    container mctt-ID-b0, -b1, ...     clients and backplane, both at fixed addresses
+    this machine (the workload)        network mcdk-ID-clients  10.213.X.0/24  (gateway: us)
+                                       network mcdk-ID-backplane 10.213.Y.0/24 (gateway: us)
+    container mcdk-ID-redis            backplane only
+    container mcdk-ID-b0, -b1, ...     clients and backplane, both at fixed addresses
 
-Both networks are `--internal`: a container gets no default route, so a broker disconnected
-from the backplane has no way left to Redis (this machine forwards IPv4 between its bridges,
-and dockerd runs without iptables here, so a default route through us would heal every cut).
+Every container has a default route through its networks' gateway, this machine, which
+forwards IPv4 between its bridges (and dockerd runs without iptables here, so nothing stops it):
+a broker disconnected from the backplane would reach Redis through us, and no cut would be one.
+So the run's two bridges (named `mcdkIDc` and `mcdkIDb`) get `forwarding=0` (the per-interface
+sysctl: packets received on them are not forwarded, those addressed to us still arrive). That
+needs root; without it `cut_*` refuse to run rather than pretend.
 The workload reaches brokers at their clients addresses (the bridges' gateways are this
 machine); the backplane addresses are for the harness only (Redis's port, a broker seen from
 behind while its clients are cut off).
@@ -67,7 +70,7 @@ from ..containers import (
 )
 from ..procs import http_get, port_open, wait_for
 
-PREFIX = "mctt"
+PREFIX = "mcdk"  # not "mctt": the netns backend removes stale links named so
 LABEL_RUN = "mcloudtt.chaos.run"
 LABEL_OWNER = "mcloudtt.chaos.owner"  # "pid:start time" of the process that made the run
 MQTT_PORT = 1883
@@ -131,6 +134,15 @@ def _remove_run(docker: Docker, run_id: str) -> None:
         docker("network", "rm", *nets, check=False)
 
 
+def _no_forwarding(bridge: str) -> bool:
+    """Stop this machine forwarding packets that arrive on `bridge`; False: not allowed."""
+    try:
+        Path(f"/proc/sys/net/ipv4/conf/{bridge}/forwarding").write_text("0\n")
+    except OSError:
+        return False
+    return True
+
+
 _LIVE: set[DockerBackend] = set()
 
 
@@ -191,6 +203,7 @@ class DockerBackend:
         self.redis: Container | None = None
         self.redis_addr = ""
         self._labels: list[str] = []
+        self.isolated = False  # the bridges do not forward (a cut is a cut)
 
     # ---------------------------------------------------------------- life cycle
 
@@ -219,9 +232,9 @@ class DockerBackend:
         try:
             # Made of this machine's redis-server, on the broker image's Debian (cached).
             self.redis_image = build_redis_image(self.docker, self.broker_image, REDIS_IMAGE)
-            net_opts = ["--internal", *self._labels]
-            self.clients = Network.create(self.docker, f"{self.prefix}-clients", extra=net_opts)
-            self.backplane = Network.create(self.docker, f"{self.prefix}-backplane", extra=net_opts)
+            self.clients = self._network_create("clients")
+            self.backplane = self._network_create("backplane")
+            self.isolated = all(_no_forwarding(self._bridge(w)) for w in ("clients", "backplane"))
             # Reserved before the brokers' addresses: Redis may come only later.
             self.redis_addr = self.backplane.allocate()
             data = self.workdir / "redis"
@@ -239,6 +252,13 @@ class DockerBackend:
         except BaseException:
             self.teardown()
             raise
+
+    def _bridge(self, which: str) -> str:
+        return f"{PREFIX}{self.run_id}{which[0]}"  # at most 15 characters (IFNAMSIZ)
+
+    def _network_create(self, which: str) -> Network:
+        opts = ["--opt", f"com.docker.network.bridge.name={self._bridge(which)}", *self._labels]
+        return Network.create(self.docker, f"{self.prefix}-{which}", extra=opts)
 
     def _create(
         self,
@@ -476,6 +496,11 @@ class DockerBackend:
         return network
 
     def _disconnect(self, b: _Broker, which: str) -> None:
+        if not self.isolated:
+            raise DockerUnavailable(
+                f"cannot cut {b.name} off: this machine would route around the cut "
+                "(setting forwarding=0 on the run's bridges needs root)"
+            )
         if which not in b.cut:
             self.docker("network", "disconnect", self._network(which).name, b.container.name)
             b.cut.add(which)
