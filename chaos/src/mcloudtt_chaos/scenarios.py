@@ -252,6 +252,26 @@ async def _broker_kill(run: Run) -> None:
     run.measurements["victim"] = victim
 
 
+PRESENCE_TTL_S = 3.0  # the --presence-ttl of the broker-kill scenarios
+
+
+async def _broker_kill_after_expiry(run: Run) -> None:
+    """Its clients stay away until its presence expired (TTL + 2 s), then reconnect."""
+    victim = _victim(run)
+    hold = PRESENCE_TTL_S + 2.0
+    holder = getattr(run.workload, "hold_reconnects", None)
+    async with run.fault("broker-kill", victim):
+        if callable(holder):
+            await _call(holder, hold)
+        else:
+            run.measurements["hold_unsupported"] = "the workload reconnects at once"
+        await run.call(run.backend.kill_broker, victim)
+        await run.sleep(max(run.seconds, hold))
+        await run.call(run.backend.start_broker, victim)
+    run.measurements["victim"] = victim
+    run.measurements["reconnects_held_s"] = hold
+
+
 async def _broker_restart_same_id(run: Run) -> None:
     victim = _victim(run)
     async with run.fault("broker-restart", victim):
@@ -486,7 +506,7 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario(
             name="redis-freeze",
             summary="Redis SIGSTOPped past every timeout (presence TTL 3 s), then SIGCONT",
-            cluster=ClusterSpec(broker_args=("--presence-ttl", "3")),
+            cluster=ClusterSpec(broker_args=("--presence-ttl", f"{PRESENCE_TTL_S:g}")),
             fault=_redis_freeze,
             seconds=6.0,
         ),
@@ -505,24 +525,22 @@ SCENARIOS: dict[str, Scenario] = {
             name="broker-kill",
             summary="SIGKILL of a broker holding persistent sessions, traffic in flight; its "
             "clients reconnect elsewhere at once",
-            cluster=ClusterSpec(broker_args=("--presence-ttl", "3")),
+            cluster=ClusterSpec(broker_args=("--presence-ttl", f"{PRESENCE_TTL_S:g}")),
             fault=_broker_kill,
             seconds=3.0,
         ),
         Scenario(
             name="broker-kill-after-expiry",
             summary="as broker-kill, but its clients come back only after its presence expired",
-            cluster=ClusterSpec(broker_args=("--presence-ttl", "3")),
-            # The first reconnect waits 4-8 s (full jitter): past the 3 s presence TTL.
-            load={"backoff_base": 8.0, "backoff_cap": 8.0},
-            fault=_broker_kill,
+            cluster=ClusterSpec(broker_args=("--presence-ttl", f"{PRESENCE_TTL_S:g}")),
+            fault=_broker_kill_after_expiry,
             seconds=6.0,
         ),
         Scenario(
             name="broker-restart-same-id",
             summary="a broker SIGKILLed and started again at once under the same id (a "
             "StatefulSet pod)",
-            cluster=ClusterSpec(broker_args=("--presence-ttl", "3")),
+            cluster=ClusterSpec(broker_args=("--presence-ttl", f"{PRESENCE_TTL_S:g}")),
             fault=_broker_restart_same_id,
             seconds=2.0,
         ),
@@ -537,7 +555,7 @@ SCENARIOS: dict[str, Scenario] = {
             name="partition",
             summary="a broker cut from Redis while its clients reach it; a broker cut from its "
             "clients",
-            cluster=ClusterSpec(broker_args=("--presence-ttl", "3")),
+            cluster=ClusterSpec(broker_args=("--presence-ttl", f"{PRESENCE_TTL_S:g}")),
             fault=_partition,
             seconds=5.0,
             measures=("serves_clients_while_cut",),
@@ -575,7 +593,7 @@ SCENARIOS: dict[str, Scenario] = {
             name="reconnect-storm",
             summary="thousands of persistent clients of a killed broker reconnect at once "
             "(--storm-clients, 2,000 by default)",
-            cluster=ClusterSpec(broker_args=("--presence-ttl", "3")),
+            cluster=ClusterSpec(broker_args=("--presence-ttl", f"{PRESENCE_TTL_S:g}")),
             fault=_reconnect_storm,
             seconds=1.0,
             measures=("storm_reconnected",),
