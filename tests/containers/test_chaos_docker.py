@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 from mcloudtt_chaos import cli
-from mcloudtt_chaos.backend import ClusterSpec, LinkFault
+from mcloudtt_chaos.backend import ClusterSpec
 from mcloudtt_chaos.backends import load
 from mcloudtt_chaos.backends.docker import (
     LABEL_OWNER,
@@ -45,13 +45,6 @@ NOLOSS_FIX = (
     "known loss: QoS 1/2 messages routed to a killed broker's inbox never reach the sessions "
     "taken over from it (issue 11; the fix is on branch `noloss`)"
 )
-
-
-def test_degrade_is_refused_in_one_clear_line() -> None:
-    backend = load("docker")
-    assert isinstance(backend, DockerBackend)
-    with pytest.raises(NotImplementedError, match="--backend local or --backend netns"):
-        backend.degrade_redis_link("b0", LinkFault(latency_ms=50))
 
 
 # ------------------------------------------------------------------ the backend's methods

@@ -204,6 +204,7 @@ class DockerBackend:
         self.redis_addr = ""
         self._labels: list[str] = []
         self.isolated = False  # the bridges do not forward (a cut is a cut)
+        self._planned_cuts: dict[str, set[str]] = {}  # describe(): what heal reconnects
 
     # ---------------------------------------------------------------- life cycle
 
@@ -530,6 +531,46 @@ class DockerBackend:
             "the docker backend cannot degrade a link (no fault proxy in the path, no tc "
             "netem here): run slow-link with --backend local or --backend netns"
         )
+
+    def describe(self, call: str, *args: object, **kwargs: object) -> list[str]:
+        """The docker commands one Protocol call runs (`--dry-run` shows them under it);
+        `ID` stands for the run's id, known only once it runs."""
+        arg = str(args[0]) if args else ""
+        c = f"{PREFIX}-ID-{arg}"
+        net = f"{PREFIX}-ID-{'clients' if call == 'cut_from_clients' else 'backplane'}"
+        redis = f"{PREFIX}-ID-redis"
+        match call:
+            case "kill_broker":
+                return [f"docker kill --signal KILL {c}  # no restart by the policy"]
+            case "crash_broker":
+                return [f"kill -KILL $(docker inspect --format '{{{{.State.Pid}}}}' {c})"]
+            case "stop_broker":
+                return [f"docker stop --time {STOP_TIMEOUT_S} {c}"]
+            case "start_broker":
+                return [f"docker start {c}"]
+            case "freeze_broker" | "thaw_broker":
+                return [f"docker {'pause' if call == 'freeze_broker' else 'unpause'} {c}"]
+            case "start_redis":
+                return [
+                    f"docker create --name {redis} ... {self.redis_image}",
+                    f"docker start {redis}",
+                ]
+            case "kill_redis":
+                return [f"docker kill --signal KILL {redis}"]
+            case "restart_redis":
+                wipe = [] if kwargs.get("keep_data", True) else ["rm -rf WORKDIR/redis/*"]
+                return [*wipe, f"docker start {redis}"]
+            case "freeze_redis" | "thaw_redis":
+                return [f"docker {'pause' if call == 'freeze_redis' else 'unpause'} {redis}"]
+            case "cut_from_redis" | "cut_from_clients":
+                self._planned_cuts.setdefault(arg, set()).add(net)
+                return [f"docker network disconnect {net} {c}"]
+            case "heal":  # the networks cut earlier in the plan, at the broker's own address
+                cut = sorted(self._planned_cuts.pop(arg, set()))
+                return [f"docker network connect --ip {arg.upper()}_ADDRESS {n} {c}" for n in cut]
+            case "degrade_redis_link":
+                return ["# not supported on docker: run slow-link on local or netns"]
+        return []
 
 
 def create() -> DockerBackend:
