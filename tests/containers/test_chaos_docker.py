@@ -286,8 +286,9 @@ def test_broker_kill_on_docker_reports_what_it_lost(broker_kill: ScenarioResult)
     assert broker_kill.history is not None
     log = (broker_kill.history.parent / "broker-kill" / f"{victim}.log").read_text()
     assert log.count(f"broker {victim} ready") == 2, log[-2000:]
-    for name in ("qos2_once", "delivered_were_sent"):
-        assert report.invariants[name].passed, failure_detail(broker_kill)
+    # Only what the workload itself guarantees: a QoS 2 copy too many after the kill is the
+    # known loss's sibling (judged with it below, as on `local`).
+    assert report.invariants["delivered_were_sent"].passed, failure_detail(broker_kill)
 
 
 @pytest.mark.xfail(strict=True, reason=NOLOSS_FIX)
