@@ -106,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for scenario in scenarios:
             console.rule(scenario.name)
             for line in asyncio.run(plan(scenario, load(args.backend), options)):
-                console.print(line, markup=False, highlight=False)
+                console.print(line, markup=False, highlight=False, soft_wrap=True)
         return 0
     if options.workdir is None:  # made only for a real run: histories and logs stay there
         options = dataclasses.replace(
