@@ -194,11 +194,11 @@ def run_clusters(
     }
     ratios: dict[str, dict[str, float]] = {}
     if "aedes" in medians:
-        for size, m in medians["mcloudtt"].items():
-            a = medians["aedes"].get(size)
+        for nodes, m in medians["mcloudtt"].items():
+            a = medians["aedes"].get(nodes)
             if a is None:
                 continue
-            ratios[size] = {
+            ratios[nodes] = {
                 f"qos{q}": m[f"qos{q}_msg_per_s"] / a[f"qos{q}_msg_per_s"]
                 for q in (0, 1)
                 if a[f"qos{q}_msg_per_s"] > 0
