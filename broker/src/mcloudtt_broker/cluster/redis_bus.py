@@ -375,6 +375,7 @@ class RedisBus:
             "resent_total": float(stats["resent"]),
             "sessions_adopted_total": float(stats["sessions_adopted"]),
             "sessions_restored_total": float(stats["sessions_restored"]),
+            "sessions_surrendered_total": float(stats["sessions_surrendered"]),
             "replayed_total": float(stats["replayed"]),
             "flushes_total": float(stats["flushes"]),
             "inbox_reads_total": float(stats["inbox_reads"]),

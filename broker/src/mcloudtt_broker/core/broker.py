@@ -359,6 +359,22 @@ class Broker:
         if session.expiry_interval != NEVER_EXPIRES:
             self.expiring[session.client_id] = now + session.expiry_interval
 
+    def surrender_sessions(self) -> list[str]:
+        """The cluster declared us dead and another broker adopted our persistent sessions:
+        they are its now. Close their connections (5.0: DISCONNECT 0x8E Session taken over;
+        no will, the session goes on elsewhere) and forget them here, so that no session has
+        two owners; their clients reconnect and find them at the adopter."""
+        given_up = [s for s in self.sessions.values() if s.expiry_interval]
+        for session in given_up:
+            self.pending_wills.pop(session.client_id, None)
+            conn = session.connection
+            if conn is not None:
+                session.connection = None
+                conn.session = None
+                conn.disconnect(ReasonCode.SESSION_TAKEN_OVER, publish_will=False)
+            self.destroy_session(session)
+        return [s.client_id for s in given_up]
+
     def idle_sessions(self) -> list[str]:
         # Online persistent sessions with nothing in flight or queued: everything delivered to
         # them so far is acknowledged (a cluster bus checkpoints them for its inbox replay).
