@@ -85,6 +85,13 @@ if ! k -n "$NAMESPACE" get secret mcloudtt-redis >/dev/null 2>&1; then
     (umask 077 && od -An -N24 -tx1 /dev/urandom | tr -d ' \n' >"$secret_dir/password")
     k -n "$NAMESPACE" create secret generic mcloudtt-redis --from-file=password="$secret_dir/password"
 fi
+if ! k -n "$NAMESPACE" get secret mcloudtt-cluster-key >/dev/null 2>&1; then
+    say "creating the cluster key (Secret $NAMESPACE/mcloudtt-cluster-key)"
+    key_dir=$(mktemp -d)
+    (umask 077 && od -An -N32 -tx1 /dev/urandom | tr -d ' \n' >"$key_dir/key")
+    k -n "$NAMESPACE" create secret generic mcloudtt-cluster-key --from-file=key="$key_dir/key"
+    rm -rf "$key_dir"
+fi
 
 say "applying kind/overlays/kind"
 k apply -k kind/overlays/kind

@@ -65,3 +65,42 @@ def test_broadcast_channel_into_duckdb(
         got = con.execute("SELECT DISTINCT broker_id, source FROM messages").fetchall()
         count = con.execute("SELECT COUNT(*) FROM messages").fetchone()
     assert got == [("broker-c", "pubsub")] and count == (30,)
+
+
+def test_signed_tap_forged_entries_dropped(
+    tmp_path, redis_server, mqtt_broker, adapter_process, publisher
+) -> None:
+    """With --cluster-key-file on both sides the broker tags tap entries and the adapter
+    takes only those: an entry written to the stream without the key is counted and dropped."""
+    import redis
+    from mcloudtt_broker.cluster.envelope import Envelope, encode_envelope
+
+    key = tmp_path / "cluster.key"
+    key.write_text("s" * 40 + "\n")
+    broker = mqtt_broker(
+        "--redis", redis_server.url, "--id", "broker-k", "--tap-stream", "mcloudtt:tap",
+        "--cluster-key-file", str(key),
+    )  # fmt: skip
+    wait_until(lambda: broker.http_get("/readyz")[0] == 200, 15)
+    forged = encode_envelope(
+        Envelope(origin="intruder", sequence=1, received_at_us=0, client_id="x",
+                 topic="devices/evil/env", payload=b'{"seq": -1}')
+    )  # fmt: skip
+    r = redis.Redis(port=redis_server.port)
+    r.xadd("mcloudtt:tap", {"e": forged})
+    r.xadd("mcloudtt:tap", {"e": forged, "t": b"\x00" * 32})
+    db = tmp_path / "signed.duckdb"
+    adapter = adapter_process(
+        "--redis", redis_server.url, "--duckdb", str(db), "--consumer", "tap-k",
+        "--cluster-key-file", str(key),
+    )  # fmt: skip
+    pub = publisher(broker.port, "dev-k")
+    for i in range(10):
+        pub.publish("devices/d1/env", orjson.dumps({"seq": i}), qos=1)
+    wait_until(lambda: adapter.metric("mcloudtt_adapter_rows_out_total", sink="duckdb") >= 10, 20)
+    assert adapter.metric("mcloudtt_adapter_bad_messages_total", source="stream") == 2
+    assert adapter.stop(signal.SIGTERM) == 0, adapter.log()
+    with duckdb.connect(str(db), read_only=True) as con:
+        rows = con.execute("SELECT broker_id, payload FROM messages").fetchall()
+    assert len(rows) == 10
+    assert {r[0] for r in rows} == {"broker-k"}

@@ -150,3 +150,21 @@ def test_parse_time_rejects_non_clock_values() -> None:
     assert parse_time_us(5) is None  # a counter, not a clock
     assert parse_time_us(float("nan")) is None
     assert parse_time_us("2026-13-01") is None
+
+
+def test_simulator_payload_metadata_is_not_a_measurement() -> None:
+    # The simulator's wire format: `sent` is the event time, `seq` a sequence number and `ts`
+    # the device's own clock; only the fields after them are measurements.
+    from mcloudtt_simulator.payloads import EVENT_TIME_FIELD, METADATA_FIELDS, encode_message
+
+    rules = DecodeRules()
+    assert rules.time_fields[0] == EVENT_TIME_FIELD
+    assert set(METADATA_FIELDS) <= set(rules.metadata_fields)
+
+    sent = RECEIVED / 1e6 - 0.25
+    payload = encode_message("d1", 17, sent, sent + 3.0, {"temperature": 21.5, "co2": 640})
+    row = decode(payload)
+    assert row["event_time"] == round(sent * 1e6)  # `sent`, not `ts`, not the receive time
+    assert row["metrics"] == [("temperature", 21.5), ("co2", 640.0)]
+    assert row["attributes"]["seq"] == 17
+    assert "sent" not in row["attributes"]

@@ -52,19 +52,29 @@ class RawClient:
     """
 
     def __init__(
-        self, port: int, *, version: int = 5, timeout: float = TIMEOUT, rcvbuf: int | None = None
+        self,
+        port: int,
+        *,
+        version: int = 5,
+        timeout: float = TIMEOUT,
+        rcvbuf: int | None = None,
+        sock: socket.socket | None = None,
     ) -> None:
+        """`sock`: an already connected socket (a TLS one, say) instead of connecting to `port`."""
         self.version = version
         self.timeout = timeout
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        if rcvbuf is not None:
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        self.sock.settimeout(timeout)
-        try:
-            self.sock.connect(("127.0.0.1", port))
-        except OSError:
-            self.sock.close()
-            raise
+        if sock is not None:
+            self.sock = sock
+        else:
+            self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            if rcvbuf is not None:
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+            self.sock.settimeout(timeout)
+            try:
+                self.sock.connect(("127.0.0.1", port))
+            except OSError:
+                self.sock.close()
+                raise
         self.reader = codec.Reader(max_size=codec.MAX_VARINT)
         self.eof = False
         self.aliases: dict[int, str] = {}

@@ -66,6 +66,42 @@ def test_free_ports_are_bindable_and_a_taken_one_is_not() -> None:
     assert all(port_free(first + i) for i in range(3))
 
 
+def test_a_port_in_time_wait_is_free_as_the_servers_bind() -> None:
+    # The servers bind with SO_REUSEADDR: a port whose last connection sits in TIME_WAIT (the
+    # server closed first) takes a new listener, so the check must say free.
+    with socket.socket() as server:
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        client = socket.create_connection(("127.0.0.1", port))
+        accepted, _ = server.accept()
+        accepted.close()  # the server's side closes first: it holds the TIME_WAIT
+        client.recv(1)
+        client.close()
+    assert port_free(port)
+
+
+def test_a_child_dies_with_its_parent_even_on_sigkill(tmp_path: Path) -> None:
+    # The parent starts a `sleep` with die_with_parent, prints its pid, and is SIGKILLed.
+    code = (
+        "import sys, time\n"
+        "from mcloudtt_chaos.procs import Process\n"
+        "p = Process(['sleep', '300'], die_with_parent=True).start()\n"
+        "print(p.pid, flush=True)\n"
+        "time.sleep(300)\n"
+    )
+    parent = _python(code, log_path=tmp_path / "parent.log").start()
+    try:
+        line = parent.wait_log(r"(?m)^(\d+)$")
+        child = int(line.group(1))
+        assert not _gone(child)
+        parent.kill()
+        wait_for(lambda: _gone(child), timeout=5, what="the child gone with its parent")
+    finally:
+        parent.close()
+
+
 def test_binaries_are_found() -> None:
     assert Path(redis_server_binary()).exists()
     assert Path(mosquitto_binary()).exists()

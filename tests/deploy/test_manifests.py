@@ -190,7 +190,8 @@ def test_gke_overlay_uses_memorystore_bigquery_and_workload_identity(docs: Docs)
     assert container(sts, "broker")["image"] == values["BROKER_IMAGE"]
     assert container(dep, "adapter")["image"] == values["ADAPTER_IMAGE"]
     assert dep["spec"]["template"]["spec"]["serviceAccountName"] == "mcloudtt-adapter"
-    # No key file anywhere: no GOOGLE_APPLICATION_CREDENTIALS, no secret volume but the TLS cert.
+    # No Google key file anywhere: no GOOGLE_APPLICATION_CREDENTIALS, no secret volume but the
+    # TLS certificate and the cluster key (the brokers' HMAC key, not a cloud credential).
     for w in workloads(d):
         for c in w["spec"]["template"]["spec"]["containers"]:
             assert all(e["name"] != "GOOGLE_APPLICATION_CREDENTIALS" for e in c.get("env", []))
@@ -199,7 +200,7 @@ def test_gke_overlay_uses_memorystore_bigquery_and_workload_identity(docs: Docs)
             for v in w["spec"]["template"]["spec"].get("volumes", [])
             if "secret" in v
         ]
-        assert set(secrets) <= {"mcloudtt-broker-tls"}, secrets
+        assert set(secrets) <= {"mcloudtt-broker-tls", "mcloudtt-cluster-key"}, secrets
     lb = find(d, "Service", "mcloudtt-broker")
     assert 8883 in {p["port"] for p in lb["spec"]["ports"]}
 
@@ -208,3 +209,29 @@ def test_gke_overlay_uses_memorystore_bigquery_and_workload_identity(docs: Docs)
 def test_no_secret_values_in_manifests(docs: Docs, overlay: str) -> None:
     # Secrets come from kubectl create secret (kind/up.sh, configure.sh), never from the repo.
     assert not [d for d in docs[overlay] if d["kind"] == "Secret"]
+
+
+@pytest.mark.parametrize("overlay", DEPLOYED)
+def test_cluster_key_comes_from_a_secret_made_at_deploy_time(docs: Docs, overlay: str) -> None:
+    """Brokers and adapter read --cluster-key-file from the mounted Secret mcloudtt-cluster-key,
+    which kind/up.sh and configure.sh create with random content (never in git or an image)."""
+    d = docs[overlay]
+    for kind, name, program, env_name in (
+        ("StatefulSet", "mcloudtt-broker", "broker", "MCLOUDTT_CLUSTER_KEY_FILE"),
+        ("Deployment", "mcloudtt-adapter", "adapter", "MCLOUDTT_ADAPTER_CLUSTER_KEY_FILE"),
+    ):
+        workload = find(d, kind, name)
+        spec = workload["spec"]["template"]["spec"]
+        volume = next(v for v in spec["volumes"] if v["name"] == "cluster-key")
+        assert volume["secret"]["secretName"] == "mcloudtt-cluster-key"
+        c = container(workload, program)
+        mount = next(m for m in c["volumeMounts"] if m["name"] == "cluster-key")
+        assert mount["readOnly"] is True
+        path = next(e["value"] for e in c["env"] if e["name"] == env_name)
+        assert path.startswith(mount["mountPath"] + "/")
+        assert path.rsplit("/", 1)[1] == "key"  # the Secret's key, as the scripts create it
+    root = Path(__file__).resolve().parents[2]
+    for script in ("kind/up.sh", "kind/overlays/gke/configure.sh"):
+        text = (root / script).read_text()
+        assert "create secret generic mcloudtt-cluster-key" in text, script
+        assert "--from-file=key=" in text and "/dev/urandom" in text, script

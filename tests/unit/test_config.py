@@ -113,7 +113,8 @@ def test_adapter_config_from_declared_defaults_equals_the_dataclass() -> None:
 # A field with no option, and why: nothing else of these dataclasses may be left unconfigurable.
 INTERNAL = {
     BrokerSettings: {"broker_id", "sys_root"},  # from --id and --redis
-    ClusterSettings: {"url", "broker_id", "inbox_maxlen", "handover_timeout", "client_ttl"},
+    # keys: read from --cluster-key-file
+    ClusterSettings: {"url", "broker_id", "inbox_maxlen", "handover_timeout", "client_ttl", "keys"},
     ServerOptions: {"cluster"},
     AdapterConfig: {"rules"},
     DecodeRules: {"max_fields", "extra"},

@@ -43,6 +43,11 @@ BROKER_FAMILIES = {
         "Times a limit was hit (a refused CONNECT or SUBSCRIBE, a closed connection, or a "
         "client's reading paused), by limit.",
     ),
+    "mcloudtt_auth_total": ("counter", "CONNECT authentication decisions, by result."),
+    "mcloudtt_acl_decisions_total": (
+        "counter",
+        "ACL decisions (publish: write, subscribe, delivery: read), by action and result.",
+    ),
     "mcloudtt_inflight_messages": ("gauge", "QoS 1/2 messages sent and not yet acknowledged."),
     "mcloudtt_queued_messages": ("gauge", "QoS 1/2 messages waiting to be sent."),
     "mcloudtt_retained_messages": ("gauge", "Retained messages stored."),

@@ -34,6 +34,7 @@ class AdapterConfig:
     redis_mode: str = "stream"  # or pubsub
     tap_stream: str = "mcloudtt:tap"
     sync_channel: str = "sync"
+    cluster_key_file: str | None = None  # the brokers' key: tap entries must carry its tag
     redis_group: str = "mcloudtt-adapter"
     consumer: str | None = None  # default: client_id
     start_id: str = "0"
@@ -95,10 +96,15 @@ def build_sources(config: AdapterConfig) -> list[Source]:
             )
         )
     if config.redis:
+        from mcloudtt_broker.cluster.keys import cluster_keys, read_key_file
+
         from .sources.redis import RedisPubSubSource, RedisStreamSource
 
+        keys = cluster_keys(
+            read_key_file(config.cluster_key_file) if config.cluster_key_file else ()
+        )
         if config.redis_mode == "pubsub":
-            sources.append(RedisPubSubSource(config.redis, channel=config.sync_channel))
+            sources.append(RedisPubSubSource(config.redis, channel=config.sync_channel, keys=keys))
         else:
             sources.append(
                 RedisStreamSource(
@@ -107,6 +113,7 @@ def build_sources(config: AdapterConfig) -> list[Source]:
                     group=config.redis_group,
                     consumer=config.consumer or config.client_id,
                     start_id=config.start_id,
+                    keys=keys,
                 )
             )
     return sources

@@ -170,6 +170,15 @@ ADAPTER = Scheme(
         ),
         _option(
             REDIS,
+            "cluster-key-file",
+            text,
+            "the brokers' --cluster-key-file: only tap entries and sync envelopes with a valid "
+            "HMAC-SHA256 tag are taken (the rest counted as bad messages and dropped)",
+            setting=_config("cluster_key_file"),
+            metavar="FILE",
+        ),
+        _option(
+            REDIS,
             "redis-group",
             text,
             "consumer group",
@@ -270,6 +279,15 @@ ADAPTER = Scheme(
             names,
             "payload field not to store as a metric (repeatable)",
             setting=_rules("ignore_fields"),
+            metavar="NAME",
+            repeatable=True,
+        ),
+        _option(
+            DECODING,
+            "metadata-field",
+            names,
+            "top-level payload field kept as an attribute, never a measurement (repeatable)",
+            setting=_rules("metadata_fields"),
             metavar="NAME",
             repeatable=True,
         ),

@@ -11,6 +11,8 @@ stored whole in `payload` and classified in `payload_format`. Rules:
 * The first top-level time field (`ts`, `timestamp`, `time` by default) that parses as epoch
   seconds, milliseconds, microseconds or nanoseconds (told apart by magnitude) or as ISO 8601
   becomes `event_time`; otherwise the receive time is used.
+* Top-level metadata fields (`seq`, and a time field not taken as the event time) go to
+  `attributes`, never to `metrics`: they are not measurements.
 * The first top-level device field (`device_id`, `device`, `dev`, `deviceId`) fills `device_id`
   when no topic rule did.
 """
@@ -34,8 +36,13 @@ _MAX_US = 4_102_444_800_000_000  # 2100-01-01
 class DecodeRules:
     topic_rules: tuple[str, ...] = ("devices/{device_id}/{metric}",)
     device_fields: tuple[str, ...] = ("device_id", "device", "dev", "deviceId")
-    time_fields: tuple[str, ...] = ("ts", "timestamp", "time")
+    # `sent` first: the simulator's send time (its payloads declare it the event time); `ts`
+    # is the device's own drifting clock.
+    time_fields: tuple[str, ...] = ("sent", "ts", "timestamp", "time")
     ignore_fields: tuple[str, ...] = ()
+    # Top-level numbers that describe the message, not the device: stored as attributes,
+    # never charted or rolled up as measurements (a sequence number, a second clock).
+    metadata_fields: tuple[str, ...] = ("seq", "ts", "sent", "timestamp", "time")
     max_flatten_bytes: int = 256 * 1024
     max_fields: int = 256  # metrics plus attributes per message; the rest stays in the payload
     extra: dict[str, Any] = field(default_factory=dict)
@@ -123,6 +130,7 @@ class PayloadDecoder:
         self._time_fields = self.rules.time_fields
         self._device_fields = self.rules.device_fields
         self._skip = frozenset(self.rules.ignore_fields)
+        self._metadata = self.rules.metadata_fields
         self._max_flatten = self.rules.max_flatten_bytes
         self.bad_fields = 0
 
@@ -185,6 +193,9 @@ class PayloadDecoder:
                             if event_us is not None:
                                 del doc[key]
                                 break
+                    for key in self._metadata:
+                        if key in doc:
+                            attributes[key] = doc.pop(key)
                     if device is None:
                         for key in self._device_fields:
                             candidate = doc.get(key)

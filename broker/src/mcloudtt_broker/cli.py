@@ -8,6 +8,7 @@ import logging
 import sys
 from typing import NoReturn
 
+from .cluster.keys import KeyFileError, read_key_file
 from .cluster.redis_url import RedisUrlError, check_redis_url
 from .cluster.settings import ClusterSettings, DuplicateBrokerId
 from .config import BROKER, ConfigError, environment
@@ -32,6 +33,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["passwd"]:
+        from .auth.passwd import main as passwd
+
+        sys.exit(passwd(argv[1:]))
     parser = build_parser()
     args = vars(parser.parse_args(argv))
     env = environment()
@@ -39,7 +46,9 @@ def main(argv: list[str] | None = None) -> None:
         values = BROKER.resolve(args, env, BROKER.config_path(args, env))
         if values["redis"] is not None:
             check_redis_url(values["redis"])  # the TLS files are read now, not at each retry
-    except (ConfigError, RedisUrlError) as error:
+        key_file = values["cluster-key-file"]
+        keys = read_key_file(key_file) if key_file else ()
+    except (ConfigError, RedisUrlError, KeyFileError) as error:
         print(f"mcloudtt-broker: error: {error}", file=sys.stderr)
         sys.exit(2)
     logging.basicConfig(
@@ -55,7 +64,9 @@ def main(argv: list[str] | None = None) -> None:
         sys_root=f"$SYS/brokers/{broker_id}" if clustered else "$SYS/broker",
     )
     cluster = (
-        BROKER.settings(ClusterSettings, values, url=values["redis"], broker_id=broker_id)
+        BROKER.settings(
+            ClusterSettings, values, url=values["redis"], broker_id=broker_id, keys=keys
+        )
         if clustered
         else None
     )
@@ -71,8 +82,9 @@ def main(argv: list[str] | None = None) -> None:
     except DuplicateBrokerId as error:
         print(f"mcloudtt-broker: error: {error}", file=sys.stderr)
         sys.exit(2)
-    except OSError as error:
-        # e.g. the port is taken: one line, not a traceback.
+    except (OSError, ValueError) as error:
+        # e.g. the port is taken, a password or ACL file is unreadable (the message names the
+        # file and line, never a hash): one line, not a traceback.
         print(f"mcloudtt-broker: error: {error}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:

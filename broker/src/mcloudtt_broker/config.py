@@ -72,6 +72,11 @@ def names(value: Any) -> tuple[str, ...]:
     raise ValueError(f"expected a list of names, got {value!r}")
 
 
+def name_list(value: Any) -> tuple[str, ...]:
+    """Names given repeated or comma-separated, or both (`--auth-chain a,b --auth-chain c`)."""
+    return tuple(part for item in names(value) for part in names(item))
+
+
 def non_negative_int(value: Any) -> int:
     if isinstance(value, (bool, float)):
         raise ValueError(f"expected a whole number, got {value!r}")
@@ -191,6 +196,7 @@ class Option:
     repeatable: bool = False
     section: str = ""
     shown: str | None = None  # the default in words, where its value says too little
+    flag: bool = False  # a BOOL that may stand alone on the command line (meaning true)
 
     def __post_init__(self) -> None:
         if self.setting is not None:
@@ -260,11 +266,13 @@ class Scheme:
                 group = groups[option.section] = (
                     parser.add_argument_group(option.section) if option.section else parser
                 )
+            extra: dict[str, Any] = {"nargs": "?", "const": "true"} if option.flag else {}
             group.add_argument(
                 f"--{option.name}",
                 dest=option.name,
                 action="append" if option.repeatable else "store",
                 default=None,
+                **extra,
                 metavar=option.metavar,
                 help=f"{option.help} [env {self.env_name(option.name)}; "
                 f"default {option.default_text().replace('`', '')}]".replace("%", "%%"),
@@ -381,8 +389,30 @@ def _check_broker(values: dict[str, Any]) -> None:
         values["id"] = socket.gethostname()
     if values["tls-bind"] and not values["tls-cert"]:
         raise ConfigError("--tls-bind needs --tls-cert (and --tls-key unless the key is in it)")
-    if not (values["bind"] or values["tls-bind"] or values["ws-bind"]):
-        raise ConfigError("no listener: give --bind, --tls-bind or --ws-bind")
+    if values["wss-bind"] and not values["tls-cert"]:
+        raise ConfigError("--wss-bind needs --tls-cert (and --tls-key unless the key is in it)")
+    if not (values["bind"] or values["tls-bind"] or values["ws-bind"] or values["wss-bind"]):
+        raise ConfigError("no listener: give --bind, --tls-bind, --ws-bind or --wss-bind")
+    if values["tls-require-client-cert"] and not values["tls-ca"]:
+        raise ConfigError("--tls-require-client-cert needs --tls-ca")
+    if values["tls-ca"] and not (values["tls-bind"] or values["wss-bind"]):
+        raise ConfigError("--tls-ca needs a --tls-bind or --wss-bind listener")
+    if values["jwt-audience"] and not (values["jwt-secret-file"] or values["jwks-file"]):
+        raise ConfigError("--jwt-audience needs --jwt-secret-file or --jwks-file")
+    configured = {
+        "password-file": ("password-file", values["password-file"]),
+        "tls-cert": ("tls-ca", values["tls-ca"]),
+        "redis": ("redis", values["redis"]),
+        "jwt": ("jwt-secret-file or --jwks-file", values["jwt-secret-file"] or values["jwks-file"]),
+    }
+    for name in values["auth-chain"]:
+        if name not in configured:
+            raise ConfigError(
+                f"--auth-chain: unknown authenticator {name!r} (known: {', '.join(configured)})"
+            )
+        needs, given = configured[name]
+        if not given:
+            raise ConfigError(f"--auth-chain names {name} but --{needs} is not given")
 
 
 def _broker(name: str, convert: Callable[[Any], Any], help: str, **kwargs: Any) -> Option:
@@ -422,18 +452,58 @@ BROKER = Scheme(
             repeatable=True,
         ),
         _broker(
+            "wss-bind",
+            parse_addresses,
+            "MQTT over secure WebSocket listener (repeatable; sub-protocol mqtt), with "
+            "--tls-cert and --tls-key",
+            setting=(ServerOptions, "wss_binds"),
+            metavar="HOST:PORT",
+            repeatable=True,
+        ),
+        _broker(
             "tls-cert",
             text,
-            "PEM certificate chain for --tls-bind",
+            "PEM certificate chain for --tls-bind and --wss-bind (read again on SIGHUP)",
             setting=(ServerOptions, "tls_cert"),
             metavar="FILE",
         ),
         _broker(
             "tls-key",
             text,
-            "PEM private key for --tls-bind (when not in the certificate file)",
+            "PEM private key for --tls-bind and --wss-bind (when not in the certificate file)",
             setting=(ServerOptions, "tls_key"),
             metavar="FILE",
+        ),
+        _broker(
+            "tls-min-version",
+            choice("1.2", "1.3"),
+            "oldest TLS version accepted on --tls-bind and --wss-bind",
+            setting=(ServerOptions, "tls_min_version"),
+            metavar="VERSION",
+        ),
+        _broker(
+            "tls-ciphers",
+            text,
+            "OpenSSL cipher list for TLS 1.2 (e.g. ECDHE+AESGCM); TLS 1.3 suites stay OpenSSL's",
+            setting=(ServerOptions, "tls_ciphers"),
+            metavar="STRING",
+            shown="OpenSSL's defaults",
+        ),
+        _broker(
+            "tls-ca",
+            text,
+            "PEM CA certificates of client certificates (mutual TLS on --tls-bind): a verified "
+            "certificate's subject CN or a SAN is the username (authenticator tls-cert)",
+            setting=(ServerOptions, "tls_ca"),
+            metavar="FILE",
+        ),
+        _broker(
+            "tls-require-client-cert",
+            boolean,
+            "refuse TLS clients without a certificate signed by --tls-ca",
+            setting=(ServerOptions, "tls_require_client_cert"),
+            metavar="BOOL",
+            flag=True,
         ),
         _broker(
             "http",
@@ -616,6 +686,71 @@ BROKER = Scheme(
             shown="0 (no limit)",
         ),
         _broker(
+            "password-file",
+            text,
+            "users and salted scrypt hashes, one `USER:HASH` a line (`mcloudtt-broker passwd "
+            "FILE USER`); read again on SIGHUP",
+            setting=(ServerOptions, "password_file"),
+            metavar="FILE",
+        ),
+        _broker(
+            "allow-anonymous",
+            boolean,
+            "let clients without a username in",
+            setting=(ServerOptions, "allow_anonymous"),
+            metavar="BOOL",
+            shown="true while no authenticator is configured",
+        ),
+        _broker(
+            "auth-chain",
+            name_list,
+            "authenticators in the order they are asked (repeatable or comma-separated; "
+            "known: tls-cert, jwt, password-file, redis: the hash {prefix}:users in the cluster's "
+            "Redis); the first that knows the user decides",
+            setting=(ServerOptions, "auth_chain"),
+            metavar="NAMES",
+            repeatable=True,
+            shown="every configured one",
+        ),
+        _broker(
+            "jwt-secret-file",
+            text,
+            "HS256 secret: a JWT in the password field logs in as its `sub` (authenticator jwt); "
+            "`exp` required, `nbf` checked; an `acl` claim carries the client's topic rights",
+            setting=(ServerOptions, "jwt_secret_file"),
+            metavar="FILE",
+        ),
+        _broker(
+            "jwks-file",
+            text,
+            "JWKS of the RS256/ES256 public keys JWTs are checked against (by `kid`)",
+            setting=(ServerOptions, "jwks_file"),
+            metavar="FILE",
+        ),
+        _broker(
+            "jwt-audience",
+            text,
+            "the `aud` a JWT must carry",
+            setting=(ServerOptions, "jwt_audience"),
+            metavar="NAME",
+        ),
+        _broker(
+            "acl-file",
+            text,
+            "topic rights in Mosquitto's ACL syntax (`user`, `topic`, `pattern` with %u, %c), "
+            "checked on publish, subscribe and delivery; read again on SIGHUP",
+            setting=(ServerOptions, "acl_file"),
+            metavar="FILE",
+        ),
+        _broker(
+            "acl-deny-action",
+            choice("ignore", "disconnect"),
+            "on a denied publish or subscription: ignore (dropped or refused with its reason "
+            "code) or also disconnect the client",
+            setting=(BrokerSettings, "acl_deny_action"),
+            metavar="ACTION",
+        ),
+        _broker(
             "log-level",
             log_level,
             "debug, info, warning or error",
@@ -693,6 +828,14 @@ BROKER = Scheme(
             "longest wait between reconnect attempts (exponential, with jitter)",
             setting=(ClusterSettings, "backoff_max"),
             metavar="SECONDS",
+        ),
+        _cluster(
+            "cluster-key-file",
+            text,
+            "shared key: every batch and control message on Redis carries an HMAC-SHA256 "
+            "under it, the rest is counted and dropped; two lines during a rotation (sign with "
+            "the first, accept either)",
+            metavar="FILE",
         ),
         _cluster(
             "ready-without-redis",

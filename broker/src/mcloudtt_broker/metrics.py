@@ -14,6 +14,7 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from .core.auth import ACTIONS, AUTH_LABELS
 from .core.broker import Broker
 
 CLUSTER_DROP_REASONS = ("buffer_full_qos0", "buffer_full", "unconfirmed_overflow", "peer_gone")
@@ -114,6 +115,24 @@ class BrokerCollector(Collector):
             ),
             dict(sorted(kinds.items())),
         )
+        auth = dict.fromkeys(AUTH_LABELS, 0) | dict(stats.auth)
+        yield _by_label(
+            CounterMetricFamily(
+                "mcloudtt_auth_total",
+                "CONNECT authentication decisions, by result.",
+                labels=["result"],
+            ),
+            auth,
+        )
+        acl = CounterMetricFamily(
+            "mcloudtt_acl_decisions_total",
+            "ACL decisions (publish: write, subscribe, delivery: read), by action and result.",
+            labels=["action", "result"],
+        )
+        for action in ACTIONS:
+            for result in ("allow", "deny"):
+                acl.add_metric([action, result], stats.acl[action, result])
+        yield acl
         yield _counter(
             "mcloudtt_oversized_closes_total",
             "Connections closed because a packet they needed exceeded their Maximum Packet Size.",

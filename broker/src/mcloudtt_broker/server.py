@@ -16,6 +16,8 @@ import ssl
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from .auth.rules import build_authorizer, build_chain
+from .auth.tls import certificate_names
 from .cluster.settings import ClusterSettings
 from .core.broker import Broker, BrokerSettings
 from .core.connection import ServerConnection
@@ -26,7 +28,9 @@ from .mqtt.reason_codes import ReasonCode
 from .websocket import WebSocketProtocol
 
 if TYPE_CHECKING:
+    from .auth.redis_users import RedisUsers
     from .cluster.redis_bus import RedisBus
+    from .core.auth import AuthChain, Authorizer
 
 log = logging.getLogger("mcloudtt.broker")
 
@@ -35,6 +39,7 @@ WRITE_HIGH_WATER = 256 * 1024
 
 class MQTTProtocol(asyncio.Protocol):
     __slots__ = (
+        "cert_names",
         "conn",
         "first_bytes",
         "flush_scheduled",
@@ -54,12 +59,16 @@ class MQTTProtocol(asyncio.Protocol):
         self.flush_scheduled = False
         self.throttled = False  # reading paused by a publish rate or bandwidth limit
         self.first_bytes = server.connect_rates is not None  # the CONNECT rate is checked on them
+        # The verified client certificate's names (subject CN, then SANs), for `tls-cert`.
+        self.cert_names: tuple[str, ...] = ()
 
     # asyncio callbacks ------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, hence no isinstance check.
         self.transport = transport  # type: ignore[assignment]
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)  # type: ignore[attr-defined]
+        if self.server.options.tls_ca is not None:
+            self.cert_names = certificate_names(transport.get_extra_info("peercert"))
         self.conn = conn = self.server.broker.connect(self, self.loop.time())
         if self.server.admit(self, transport):
             conn.refusal = ReasonCode.QUOTA_EXCEEDED  # CONNACK 0x97 (5.0) / 0x03 (3.1.1)
@@ -152,8 +161,11 @@ class ServerOptions:
     binds: list[tuple[str, int]] = field(default_factory=lambda: [("127.0.0.1", 1883)])
     tls_binds: list[tuple[str, int]] = field(default_factory=list)
     ws_binds: list[tuple[str, int]] = field(default_factory=list)
+    wss_binds: list[tuple[str, int]] = field(default_factory=list)
     tls_cert: str | None = None
     tls_key: str | None = None
+    tls_min_version: str = "1.2"
+    tls_ciphers: str | None = None
     http: tuple[str, int] | None = None
     drain_timeout: float = 5.0
     cluster: ClusterSettings | None = None
@@ -164,6 +176,15 @@ class ServerOptions:
     max_listener_connections: int = 0  # open network connections per listener
     connect_rate: float = 0.0  # CONNECTs per second per source address (token bucket)
     connect_burst: int = 0  # that bucket's size; 0: max(1, one second's worth)
+    password_file: str | None = None
+    jwt_secret_file: str | None = None
+    jwks_file: str | None = None
+    jwt_audience: str | None = None
+    tls_ca: str | None = None  # CA of client certificates (mutual TLS)
+    tls_require_client_cert: bool = False
+    acl_file: str | None = None
+    allow_anonymous: bool | None = None  # None: only while no authenticator is configured
+    auth_chain: tuple[str, ...] = ()  # empty: every configured authenticator, default order
 
 
 class BrokerServer:
@@ -172,11 +193,18 @@ class BrokerServer:
         self.options = options
         self.loop = asyncio.get_running_loop()
         self.bus: RedisBus | None = None
+        self.redis_users: RedisUsers | None = None
         if options.cluster is not None:
             from .cluster.redis_bus import RedisBus
 
             self.bus = RedisBus(options.cluster)
-        self.broker = Broker(settings, clock=self.loop.time, bus=self.bus)
+        self.broker = Broker(
+            settings,
+            clock=self.loop.time,
+            bus=self.bus,
+            auth=self._chain(),
+            authorizer=self._authorizer(),
+        )
         if self.bus is not None:
             self.bus.attach(self.broker)
         self.protocols: set[MQTTProtocol] = set()
@@ -190,8 +218,64 @@ class BrokerServer:
         self.http: HttpServer | None = None
         self.metrics = registry_for(self.broker, self.bus)
         self.accepting = False
+        self.tls_context: ssl.SSLContext | None = None
         self._ticker: asyncio.Task[None] | None = None
+        self._refresher: asyncio.Task[None] | None = None
         self._all_closed = asyncio.Event()
+
+    def reload_tls(self) -> None:
+        """SIGHUP: the certificate and key files again, into the listeners' context. New
+        handshakes get the new certificate; established connections keep theirs."""
+        if self.tls_context is None or self.options.tls_cert is None:
+            return
+        try:
+            self.tls_context.load_cert_chain(self.options.tls_cert, self.options.tls_key)
+        except (OSError, ssl.SSLError) as error:
+            log.error("certificate reload failed, keeping the old one: %s", error)
+            return
+        log.info("TLS certificate reloaded from %s", self.options.tls_cert)
+
+    def _chain(self) -> AuthChain:
+        options = self.options
+        if "redis" in options.auth_chain and self.redis_users is None:
+            from .auth.redis_users import RedisUsers
+
+            assert options.cluster is not None
+            self.redis_users = RedisUsers(options.cluster.url, options.cluster.prefix)
+        return build_chain(
+            options.auth_chain,
+            options.password_file,
+            options.allow_anonymous,
+            tls_cert=options.tls_ca is not None,
+            redis_users=self.redis_users,
+            jwt={
+                "secret_file": options.jwt_secret_file,
+                "jwks_file": options.jwks_file,
+                "audience": options.jwt_audience,
+            },
+        )
+
+    def _authorizer(self) -> Authorizer | None:
+        options = self.options
+        # Clients may bring rights of their own (JWT claims, Redis): an authorizer is needed.
+        claims = (
+            options.jwt_secret_file is not None
+            or options.jwks_file is not None
+            or "redis" in options.auth_chain
+        )
+        return build_authorizer(options.acl_file, claim_rights=claims)
+
+    def reload(self) -> None:
+        """SIGHUP: read the password and ACL files again (on a mistake the old rules stay), and
+        the TLS certificate (one handler: asyncio keeps one per signal)."""
+        try:
+            chain, authorizer = self._chain(), self._authorizer()
+        except (OSError, ValueError) as error:
+            log.error("reload failed, the old rules stay: %s", error)
+            return
+        self.broker.set_rules(chain, authorizer)
+        log.info("reloaded the password and ACL files")
+        self.reload_tls()
 
     def _factory(self, listener: int = 0) -> MQTTProtocol:
         protocol = MQTTProtocol(self, listener)
@@ -249,10 +333,8 @@ class BrokerServer:
                 )
             )
             log.info("MQTT listening on %s:%d", host, port)
-        if self.options.tls_binds:
-            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-            assert self.options.tls_cert is not None
-            context.load_cert_chain(self.options.tls_cert, self.options.tls_key)
+        if self.options.tls_binds or self.options.wss_binds:
+            context = self.tls_context = tls_server_context(self.options)
             for host, port in self.options.tls_binds:
                 self.listeners.append(
                     await self.loop.create_server(
@@ -265,6 +347,18 @@ class BrokerServer:
                     )
                 )
                 log.info("MQTT over TLS listening on %s:%d", host, port)
+            for host, port in self.options.wss_binds:
+                self.listeners.append(
+                    await self.loop.create_server(
+                        functools.partial(self._ws_factory, len(self.listeners)),
+                        host,
+                        port,
+                        ssl=context,
+                        backlog=4096,
+                        reuse_address=True,
+                    )
+                )
+                log.info("MQTT over secure WebSocket listening on %s:%d", host, port)
         for host, port in self.options.ws_binds:
             self.listeners.append(
                 await self.loop.create_server(
@@ -284,6 +378,11 @@ class BrokerServer:
         self.accepting = True
         if self.bus is not None:
             await self.bus.start()
+        if self.redis_users is not None:
+            self.redis_users.changed = self.broker.forget_decisions
+            self._refresher = asyncio.create_task(
+                self.redis_users.refresh_forever(), name="mcloudtt-rights"
+            )
         self._ticker = asyncio.create_task(self._tick_forever(), name="mcloudtt-tick")
 
     async def _tick_forever(self) -> None:
@@ -332,13 +431,38 @@ class BrokerServer:
                 protocol.transport.abort()
         if self._ticker is not None:
             self._ticker.cancel()
+        if self._refresher is not None:
+            self._refresher.cancel()
         if self.bus is not None:
             await self.bus.stop()
+        if self.redis_users is not None:
+            await self.redis_users.close()
         if self.http is not None:
             await self.http.stop()
         for listener in self.listeners:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(listener.wait_closed(), 1.0)
+
+
+TLS_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
+
+
+def tls_server_context(options: ServerOptions) -> ssl.SSLContext:
+    """The context of the TLS and secure WebSocket listeners (--tls-min-version, --tls-ciphers:
+    OpenSSL's cipher list for TLS 1.2; TLS 1.3's suites are OpenSSL's defaults)."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = TLS_VERSIONS[options.tls_min_version]
+    if options.tls_ciphers:
+        context.set_ciphers(options.tls_ciphers)
+    assert options.tls_cert is not None
+    context.load_cert_chain(options.tls_cert, options.tls_key)
+    if options.tls_ca is not None:
+        context.load_verify_locations(cafile=options.tls_ca)
+        # Optional: a client without a certificate may still log in another way.
+        context.verify_mode = (
+            ssl.CERT_REQUIRED if options.tls_require_client_cert else ssl.CERT_OPTIONAL
+        )
+    return context
 
 
 async def serve(settings: BrokerSettings, options: ServerOptions) -> None:
@@ -348,6 +472,7 @@ async def serve(settings: BrokerSettings, options: ServerOptions) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, server.reload)
     log.info("broker %s ready", settings.broker_id)
     waits: list[asyncio.Future[object]] = [asyncio.ensure_future(stop.wait())]
     if server.bus is not None and server.bus.fatal is not None:

@@ -104,12 +104,18 @@ class Network:
     _next_host: int = 10
 
     @classmethod
-    def create(cls, docker: Docker, name: str, *, attempts: int = 20) -> Network:
+    def create(
+        cls, docker: Docker, name: str, *, attempts: int = 20, extra: Sequence[str] = ()
+    ) -> Network:
+        """`extra`: more `docker network create` options (`--internal`, `--label k=v`)."""
         subnets = list(SUBNET_POOL.subnets(new_prefix=24))
         for _ in range(attempts):
             subnet = random.choice(subnets)
             try:
-                docker("network", "create", "--driver", "bridge", "--subnet", str(subnet), name)
+                docker(
+                    "network", "create", "--driver", "bridge", "--subnet", str(subnet),
+                    *extra, name,
+                )  # fmt: skip
             except DockerError as error:
                 if "overlap" in str(error).lower():
                     continue

@@ -10,7 +10,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .procs import Process, RedisServer, console_script, port_free
+from .procs import Process, RedisServer, console_script, free_block, port_free
+from .watchdog import Watchdog
 
 
 @dataclass
@@ -23,13 +24,40 @@ class LocalCluster:
     base_http_port: int = 8080
     redis_port: int = 0
     services: list[Process] = field(default_factory=list)
+    # Ports taken by something else and replaced by free ones: what to print.
+    notes: list[str] = field(default_factory=list)
+    # Children die with this process however it ends: PR_SET_PDEATHSIG for each, and a
+    # watchdog that SIGKILLs their groups when this process's pipe to it closes.
+    guard: bool = True
+    _watchdog: Watchdog | None = None
+
+    def _watch(self, process: Process) -> None:
+        if not self.guard:
+            return
+        if self._watchdog is None:
+            self._watchdog = Watchdog()
+        self._watchdog.watch(process.pid)
 
     def _spawn(
         self, name: str, cmd: list[str], port: int | None = None, http_port: int | None = None
     ) -> Process:
         log_path = self.workdir / f"{name}.log"
-        process = Process(cmd, name=name, log_path=log_path, port=port, http_port=http_port)
+        process = Process(
+            cmd,
+            name=name,
+            log_path=log_path,
+            port=port,
+            http_port=http_port,
+            die_with_parent=self.guard,
+        )
         self.services.append(process.start())
+        self._watch(process)
+        return process
+
+    def restart(self, process: Process) -> Process:
+        """Start a stopped service again (from the main thread: see `die_with_parent`)."""
+        process.start()
+        self._watch(process)
         return process
 
     def start_redis(self) -> RedisServer:
@@ -38,9 +66,11 @@ class LocalCluster:
             appendonly=True,
             data_dir=self.workdir / "redis",
             log_path=self.workdir / "redis.log",
+            die_with_parent=self.guard,
         )
         self.redis_port = redis.port
         self.services.append(redis.start())
+        self._watch(redis)
         return redis
 
     @property
@@ -49,14 +79,11 @@ class LocalCluster:
 
     def start_brokers(self, *extra: str) -> list[Process]:
         started = []
+        self.base_port = self._free_ports(self.base_port, "MQTT")
+        self.base_http_port = self._free_ports(self.base_http_port, "HTTP")
         for index in range(self.brokers):
             port = self.base_port + index
             http_port = self.base_http_port + index
-            for wanted in (port, http_port):
-                if not port_free(wanted):
-                    raise RuntimeError(
-                        f"port {wanted} is in use; pick others with --base-port/--http-port"
-                    )
             started.append(
                 self._spawn(
                     f"broker-{index + 1}",
@@ -80,13 +107,29 @@ class LocalCluster:
             broker.wait_port()
         return started
 
+    def _free_ports(self, first: int, what: str) -> int:
+        """`first` and the next ports for the brokers, or a free block when one is taken."""
+        wanted = range(first, first + self.brokers)
+        taken = [port for port in wanted if not port_free(port)]
+        if not taken:
+            return first
+        chosen = free_block(self.brokers)
+        self.notes.append(
+            f"{what} port {taken[0]} is in use: brokers use {chosen}-{chosen + self.brokers - 1}"
+        )
+        return chosen
+
     def start(self, name: str, cmd: list[str], http_port: int | None = None) -> Process:
         return self._spawn(name, cmd, http_port=http_port)
 
     def stop(self) -> None:
         # Clients first, then brokers (they drain), Redis last.
         for service in reversed(self.services):
-            service.stop(timeout=15.0)
+            if service.proc is not None:
+                service.stop(timeout=15.0)
+        if self._watchdog is not None:
+            self._watchdog.close()
+            self._watchdog = None
 
 
 def workdir(base: Path | None) -> Path:

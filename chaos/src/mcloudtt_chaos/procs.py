@@ -18,6 +18,8 @@ share to run real processes on this machine.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import os
 import re
 import shutil
@@ -56,9 +58,13 @@ class ProcessTimeout(ProcessError, TimeoutError):
 
 
 def port_free(port: int, host: str = HOST) -> bool:
+    """Whether a server could listen on `port` now. Checked as the servers bind (asyncio,
+    redis-server: SO_REUSEADDR), so a port whose last connections sit in TIME_WAIT is free."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
+            s.listen()  # with SO_REUSEADDR, bind alone succeeds beside a listener on Linux
         except OSError:
             return False
         return True
@@ -250,6 +256,28 @@ def run_concurrently(
     return results
 
 
+def _load_prctl() -> Callable[..., int] | None:
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None  # not Linux
+
+
+# Looked up once here: after fork, in a parent with threads, the child must not dlopen.
+_PRCTL = _load_prctl()
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent: int) -> None:
+    """In the child before exec: SIGKILL when the parent dies (PR_SET_PDEATHSIG), so that no
+    child outlives a SIGKILLed parent. Linux only; elsewhere nothing happens."""
+    if _PRCTL is None:
+        return
+    _PRCTL(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
 class Process:
     """A local child process in its own process group, its output in a log file.
 
@@ -270,8 +298,12 @@ class Process:
         port: int | None = None,
         http_port: int | None = None,
         cpus: set[int] | None = None,
+        die_with_parent: bool = False,
     ) -> None:
         self.cmd = [str(part) for part in cmd]
+        # The kernel sends the signal when the *thread* that started the child ends: start such
+        # a process from a thread that lives as long as the parent (the main thread).
+        self.die_with_parent = die_with_parent
         self.cpus = cpus  # pinned to these CPUs (benchmarks keep it off the generator's)
         self.name = name or Path(self.cmd[0]).name
         self.port = port
@@ -305,6 +337,11 @@ class Process:
                 env=env,
                 cwd=self.cwd,
                 start_new_session=True,
+                preexec_fn=(
+                    functools.partial(_die_with_parent, os.getpid())
+                    if self.die_with_parent
+                    else None
+                ),
             )
         if self.cpus:
             # Set at once, while the interpreter is still starting: its threads inherit it.
@@ -497,6 +534,7 @@ class RedisServer(Process):
         extra_args: Sequence[str] = (),
         log_path: Path | str | None = None,
         name: str = "redis",
+        die_with_parent: bool = False,
     ) -> None:
         port = port or free_port()
         self.password = password
@@ -508,7 +546,13 @@ class RedisServer(Process):
             data_dir = self._tmp.name
         self.data_dir = Path(data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        super().__init__([redis_server_binary()], name=name, log_path=log_path, port=port)
+        super().__init__(
+            [redis_server_binary()],
+            name=name,
+            log_path=log_path,
+            port=port,
+            die_with_parent=die_with_parent,
+        )
         self.port: int = port
 
     def extra_args(self) -> list[str]:

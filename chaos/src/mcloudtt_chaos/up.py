@@ -9,9 +9,12 @@ drain, stops brokers and Redis, and writes the HTML report.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import queue
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -19,8 +22,14 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 
+from .dashboard import Canary, DashboardServer, Sampler, adapter_figures, final_page
 from .local import LocalCluster, workdir
-from .procs import Metrics, console_script, free_port, scrape
+from .procs import Metrics, Process, console_script, free_port, port_free, scrape
+
+DEFAULT_DEVICES = 300
+# smart-building devices report about once a model minute: 3,000 at 60x is ~3,000 msg/s.
+LOAD_DEVICES = 3000
+LOAD_SPEEDUP = 60.0
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -31,7 +40,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     up.add_argument("--base-port", type=int, default=1883, help="MQTT port of the first broker")
     up.add_argument("--http-port", type=int, default=8080, help="HTTP port of the first broker")
     up.add_argument("--scenario", default="smart-building", help="simulator scenario")
-    up.add_argument("--devices", type=int, default=300, help="simulated devices (0: no fleet)")
+    up.add_argument(
+        "--devices", type=int, default=DEFAULT_DEVICES, help="simulated devices (0: no fleet)"
+    )
     up.add_argument("--seconds", type=float, default=0, help="stop after this long (0: at Ctrl-C)")
     up.add_argument("--duckdb", type=Path, default=Path("reports/mcloudtt.duckdb"))
     up.add_argument("--report", type=Path, default=Path("reports/report.html"))
@@ -39,7 +50,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--workdir", type=Path, default=None, help="logs and Redis data (default: a temp dir)"
     )
     up.add_argument("--no-adapter", action="store_true", help="do not run the adapter")
+    up.add_argument(
+        "--load",
+        action="store_true",
+        help=f"a busy fleet: {LOAD_DEVICES} devices at {LOAD_SPEEDUP:g}x model time "
+        "(thousands of msg/s)",
+    )
+    up.add_argument(
+        "--dashboard",
+        default="127.0.0.1:8000",
+        metavar="HOST:PORT",
+        help="where the live dashboard is served (default 127.0.0.1:8000; a free port if taken)",
+    )
+    up.add_argument("--no-dashboard", action="store_true", help="no dashboard, no canary")
     args = parser.parse_args(argv)
+    host, _, port = args.dashboard.rpartition(":")
+    if not host or not port.isdigit():
+        parser.error("--dashboard takes HOST:PORT")
+    args.dashboard_at = (host, int(port))
+    if args.load and args.devices == DEFAULT_DEVICES:
+        args.devices = LOAD_DEVICES
     if args.command is None:
         parser.print_help()
         raise SystemExit(2)
@@ -54,7 +84,7 @@ def _rate(now: dict[str, float], before: dict[str, float], key: str, seconds: fl
 
 def _scrape(port: int) -> Metrics | None:
     try:
-        return scrape(port, timeout=1.0)
+        return scrape(port, timeout=0.5)
     except OSError:
         return None  # down, or not serving yet
 
@@ -105,10 +135,7 @@ def view(
     parts: list[Table] = [brokers]
     if adapter_http is not None:
         metrics = _scrape(adapter_http) or Metrics()
-        now = {
-            name: metrics.total(f"mcloudtt_adapter_{name}")
-            for name in ("rows_out_total", "pending", "lag_seconds", "sink_errors_total")
-        }
+        now = adapter_figures(metrics)
         before = previous.get("adapter", now)
         previous["adapter"] = now
         adapter = Table(title="adapter → DuckDB")
@@ -123,6 +150,60 @@ def view(
         )
         parts.append(adapter)
     return Group(*parts)
+
+
+def _sample_forever(sampler: Sampler, canary: Canary, server: DashboardServer) -> None:
+    while not server.stopping.wait(1.0):
+        canary.tick()
+        sampler.sample()
+
+
+def apply_action(
+    cluster: LocalCluster,
+    sampler: Sampler | None,
+    intended: set[str],
+    action: tuple[str, str],
+) -> None:
+    """A fault (or its repair) from the dashboard, on the main thread that started the
+    processes (a child started from a short-lived thread would die with that thread)."""
+    target, verb = action
+    service: Process | None = next((s for s in cluster.services if s.name == target), None)
+    if service is None:
+        return
+    note = sampler.event if sampler is not None else (lambda text, level="info": None)
+    if verb == "kill":
+        intended.add(target)
+        service.kill()
+        note(f"{target} killed (SIGKILL) from the dashboard", "bad")
+    elif verb == "stop":
+        intended.add(target)
+        service.stop(timeout=10.0)
+        if sampler is not None and target == "redis":
+            sampler.redis_state = "stopped"
+        note(f"{target} stopped from the dashboard", "bad")
+    elif verb in ("restart", "start"):
+        if service.alive():
+            service.resume()
+            service.stop(timeout=10.0)
+        try:
+            cluster.restart(service)
+        except (OSError, RuntimeError) as error:
+            note(f"{target} did not start: {error}", "bad")
+            return
+        intended.discard(target)
+        if sampler is not None and target == "redis":
+            sampler.redis_state = "running"
+        note(f"{target} started again from the dashboard", "good")
+    elif verb == "freeze":
+        service.pause()
+        if sampler is not None:
+            sampler.redis_state = "frozen"
+        note(f"{target} frozen (SIGSTOP) from the dashboard", "bad")
+    elif verb == "thaw":
+        service.resume()
+        if sampler is not None:
+            sampler.redis_state = "running"
+        note(f"{target} thawed (SIGCONT) from the dashboard", "good")
 
 
 def up(args: argparse.Namespace) -> int:
@@ -141,10 +222,16 @@ def up(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, request_stop)
     adapter_http: int | None = None
     sim = None
+    failed = False  # a child died on its own: everything stopped, exit status 1
+    canary: Canary | None = None
+    server: DashboardServer | None = None
+    sampler: Sampler | None = None
     try:
         console.print(f"[bold]starting[/] Redis and {args.brokers} brokers (logs in {folder})")
         cluster.start_redis()
         cluster.start_brokers("--tap-stream", "mcloudtt:tap", "--sys-interval", "5")
+        for note in cluster.notes:
+            console.print(f"[yellow]{note}[/]")
         endpoints = [
             f"127.0.0.1:{s.port}" for s in cluster.services if s.name.startswith("broker-")
         ]
@@ -181,6 +268,8 @@ def up(args: argparse.Namespace) -> int:
                 "--seconds",
                 str(seconds),
             ]
+            if args.load:  # the verifier's subscriber would double the broker's work
+                command += ["--speedup", str(LOAD_SPEEDUP), "--verify", "none"]
             for endpoint in endpoints:
                 command += ["--broker", endpoint]
             sim = cluster.start("simulator", command)
@@ -194,30 +283,87 @@ def up(args: argparse.Namespace) -> int:
                 if s.name.startswith("broker-")
             )
         )
+        if not args.no_dashboard:
+            canary = Canary(
+                [s.port for s in cluster.services if s.name.startswith("broker-") and s.port]
+            )
+            canary.start()
+            sampler = Sampler(cluster, adapter_http=adapter_http, fleet=sim, canary=canary)
+            sampler.sample()
+            host, port = args.dashboard_at
+            if not port_free(port, host):
+                chosen = free_port(host)
+                console.print(f"[yellow]dashboard port {port} is in use: using {chosen}[/]")
+                port = chosen
+            server = DashboardServer(sampler, host, port)
+            server.start()
+            sampler_thread = threading.Thread(
+                target=_sample_forever, args=(sampler, canary, server), daemon=True
+            )
+            sampler_thread.start()
+            console.print(f"[bold]dashboard:[/] {server.url}")
         console.print("[dim]Ctrl-C stops everything and writes the report.[/]")
         started = time.monotonic()
         previous: dict[str, dict[str, float]] = {}
         interval = 1.0
+        intended: set[str] = set()  # stopped from the dashboard: not a failure
         with Live(
             view(cluster, adapter_http, previous, 0, interval),
             console=console,
             refresh_per_second=2,
             transient=False,
         ) as live:
+            last = time.monotonic()
             while not stop_requested:
-                time.sleep(interval)
-                elapsed = time.monotonic() - started
-                live.update(view(cluster, adapter_http, previous, elapsed, interval))
-                dead = [s.name for s in cluster.services if not s.alive() and s is not sim]
+                deadline = last + interval
+                while not stop_requested:
+                    # At least one look per round: the view's scrapes may take longer than a
+                    # round when a component hangs (a frozen Redis), and a thaw must still pass.
+                    wait = max(0.0, deadline - time.monotonic())
+                    if server is None:
+                        time.sleep(wait)
+                        break
+                    try:
+                        if wait > 0:
+                            action = server.actions.get(timeout=min(wait, 0.1))
+                        else:
+                            action = server.actions.get_nowait()
+                    except queue.Empty:
+                        if wait <= 0:
+                            break
+                        continue
+                    apply_action(cluster, sampler, intended, action)
+                now = time.monotonic()
+                elapsed = now - started
+                live.update(view(cluster, adapter_http, previous, elapsed, now - last))
+                last = now
+                dead = [
+                    s.name
+                    for s in cluster.services
+                    if not s.alive() and s is not sim and s.name not in intended
+                ]
                 if dead:
                     console.print(
                         f"[red]stopped unexpectedly:[/] {', '.join(dead)} (see logs in {folder})"
                     )
+                    failed = True
                     break
                 if args.seconds and elapsed >= args.seconds:
                     break
     finally:
         console.print("[bold]stopping[/]: fleet, adapter (drains), brokers, Redis")
+        if sampler is not None and sampler.snapshot:
+            with contextlib.suppress(OSError):
+                args.report.parent.mkdir(parents=True, exist_ok=True)
+                final = args.report.with_name(args.report.stem + "-dashboard.html")
+                final.write_text(final_page(sampler.snapshot))
+                console.print(f"dashboard's final state: {final.resolve()}")
+        if canary is not None:
+            canary.stop()
+        if server is not None:
+            server.stop()
+        for service in cluster.services:
+            service.resume()  # a frozen Redis would hold up the adapter's drain
         cluster.stop()
     if not args.no_adapter and args.duckdb.exists():
         args.report.parent.mkdir(parents=True, exist_ok=True)
@@ -234,7 +380,7 @@ def up(args: argparse.Namespace) -> int:
         )
         if result.returncode == 0:
             console.print(f"report: {args.report.resolve()}")
-    return 0
+    return 1 if failed else 0
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -47,6 +47,14 @@ kubectl -n "$NAMESPACE" create secret generic mcloudtt-redis \
 kubectl -n "$NAMESPACE" create configmap mcloudtt-redis-ca \
     --from-file=ca.pem="$work/ca.pem" --dry-run=client -o yaml | kubectl apply -f -
 
+# The brokers' cluster key (HMAC on Redis): made once, kept across runs (a rotation puts the
+# new key first and the old one second, then removes the old one: docs/cluster-envelope.md).
+if ! kubectl -n "$NAMESPACE" get secret mcloudtt-cluster-key >/dev/null 2>&1; then
+    (umask 077 && od -An -N32 -tx1 /dev/urandom | tr -d ' \n' >"$work/cluster-key")
+    kubectl -n "$NAMESPACE" create secret generic mcloudtt-cluster-key \
+        --from-file=key="$work/cluster-key"
+fi
+
 if ! kubectl -n "$NAMESPACE" get secret mcloudtt-broker-tls >/dev/null 2>&1; then
     echo "note: create the MQTT TLS certificate Secret before applying (docs/deploy.md):"
     echo "  kubectl -n $NAMESPACE create secret tls mcloudtt-broker-tls --cert=FULLCHAIN.pem --key=KEY.pem"

@@ -33,6 +33,7 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
+from . import clusters as cl
 from . import report
 from .brokers import (
     BROKER_NAMES,
@@ -133,6 +134,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="JSON results file (default %(default)s)",
     )
     p.add_argument("--plot", type=Path, help="PNG bar chart of the ratios")
+    p.add_argument(
+        "--clusters",
+        default="1,2,3",
+        help="node counts for the cluster head-to-head, MCloudTT against Aedes on one Redis "
+        "(default %(default)s; 'none' to skip; run only when mcloudtt is among --brokers)",
+    )
+    p.add_argument(
+        "--html",
+        type=Path,
+        help="the HTML report with charts (default: --out with .html)",
+    )
+    p.add_argument(
+        "--aedes-cache",
+        type=Path,
+        help="where npm installs Aedes (default ~/.cache/mcloudtt/aedes)",
+    )
     p.add_argument(
         "--cache-dir",
         type=Path,
@@ -371,8 +388,30 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"[red]target missed:[/] {t['metric']} {t['target']} (got {t['value']:.3g})"
             )
 
+    cluster_doc: dict[str, Any] | None = None
+    sizes = [] if args.clusters == "none" else [int(x) for x in args.clusters.split(",") if x]
+    if sizes and "mcloudtt" in brokers:
+        console.print(f"clusters on one Redis: {', '.join(map(str, sizes))} node(s)")
+        cluster_doc = cl.run_clusters(
+            sizes,
+            runs=args.runs,
+            warmup=settings.warmup,
+            duration=settings.duration,
+            log=console.log,
+            aedes_cache=args.aedes_cache,
+        )
+        console.print(cl.cluster_table(cluster_doc))
+        aedes = cluster_doc["versions"].get("aedes")
+        if aedes:
+            versions["aedes"] = (
+                f"{aedes['aedes']} (mqemitter-redis {aedes['mqemitter-redis']}, "
+                f"aedes-persistence-redis {aedes['aedes-persistence-redis']}, "
+                f"Node.js {aedes['node']})"
+            )
+
     doc = {
         "meta": {
+            "commit": cl.git_commit(),
             "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "seconds": round(time.time() - started, 1),
             "command": ["mcloudtt-bench", *(argv if argv is not None else sys.argv[1:])],
@@ -397,6 +436,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "generator_cpu": gen_cpu,
         "other_cpu": other_cpu,
         "warnings": warnings,
+        "clusters": cluster_doc,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(_clean(doc), indent=2) + "\n")
@@ -407,6 +447,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             console.print(f"chart: {args.plot}")
         except ValueError as e:
             console.print(f"[yellow]no chart:[/] {e}")
+    html_path = args.html or args.out.with_suffix(".html")
+    chart = args.plot
+    if chart is None:
+        chart = html_path.with_suffix(".ratios.png")
+        try:
+            report.plot_ratios(summary, chart)
+        except ValueError:
+            chart = None
+    cl.write_html(_clean(doc), html_path, chart)
+    console.print(f"report: {html_path}")
     failed = all(
         data["errors"] == len(data["runs"]) for per in results.values() for data in per.values()
     )

@@ -84,7 +84,7 @@ class _Client:
             self.connected.set()
 
     def connect(self, first: bool) -> None:
-        props = Properties(PacketTypes.CONNECT)
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         if self.persistent:
             props.SessionExpiryInterval = 3600
         self.c.connect(
@@ -216,14 +216,16 @@ def soak(
         brokers = cluster.start_brokers("--sys-interval", "0")
         processes: dict[str, Process] = {"redis": redis}
         processes.update({b.name: b for b in brokers})
-        subscribers = [Subscriber(f"soak-sub-{i}", b.port) for i, b in enumerate(brokers)]
+        ports = [b.port for b in brokers if b.port is not None]
+        assert len(ports) == len(brokers)  # brokers always have an MQTT port
+        subscribers = [Subscriber(f"soak-sub-{i}", port) for i, port in enumerate(ports)]
         for sub in subscribers:
             sub.connect(first=True)
             clients.append(sub)
         time.sleep(1.0)  # the subscriptions reach every broker's table
         publishers = [
-            Publisher(f"soak-pub{i}-q{qos}", b.port, qos, rate)
-            for i, b in enumerate(brokers)
+            Publisher(f"soak-pub{i}-q{qos}", port, qos, rate)
+            for i, port in enumerate(ports)
             for qos in (0, 1)
         ]
         for pub in publishers:

@@ -195,6 +195,13 @@ def make_generator(spec: Mapping[str, Any], rng: random.Random, region: Region) 
     raise ValueError(f"unknown payload kind {kind!r}")
 
 
+# What the wire payload's leading keys are, for readers (the adapter's decoding rules): `sent` is
+# the event time, `seq` a per-topic sequence number, `ts` the device's own clock. They describe
+# the message; they are not measurements.
+EVENT_TIME_FIELD = "sent"
+METADATA_FIELDS = ("seq", "sent", "ts")
+
+
 def encode_message(
     device: str, seq: int, sent: float, device_ts: float, fields: Mapping[str, Any], pad_to: int = 0
 ) -> bytes:

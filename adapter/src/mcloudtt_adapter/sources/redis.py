@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import redis.asyncio as aioredis
 from mcloudtt_broker.backoff import Backoff
 from mcloudtt_broker.cluster.envelope import EnvelopeError, unpack_envelope
+from mcloudtt_broker.cluster.keys import ClusterKeys, strip_unverified
 from mcloudtt_broker.cluster.redis_url import link_error_reason, parse_redis_url
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
@@ -146,9 +147,12 @@ class RedisStreamSource(_RedisSource):
         block_ms: int = 500,
         claim_idle: float = 60.0,
         backoff_cap: float = 10.0,
+        keys: ClusterKeys | None = None,
     ) -> None:
         super().__init__(url, backoff_cap)
         self.stream = stream
+        self.keys = keys  # with the cluster key: an entry without a valid tag `t` is bad
+        self._context = stream.encode()
         self.group = group
         self.consumer = consumer
         self.start_id = start_id
@@ -279,6 +283,10 @@ class RedisStreamSource(_RedisSource):
                 poison.append(entry_id)  # trimmed away, or not an envelope entry
                 continue
             try:
+                keys = self.keys
+                assert fields is not None
+                if keys is not None and not keys.valid(self._context, data, fields.get(b"t")):
+                    raise EnvelopeError("no valid tag under the cluster key")
                 records.append(envelope_record(self, entry_id, data))
             except EnvelopeError as error:
                 self.bad += 1
@@ -334,9 +342,17 @@ class RedisPubSubSource(_RedisSource):
 
     name = "pubsub"
 
-    def __init__(self, url: str, *, channel: str = "sync", backoff_cap: float = 10.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        channel: str = "sync",
+        backoff_cap: float = 10.0,
+        keys: ClusterKeys | None = None,
+    ) -> None:
         super().__init__(url, backoff_cap)
         self.channel = channel
+        self.keys = keys
         self.bad = 0
         self.subscribed = asyncio.Event()
 
@@ -398,8 +414,16 @@ class RedisPubSubSource(_RedisSource):
         for message in messages:
             if message.get("type") != "message":
                 continue
+            data = message["data"]
             try:
-                records.append(envelope_record(self, None, message["data"]))
+                if self.keys is not None:
+                    # Envelope version 2 (the tag inside), see docs/cluster-envelope.md.
+                    data = self.keys.open_envelope(self.channel.encode(), data)
+                    if data is None:
+                        raise EnvelopeError("no valid tag under the cluster key")
+                else:
+                    data = strip_unverified(data)  # a keyed cluster, read without checking
+                records.append(envelope_record(self, None, data))
             except EnvelopeError:
                 self.bad += 1
                 self.pipeline.metrics.inc("mcloudtt_adapter_bad_messages_total", source=self.name)

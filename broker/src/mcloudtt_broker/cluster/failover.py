@@ -34,6 +34,7 @@ from ..core.message import Message
 from ..core.ports import ClusterCore, Resume
 from ..core.session import SessionSnapshot
 from .envelope import EnvelopeFields
+from .keys import cluster_keys
 from .link import GROUP, Link, LinkError, RedisClient, redis_errors, stream_id
 from .replay import Marks, Replay, origins_and_sequences
 from .resp import Commands
@@ -94,6 +95,7 @@ class Failover:
         self.k_sessions = f"{prefix}:sessions:{self.me}"
         self.k_inbox = f"{prefix}:inbox:{self.me}"
         self.k_control = f"{prefix}:control"
+        self.keys = cluster_keys(settings.keys)
         self.core = core
         self.link = link
         self.peers = peers
@@ -324,7 +326,9 @@ class Failover:
         self._handovers[client_id] = waiter
         await redis.publish(
             self.k_control,
-            f"handover\x00{self.me}\x00{holder}\x00{int(clean_start)}\x00{client_id}",
+            self.control_message(
+                f"handover\x00{self.me}\x00{holder}\x00{int(clean_start)}\x00{client_id}"
+            ),
         )
         try:
             await asyncio.wait_for(waiter, self.settings.handover_timeout / 2)
@@ -435,8 +439,16 @@ class Failover:
                 encode_snapshot(snapshot, self.me, now),
                 ex=60,
             )
-        pipe.publish(self.k_control, f"handed\x00{self.me}\x00{requester}\x00{client_id}")
+        pipe.publish(
+            self.k_control,
+            self.control_message(f"handed\x00{self.me}\x00{requester}\x00{client_id}"),
+        )
         await pipe.execute()
+
+    def control_message(self, text: str) -> str | bytes:
+        """A message for the control channel, tagged when a cluster key is set (keys.py)."""
+        keys = self.keys
+        return text if keys is None else keys.sign_text(self.k_control.encode(), text)
 
     # ------------------------------------------------------------------ adoption
 
@@ -589,6 +601,8 @@ class Failover:
             self.to_message,
             {client_id: marks for client_id, (_, marks) in claimed.items()},
             origins,
+            keys=self.keys,
+            inbox=f"{self.settings.prefix}:inbox:{peer}",
         )
         key = f"{self.settings.prefix}:inbox:{peer}"
         start: bytes | str = "-"
@@ -620,6 +634,8 @@ class Failover:
             self.to_message,
             {client_id: marks for client_id, (_, marks) in claimed.items()},
             (),
+            keys=self.keys,
+            inbox=self.k_inbox,
         )
         start: bytes | str = "-"
         last = None

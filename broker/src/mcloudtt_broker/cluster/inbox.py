@@ -26,6 +26,7 @@ from ..core.message import Message
 from ..core.ports import ClusterCore
 from ..mqtt.properties import EMPTY_PROPERTIES
 from .envelope import EnvelopeError, EnvelopeFields, EnvelopeReader, unpack_envelope
+from .keys import cluster_keys
 from .link import GROUP, LinkError, RedisClient, stream_id
 from .records import InboxError, iter_records
 from .redis_url import RedisOptions
@@ -51,11 +52,13 @@ class Inbox:
         self.options = options
         self.me = settings.broker_id
         self.k_inbox = f"{settings.prefix}:inbox:{self.me}"
+        self.k_inbox_bytes = self.k_inbox.encode()
         self.k_progress = f"{settings.prefix}:progress:{self.me}"
         self.k_retained = f"{settings.prefix}:retained"
         self.core = core
         self.stats = stats
         self.reader = EnvelopeReader()
+        self.keys = cluster_keys(settings.keys)
         self.handled: dict[str, int] = {}  # origin -> highest sequence delivered from my inbox
         self.position: tuple[int, int] = (0, 0)  # id of the last inbox entry handled
         self.pauses = 0  # deliveries wait while this is above 0
@@ -82,7 +85,13 @@ class Inbox:
         """The cluster's retained messages, `{prefix}:retained` (topic -> envelope), into the
         core: at start and after each reconnect."""
         messages = []
-        async for _topic, envelope_raw in redis.hscan_iter(self.k_retained):
+        keys = self.keys
+        context = self.k_retained.encode()
+        async for _topic, stored in redis.hscan_iter(self.k_retained):
+            envelope_raw = stored if keys is None else keys.open_envelope(context, stored)
+            if envelope_raw is None:
+                self.stats["bad_tag"] += 1
+                continue
             try:
                 fields = unpack_envelope(envelope_raw)
             except EnvelopeError:
@@ -144,15 +153,22 @@ class Inbox:
         deliver = self.core.deliver_remote
         read = self.reader.read
         batch = None
+        tag = None
         if isinstance(fields, list):
             for index in range(0, len(fields) - 1, 2):
                 if fields[index] == b"b" and isinstance(fields[index + 1], bytes):
                     batch = fields[index + 1]
-                    break
+                elif fields[index] == b"t":
+                    tag = fields[index + 1]
         if batch is None:
             if isinstance(fields, list) and fields[:1] == [b"m"]:
                 return  # an origin's end marker, for a replay (replay.py)
             self.stats["bad_batches"] += 1
+            return
+        keys = self.keys
+        # One tag per batch (keys.py): a batch someone without the key wrote is dropped whole.
+        if keys is not None and not keys.valid(self.k_inbox_bytes, batch, tag):
+            self.stats["bad_tag"] += 1
             return
         received = 0
         try:
@@ -182,6 +198,13 @@ class Inbox:
 
     def on_sync(self, data: bytes) -> None:
         """A publish on the broadcast channel (broadcast mode)."""
+        keys = self.keys
+        if keys is not None:
+            opened = keys.open_envelope(self.settings.sync_channel.encode(), data)
+            if opened is None:
+                self.stats["bad_tag"] += 1
+                return
+            data = opened
         try:
             fields = unpack_envelope(data)
         except EnvelopeError:

@@ -12,8 +12,8 @@
   announces that it adopted its sessions (`adopted`), then route to that survivor instead.
 * Safety of the id: the adoption lock `{prefix}:adopter:{id}` is taken only while the presence
   is missing (one script), and a broker refreshes its presence only while that lock is absent
-  (one script): a broker frozen past its TTL whose sessions were adopted exits instead of
-  coming back as a second owner.
+  (one script): a broker frozen or cut off past its TTL whose sessions were adopted gives
+  them up and rejoins with what it has left, instead of coming back as a second owner.
 * The control channel also carries `reset` (a peer's table was rewritten), `gone` (a peer left)
   and the session hand-over (`handover`, `handed`, for `failover.py`).
 """
@@ -29,7 +29,7 @@ from collections.abc import Callable
 
 from ..core.ports import ClusterCore
 from .failover import Failover
-from .link import RedisClient
+from .link import LinkError, RedisClient
 from .redis_url import redact_url
 from .settings import BROADCAST, ClusterSettings, DuplicateBrokerId
 
@@ -96,16 +96,29 @@ class Membership:
     # ------------------------------------------------------------------ joining and leaving
 
     async def claim_id(self, redis: RedisClient, first: bool) -> None:
-        """Claim our id: a new process (`first`) clears an old adoption of it; a reconnecting
-        one whose sessions were adopted meanwhile must not serve them any longer."""
+        """Claim our id: a new process (`first`) clears an old adoption of it. A reconnecting
+        one whose sessions were adopted meanwhile (it was cut off or frozen past its presence
+        TTL) must not serve them any longer: it gives them up (their clients reconnect and find
+        them at the adopter) and rejoins with what it has left. It never exits because Redis
+        was away (the retry pattern)."""
+        k_adopted = f"{self.settings.prefix}:adopted:{self.me}"
         if not first and await redis.exists(self.k_adopter):
-            raise DuplicateBrokerId(
-                f"broker {self.me!r} was declared dead and its sessions adopted while it was "
-                "away from Redis; exiting so that no session has two owners"
+            # Let an adoption under way finish first: its replay reads our inbox and sessions.
+            deadline = time.monotonic() + self.settings.handover_timeout
+            while not await redis.exists(k_adopted) and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            given_up = self.core.surrender_sessions()
+            self.stats["sessions_surrendered"] += len(given_up)
+            log.warning(
+                "broker %s was declared dead while away from Redis and its sessions adopted: "
+                "gave up %d persistent session(s) and rejoined",
+                self.me,
+                len(given_up),
             )
+            first = True
         await self._claim(redis)
         if first:
-            await redis.delete(self.k_adopter, f"{self.settings.prefix}:adopted:{self.me}")
+            await redis.delete(self.k_adopter, k_adopted)
 
     async def _claim(self, redis: RedisClient) -> None:
         ttl_ms = int(self.settings.presence_ttl * 1000)
@@ -133,7 +146,7 @@ class Membership:
         if filters:
             pipe.sadd(self.k_subs, *filters)
         pipe.sadd(self.k_brokers, self.me)
-        pipe.publish(self.k_control, f"reset\x00{self.me}\x00")
+        pipe.publish(self.k_control, self.failover.control_message(f"reset\x00{self.me}\x00"))
         await pipe.execute()
 
     async def leave(self, redis: RedisClient) -> None:
@@ -142,7 +155,7 @@ class Membership:
             pipe.delete(self.k_presence)
             pipe.delete(self.k_subs)
             pipe.srem(self.k_brokers, self.me)
-            pipe.publish(self.k_control, f"gone\x00{self.me}\x00")
+            pipe.publish(self.k_control, self.failover.control_message(f"gone\x00{self.me}\x00"))
             await pipe.execute()
 
     # ------------------------------------------------------------------ the peer table
@@ -216,10 +229,9 @@ class Membership:
             if state == -1:
                 raise DuplicateBrokerId(f"broker id {self.me!r} was taken by another broker")
             if state == 0:
-                raise DuplicateBrokerId(
-                    f"broker {self.me!r} was frozen past --presence-ttl and declared dead, its "
-                    "sessions adopted; exiting so that no session has two owners"
-                )
+                # Frozen past --presence-ttl and declared dead: reconnect, and `claim_id`
+                # gives the adopted sessions up before we serve anything again.
+                raise LinkError(f"broker {self.me!r} was declared dead while frozen; rejoining")
             # Peers whose presence expired have left (their sessions are adopted).
             now = time.monotonic()
             for peer in list(self.live_peers):
@@ -255,6 +267,13 @@ class Membership:
                 await pubsub.aclose()
 
     async def on_control(self, redis: RedisClient, data: bytes) -> None:
+        keys = self.failover.keys
+        if keys is not None:
+            opened = keys.open_text(self.k_control.encode(), data)
+            if opened is None:
+                self.stats["bad_tag"] += 1
+                return
+            data = opened
         try:
             op, peer, argument = data.decode().split("\x00", 2)
         except (UnicodeDecodeError, ValueError):

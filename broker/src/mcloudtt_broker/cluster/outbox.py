@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 from ..core.message import Message
 from .envelope import EnvelopePacker
+from .keys import cluster_keys
 from .records import encode_record
 from .resp import Commands
 from .settings import BROADCAST, ClusterSettings
@@ -75,6 +76,7 @@ class Outbox:
         self.k_retained = f"{prefix}:retained"
         self.k_subs = f"{prefix}:subs:{self.me}"
         self.packer = EnvelopePacker(self.me.encode())
+        self.keys = cluster_keys(settings.keys)
         # Live peers (kept by the membership): where retained and broadcast publishes go.
         self.peers: set[str] = peers if peers is not None else set()
         self.clock = clock  # the core's clock, for what remains of a Message Expiry Interval
@@ -231,17 +233,26 @@ class Outbox:
             elif op == "del":
                 commands.srem(self.k_subs, full_filter)
             elif op == "mark":
-                commands.xadd(
-                    f"{self.settings.prefix}:inbox:{full_filter}",
-                    "m",
-                    self.me.encode(),
-                    self.settings.inbox_maxlen,
-                )
+                inbox = f"{self.settings.prefix}:inbox:{full_filter}"
+                self._xadd(commands, inbox, "m", self.me.encode(), self.settings.inbox_maxlen)
                 continue
             else:  # adopted: the dead broker, then the filters we took with its sessions
                 for adopted_filter in full_filter.split("\x00")[1:]:
                     commands.sadd(self.k_subs, adopted_filter)
-            commands.publish(self.k_control, f"{op}\x00{self.me}\x00{full_filter}")
+            text = f"{op}\x00{self.me}\x00{full_filter}"
+            keys = self.keys
+            commands.publish(
+                self.k_control,
+                text if keys is None else keys.sign_text(self.k_control.encode(), text),
+            )
+
+    def _xadd(self, commands: Commands, key: str, name: str, value: bytes, maxlen: int) -> None:
+        """One stream entry, with its tag in field `t` when a cluster key is set (keys.py)."""
+        keys = self.keys
+        if keys is None:
+            commands.xadd(key, name, value, maxlen)
+        else:
+            commands.xadd_tagged(key, name, value, keys.tag(key.encode(), value), maxlen)
 
     def _add_items(
         self, commands: Commands, items: list[Item]
@@ -275,7 +286,13 @@ class Outbox:
             sequence = item.sequence
             qos = message.qos
             if broadcast:
-                commands.publish(settings.sync_channel, envelope)
+                keys = self.keys
+                commands.publish(
+                    settings.sync_channel,
+                    envelope
+                    if keys is None
+                    else keys.sign_envelope(settings.sync_channel.encode(), envelope),
+                )
                 # QoS 0 is delivered from `sync`; QoS 1/2 also go to every inbox.
                 if qos or message.retain:
                     dests: set[str] = set(live_peers)
@@ -296,14 +313,25 @@ class Outbox:
                     confirmable.setdefault(dest, []).append((sequence, record))
             if message.retain:
                 if message.payload:
-                    commands.hset(self.k_retained, message.topic, envelope)
+                    keys = self.keys
+                    commands.hset(
+                        self.k_retained,
+                        message.topic,
+                        envelope
+                        if keys is None
+                        else keys.sign_envelope(self.k_retained.encode(), envelope),
+                    )
                 else:
                     commands.hdel(self.k_retained, message.topic)
             if settings.tap_stream:
-                commands.xadd(settings.tap_stream, "e", envelope, settings.tap_maxlen)
+                self._xadd(commands, settings.tap_stream, "e", envelope, settings.tap_maxlen)
         for dest, records in batches.items():
-            commands.xadd(
-                f"{settings.prefix}:inbox:{dest}", "b", b"".join(records), settings.inbox_maxlen
+            self._xadd(
+                commands,
+                f"{settings.prefix}:inbox:{dest}",
+                "b",
+                b"".join(records),
+                settings.inbox_maxlen,
             )
         return confirmable
 
@@ -331,7 +359,8 @@ class Outbox:
         commands = Commands()
         resent = 0
         for dest, queue in self.unconfirmed.items():
-            commands.xadd(
+            self._xadd(
+                commands,
                 f"{self.settings.prefix}:inbox:{dest}",
                 "b",
                 b"".join(record for _, record in queue),

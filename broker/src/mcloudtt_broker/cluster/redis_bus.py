@@ -375,10 +375,13 @@ class RedisBus:
             "resent_total": float(stats["resent"]),
             "sessions_adopted_total": float(stats["sessions_adopted"]),
             "sessions_restored_total": float(stats["sessions_restored"]),
+            "sessions_surrendered_total": float(stats["sessions_surrendered"]),
             "replayed_total": float(stats["replayed"]),
             "flushes_total": float(stats["flushes"]),
             "inbox_reads_total": float(stats["inbox_reads"]),
             "bad_envelopes_total": float(stats["bad_envelopes"] + stats["bad_batches"]),
+            # Batches, envelopes and control messages without a valid tag (--cluster-key-file).
+            "bad_tags_total": float(stats["bad_tag"]),
             "peers": float(len(self.live_peers)),
             "remote_filters": float(self.core.remote_filter_count()),
             # Its own entries in the cluster table: local + remote is the same on every broker

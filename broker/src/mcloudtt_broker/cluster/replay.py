@@ -19,6 +19,7 @@ from typing import Any
 from ..core.message import Message
 from ..core.ports import ClusterCore
 from .envelope import EnvelopeError, EnvelopeFields, EnvelopeReader
+from .keys import ClusterKeys
 from .link import stream_id
 from .records import InboxError, iter_records
 
@@ -65,8 +66,13 @@ class Replay:
         to_message: Callable[[EnvelopeFields], Message | None],
         sessions: Mapping[str, Marks],
         origins: Iterable[str],
+        *,
+        keys: ClusterKeys | None = None,
+        inbox: str = "",
     ) -> None:
         self.core = core
+        self.keys = keys  # with a cluster key: entries of `inbox` without a valid tag are skipped
+        self.context = inbox.encode()
         self.to_message = to_message
         self.sessions = {
             client_id: Marks(m.position, dict(m.seen)) for client_id, m in sessions.items()
@@ -83,12 +89,19 @@ class Replay:
 
     def feed(self, entry_id: bytes | str, raw_fields: Any) -> None:
         fields = entry_fields(raw_fields)
+        keys = self.keys
         marker = fields.get(b"m")
         if marker is not None:
+            if keys is not None and not keys.valid(self.context, marker, fields.get(b"t")):
+                self.bad += 1
+                return
             self.pending.discard(marker.decode(errors="replace"))
             return
         batch = fields.get(b"b")
         if not isinstance(batch, bytes):
+            return
+        if keys is not None and not keys.valid(self.context, batch, fields.get(b"t")):
+            self.bad += 1
             return
         self._feed_batch(stream_id(entry_id), batch)
 

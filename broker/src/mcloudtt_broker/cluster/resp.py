@@ -49,6 +49,9 @@ class Commands:
     def xadd(self, key: str, field: str, value: bytes, maxlen: int) -> None:
         self.add("XADD", key, "MAXLEN", "~", maxlen, "*", field, value)
 
+    def xadd_tagged(self, key: str, field: str, value: bytes, tag: bytes, maxlen: int) -> None:
+        self.add("XADD", key, "MAXLEN", "~", maxlen, "*", field, value, "t", tag)
+
     def publish(self, channel: str, message: bytes | str) -> None:
         self.add("PUBLISH", channel, message)
 

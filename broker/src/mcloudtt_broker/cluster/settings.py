@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 ROUTED = "routed"
 BROADCAST = "broadcast"
@@ -28,3 +28,5 @@ class ClusterSettings:
     inbox_maxlen: int = 100_000  # entries (batches) kept for a broker that does not read
     handover_timeout: float = 3.0  # how long a CONNECT waits for another broker's session
     client_ttl: int = 8 * 24 * 3600  # how long Redis remembers which broker had a ClientId
+    # --cluster-key-file: the signing key first (keys.py); empty: nothing is tagged.
+    keys: tuple[bytes, ...] = field(default=(), repr=False)

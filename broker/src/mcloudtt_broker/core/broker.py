@@ -16,6 +16,7 @@ from .. import __version__
 from ..mqtt.properties import Properties
 from ..mqtt.reason_codes import ReasonCode
 from ..mqtt.topics import split_shared
+from .auth import READ, AuthChain, Authorizer
 from .connection import CONNECTED, CONNECTING, Link, ServerConnection
 from .message import Message
 from .ports import ClusterBus, LocalBus
@@ -55,6 +56,9 @@ class BrokerSettings:
     max_subscriptions: int = 0  # per client; more: SUBACK 0x97 (5.0) / 0x80 (3.1.1)
     max_topic_length: int = 0  # bytes of UTF-8 in a topic name or filter
     max_topic_levels: int = 0  # '/'-separated levels in a topic name or filter
+    # What a publish or subscription the ACL denies does besides its answer: "ignore" (3.1.1:
+    # dropped / SUBACK 0x80; 5.0: reason 0x87) or "disconnect" (EMQX's deny_action).
+    acl_deny_action: str = "ignore"
 
 
 class RemoteBroker:
@@ -73,11 +77,8 @@ class RemoteBroker:
 
 _NO_TARGETS: tuple[str, ...] = ()
 
-Authenticator = Callable[[str, "str | None", "bytes | None"], bool]
-
-
-def allow_all(client_id: str, username: str | None, password: bytes | None) -> bool:
-    return True
+# Decisions kept per session before its cache starts afresh (a client walking many topics).
+ACL_CACHE_SIZE = 4096
 
 
 class Broker:
@@ -88,13 +89,18 @@ class Broker:
         clock: Callable[[], float] = time.monotonic,
         bus: ClusterBus | None = None,
         retained: RetainedStore | None = None,
-        authenticate: Authenticator = allow_all,
+        auth: AuthChain | None = None,
+        authorizer: Authorizer | None = None,
     ) -> None:
         self.settings = settings or BrokerSettings()
         self.clock = clock
         self.bus: ClusterBus = bus or LocalBus()
+        self._session_changed = self.bus.session_changed
+        self._delivery_completed = self.bus.delivery_completed
         self.retained: RetainedStore = retained if retained is not None else MemoryRetainedStore()
-        self.authenticate = authenticate
+        self.auth = auth if auth is not None else AuthChain()
+        # None: no ACL, nothing is asked on publish, subscribe or delivery (the hot path).
+        self.authorizer = authorizer
         self.stats = Stats(clock())
         self.sessions: dict[str, Session] = {}
         self.connections: set[ServerConnection] = set()
@@ -194,8 +200,9 @@ class Broker:
 
     def _new_session(self, client_id: str) -> Session:
         session = Session(client_id, max_queued=self.settings.max_queued_messages, stats=self.stats)
-        session.changed = self.bus.session_changed
-        session.completed = self.bus.delivery_completed
+        # One bound method for all sessions, not one per session (64 bytes each).
+        session.changed = self._session_changed
+        session.completed = self._delivery_completed
         self.sessions[client_id] = session
         return session
 
@@ -222,9 +229,11 @@ class Broker:
             outgoing = Outgoing(entry.message, entry.qos, entry.retain, entry.identifiers)
             if entry.awaiting_comp:
                 outgoing.state = AWAITING_COMP
-            session.inflight[entry.packet_id] = outgoing
-        session.queue.extend(snapshot.queue)
-        session.awaiting_release.update(snapshot.awaiting_release)
+            session.own_inflight()[entry.packet_id] = outgoing
+        if snapshot.queue:
+            session.queue_for_append().extend(snapshot.queue)
+        if snapshot.awaiting_release:
+            session.awaiting_release = set(snapshot.awaiting_release)
         self.bus.session_changed(snapshot.client_id)
         return session
 
@@ -357,6 +366,22 @@ class Broker:
         if session.expiry_interval != NEVER_EXPIRES:
             self.expiring[session.client_id] = now + session.expiry_interval
 
+    def surrender_sessions(self) -> list[str]:
+        """The cluster declared us dead and another broker adopted our persistent sessions:
+        they are its now. Close their connections (5.0: DISCONNECT 0x8E Session taken over;
+        no will, the session goes on elsewhere) and forget them here, so that no session has
+        two owners; their clients reconnect and find them at the adopter."""
+        given_up = [s for s in self.sessions.values() if s.expiry_interval]
+        for session in given_up:
+            self.pending_wills.pop(session.client_id, None)
+            conn = session.connection
+            if conn is not None:
+                session.connection = None
+                conn.session = None
+                conn.disconnect(ReasonCode.SESSION_TAKEN_OVER, publish_will=False)
+            self.destroy_session(session)
+        return [s.client_id for s in given_up]
+
     def idle_sessions(self) -> list[str]:
         # Online persistent sessions with nothing in flight or queued: everything delivered to
         # them so far is acknowledged (a cluster bus checkpoints them for its inbox replay).
@@ -415,10 +440,58 @@ class Broker:
             if message.expired(now):
                 self.retained.delete(message.topic)  # MQTT-3.3.2-5
                 continue
+            if self.authorizer is not None and not self.may(session, READ, message.topic):
+                continue
             # MQTT-3.3.1-8/9: retained messages for a new subscription carry RETAIN=1.
             session.deliver(message, min(message.qos, sub.qos), True, identifiers)
 
     # ------------------------------------------------------------ publish and routing
+
+    def may(self, session: Session, action: str, topic: str) -> bool:
+        """The authorizer's answer for this session, cached per (action, topic); counted."""
+        if action == READ:
+            allowed = session.acl_read.get(topic)
+            if allowed is None:
+                allowed = self._read_decision(session, topic)
+            self.stats.acl[READ, "allow" if allowed else "deny"] += 1
+            return allowed
+        key = (action, topic)
+        cache = session.acl_cache
+        allowed = cache.get(key)
+        if allowed is None:
+            # The client's own rights (JWT claims) decide when it has them, else the ACL.
+            authorizer = session.rights or self.authorizer
+            assert authorizer is not None
+            allowed = authorizer.allowed(session.client_id, session.username, action, topic)
+            if len(cache) >= ACL_CACHE_SIZE:
+                cache.clear()
+            cache[key] = allowed
+        self.stats.acl[action, "allow" if allowed else "deny"] += 1
+        return allowed
+
+    def _read_decision(self, session: Session, topic: str) -> bool:
+        """Ask (not counted: the caller counts) and cache whether a delivery may be made."""
+        authorizer = session.rights or self.authorizer
+        assert authorizer is not None
+        allowed = authorizer.allowed(session.client_id, session.username, READ, topic)
+        cache = session.acl_read
+        if len(cache) >= ACL_CACHE_SIZE:
+            cache.clear()
+        cache[topic] = allowed
+        return allowed
+
+    def set_rules(self, auth: AuthChain | None, authorizer: Authorizer | None) -> None:
+        """New authentication chain and ACL (SIGHUP): every cached decision is dropped."""
+        if auth is not None:
+            self.auth = auth
+        self.authorizer = authorizer
+        self.forget_decisions()
+
+    def forget_decisions(self) -> None:
+        """Some rules changed (a reload, rights changed in Redis): drop every cached decision."""
+        for session in self.sessions.values():
+            session.acl_cache.clear()
+            session.acl_read.clear()
 
     def authorize_publish(self, client_id: str, topic: str) -> bool:
         # $SYS belongs to the broker; clients may read it, not write it.
@@ -506,7 +579,18 @@ class Broker:
         origin = message.origin
         msg_qos = message.qos
         msg_retain = message.retain
+        acl = self.authorizer is not None
+        topic = message.topic
+        denied = 0
         for session, subs in per_session:
+            if acl:
+                # Inline cache lookup: one dict get per delivery; counted once per message.
+                allowed = session.acl_read.get(topic)
+                if allowed is None:
+                    allowed = self._read_decision(session, topic)
+                if not allowed:
+                    denied += 1
+                    continue
             if len(subs) == 1:
                 sub = subs[0]
                 if sub.no_local and session.client_id == origin:
@@ -524,8 +608,16 @@ class Broker:
                 retain = msg_retain and any(s.retain_as_published for s in live)
                 identifiers = tuple(s.identifier for s in live if s.identifier)
             session.deliver(message, qos, retain, identifiers)
+        if acl:
+            counts = self.stats.acl
+            if denied:
+                counts[READ, "deny"] += denied
+            if len(per_session) > denied:
+                counts[READ, "allow"] += len(per_session) - denied
 
     def _deliver_one(self, message: Message, member: Subscription[Session]) -> None:
+        if self.authorizer is not None and not self.may(member.session, READ, message.topic):
+            return
         qos = member.qos if member.qos < message.qos else message.qos
         retain = message.retain and member.retain_as_published
         member.session.deliver(

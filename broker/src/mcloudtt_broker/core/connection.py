@@ -20,8 +20,9 @@ code). Everything written to a 5.0 client respects its Maximum Packet Size (MQTT
 from __future__ import annotations
 
 import dataclasses
+import logging
 import uuid
-from typing import TYPE_CHECKING, NoReturn, Protocol
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 
 from ..mqtt.codec import (
     MQTT_5,
@@ -54,6 +55,7 @@ from ..mqtt.primitives import encode_varint, varint_size
 from ..mqtt.properties import EMPTY_PROPERTIES, Properties
 from ..mqtt.reason_codes import ReasonCode, connack_code_311
 from ..mqtt.topics import is_valid_topic_filter, split_shared
+from .auth import BAD_METHOD, SUBSCRIBE, WRITE, Authorizer, Credentials, Decision
 from .limits import new_throttle
 from .message import Message
 from .session import AWAITING_COMP, NEVER_EXPIRES, Session, SessionSnapshot
@@ -67,8 +69,12 @@ if TYPE_CHECKING:
 CONNECTING, CONNECTED, CLOSED, LOCATING = 0, 1, 3, 2
 
 _PINGRESP = b"\xd0\x00"
+# Never written to: see `alias_in` / `alias_out`.
+_NO_ALIASES: dict[Any, Any] = {}
 # A cluster stores a session before its PUBREL only while its queue is at most this long.
 STORE_BEFORE_RELEASE_MAX_QUEUE = 100
+
+log = logging.getLogger("mcloudtt.auth")
 
 
 class Link(Protocol):
@@ -96,11 +102,13 @@ class ServerConnection:
         "out",
         "problem_info",
         "refusal",
+        "rights",
         "send_quota",
         "session",
         "state",
         "throttle",
         "topic_limits",
+        "username",
         "version",
         "will",
         "will_delay",
@@ -115,14 +123,17 @@ class ServerConnection:
         self.state = CONNECTING
         self.version = MQTT_311
         self.client_id = ""
+        self.username: str | None = None
+        self.rights: Authorizer | None = None
         self.session: Session | None = None
         self.created_at = now
         self.last_received = now
         self.keep_alive = 0
         self.send_quota = broker.settings.max_inflight
         self.max_packet_out = 0  # client's Maximum Packet Size; 0 = no limit
-        self.alias_in: dict[int, str] = {}
-        self.alias_out: dict[str, int] = {}
+        # Topic aliases (5.0) are rare: a shared empty dict until the first one is set.
+        self.alias_in: dict[int, str] = _NO_ALIASES
+        self.alias_out: dict[str, int] = _NO_ALIASES
         self.alias_out_max = 0
         self.problem_info = True
         self.congested = False
@@ -312,6 +323,8 @@ class ServerConnection:
                     changes["topic_alias"] = alias
                     topic = ""
                 elif len(self.alias_out) < self.alias_out_max:
+                    if self.alias_out is _NO_ALIASES:
+                        self.alias_out = {}
                     alias = len(self.alias_out) + 1
                     self.alias_out[topic] = alias
                     changes["topic_alias"] = alias
@@ -344,6 +357,7 @@ class ServerConnection:
         v5 = version == MQTT_5
         if props.authentication_method is not None:
             # Enhanced authentication (MQTT 5.0 section 4.12) is not offered.
+            broker.stats.auth[BAD_METHOD.label] += 1
             self._refuse(ReasonCode.BAD_AUTHENTICATION_METHOD)
             return
         if version == MQTT_31 and not broker.settings.mqtt31:
@@ -365,9 +379,6 @@ class ServerConnection:
                 self._refuse(ReasonCode.CLIENT_IDENTIFIER_NOT_VALID)  # MQTT-3.1.3-8
                 return
             client_id = assigned = f"auto-{uuid.uuid4().hex}"  # MQTT-3.1.3-6
-        if not broker.authenticate(client_id, packet.username, packet.password):
-            self._refuse(ReasonCode.BAD_USER_NAME_OR_PASSWORD)
-            return
         will = packet.will
         will_message = None
         if will is not None:
@@ -386,11 +397,61 @@ class ServerConnection:
                 origin=client_id,
             )
             self.will_delay = will.properties.will_delay_interval or 0
+        self.client_id = client_id
+        self.connect_args = (packet, assigned, will_message)
+        # The chain may answer later (a lookup in Redis), the cluster may have to hand the
+        # session over: meanwhile nothing else is processed (packets wait in the decoder).
+        self.state = LOCATING
+        credentials = Credentials(
+            client_id, packet.username, packet.password, getattr(self.link, "cert_names", ())
+        )
+        decision = broker.auth.decide(credentials, self._authenticated)
+        if decision is not None:
+            self._admit(decision, now)
 
+    def _authenticated(self, decision: Decision) -> None:
+        """The chain's answer, come later."""
+        if self.state != LOCATING or self.connect_args is None:
+            return  # the connection closed meanwhile
+        now = self.broker.clock()
+        self._admit(decision, now)
+        if self.state == CONNECTED:
+            self.receive_data(b"", now)  # packets that arrived while the chain was asked
+
+    def _admit(self, decision: Decision, now: float) -> None:
+        """Second step of CONNECT: the chain decided; refuse, or go on to locate the session."""
+        broker = self.broker
+        assert self.connect_args is not None
+        packet, assigned, will_message = self.connect_args
+        broker.stats.auth[decision.label] += 1
+        if not decision.allowed:
+            # Who and why, never the password.
+            log.info(
+                "CONNECT refused: client %r, user %r: %s",
+                self.client_id,
+                packet.username,
+                decision.label,
+            )
+            self.connect_args = None
+            self._refuse(decision.reason)
+            return
+        self.username = decision.username or packet.username
+        self.rights = decision.rights
+        authorizer = self.rights or broker.authorizer
+        if (
+            will_message is not None
+            and authorizer is not None
+            and not authorizer.allowed(self.client_id, self.username, WRITE, will_message.topic)
+        ):
+            # A will the client could not publish itself is refused with the CONNECT.
+            broker.stats.acl[WRITE, "deny"] += 1
+            self.connect_args = None
+            self._refuse(ReasonCode.NOT_AUTHORIZED)
+            return
         if self.max_packet_out:
             _, _, ack_props = self._accept_terms(packet, assigned)
             wire = bytearray()
-            encode(ConnAck(session_present=True, properties=ack_props), version, wire)
+            encode(ConnAck(session_present=True, properties=ack_props), self.version, wire)
             if len(wire) > self.max_packet_out:
                 # MQTT-3.1.2-24: not even our CONNACK fits the client's limit (nothing in it may
                 # be left out), so the connection closes without one, before any session work.
@@ -398,11 +459,8 @@ class ServerConnection:
                 self.will_on_close = False
                 self._end()
                 return
-        self.client_id = client_id
-        self.connect_args = (packet, assigned, will_message)
         # Cluster: the session may live on another broker; CONNACK waits for it.
-        self.state = LOCATING
-        if broker.bus.locate_session(client_id, packet.clean_start, self._located):
+        if broker.bus.locate_session(self.client_id, packet.clean_start, self._located):
             return
         self.state = CONNECTING
         self.finish_connect(None, now)
@@ -428,6 +486,11 @@ class ServerConnection:
         session, present = broker.attach_session(self, client_id, packet.clean_start, now, snapshot)
         session.version = version
         session.expiry_interval = expiry
+        if session.username != self.username or session.rights is not self.rights:
+            session.username = self.username
+            session.rights = self.rights
+            session.acl_cache.clear()
+            session.acl_read.clear()
         self.session = session
         self.state = CONNECTED
         self.will = will_message
@@ -508,6 +571,8 @@ class ServerConnection:
                 if alias > broker.settings.topic_alias_maximum:
                     raise ProtocolError("topic alias out of range", ReasonCode.TOPIC_ALIAS_INVALID)
                 if topic:
+                    if self.alias_in is _NO_ALIASES:
+                        self.alias_in = {}
                     self.alias_in[alias] = topic  # a new or changed mapping (MQTT 5.0 3.3.2.3.4)
                 else:
                     mapped = self.alias_in.get(alias)
@@ -546,6 +611,11 @@ class ServerConnection:
                 )  # MQTT-3.3.4-9
         broker.stats.messages_received[qos] += 1
         allowed = topic[0] != "$" or broker.authorize_publish(self.client_id, topic)
+        if allowed and broker.authorizer is not None and not broker.may(session, WRITE, topic):
+            allowed = False
+            if broker.settings.acl_deny_action == "disconnect":
+                self.disconnect(ReasonCode.NOT_AUTHORIZED, publish_will=True)
+                return
         if allowed:
             broker.publish(
                 Message(
@@ -561,7 +631,7 @@ class ServerConnection:
         elif qos == 2:
             assert packet_id is not None
             if allowed or self.version != MQTT_5:
-                session.awaiting_release.add(packet_id)
+                session.hold_release(packet_id)
                 self._write(bytes((0x50, 2, packet_id >> 8, packet_id & 0xFF)))
             else:
                 self.send_packet(PubRec(packet_id=packet_id, reason_code=ReasonCode.NOT_AUTHORIZED))
@@ -570,7 +640,7 @@ class ServerConnection:
         session = self._connected_session()
         pid = packet.packet_id
         if pid in session.awaiting_release:
-            session.awaiting_release.discard(pid)
+            session.awaiting_release -= {pid}  # a frozenset stays one; a set shrinks in place
             self._write(bytes((0x70, 2, pid >> 8, pid & 0xFF)))
         elif self.version == MQTT_5:
             self.send_packet(
@@ -669,6 +739,13 @@ class ServerConnection:
                 continue
             if not is_valid_topic_filter(inner):
                 codes.append(0x80)
+                continue
+            if broker.authorizer is not None and not broker.may(session, SUBSCRIBE, inner):
+                if broker.settings.acl_deny_action == "disconnect" or self.version == MQTT_31:
+                    # MQTT 3.1's SUBACK has no failure code: the connection closes instead.
+                    self.disconnect(ReasonCode.NOT_AUTHORIZED, publish_will=True)
+                    return
+                codes.append(ReasonCode.NOT_AUTHORIZED if v5 else 0x80)  # MQTT-3.9.3-2
                 continue
             refused = self._subscription_over_limit(session, full_filter, inner)
             if refused:

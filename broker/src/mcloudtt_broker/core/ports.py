@@ -120,6 +120,11 @@ class ClusterCore(Protocol):
         """Take a session a gone broker served, as an offline session expiring from `now`."""
         ...
 
+    def surrender_sessions(self) -> list[str]:
+        """Give up every persistent session (another broker adopted them while we were
+        declared dead); returns their ClientIds."""
+        ...
+
     def idle_sessions(self) -> list[str]:
         """Client ids of the online persistent sessions with nothing in flight or queued."""
         ...

@@ -18,6 +18,7 @@ from .message import Message
 from .trie import Subscription
 
 if TYPE_CHECKING:
+    from .auth import Authorizer
     from .connection import ServerConnection
     from .stats import Stats
 
@@ -42,9 +43,19 @@ class Outgoing:
 
 Pending = tuple[Message, int, bool, tuple[int, ...]]
 
+# Most sessions never queue a message nor receive QoS 2: an idle subscribed device would carry an
+# empty deque (760 bytes) and an empty set (216 bytes) for nothing. These immutable stand-ins are
+# shared until the first write makes the session its own (`queue_for_append`, `hold_release`).
+_NO_QUEUE: tuple[Pending, ...] = ()
+_NO_IDS: frozenset[int] = frozenset()
+# Shared and never written to: `_send` and `Broker.restore_session` give a session its own first.
+_NO_INFLIGHT: dict[int, Outgoing] = {}
+
 
 class Session:
     __slots__ = (
+        "acl_cache",
+        "acl_read",
         "awaiting_release",
         "changed",
         "client_id",
@@ -56,8 +67,10 @@ class Session:
         "max_queued",
         "next_packet_id",
         "queue",
+        "rights",
         "stats",
         "subscriptions",
+        "username",
         "version",
     )
 
@@ -66,9 +79,9 @@ class Session:
         self.version = 4
         self.connection: ServerConnection | None = None
         self.subscriptions: dict[str, Subscription[Session]] = {}
-        self.inflight: dict[int, Outgoing] = {}
-        self.queue: deque[Pending] = deque()
-        self.awaiting_release: set[int] = set()
+        self.inflight: dict[int, Outgoing] = _NO_INFLIGHT
+        self.queue: deque[Pending] | tuple[Pending, ...] = _NO_QUEUE
+        self.awaiting_release: set[int] | frozenset[int] = _NO_IDS
         self.next_packet_id = 1
         self.expiry_interval = 0
         self.ended_at: float | None = None  # when the last connection closed
@@ -78,6 +91,12 @@ class Session:
         self.changed: Callable[[str], None] | None = None
         # Told of each QoS 2 completion (the cluster stores the session again).
         self.completed: Callable[[str], None] | None = None
+        # The identity the ACL sees (set at each CONNECT) and its decisions: (action, topic) ->
+        # allowed; only used when an authorizer is configured, dropped when the rules reload.
+        self.username: str | None = None
+        self.acl_cache: dict[tuple[str, str], bool] = {}
+        self.acl_read: dict[str, bool] = {}  # delivery decisions by topic (the hot one)
+        self.rights: Authorizer | None = None  # the client's own rules (JWT claims)
 
     def __repr__(self) -> str:
         return f"Session({self.client_id!r}, online={self.online})"
@@ -85,6 +104,27 @@ class Session:
     @property
     def online(self) -> bool:
         return self.connection is not None
+
+    def own_inflight(self) -> dict[int, Outgoing]:
+        if self.inflight is _NO_INFLIGHT:
+            self.inflight = {}
+        return self.inflight
+
+    def queue_for_append(self) -> deque[Pending]:
+        queue = self.queue
+        if isinstance(queue, deque):
+            return queue
+        made: deque[Pending] = deque(queue)
+        self.queue = made
+        return made
+
+    def hold_release(self, packet_id: int) -> None:
+        """Remember an incoming QoS 2 packet id until its PUBREL."""
+        ids = self.awaiting_release
+        if isinstance(ids, set):
+            ids.add(packet_id)
+        else:
+            self.awaiting_release = {*ids, packet_id}
 
     def allocate_packet_id(self) -> int:
         pid = self.next_packet_id
@@ -116,7 +156,7 @@ class Session:
         ):
             self._send(conn, message, qos, retain, identifiers)
         elif len(self.queue) < self.max_queued:
-            self.queue.append((message, qos, retain, identifiers))
+            self.queue_for_append().append((message, qos, retain, identifiers))
             if conn is None and self.changed is not None:
                 self.changed(self.client_id)
         else:
@@ -132,7 +172,10 @@ class Session:
     ) -> None:
         pid = self.allocate_packet_id()
         if conn.write_publish(message, qos, retain, pid, False, identifiers):
-            self.inflight[pid] = Outgoing(message, qos, retain, identifiers)
+            inflight = self.inflight
+            if inflight is _NO_INFLIGHT:
+                inflight = self.inflight = {}
+            inflight[pid] = Outgoing(message, qos, retain, identifiers)
 
     def pump(self, now: float) -> None:
         """Move queued messages into flight while the client's window and socket allow."""
@@ -140,6 +183,9 @@ class Session:
         if conn is None:
             return
         queue = self.queue
+        if not queue:
+            return
+        assert isinstance(queue, deque)  # a non-empty queue is always the session's own deque
         inflight = self.inflight
         quota = conn.send_quota
         while queue and len(inflight) < quota and not conn.congested:
@@ -163,9 +209,13 @@ class Session:
                 conn.write_pubrel(pid)
 
     def drop_all(self) -> None:
-        self.inflight.clear()
-        self.queue.clear()
-        self.awaiting_release.clear()
+        # In place, as before the stand-ins: a caller holding one of them sees it emptied.
+        if self.inflight:  # non-empty, so the session's own dict
+            self.inflight.clear()
+        if isinstance(self.queue, deque):
+            self.queue.clear()
+        if isinstance(self.awaiting_release, set):
+            self.awaiting_release.clear()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -7,6 +7,8 @@ from collections import Counter
 
 class Stats:
     __slots__ = (
+        "acl",
+        "auth",
         "bytes_received",
         "bytes_sent",
         "connections_total",
@@ -38,3 +40,7 @@ class Stats:
         # limit -> count of times it was hit: connections, listener_connections, connect_rate,
         # publish_rate and bandwidth (reading paused), subscriptions, topic_length, topic_levels.
         self.limited: Counter[str] = Counter()
+        # CONNECT decisions by label (success, anonymous, bad_username_or_password,
+        # not_authorized, bad_authentication_method), and ACL decisions by (action, result).
+        self.auth: Counter[str] = Counter()
+        self.acl: Counter[tuple[str, str]] = Counter()

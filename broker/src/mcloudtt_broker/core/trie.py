@@ -3,13 +3,18 @@
 `match(topic)` walks the levels of a topic once and returns the matching subscriptions grouped
 per session, plus the matching shared groups. Results are cached per topic name (fan-in traffic
 repeats topics) and the cache is dropped on any subscription change.
+
+Filters without wildcards (an IoT fleet's `devices/<id>/cmd`, one per device) are not put in the
+trie: they sit in one flat dict keyed by the filter, looked up once per match. A trie path per
+device would cost two nodes, a dict per level and the level strings: about half a kilobyte per
+idle subscribed connection.
 """
 
 from __future__ import annotations
 
 from collections.abc import Hashable
 from dataclasses import dataclass, field
-from typing import Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 
 class Subscriber(Hashable, Protocol):
@@ -65,16 +70,27 @@ class SharedGroup(Generic[S]):
         return members[self.turn % count]
 
 
+# One shared empty dict stands for "none yet" in every node: a filter like `devices/<id>/cmd`
+# makes two nodes per device, and three empty dicts each cost 192 bytes a node. Reads (the match
+# hot path) see an ordinary empty dict; `SubscriptionTrie.add` and `_node` give a node its own
+# dict before the first insert, so this one is never written to.
+_NONE: dict[Any, Any] = {}
+
+
 class _Node(Generic[S]):
     __slots__ = ("children", "groups", "subscribers")
 
     def __init__(self) -> None:
-        self.children: dict[str, _Node[S]] = {}
-        self.subscribers: dict[S, Subscription[S]] = {}
-        self.groups: dict[str, SharedGroup[S]] = {}
+        self.children: dict[str, _Node[S]] = _NONE
+        self.subscribers: dict[S, Subscription[S]] = _NONE
+        self.groups: dict[str, SharedGroup[S]] = _NONE
 
     def empty(self) -> bool:
         return not (self.children or self.subscribers or self.groups)
+
+
+def _exact(topic_filter: str) -> bool:
+    return "+" not in topic_filter and "#" not in topic_filter
 
 
 class SubscriptionTrie(Generic[S]):
@@ -85,6 +101,9 @@ class SubscriptionTrie(Generic[S]):
             str, tuple[list[tuple[S, list[Subscription[S]]]], list[SharedGroup[S]]]
         ] = {}
         self._cache_size = cache_size
+        # Filters without wildcards, non-shared: filter -> its one subscription (the usual case:
+        # a device's own topic), or subscriber -> subscription when several sessions share it.
+        self._exact: dict[str, Subscription[S] | dict[S, Subscription[S]]] = {}
         self.count = 0
 
     def _node(self, topic_filter: str, create: bool) -> _Node[S] | None:
@@ -94,21 +113,44 @@ class SubscriptionTrie(Generic[S]):
             if child is None:
                 if not create:
                     return None
+                if node.children is _NONE:
+                    node.children = {}
                 child = node.children[level] = _Node()
             node = child
         return node
 
     def add(self, sub: Subscription[S], inner_filter: str) -> bool:
         """Insert or replace `sub`; returns True when the session already had this filter."""
+        self._cache.clear()
+        if sub.share_group is None and _exact(inner_filter):
+            held = self._exact.get(inner_filter)
+            if held is None:
+                self._exact[inner_filter] = sub
+                existed = False
+            elif isinstance(held, dict):
+                existed = sub.session in held
+                held[sub.session] = sub
+            elif held.session == sub.session:
+                self._exact[inner_filter] = sub
+                existed = True
+            else:
+                self._exact[inner_filter] = {held.session: held, sub.session: sub}
+                existed = False
+            if not existed:
+                self.count += 1
+            return existed
         node = self._node(inner_filter, create=True)
         assert node is not None
-        self._cache.clear()
         if sub.share_group is None:
             existed = sub.session in node.subscribers
+            if node.subscribers is _NONE:
+                node.subscribers = {}
             node.subscribers[sub.session] = sub
         else:
             group = node.groups.get(sub.share_group)
             if group is None:
+                if node.groups is _NONE:
+                    node.groups = {}
                 group = node.groups[sub.share_group] = SharedGroup(sub.share_group, inner_filter)
             existed = sub.session in group.members
             group.members[sub.session] = sub
@@ -117,6 +159,22 @@ class SubscriptionTrie(Generic[S]):
         return existed
 
     def remove(self, session: S, inner_filter: str, share_group: str | None) -> bool:
+        if share_group is None and _exact(inner_filter):
+            held = self._exact.get(inner_filter)
+            if held is None:
+                return False
+            if isinstance(held, dict):
+                if held.pop(session, None) is None:
+                    return False
+                if len(held) == 1:
+                    (self._exact[inner_filter],) = held.values()
+            elif held.session == session:
+                del self._exact[inner_filter]
+            else:
+                return False
+            self.count -= 1
+            self._cache.clear()
+            return True
         levels = inner_filter.split("/")
         path = [self._root]
         node = self._root
@@ -187,6 +245,15 @@ class SubscriptionTrie(Generic[S]):
             exact = children.get(levels[index])
             if exact is not None:
                 stack.append((exact, index + 1))
+        held = self._exact.get(topic)
+        if held is not None:
+            pairs = held.items() if isinstance(held, dict) else ((held.session, held),)
+            for session, sub in pairs:
+                found = per_session.get(session)
+                if found is None:
+                    per_session[session] = [sub]
+                else:
+                    found.append(sub)
         result = (list(per_session.items()), groups)
         if len(self._cache) >= self._cache_size:
             self._cache.clear()

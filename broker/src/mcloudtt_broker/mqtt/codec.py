@@ -391,7 +391,7 @@ class Decoder:
     ) -> None:
         self._data = b""
         self._pos = 0
-        self._tail: list[bytes] = []
+        self._tail: list[bytes] | None = None  # made on the first split packet
         self._tail_len = 0
         self.max_packet_size = max_packet_size
         # None until CONNECT is decoded: the first packet must be CONNECT then (MQTT-3.1.0-1).
@@ -404,7 +404,10 @@ class Decoder:
             self._pos = 0
         else:
             chunk = bytes(data)
-            self._tail.append(chunk)
+            if self._tail is None:
+                self._tail = [chunk]
+            else:
+                self._tail.append(chunk)
             self._tail_len += len(chunk)
 
     @property
@@ -414,9 +417,10 @@ class Decoder:
 
     def _merge(self) -> None:
         head = self._data[self._pos :] if self._pos else self._data
+        assert self._tail is not None
         self._data = b"".join([head, *self._tail])
         self._pos = 0
-        self._tail.clear()
+        self._tail = None
         self._tail_len = 0
 
     def next_frame(self) -> tuple[int, int, bytes, int, int] | None:
@@ -451,6 +455,10 @@ class Decoder:
                 if self._tail:
                     self._merge()
                     continue
+                if pos == end and end:
+                    # All decoded: an idle connection need not keep its last chunk alive.
+                    self._data = b""
+                    self._pos = 0
                 return None
             total = i - pos + length
             if total > self.max_packet_size:

@@ -1,0 +1,145 @@
+"""The `redis` authenticator: a user store in Redis shared by every broker of the cluster.
+
+Rights: the hash `{prefix}:acl:{user}` maps topic filters to `read`, `write`, `readwrite` or
+`deny` (an ACL file's `topic` lines for that user). They are read with the user and then
+every `ttl` seconds while the broker knows the user; a change drops the cached decisions, so
+it reaches running clients within a second. A user without the hash has no rights of its own
+(the ACL file decides, or without one everything is allowed).
+
+The hash `{prefix}:users` maps a username to the same salted scrypt hash as a password file's
+line (`mcloudtt_broker.auth.passwords`). A lookup is asynchronous: the core's CONNECT waits
+(`Authenticator.authenticate` returns None and answers later), the event loop never blocks on
+Redis, and scrypt runs in a worker thread. A fetched hash is kept `ttl` seconds (0.5 by
+default), so a user added, changed or removed in Redis is seen by every broker within a second.
+Redis unreachable: CONNACK 0x88 (3.1.1: 3), never a stack trace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from ..cluster.redis_url import parse_redis_url
+from ..core.auth import Answer, Credentials, Outcome, Result
+from .acl import AclFile
+from .passwords import verify_password
+
+log = logging.getLogger("mcloudtt.auth")
+
+
+class RedisUsers:
+    name = "redis"
+
+    def __init__(self, url: str, prefix: str, *, ttl: float = 0.5, timeout: float = 2.0) -> None:
+        self.key = f"{prefix}:users"
+        self.acl_prefix = f"{prefix}:acl:"
+        self.rights: dict[str, AclFile] = {}  # per user, updated in place by `refresh`
+        self._raw_rights: dict[str, dict[bytes, bytes]] = {}
+        self.changed: Callable[[], None] | None = None  # told when some user's rights changed
+        self.ttl = ttl
+        self.client: Any = parse_redis_url(url).client(
+            socket_timeout=timeout, socket_connect_timeout=timeout
+        )
+        self._hashes: dict[str, tuple[float, str | None]] = {}  # user -> (fetched at, hash)
+        self._verified: dict[tuple[str, str], bytes] = {}  # as PasswordFile keeps them
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def authenticate(self, credentials: Credentials, answer: Answer) -> Result | None:
+        username = credentials.username
+        if username is None:
+            return Outcome.IGNORE, None
+        entry = self._hashes.get(username)
+        if entry is not None and time.monotonic() - entry[0] < self.ttl:
+            stored = entry[1]
+            if stored is None:
+                return Outcome.IGNORE, None
+            digest = hashlib.sha256(credentials.password or b"").digest()
+            seen = self._verified.get((username, stored))
+            if seen is not None and hmac.compare_digest(seen, digest):
+                return Outcome.ALLOW, username, self.rights.get(username)
+        task = asyncio.get_running_loop().create_task(self._lookup(credentials, answer))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return None
+
+    async def _lookup(self, credentials: Credentials, answer: Answer) -> None:
+        username = credentials.username
+        assert username is not None
+        try:
+            async with self.client.pipeline(transaction=False) as pipe:
+                pipe.hget(self.key, username)
+                pipe.hgetall(self.acl_prefix + username)
+                raw, rules = await pipe.execute()
+        except Exception as error:  # redis-py's errors, timeouts, OSError: one line, no trace
+            log.warning("user store in Redis unreachable: %s", type(error).__name__)
+            answer((Outcome.UNAVAILABLE, None))
+            return
+        stored = raw.decode() if isinstance(raw, bytes) else raw
+        self._hashes[username] = (time.monotonic(), stored)
+        if len(self._hashes) > 100_000:
+            self._hashes.clear()
+        if stored is None:
+            answer((Outcome.IGNORE, None))
+            return
+        self._set_rights(username, rules)
+        password = credentials.password or b""
+        ok = await asyncio.to_thread(verify_password, password, stored)
+        if not ok:
+            answer((Outcome.DENY, None))
+            return
+        if len(self._verified) > 10_000:
+            self._verified.clear()
+        self._verified[username, stored] = hashlib.sha256(password).digest()
+        answer((Outcome.ALLOW, username, self.rights.get(username)))
+
+    def _set_rights(self, username: str, rules: dict[bytes, bytes]) -> bool:
+        """Keep the user's rights from Redis; True when they changed."""
+        if self._raw_rights.get(username) == rules:
+            return False
+        self._raw_rights[username] = rules
+        lines = "\n".join(
+            f"topic {access.decode()} {topic.decode()}"
+            for topic, access in sorted(rules.items())
+            if access.decode() in ("read", "write", "readwrite", "deny")
+        )
+        parsed = AclFile.parse(f"user {username}\n{lines}", f"{self.acl_prefix}{username}")
+        if not rules:
+            # Running clients holding the old rules lose them all (fail closed); from their
+            # next CONNECT on they have none of their own (the ACL file decides).
+            old = self.rights.pop(username, None)
+            if old is not None:
+                old.users = {}
+        elif username in self.rights:
+            self.rights[username].users = parsed.users  # running clients hold this object
+        else:
+            self.rights[username] = parsed
+        return True
+
+    async def refresh_forever(self) -> None:
+        """Read the known users' rights again every `ttl` seconds."""
+        while True:
+            await asyncio.sleep(self.ttl)
+            users = list(self._raw_rights)
+            if not users:
+                continue
+            try:
+                async with self.client.pipeline(transaction=False) as pipe:
+                    for username in users:
+                        pipe.hgetall(self.acl_prefix + username)
+                    results = await pipe.execute()
+            except Exception as error:  # kept as they were until Redis answers again
+                log.warning("rights in Redis unreachable: %s", type(error).__name__)
+                continue
+            changed = [self._set_rights(u, r) for u, r in zip(users, results, strict=True)]
+            if any(changed) and self.changed is not None:
+                self.changed()
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await self.client.aclose()

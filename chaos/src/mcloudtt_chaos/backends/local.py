@@ -1,0 +1,318 @@
+"""The `local` backend: Redis and the brokers as processes on loopback, faults by signals and by
+fault proxies.
+
+    workload ──> client proxy b0 ──> broker b0 ──> redis proxy b0 ──┐
+    workload ──> client proxy b1 ──> broker b1 ──> redis proxy b1 ──┼──> redis-server (AOF)
+    ...                                                             ┘
+
+Every link a scenario may break has its own `FaultProxy`: a broker is cut from Redis (its
+clients still reach it) by black-holing its Redis proxy, cut from its clients by black-holing
+its client proxy, and slowed by the proxy's toxics. The proxies run on an event loop of their
+own in a daemon thread, so the blocking `Backend` calls (and the workload's loop) need not
+share theirs. Ports are fixed at setup and kept across restarts, so a restarted broker or Redis
+comes back at the same address, as a StatefulSet pod does.
+
+Everything is torn down by `teardown()`, and also at interpreter exit and on SIGTERM/SIGHUP
+(the processes run in sessions of their own, so a Ctrl-C at the terminal reaches only us; the
+KeyboardInterrupt unwinds through the caller's `finally`, and atexit catches the rest).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import shutil
+import signal
+import tempfile
+import threading
+from collections.abc import Coroutine
+from pathlib import Path
+from types import FrameType
+from typing import Any, TypeVar
+
+from mcloudtt_chaos.backend import ClusterSpec, Endpoint, LinkFault
+from mcloudtt_chaos.faultproxy import FaultProxy
+from mcloudtt_chaos.procs import (
+    HOST,
+    Process,
+    RedisServer,
+    console_script,
+    free_port,
+    http_get,
+)
+
+T = TypeVar("T")
+
+_LIVE: set[LocalBackend] = set()  # torn down at exit, whatever happened
+
+
+def _teardown_all() -> None:
+    for backend in list(_LIVE):
+        backend.teardown()
+
+
+atexit.register(_teardown_all)
+
+
+def _on_terminate(signum: int, frame: FrameType | None) -> None:
+    # Unwind like Ctrl-C does: the callers' `finally` blocks stop the processes.
+    raise SystemExit(128 + signum)
+
+
+class _ProxyLoop:
+    """An event loop in a daemon thread, for the fault proxies."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(
+            target=self.loop.run_forever, name="faultproxies", daemon=True
+        )
+        self.thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 10.0) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+        if not self.loop.is_running():
+            self.loop.close()
+
+
+class LocalBackend:
+    name = "local"
+
+    def __init__(self, workdir: Path | str | None = None, *, seed: int | None = None) -> None:
+        # None: a temporary directory made at setup and removed at teardown; one set (by the
+        # caller, or by the runner: the run's directory) keeps the logs and Redis's files.
+        self.workdir: Path | None = Path(workdir) if workdir else None
+        self._own_dir = False
+        self.seed = seed
+        self.spec = ClusterSpec()
+        self.redis: RedisServer | None = None
+        self.brokers: dict[str, Process] = {}
+        self.redis_proxies: dict[str, FaultProxy] = {}
+        self.client_proxies: dict[str, FaultProxy] = {}
+        self._endpoints: dict[str, Endpoint] = {}
+        self._loop: _ProxyLoop | None = None
+
+    # ------------------------------------------------------------------ life cycle
+
+    def setup(self, spec: ClusterSpec) -> None:
+        self.spec = spec
+        if self.workdir is None:
+            self.workdir = Path(tempfile.mkdtemp(prefix="mcloudtt-chaos-"))
+            self._own_dir = True
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        # A fresh cluster every run: an earlier run's Redis files in a reused directory would
+        # bring back its persistent sessions (which then queue and drop this run's messages).
+        shutil.rmtree(self.workdir / "redis", ignore_errors=True)
+        for log in self.workdir.glob("*.log"):
+            log.unlink()
+        _LIVE.add(self)
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGHUP):
+                if signal.getsignal(sig) in (signal.SIG_DFL, None):
+                    signal.signal(sig, _on_terminate)
+        self._loop = _ProxyLoop()
+        self.redis = RedisServer(
+            appendonly=spec.redis_appendonly,
+            data_dir=self.workdir / "redis",
+            log_path=self.workdir / "redis.log",
+        )
+        names = [f"b{i}" for i in range(spec.brokers)]
+        for index, name in enumerate(names):
+            seed = None if self.seed is None else self.seed * 100 + index
+            self.redis_proxies[name] = self._loop.run(
+                FaultProxy(HOST, self.redis.port, seed=seed).start()
+            )
+            mqtt_port, http_port = free_port(), free_port()
+            self.brokers[name] = Process(
+                [
+                    *console_script("mcloudtt-broker", "mcloudtt_broker"),
+                    "--bind",
+                    f"{HOST}:{mqtt_port}",
+                    "--http",
+                    f"{HOST}:{http_port}",
+                    "--redis",
+                    f"redis://{HOST}:{self.redis_proxies[name].port}/0",
+                    "--id",
+                    name,
+                    *spec.broker_args,
+                ],
+                name=name,
+                log_path=self.workdir / f"{name}.log",
+                env=spec.env,
+                port=mqtt_port,
+                http_port=http_port,
+            )
+            self.client_proxies[name] = self._loop.run(
+                FaultProxy(HOST, mqtt_port, seed=seed).start()
+            )
+            self._endpoints[name] = Endpoint(
+                name=name,
+                host=HOST,
+                mqtt_port=self.client_proxies[name].port,
+                http_port=http_port,
+            )
+        if spec.redis_first:
+            self.redis.start()
+        for broker in self.brokers.values():
+            broker.start()
+        for broker in self.brokers.values():
+            broker.wait_port(timeout=30)
+
+    def teardown(self) -> None:
+        # Brokers first (they drain), Redis last, then the proxies.
+        for broker in self.brokers.values():
+            if broker.proc is not None:
+                broker.stop(timeout=5)
+        if self.redis is not None and self.redis.proc is not None:
+            self.redis.stop(timeout=5)
+        if self._loop is not None:
+            proxies = [*self.redis_proxies.values(), *self.client_proxies.values()]
+            with contextlib.suppress(Exception):
+                self._loop.run(_close_all(proxies))
+            self._loop.close()
+            self._loop = None
+        _LIVE.discard(self)
+        if self._own_dir and self.workdir is not None:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            self.workdir = None
+            self._own_dir = False
+
+    def __enter__(self) -> LocalBackend:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.teardown()
+
+    # ------------------------------------------------------------------ looking
+
+    def endpoints(self) -> list[Endpoint]:
+        return list(self._endpoints.values())
+
+    def readyz(self, broker: str) -> tuple[int, str]:
+        try:
+            return http_get(self._endpoints[broker].http_port, "/readyz", timeout=2.0)
+        except OSError as error:
+            return 0, f"unreachable: {error}"
+
+    def rss(self, broker: str) -> int | None:
+        """Resident memory of the broker process in bytes (None: not running)."""
+        process = self.brokers[broker]
+        if not process.alive():
+            return None
+        try:
+            status = Path(f"/proc/{process.pid}/status").read_text()
+        except OSError:
+            return None
+        for line in status.splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        return None
+
+    def log(self, name: str) -> str:
+        """The log of `redis` or a broker (for reports and failing tests)."""
+        process = self.redis if name == "redis" else self.brokers[name]
+        return "" if process is None else process.log_text()
+
+    # ------------------------------------------------------------------ Redis
+
+    def _redis(self) -> RedisServer:
+        assert self.redis is not None, "setup() first"
+        return self.redis
+
+    def start_redis(self) -> None:
+        redis = self._redis()
+        if not redis.alive():
+            redis.start()
+
+    def kill_redis(self) -> None:
+        self._redis().kill()
+
+    def restart_redis(self, *, keep_data: bool = True) -> None:
+        redis = self._redis()
+        if redis.alive():
+            redis.kill()
+        if not keep_data:
+            # As after a failover to a replica that had none of it.
+            for path in redis.data_dir.iterdir():
+                if path.is_dir():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
+        redis.start()
+
+    def freeze_redis(self) -> None:
+        self._redis().pause()
+
+    def thaw_redis(self) -> None:
+        self._redis().resume()
+
+    # ------------------------------------------------------------------ brokers
+
+    def kill_broker(self, broker: str) -> None:
+        self.brokers[broker].kill()
+
+    def stop_broker(self, broker: str) -> None:
+        self.brokers[broker].stop(timeout=15)
+
+    def start_broker(self, broker: str) -> None:
+        process = self.brokers[broker]
+        if not process.alive():
+            process.start()
+        process.wait_port(timeout=30)
+
+    def freeze_broker(self, broker: str) -> None:
+        self.brokers[broker].pause()
+
+    def thaw_broker(self, broker: str) -> None:
+        self.brokers[broker].resume()
+
+    # ------------------------------------------------------------------ links
+
+    def _proxy_call(self, proxy: FaultProxy, command: dict[str, Any]) -> None:
+        assert self._loop is not None, "setup() first"
+        self._loop.run(proxy.apply(command))
+
+    def cut_from_redis(self, broker: str) -> None:
+        # Held, not refused: the broker learns of it only by its own timeouts, as in a partition.
+        self._proxy_call(self.redis_proxies[broker], {"op": "blackhole"})
+
+    def cut_from_clients(self, broker: str) -> None:
+        self._proxy_call(self.client_proxies[broker], {"op": "blackhole"})
+
+    def heal(self, broker: str) -> None:
+        self._proxy_call(self.redis_proxies[broker], {"op": "heal"})
+        self._proxy_call(self.client_proxies[broker], {"op": "heal"})
+
+    def degrade_redis_link(self, broker: str, fault: LinkFault) -> None:
+        proxy = self.redis_proxies[broker]
+        if fault.latency_ms is not None:
+            self._proxy_call(
+                proxy, {"op": "latency", "ms": fault.latency_ms, "jitter_ms": fault.jitter_ms}
+            )
+        if fault.bandwidth_bytes_per_s is not None:
+            self._proxy_call(proxy, {"op": "bandwidth", "bytes_per_s": fault.bandwidth_bytes_per_s})
+        if fault.slice_bytes is not None:
+            self._proxy_call(
+                proxy,
+                {
+                    "op": "slicer",
+                    "average_size": fault.slice_bytes,
+                    "size_variation": fault.slice_bytes // 2,
+                    "delay_ms": 1,
+                },
+            )
+        if fault.blackhole:
+            self._proxy_call(proxy, {"op": "blackhole"})
+
+
+async def _close_all(proxies: list[FaultProxy]) -> None:
+    await asyncio.gather(*(p.close() for p in proxies), return_exceptions=True)
+
+
+def create() -> LocalBackend:
+    return LocalBackend()

@@ -1,0 +1,162 @@
+"""The dashboard of `mcloudtt up` in headless Chromium: served from 127.0.0.1 with nothing
+fetched from anywhere else, every broker shown and live, a broker killed from its button turns
+red and comes back ready after a restart, with no acknowledged canary message lost.
+
+Needs Debian's `chromium` and `chromium-driver` (`apt-get install -y chromium chromium-driver`).
+The screenshot is kept in `reports/test-artifacts/dashboard.png` (or $MCLOUDTT_ARTIFACTS).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+from mcloudtt_chaos.procs import wait_for
+
+from .test_up import _try_state, left_behind, up_command
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+DRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+ARTIFACTS = Path(
+    os.environ.get("MCLOUDTT_ARTIFACTS", Path(__file__).parents[2] / "reports" / "test-artifacts")
+)
+
+pytestmark = pytest.mark.skipif(
+    not (os.path.exists(CHROMIUM) and os.path.exists(DRIVER)),
+    reason="needs chromium and chromium-driver (apt-get install -y chromium chromium-driver)",
+)
+
+
+@pytest.fixture
+def browser() -> Iterator[object]:
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1400,1800"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(DRIVER), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+@pytest.mark.timeout(240)
+def test_dashboard_shows_the_cluster_and_breaks_it_at_a_click(tmp_path: Path, browser) -> None:  # type: ignore[no-untyped-def]
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    command, markers, port = up_command(tmp_path, 200, devices=20)
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(
+            lambda: _try_state(port, lambda s: all(b["ready"] for b in s["brokers"])),
+            timeout=60,
+            what="every broker ready",
+        )
+        browser.get(f"http://127.0.0.1:{port}/")
+        # The page redraws every second: an element read may be replaced meanwhile (stale).
+        wait = WebDriverWait(
+            browser, 60, poll_frequency=0.2, ignored_exceptions=(StaleElementReferenceException,)
+        )
+
+        def card(name: str):  # type: ignore[no-untyped-def]
+            return browser.find_element(By.ID, f"card-{name}")
+
+        def read(get):  # type: ignore[no-untyped-def]
+            return wait.until(lambda d: (get(),))[0]  # a one-tuple: truthy, whatever it holds
+
+        def click(element_id: str) -> None:
+            def done(d) -> bool:  # type: ignore[no-untyped-def]
+                d.find_element(By.ID, element_id).click()
+                return True
+
+            wait.until(done)
+
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#brokers .card")) == 3)
+        for name in ("broker-1", "broker-2", "broker-3"):
+            wait.until(lambda d, name=name: card(name).get_attribute("data-state") == "ready")
+
+        # Live: the numbers change between two reads.
+        first = read(lambda: browser.find_element(By.ID, "canary").text)
+        first_elapsed = read(lambda: browser.find_element(By.ID, "elapsed").text)
+        wait.until(lambda d: d.find_element(By.ID, "canary").text != first)
+        wait.until(lambda d: d.find_element(By.ID, "elapsed").text != first_elapsed)
+
+        # Kill broker-2 from its button: red; restart it: ready again.
+        click("kill-broker-2")
+        wait.until(lambda d: card("broker-2").get_attribute("data-state") == "down")
+        wait.until(lambda d: "down" in card("broker-2").get_attribute("class"))
+        # Red: the border colour of a down broker.
+        wait.until(
+            lambda d: (
+                card("broker-2").value_of_css_property("border-top-color").replace(" ", "")
+                in ("rgba(214,40,40,1)", "rgb(214,40,40)")
+            )
+        )
+        click("restart-broker-2")
+        wait.until(lambda d: card("broker-2").get_attribute("data-state") == "ready")
+        # The canary keeps publishing through the cluster; none of its acknowledged messages
+        # is lost (give the ones around the kill time to arrive).
+        published = int(
+            _try_state(port, lambda s: s["canary"])["canary"]["published"]  # type: ignore[index]
+        )
+        wait.until(
+            lambda d: (
+                int(d.find_element(By.ID, "canary").text.split()[1].replace(",", ""))
+                >= published + 3
+            )
+        )
+        assert read(lambda: browser.find_element(By.ID, "lost").text) == "0"
+        # And every acknowledged one arrived (not merely "not judged lost yet").
+        wait_for(
+            lambda: _try_state(
+                port,
+                lambda s: (
+                    s["canary"]["outstanding"] == 0 and s["canary"]["acknowledged"] >= published
+                ),
+            ),
+            timeout=20,
+            what="every acknowledged canary message delivered",
+        )
+        wait.until(lambda d: "broker-2 killed" in d.find_element(By.ID, "log").text)
+
+        # Freeze Redis: the brokers lose their link and readiness; thaw it: they are back.
+        click("redis-freeze")
+        wait.until(lambda d: d.find_element(By.ID, "redis-state").text == "frozen")
+        wait.until(lambda d: "Redis link down" in d.find_element(By.ID, "log").text)
+        click("redis-thaw")
+        wait.until(lambda d: d.find_element(By.ID, "redis-state").text == "running")
+        for name in ("broker-1", "broker-2", "broker-3"):
+            wait.until(lambda d, name=name: card(name).get_attribute("data-state") == "ready")
+        assert read(lambda: browser.find_element(By.ID, "lost").text) == "0"
+
+        # Nothing was requested from anywhere but this machine.
+        urls = browser.execute_script(
+            "return [location.href, ...performance.getEntriesByType('resource').map(e => e.name)]"
+        )
+        assert len(urls) >= 2  # the page and its event stream at least
+        assert {urlsplit(url).hostname for url in urls} == {"127.0.0.1"}, urls
+
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        assert browser.save_screenshot(str(ARTIFACTS / "dashboard.png"))
+        assert (ARTIFACTS / "dashboard.png").stat().st_size > 10_000
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    assert proc.returncode == 0
+    time.sleep(0.5)
+    assert wait_for(lambda: not left_behind(markers), timeout=10, what="no process left")
