@@ -517,13 +517,6 @@ class Failover:
                             # Seen idle after it was stored: nothing in it is unacknowledged.
                             snapshot = dataclasses.replace(snapshot, inflight=(), queue=())
                             marks = fresher
-                    log.info(
-                        client_id,
-                        snapshot_marks(data),
-                        checkpoint,
-                        marks,
-                        len(snapshot.inflight),
-                    )
                     claimed[client_id] = (snapshot, marks)
             finally:
                 self._adopting.difference_update(batch)
@@ -555,7 +548,8 @@ class Failover:
             )
             self.announce_adoption(peer, filters)
             replay = None
-            if self.replay_enabled and claimed:
+            if self.replay_enabled:
+                # Also with no session claimed: shared groups it served go to other members.
                 replay = await self._read_dead_inbox(redis, peer, claimed, origins)
                 ms, seq = self.inbox_position()
                 ours = await redis.xrange(self.k_inbox, min=f"({ms}-{seq}", max="+")
@@ -589,6 +583,9 @@ class Failover:
             self.to_message,
             {client_id: marks for client_id, (_, marks) in claimed.items()},
             origins,
+            groups=group_marks(claimed),
+            handled=await self._progress(redis, peer),
+            gone=peer,
         )
         key = f"{self.settings.prefix}:inbox:{peer}"
         start: bytes | str = "-"
@@ -612,7 +609,7 @@ class Failover:
         """A restart under our id: our stored sessions, and our inbox replayed to them past
         their marks; the inbox reader then goes on after what was replayed."""
         self._restore(claimed)
-        if not (self.replay_enabled and claimed):
+        if not self.replay_enabled:
             return
         assert self.to_message is not None
         replay = Replay(
@@ -620,6 +617,9 @@ class Failover:
             self.to_message,
             {client_id: marks for client_id, (_, marks) in claimed.items()},
             (),
+            groups=group_marks(claimed),
+            handled=await self._progress(redis, self.me),
+            gone=self.me,
         )
         start: bytes | str = "-"
         last = None
@@ -637,3 +637,30 @@ class Failover:
             pipe.xgroup_destroy(self.k_inbox, GROUP)
             pipe.xgroup_create(self.k_inbox, GROUP, id=last[1:], mkstream=True)
             await pipe.execute()
+
+    async def _progress(self, redis: RedisClient, broker: str) -> dict[str, int]:
+        """What `broker`'s inbox last reported handled: origin -> highest sequence."""
+        raw = await redis.hgetall(f"{self.settings.prefix}:progress:{broker}")
+        progress = {}
+        for origin, sequence in raw.items():
+            with contextlib.suppress(ValueError):
+                progress[origin.decode()] = int(sequence)
+        return progress
+
+
+def group_marks(claimed: dict[str, tuple[SessionSnapshot, Marks]]) -> dict[str, Marks]:
+    """Per shared group that claimed sessions are members of, the earliest of their marks:
+    a group's record past them may not have been acknowledged by its member there."""
+    groups: dict[str, Marks] = {}
+    for snapshot, marks in claimed.values():
+        for record in snapshot.subscriptions:
+            if not record.topic_filter.startswith("$share/"):
+                continue
+            known = groups.get(record.topic_filter)
+            if known is None:
+                groups[record.topic_filter] = Marks(marks.position, dict(marks.seen))
+            else:
+                known.position = min(known.position, marks.position)
+                for origin in set(known.seen) | set(marks.seen):
+                    known.seen[origin] = min(known.seen.get(origin, 0), marks.seen.get(origin, 0))
+    return groups

@@ -384,6 +384,33 @@ class Broker:
         if chosen:
             self._deliver_plain(message, chosen)
 
+    def replay_shared(self, message: Message, keys: Iterable[str], gone: str) -> None:
+        """Give `message` to each of these shared groups (`$share/{name}/{filter}`) once more:
+        the broker `gone` was chosen to serve them and died before its member acknowledged.
+        A local member if there is one (an adopted offline one queues it), else a member on
+        another live broker."""
+        assignments: dict[str, list[str]] = {}
+        remote_groups = None
+        for key in keys:
+            group_name, inner = split_shared(key)
+            group = self.trie.group(inner, group_name or "")
+            member = group.pick() if group is not None else None
+            if member is not None:
+                self._deliver_one(message, member)
+                continue
+            if remote_groups is None:
+                _, remote_groups = self.remote.match(message.topic)
+            for remote_group in remote_groups:
+                if remote_group.key != key:
+                    continue
+                brokers = [p.broker_id for p in remote_group.members if p.broker_id != gone]
+                if brokers:
+                    turn = self._group_turns[key]
+                    self._group_turns[key] = turn + 1
+                    assignments.setdefault(brokers[turn % len(brokers)], []).append(key)
+        if assignments:
+            self.bus.forward(message, _NO_TARGETS, assignments)
+
     # ------------------------------------------------------------ retained messages
 
     def retained_messages(self) -> list[Message]:

@@ -136,6 +136,11 @@ class ClusterCore(Protocol):
         """Deliver `message` to the plain subscriptions of these local sessions only."""
         ...
 
+    def replay_shared(self, message: Message, keys: Iterable[str], gone: str) -> None:
+        """Deliver `message` once more to each of these shared groups, on a member here or on
+        a live broker other than `gone` (which was chosen for them and died)."""
+        ...
+
 
 class LocalBus:
     """A single node: nothing to forward to."""
