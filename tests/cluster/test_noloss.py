@@ -122,6 +122,23 @@ class Subscriber:
         self.client = c
         return present[0]
 
+    def give_up(self, port: int, after: float) -> None:
+        """CONNECT to `port` and close the socket `after` seconds later, CONNACK or not (a
+        device whose connect timeout ran out while the broker looked for its session)."""
+        c = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=f"noloss-sub-{self.version}",
+            protocol=mqtt.MQTTv311,
+            clean_session=False,
+        )
+        c.connect("127.0.0.1", port, 60)
+        c.loop_start()
+        time.sleep(after)
+        c.loop_stop()
+        sock = c.socket()
+        if sock is not None:
+            sock.close()
+
     def drop(self) -> None:
         if self.client is not None:
             self.client.loop_stop()
@@ -221,12 +238,6 @@ def run_kill(
 def test_broker_kill_loses_no_acknowledged_qos1(redis_server, cluster_factory, version, when):
     brokers = cluster_factory(3, *QUEUE)
     pub, sub = run_kill(brokers, version, 1, when)
-    import sys
-
-    sys.path.insert(0, "/tmp/noloss")
-    import dbg
-
-    dbg.dump(redis_server.url)
     check(pub, sub, 1)
 
 
@@ -324,3 +335,34 @@ def test_a_frozen_broker_declared_dead_exits_instead_of_owning_twice(redis_serve
         for x in (a, b):
             x.stop()
             print(f"--- broker {x.port}", x.output()[-3000:], sep="\n")
+
+
+def test_session_found_after_a_connect_that_gave_up_waiting_for_it(redis_server, cluster_factory):
+    """Issue 11, found by the chaos harness (broker-kill): the subscriber's broker B dies; it
+    reconnects to A at once, which waits for B's sessions to be adopted, and gives up before
+    that (its connect timeout); then it connects to C. The registry named A by then: A must
+    keep the session it fetched (and hand it over when C asks, late if need be), not answer
+    "no session" and drop what was queued for it."""
+    brokers = cluster_factory(3, *QUEUE)
+    a, b, c = brokers
+    sub = Subscriber(4)
+    sub.connect(b.port)
+    assert sub.client is not None
+    sub.client.subscribe(TOPIC, 1)
+    wait_until(lambda: a.metric("mcloudtt_cluster_remote_filters") >= 1, 5.0, "routing")
+    pub = Publisher(a.port, 1)
+    pub.start()
+    try:
+        wait_until(lambda: len(sub.got) > 200, 10.0, "deliveries before the kill")
+        b.signal(signal.SIGKILL)
+        b.proc.wait()  # type: ignore[union-attr]
+        sub.drop()
+        sub.give_up(a.port, after=2.0)  # B's presence (5 s) has not expired yet
+        assert sub.connect(c.port), "the session was lost"
+        time.sleep(1.0)
+    finally:
+        pub.finish()
+    deadline = time.monotonic() + 15.0
+    while time.monotonic() < deadline and not pub.acked <= set(received(sub)):
+        time.sleep(0.05)
+    check(pub, sub, 1)

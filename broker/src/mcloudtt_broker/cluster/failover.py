@@ -119,6 +119,9 @@ class Failover:
         self._write_scheduled = False
         self._handovers: dict[str, asyncio.Future[None]] = {}
         self._adopting: set[str] = set()  # client ids being claimed from a gone broker
+        # CONNECTs here still looking for their session: the registry names us already, so a
+        # hand-over asked of us meanwhile waits for it (the client may have given up on us).
+        self._locating: dict[str, asyncio.Event] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
     def _spawn(self, work: Awaitable[None]) -> None:
@@ -262,6 +265,10 @@ class Failover:
 
     async def _locate(self, client_id: str, clean_start: bool, resume: Resume) -> None:
         snapshot = None
+        located = self._locating.get(client_id)
+        if located is not None:
+            await located.wait()  # an earlier CONNECT of this ClientId goes first
+        located = self._locating[client_id] = asyncio.Event()
         try:
             with redis_errors():
                 snapshot = await asyncio.wait_for(
@@ -273,8 +280,13 @@ class Failover:
             self.stats["handover_failures"] += 1
         finally:
             self._handovers.pop(client_id, None)
-        resume(snapshot)
-        # The session is here now: our inbox delivers to it again (after what it brought).
+        try:
+            resume(snapshot)  # the session is here now, also if its client went away meanwhile
+        finally:
+            if self._locating.get(client_id) is located:
+                del self._locating[client_id]
+            located.set()
+        # Our inbox delivers to it again (after what it brought).
         while client_id in self._paused_for:
             self._unpause(client_id)
 
@@ -414,6 +426,13 @@ class Failover:
         deadline = time.monotonic() + self.settings.handover_timeout / 2
         while client_id in self._adopting and time.monotonic() < deadline:
             await asyncio.sleep(0.005)  # we are taking it from a gone broker right now
+        located = self._locating.get(client_id)
+        if located is not None:
+            # A CONNECT here is still fetching the session (from a dead broker's adopter, say):
+            # hand it over once it arrived, late if need be (the requester looks for a late
+            # hand-over while it waits), never as "no session".
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(located.wait(), self.adoption_wait())
         # Messages for this session that are already in our inbox belong in the snapshot.
         info = await redis.xinfo_stream(self.k_inbox)
         goal = stream_id(info.get("last-generated-id", b"0-0"))

@@ -350,6 +350,12 @@ class Broker:
         if session.expiry_interval != NEVER_EXPIRES:
             self.expiring[session.client_id] = now + session.expiry_interval
 
+    def keep_session(self, snapshot: SessionSnapshot, now: float) -> None:
+        """A session fetched for a CONNECT whose client left before its CONNACK: kept here
+        offline (the next CONNECT of the ClientId, here or elsewhere, takes it)."""
+        if snapshot.client_id not in self.sessions:
+            self.adopt_session(snapshot, now)
+
     def idle_sessions(self) -> list[str]:
         # Online persistent sessions with nothing in flight or queued: everything delivered to
         # them so far is acknowledged (a cluster bus checkpoints them for its inbox replay).
