@@ -366,3 +366,36 @@ def test_session_found_after_a_connect_that_gave_up_waiting_for_it(redis_server,
     while time.monotonic() < deadline and not pub.acked <= set(received(sub)):
         time.sleep(0.05)
     check(pub, sub, 1)
+
+
+def test_session_made_before_redis_is_found_after_its_broker_died(redis_server, cluster_factory):
+    """Issue 11, found by the chaos harness (broker-kill right after start): a persistent
+    session that connected while Redis was still away is entered in the ClientId registry when
+    the link comes up, so that after its broker's death a CONNECT elsewhere finds it (and what
+    was routed to it) instead of starting afresh."""
+    redis_server.stop()
+    brokers = cluster_factory(3, *QUEUE, ready=False)
+    a, b, c = brokers
+    sub = Subscriber(5)
+    assert not sub.connect(b.port)  # served locally, before Redis
+    assert sub.client is not None
+    sub.client.subscribe(TOPIC, 1)
+    time.sleep(0.5)
+    redis_server.restart()
+    wait_ready(brokers, timeout=15.0)
+    wait_until(lambda: a.metric("mcloudtt_cluster_remote_filters") >= 1, 5.0, "routing")
+    pub = Publisher(a.port, 1)
+    pub.start()
+    try:
+        wait_until(lambda: len(sub.got) > 200, 10.0, "deliveries before the kill")
+        b.signal(signal.SIGKILL)
+        b.proc.wait()  # type: ignore[union-attr]
+        sub.drop()
+        assert sub.connect(c.port), "the session was not found"
+        time.sleep(1.0)
+    finally:
+        pub.finish()
+    deadline = time.monotonic() + 15.0
+    while time.monotonic() < deadline and not pub.acked <= set(received(sub)):
+        time.sleep(0.05)
+    check(pub, sub, 1)

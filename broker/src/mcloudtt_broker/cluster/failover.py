@@ -122,6 +122,8 @@ class Failover:
         # CONNECTs here still looking for their session: the registry names us already, so a
         # hand-over asked of us meanwhile waits for it (the client may have given up on us).
         self._locating: dict[str, asyncio.Event] = {}
+        # ClientIds that connected while Redis was away: the registry learns them on reconnect.
+        self._unregistered: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
 
     def _spawn(self, work: Awaitable[None]) -> None:
@@ -249,6 +251,19 @@ class Failover:
         }
         self._dirty |= stored | set(self.core.persistent_sessions())
         self.write_sessions()
+        # Sessions that connected while Redis was away: name us in the registry, or a CONNECT
+        # elsewhere after our death would find no holder and start afresh.
+        unregistered = [c for c in self._unregistered if self.core.has_session(c)]
+        self._unregistered.clear()
+        if unregistered:
+            pipe = redis.pipeline(transaction=False)
+            for client_id in unregistered:
+                pipe.set(
+                    f"{self.settings.prefix}:client:{client_id}",
+                    self.me,
+                    ex=self.settings.client_ttl,
+                )
+            await pipe.execute()
 
     # ------------------------------------------------------------------ CONNECT elsewhere
 
@@ -258,6 +273,7 @@ class Failover:
         assert loop is not None
         if not self.link.connected:
             # Serving locally while Redis is away (the retry pattern).
+            self._unregistered.add(client_id)
             loop.call_soon(resume, None)
         else:
             self._spawn(self._locate(client_id, clean_start, resume))
