@@ -399,3 +399,32 @@ def test_session_made_before_redis_is_found_after_its_broker_died(redis_server, 
     while time.monotonic() < deadline and not pub.acked <= set(received(sub)):
         time.sleep(0.05)
     check(pub, sub, 1)
+
+
+def test_publishes_before_the_first_table_load_are_routed_with_it(redis_server, cluster_factory):
+    """Issue 11, found by the chaos harness (brokers-before-redis): a broker that has never
+    loaded the cluster table acknowledges QoS 1/2 publishes it cannot route yet; it keeps them
+    and routes them with the table when Redis comes, instead of dropping them."""
+    (b,) = cluster_factory(1)
+    sub = Subscriber(5)
+    sub.connect(b.port)
+    assert sub.client is not None
+    sub.client.subscribe(TOPIC, 1)
+    time.sleep(0.5)  # B's filter is in Redis
+    assert redis_server.proc is not None
+    redis_server.proc.send_signal(signal.SIGSTOP)  # Redis unreachable, its data kept
+    try:
+        (a,) = cluster_factory(1, ready=False)  # A starts and never reaches Redis
+        pub = Publisher(a.port, 1)
+        pub.start()
+        time.sleep(1.0)
+        pub.finish()
+        assert len(pub.acked) > 100
+        assert not received(sub)
+    finally:
+        redis_server.proc.send_signal(signal.SIGCONT)
+    wait_ready([a, b], timeout=15.0)
+    deadline = time.monotonic() + 10.0
+    while time.monotonic() < deadline and not pub.acked <= set(received(sub)):
+        time.sleep(0.05)
+    check(pub, sub, 1)

@@ -37,7 +37,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from typing import Any
 
@@ -53,7 +53,7 @@ from .membership import Membership
 from .outbox import Outbox
 from .redis_url import link_error_reason, parse_redis_url
 from .resp import open_connection
-from .settings import ClusterSettings, DuplicateBrokerId
+from .settings import BROADCAST, ClusterSettings, DuplicateBrokerId
 
 log = logging.getLogger("mcloudtt.cluster")
 
@@ -83,11 +83,38 @@ class RedisBus:
             settings, peers=self.live_peers, wake=self._wake, stats=self.stats, dropped=self.dropped
         )
         self.forward = self.outbox.forward
+        # QoS 1/2 publishes accepted before the first load of the cluster table had nowhere to
+        # go: kept (within the buffer bound) and routed with the table when it comes.
+        self.unrouted: deque[Message] = deque()
+        self.table_loaded = settings.mode == BROADCAST or bool(settings.tap_stream)
+        if not self.table_loaded:
+            self.forward = self._forward_unrouted
         self.loop: asyncio.AbstractEventLoop | None = None
         self.fatal: asyncio.Future[None] | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._lost_event = asyncio.Event()
         self._closing = False
+
+    def _forward_unrouted(
+        self, message: Message, targets: Sequence[str], groups: Mapping[str, list[str]]
+    ) -> None:
+        """`forward` until the first table load (then the outbox's, directly)."""
+        self.outbox.forward(message, targets, groups)
+        if message.qos and not (targets or groups or message.retain):
+            if len(self.unrouted) >= self.settings.buffer_limit:
+                self.dropped["cluster_buffer"] += 1
+                return
+            self.unrouted.append(message)
+
+    def _route_unrouted(self) -> None:
+        """The table is loaded: route what was kept, in the order it was published."""
+        self.forward = self.outbox.forward
+        self.table_loaded = True
+        unrouted, self.unrouted = self.unrouted, deque()
+        for message in unrouted:
+            targets, groups = self.core.remote_route(message)
+            if targets or groups:
+                self.outbox.forward(message, targets, groups)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -284,6 +311,8 @@ class RedisBus:
         self.outbox.clear_announcements()  # the whole table is announced now
         await membership.register(redis)
         await membership.load_peers(redis)
+        if not self.table_loaded:
+            self._route_unrouted()
         # Resend what receivers have not confirmed (Redis may have lost it), then the buffer,
         # in sequence order: receivers drop a sequence lower than one they already handled.
         resend = self.outbox.resend(await self._progress(redis, self.outbox.destinations()))

@@ -390,6 +390,25 @@ class Broker:
         if chosen:
             self._deliver_plain(message, chosen)
 
+    def remote_route(self, message: Message) -> tuple[Sequence[str], dict[str, list[str]]]:
+        """Where a publish accepted before the cluster table was known goes now: the remote
+        brokers with a plain subscription, and a member broker for each shared group that had
+        no member here (those here got it when it was published)."""
+        remote_plain, remote_groups = self.remote.match(message.topic)
+        targets = [peer.broker_id for peer, _ in remote_plain]
+        assignments: dict[str, list[str]] = {}
+        for remote_group in remote_groups:
+            key = remote_group.key
+            group_name, inner = split_shared(key)
+            if self.trie.group(inner, group_name or "") is not None:
+                continue
+            brokers = [peer.broker_id for peer in remote_group.members]
+            if brokers:
+                turn = self._group_turns[key]
+                self._group_turns[key] = turn + 1
+                assignments.setdefault(brokers[turn % len(brokers)], []).append(key)
+        return targets, assignments
+
     def replay_shared(self, message: Message, keys: Iterable[str], gone: str) -> None:
         """Give `message` to each of these shared groups (`$share/{name}/{filter}`) once more:
         the broker `gone` was chosen to serve them and died before its member acknowledged.
