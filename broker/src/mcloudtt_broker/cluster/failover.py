@@ -3,7 +3,8 @@
 * `{prefix}:client:{id}` names the broker that last took the ClientId. A CONNECT sets it to us
   and reads who had it (`locate_session`): nobody or us, go on; a live peer, ask it on the
   control channel to hand the session over (it closes its connection and leaves the snapshot in
-  `{prefix}:handover:{id}`); a gone peer (or one that does not answer), take the copy it stored.
+  `{prefix}:handover:{requester}:{id}`, so that no other broker waiting for the same ClientId
+  takes it); a gone peer (or one that does not answer), take the copy it stored.
 * Stored sessions: each broker writes its persistent sessions to `{prefix}:sessions:{me}`
   (client id -> snapshot, `session_snapshot.py`) within SESSION_WRITE_DELAY of each change.
 * Adoption: when a broker is gone, one survivor (the lock `{prefix}:adopter:{id}`, taken only
@@ -360,7 +361,7 @@ class Failover:
             self._unpause(client_id)  # no session coming (yet): do not hold the inbox up
             raise
         self.stats["handovers"] += 1
-        data = await redis.getdel(f"{prefix}:handover:{client_id}")
+        data = await redis.getdel(f"{prefix}:handover:{self.me}:{client_id}")
         if data is None or clean_start:
             return None
         return decode_snapshot(data, self.core.clock)
@@ -379,7 +380,7 @@ class Failover:
             if raw is not None:
                 adopter = raw.decode()
                 break
-            late = await redis.getdel(f"{prefix}:handover:{client_id}")
+            late = await redis.getdel(f"{prefix}:handover:{self.me}:{client_id}")
             if late is not None:
                 self.stats["handovers"] += 1
                 return None if clean_start else decode_snapshot(late, self.core.clock)
@@ -466,7 +467,7 @@ class Failover:
         pipe = redis.pipeline(transaction=False)
         if snapshot is not None:
             pipe.set(
-                f"{self.settings.prefix}:handover:{client_id}",
+                f"{self.settings.prefix}:handover:{requester}:{client_id}",
                 encode_snapshot(snapshot, self.me, now),
                 ex=60,
             )
@@ -644,6 +645,15 @@ class Failover:
         """A restart under our id: our stored sessions, and our inbox replayed to them past
         their marks; the inbox reader then goes on after what was replayed."""
         self._restore(claimed)
+        # A CONNECT elsewhere waiting for our sessions' adoption (we died and came back before
+        # anyone adopted them) takes them from us; not over an adoption by another broker, and
+        # not for longer than such a wait lasts (a later death of ours is adopted as usual).
+        await redis.set(
+            f"{self.settings.prefix}:adopted:{self.me}",
+            self.me,
+            nx=True,
+            ex=max(1, int(self.adoption_wait())),
+        )
         if not self.replay_enabled:
             return
         assert self.to_message is not None
