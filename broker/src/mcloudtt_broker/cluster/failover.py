@@ -377,7 +377,8 @@ class Failover:
         adopter = None
         while time.monotonic() < deadline:
             raw = await redis.get(f"{prefix}:adopted:{holder}")
-            if raw is not None:
+            # (The holder naming itself is its restart under its id; unless it died again.)
+            if raw is not None and (raw.decode() != holder or holder in self.peers):
                 adopter = raw.decode()
                 break
             late = await redis.getdel(f"{prefix}:handover:{self.me}:{client_id}")
@@ -645,6 +646,8 @@ class Failover:
         """A restart under our id: our stored sessions, and our inbox replayed to them past
         their marks; the inbox reader then goes on after what was replayed."""
         self._restore(claimed)
+        if not claimed:
+            return
         # A CONNECT elsewhere waiting for our sessions' adoption (we died and came back before
         # anyone adopted them) takes them from us; not over an adoption by another broker, and
         # not for longer than such a wait lasts (a later death of ours is adopted as usual).
