@@ -33,13 +33,15 @@ from mcloudtt_chaos.scenarios import (
 pytest.importorskip("paho.mqtt")
 
 QOS12_INVARIANTS = ("no_lost", "qos2_once", "ordered", "shared_once", "delivered_were_sent")
-NOLOSS_FIX = (
-    "known loss: QoS 1/2 messages routed to a killed broker's inbox never reach the sessions "
-    "taken over from it (issue 11; the fix is on branch `noloss`)"
-)
 BEFORE_READY = (
-    "known loss: a broker without Redis PUBACKs publishes for subscribers on other brokers that "
-    "it cannot route, and they are not delivered once Redis is up"
+    "known loss, some runs (0 in one, 36 of 1,332 in another): a few publishes acknowledged "
+    "before the first table load still miss a subscriber (not yet explained)"
+)
+NOLOSS_FIX = (
+    "known loss, most runs: a subscriber that reconnects while its session is handed over between "
+    "two live brokers (its CONNECT timed out on one, it came back to another) misses the few "
+    "messages routed to the old holder after its snapshot (issue 11: the dead inbox's replay, "
+    "shared groups, the registry and the unrouted buffer are fixed; this race is not)"
 )
 
 
@@ -95,14 +97,26 @@ def test_brokers_before_redis_lose_nothing_acknowledged_once_ready(
     assert report.invariants["no_lost"].checked > 100  # messages were judged at all
 
 
-@pytest.mark.xfail(strict=True, reason=BEFORE_READY)
+def test_brokers_before_redis_route_what_they_acknowledged_before_ready(
+    before_redis: ScenarioResult,
+) -> None:
+    # What a broker without Redis acknowledged for subscribers elsewhere is kept unrouted and
+    # routed with the cluster table once the link is up (issue 11): before, all of it was lost.
+    report = before_redis.report
+    assert report is not None
+    verdict = report.invariants["no_lost_before_ready"]
+    assert verdict.checked > 100
+    assert verdict.failures < verdict.checked / 4, failure_detail(before_redis)
+
+
+@pytest.mark.xfail(strict=False, reason=BEFORE_READY)
 def test_brokers_before_redis_lose_nothing_acknowledged_before_ready(
     before_redis: ScenarioResult,
 ) -> None:
     report = before_redis.report
     assert report is not None
     assert report.invariants["no_lost_before_ready"].failures == 0
-    assert report.passed
+    assert report.passed, failure_detail(before_redis)
 
 
 # ------------------------------------------------------------------ redis-restart (via the CLI)
@@ -181,7 +195,7 @@ def test_broker_kill_reports_what_it_lost(broker_kill: ScenarioResult) -> None:
         assert not data["passed"] and not report.passed
 
 
-@pytest.mark.xfail(strict=True, reason=NOLOSS_FIX)
+@pytest.mark.xfail(strict=False, reason=NOLOSS_FIX)
 def test_broker_kill_loses_nothing_acknowledged(broker_kill: ScenarioResult) -> None:
     report = broker_kill.report
     assert report is not None

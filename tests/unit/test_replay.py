@@ -18,9 +18,13 @@ from mcloudtt_broker.core.message import Message
 class Core:
     def __init__(self) -> None:
         self.replayed: list[tuple[list[str], bytes]] = []
+        self.shared: list[tuple[bytes, list[str], str]] = []
 
     def replay_to(self, client_ids: Iterable[str], message: Message) -> None:
         self.replayed.append((sorted(client_ids), message.payload))
+
+    def replay_shared(self, message: Message, keys: Iterable[str], gone: str) -> None:
+        self.shared.append((message.payload, list(keys), gone))
 
 
 def to_message(fields: EnvelopeFields) -> Message:
@@ -101,15 +105,46 @@ def test_resends_own_records_and_the_takers_inbox_are_not_delivered_twice() -> N
     assert [payload for _, payload in core.replayed] == [b"0", b"2", b"10", b"11"]
 
 
-def test_qos0_and_shared_group_records_are_not_replayed() -> None:
+def test_qos0_is_not_replayed() -> None:
     a = outbox("a")
     a.forward(Message("t", b"q0", 0, False, origin="pub"), ("dead",), {})
-    a.forward(Message("t", b"g", 1, False, origin="pub"), (), {"dead": ["$share/g/t"]})
     core = Core()
     replay = Replay(core, to_message, {"s": Marks()}, ())  # type: ignore[arg-type]
     for entry_id, fields in xadds("dead", a.flush(0)):
         replay.feed(entry_id, fields)
     assert replay.deliver(set()) == 0
+
+
+def test_shared_group_records_go_to_the_group_past_its_members_marks_or_the_progress() -> None:
+    # The dead broker was chosen for two groups: "$share/g/t", whose member there was a claimed
+    # session that had seen a's 1; "$share/h/t", whose member was a clean session (nothing
+    # claimed), its inbox having reported a's 1..2 handled. Plain records are for "s".
+    a = outbox("a")
+    for n in range(4):
+        a.forward(
+            Message("t", str(n).encode(), 1, False, origin="pub"),
+            (),
+            {"dead": ["$share/g/t", "$share/h/t"]},
+        )
+    core = Core()
+    replay = Replay(
+        core,  # type: ignore[arg-type]
+        to_message,
+        {"s": Marks()},
+        (),
+        groups={"$share/g/t": Marks((0, 0), {"a": 1})},
+        handled={"a": 2},
+        gone="dead",
+    )
+    for entry_id, fields in xadds("dead", a.flush(0)):
+        replay.feed(entry_id, fields)
+    assert replay.deliver(set()) == 3
+    assert core.replayed == []  # no plain subscription was routed there
+    assert core.shared == [
+        (b"1", ["$share/g/t"], "dead"),
+        (b"2", ["$share/g/t", "$share/h/t"], "dead"),
+        (b"3", ["$share/g/t", "$share/h/t"], "dead"),
+    ]
 
 
 def test_marks_round_trip_and_bad_marks_mean_from_the_start() -> None:

@@ -3,7 +3,8 @@
 * `{prefix}:client:{id}` names the broker that last took the ClientId. A CONNECT sets it to us
   and reads who had it (`locate_session`): nobody or us, go on; a live peer, ask it on the
   control channel to hand the session over (it closes its connection and leaves the snapshot in
-  `{prefix}:handover:{id}`); a gone peer (or one that does not answer), take the copy it stored.
+  `{prefix}:handover:{requester}:{id}`, so that no other broker waiting for the same ClientId
+  takes it); a gone peer (or one that does not answer), take the copy it stored.
 * Stored sessions: each broker writes its persistent sessions to `{prefix}:sessions:{me}`
   (client id -> snapshot, `session_snapshot.py`) within SESSION_WRITE_DELAY of each change.
 * Adoption: when a broker is gone, one survivor (the lock `{prefix}:adopter:{id}`, taken only
@@ -121,6 +122,11 @@ class Failover:
         self._write_scheduled = False
         self._handovers: dict[str, asyncio.Future[None]] = {}
         self._adopting: set[str] = set()  # client ids being claimed from a gone broker
+        # CONNECTs here still looking for their session: the registry names us already, so a
+        # hand-over asked of us meanwhile waits for it (the client may have given up on us).
+        self._locating: dict[str, asyncio.Event] = {}
+        # ClientIds that connected while Redis was away: the registry learns them on reconnect.
+        self._unregistered: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
 
     def _spawn(self, work: Awaitable[None]) -> None:
@@ -248,6 +254,19 @@ class Failover:
         }
         self._dirty |= stored | set(self.core.persistent_sessions())
         self.write_sessions()
+        # Sessions that connected while Redis was away: name us in the registry, or a CONNECT
+        # elsewhere after our death would find no holder and start afresh.
+        unregistered = [c for c in self._unregistered if self.core.has_session(c)]
+        self._unregistered.clear()
+        if unregistered:
+            pipe = redis.pipeline(transaction=False)
+            for client_id in unregistered:
+                pipe.set(
+                    f"{self.settings.prefix}:client:{client_id}",
+                    self.me,
+                    ex=self.settings.client_ttl,
+                )
+            await pipe.execute()
 
     # ------------------------------------------------------------------ CONNECT elsewhere
 
@@ -257,6 +276,7 @@ class Failover:
         assert loop is not None
         if not self.link.connected:
             # Serving locally while Redis is away (the retry pattern).
+            self._unregistered.add(client_id)
             loop.call_soon(resume, None)
         else:
             self._spawn(self._locate(client_id, clean_start, resume))
@@ -264,6 +284,10 @@ class Failover:
 
     async def _locate(self, client_id: str, clean_start: bool, resume: Resume) -> None:
         snapshot = None
+        located = self._locating.get(client_id)
+        if located is not None:
+            await located.wait()  # an earlier CONNECT of this ClientId goes first
+        located = self._locating[client_id] = asyncio.Event()
         try:
             with redis_errors():
                 snapshot = await asyncio.wait_for(
@@ -275,8 +299,13 @@ class Failover:
             self.stats["handover_failures"] += 1
         finally:
             self._handovers.pop(client_id, None)
-        resume(snapshot)
-        # The session is here now: our inbox delivers to it again (after what it brought).
+        try:
+            resume(snapshot)  # the session is here now, also if its client went away meanwhile
+        finally:
+            if self._locating.get(client_id) is located:
+                del self._locating[client_id]
+            located.set()
+        # Our inbox delivers to it again (after what it brought).
         while client_id in self._paused_for:
             self._unpause(client_id)
 
@@ -336,7 +365,7 @@ class Failover:
             self._unpause(client_id)  # no session coming (yet): do not hold the inbox up
             raise
         self.stats["handovers"] += 1
-        data = await redis.getdel(f"{prefix}:handover:{client_id}")
+        data = await redis.getdel(f"{prefix}:handover:{self.me}:{client_id}")
         if data is None or clean_start:
             return None
         return decode_snapshot(data, self.core.clock)
@@ -352,10 +381,11 @@ class Failover:
         adopter = None
         while time.monotonic() < deadline:
             raw = await redis.get(f"{prefix}:adopted:{holder}")
-            if raw is not None:
+            # (The holder naming itself is its restart under its id; unless it died again.)
+            if raw is not None and (raw.decode() != holder or holder in self.peers):
                 adopter = raw.decode()
                 break
-            late = await redis.getdel(f"{prefix}:handover:{client_id}")
+            late = await redis.getdel(f"{prefix}:handover:{self.me}:{client_id}")
             if late is not None:
                 self.stats["handovers"] += 1
                 return None if clean_start else decode_snapshot(late, self.core.clock)
@@ -418,6 +448,13 @@ class Failover:
         deadline = time.monotonic() + self.settings.handover_timeout / 2
         while client_id in self._adopting and time.monotonic() < deadline:
             await asyncio.sleep(0.005)  # we are taking it from a gone broker right now
+        located = self._locating.get(client_id)
+        if located is not None:
+            # A CONNECT here is still fetching the session (from a dead broker's adopter, say):
+            # hand it over once it arrived, late if need be (the requester looks for a late
+            # hand-over while it waits), never as "no session".
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(located.wait(), self.adoption_wait())
         # Messages for this session that are already in our inbox belong in the snapshot.
         info = await redis.xinfo_stream(self.k_inbox)
         goal = stream_id(info.get("last-generated-id", b"0-0"))
@@ -435,7 +472,7 @@ class Failover:
         pipe = redis.pipeline(transaction=False)
         if snapshot is not None:
             pipe.set(
-                f"{self.settings.prefix}:handover:{client_id}",
+                f"{self.settings.prefix}:handover:{requester}:{client_id}",
                 encode_snapshot(snapshot, self.me, now),
                 ex=60,
             )
@@ -529,13 +566,6 @@ class Failover:
                             # Seen idle after it was stored: nothing in it is unacknowledged.
                             snapshot = dataclasses.replace(snapshot, inflight=(), queue=())
                             marks = fresher
-                    log.info(
-                        client_id,
-                        snapshot_marks(data),
-                        checkpoint,
-                        marks,
-                        len(snapshot.inflight),
-                    )
                     claimed[client_id] = (snapshot, marks)
             finally:
                 self._adopting.difference_update(batch)
@@ -567,7 +597,8 @@ class Failover:
             )
             self.announce_adoption(peer, filters)
             replay = None
-            if self.replay_enabled and claimed:
+            if self.replay_enabled:
+                # Also with no session claimed: shared groups it served go to other members.
                 replay = await self._read_dead_inbox(redis, peer, claimed, origins)
                 ms, seq = self.inbox_position()
                 ours = await redis.xrange(self.k_inbox, min=f"({ms}-{seq}", max="+")
@@ -603,6 +634,9 @@ class Failover:
             origins,
             keys=self.keys,
             inbox=f"{self.settings.prefix}:inbox:{peer}",
+            groups=group_marks(claimed),
+            handled=await self._progress(redis, peer),
+            gone=peer,
         )
         key = f"{self.settings.prefix}:inbox:{peer}"
         start: bytes | str = "-"
@@ -626,7 +660,18 @@ class Failover:
         """A restart under our id: our stored sessions, and our inbox replayed to them past
         their marks; the inbox reader then goes on after what was replayed."""
         self._restore(claimed)
-        if not (self.replay_enabled and claimed):
+        if not claimed:
+            return
+        # A CONNECT elsewhere waiting for our sessions' adoption (we died and came back before
+        # anyone adopted them) takes them from us; not over an adoption by another broker, and
+        # not for longer than such a wait lasts (a later death of ours is adopted as usual).
+        await redis.set(
+            f"{self.settings.prefix}:adopted:{self.me}",
+            self.me,
+            nx=True,
+            ex=max(1, int(self.adoption_wait())),
+        )
+        if not self.replay_enabled:
             return
         assert self.to_message is not None
         replay = Replay(
@@ -636,6 +681,9 @@ class Failover:
             (),
             keys=self.keys,
             inbox=self.k_inbox,
+            groups=group_marks(claimed),
+            handled=await self._progress(redis, self.me),
+            gone=self.me,
         )
         start: bytes | str = "-"
         last = None
@@ -653,3 +701,30 @@ class Failover:
             pipe.xgroup_destroy(self.k_inbox, GROUP)
             pipe.xgroup_create(self.k_inbox, GROUP, id=last[1:], mkstream=True)
             await pipe.execute()
+
+    async def _progress(self, redis: RedisClient, broker: str) -> dict[str, int]:
+        """What `broker`'s inbox last reported handled: origin -> highest sequence."""
+        raw = await redis.hgetall(f"{self.settings.prefix}:progress:{broker}")
+        progress = {}
+        for origin, sequence in raw.items():
+            with contextlib.suppress(ValueError):
+                progress[origin.decode()] = int(sequence)
+        return progress
+
+
+def group_marks(claimed: dict[str, tuple[SessionSnapshot, Marks]]) -> dict[str, Marks]:
+    """Per shared group that claimed sessions are members of, the earliest of their marks:
+    a group's record past them may not have been acknowledged by its member there."""
+    groups: dict[str, Marks] = {}
+    for snapshot, marks in claimed.values():
+        for record in snapshot.subscriptions:
+            if not record.topic_filter.startswith("$share/"):
+                continue
+            known = groups.get(record.topic_filter)
+            if known is None:
+                groups[record.topic_filter] = Marks(marks.position, dict(marks.seen))
+            else:
+                known.position = min(known.position, marks.position)
+                for origin in set(known.seen) | set(marks.seen):
+                    known.seen[origin] = min(known.seen.get(origin, 0), marks.seen.get(origin, 0))
+    return groups

@@ -72,6 +72,7 @@ class Membership:
         failover: Failover,
         on_peer_gone: Callable[[str], None],
         on_adopted: Callable[[str, str], None],
+        on_table: Callable[[str], None] = lambda peer: None,
         on_sync: Callable[[bytes], None],
     ) -> None:
         self.settings = settings
@@ -88,6 +89,7 @@ class Membership:
         self.failover = failover
         self.on_peer_gone = on_peer_gone
         self.on_adopted = on_adopted
+        self.on_table = on_table  # a peer's table was loaded
         self.k_adopter = f"{prefix}:adopter:{self.me}"
         self.on_sync = on_sync
         self.missing_since: dict[str, float] = {}  # peer -> when its presence was first missed
@@ -289,6 +291,7 @@ class Membership:
         elif op == "reset":
             self.live_peers.add(peer)
             await self.load_peer_table(redis, peer)
+            self.on_table(peer)
         elif op == "gone":
             self.peer_gone(peer)
         elif op == "adopted":

@@ -37,7 +37,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from typing import Any
 
@@ -53,12 +53,15 @@ from .membership import Membership
 from .outbox import Outbox
 from .redis_url import link_error_reason, parse_redis_url
 from .resp import open_connection
-from .settings import ClusterSettings, DuplicateBrokerId
+from .settings import BROADCAST, ClusterSettings, DuplicateBrokerId
 
 log = logging.getLogger("mcloudtt.cluster")
 
 # Seconds between reads of the receivers' progress (what unconfirmed QoS 1/2 records to forget).
 CONFIRM_INTERVAL = 0.1
+# How long what was published before the first table load is kept for peers whose tables come
+# after ours (brokers that all started before Redis reconnect within a backoff of each other).
+UNROUTED_GRACE = 5.0
 
 
 class RedisBus:
@@ -83,11 +86,60 @@ class RedisBus:
             settings, peers=self.live_peers, wake=self._wake, stats=self.stats, dropped=self.dropped
         )
         self.forward = self.outbox.forward
+        # QoS 1/2 publishes accepted before the first load of the cluster table had nowhere to
+        # go: kept (within the buffer bound) and routed with the table when it comes.
+        self.unrouted: deque[Message] = deque()
+        self._late: list[tuple[Message, set[str]]] = []  # routed at the first load, to whom
+        self.table_loaded = settings.mode == BROADCAST or bool(settings.tap_stream)
+        if not self.table_loaded:
+            self.forward = self._forward_unrouted
         self.loop: asyncio.AbstractEventLoop | None = None
         self.fatal: asyncio.Future[None] | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._lost_event = asyncio.Event()
         self._closing = False
+
+    def _forward_unrouted(
+        self, message: Message, targets: Sequence[str], groups: Mapping[str, list[str]]
+    ) -> None:
+        """`forward` until the first table load (then the outbox's, directly)."""
+        self.outbox.forward(message, targets, groups)
+        if message.qos and not (targets or groups or message.retain):
+            if len(self.unrouted) >= self.settings.buffer_limit:
+                self.dropped["cluster_buffer"] += 1
+                return
+            self.unrouted.append(message)
+
+    def _route_unrouted(self) -> None:
+        """The table is loaded: route what was kept, in the order it was published. Brokers
+        that started without Redis too may announce their tables a moment later: what was kept
+        also goes to each of them whose table comes within UNROUTED_GRACE (`_late_table`)."""
+        self.forward = self.outbox.forward
+        self.table_loaded = True
+        unrouted, self.unrouted = self.unrouted, deque()
+        kept: list[tuple[Message, set[str]]] = []
+        for message in unrouted:
+            targets, groups = self.core.remote_route(message)
+            if targets or groups:
+                self.outbox.forward(message, targets, groups)
+            kept.append((message, set(targets)))
+        if kept and self.loop is not None:
+            self._late = kept
+            self.loop.call_later(UNROUTED_GRACE, self._forget_late)
+
+    def _late_table(self, peer: str) -> None:
+        """A peer's table was (re)loaded: what we kept from before our first load and did
+        not route to it yet goes to it now, if it subscribed."""
+        for message, routed in self._late:
+            if peer in routed:
+                continue
+            targets, _ = self.core.remote_route(message)
+            if peer in targets:
+                routed.add(peer)
+                self.outbox.forward(message, (peer,), {})
+
+    def _forget_late(self) -> None:
+        self._late = []
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -121,6 +173,7 @@ class RedisBus:
             failover=self.failover,
             on_peer_gone=self._peer_gone,
             on_adopted=self._on_adopted,
+            on_table=self._late_table,
             on_sync=self.inbox.on_sync,
         )
 
@@ -284,6 +337,8 @@ class RedisBus:
         self.outbox.clear_announcements()  # the whole table is announced now
         await membership.register(redis)
         await membership.load_peers(redis)
+        if not self.table_loaded:
+            self._route_unrouted()
         # Resend what receivers have not confirmed (Redis may have lost it), then the buffer,
         # in sequence order: receivers drop a sequence lower than one they already handled.
         resend = self.outbox.resend(await self._progress(redis, self.outbox.destinations()))

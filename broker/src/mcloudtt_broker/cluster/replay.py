@@ -7,7 +7,9 @@ handled when the session was stored, or, fresher, when it was last seen idle (on
 flight or queued: everything before was acknowledged). The broker that takes the sessions feeds
 the dead inbox's entries to a `Replay`: each record past a session's marks goes to that session
 (per origin in sequence order, resends dropped), until every origin's end marker (`m` entries,
-written when an origin stopped routing to the dead broker) has been read.
+written when an origin stopped routing to the dead broker) has been read. A record that chose the
+dead broker for a shared group goes to another member of the group (`replay_shared`), past the
+marks of the group's claimed members, or past the dead inbox's reported progress.
 """
 
 from __future__ import annotations
@@ -69,6 +71,9 @@ class Replay:
         *,
         keys: ClusterKeys | None = None,
         inbox: str = "",
+        groups: Mapping[str, Marks] | None = None,
+        handled: Mapping[str, int] | None = None,
+        gone: str = "",
     ) -> None:
         self.core = core
         self.keys = keys  # with a cluster key: entries of `inbox` without a valid tag are skipped
@@ -77,10 +82,16 @@ class Replay:
         self.sessions = {
             client_id: Marks(m.position, dict(m.seen)) for client_id, m in sessions.items()
         }
+        # Shared groups the dead broker was chosen to serve: each group's record is replayed
+        # past the marks of the claimed sessions that are its members there, or, for a group
+        # with none (clean members), past what the dead broker's inbox reported handled.
+        self.groups = {key: Marks(m.position, dict(m.seen)) for key, m in (groups or {}).items()}
+        self.handled = dict(handled or {})
+        self.gone = gone
         self.pending = set(origins)  # origins whose end marker is still to come
         self.reader = EnvelopeReader()
-        # What to deliver, in stream order: (origin, sequence, message, client ids).
-        self.found: list[tuple[str, int, Message, list[str]]] = []
+        # What to deliver, in stream order: (origin, sequence, message, client ids, groups).
+        self.found: list[tuple[str, int, Message, list[str], list[str]]] = []
         self.bad = 0
 
     @property
@@ -112,9 +123,7 @@ class Replay:
 
     def _feed_batch(self, position: tuple[int, int], batch: bytes) -> None:
         try:
-            for plain, _groups, start, stop in iter_records(batch):
-                if not plain:
-                    continue  # shared-group deliveries are not replayed
+            for plain, groups, start, stop in iter_records(batch):
                 try:
                     envelope = self.reader.read(batch, start, stop)
                 except EnvelopeError:
@@ -124,14 +133,23 @@ class Replay:
                 if not envelope[6]:
                     continue  # QoS 0 is not kept for absent clients anyway
                 takers = []
-                for client_id, marks in self.sessions.items():
-                    if position > marks.position and sequence > marks.seen.get(origin, 0):
-                        marks.seen[origin] = sequence
-                        takers.append(client_id)
-                if takers:
+                if plain:
+                    for client_id, marks in self.sessions.items():
+                        if position > marks.position and sequence > marks.seen.get(origin, 0):
+                            marks.seen[origin] = sequence
+                            takers.append(client_id)
+                shared = []
+                for key in groups:
+                    group = self.groups.get(key)
+                    if group is None:
+                        group = self.groups[key] = Marks((0, 0), dict(self.handled))
+                    if position > group.position and sequence > group.seen.get(origin, 0):
+                        group.seen[origin] = sequence
+                        shared.append(key)
+                if takers or shared:
                     message = self.to_message(envelope)
                     if message is not None:
-                        self.found.append((origin, sequence, message, takers))
+                        self.found.append((origin, sequence, message, takers, shared))
         except InboxError:
             self.bad += 1
 
@@ -139,10 +157,13 @@ class Replay:
         """Hand what was found to the sessions, but for what the taker's own inbox will
         deliver anyway (origin, sequence). Returns how many messages were replayed."""
         count = 0
-        for origin, sequence, message, takers in self.found:
+        for origin, sequence, message, takers, shared in self.found:
             if (origin, sequence) in delivered_elsewhere:
                 continue
-            self.core.replay_to(takers, message)
+            if takers:
+                self.core.replay_to(takers, message)
+            if shared:
+                self.core.replay_shared(message, shared, self.gone)
             count += 1
         self.found.clear()
         return count

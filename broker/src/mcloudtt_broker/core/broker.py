@@ -382,6 +382,12 @@ class Broker:
             self.destroy_session(session)
         return [s.client_id for s in given_up]
 
+    def keep_session(self, snapshot: SessionSnapshot, now: float) -> None:
+        """A session fetched for a CONNECT whose client left before its CONNACK: kept here
+        offline (the next CONNECT of the ClientId, here or elsewhere, takes it)."""
+        if snapshot.client_id not in self.sessions:
+            self.adopt_session(snapshot, now)
+
     def idle_sessions(self) -> list[str]:
         # Online persistent sessions with nothing in flight or queued: everything delivered to
         # them so far is acknowledged (a cluster bus checkpoints them for its inbox replay).
@@ -415,6 +421,52 @@ class Broker:
         chosen = [(session, subs) for session, subs in per_session if session.client_id in wanted]
         if chosen:
             self._deliver_plain(message, chosen)
+
+    def remote_route(self, message: Message) -> tuple[Sequence[str], dict[str, list[str]]]:
+        """Where a publish accepted before the cluster table was known goes now: the remote
+        brokers with a plain subscription, and a member broker for each shared group that had
+        no member here (those here got it when it was published)."""
+        remote_plain, remote_groups = self.remote.match(message.topic)
+        targets = [peer.broker_id for peer, _ in remote_plain]
+        assignments: dict[str, list[str]] = {}
+        for remote_group in remote_groups:
+            key = remote_group.key
+            group_name, inner = split_shared(key)
+            if self.trie.group(inner, group_name or "") is not None:
+                continue
+            brokers = [peer.broker_id for peer in remote_group.members]
+            if brokers:
+                turn = self._group_turns[key]
+                self._group_turns[key] = turn + 1
+                assignments.setdefault(brokers[turn % len(brokers)], []).append(key)
+        return targets, assignments
+
+    def replay_shared(self, message: Message, keys: Iterable[str], gone: str) -> None:
+        """Give `message` to each of these shared groups (`$share/{name}/{filter}`) once more:
+        the broker `gone` was chosen to serve them and died before its member acknowledged.
+        A local member if there is one (an adopted offline one queues it), else a member on
+        another live broker."""
+        assignments: dict[str, list[str]] = {}
+        remote_groups = None
+        for key in keys:
+            group_name, inner = split_shared(key)
+            group = self.trie.group(inner, group_name or "")
+            member = group.pick() if group is not None else None
+            if member is not None:
+                self._deliver_one(message, member)
+                continue
+            if remote_groups is None:
+                _, remote_groups = self.remote.match(message.topic)
+            for remote_group in remote_groups:
+                if remote_group.key != key:
+                    continue
+                brokers = [p.broker_id for p in remote_group.members if p.broker_id != gone]
+                if brokers:
+                    turn = self._group_turns[key]
+                    self._group_turns[key] = turn + 1
+                    assignments.setdefault(brokers[turn % len(brokers)], []).append(key)
+        if assignments:
+            self.bus.forward(message, _NO_TARGETS, assignments)
 
     # ------------------------------------------------------------ retained messages
 

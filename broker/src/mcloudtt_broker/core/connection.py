@@ -471,6 +471,11 @@ class ServerConnection:
     def finish_connect(self, snapshot: SessionSnapshot | None, now: float) -> None:
         """Second half of CONNECT: attach (or restore) the session and send CONNACK."""
         if self.state == CLOSED or self.connect_args is None:
+            if snapshot is not None and self.connect_args is not None:
+                # The client gave up waiting for its CONNACK, but its session came: the
+                # registry names this broker now, so it stays here, offline, not lost.
+                self.connect_args = None
+                self.broker.keep_session(snapshot, now)
             return
         resumed_later = self.state == LOCATING
         packet, assigned, will_message = self.connect_args

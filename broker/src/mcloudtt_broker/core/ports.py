@@ -141,6 +141,15 @@ class ClusterCore(Protocol):
         """Deliver `message` to the plain subscriptions of these local sessions only."""
         ...
 
+    def remote_route(self, message: Message) -> tuple[Sequence[str], dict[str, list[str]]]:
+        """The remote part of routing `message` (plain targets, shared groups per broker)."""
+        ...
+
+    def replay_shared(self, message: Message, keys: Iterable[str], gone: str) -> None:
+        """Deliver `message` once more to each of these shared groups, on a member here or on
+        a live broker other than `gone` (which was chosen for them and died)."""
+        ...
+
 
 class LocalBus:
     """A single node: nothing to forward to."""
