@@ -15,10 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from brokerproc import BrokerProcess
 from mcloudtt_chaos.procs import NotInstalled, Process, console_script, free_port, mosquitto_binary
-
-from tests.brokerproc import BrokerProcess
-from tests.redisproc import RedisProcess
+from redisproc import RedisProcess
 
 ROOT = Path(__file__).resolve().parents[2]
 LOCUSTFILE = ROOT / "loadtest" / "locustfile.py"
