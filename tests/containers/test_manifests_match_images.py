@@ -8,6 +8,7 @@ kubelet would call it."""
 from __future__ import annotations
 
 import json
+import secrets
 from collections.abc import Iterator
 from typing import Any
 
@@ -120,7 +121,13 @@ def test_manifest_describes_the_image(
 
 @pytest.fixture
 def pod(
-    docker: Docker, fleet: Fleet, kind_docs: Docs, component: str, image: str, redis_image: str
+    docker: Docker,
+    fleet: Fleet,
+    kind_docs: Docs,
+    component: str,
+    image: str,
+    redis_image: str,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[tuple[Any, dict[str, Any]]]:
     workload, spec = _workload(kind_docs, component)
     # Redis under its Service name, with the password the Secret holds.
@@ -147,8 +154,17 @@ def pod(
     volumes = {v["name"]: v for v in pod_spec.get("volumes", [])}
     tmpfs = []
     for mount in spec.get("volumeMounts", []):
-        if "persistentVolumeClaim" in volumes[mount["name"]]:
+        volume = volumes[mount["name"]]
+        if "persistentVolumeClaim" in volume:
             extra += ["--volume", mount["mountPath"]]
+        elif "secret" in volume:
+            # A Secret as kind/up.sh makes it (random content, here a fresh key per run),
+            # mounted read-only where the pod mounts it.
+            secret_dir = tmp_path_factory.mktemp(mount["name"])
+            (secret_dir / "key").write_text(secrets.token_hex(32) + "\n")
+            secret_dir.chmod(0o755)
+            (secret_dir / "key").chmod(0o444)
+            extra += ["--volume", f"{secret_dir}:{mount['mountPath']}:ro"]
         else:
             tmpfs.append(mount["mountPath"])
     started = fleet.run(
