@@ -7,12 +7,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from mcloudtt_chaos.procs import raise_nofile_limit
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 from broker.mqttraw import RawClient
 from brokerproc import TARGET, BrokerProcess, broker_pool
 from redisproc import RedisProcess
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # The chaos tests run fault proxies and workload clients in this process (two descriptors
+    # per proxied link); the brokers started by tests inherit the raised limit too.
+    raise_nofile_limit(1 << 20)
 
 
 @pytest.fixture

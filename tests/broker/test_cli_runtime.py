@@ -335,3 +335,37 @@ def test_drain_refuses_newcomers_and_is_bounded_by_drain_timeout(broker_factory,
     assert refused  # stop accepting first
     assert b.proc.wait(8) == 0
     assert time.monotonic() - t0 <= 1 + 2.0  # the drain timeout, plus the exit itself
+
+
+@mcloudtt_only
+def test_the_broker_raises_its_open_files_limit_to_the_hard_limit() -> None:
+    # One descriptor per connection: started with the soft limit a distribution often sets
+    # (here 256), the broker must not refuse the 257th device when the hard limit allows more.
+    import resource
+    import sys
+
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard != resource.RLIM_INFINITY and hard <= 256:
+        pytest.skip(f"the hard open files limit here is {hard}")
+    port = free_port()
+    low_then_exec = (
+        "import os, resource, sys;"
+        "hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1];"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard));"
+        "os.execvp(sys.argv[1], sys.argv[1:])"
+    )
+    command = [
+        sys.executable,
+        "-c",
+        low_then_exec,
+        *broker_command(),
+        "--bind",
+        f"127.0.0.1:{port}",
+    ]
+    with Process(command, name="broker") as proc:
+        proc.wait_port(port, timeout=10)
+        limits = Path(f"/proc/{proc.pid}/limits").read_text()
+    soft = next(line for line in limits.splitlines() if line.startswith("Max open files")).split()[
+        3
+    ]
+    assert soft == ("unlimited" if hard == resource.RLIM_INFINITY else str(hard))

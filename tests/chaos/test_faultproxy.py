@@ -17,7 +17,7 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 from mcloudtt_chaos.faultproxy import CHUNK, FaultProxy, Toxics, send_reset
-from mcloudtt_chaos.procs import Process
+from mcloudtt_chaos.procs import Process, free_port, port_free
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -416,3 +416,14 @@ def test_the_proxy_runs_as_its_own_process(redis_server: RedisProcess) -> None:
             assert json.loads(lines.readline())["blackhole"] is False
         assert client.ping() is True
         client.close()
+
+
+def test_a_proxy_told_to_forward_to_its_own_port_refuses_to_start() -> None:
+    # Each accepted connection would dial the proxy again: descriptors run out in a second.
+    async def main() -> None:
+        port = free_port()
+        with pytest.raises(ValueError, match="forward to itself"):
+            await FaultProxy("127.0.0.1", port, listen_port=port).start()
+        assert port_free(port)  # and it let the port go
+
+    asyncio.run(main())

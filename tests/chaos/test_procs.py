@@ -66,6 +66,17 @@ def test_free_ports_are_bindable_and_a_taken_one_is_not() -> None:
     assert all(port_free(first + i) for i in range(3))
 
 
+def test_free_ports_are_never_the_kernels_picks_nor_given_twice() -> None:
+    # A port from bind(0) is the kernel's next pick again (for a listener on port 0 or an
+    # outgoing connection) once closed; ours come from below that range and are given once.
+    low, high = (int(x) for x in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    ports = [free_port() for _ in range(300)]
+    assert len(set(ports)) == len(ports)
+    assert not [p for p in ports if low <= p <= high]
+    block = free_block(4)
+    assert not set(range(block, block + 4)) & set(ports)
+
+
 def test_a_port_in_time_wait_is_free_as_the_servers_bind() -> None:
     # The servers bind with SO_REUSEADDR: a port whose last connection sits in TIME_WAIT (the
     # server closed first) takes a new listener, so the check must say free.

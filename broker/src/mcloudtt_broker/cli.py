@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
+import resource
 import sys
 from typing import NoReturn
 
@@ -32,6 +34,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def raise_open_files_limit() -> None:
+    """Soft RLIMIT_NOFILE up to the hard limit: one descriptor per connection, and a soft limit
+    of 1,024 (many distributions' default) would refuse the 1,025th device although the
+    operator granted more (as Go's runtime and EMQX do at start)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    logging.getLogger("mcloudtt.broker").info(
+        "open files limit %s", resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     if argv is None:
         argv = sys.argv[1:]
@@ -55,6 +70,7 @@ def main(argv: list[str] | None = None) -> None:
         level=values["log-level"],
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    raise_open_files_limit()
     broker_id = values["id"]
     clustered = values["redis"] is not None
     settings = BROKER.settings(

@@ -27,6 +27,7 @@ from rich.table import Table
 from mcloudtt_chaos import report
 from mcloudtt_chaos.backends import NAMES, BackendUnavailable, load
 from mcloudtt_chaos.history import read_history
+from mcloudtt_chaos.procs import raise_nofile_limit
 from mcloudtt_chaos.scenarios import (
     SCENARIOS,
     RunOptions,
@@ -85,6 +86,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "list":
         show_list(console)
         return 0
+    # The fault proxies and the workload's clients run in this process: two descriptors per
+    # proxied link, one per client (a reconnect storm holds thousands).
+    raise_nofile_limit(1 << 20)
     try:
         scenarios = resolve(list(args.scenarios))
     except KeyError as error:

@@ -253,6 +253,13 @@ class FaultProxy:
             self._accept, self.listen_host, self.port, limit=CHUNK, reuse_address=True
         )
         self.port = int(self._server.sockets[0].getsockname()[1])
+        if (self.listen_host, self.port) == (self.upstream_host, self.upstream_port):
+            # Each accepted connection would open another to itself, until no descriptor is left.
+            self._server.close()
+            self._server = None
+            raise ValueError(
+                f"fault proxy on {self.listen_host}:{self.port} would forward to itself"
+            )
 
     async def down(self) -> None:
         """Stop listening (new connections are refused) and drop every open connection."""

@@ -21,7 +21,9 @@ import contextlib
 import ctypes
 import functools
 import os
+import random
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -70,20 +72,77 @@ def port_free(port: int, host: str = HOST) -> bool:
         return True
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    """The kernel's range for bind(0) and for the source ports of outgoing connections."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32_768, 60_999  # Linux's default
+
+
+# Ports handed out by this process: a port is given once, so two servers never get the same one
+# even when the first has not bound it yet.
+_HANDED_OUT: set[int] = set()
+_RANDOM = random.SystemRandom()
+
+
+def _candidate_ports() -> range:
+    """Where our picks come from: below the kernel's ephemeral range. A port the kernel picked
+    (bind(0)) is given again to the next bind(0) and to outgoing connections as soon as it is
+    closed: a broker told to listen there later can find it taken, and a proxy listening on
+    port 0 can be handed the very port it forwards to and connect to itself (seen in CI: the
+    chaos proxy looped until the process ran out of descriptors)."""
+    low, high = _ephemeral_range()
+    if low > 12_000:
+        return range(10_000, low)
+    return range(high + 1, 65_000)
+
+
 def free_port(host: str = HOST) -> int:
-    """A port nothing listens on right now (the kernel's pick)."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    """A port nothing listens on now, outside the kernel's ephemeral range, never handed out
+    before by this process."""
+    candidates = _candidate_ports()
+    for _ in range(1_000):
+        port = _RANDOM.choice(candidates)
+        if port not in _HANDED_OUT and port_free(port, host):
+            _HANDED_OUT.add(port)
+            return port
+    raise RuntimeError(f"no free port in {candidates.start}-{candidates.stop - 1} on {host}")
 
 
 def free_block(count: int, host: str = HOST) -> int:
-    """The first of `count` consecutive ports that are free right now."""
-    for _ in range(200):
-        first = free_port(host)
-        if first + count < 65_000 and all(port_free(first + i, host) for i in range(count)):
+    """The first of `count` consecutive ports that are free now (handed out as with free_port)."""
+    candidates = _candidate_ports()
+    for _ in range(1_000):
+        first = _RANDOM.randrange(candidates.start, candidates.stop - count)
+        block = range(first, first + count)
+        if not _HANDED_OUT.intersection(block) and all(port_free(p, host) for p in block):
+            _HANDED_OUT.update(block)
             return first
-    raise RuntimeError(f"no block of {count} free ports")
+    raise RuntimeError(f"no block of {count} free ports on {host}")
+
+
+def raise_nofile_limit(wanted: int) -> int:
+    """Raise the soft RLIMIT_NOFILE towards `wanted` (children inherit it); the new soft limit.
+
+    The harnesses hold one descriptor per client and two per proxied link; a soft limit of 1,024
+    (a common default) would starve them long before the hard limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < wanted:
+        try:  # only root may raise the hard limit
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, wanted))
+            return wanted
+        except (ValueError, OSError):
+            pass
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if target > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):
+            return soft
+        return target
+    return soft
 
 
 # --------------------------------------------------------------------------------- binaries

@@ -6,10 +6,13 @@ A broker may run helper processes, so figures cover the process and all its desc
 from __future__ import annotations
 
 import os
-import resource
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from mcloudtt_chaos.procs import raise_nofile_limit
+
+__all__ = ["raise_nofile_limit"]
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -127,22 +130,3 @@ class UsageMeter:
             other_cpu=max(0.0, busy - self._m0[0] - broker - generator),
             steal=steal - self._m0[1],
         )
-
-
-def raise_nofile_limit(wanted: int) -> int:
-    """Raise the soft RLIMIT_NOFILE towards `wanted` (children inherit it); the new soft limit."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard != resource.RLIM_INFINITY and hard < wanted:
-        try:  # only root may raise the hard limit
-            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, wanted))
-            return wanted
-        except (ValueError, OSError):
-            pass
-    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
-    if target > soft:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-        except (ValueError, OSError):
-            return soft
-        return target
-    return soft
