@@ -121,7 +121,12 @@ class Failover:
         self._dirty: set[str] = set()  # client ids whose stored session is stale
         self._write_scheduled = False
         self._handovers: dict[str, asyncio.Future[None]] = {}
-        self._adopting: set[str] = set()  # client ids being claimed from a gone broker
+        # Client ids claimed from a gone broker (or our own previous run) and not restored in
+        # the core yet: the registry names us already, so a CONNECT here waits for them.
+        self._adopting: set[str] = set()
+        # A restart under our id took stored sessions back: `adopted:{me}` is set once we
+        # listen on the control channel (a CONNECT elsewhere then asks us for them).
+        self._own_readopted = False
         # CONNECTs here still looking for their session: the registry names us already, so a
         # hand-over asked of us meanwhile waits for it (the client may have given up on us).
         self._locating: dict[str, asyncio.Event] = {}
@@ -325,6 +330,11 @@ class Failover:
         )
         holder = previous.decode() if previous is not None else None
         if holder is None or holder == self.me:
+            # Claimed by an adoption here that has not restored it yet: wait for it, or this
+            # CONNECT starts a fresh session that the adopted one then replaces under it.
+            deadline = time.monotonic() + self.adoption_wait()
+            while client_id in self._adopting and time.monotonic() < deadline:
+                await asyncio.sleep(0.005)
             return None
         if holder not in self.peers:
             return await self._after_adoption(redis, holder, client_id, clean_start)
@@ -513,18 +523,23 @@ class Failover:
                     )
                     if not locked:
                         return  # another survivor adopts it, or it is back
-                claimed = await self._claim(redis, peer)
-                if peer == self.me:
-                    await self._readopt_own(redis, claimed)
-                else:
-                    await self._adopt_gone(redis, peer, claimed)
+                claiming: set[str] = set()
+                try:
+                    claimed = await self._claim(redis, peer, claiming)
+                    if peer == self.me:
+                        await self._readopt_own(redis, claimed)
+                    else:
+                        await self._adopt_gone(redis, peer, claimed)
+                finally:
+                    self._adopting.difference_update(claiming)
         except LinkError as error:
             log.warning("sessions of %s not taken over yet: %s", peer, error)
 
     async def _claim(
-        self, redis: RedisClient, peer: str
+        self, redis: RedisClient, peer: str, claiming: set[str]
     ) -> dict[str, tuple[SessionSnapshot, Marks]]:
-        """Claim what `peer` stored, each session with its marks (the freshest we have)."""
+        """Claim what `peer` stored, each session with its marks (the freshest we have). The
+        ids go into `claiming` and `_adopting` (the caller removes them once restored)."""
         core = self.core
         prefix = self.settings.prefix
         stored_key = f"{prefix}:sessions:{peer}"
@@ -535,45 +550,45 @@ class Failover:
             # One round trip claims a batch (each claim is atomic on its own).
             batch = waiting[first : first + ADOPT_BATCH]
             self._adopting.update(batch)
-            try:
-                pipe = redis.pipeline(transaction=False)
-                for client_id in batch:
-                    pipe.eval(
-                        _ADOPT_SCRIPT,
-                        2,
-                        f"{prefix}:client:{client_id}",
-                        stored_key,
-                        peer,
-                        self.me,
-                        client_id,
-                        self.settings.client_ttl,
-                    )
-                pipe.hmget(f"{prefix}:marks:{peer}", batch)
-                *results, checkpoints = await pipe.execute()
-                for client_id, data, checkpoint in zip(batch, results, checkpoints, strict=True):
-                    if data is None or core.has_session(client_id):
-                        continue
-                    try:
-                        snapshot = decode_snapshot(data, core.clock)
-                    except SnapshotError as error:
-                        log.warning("stored session %r of %s dropped: %s", client_id, peer, error)
-                        self.stats["bad_sessions"] += 1
-                        continue
-                    marks = Marks.decode(snapshot_marks(data))
-                    if checkpoint is not None:
-                        fresher = Marks.decode(json.loads(checkpoint))
-                        if fresher.position > marks.position:
-                            # Seen idle after it was stored: nothing in it is unacknowledged.
-                            snapshot = dataclasses.replace(snapshot, inflight=(), queue=())
-                            marks = fresher
-                    claimed[client_id] = (snapshot, marks)
-            finally:
-                self._adopting.difference_update(batch)
+            claiming.update(batch)
+            pipe = redis.pipeline(transaction=False)
+            for client_id in batch:
+                pipe.eval(
+                    _ADOPT_SCRIPT,
+                    2,
+                    f"{prefix}:client:{client_id}",
+                    stored_key,
+                    peer,
+                    self.me,
+                    client_id,
+                    self.settings.client_ttl,
+                )
+            pipe.hmget(f"{prefix}:marks:{peer}", batch)
+            *results, checkpoints = await pipe.execute()
+            for client_id, data, checkpoint in zip(batch, results, checkpoints, strict=True):
+                if data is None or core.has_session(client_id):
+                    continue
+                try:
+                    snapshot = decode_snapshot(data, core.clock)
+                except SnapshotError as error:
+                    log.warning("stored session %r of %s dropped: %s", client_id, peer, error)
+                    self.stats["bad_sessions"] += 1
+                    continue
+                marks = Marks.decode(snapshot_marks(data))
+                if checkpoint is not None:
+                    fresher = Marks.decode(json.loads(checkpoint))
+                    if fresher.position > marks.position:
+                        # Seen idle after it was stored: nothing in it is unacknowledged.
+                        snapshot = dataclasses.replace(snapshot, inflight=(), queue=())
+                        marks = fresher
+                claimed[client_id] = (snapshot, marks)
         return claimed
 
     def _restore(self, claimed: dict[str, tuple[SessionSnapshot, Marks]]) -> None:
         core = self.core
         for snapshot, _ in claimed.values():
+            if core.has_session(snapshot.client_id):
+                continue  # a CONNECT here that could not wait made it afresh: it stays
             core.adopt_session(snapshot, core.clock())
             self.stats["sessions_adopted"] += 1
 
@@ -662,15 +677,10 @@ class Failover:
         self._restore(claimed)
         if not claimed:
             return
-        # A CONNECT elsewhere waiting for our sessions' adoption (we died and came back before
-        # anyone adopted them) takes them from us; not over an adoption by another broker, and
-        # not for longer than such a wait lasts (a later death of ours is adopted as usual).
-        await redis.set(
-            f"{self.settings.prefix}:adopted:{self.me}",
-            self.me,
-            nx=True,
-            ex=max(1, int(self.adoption_wait())),
-        )
+        # Announced in `listening`, once a hand-over asked of us reaches us (not before: a
+        # CONNECT elsewhere would ask, get no answer and take the stored copy of a session we
+        # hold, which then lives on two brokers).
+        self._own_readopted = True
         if not self.replay_enabled:
             return
         assert self.to_message is not None
@@ -701,6 +711,21 @@ class Failover:
             pipe.xgroup_destroy(self.k_inbox, GROUP)
             pipe.xgroup_create(self.k_inbox, GROUP, id=last[1:], mkstream=True)
             await pipe.execute()
+
+    async def listening(self, redis: RedisClient) -> None:
+        """We listen on the control channel. After a restart under our id that took stored
+        sessions back: a CONNECT elsewhere waiting for their adoption (we died and came back
+        before anyone adopted them) takes them from us; not over an adoption by another broker,
+        and not for longer than such a wait lasts (a later death of ours is adopted as usual)."""
+        if not self._own_readopted:
+            return
+        await redis.set(
+            f"{self.settings.prefix}:adopted:{self.me}",
+            self.me,
+            nx=True,
+            ex=max(1, int(self.adoption_wait())),
+        )
+        self._own_readopted = False
 
     async def _progress(self, redis: RedisClient, broker: str) -> dict[str, int]:
         """What `broker`'s inbox last reported handled: origin -> highest sequence."""

@@ -253,6 +253,7 @@ class Membership:
             # Anything announced before we listened is covered by the table load on connect;
             # reload once more now that we listen, so nothing falls between the two.
             await self.load_peers(redis)
+            await self.failover.listening(redis)
             sync = self.settings.sync_channel.encode()
             while True:
                 message = await pubsub.get_message(timeout=1.0)
