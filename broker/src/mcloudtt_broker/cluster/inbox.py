@@ -191,7 +191,13 @@ class Inbox:
                     message = self.to_message(envelope)
                 if message is not None:
                     received += 1
-                    deliver(message, plain, groups)
+                    orphaned = deliver(message, plain, groups)
+                    if orphaned:
+                        # Groups whose members left here since the origin chose us (handed
+                        # over, say): to a member broker in our table, the origin included.
+                        # (No ping-pong: our table no longer lists ourselves, and the other
+                        # broker's lists us only until our `del` reaches it.)
+                        self.core.replay_shared(message, orphaned, "")
         except InboxError:
             self.stats["bad_batches"] += 1
         self.stats["received"] += received

@@ -90,7 +90,11 @@ class ClusterCore(Protocol):
         ...
 
     # Messages from other brokers.
-    def deliver_remote(self, message: Message, plain: bool, groups: Sequence[str]) -> None: ...
+    def deliver_remote(self, message: Message, plain: bool, groups: Sequence[str]) -> Sequence[str]:
+        """Deliver here; returns the shared groups of `groups` with no member here any more
+        (their last one just left, or was handed to another broker): the caller passes them
+        on (`replay_shared`), or the message would reach no member."""
+        ...
 
     def retained_messages(self) -> list[Message]:
         """The retained messages (without `$` topics, which include this broker's `$SYS`)."""
