@@ -1,0 +1,88 @@
+"""Issue 11, found by the chaos harness (rolling-restart, broker-restart-same-id): brokers
+SIGTERMed or restarted under their id while their clients move to other brokers.
+
+Real brokers on a real redis-server, real paho clients.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+
+from broker.clients import PahoClient
+
+from .conftest import wait_filters
+
+TOPIC = "roll/t"
+
+
+def test_a_stopped_broker_publishes_the_wills_of_the_clients_it_closes(cluster_factory, clients):
+    """SIGTERM closes every connection without a DISCONNECT from the client: their wills are
+    due (MQTT-3.1.2-8) and reach watchers on the other brokers before this one leaves."""
+    a, b = cluster_factory(2)
+    watcher = clients(a.port, "will-watcher")
+    watcher.subscribe("wills/#", 1)
+    wait_filters([b], 1)
+    clients(b.port, "will-311", version=4, will=("wills/will-311", b"gone-4", 1, False))
+    clients(b.port, "will-5", will=("wills/will-5", b"gone-5", 1, False))
+    b.signal(signal.SIGTERM)
+    got = {m.topic: m.payload for m in watcher.get_n(2, timeout=10)}
+    assert got == {"wills/will-311": b"gone-4", "wills/will-5": b"gone-5"}
+
+
+def test_clients_of_a_stopped_broker_find_their_sessions_on_the_adopter(
+    redis_server, cluster_factory
+):
+    """B is SIGTERMed; a survivor adopts B's stored sessions as soon as B leaves, and
+    announces it (`adopted`) before it has read B's inbox to every origin's end marker and
+    restored them. Clients that come back to the adopter in that window: each CONNECT waits
+    until its claimed session is restored, instead of starting a fresh session that the
+    adopted copy then replaces under it (found by rolling-restart)."""
+    import redis
+
+    brokers = cluster_factory(3, "--drain-timeout", "1")
+    # cluster_factory names them b1, b2, b3
+    b = brokers[1]
+    b_id = "b2"
+    ids = [f"roll-{i}" for i in range(6)]
+    subs = [PahoClient(b.port, cid, clean=False, session_expiry=600) for cid in ids]
+    for sub in subs:
+        sub.subscribe(TOPIC, 1)
+    wait_filters([brokers[0], brokers[2]], 1)
+    time.sleep(0.3)  # the sessions stored
+    control = redis.Redis.from_url(redis_server.url).pubsub(ignore_subscribe_messages=True)
+    control.subscribe("mcloudtt:control")
+    # C answers late (frozen for a moment, well within its presence TTL): A's replay waits
+    # for C's end marker in B's inbox, which holds the window open.
+    a, c = brokers[0], brokers[2]
+    c.signal(signal.SIGSTOP)
+    try:
+        b.signal(signal.SIGTERM)
+        adopted = False
+        deadline = time.monotonic() + 10
+        while not adopted and time.monotonic() < deadline:
+            message = control.get_message(timeout=1.0)
+            if message is not None:
+                op, who, argument = message["data"].split(b"\x00", 2)
+                adopted = op == b"adopted" and argument.startswith(f"{b_id}\x00".encode())
+        assert adopted and who == b"b1", "no adoption by A announced"
+        for sub in subs:
+            sub.kill()
+        back = [PahoClient(a.port, cid, clean=False, session_expiry=600) for cid in ids]
+    finally:
+        c.signal(signal.SIGCONT)
+    adopter = a
+    try:
+        fresh = [cid for cid, client in zip(ids, back, strict=True) if not client.session_present]
+        assert not fresh, f"sessions not found on the adopter: {fresh}"
+        # The sessions route to the adopter: a publish elsewhere reaches each of them once.
+        other = next(x for x in brokers if x is not b and x is not adopter)
+        pub = PahoClient(other.port, "roll-pub")
+        pub.publish(TOPIC, b"after", 1)
+        for client in back:
+            assert client.get(timeout=10).payload == b"after"
+        pub.stop()
+    finally:
+        control.close()
+        for client in back:
+            client.stop()
