@@ -11,7 +11,7 @@ import time
 
 from broker.clients import PahoClient
 
-from .conftest import wait_filters
+from .conftest import wait_filters, wait_until
 
 TOPIC = "roll/t"
 
@@ -86,3 +86,35 @@ def test_clients_of_a_stopped_broker_find_their_sessions_on_the_adopter(
         control.close()
         for client in back:
             client.stop()
+
+
+def test_wills_of_a_killed_broker_are_published_by_its_adopter_or_its_restart(
+    cluster_factory, clients
+):
+    """SIGKILL takes a broker's in-memory wills with it. Each broker stores the wills due for
+    its connections (`{prefix}:wills:{id}`); whoever takes its sessions publishes them once:
+    the survivor that adopts them, or the broker itself restarted under its id."""
+    a, b = cluster_factory(2)
+    watcher = clients(a.port, "kill-watcher")
+    watcher.subscribe("wills/#", 1)
+    wait_filters([b], 1)
+    # A normal DISCONNECT deletes a will (MQTT-3.1.2-10): that one is not stored any more.
+    clients(b.port, "polite", will=("wills/polite", b"never", 1, False)).disconnect()
+    clients(b.port, "restart-will", version=4, will=("wills/restart-will", b"r", 1, False))
+    time.sleep(0.5)  # stored
+    b.signal(signal.SIGKILL)
+    b.proc.wait()  # type: ignore[union-attr]
+    b.start()  # the same id, at once: before anyone adopted it
+    message = watcher.get(timeout=15)
+    assert (message.topic, message.payload) == ("wills/restart-will", b"r")
+    wait_until(lambda: b.http_get("/readyz")[0] == 200, 10.0, "b back")
+    clients(b.port, "adopted-will", will=("wills/adopted-will", b"a", 1, False))
+    time.sleep(0.5)
+    b.signal(signal.SIGKILL)  # for good: A adopts once the presence expired
+    message = watcher.get(timeout=15)
+    assert (message.topic, message.payload) == ("wills/adopted-will", b"a")
+    try:
+        extra = watcher.get(timeout=1).topic
+    except AssertionError:  # nothing more came: right
+        extra = None
+    assert extra is None, f"a will published twice or after DISCONNECT: {extra}"

@@ -39,7 +39,14 @@ from .keys import cluster_keys
 from .link import GROUP, Link, LinkError, RedisClient, redis_errors, stream_id
 from .replay import Marks, Replay, origins_and_sequences
 from .resp import Commands
-from .session_snapshot import SnapshotError, decode_snapshot, encode_snapshot, snapshot_marks
+from .session_snapshot import (
+    SnapshotError,
+    decode_snapshot,
+    decode_will,
+    encode_snapshot,
+    encode_will,
+    snapshot_marks,
+)
 from .settings import ClusterSettings
 
 log = logging.getLogger("mcloudtt.cluster")
@@ -111,6 +118,10 @@ class Failover:
         self.finish_adoption = finish_adoption  # stop routing to dead: our records for it
         self.replay_enabled = replay  # False only to show what is lost without it (tests)
         self.k_marks = f"{prefix}:marks:{self.me}"
+        # The wills due if we died now (client id -> will), published by whoever takes our
+        # sessions (an adopter, or our own restart under this id).
+        self.k_wills = f"{prefix}:wills:{self.me}"
+        self._wills_stored: dict[str, Message] = {}
         self._checkpointed: dict[str, tuple[int, int]] = {}
         self._checkpoint_position: tuple[int, int] = (0, 0)
         self._completed: set[str] = set()
@@ -175,8 +186,34 @@ class Failover:
             else:
                 commands.hdel(self.k_sessions, client_id)
                 commands.hdel(self.k_marks, client_id)
+            will = core.will_of(client_id)
+            if will is not None:
+                if self._wills_stored.get(client_id) is not will:
+                    self._wills_stored[client_id] = will
+                    commands.hset(self.k_wills, client_id, encode_will(will, self.me, now).encode())
+            elif self._wills_stored.pop(client_id, None) is not None:
+                commands.hdel(self.k_wills, client_id)
         self._dirty.clear()
         return commands
+
+    async def publish_wills(self, redis: RedisClient, broker: str) -> None:
+        """`broker` died (or this is its restart under its id): publish the wills it stored
+        for the connections it had, once (whoever takes the hash takes them all). Those
+        connections ended without a DISCONNECT: their wills are due (MQTT-3.1.2-8)."""
+        key = f"{self.settings.prefix}:wills:{broker}"
+        pipe = redis.pipeline(transaction=True)
+        pipe.hgetall(key)
+        pipe.delete(key)
+        stored, _ = await pipe.execute()
+        now = self.core.clock()
+        for client_id, data in stored.items():
+            try:
+                will = decode_will(data, now)
+            except SnapshotError as error:
+                log.warning("stored will of %r on %s dropped: %s", client_id, broker, error)
+                continue
+            self.core.publish(will)
+            self.stats["wills_published"] += 1
 
     def marks(self) -> dict[str, object]:
         return Marks(self.inbox_position(), dict(self.inbox_handled())).encode()
@@ -257,7 +294,8 @@ class Failover:
             raw.decode() if isinstance(raw, bytes) else raw
             for raw in await redis.hkeys(self.k_sessions)
         }
-        self._dirty |= stored | set(self.core.persistent_sessions())
+        self._dirty |= stored | set(self.core.persistent_sessions()) | set(self._wills_stored)
+        self._wills_stored.clear()  # stored again (the hash may be gone)
         self.write_sessions()
         # Sessions that connected while Redis was away: name us in the registry, or a CONNECT
         # elsewhere after our death would find no holder and start afresh.
@@ -631,6 +669,7 @@ class Failover:
         pipe.set(f"{prefix}:adopted:{peer}", self.me, ex=ADOPTER_LOCK_TTL)
         pipe.delete(f"{prefix}:marks:{peer}")
         await pipe.execute()
+        await self.publish_wills(redis, peer)
         log.info("adopted %d sessions of %s", len(claimed), peer)
 
     async def _read_dead_inbox(
@@ -673,8 +712,10 @@ class Failover:
         self, redis: RedisClient, claimed: dict[str, tuple[SessionSnapshot, Marks]]
     ) -> None:
         """A restart under our id: our stored sessions, and our inbox replayed to them past
-        their marks; the inbox reader then goes on after what was replayed."""
+        their marks; the inbox reader then goes on after what was replayed. The wills of
+        the connections our previous run had are due."""
         self._restore(claimed)
+        await self.publish_wills(redis, self.me)
         if not claimed:
             return
         # Announced in `listening`, once a hand-over asked of us reaches us (not before: a

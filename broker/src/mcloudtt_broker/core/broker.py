@@ -360,6 +360,16 @@ class Broker:
             return None
         return snapshot_of(session)
 
+    def will_of(self, client_id: str) -> Message | None:
+        """The will due if the connection of `client_id` here ended now without DISCONNECT
+        (a cluster bus stores it, so that it is published if this broker dies). A will with
+        a delay is not: it waits here, and is lost with this broker."""
+        session = self.sessions.get(client_id)
+        conn = session.connection if session is not None else None
+        if conn is None or not conn.will_on_close or conn.will_delay:
+            return None
+        return conn.will
+
     def adopt_session(self, snapshot: SessionSnapshot, now: float) -> None:
         session = self.restore_session(snapshot, now)
         session.ended_at = now

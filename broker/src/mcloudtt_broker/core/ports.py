@@ -120,6 +120,14 @@ class ClusterCore(Protocol):
         """Another broker took `client_id`: close the connection here, give up the session."""
         ...
 
+    def will_of(self, client_id: str) -> Message | None:
+        """The will to publish if this broker died now with `client_id` connected."""
+        ...
+
+    def publish(self, message: Message) -> None:
+        """Route a message as if a client here published it (a dead broker's stored wills)."""
+        ...
+
     def adopt_session(self, snapshot: SessionSnapshot, now: float) -> None:
         """Take a session a gone broker served, as an offline session expiring from `now`."""
         ...
