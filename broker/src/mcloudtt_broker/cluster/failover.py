@@ -15,6 +15,12 @@
   session's marks until every origin's marker is read (`replay.py`), then resumes its inbox and
   sets `{prefix}:adopted:{id}`. A CONNECT whose holder does not answer waits for that adoption
   and then takes the session from the adopter: nothing routed to the dead broker is lost.
+* Wills: each broker also stores the wills due for its connections in `{prefix}:wills:{me}`
+  (with the sessions, only when one changes); whoever takes a dead broker's sessions (its
+  adopter, or its own restart under its id) publishes them once (MQTT-3.1.2-8: those
+  connections ended without DISCONNECT). A restart names itself in `adopted:{me}` only once
+  it listens on the control channel, and a CONNECT on an adopter waits until the session it
+  claimed is restored.
 * Marks: each stored session carries where it stood in its broker's inbox; online sessions
   seen idle are checkpointed in `{prefix}:marks:{me}` every SESSION_WRITE_DELAY, so that a
   replay does not repeat what their clients already acknowledged.

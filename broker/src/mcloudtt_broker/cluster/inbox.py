@@ -5,6 +5,8 @@ the last batch, reports progress (`{prefix}:progress:{me}`: origin -> highest se
 what the origins' outboxes confirm against) and asks for the next. Each origin's sequences are
 handled in order; one not above the last handled from that origin is a duplicate (a resend) and
 dropped. Broadcast mode's QoS 0 publishes come from the Pub/Sub channel instead (`on_sync`).
+A record for a shared group whose member left this broker since its origin chose it (handed
+over, adopted, unsubscribed) goes on to a member broker in our table, not to nobody.
 
 Handled entries are trimmed only REPLAY_WINDOW_MS behind the last one, so that if this broker
 dies, the broker that takes its sessions can replay what its clients had not acknowledged yet
