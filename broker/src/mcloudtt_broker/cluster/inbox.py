@@ -83,6 +83,15 @@ class Inbox:
             if "BUSYGROUP" not in str(error):
                 raise
 
+    async def skip_backlog(self, redis: RedisClient) -> None:
+        """Read only what comes from now on: what the stream holds (pending entries of our
+        previous run included) was replayed by the broker that adopted its sessions, and
+        delivering it here again would repeat it (a shared group's records, passed on)."""
+        pipe = redis.pipeline(transaction=True)
+        pipe.xgroup_destroy(self.k_inbox, GROUP)
+        pipe.xgroup_create(self.k_inbox, GROUP, id="$", mkstream=True)
+        await pipe.execute()
+
     async def load_retained(self, redis: RedisClient) -> None:
         """The cluster's retained messages, `{prefix}:retained` (topic -> envelope), into the
         core: at start and after each reconnect."""
