@@ -118,3 +118,41 @@ def test_wills_of_a_killed_broker_are_published_by_its_adopter_or_its_restart(
     except AssertionError:  # nothing more came: right
         extra = None
     assert extra is None, f"a will published twice or after DISCONNECT: {extra}"
+
+
+def test_a_restart_after_its_sessions_were_adopted_does_not_deliver_its_backlog_again(
+    cluster_factory, clients
+):
+    """B is SIGKILLed with a shared group's member and records in flight; A adopts B's
+    sessions and replays B's inbox (the group's records to a member). B then starts again
+    under its id: the backlog of its inbox is the adopter's now, and is not delivered (passed
+    on to a member) a second time. QoS 2: each group message reaches one member once."""
+    a, b = cluster_factory(2, "--max-queued-messages", "10000")
+    group = "$share/g/grp/#"
+    here = clients(a.port, "member-a", clean=False, session_expiry=600)
+    here.subscribe(group, 2)
+    there = clients(b.port, "member-b", clean=False, session_expiry=600)
+    there.subscribe(group, 2)
+    wait_filters([a, b], 1)
+    there.kill()  # offline: its share queues at B
+    pub = clients(a.port, "grp-pub")
+    for seq in range(400):
+        pub.publish("grp/t", str(seq).encode(), 2, wait=seq % 50 == 49)
+    b.signal(signal.SIGKILL)
+    b.proc.wait()  # type: ignore[union-attr]
+    wait_until(lambda: a.metric("mcloudtt_cluster_sessions_adopted_total") >= 1, 15.0, "B adopted")
+    b.start()
+    wait_until(lambda: b.http_get("/readyz")[0] == 200, 10.0, "B back")
+    time.sleep(1.0)  # B's inbox read, whatever it holds
+    back = clients(a.port, "member-b", clean=False, session_expiry=600)
+    assert back.session_present
+    seqs: list[int] = []
+    for member in (here, back):
+        while True:
+            try:
+                seqs.append(int(member.get(timeout=2).payload))
+            except AssertionError:
+                break
+    twice = sorted(seq for seq in set(seqs) if seqs.count(seq) > 1)
+    assert not twice, f"delivered twice: {twice[:20]}"
+    assert set(seqs) == set(range(400)), sorted(set(range(400)) - set(seqs))[:20]
