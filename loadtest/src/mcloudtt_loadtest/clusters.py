@@ -35,6 +35,8 @@ from .cluster_bench import cluster, fanin
 AEDES_PACKAGES = {"aedes": "1.2.0", "mqemitter-redis": "7.2.1", "aedes-persistence-redis": "11.2.2"}
 NODE_SCRIPT = Path(__file__).resolve().parents[2] / "aedes" / "node.mjs"
 SYSTEMS = ("mcloudtt", "aedes")
+# The target: cross-broker QoS 1 fan-in at least 3x Aedes's, at 2 and 3 nodes.
+QOS1_TARGET = 3.0
 
 
 def aedes_cache_dir() -> Path:
@@ -203,10 +205,27 @@ def run_clusters(
                 for q in (0, 1)
                 if a[f"qos{q}_msg_per_s"] > 0
             }
+    targets = [
+        {
+            "metric": f"cross-broker QoS 1 MCloudTT/Aedes at {size} nodes",
+            "target": f">= {QOS1_TARGET:g}x",
+            "value": ratios.get(str(size), {}).get("qos1"),
+            "pass": (
+                None
+                if ratios.get(str(size), {}).get("qos1") is None
+                else ratios[str(size)]["qos1"] >= QOS1_TARGET
+            ),
+        }
+        for size in sizes
+        if size >= 2
+    ]
     return {
         "sizes": list(sizes),
         "runs": runs,
         "layout": "publishers on the first node, the subscriber on the last",
+        # Node numbers (1-based) per size: from 2 nodes on, every message crosses Redis.
+        "nodes": {str(size): {"publishers": 1, "subscriber": size} for size in sizes},
+        "targets": targets,
         "versions": versions,
         "skipped": skipped,
         "errors": errors,
@@ -318,6 +337,13 @@ def write_html(doc: Mapping[str, Any], path: Path, ratio_chart: Path | None = No
                     f"<td>{_fmt_ratio(r.get('qos0'))}</td><td>{_fmt_ratio(r.get('qos1'))}</td></tr>"
                 )
         parts.append("</table>")
+        for t in clusters.get("targets", []):
+            verdict = {True: "PASS", False: "FAIL", None: "not measured"}[t["pass"]]
+            value = "" if t["value"] is None else f" (got {t['value']:.2f}\u00d7)"
+            parts.append(
+                f"<p>target: {html.escape(t['metric'])} {html.escape(t['target'])}: "
+                f"<b>{verdict}</b>{value}</p>"
+            )
         for system, why in clusters.get("skipped", {}).items():
             parts.append(f"<p>{html.escape(system)} skipped: {html.escape(why)}</p>")
         chart = cluster_chart(clusters)
