@@ -17,8 +17,9 @@ well over that (20 s or more).
 The connect and reconnect storms receive no messages: for them (`--sat-measure connect`, the
 default there) a step is judged on its CONNECT entries instead (connects per second, the p99 time
 to CONNACK, failures). Each step also records the CPU the locust processes used (`locust_cpu`,
-share of one core per process) and the message operations per locust process, so a step that
-broke because locust itself ran out of CPU shows as such. `mcloudtt-saturate` runs this shape per
+share of one core per process; in distributed runs the workers' own figure, which they refresh
+every 10 s) and the message operations per locust process, so a step that broke because locust
+itself ran out of CPU shows as such. `mcloudtt-saturate` runs this shape per
 scenario against fresh brokers and tabulates the results.
 """
 

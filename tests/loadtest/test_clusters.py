@@ -40,6 +40,8 @@ def test_two_node_clusters_of_both_systems_deliver_across_redis(tmp_path: Path) 
         # The subscriber is on the other node: anything received crossed Redis.
         assert figures["qos0_msg_per_s"] > 0 and figures["qos1_msg_per_s"] > 0, system
     assert set(result["ratios"]["2"]) == {"qos0", "qos1"}
+    ours = result["median"]["mcloudtt"]["2"]
+    assert ours["pub_node_deliveries"] == 0 and ours["sub_node_client_publishes"] == 0
     (target,) = result["targets"]
     assert target["value"] == result["ratios"]["2"]["qos1"] and target["pass"] is not None
     assert "ratio QoS 1" in done.stdout and "MCloudTT/Aedes at 2 nodes" in done.stdout

@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from mcloudtt_chaos.procs import Process, RedisServer, free_port
+from mcloudtt_chaos.procs import Process, RedisServer, free_port, scrape
 
 from .brokers import BrokerUnavailable
 from .cluster_bench import cluster, fanin
@@ -135,7 +135,7 @@ def run_system(
     if system == "mcloudtt":
         with cluster("routed", size) as brokers:
             a, b = brokers[0], brokers[-1]
-            return _measure(
+            out = _measure(
                 a.port,
                 b.port,
                 [p.pid for p in brokers],
@@ -143,6 +143,16 @@ def run_system(
                 duration,
                 a.http_port if size > 1 else None,
             )
+            if size > 1:
+                # The layout, checked on the brokers themselves: the publishers' node delivered
+                # nothing to a client and the subscriber's node got no PUBLISH from one.
+                out["pub_node_deliveries"] = scrape(a.http_port).total(
+                    "mcloudtt_messages_sent_total"
+                )
+                out["sub_node_client_publishes"] = scrape(b.http_port).total(
+                    "mcloudtt_messages_received_total"
+                )
+            return out
     assert modules is not None
     with aedes_cluster(modules, size) as nodes:
         _settle_subscription()
