@@ -23,7 +23,7 @@ def saturate(tmp_path: Path, *args: str) -> tuple[dict[str, Any], str]:
 
 def test_one_broker_per_scenario_messages_and_connects(tmp_path: Path) -> None:
     doc, output = saturate(
-        tmp_path, "--sizes", "1", "--scenarios", "fan-in,cross-broker,reconnect-storm"
+        tmp_path, "--sizes", "1", "--scenarios", "fan-in,cross-broker,reconnect-storm,retained"
     )
     per = doc["results"]["1"]
     fan_in = per["fan-in"]
@@ -39,6 +39,11 @@ def test_one_broker_per_scenario_messages_and_connects(tmp_path: Path) -> None:
     assert storm["measure"] == "connect"
     assert storm["highest_held"]["connects_per_s"] > 5
     assert storm["highest_held"]["received_per_s"] == 0
+    retained = per["retained"]
+    # Judged on the time from SUBSCRIBE to the last of the 100 retained messages.
+    assert retained["measure"] == "retained"
+    assert retained["highest_held"]["p99_ms"] > 0
+    assert retained["highest_held"]["received_per_s"] >= 100
     assert doc["meta"]["versions"]["locust"] and doc["meta"]["machine"]["cpus"]
     assert "saturation: highest step that held" in output and "connects/s" in output
 

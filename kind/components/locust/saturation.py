@@ -16,7 +16,8 @@ well over that (20 s or more).
 
 The connect and reconnect storms receive no messages: for them (`--sat-measure connect`, the
 default there) a step is judged on its CONNECT entries instead (connects per second, the p99 time
-to CONNACK, failures). Each step also records the CPU the locust processes used (`locust_cpu`,
+to CONNACK, failures); the retained scenario on its RETAINED entries (`--sat-measure retained`:
+the p99 time from SUBSCRIBE to the last retained message). Each step also records the CPU the locust processes used (`locust_cpu`,
 share of one core per process; in distributed runs the workers' own figure, which they refresh
 every 10 s) and the message operations per locust process, so a step that broke because locust
 itself ran out of CPU shows as such. `mcloudtt-saturate` runs this shape per
@@ -87,9 +88,10 @@ def _add_options(parser: Any) -> None:
     group.add_argument(
         "--sat-measure",
         env_var="LOCUST_SAT_MEASURE",
-        choices=("auto", "recv", "connect"),
+        choices=("auto", "recv", "connect", "retained"),
         default="auto",
-        help="judge steps on received messages or on connects (auto: connect for the storms)",
+        help="p99 of: end-to-end latency, CONNACK time, or SUBSCRIBE to the last retained "
+        "message (auto: connect for the storms, retained for retained)",
     )
     group.add_argument(
         "--sat-out",
@@ -107,6 +109,7 @@ def snapshot(stats: Any) -> dict[str, Any]:
     CONNECT entries (summed), published and failed counts."""
     recv: Counter[int] = Counter()
     connect: Counter[int] = Counter()
+    retained: Counter[int] = Counter()
     received = lost = published = connects = 0
     for (name, method), entry in stats.entries.items():
         if method == "RECV" and name != "duplicate":
@@ -118,9 +121,12 @@ def snapshot(stats: Any) -> dict[str, Any]:
         elif method == "CONNECT":
             connect.update(entry.response_times)
             connects += entry.num_requests - entry.num_failures
+        elif method == "RETAINED":
+            retained.update(entry.response_times)
     return {
         "hist": recv,
         "connect_hist": connect,
+        "retained_hist": retained,
         "received": received,
         "lost": lost,
         "published": published,
@@ -151,7 +157,7 @@ def judge(
     measure: str = "recv",
 ) -> dict[str, Any]:
     """One step's figures and whether it held."""
-    key = "connect_hist" if measure == "connect" else "hist"
+    key = {"connect": "connect_hist", "retained": "retained_hist"}.get(measure, "hist")
     hist = after[key].copy()
     hist.subtract(before[key])
     step = {
@@ -170,9 +176,9 @@ def judge(
     if step["failures"]:
         reasons.append(f"{step['failures']} failed requests")
     if step["p99_ms"] > bound_ms:
-        what = "CONNACK" if measure == "connect" else "end-to-end"
+        what = {"connect": "CONNACK", "retained": "all-retained"}.get(measure, "end-to-end")
         reasons.append(f"p99 {what} {step['p99_ms']:.0f} ms > {bound_ms:g} ms")
-    if measure == "recv" and not step["received_per_s"]:
+    if measure != "connect" and not step["received_per_s"]:
         reasons.append("nothing received")
     step["held"] = not reasons
     step["why_not"] = ", ".join(reasons)
@@ -214,7 +220,9 @@ class SaturationShape(LoadTestShape):
         chosen = str(self._opts().sat_measure)
         if chosen != "auto":
             return chosen
-        return "connect" if self.scenario() in STORMS else "recv"
+        if self.scenario() in STORMS:
+            return "connect"
+        return "retained" if self.scenario() == "retained" else "recv"
 
     def users_at(self, step: int) -> int:
         opts = self._opts()
