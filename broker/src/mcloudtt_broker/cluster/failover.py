@@ -499,9 +499,12 @@ class Failover:
     async def _give_up(
         self, redis: RedisClient, requester: str, client_id: str, clean_start: bool
     ) -> None:
-        deadline = time.monotonic() + self.settings.handover_timeout / 2
+        # We are taking it from a gone broker right now: hand it over once restored (as long
+        # as an adoption may take; the requester looks for a late hand-over meanwhile), not
+        # as "no session".
+        deadline = time.monotonic() + self.adoption_wait()
         while client_id in self._adopting and time.monotonic() < deadline:
-            await asyncio.sleep(0.005)  # we are taking it from a gone broker right now
+            await asyncio.sleep(0.005)
         located = self._locating.get(client_id)
         if located is not None:
             # A CONNECT here is still fetching the session (from a dead broker's adopter, say):
