@@ -141,10 +141,15 @@ class RedisClusterProcess:
         return self._url(next(node for node in self.nodes if node.alive()))
 
     @property
+    def url(self) -> str:
+        """`seed_url`, so a test written for one Redis (`redis_server.url`) runs on a cluster."""
+        return self.seed_url
+
+    @property
     def seeds_url(self) -> str:
-        """A comma-separated seed list of every node (host:port after the first URL)."""
-        first, *rest = [n for n in self.nodes if n.alive()]
-        return ",".join([self._url(first), *(n.address for n in rest)])
+        """A comma-separated list of every live node: redis://h:p1,h:p2,.../0"""
+        auth = f":{self.password}@" if self.password is not None else ""
+        return f"redis://{auth}{','.join(n.address for n in self.live_nodes())}/0"
 
     def live_nodes(self) -> list[ClusterNode]:
         return [node for node in self.nodes if node.alive()]

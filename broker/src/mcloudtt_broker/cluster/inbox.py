@@ -31,8 +31,9 @@ from .link import GROUP, LinkError, RedisClient, stream_id
 from .records import InboxError, iter_records
 from .redis_url import RedisOptions
 from .replay import REPLAY_WINDOW_MS
-from .resp import Commands, open_connection
+from .resp import Commands
 from .settings import ClusterSettings
+from .topology import SlotMap, open_link
 
 # How long one inbox read blocks in Redis, and how long past that an answer may take before the
 # link counts as lost.
@@ -50,10 +51,11 @@ class Inbox:
     ) -> None:
         self.settings = settings
         self.options = options
+        self.slots: SlotMap | None = None  # the bus sets it when Redis is a cluster
         self.me = settings.broker_id
-        self.k_inbox = f"{settings.prefix}:inbox:{self.me}"
+        self.k_inbox = f"{settings.prefix}:inbox:{{{self.me}}}"
         self.k_inbox_bytes = self.k_inbox.encode()
-        self.k_progress = f"{settings.prefix}:progress:{self.me}"
+        self.k_progress = f"{settings.prefix}:progress:{{{self.me}}}"
         self.k_retained = f"{settings.prefix}:retained"
         self.core = core
         self.stats = stats
@@ -106,7 +108,7 @@ class Inbox:
         """Read and deliver until the link breaks (the bus translates the errors)."""
         last_id = b"0"  # first what was delivered to us before and not acknowledged
         acks: list[bytes] = []
-        inbox = await open_connection(self.options, lambda error: None)
+        inbox = await open_link(self.options, self.slots, lambda error: None)
         try:
             while True:
                 # Acknowledge the last batch, report progress and ask for the next: one trip.

@@ -74,7 +74,7 @@ class Outbox:
         prefix = settings.prefix
         self.k_control = f"{prefix}:control"
         self.k_retained = f"{prefix}:retained"
-        self.k_subs = f"{prefix}:subs:{self.me}"
+        self.k_subs = f"{prefix}:subs:{{{self.me}}}"
         self.packer = EnvelopePacker(self.me.encode())
         self.keys = cluster_keys(settings.keys)
         # Live peers (kept by the membership): where retained and broadcast publishes go.
@@ -233,7 +233,7 @@ class Outbox:
             elif op == "del":
                 commands.srem(self.k_subs, full_filter)
             elif op == "mark":
-                inbox = f"{self.settings.prefix}:inbox:{full_filter}"
+                inbox = f"{self.settings.prefix}:inbox:{{{full_filter}}}"
                 self._xadd(commands, inbox, "m", self.me.encode(), self.settings.inbox_maxlen)
                 continue
             else:  # adopted: the dead broker, then the filters we took with its sessions
@@ -328,7 +328,7 @@ class Outbox:
         for dest, records in batches.items():
             self._xadd(
                 commands,
-                f"{settings.prefix}:inbox:{dest}",
+                f"{settings.prefix}:inbox:{{{dest}}}",
                 "b",
                 b"".join(records),
                 settings.inbox_maxlen,
@@ -361,7 +361,7 @@ class Outbox:
         for dest, queue in self.unconfirmed.items():
             self._xadd(
                 commands,
-                f"{self.settings.prefix}:inbox:{dest}",
+                f"{self.settings.prefix}:inbox:{{{dest}}}",
                 "b",
                 b"".join(record for _, record in queue),
                 self.settings.inbox_maxlen,
