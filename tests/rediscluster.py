@@ -147,9 +147,9 @@ class RedisClusterProcess:
 
     @property
     def seeds_url(self) -> str:
-        """A comma-separated list of every live node: redis://h:p1,h:p2,.../0"""
+        """A comma-separated list of every node, started or not: redis://h:p1,h:p2,.../0"""
         auth = f":{self.password}@" if self.password is not None else ""
-        return f"redis://{auth}{','.join(n.address for n in self.live_nodes())}/0"
+        return f"redis://{auth}{','.join(n.address for n in self.nodes)}/0"
 
     def live_nodes(self) -> list[ClusterNode]:
         return [node for node in self.nodes if node.alive()]
