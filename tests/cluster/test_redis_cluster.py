@@ -131,3 +131,50 @@ def test_primary_killed_under_qos1_load_loses_no_acknowledged_message(
     finally:
         for broker in brokers:
             broker.stop()
+
+
+def test_brokers_started_before_the_cluster_serve_locally_then_join(clients) -> None:
+    """The retry pattern on a cluster: brokers given a seed list where nothing runs yet serve
+    their own clients, keep trying (no node, then a cluster without every slot while it forms),
+    and join once the cluster is up."""
+    cluster = RedisClusterProcess()
+    brokers = [start_broker(cluster.seeds_url, f"early{i}") for i in (1, 2)]
+    try:
+        sub = clients(brokers[0].port, "early-sub")
+        sub.subscribe("local/#", qos=1)
+        clients(brokers[0].port, "early-pub").publish("local/x", b"served", qos=1)
+        assert sub.get().payload == b"served"
+        assert brokers[0].http_get("/readyz")[0] == 503
+
+        cluster.start()
+        wait_ready(brokers, timeout=10.0)
+        wait_until(lambda: brokers[1].metric("mcloudtt_cluster_remote_filters") >= 1)
+        clients(brokers[1].port, "late-pub").publish("local/y", b"across", qos=1)
+        assert sub.get().payload == b"across"
+    finally:
+        for b in brokers:
+            b.stop()
+        cluster.close()
+
+
+def test_retained_messages_spread_over_the_shards(cluster_factory, clients, redis_cluster) -> None:
+    """On a cluster the retained messages are kept in hashes by topic (`...:retained:{rN}`)
+    on every shard, not in one hash; a broker that starts later loads them all."""
+    (a,) = cluster_factory(1)
+    publisher = clients(a.port, "retainer")
+    for n in range(40):
+        publisher.publish(f"spread/{n}", str(n).encode(), qos=1, retain=True)
+    r = redis_cluster.client()
+    keys = [f"mcloudtt:retained:{{r{n}}}" for n in range(16)]
+    wait_until(lambda: sum(r.hlen(k) for k in keys) == 40, what="40 retained in Redis")
+    assert not r.exists("mcloudtt:retained")
+    holders = {redis_cluster.primary_for(k).port for k in keys if r.hlen(k)}
+    assert len(holders) == 3, "every shard holds some"
+    assert max(r.hlen(k) for k in keys) < 40 // 2
+
+    (late,) = cluster_factory(1, ready=False)
+    wait_until(lambda: late.http_get("/readyz")[0] == 200, 10.0, "the late broker ready")
+    wait_until(lambda: late.metric("mcloudtt_retained_messages") == 40, what="loaded on start")
+    sub = clients(late.port, "late-sub")
+    sub.subscribe("spread/#", qos=1)
+    assert sorted(int(m.payload) for m in sub.get_n(40)) == list(range(40))

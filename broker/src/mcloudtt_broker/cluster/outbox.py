@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from ..core.message import Message
 from .envelope import EnvelopePacker
 from .keys import cluster_keys
+from .keyspace import retained_key
 from .records import encode_record
 from .resp import Commands
 from .settings import BROADCAST, ClusterSettings
@@ -74,6 +75,7 @@ class Outbox:
         prefix = settings.prefix
         self.k_control = f"{prefix}:control"
         self.k_retained = f"{prefix}:retained"
+        self.retained_shards = 0  # on a Redis Cluster: retained hashes by topic (keyspace.py)
         self.k_subs = f"{prefix}:subs:{{{self.me}}}"
         self.packer = EnvelopePacker(self.me.encode())
         self.keys = cluster_keys(settings.keys)
@@ -312,17 +314,20 @@ class Outbox:
                 if qos:
                     confirmable.setdefault(dest, []).append((sequence, record))
             if message.retain:
+                k_retained = self.k_retained
+                if self.retained_shards:
+                    k_retained = retained_key(settings.prefix, message.topic, self.retained_shards)
                 if message.payload:
                     keys = self.keys
                     commands.hset(
-                        self.k_retained,
+                        k_retained,
                         message.topic,
                         envelope
                         if keys is None
-                        else keys.sign_envelope(self.k_retained.encode(), envelope),
+                        else keys.sign_envelope(k_retained.encode(), envelope),
                     )
                 else:
-                    commands.hdel(self.k_retained, message.topic)
+                    commands.hdel(k_retained, message.topic)
             if settings.tap_stream:
                 self._xadd(commands, settings.tap_stream, "e", envelope, settings.tap_maxlen)
         for dest, records in batches.items():

@@ -48,6 +48,7 @@ from ..core.message import Message
 from ..core.ports import ClusterCore, Resume
 from .failover import SESSION_WRITE_DELAY, Failover
 from .inbox import Inbox
+from .keyspace import RETAINED_SHARDS
 from .link import Link, LinkError, RedisClient, redis_errors
 from .membership import Membership
 from .outbox import Outbox
@@ -325,6 +326,8 @@ class RedisBus:
         # One round trip per connect: a cluster node gives its slot map (topology.py).
         self.slots = slots = await probe(self.redis_options, self.known_nodes)
         self.inbox.slots = slots
+        shards = 0 if slots is None else RETAINED_SHARDS
+        self.inbox.retained_shards = self.outbox.retained_shards = shards
         redis: RedisClient
         if slots is None:
             link.redis = redis = self.redis_options.client(

@@ -54,6 +54,9 @@ class SlotMap:
         self.primaries = list(primaries)
         self.nodes = list(dict.fromkeys([*self.primaries, *nodes]))
 
+    def complete(self) -> bool:
+        return None not in self._owner
+
     def node_for_slot(self, slot: int) -> Node:
         node = self._owner[slot]
         if node is None:
@@ -113,10 +116,13 @@ async def probe(
                 return None
             last = ConnectionError(f"Redis Cluster at {node[0]}:{node[1]}: {reply}")
             continue
-        if not reply:  # a cluster node not yet given slots
-            last = ConnectionError(f"Redis Cluster at {node[0]}:{node[1]} serves no slots yet")
+        slots = SlotMap.from_cluster_slots(reply or [], node)
+        if not slots.complete():  # a cluster being formed, or a shard without a primary
+            last = ConnectionError(
+                f"Redis Cluster at {node[0]}:{node[1]} does not serve every slot"
+            )
             continue
-        return SlotMap.from_cluster_slots(reply, node)
+        return slots
     raise last
 
 
@@ -256,7 +262,11 @@ class ShardedConnection:
         index = self.sent
         node_for_key = self.slots.node_for_key
         while (args := reader.gets()) is not False:
-            node = node_for_key(command_key(args))
+            try:
+                node = node_for_key(command_key(args))
+            except ConnectionError as error:  # the slot lost its primary: a new map is needed
+                self._lost(error)
+                return
             shard = shards.get(node)
             if shard is None:
                 shard = shards[node] = (Commands(), [], [])
