@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 from brokerproc import BrokerProcess
@@ -18,16 +18,15 @@ from rediscluster import RedisClusterProcess, slot_of
 from .conftest import start_broker, wait_ready, wait_until
 from .test_cluster import (  # noqa: F401 (collected again here, on the cluster)
     test_a_broker_restarted_under_its_id_takes_back_its_stored_sessions,
-    test_a_client_of_a_dead_broker_resumes_its_session_elsewhere,
     test_clean_start_on_b_discards_the_session_on_a,
     test_connect_on_b_takes_over_a_live_connection_on_a,
     test_duplicate_broker_id_is_refused,
     test_offline_session_survives_the_death_of_its_broker,
     test_publish_on_a_reaches_b_and_c_once_at_every_qos,
     test_retained_set_on_a_seen_on_b_cleared_on_b_gone_on_a,
-    test_session_resumes_on_another_broker_with_what_was_queued,
     test_shared_subscription_across_brokers_delivers_each_message_once,
 )
+from .test_cluster import test_session_resumes_on_another_broker_with_what_was_queued as resumes
 from .test_noloss import (  # noqa: F401
     TOPIC,
     Publisher,
@@ -36,29 +35,15 @@ from .test_noloss import (  # noqa: F401
     received,
     test_broker_kill_qos2_no_loss_no_duplicate,
 )
-from .test_takeover import (  # noqa: F401
-    test_paho_clean_session_taken_over_on_another_broker,
-    test_will_on_takeover_across_brokers,
-)
-
-
-@pytest.fixture(scope="module")
-def pair(
-    _shared_redis_cluster: RedisClusterProcess,
-) -> Iterator[tuple[BrokerProcess, BrokerProcess]]:
-    """test_takeover's two brokers, on the cluster (each test uses its own ClientIds)."""
-    brokers = [start_broker(_shared_redis_cluster.seed_url, f"tk{i}") for i in (1, 2)]
-    try:
-        wait_ready(brokers)
-        yield brokers[0], brokers[1]
-    finally:
-        for b in brokers:
-            b.stop()
 
 
 @pytest.fixture
 def redis_server(redis_cluster: RedisClusterProcess) -> RedisClusterProcess:
     return redis_cluster
+
+
+def test_session_resumes_on_another_broker_with_what_was_queued_v5(cluster_factory, clients):
+    resumes(cluster_factory, clients, 5)  # one protocol version is enough here
 
 
 # ------------------------------------------------------------------ topology changes under load
