@@ -1,0 +1,125 @@
+"""The analytics the dashboard of `mcloudtt up` charts, as JSON (`GET /analytics`).
+
+The same queries as the report (`analysis.Queries`), over the last `WINDOW_S` seconds of event
+time so that a long run costs the same every few seconds: overview, message rate, minute rollups
+per metric across devices, per-device series of the commonest metrics, anomalies, stale devices
+and the topics seen. Times are Unix seconds; metadata never appears (the decoder keeps it out of
+`metrics`).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from .analysis import Analysis, Window
+
+WINDOW_S = 600.0
+# Units of the simulator's scenario fields (simulator/.../scenarios/*.toml); others have none.
+UNITS = {
+    "temp": "°C",
+    "setpoint": "°C",
+    "ambient_c": "°C",
+    "cargo_c": "°C",
+    "coolant": "°C",
+    "rh": "%",
+    "co2": "ppm",
+    "kwh": "kWh",
+    "battery": "%",
+    "valve": "%",
+    "fuel": "%",
+    "rpm": "rpm",
+}
+
+
+def _s(value: Any) -> float | None:
+    return value.timestamp() if isinstance(value, datetime) else None
+
+
+def live_analytics(
+    analysis: Analysis, *, metrics: int = 3, devices: int = 4, limit: int = 50
+) -> dict[str, Any]:
+    """Everything the dashboard's analytics panel draws, in one JSON-ready dict."""
+    whole = analysis.overview()
+    last_us = whole.get("last_event_us")
+    window = Window(since_us=int(last_us - WINDOW_S * 1e6)) if last_us else Window()
+    overview = analysis.overview(window) if last_us else whole
+    out: dict[str, Any] = {
+        "window_s": WINDOW_S,
+        "total_messages": whole.get("messages") or 0,
+        "overview": {
+            "messages": overview.get("messages") or 0,
+            "devices": overview.get("devices") or 0,
+            "topics": overview.get("topics") or 0,
+            "first_event": _s(overview.get("first_event")),
+            "last_event": _s(overview.get("last_event")),
+        },
+        "units": UNITS,
+        "rate": [],
+        "rollups": {},
+        "series": {},
+        "anomalies": [],
+        "anomaly_count": 0,
+        "stale": [],
+        "topics": [],
+    }
+    if not out["overview"]["messages"]:
+        return out
+    out["rate"] = [
+        [_s(r["bucket"]), r["messages"] / 5.0] for r in analysis.message_rate(5, window)
+    ]
+    # Minute rollups per metric across devices: count-weighted mean, min and max per bucket.
+    merged: dict[str, dict[float, list[float]]] = {}
+    for r in analysis.rollups("minute", window):
+        t = _s(r["bucket"])
+        if t is None:
+            continue
+        n, lo, hi = float(r["n"]), r["min_value"], r["max_value"]
+        acc = merged.setdefault(r["metric"], {}).setdefault(t, [0.0, 0.0, lo, hi])
+        acc[0] += n
+        acc[1] += r["avg_value"] * n
+        acc[2], acc[3] = min(acc[2], lo), max(acc[3], hi)
+    out["rollups"] = {
+        metric: [[t, a[1] / a[0], a[2], a[3], int(a[0])] for t, a in sorted(buckets.items())]
+        for metric, buckets in sorted(merged.items())
+    }
+    top = [d["device_id"] for d in analysis.top_devices(window, devices)]
+    for m in analysis.top_metrics(window, metrics):
+        rows = analysis.device_series(top, m["metric"], "second", window)
+        per: dict[str, list[list[float | None]]] = {}
+        for r in rows:
+            per.setdefault(r["device_id"], []).append([_s(r["bucket"]), r["avg_value"]])
+        if per:
+            out["series"][m["metric"]] = per
+    anomalies = analysis.anomalies(window=window)
+    out["anomaly_count"] = len(anomalies)
+    out["anomalies"] = [
+        {
+            "t": _s(a["event_time"]),
+            "device_id": a["device_id"],
+            "topic": a["topic"],
+            "metric": a["metric"],
+            "value": a["value"],
+            "kind": a["kind"],
+            "score": a["score"],
+        }
+        for a in anomalies[-limit:]
+    ]
+    stale = analysis.stale_devices(None, min_silent_seconds=10.0, window=window)
+    out["stale"] = [
+        {
+            "device_id": s["device_id"],
+            "silent_s": s["silent_s"],
+            "last_seen": _s(s["last_seen"]),
+            "messages": s["messages"],
+        }
+        for s in stale[:limit]
+    ]
+    table = analysis.q.table
+    out["topics"] = [
+        [r["topic"], r["n"]]
+        for r in analysis.engine.query(
+            f"SELECT topic, COUNT(*) AS n FROM {table} GROUP BY topic ORDER BY topic LIMIT 5000"
+        )
+    ]
+    return out

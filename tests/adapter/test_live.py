@@ -1,0 +1,70 @@
+"""The dashboard's analytics (`GET /analytics`): each figure checked against a count of its own
+made with plain SQL on the same DuckDB file."""
+
+from __future__ import annotations
+
+import json
+
+import duckdb
+from mcloudtt_adapter.analysis import Analysis, DuckDBEngine
+from mcloudtt_adapter.live import WINDOW_S, live_analytics
+from mcloudtt_adapter.sinks.duckdb import DuckDBSink
+
+from .helpers import fleet
+
+
+def test_live_analytics_match_independent_counts(tmp_path) -> None:
+    path = tmp_path / "live.duckdb"
+    sink = DuckDBSink(path)
+    sink.open()
+    sink.write(fleet(900))  # 900 s of five devices: longer than the window
+    data = live_analytics(Analysis(DuckDBEngine(sink.reader())))
+    json.dumps(data)  # what the route sends
+    sink.close()
+
+    con = duckdb.connect(str(path), read_only=True)
+
+    def one(sql: str):  # type: ignore[no-untyped-def]
+        return con.execute(sql).fetchone()[0]  # type: ignore[index]
+
+    since = "(select max(event_time) from messages) - interval (%d) second" % WINDOW_S
+    assert data["total_messages"] == one("select count(*) from messages")
+    assert data["overview"]["messages"] == one(
+        f"select count(*) from messages where event_time >= {since}"
+    )
+    assert data["overview"]["messages"] < data["total_messages"]
+    assert data["overview"]["devices"] == 5
+    # Rollups: per metric and minute, the number of values and their mean and extremes.
+    expected = con.execute(
+        "select m.name, epoch(date_trunc('minute', event_time)), count(*), avg(m.value),"
+        " min(m.value), max(m.value)"
+        f" from (select event_time, unnest(metrics) as m from messages where event_time >= {since})"
+        " group by all order by all"
+    ).fetchall()
+    got = [
+        (metric, t, n, avg, lo, hi)
+        for metric, rows in data["rollups"].items()
+        for t, avg, lo, hi, n in rows
+    ]
+    assert len(got) == len(expected)
+    for g, e in zip(sorted(got), expected, strict=True):
+        assert g[:3] == e[:3] and abs(g[3] - e[3]) < 1e-9 and g[4:] == e[4:], (g, e)
+    assert set(data["rollups"]) == {"temp", "hum"}  # measurements; never `ts`
+    # Per-device series of real measurements, with their units where known.
+    assert set(data["series"]) <= {"temp", "hum"} and data["series"]["temp"]
+    assert data["units"]["temp"] == "°C"
+    # The spike on d0 (i = 450) is an anomaly; d4 went quiet and is stale.
+    assert any(a["device_id"] == "d0" and a["metric"] == "temp" for a in data["anomalies"])
+    assert [s["device_id"] for s in data["stale"]] == ["d4"]
+    assert data["topics"] == [
+        list(r) for r in con.execute("select topic, count(*) from messages group by 1 order by 1").fetchall()
+    ]
+    # The message rate sums to the window's messages.
+    assert sum(r[1] * 5 for r in data["rate"]) == data["overview"]["messages"]
+
+
+def test_live_analytics_of_an_empty_table() -> None:
+    sink = DuckDBSink(":memory:")
+    sink.open()
+    data = live_analytics(Analysis(DuckDBEngine(sink.reader())))
+    assert data["overview"]["messages"] == 0 and data["rollups"] == {} and data["topics"] == []
