@@ -57,7 +57,10 @@ def test_live_analytics_match_independent_counts(tmp_path) -> None:
     assert any(a["device_id"] == "d0" and a["metric"] == "temp" for a in data["anomalies"])
     assert [s["device_id"] for s in data["stale"]] == ["d4"]
     assert data["topics"] == [
-        list(r) for r in con.execute("select topic, count(*) from messages group by 1 order by 1").fetchall()
+        list(r)
+        for r in con.execute(
+            "select topic, count(*) from messages group by 1 order by 1"
+        ).fetchall()
     ]
     # The message rate sums to the window's messages.
     assert sum(r[1] * 5 for r in data["rate"]) == data["overview"]["messages"]

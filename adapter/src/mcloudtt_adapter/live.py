@@ -65,9 +65,7 @@ def live_analytics(
     }
     if not out["overview"]["messages"]:
         return out
-    out["rate"] = [
-        [_s(r["bucket"]), r["messages"] / 5.0] for r in analysis.message_rate(5, window)
-    ]
+    out["rate"] = [[_s(r["bucket"]), r["messages"] / 5.0] for r in analysis.message_rate(5, window)]
     # Minute rollups per metric across devices: count-weighted mean, min and max per bucket.
     merged: dict[str, dict[float, list[float]]] = {}
     for r in analysis.rollups("minute", window):
