@@ -10,7 +10,7 @@ from mcloudtt_adapter.analysis import Analysis, DuckDBEngine
 from mcloudtt_adapter.live import WINDOW_S, live_analytics
 from mcloudtt_adapter.sinks.duckdb import DuckDBSink
 
-from .helpers import fleet
+from .helpers import fleet, make_batch
 
 
 def test_live_analytics_match_independent_counts(tmp_path) -> None:
@@ -18,6 +18,8 @@ def test_live_analytics_match_independent_counts(tmp_path) -> None:
     sink = DuckDBSink(path)
     sink.open()
     sink.write(fleet(900))  # 900 s of five devices: longer than the window
+    # A broker's $SYS counter: stored, a topic, never a measurement of the fleet.
+    sink.write(make_batch([("$SYS/brokers/b1/clients/connected", b"5")] * 3, start=895))
     data = live_analytics(Analysis(DuckDBEngine(sink.reader())))
     json.dumps(data)  # what the route sends
     sink.close()
@@ -29,16 +31,19 @@ def test_live_analytics_match_independent_counts(tmp_path) -> None:
 
     since = "(select max(event_time) from messages) - interval (%d) second" % WINDOW_S
     assert data["total_messages"] == one("select count(*) from messages")
+    assert data["as_of_ingest_us"] == one("select epoch_us(max(ingest_time)) from messages")
     assert data["overview"]["messages"] == one(
         f"select count(*) from messages where event_time >= {since}"
     )
     assert data["overview"]["messages"] < data["total_messages"]
     assert data["overview"]["devices"] == 5
+    assert one("select count(*) from messages where device_id is null and len(metrics) > 0") == 3
     # Rollups: per metric and minute, the number of values and their mean and extremes.
     expected = con.execute(
         "select m.name, epoch(date_trunc('minute', event_time)), count(*), avg(m.value),"
         " min(m.value), max(m.value)"
-        f" from (select event_time, unnest(metrics) as m from messages where event_time >= {since})"
+        " from (select event_time, unnest(metrics) as m from messages"
+        f" where event_time >= {since} and device_id is not null)"
         " group by all order by all"
     ).fetchall()
     got = [
@@ -49,9 +54,10 @@ def test_live_analytics_match_independent_counts(tmp_path) -> None:
     assert len(got) == len(expected)
     for g, e in zip(sorted(got), expected, strict=True):
         assert g[:3] == e[:3] and abs(g[3] - e[3]) < 1e-9 and g[4:] == e[4:], (g, e)
-    assert set(data["rollups"]) == {"temp", "hum"}  # measurements; never `ts`
+    assert set(data["rollups"]) == {"temp", "hum"}  # measurements; never `ts` nor $SYS
     # Per-device series of real measurements, with their units where known.
-    assert set(data["series"]) <= {"temp", "hum"} and data["series"]["temp"]
+    assert set(data["series"]) == {"temp", "hum"}
+    assert set(data["series"]["temp"]) == {"d0", "d1", "d2", "d3"}  # the four busiest
     assert data["units"]["temp"] == "°C"
     # The spike on d0 (i = 450) is an anomaly; d4 went quiet and is stale.
     assert any(a["device_id"] == "d0" and a["metric"] == "temp" for a in data["anomalies"])

@@ -248,10 +248,13 @@ class Adapter:
         from .live import live_analytics
 
         def make() -> bytes:
-            engine = DuckDBEngine(reader(), self.config.table)
+            cursor = reader()
+            cursor.execute("BEGIN TRANSACTION")  # every figure from one snapshot of the table
+            engine = DuckDBEngine(cursor, self.config.table)
             try:
                 return json.dumps(live_analytics(Analysis(engine))).encode()
             finally:
+                cursor.execute("ROLLBACK")
                 engine.close()
 
         body = await asyncio.get_running_loop().run_in_executor(None, make)

@@ -4,7 +4,7 @@ The same queries as the report (`analysis.Queries`), over the last `WINDOW_S` se
 time so that a long run costs the same every few seconds: overview, message rate, minute rollups
 per metric across devices, per-device series of the commonest metrics, anomalies, stale devices
 and the topics seen. Times are Unix seconds; metadata never appears (the decoder keeps it out of
-`metrics`).
+`metrics`), nor does a broker's `$SYS` counters (rows without a device).
 """
 
 from __future__ import annotations
@@ -40,12 +40,18 @@ def live_analytics(
     analysis: Analysis, *, metrics: int = 3, devices: int = 4, limit: int = 50
 ) -> dict[str, Any]:
     """Everything the dashboard's analytics panel draws, in one JSON-ready dict."""
+    table = analysis.q.table
+    newest = analysis.engine.query(
+        f"SELECT {analysis.q.d.micros('MAX(ingest_time)')} AS us FROM {table}"
+    )
     whole = analysis.overview()
     last_us = whole.get("last_event_us")
     window = Window(since_us=int(last_us - WINDOW_S * 1e6)) if last_us else Window()
     overview = analysis.overview(window) if last_us else whole
     out: dict[str, Any] = {
         "window_s": WINDOW_S,
+        # The newest row these figures include: a check recounts `ingest_time <= this`.
+        "as_of_ingest_us": newest[0]["us"] if newest else None,
         "total_messages": whole.get("messages") or 0,
         "overview": {
             "messages": overview.get("messages") or 0,
@@ -67,11 +73,14 @@ def live_analytics(
         return out
     out["rate"] = [[_s(r["bucket"]), r["messages"] / 5.0] for r in analysis.message_rate(5, window)]
     # Minute rollups per metric across devices: count-weighted mean, min and max per bucket.
+    # Devices only: a broker's $SYS counters (no device) are not measurements of the fleet.
     merged: dict[str, dict[float, list[float]]] = {}
+    counts: dict[str, int] = {}
     for r in analysis.rollups("minute", window):
         t = _s(r["bucket"])
-        if t is None:
+        if t is None or r["device_id"] is None:
             continue
+        counts[r["metric"]] = counts.get(r["metric"], 0) + int(r["n"])
         n, lo, hi = float(r["n"]), r["min_value"], r["max_value"]
         acc = merged.setdefault(r["metric"], {}).setdefault(t, [0.0, 0.0, lo, hi])
         acc[0] += n
@@ -82,14 +91,13 @@ def live_analytics(
         for metric, buckets in sorted(merged.items())
     }
     top = [d["device_id"] for d in analysis.top_devices(window, devices)]
-    for m in analysis.top_metrics(window, metrics):
-        rows = analysis.device_series(top, m["metric"], "second", window)
+    for metric in sorted(counts, key=lambda m: (-counts[m], m))[:metrics]:
         per: dict[str, list[list[float | None]]] = {}
-        for r in rows:
+        for r in analysis.device_series(top, metric, "second", window):
             per.setdefault(r["device_id"], []).append([_s(r["bucket"]), r["avg_value"]])
         if per:
-            out["series"][m["metric"]] = per
-    anomalies = analysis.anomalies(window=window)
+            out["series"][metric] = per
+    anomalies = [a for a in analysis.anomalies(window=window) if a["device_id"] is not None]
     out["anomaly_count"] = len(anomalies)
     out["anomalies"] = [
         {
@@ -113,7 +121,6 @@ def live_analytics(
         }
         for s in stale[:limit]
     ]
-    table = analysis.q.table
     out["topics"] = [
         [r["topic"], r["n"]]
         for r in analysis.engine.query(

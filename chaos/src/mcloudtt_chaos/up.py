@@ -158,6 +158,12 @@ def _sample_forever(sampler: Sampler, canary: Canary, server: DashboardServer) -
         sampler.sample()
 
 
+def _analytics_forever(sampler: Sampler, server: DashboardServer) -> None:
+    # Its own thread: a query under load must not hold up the once-a-second sample.
+    while not server.stopping.wait(5.0):
+        sampler.refresh_analytics()
+
+
 def apply_action(
     cluster: LocalCluster,
     sampler: Sampler | None,
@@ -301,6 +307,7 @@ def up(args: argparse.Namespace) -> int:
                 target=_sample_forever, args=(sampler, canary, server), daemon=True
             )
             sampler_thread.start()
+            threading.Thread(target=_analytics_forever, args=(sampler, server), daemon=True).start()
             console.print(f"[bold]dashboard:[/] {server.url}")
         console.print("[dim]Ctrl-C stops everything and writes the report.[/]")
         started = time.monotonic()
@@ -356,7 +363,18 @@ def up(args: argparse.Namespace) -> int:
             with contextlib.suppress(OSError):
                 args.report.parent.mkdir(parents=True, exist_ok=True)
                 final = args.report.with_name(args.report.stem + "-dashboard.html")
-                final.write_text(final_page(sampler.snapshot))
+                # The analytics and topics as they are now, not as last refreshed.
+                sampler.refresh_analytics()
+                sampler.refresh_topics()
+                final.write_text(
+                    final_page(
+                        {
+                            **sampler.snapshot,
+                            "analytics": sampler.analytics,
+                            "topics": sampler.topics,
+                        }
+                    )
+                )
                 console.print(f"dashboard's final state: {final.resolve()}")
         if canary is not None:
             canary.stop()
