@@ -30,13 +30,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import parse_qsl, quote, urlsplit
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from .local import LocalCluster
 from .procs import Metrics, Process, http_get, http_status, scrape
 
 HISTORY = 120  # points kept per chart (seconds)
@@ -298,11 +297,18 @@ def adapter_figures(metrics: Metrics) -> dict[str, float]:
     }
 
 
+class Watched(Protocol):
+    """What the sampler watches: a `LocalCluster`, or `upkind.KindTargets`."""
+
+    services: list[Any]
+    redis_port: int
+
+
 @dataclass
 class Sampler:
     """Snapshots of the whole system, once a second, and the events between them."""
 
-    cluster: LocalCluster
+    cluster: Watched
     adapter_http: int | None = None
     fleet: Process | None = None
     canary: Canary | None = None
@@ -374,6 +380,9 @@ class Sampler:
             "brokers": brokers,
             "redis": {
                 "port": self.cluster.redis_port,
+                "where": getattr(
+                    self.cluster, "redis_where", f"127.0.0.1:{self.cluster.redis_port}"
+                ),
                 "state": self.redis_state if redis is not None and redis.alive() else "stopped",
             },
             "adapter": adapter,
@@ -697,7 +706,7 @@ function render(d){
     `</div><button id="kill-${b.name}" onclick="act('${b.name}','kill')">kill</button>`+
     `<button id="restart-${b.name}" onclick="act('${b.name}','restart')">restart</button></div>`;}).join("");
   const r=document.getElementById("redis");r.className="card "+(d.redis.state==="running"?"ready":d.redis.state==="frozen"?"up":"down");
-  r.innerHTML=`<h3>redis <small>127.0.0.1:${d.redis.port}</small> — <span id="redis-state">${d.redis.state}</span></h3>`+
+  r.innerHTML=`<h3>redis <small>${esc(d.redis.where||"")}</small> — <span id="redis-state">${d.redis.state}</span></h3>`+
     ["stop","start","freeze","thaw"].map(v=>`<button id="redis-${v}" onclick="act('redis','${v}')">${v}</button>`).join("");
   if(d.canary){kv(document.getElementById("canary"),[["published",fmt(d.canary.published)],["acknowledged",fmt(d.canary.acknowledged)],["delivered",fmt(d.canary.delivered)],
     ["p50 ms",fmt(d.canary.p50_ms,1)],["p99 ms",fmt(d.canary.p99_ms,1)],["subscribers connected",fmt(d.canary.connected)]]);

@@ -1,0 +1,123 @@
+"""`mcloudtt up --kind` without a cluster (none can run here): a one-line error when a tool or
+the cluster is missing, and the endpoints it would use checked against `kind/cluster.yaml` and
+the rendered `kind/overlays/kind` (each broker's node ports reach that broker's MQTT and HTTP
+container ports from 127.0.0.1; the adapter's Service port is its HTTP port)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+from deploy.manifests import ROOT, Tools, ToolsUnavailable, container, find
+
+from .test_up import mcloudtt
+
+Obj = dict[str, Any]
+
+
+def run(args: list[str], path: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PATH": path}
+    env.pop("KIND_CLUSTER_NAME", None)
+    return subprocess.run(
+        [mcloudtt(), "up", "--kind", *args], capture_output=True, text=True, timeout=60, env=env
+    )
+
+
+def test_missing_tools_are_named_on_one_line(tmp_path: Path) -> None:
+    result = run(["--seconds", "5"], str(tmp_path))  # nothing on PATH
+    assert result.returncode == 2
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("mcloudtt up --kind: needs docker, kind and kubectl on PATH")
+    assert "not found: docker, kind, kubectl" in lines[0] and "kind/up.sh" in lines[0]
+
+
+def test_no_cluster_is_one_line_too(tmp_path: Path) -> None:
+    # Tools present (stand-ins that answer as kind does with no cluster), the cluster absent.
+    for tool, script in (
+        ("docker", "exit 0"),
+        ("kubectl", "exit 0"),
+        ("kind", 'echo "No kind clusters found." >&2; exit 0'),
+    ):
+        path = tmp_path / tool
+        path.write_text(f"#!/bin/sh\n{script}\n")
+        path.chmod(0o755)
+    result = run([], f"{tmp_path}:/usr/bin:/bin")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert lines == [
+        "mcloudtt up --kind: no kind cluster 'mcloudtt' (No kind clusters found.):"
+        " run kind/up.sh first"
+    ]
+
+
+@pytest.fixture(scope="module")
+def tools() -> Tools:
+    try:
+        return Tools.install()
+    except ToolsUnavailable as error:
+        pytest.skip(f"deployment validation tools unavailable: {error}")
+
+
+@pytest.fixture(scope="module")
+def rendered(tools: Tools, tmp_path_factory: pytest.TempPathFactory) -> list[Obj]:
+    return tools.load_yaml(tools.render(tmp_path_factory.mktemp("kind"))["kind"])
+
+
+def _port(workload: Obj, name: str, target: Any) -> int:
+    """The container port a Service's targetPort (a name or a number) means."""
+    ports = container(workload, name)["ports"]
+    if isinstance(target, int):
+        assert any(p["containerPort"] == target for p in ports)
+        return target
+    return next(p["containerPort"] for p in ports if p["name"] == target)
+
+
+@pytest.mark.timeout(900)
+def test_dry_run_endpoints_are_the_overlays(tools: Tools, rendered: list[Obj]) -> None:
+    result = run(["--dry-run", "--devices", "10", "--dashboard", "127.0.0.1:8123"], "/usr/bin")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    brokers = re.findall(
+        r"^broker-(\d+): mqtt 127\.0\.0\.1:(\d+)  http://127\.0\.0\.1:(\d+)/", out, re.M
+    )
+    assert len(brokers) == 3, out
+    mappings = {
+        (m["hostPort"], m["containerPort"], m.get("listenAddress"))
+        for node in tools.load_yaml(ROOT / "kind" / "cluster.yaml")[0]["nodes"]
+        for m in node.get("extraPortMappings", [])
+    }
+    sts = find(rendered, "StatefulSet", "mcloudtt-broker")
+    assert sts["spec"]["replicas"] >= len(brokers) or "HorizontalPodAutoscaler" in {
+        d["kind"] for d in rendered
+    }
+    for n, mqtt, http in brokers:
+        service = find(rendered, "Service", f"mcloudtt-broker-{n}")
+        assert service["spec"]["type"] == "NodePort"
+        assert service["spec"]["selector"] == {
+            "statefulset.kubernetes.io/pod-name": f"mcloudtt-broker-{n}"
+        }
+        by_node_port = {p["nodePort"]: p for p in service["spec"]["ports"]}
+        for host_port, container_port in ((int(mqtt), 1883), (int(http), 8080)):
+            # kind maps the host port to the same node port, on loopback only.
+            assert (host_port, host_port, "127.0.0.1") in mappings, host_port
+            target = by_node_port[host_port]["targetPort"]
+            assert _port(sts, "broker", target) == container_port
+        # The fleet is spread over exactly these brokers.
+        assert f"--broker 127.0.0.1:{mqtt}" in out
+    # The adapter, through kubectl port-forward to its Service's HTTP port.
+    forward = re.search(r"kubectl (.*) port-forward .* svc/(\S+) (\d+):(\d+)", out)
+    assert forward is not None, out
+    assert forward.group(1) == "--context kind-mcloudtt -n mcloudtt"
+    assert find(rendered, "Namespace", "mcloudtt")
+    service = find(rendered, "Service", forward.group(2))
+    port = next(p for p in service["spec"]["ports"] if p["port"] == int(forward.group(4)))
+    deployment = find(rendered, "Deployment", "mcloudtt-adapter")
+    assert _port(deployment, "adapter", port["targetPort"]) == 9100
+    assert f"adapter: http://127.0.0.1:{forward.group(3)}/analytics" in out
+    assert "dashboard: http://127.0.0.1:8123" in out
