@@ -29,7 +29,7 @@ def test_live_analytics_match_independent_counts(tmp_path) -> None:
     def one(sql: str):  # type: ignore[no-untyped-def]
         return con.execute(sql).fetchone()[0]  # type: ignore[index]
 
-    since = "(select max(event_time) from messages) - interval (%d) second" % WINDOW_S
+    since = f"(select max(event_time) from messages) - interval ({WINDOW_S:.0f}) second"
     assert data["total_messages"] == one("select count(*) from messages")
     assert data["as_of_ingest_us"] == one("select epoch_us(max(ingest_time)) from messages")
     assert data["overview"]["messages"] == one(
@@ -67,6 +67,15 @@ def test_live_analytics_match_independent_counts(tmp_path) -> None:
         for r in con.execute(
             "select topic, count(*) from messages group by 1 order by 1"
         ).fetchall()
+    ]
+    # Messages by kind (a device topic's last level): every device row of the window.
+    assert data["kinds"] == [
+        [
+            "env",
+            one(
+                f"select count(*) from messages where device_id is not null and event_time >= {since}"
+            ),
+        ]
     ]
     # The message rate sums to the window's messages.
     assert sum(r[1] * 5 for r in data["rate"]) == data["overview"]["messages"]

@@ -285,6 +285,32 @@ def test_dashboard_figures_match_independent_counts(tmp_path: Path, browser) -> 
         subs = browser.find_element(By.ID, "client-subs").text
         assert "lookup/a/# 1" in subs and "lookup/b 0" in subs
         assert browser.find_element(By.ID, "client-inflight").text == "0"
+        # A takeover: the same ClientId on broker-3 takes its session (and subscriptions) over.
+        probe.disconnect()
+        probe.loop_stop()
+        probe = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id="lookup-probe", clean_session=False
+        )
+        probe.connect("127.0.0.1", int(brokers["broker-3"]["mqtt"].rsplit(":", 1)[1]))
+        probe.loop_start()
+        moved = wait_for(
+            lambda: (
+                (c := json.loads(http_get(port, "/client?id=lookup-probe")[1]))["holder"]
+                == "broker-3"
+                and c["connected"]
+                and c
+            ),
+            timeout=20,
+            what="the lookup finds the client on broker-3",
+        )
+        assert sorted(x["filter"] for x in moved["session"]["subscriptions"]) == [
+            "lookup/a/#",
+            "lookup/b",
+        ]
+        wait.until(lambda d: "broker-3 took over 1 session" in d.find_element(By.ID, "log").text)
+        # The fleet's devices: every connection but the canary's six clients.
+        live = state(port)
+        assert live["fleet"]["devices"] == live["fleet"]["connections"] - 6
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         browser.set_window_size(1400, 3400)
         assert browser.save_screenshot(str(ARTIFACTS / "dashboard-analytics.png"))

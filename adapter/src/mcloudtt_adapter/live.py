@@ -68,6 +68,7 @@ def live_analytics(
         "anomaly_count": 0,
         "stale": [],
         "topics": [],
+        "kinds": [],
     }
     if not out["overview"]["messages"]:
         return out
@@ -120,6 +121,15 @@ def live_analytics(
             "messages": s["messages"],
         }
         for s in stale[:limit]
+    ]
+    # Messages the fleet sent, by kind: a device topic's last level (env, meter, status, ...).
+    out["kinds"] = [
+        [r["kind"], r["n"]]
+        for r in analysis.engine.query(
+            "SELECT REGEXP_EXTRACT(topic, '[^/]+$') AS kind, COUNT(*) AS n FROM "
+            f"{table} WHERE device_id IS NOT NULL AND event_time >= "
+            f"{analysis.q.d.ts(window.since_us or 0)} GROUP BY kind ORDER BY n DESC, kind"
+        )
     ]
     out["topics"] = [
         [r["topic"], r["n"]]

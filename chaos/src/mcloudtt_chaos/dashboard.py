@@ -168,6 +168,9 @@ class Canary:
                 "p50_ms": _quantile(recent, 0.5) * 1000 if recent else None,
                 "p99_ms": _quantile(recent, 0.99) * 1000 if recent else None,
                 "connected": sum(1 for s in self.subscribers if s.is_connected()),
+                "clients": sum(
+                    1 for c in (*self.subscribers, *self.publishers) if c.is_connected()
+                ),
             }
 
 
@@ -390,6 +393,11 @@ class Sampler:
             "fleet": {
                 "running": self.fleet is not None and self.fleet.alive(),
                 "connections": sum(b["connections"] for b in brokers),
+                # every connection but the canary's own clients
+                "devices": max(
+                    0, sum(b["connections"] for b in brokers) - (canary or {}).get("clients", 0)
+                ),
+                "kinds": (self.analytics or {}).get("kinds", []),
                 "in_rate": sum(b["in_rate"] for b in brokers),
             },
             "canary": canary,
@@ -425,6 +433,7 @@ class Sampler:
             "out": m.total("mcloudtt_messages_sent_total"),
             "adopted": m.value("mcloudtt_cluster_sessions_adopted_total"),
             "restored": m.value("mcloudtt_cluster_sessions_restored_total"),
+            "handovers": m.value("mcloudtt_cluster_handovers_total"),
             "link_losses": m.value("mcloudtt_cluster_link_losses_total"),
             "connects": m.value("mcloudtt_cluster_connects_total"),
         }
@@ -459,6 +468,7 @@ class Sampler:
             redis_link="up" if link == 1 else "down" if link == 0 else "?",
             redis_reconnects=counters["link_losses"],
             adopted=counters["adopted"],
+            handovers=counters["handovers"],
             cpu_pct=cpu,
             rss_mb=usage[1] / 2**20 if usage is not None else 0.0,
         )
@@ -494,6 +504,9 @@ class Sampler:
         if "adopted" in before and counters["adopted"] > before["adopted"]:
             n = counters["adopted"] - before["adopted"]
             self.event(f"{name} adopted {n:.0f} session(s) from a lost broker")
+        if "handovers" in before and counters["handovers"] > before["handovers"]:
+            n = counters["handovers"] - before["handovers"]
+            self.event(f"{name} took over {n:.0f} session(s) from the broker its client left")
         if "restored" in before and counters["restored"] > before["restored"]:
             n = counters["restored"] - before["restored"]
             self.event(f"{name} restored {n:.0f} persistent session(s) from Redis")
@@ -701,7 +714,7 @@ function render(d){
     [["connections",fmt(b.connections)],["sessions",fmt(b.sessions)],["subscriptions",fmt(b.subscriptions)],
      ["in msg/s",fmt(b.in_rate,1)],["out msg/s",fmt(b.out_rate,1)],["queued / inflight",`${fmt(b.queued)} / ${fmt(b.inflight)}`],
      ["drops",drops],["peers",fmt(b.peers)],["Redis link",b.redis_link],["Redis reconnects",fmt(b.redis_reconnects)],
-     ["sessions adopted",fmt(b.adopted)],["CPU %",fmt(b.cpu_pct,1)],["memory MB",fmt(b.rss_mb,1)]]
+     ["sessions adopted",fmt(b.adopted)],["takeovers",fmt(b.handovers)],["CPU %",fmt(b.cpu_pct,1)],["memory MB",fmt(b.rss_mb,1)]]
     .map(p=>`<span>${p[0]}</span><span>${p[1]}</span>`).join("")+
     `</div><button id="kill-${b.name}" onclick="act('${b.name}','kill')">kill</button>`+
     `<button id="restart-${b.name}" onclick="act('${b.name}','restart')">restart</button></div>`;}).join("");
@@ -713,7 +726,9 @@ function render(d){
     const l=document.getElementById("lost");l.textContent=d.canary.lost;l.className=d.canary.lost===0?"zero":"";}
   if(d.adapter){kv(document.getElementById("adapter"),[["state",d.adapter.up?"up":"down"],["rows stored",fmt(d.adapter.rows)],
     ["rows/s",fmt(d.adapter.rows_rate,1)],["pending",fmt(d.adapter.pending)],["lag s",fmt(d.adapter.lag_s,3)],["sink errors",fmt(d.adapter.sink_errors)]]);}
-  kv(document.getElementById("fleet"),[["simulator",d.fleet.running?"running":"stopped"],["connections (all brokers)",fmt(d.fleet.connections)],["msg/s into the cluster",fmt(d.fleet.in_rate,1)]]);
+  kv(document.getElementById("fleet"),[["simulator",d.fleet.running?"running":"stopped"],["devices connected",fmt(d.fleet.devices)],
+    ["connections (all brokers)",fmt(d.fleet.connections)],["msg/s into the cluster",fmt(d.fleet.in_rate,1)],
+    ...d.fleet.kinds.map(k=>[`stored "${esc(k[0])}" messages (10 min)`,fmt(k[1])])]);
   chart("latency",d.history.canary,["p50 ms","p99 ms"]);
   chart("rates",d.history.rates,d.brokers.map(b=>b.name+" in/s"));
   chart("adapterchart",d.history.adapter,["rows/s","lag s"]);
