@@ -34,6 +34,7 @@ from .dashboard import Canary, DashboardServer, Sampler, final_page
 from .local import LocalCluster, workdir
 from .procs import console_script, free_port, http_get, port_free, port_open, wait_for
 
+LOAD_SPEEDUP = 60.0  # up.LOAD_SPEEDUP (up imports this module lazily; no cycle)
 ADAPTER_SERVICE = "svc/mcloudtt-adapter"  # kind/base/adapter/service.yaml
 ADAPTER_PORT = 9100
 REDIS_WHERE = f"pod {kb.REDIS_POD} (in the cluster)"
@@ -127,6 +128,8 @@ def fleet_command(args: argparse.Namespace, targets: KindTargets) -> list[str]:
         "--seconds",
         str(seconds),
     ]
+    if args.load:  # as the local --load: the verifier's subscriber would double the work
+        command += ["--speedup", str(LOAD_SPEEDUP), "--verify", "none"]
     for service in targets.services:
         if service.port is not None:
             command += ["--broker", f"127.0.0.1:{service.port}"]
