@@ -121,3 +121,68 @@ def test_dry_run_endpoints_are_the_overlays(tools: Tools, rendered: list[Obj]) -
     assert _port(deployment, "adapter", port["targetPort"]) == 9100
     assert f"adapter: http://127.0.0.1:{forward.group(3)}/analytics" in out
     assert "dashboard: http://127.0.0.1:8123" in out
+
+
+def test_buttons_act_through_the_kind_backend() -> None:
+    """Each dashboard button, on a dry-run kind backend: the pod it acts on is the one whose
+    node ports the card shows (pod N on 30880+N), and Redis' state follows."""
+    from mcloudtt_chaos.backends import kind as kb
+    from mcloudtt_chaos.dashboard import Sampler
+    from mcloudtt_chaos.upkind import apply_kind_action, kind_targets
+
+    targets = kind_targets()
+    sampler = Sampler(targets)
+    backend = kb.KindBackend(dry_run=True)
+    card = {s.name: s for s in targets.services}
+    cases = [
+        (("broker-1", "kill"), "delete pod mcloudtt-broker-1 --grace-period=0 --force", None),
+        (("broker-1", "restart"), f"{card['broker-1'].http_port}/healthz answers 200", None),
+        (("redis", "stop"), "scale statefulset/mcloudtt-redis --replicas=0", "stopped"),
+        (("redis", "start"), "scale statefulset/mcloudtt-redis --replicas=1", "running"),
+        (("redis", "freeze"), "kill -STOP", "frozen"),
+        (("redis", "thaw"), "kill -CONT", "running"),
+    ]
+    for action, expected, redis in cases:
+        before = len(backend.runner.plan)
+        apply_kind_action(backend, sampler, action)
+        lines = "\n".join(backend.runner.plan[before:])
+        assert expected in lines, (action, lines)
+        if redis is not None:
+            assert sampler.redis_state == redis
+    log = [e["text"] for e in sampler.events]
+    assert (
+        any("broker-1: pod deleted" in t for t in log) and any("failed" in t for t in log) is False
+    )
+
+
+def test_the_sampler_watches_brokers_it_did_not_start(tmp_path: Path) -> None:
+    """The kind view's brokers are not this machine's children: the sampler reads them over
+    HTTP alone (here two local brokers stand in for the pods' node ports)."""
+    from mcloudtt_chaos.dashboard import Sampler, lookup
+    from mcloudtt_chaos.local import LocalCluster
+    from mcloudtt_chaos.procs import free_block, wait_for
+    from mcloudtt_chaos.upkind import REDIS_WHERE, KindTargets, RemoteService
+
+    cluster = LocalCluster(
+        tmp_path, brokers=2, base_port=free_block(2), base_http_port=free_block(2)
+    )
+    try:
+        cluster.start_redis()
+        cluster.start_brokers()
+        remote = [
+            RemoteService(s.name, s.port, s.http_port)
+            for s in cluster.services
+            if s.name.startswith("broker-")
+        ]
+        sampler = Sampler(KindTargets([*remote, RemoteService("redis")]))
+        snap = wait_for(
+            lambda: (s := sampler.sample()) and all(b["ready"] for b in s["brokers"]) and s,
+            timeout=20,
+            what="both brokers ready",
+        )
+        assert [b["name"] for b in snap["brokers"]] == ["broker-1", "broker-2"]
+        assert all(b["cpu_pct"] == 0 and b["rss_mb"] == 0 for b in snap["brokers"])
+        assert snap["redis"] == {"port": 6379, "where": REDIS_WHERE, "state": "running"}
+        assert lookup(sampler.broker_http(), "nobody")["holder"] is None
+    finally:
+        cluster.stop()
