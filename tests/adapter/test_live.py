@@ -60,7 +60,7 @@ def test_live_analytics_match_independent_counts(tmp_path) -> None:
     assert set(data["series"]["temp"]) == {"d0", "d1", "d2", "d3"}  # the four busiest
     assert data["units"]["temp"] == "°C"
     # The spike on d0 (i = 450) is an anomaly; d4 went quiet and is stale.
-    assert any(a["device_id"] == "d0" and a["metric"] == "temp" for a in data["anomalies"])
+    assert any(a["device_id"] == "d0" and a["value"] > 40 for a in data["anomalies"])
     assert [s["device_id"] for s in data["stale"]] == ["d4"]
     assert data["topics"] == [
         list(r)
@@ -86,3 +86,22 @@ def test_live_analytics_of_an_empty_table() -> None:
     sink.open()
     data = live_analytics(Analysis(DuckDBEngine(sink.reader())))
     assert data["overview"]["messages"] == 0 and data["rollups"] == {} and data["topics"] == []
+
+
+def test_costly_parts_read_the_newest_rows_only(tmp_path) -> None:
+    sink = DuckDBSink(tmp_path / "recent.duckdb")
+    sink.open()
+    sink.write(fleet(900))
+    data = live_analytics(Analysis(DuckDBEngine(sink.reader())), recent_rows=100)
+    con = sink.reader()
+    cut = con.execute(
+        "select epoch_us(event_time) / 1e6 from messages order by event_time desc limit 1 offset 100"
+    ).fetchone()[0]
+    assert data["recent_since"] == cut
+    assert all(p[0] >= cut for per in data["series"].values() for pts in per.values() for p in pts)
+    # The spike on d0 (i = 450) is older than the newest 100 rows: not judged again.
+    assert all(a["t"] >= cut for a in data["anomalies"])
+    assert not [a for a in data["anomalies"] if a["device_id"] == "d0" and a["value"] > 40]
+    # The cheap parts still cover the whole window.
+    assert data["overview"]["messages"] > 100
+    sink.close()

@@ -1,7 +1,8 @@
 """The analytics the dashboard of `mcloudtt up` charts, as JSON (`GET /analytics`).
 
 The same queries as the report (`analysis.Queries`), over the last `WINDOW_S` seconds of event
-time so that a long run costs the same every few seconds: overview, message rate, minute rollups
+time so that a long run costs the same every few seconds (anomalies and per-device series over
+the newest `RECENT_ROWS` rows of that at most): overview, message rate, minute rollups
 per metric across devices, per-device series of the commonest metrics, anomalies, stale devices
 and the topics seen. Times are Unix seconds; metadata never appears (the decoder keeps it out of
 `metrics`), nor does a broker's `$SYS` counters (rows without a device).
@@ -15,6 +16,7 @@ from typing import Any
 from .analysis import Analysis, Window
 
 WINDOW_S = 600.0
+RECENT_ROWS = 50_000
 # Units of the simulator's scenario fields (simulator/.../scenarios/*.toml); others have none.
 UNITS = {
     "temp": "°C",
@@ -37,22 +39,40 @@ def _s(value: Any) -> float | None:
 
 
 def live_analytics(
-    analysis: Analysis, *, metrics: int = 3, devices: int = 4, limit: int = 50
+    analysis: Analysis,
+    *,
+    metrics: int = 3,
+    devices: int = 4,
+    limit: int = 50,
+    recent_rows: int = RECENT_ROWS,
 ) -> dict[str, Any]:
     """Everything the dashboard's analytics panel draws, in one JSON-ready dict."""
-    table = analysis.q.table
-    newest = analysis.engine.query(
-        f"SELECT {analysis.q.d.micros('MAX(ingest_time)')} AS us FROM {table}"
+    table, d = analysis.q.table, analysis.q.d
+    # Plain aggregates, no de-duplication: cheap however many rows the table has.
+    (whole,) = analysis.engine.query(
+        f"SELECT COUNT(*) AS n, {d.micros('MAX(ingest_time)')} AS ingest_us,"
+        f" {d.micros('MAX(event_time)')} AS event_us FROM {table}"
     )
-    whole = analysis.overview()
-    last_us = whole.get("last_event_us")
+    last_us = whole["event_us"]
     window = Window(since_us=int(last_us - WINDOW_S * 1e6)) if last_us else Window()
-    overview = analysis.overview(window) if last_us else whole
+    # The costly parts (a window function per value, per-device series) read the newest
+    # RECENT_ROWS rows at most: under --load ten minutes hold millions.
+    recent = window
+    if last_us:
+        cut = analysis.engine.query(
+            f"SELECT {d.micros('event_time')} AS us FROM {table}"
+            f" ORDER BY event_time DESC LIMIT 1 OFFSET {int(recent_rows)}"
+        )
+        if cut and window.since_us is not None and cut[0]["us"] > window.since_us:
+            recent = Window(since_us=int(cut[0]["us"]))
+    overview = analysis.overview(window) if last_us else {}
     out: dict[str, Any] = {
         "window_s": WINDOW_S,
         # The newest row these figures include: a check recounts `ingest_time <= this`.
-        "as_of_ingest_us": newest[0]["us"] if newest else None,
-        "total_messages": whole.get("messages") or 0,
+        "as_of_ingest_us": whole["ingest_us"],
+        "total_messages": whole["n"],
+        # Anomalies and per-device series: the events since this time (Unix seconds).
+        "recent_since": recent.since_us / 1e6 if recent.since_us is not None else None,
         "overview": {
             "messages": overview.get("messages") or 0,
             "devices": overview.get("devices") or 0,
@@ -91,14 +111,14 @@ def live_analytics(
         metric: [[t, a[1] / a[0], a[2], a[3], int(a[0])] for t, a in sorted(buckets.items())]
         for metric, buckets in sorted(merged.items())
     }
-    top = [d["device_id"] for d in analysis.top_devices(window, devices)]
+    top = [row["device_id"] for row in analysis.top_devices(recent, devices)]
     for metric in sorted(counts, key=lambda m: (-counts[m], m))[:metrics]:
         per: dict[str, list[list[float | None]]] = {}
-        for r in analysis.device_series(top, metric, "second", window):
+        for r in analysis.device_series(top, metric, "second", recent):
             per.setdefault(r["device_id"], []).append([_s(r["bucket"]), r["avg_value"]])
         if per:
             out["series"][metric] = per
-    anomalies = [a for a in analysis.anomalies(window=window) if a["device_id"] is not None]
+    anomalies = [a for a in analysis.anomalies(window=recent) if a["device_id"] is not None]
     out["anomaly_count"] = len(anomalies)
     out["anomalies"] = [
         {

@@ -674,8 +674,8 @@ table.t{border-collapse:collapse;background:#fff;font-size:12px} table.t td,tabl
 <div class="cards"><div class="card"><div class="kv" id="an-overview"></div></div>
 <div><div class="small">stored messages/s, by event time</div><svg id="an-rate" width="520" height="160"></svg></div></div>
 <h3>Rollups per minute, all devices (mean; band: min to max)</h3><div class="cards" id="an-rollups"></div>
-<h3>Per-device measurements (the busiest devices)</h3><div class="cards" id="an-series"></div>
-<h3>Anomalies (<span id="an-anomaly-count">0</span>)</h3><table class="t" id="an-anomalies"></table>
+<h3>Per-device measurements (the busiest devices) <small class="an-recent"></small></h3><div class="cards" id="an-series"></div>
+<h3>Anomalies (<span id="an-anomaly-count">0</span>) <small class="an-recent"></small></h3><table class="t" id="an-anomalies"></table>
 <h3>Stale devices (<span id="an-stale-count">0</span>)</h3><table class="t" id="an-stale"></table>
 <h2>Topics <button id="topics-refresh">refresh</button> <small id="topics-meta"></small></h2>
 <div id="topics"></div>
@@ -781,6 +781,7 @@ function renderAnalytics(a){
   Object.entries(a.series).forEach(([m,per])=>ser.appendChild(chartCard("series",m,`${m}${u(m)?" ("+u(m)+")":""} per device`,
     Object.entries(per).map(([d,pts])=>({name:d,pts:pts})),u(m))));
   document.getElementById("an-anomaly-count").textContent=a.anomaly_count;
+  document.querySelectorAll(".an-recent").forEach(e=>e.textContent=a.recent_since?`events since ${hms(a.recent_since)} (the newest 50,000 at most)`:"");
   table(document.getElementById("an-anomalies"),["time","device","metric","value","kind","score"],
     a.anomalies.slice().reverse().slice(0,20).map(r=>[hms(r.t),r.device_id,r.metric,`${fmt(r.value,2)} ${u(r.metric)}`,r.kind,fmt(r.score,2)]));
   document.getElementById("an-stale-count").textContent=a.stale.length;
