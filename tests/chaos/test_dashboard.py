@@ -340,6 +340,16 @@ def test_dashboard_figures_match_independent_counts(tmp_path: Path, browser) -> 
         per_topic = con.execute(
             f"select topic, count(*) from messages where {cut} group by 1 order by 1"
         ).fetchall()
+        canary = {
+            json.loads(bytes(payload))["seq"]
+            for (payload,) in con.execute(
+                "select payload from messages where topic = 'mcloudtt/canary'"
+            ).fetchall()
+        }
     assert a["total_messages"] == total > 0
     assert [tuple(t) for t in a["topics"]] == per_topic
+    # The canary's figures: every probe it counted as acknowledged went through the cluster's
+    # tap into DuckDB (no fault in this run), and it counted none lost.
+    assert data["canary"]["lost"] == 0 and data["canary"]["acknowledged"] > 5
+    assert canary >= set(range(1, data["canary"]["acknowledged"] + 1))
     assert wait_for(lambda: not left_behind(markers), timeout=10, what="no process left")
