@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from deploy.manifests import ROOT, Tools, ToolsUnavailable, container, find
 
-from .test_up import mcloudtt
+from .test_up import left_behind, mcloudtt
 
 Obj = dict[str, Any]
 
@@ -186,3 +186,176 @@ def test_the_sampler_watches_brokers_it_did_not_start(tmp_path: Path) -> None:
         assert lookup(sampler.broker_http(), "nobody")["holder"] is None
     finally:
         cluster.stop()
+
+
+FORWARDER = """#!{python}
+# Stands in for `kubectl` here: `port-forward ... LOCAL:9100` forwards LOCAL to the adapter
+# this test runs; anything else (a button's kubectl call) is recorded and succeeds.
+import asyncio, sys
+with open({log!r}, "a") as f:
+    print(" ".join(sys.argv[1:]), file=f)
+if "port-forward" not in sys.argv:
+    sys.exit(0)
+local, target = int(sys.argv[-1].split(":")[0]), {adapter}
+
+
+async def pipe(reader, writer):
+    try:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    finally:
+        writer.close()
+
+
+async def handle(reader, writer):
+    r2, w2 = await asyncio.open_connection("127.0.0.1", target)
+    await asyncio.gather(pipe(reader, w2), pipe(r2, writer))
+
+
+async def main():
+    server = await asyncio.start_server(handle, "127.0.0.1", local)
+    await server.serve_forever()
+
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.timeout(180)
+def test_up_kind_end_to_end_with_stand_ins(tmp_path: Path) -> None:
+    """The whole `--kind` run with the cluster stood in for: local brokers on the kind node
+    ports, an adapter behind a stand-in `kubectl port-forward`, `kind` listing the cluster.
+    The dashboard shows the brokers and the adapter's analytics, a button runs the kind
+    backend's kubectl command, and the report comes from the adapter's /report."""
+    import json
+    import signal
+    import sys
+    import urllib.request
+
+    from mcloudtt_chaos.backends import kind as kb
+    from mcloudtt_chaos.local import LocalCluster
+    from mcloudtt_chaos.procs import console_script, free_port, http_get, port_free, wait_for
+
+    node_ports = [kb.MQTT_NODE_PORT + i for i in range(3)] + [
+        kb.HTTP_NODE_PORT + i for i in range(3)
+    ]
+    if not all(port_free(p) for p in node_ports):
+        pytest.skip("the kind node ports are taken on this machine")
+    cluster = LocalCluster(
+        tmp_path / "cluster",
+        brokers=3,
+        base_port=kb.MQTT_NODE_PORT,
+        base_http_port=kb.HTTP_NODE_PORT,
+    )
+    (tmp_path / "cluster").mkdir()
+    adapter, dashboard = free_port(), free_port()
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "kubectl.log"
+    (bin_dir / "kubectl").write_text(
+        FORWARDER.format(python=sys.executable, log=str(calls), adapter=adapter)
+    )
+    (bin_dir / "kind").write_text("#!/bin/sh\necho mcloudtt\n")
+    (bin_dir / "docker").write_text("#!/bin/sh\nexit 0\n")
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    proc = None
+    try:
+        cluster.start_redis()
+        cluster.start_brokers("--tap-stream", "mcloudtt:tap", "--sys-interval", "5")
+        assert cluster.base_port == kb.MQTT_NODE_PORT  # not moved to a free block
+        cluster.start(
+            "adapter",
+            [
+                *console_script("mcloudtt-adapter"),
+                "run",
+                "--redis",
+                cluster.redis_url,
+                "--redis-mode",
+                "stream",
+                "--tap-stream",
+                "mcloudtt:tap",
+                "--duckdb",
+                str(tmp_path / "k.duckdb"),
+                "--http",
+                f"127.0.0.1:{adapter}",
+            ],
+            http_port=adapter,
+        )
+        env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+        env.pop("KIND_CLUSTER_NAME", None)
+        proc = subprocess.Popen(
+            [
+                mcloudtt(),
+                "up",
+                "--kind",
+                "--seconds",
+                "60",
+                "--devices",
+                "10",
+                "--dashboard",
+                f"127.0.0.1:{dashboard}",
+                "--report",
+                str(tmp_path / "report.html"),
+                "--workdir",
+                str(tmp_path / "work"),
+            ],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+        def get(path: str) -> Any:
+            try:
+                status, body = http_get(dashboard, path, timeout=5)
+            except OSError:
+                return None
+            return json.loads(body) if status == 200 else None
+
+        snap = wait_for(
+            lambda: (
+                (s := get("/state"))
+                and [b["state"] for b in s["brokers"]] == ["ready"] * 3
+                and (s["adapter"] or {}).get("rows")
+                and s
+            ),
+            timeout=60,
+            what="three ready brokers and rows through the adapter",
+        )
+        assert [b["mqtt"] for b in snap["brokers"]] == [
+            f"127.0.0.1:{kb.MQTT_NODE_PORT + i}" for i in range(3)
+        ]
+        assert snap["redis"]["where"].startswith("pod mcloudtt-redis-0")
+        wait_for(
+            lambda: (a := get("/analytics")) and a["total_messages"] > 0,
+            timeout=30,
+            what="the adapter's analytics through the port-forward",
+        )
+        # A button: the kind backend's command for it (here recorded by the stand-in).
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{dashboard}/action/broker-1/kill", method="POST"
+        )
+        with urllib.request.urlopen(request, timeout=5) as answer:
+            assert answer.status == 202
+        wait_for(
+            lambda: (
+                calls.exists()
+                and "-n mcloudtt delete pod mcloudtt-broker-1 --grace-period=0 --force"
+                in calls.read_text()
+            ),
+            timeout=20,
+            what="kubectl delete pod from the kill button",
+        )
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+        cluster.stop()
+    assert "<svg" in (tmp_path / "report.html").read_text()  # the adapter's own /report
+    assert "const FINAL={" in (tmp_path / "report-dashboard.html").read_text()
+    assert "port-forward --address 127.0.0.1 svc/mcloudtt-adapter" in calls.read_text()
+    # Neither the port-forward nor the fleet outlives it.
+    markers = [str(bin_dir), f"--broker 127.0.0.1:{kb.MQTT_NODE_PORT}"]
+    assert wait_for(lambda: not left_behind(markers), timeout=10, what="no process left")

@@ -190,7 +190,8 @@ def apply_kind_action(backend: kb.KindBackend, sampler: Sampler, action: tuple[s
                 f"redis {verb} from the dashboard", "bad" if verb in ("stop", "freeze") else "good"
             )
     except (kb.KindError, NotImplementedError, OSError, TimeoutError) as error:
-        note(f"{target} {verb} failed: {error}", "bad")
+        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        note(f"{target} {verb} failed: {first[:300]}", "bad")
 
 
 def up_kind(args: argparse.Namespace) -> int:
