@@ -158,6 +158,7 @@ def test_dashboard_shows_the_cluster_and_breaks_it_at_a_click(tmp_path: Path, br
             proc.wait(60)
         except subprocess.TimeoutExpired:
             proc.kill()
+            proc.wait(10)
     assert proc.returncode == 0
     time.sleep(0.5)
     assert wait_for(lambda: not left_behind(markers), timeout=10, what="no process left")
@@ -327,6 +328,7 @@ def test_dashboard_figures_match_independent_counts(tmp_path: Path, browser) -> 
             proc.wait(60)
         except subprocess.TimeoutExpired:
             proc.kill()
+            proc.wait(10)
     assert proc.returncode == 0
     # The final page's analytics, recounted in DuckDB up to the newest row they included.
     final = (tmp_path / "report-dashboard.html").read_text()

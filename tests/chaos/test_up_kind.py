@@ -352,6 +352,7 @@ def test_up_kind_end_to_end_with_stand_ins(tmp_path: Path) -> None:
     finally:
         if proc is not None and proc.poll() is None:
             proc.kill()
+            proc.wait(10)
         cluster.stop()
     assert "<svg" in (tmp_path / "report.html").read_text()  # the adapter's own /report
     assert "const FINAL={" in (tmp_path / "report-dashboard.html").read_text()

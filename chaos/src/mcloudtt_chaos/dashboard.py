@@ -337,8 +337,10 @@ class Sampler:
                 self.analytics = {"t": time.time(), **json.loads(body)}
         return self.analytics
 
-    def refresh_topics(self) -> dict[str, Any] | None:
-        """The retained messages as the first ready broker has them, beside DuckDB's counts."""
+    def refresh_topics(self, timeout: float = 5.0) -> dict[str, Any] | None:
+        """The retained messages as the first ready broker has them, beside DuckDB's counts;
+        `timeout` bounds the whole scan, whichever brokers fail to answer."""
+        deadline = time.monotonic() + timeout
         stored = (self.analytics or {}).get("topics", [])
         for service in self.brokers():
             snapshot = next(
@@ -346,7 +348,10 @@ class Sampler:
             )
             if service.port is None or (snapshot is not None and not snapshot["ready"]):
                 continue
-            retained = retained_scan(service.port, self.host)
+            left = deadline - time.monotonic()
+            if left <= 0.5:
+                break
+            retained = retained_scan(service.port, self.host, timeout=left)
             if retained is not None:
                 self.topics = {
                     "t": time.time(),

@@ -380,7 +380,7 @@ def up(args: argparse.Namespace) -> int:
                 final = args.report.with_name(args.report.stem + "-dashboard.html")
                 # The analytics and topics as they are now, not as last refreshed.
                 sampler.refresh_analytics()
-                sampler.refresh_topics()
+                sampler.refresh_topics(timeout=3.0)
                 final.write_text(
                     final_page(
                         {
