@@ -802,6 +802,22 @@ BROKER = Scheme(
             metavar="N",
         ),
         _cluster(
+            "tap-streams",
+            positive_int,
+            "shard the tap into N streams by topic hash, each on its own Redis Cluster slot "
+            "(1: the one --tap-stream key; give the adapter the same N)",
+            setting=(ClusterSettings, "tap_streams"),
+            metavar="N",
+        ),
+        _cluster(
+            "sharded-pubsub",
+            boolean,
+            "broadcast mode on sharded Pub/Sub (SPUBLISH/SSUBSCRIBE, Redis 7): for a Redis "
+            "Cluster backplane",
+            setting=(ClusterSettings, "sharded_pubsub"),
+            metavar="BOOL",
+        ),
+        _cluster(
             "cluster-buffer",
             positive_int,
             "messages kept for the cluster while Redis is away (QoS 0 dropped first)",

@@ -246,10 +246,14 @@ class Membership:
         """The control channel (and in broadcast mode the sync channel) until the link breaks."""
         pubsub = redis.pubsub(ignore_subscribe_messages=True)
         channels = [self.k_control]
-        if self.settings.mode == BROADCAST:
+        sharded = self.settings.sharded_pubsub
+        if self.settings.mode == BROADCAST and not sharded:
             channels.append(self.settings.sync_channel)
         try:
             await pubsub.subscribe(*channels)
+            if self.settings.mode == BROADCAST and sharded:
+                # SSUBSCRIBE: on a Redis Cluster only the channel's shard carries the message.
+                await pubsub.ssubscribe(self.settings.sync_channel)
             # Anything announced before we listened is covered by the table load on connect;
             # reload once more now that we listen, so nothing falls between the two.
             await self.load_peers(redis)

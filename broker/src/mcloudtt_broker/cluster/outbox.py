@@ -30,6 +30,7 @@ from .keys import cluster_keys
 from .records import encode_record
 from .resp import Commands
 from .settings import BROADCAST, ClusterSettings
+from .tap import tap_index, tap_streams
 
 # Messages per write: small enough that the next hop starts while we read the rest of a burst.
 FLUSH_BATCH = 256
@@ -88,6 +89,9 @@ class Outbox:
         self.sequence = time.time_ns() // 1000 if sequence is None else sequence
         # Every publish goes to Redis in these settings, whether or not a peer subscribed.
         self._forward_all = settings.mode == BROADCAST or bool(settings.tap_stream)
+        self._taps = (
+            tap_streams(settings.tap_stream, settings.tap_streams) if settings.tap_stream else ()
+        )
         self.outbound: deque[Item] = deque()
         self.control: list[tuple[str, str]] = []  # ("add"|"del", filter) to announce
         self.unconfirmed: dict[str, deque[tuple[int, bytes]]] = {}
@@ -287,7 +291,7 @@ class Outbox:
             qos = message.qos
             if broadcast:
                 keys = self.keys
-                commands.publish(
+                (commands.spublish if settings.sharded_pubsub else commands.publish)(
                     settings.sync_channel,
                     envelope
                     if keys is None
@@ -323,8 +327,10 @@ class Outbox:
                     )
                 else:
                     commands.hdel(self.k_retained, message.topic)
-            if settings.tap_stream:
-                self._xadd(commands, settings.tap_stream, "e", envelope, settings.tap_maxlen)
+            taps = self._taps
+            if taps:
+                tap = taps[0] if len(taps) == 1 else taps[tap_index(message.topic_wire, len(taps))]
+                self._xadd(commands, tap, "e", envelope, settings.tap_maxlen)
         for dest, records in batches.items():
             self._xadd(
                 commands,
