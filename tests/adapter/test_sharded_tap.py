@@ -250,3 +250,81 @@ def test_two_replicas_sharded_tap_redis_cluster(tmp_path, redis_cluster, adapter
     assert all(client.xlen(key) for key in keys)
     assert all(_stored([db]) for db in dbs)  # both replicas had a share
     client.close()
+
+
+def test_broadcast_on_sharded_pubsub(
+    tmp_path, redis_server, mqtt_broker, adapter_process, publisher
+) -> None:
+    """--sharded-pubsub: broadcast mode's channel on SPUBLISH/SSUBSCRIBE; brokers deliver QoS 0
+    from it and the adapter's Pub/Sub tap reads it; nothing on the classic channel."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    args = ("--redis", redis_server.url, "--cluster-mode", "broadcast", "--sharded-pubsub", "true")
+    a = mqtt_broker(*args, "--id", "spub-a")
+    b = mqtt_broker(*args, "--id", "spub-b")
+    for broker in (a, b):
+        wait_until(lambda broker=broker: broker.http_get("/readyz")[0] == 200, 15)
+    db = tmp_path / "sharded.duckdb"
+    adapter = adapter_process(
+        "--redis",
+        redis_server.url,
+        "--redis-mode",
+        "pubsub",
+        "--sharded-pubsub",
+        "true",
+        "--duckdb",
+        str(db),
+    )
+    r = redis.Redis(port=redis_server.port)
+    wait_until(lambda: r.pubsub_shardnumsub("sync")[0][1] == 3, 10)  # two brokers, the adapter
+    assert r.pubsub_numsub("sync")[0][1] == 0
+    got: list[bytes] = []
+    sub = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    sub.on_message = lambda _c, _u, message: got.append(message.payload)
+    sub.connect("127.0.0.1", b.port)
+    sub.loop_start()
+    try:
+        sub.subscribe("devices/#", qos=0)
+        time.sleep(0.3)
+        pub = publisher(a.port, "dev-spub")
+        for i in range(20):
+            pub.publish(f"devices/d{i % 3}/env", orjson.dumps({"seq": i}), qos=0)
+        wait_until(lambda: len(got) >= 20, 10)
+    finally:
+        sub.loop_stop()
+        sub.disconnect()
+    wait_until(lambda: _rows(adapter) >= 20, 10)
+    assert adapter.stop(signal.SIGTERM) == 0, adapter.log()
+    assert sorted(orjson.loads(p)["seq"] for p in got) == list(range(20))
+
+
+def test_sharded_pubsub_tap_on_redis_cluster(tmp_path, redis_cluster, adapter_process) -> None:
+    """The adapter's Pub/Sub tap on a Redis Cluster: SSUBSCRIBE on the channel's shard (redis-py
+    follows the slot) receives what a broker SPUBLISHes through any node."""
+    client = redis_cluster.client()
+    db = tmp_path / "cluster-sync.duckdb"
+    adapter = adapter_process(
+        "--redis",
+        redis_cluster.url,
+        "--redis-mode",
+        "pubsub",
+        "--sharded-pubsub",
+        "true",
+        "--duckdb",
+        str(db),
+    )
+    owner = client.get_node_from_key("sync")
+    shard = redis.Redis(port=owner.port)
+    wait_until(lambda: shard.pubsub_shardnumsub("sync")[0][1] == 1, 10)
+    for i in range(25):
+        envelope = encode_envelope(
+            Envelope(origin="cluster-broker", sequence=i + 1, received_at_us=time.time_ns() // 1000,
+                     client_id="dev", topic="devices/d1/env", payload=orjson.dumps({"seq": i}))
+        )  # fmt: skip
+        client.spublish("sync", envelope)
+    wait_until(lambda: _rows(adapter) >= 25, 10)
+    assert adapter.stop(signal.SIGTERM) == 0, adapter.log()
+    assert len(set(_stored([db]))) == 25
+    shard.close()
+    client.close()

@@ -490,8 +490,12 @@ class RedisPubSubSource(_RedisSource):
             try:
                 self._redis = await self.link.connect()
                 pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+                get_message = pubsub.get_message
                 if self.sharded:
                     await pubsub.ssubscribe(self.channel)
+                    if isinstance(self._redis, aioredis.RedisCluster):
+                        # The cluster's Pub/Sub reads shard channels from their own node.
+                        get_message = pubsub.get_sharded_message
                 else:
                     await pubsub.subscribe(self.channel)
                 self._connected = True
@@ -500,12 +504,12 @@ class RedisPubSubSource(_RedisSource):
                 backoff.reset()
                 while not self._stopping:
                     await self.pipeline.wait_for_room()
-                    message = await pubsub.get_message(timeout=0.5)
+                    message = await get_message(timeout=0.5)
                     if message is None:
                         continue
                     batch = [message]
                     while len(batch) < 2000:
-                        more = await pubsub.get_message(timeout=0)
+                        more = await get_message(timeout=0)
                         if more is None:
                             break
                         batch.append(more)
