@@ -27,6 +27,7 @@ WITH_COMPONENTS = {
     "kind-locust": ("kind/overlays/kind", "kind/components/locust"),
     "gke-locust": ("kind/overlays/gke", "kind/components/locust"),
     "kind-redis-cluster": ("kind/overlays/kind", "kind/components/redis-cluster"),
+    "gke-memorystore-cluster": ("kind/overlays/gke", "kind/components/memorystore-cluster"),
 }
 GKE_EXAMPLE = KIND / "overlays" / "gke" / "gke.env.example"
 K8S_VERSION = "1.33"

@@ -213,9 +213,18 @@ def test_redis_conf_runs_on_the_real_redis_server(tmp_path: Path) -> None:
     log = tmp_path / "redis.log"
     with log.open("wb") as out:  # the child keeps its own descriptor
         proc = subprocess.Popen(
-            ["redis-server", str(tmp_path / "redis.conf"), "--port", str(port),
-             "--bind", "127.0.0.1", "--cluster-port", str(bus)],
-            stdout=out, stderr=subprocess.STDOUT,
+            [
+                "redis-server",
+                str(tmp_path / "redis.conf"),
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--cluster-port",
+                str(bus),
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
         )
     try:
         client = redis.Redis(port=port, password="pw")
@@ -239,3 +248,42 @@ def test_redis_conf_runs_on_the_real_redis_server(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_gke_on_memorystore_cluster(tools: Tools, rendered: dict[str, Path], docs: Docs) -> None:
+    """kind/components/memorystore-cluster on the gke overlay: validates strictly; the clients
+    may reach the discovery endpoint and the node ports in the cluster's range, and no more; the
+    tap is sharded with the same N on both sides."""
+    from .manifests import K8S_VERSION, example_values
+
+    name = "gke-memorystore-cluster"
+    proc = subprocess.run(
+        [
+            str(tools.kubernetes_validate),
+            "--strict",
+            "-k",
+            K8S_VERSION,
+            "--quiet",
+            str(rendered[name]),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    d = docs[name]
+    (rule,) = find(d, "NetworkPolicy", "mcloudtt-redis-clients-egress")["spec"]["egress"]
+    values = example_values()
+    assert rule["to"] == [{"ipBlock": {"cidr": values["REDIS_RANGE"]}}]
+    ports = [(p["port"], p.get("endPort")) for p in rule["ports"]]
+    assert ports == [(int(values["REDIS_PORT"]), None), (11000, 13047)]
+    broker_env = runtime_env(d, find(d, "StatefulSet", "mcloudtt-broker"), "broker")
+    adapter_env = runtime_env(d, find(d, "Deployment", "mcloudtt-adapter"), "adapter")
+    assert broker_env["MCLOUDTT_TAP_STREAMS"] == adapter_env["MCLOUDTT_ADAPTER_TAP_STREAMS"]
+
+    # Nothing added or removed: the gke overlay's objects (the generated ConfigMaps renamed).
+    def names(objects: list[dict[str, Any]]) -> set[tuple[str, str]]:
+        return {(o["kind"], o["metadata"]["name"]) for o in objects if o["kind"] != "ConfigMap"}
+
+    assert names(d) == names(docs["gke"])

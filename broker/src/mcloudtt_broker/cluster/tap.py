@@ -8,7 +8,7 @@ Redis Cluster with N (or N/k) primaries and evenly split slots, as `redis-cli --
 and Memorystore lay them out, puts each stream on its own shard. N = 1 is today's key, unchanged.
 
 Broker and adapter compute the same names from the same (base, N); both must be given the same N
-(docs/redis-cluster.md).
+(docs/deploy.md, "Choosing the Redis").
 """
 
 from __future__ import annotations
