@@ -399,6 +399,9 @@ def _check_broker(values: dict[str, Any]) -> None:
         raise ConfigError("--tls-ca needs a --tls-bind or --wss-bind listener")
     if values["jwt-audience"] and not (values["jwt-secret-file"] or values["jwks-file"]):
         raise ConfigError("--jwt-audience needs --jwt-secret-file or --jwks-file")
+    if values["tap-streams"] > 1 and "{" in (values["tap-stream"] or ""):
+        # A hash tag in the base key would put all the streams on one slot (cluster/tap.py).
+        raise ConfigError("--tap-streams above 1 needs a --tap-stream without a {hash tag}")
     configured = {
         "password-file": ("password-file", values["password-file"]),
         "tls-cert": ("tls-ca", values["tls-ca"]),
