@@ -106,8 +106,9 @@ def test_plan_constants_match_measured_redis_commands(redis_server, brokers) -> 
     a = brokers("--redis", redis_server.url, "--id", "ops-a", "--tap-stream", tap)
     b = brokers("--redis", redis_server.url, "--id", "ops-b", "--tap-stream", tap)
     for broker in (a, b):
-        wait_for(lambda broker=broker: broker.http_get("/readyz")[0] == 200, timeout=15,
-                 what="ready")
+        wait_for(
+            lambda broker=broker: broker.http_get("/readyz")[0] == 200, timeout=15, what="ready"
+        )
     r = redis.Redis(port=redis_server.port)
     pair = _Pair(a, b)
     try:
