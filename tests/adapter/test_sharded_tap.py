@@ -1,104 +1,27 @@
 """The sharded tap (issue 15): N tap streams by topic hash, every adapter replica reading its
-share through one consumer group per stream; nothing lost when a replica dies mid-stream.
+share through one consumer group per stream; nothing lost when a replica dies mid-stream. And
+broadcast mode on sharded Pub/Sub.
 
-Against a single Redis with real brokers, and against a real Redis Cluster (three primaries,
-three replicas on loopback) where each stream sits on its own shard.
+Real brokers, against a single Redis and against a real Redis Cluster (tests/rediscluster.py:
+three primaries, three replicas on loopback) where each stream sits on its own shard.
 """
 
 from __future__ import annotations
 
 import signal
-import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import duckdb
 import orjson
 import pytest
 import redis
-from mcloudtt_broker.cluster.envelope import Envelope, encode_envelope
 from mcloudtt_broker.cluster.tap import tap_index, tap_streams
-from mcloudtt_chaos.procs import RedisServer, free_port, wait_for
 
 from .helpers import wait_until
 
 STREAMS = 3
 BASE = "mcloudtt:tap"
-
-
-class MiniRedisCluster:
-    """Three primaries and three replicas (`redis-cli --cluster create --cluster-replicas 1`).
-
-    A stand-in until tests/rediscluster.py (the broker's cluster slice) lands on main."""
-
-    def __init__(self) -> None:
-        self.nodes = [
-            RedisServer(
-                extra_args=[
-                    "--cluster-enabled",
-                    "yes",
-                    "--cluster-port",
-                    str(free_port()),  # the bus port: not port + 10000
-                    "--cluster-config-file",
-                    "nodes.conf",
-                    "--cluster-node-timeout",
-                    "2000",
-                ],
-                name=f"redis-cluster-{i}",
-            )
-            for i in range(6)
-        ]
-
-    def start(self) -> MiniRedisCluster:
-        for node in self.nodes:
-            node.start()
-        subprocess.run(
-            [
-                "redis-cli",
-                "--cluster",
-                "create",
-                *(f"127.0.0.1:{node.port}" for node in self.nodes),
-                "--cluster-replicas",
-                "1",
-                "--cluster-yes",
-            ],
-            check=True,
-            capture_output=True,
-            timeout=60,
-        )
-        for node in self.nodes:
-            client = redis.Redis(port=node.port)
-            wait_for(
-                lambda c=client: (
-                    c.info("cluster")["cluster_enabled"]
-                    and c.cluster("info")["cluster_state"] == "ok"
-                ),
-                timeout=30,
-                what="cluster_state:ok",
-            )
-            client.close()
-        return self
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.nodes[0].port}"
-
-    def client(self) -> redis.RedisCluster:
-        return redis.RedisCluster(host="127.0.0.1", port=self.nodes[0].port)
-
-    def close(self) -> None:
-        for node in self.nodes:
-            node.close()
-
-
-@pytest.fixture(scope="module")
-def redis_cluster() -> Iterator[MiniRedisCluster]:
-    cluster = MiniRedisCluster()
-    try:
-        yield cluster.start()
-    finally:
-        cluster.close()
 
 
 def _stored(dbs: list[Path]) -> list[str]:
@@ -110,12 +33,12 @@ def _stored(dbs: list[Path]) -> list[str]:
     return ids
 
 
-def _replicas(adapter_process, url: str, tmp_path: Path) -> tuple[list, list[Path]]:
+def _replicas(adapter_process, urls: list[str], tmp_path: Path) -> tuple[list, list[Path]]:
     dbs = [tmp_path / f"replica-{i}.duckdb" for i in range(2)]
     adapters = [
         adapter_process(
             "--redis",
-            url,
+            urls[i],
             "--tap-streams",
             str(STREAMS),
             "--duckdb",
@@ -132,6 +55,30 @@ def _replicas(adapter_process, url: str, tmp_path: Path) -> tuple[list, list[Pat
         for i, db in enumerate(dbs)
     ]
     return adapters, dbs
+
+
+def _receive_on(port: int, send, count: int) -> list[bytes]:
+    """Payloads a subscriber to devices/# on the broker at `port` gets while `send()` runs."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    got: list[bytes] = []
+    sub = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    sub.on_message = lambda _c, _u, message: got.append(message.payload)
+    sub.on_subscribe = lambda *_: subscribed.append(True)
+    subscribed: list[bool] = []
+    sub.connect("127.0.0.1", port)
+    sub.loop_start()
+    try:
+        sub.subscribe("devices/#", qos=0)
+        wait_until(lambda: subscribed, 5)
+        time.sleep(0.3)  # broadcast mode: nothing to announce, but let the SUBSCRIBE settle
+        send()
+        wait_until(lambda: len(got) >= count, 10)
+    finally:
+        sub.loop_stop()
+        sub.disconnect()
+    return got
 
 
 def _rows(adapter) -> float:
@@ -194,7 +141,7 @@ def test_two_replicas_sharded_tap_single_redis(
     ]
     for b in brokers:
         wait_until(lambda b=b: b.http_get("/readyz")[0] == 200, 15)
-    adapters, dbs = _replicas(adapter_process, redis_server.url, tmp_path)
+    adapters, dbs = _replicas(adapter_process, [redis_server.url] * 2, tmp_path)
     pubs = [publisher(b.port, f"dev-{i}") for i, b in enumerate(brokers)]
     total = 400
 
@@ -217,36 +164,42 @@ def test_two_replicas_sharded_tap_single_redis(
     assert all(_stored([db]) for db in dbs)  # both replicas had a share
 
 
-def test_two_replicas_sharded_tap_redis_cluster(tmp_path, redis_cluster, adapter_process) -> None:
-    """On a real Redis Cluster: the three streams sit on three different primaries; the tap
-    is written as a broker writes it (envelopes, stream by topic hash); two replicas read it
-    with redis-py's RedisCluster client and one is SIGKILLed mid-stream."""
+def test_two_replicas_sharded_tap_redis_cluster(
+    tmp_path, redis_cluster, mqtt_broker, adapter_process, publisher
+) -> None:
+    """On a real Redis Cluster: the three streams sit on three different primaries; real
+    brokers write them; two replicas (one given a seed list) read them with redis-py's
+    RedisCluster client, and one is SIGKILLed mid-stream."""
     client = redis_cluster.client()
     keys = tap_streams(BASE, STREAMS)
-    owners = {client.get_node_from_key(key).port for key in keys}
-    assert len(owners) == STREAMS  # each stream on its own shard
-    adapters, dbs = _replicas(adapter_process, redis_cluster.url, tmp_path)
+    assert len({client.get_node_from_key(key).port for key in keys}) == STREAMS
+    brokers = [
+        mqtt_broker(
+            "--redis",
+            redis_cluster.seed_url,
+            "--id",
+            name,
+            "--tap-stream",
+            BASE,
+            "--tap-streams",
+            str(STREAMS),
+        )
+        for name in ("cshard-a", "cshard-b")
+    ]
+    for b in brokers:
+        wait_until(lambda b=b: b.http_get("/readyz")[0] == 200, 20)
+    adapters, dbs = _replicas(
+        adapter_process, [redis_cluster.seed_url, redis_cluster.seeds_url], tmp_path
+    )
+    pubs = [publisher(b.port, f"cdev-{i}") for i, b in enumerate(brokers)]
     total = 300
 
     def publish(i: int) -> None:
-        topic = f"devices/d{i % 12}/env"
-        raw = topic.encode()
-        envelope = encode_envelope(
-            Envelope(
-                origin="cluster-broker",
-                sequence=i + 1,
-                received_at_us=time.time_ns() // 1000,
-                client_id="dev",
-                topic=topic,
-                payload=orjson.dumps({"seq": i}),
-                qos=1,
-            )
-        )
-        key = keys[tap_index(len(raw).to_bytes(2, "big") + raw, STREAMS)]
-        client.xadd(key, {"e": envelope})
+        pubs[i % 2].publish(f"devices/d{i % 12}/env", orjson.dumps({"seq": i}), qos=1)
 
     _kill_one_mid_stream(adapters, publish, total, client, keys)
-    assert set(_stored(dbs)) == {f"cluster-broker:{i + 1}" for i in range(total)}
+    stored = set(_stored(dbs))
+    assert len(stored) == total and {i.split(":")[0] for i in stored} == {"cshard-a", "cshard-b"}
     assert all(client.xlen(key) for key in keys)
     assert all(_stored([db]) for db in dbs)  # both replicas had a share
     client.close()
@@ -257,9 +210,6 @@ def test_broadcast_on_sharded_pubsub(
 ) -> None:
     """--sharded-pubsub: broadcast mode's channel on SPUBLISH/SSUBSCRIBE; brokers deliver QoS 0
     from it and the adapter's Pub/Sub tap reads it; nothing on the classic channel."""
-    import paho.mqtt.client as mqtt
-    from paho.mqtt.enums import CallbackAPIVersion
-
     args = ("--redis", redis_server.url, "--cluster-mode", "broadcast", "--sharded-pubsub", "true")
     a = mqtt_broker(*args, "--id", "spub-a")
     b = mqtt_broker(*args, "--id", "spub-b")
@@ -279,52 +229,49 @@ def test_broadcast_on_sharded_pubsub(
     r = redis.Redis(port=redis_server.port)
     wait_until(lambda: r.pubsub_shardnumsub("sync")[0][1] == 3, 10)  # two brokers, the adapter
     assert r.pubsub_numsub("sync")[0][1] == 0
-    got: list[bytes] = []
-    sub = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-    sub.on_message = lambda _c, _u, message: got.append(message.payload)
-    sub.connect("127.0.0.1", b.port)
-    sub.loop_start()
-    try:
-        sub.subscribe("devices/#", qos=0)
-        time.sleep(0.3)
-        pub = publisher(a.port, "dev-spub")
-        for i in range(20):
-            pub.publish(f"devices/d{i % 3}/env", orjson.dumps({"seq": i}), qos=0)
-        wait_until(lambda: len(got) >= 20, 10)
-    finally:
-        sub.loop_stop()
-        sub.disconnect()
+    pub = publisher(a.port, "dev-spub")
+    got = _receive_on(
+        b.port,
+        lambda: [
+            pub.publish(f"devices/d{i % 3}/env", orjson.dumps({"seq": i}), qos=0) for i in range(20)
+        ],
+        20,
+    )
     wait_until(lambda: _rows(adapter) >= 20, 10)
     assert adapter.stop(signal.SIGTERM) == 0, adapter.log()
     assert sorted(orjson.loads(p)["seq"] for p in got) == list(range(20))
 
 
-def test_sharded_pubsub_tap_on_redis_cluster(tmp_path, redis_cluster, adapter_process) -> None:
-    """The adapter's Pub/Sub tap on a Redis Cluster: SSUBSCRIBE on the channel's shard (redis-py
-    follows the slot) receives what a broker SPUBLISHes through any node."""
-    client = redis_cluster.client()
+def test_broadcast_on_a_redis_cluster_is_sharded(
+    tmp_path, redis_cluster, mqtt_broker, adapter_process, publisher
+) -> None:
+    """Broadcast mode on a Redis Cluster takes sharded Pub/Sub by itself (brokers and the
+    adapter's Pub/Sub tap): QoS 0 crosses brokers through SSUBSCRIBE on the channel's shard,
+    the adapter stores it, and no node carries the classic channel."""
+    args = ("--redis", redis_cluster.seed_url, "--cluster-mode", "broadcast")
+    a = mqtt_broker(*args, "--id", "cspub-a")
+    b = mqtt_broker(*args, "--id", "cspub-b")
+    for broker in (a, b):
+        wait_until(lambda broker=broker: broker.http_get("/readyz")[0] == 200, 20)
     db = tmp_path / "cluster-sync.duckdb"
     adapter = adapter_process(
-        "--redis",
-        redis_cluster.url,
-        "--redis-mode",
-        "pubsub",
-        "--sharded-pubsub",
-        "true",
-        "--duckdb",
-        str(db),
+        "--redis", redis_cluster.seed_url, "--redis-mode", "pubsub", "--duckdb", str(db)
     )
-    owner = client.get_node_from_key("sync")
-    shard = redis.Redis(port=owner.port)
-    wait_until(lambda: shard.pubsub_shardnumsub("sync")[0][1] == 1, 10)
-    for i in range(25):
-        envelope = encode_envelope(
-            Envelope(origin="cluster-broker", sequence=i + 1, received_at_us=time.time_ns() // 1000,
-                     client_id="dev", topic="devices/d1/env", payload=orjson.dumps({"seq": i}))
-        )  # fmt: skip
-        client.spublish("sync", envelope)
-    wait_until(lambda: _rows(adapter) >= 25, 10)
+    owner = redis_cluster.primary_for("sync")
+    with owner.client() as shard:
+        wait_until(lambda: shard.pubsub_shardnumsub("sync")[0][1] == 3, 10)
+    for node in redis_cluster.live_nodes():
+        with node.client() as r:
+            assert r.pubsub_numsub("sync")[0][1] == 0
+    pub = publisher(a.port, "cdev-spub")
+    got = _receive_on(
+        b.port,
+        lambda: [
+            pub.publish(f"devices/d{i % 3}/env", orjson.dumps({"seq": i}), qos=0) for i in range(20)
+        ],
+        20,
+    )
+    assert sorted(orjson.loads(p)["seq"] for p in got) == list(range(20))
+    wait_until(lambda: _rows(adapter) >= 20, 10)
     assert adapter.stop(signal.SIGTERM) == 0, adapter.log()
-    assert len(set(_stored([db]))) == 25
-    shard.close()
-    client.close()
+    assert len(set(_stored([db]))) == 20

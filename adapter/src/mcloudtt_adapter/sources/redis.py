@@ -21,8 +21,8 @@ client (the topology from that seed node, MOVED and ASK followed by redis-py); e
 stream source names one key, so one slot.
 
 Pub/Sub: fire-and-forget by nature; whatever is published while the adapter is disconnected is
-lost (use the stream for at-least-once). `sharded=True` reads the brokers' `--sharded-pubsub`
-broadcast with SSUBSCRIBE (on a Redis Cluster only the channel's shard carries it).
+lost (use the stream for at-least-once). On a Redis Cluster, or with `sharded=True` (the brokers'
+`--sharded-pubsub`), the channel is read with SSUBSCRIBE (on a cluster only its shard carries it).
 """
 
 from __future__ import annotations
@@ -97,7 +97,8 @@ class _LinkState:
         return self.options.client(socket_connect_timeout=5)
 
     async def connect(self) -> Any:
-        """A client for the URL: redis-py's `RedisCluster` when the node is in a cluster."""
+        """A client for the URL: redis-py's `RedisCluster` when the node is in a cluster (the
+        broker's way of making one: the URL's seeds, its user, password and TLS on every node)."""
         plain = self.client()
         try:
             info = await plain.info("cluster")
@@ -109,29 +110,9 @@ class _LinkState:
         if not info.get("cluster_enabled"):
             return plain
         await plain.aclose()
-        cluster = aioredis.RedisCluster(**self.cluster_kwargs())
+        cluster = self.options.cluster_client(socket_connect_timeout=5)
         await cluster.initialize()
         return cluster
-
-    def cluster_kwargs(self) -> dict[str, Any]:
-        options = self.options
-        kwargs: dict[str, Any] = {
-            "host": options.host,
-            "port": options.port,
-            "username": options.username,
-            "password": options.password,
-            "socket_connect_timeout": 5,
-        }
-        if options.tls:
-            kwargs.update(
-                ssl=True,
-                ssl_ca_certs=options.ssl_ca_certs,
-                ssl_certfile=options.ssl_certfile,
-                ssl_keyfile=options.ssl_keyfile,
-                ssl_cert_reqs=options.ssl_cert_reqs,
-                ssl_check_hostname=options.ssl_check_hostname,
-            )
-        return kwargs
 
     def failed(self, error: BaseException, delay: float | None = None) -> None:
         reason = link_error_reason(error, self.options)
@@ -489,13 +470,19 @@ class RedisPubSubSource(_RedisSource):
             pubsub = None
             try:
                 self._redis = await self.link.connect()
+                cluster = isinstance(self._redis, aioredis.RedisCluster)
+                if cluster:
+                    # Brokers broadcast on sharded Pub/Sub there: SSUBSCRIBE on the primary of
+                    # the channel's slot, on a connection of our own (as the broker does).
+                    node = self._redis.get_node_from_key(self.channel)
+                    await self._redis.aclose()
+                    self._redis = self.link.options.for_node(node.host, node.port).client(
+                        socket_connect_timeout=5
+                    )
                 pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
                 get_message = pubsub.get_message
-                if self.sharded:
+                if self.sharded or cluster:
                     await pubsub.ssubscribe(self.channel)
-                    if isinstance(self._redis, aioredis.RedisCluster):
-                        # The cluster's Pub/Sub reads shard channels from their own node.
-                        get_message = pubsub.get_sharded_message
                 else:
                     await pubsub.subscribe(self.channel)
                 self._connected = True

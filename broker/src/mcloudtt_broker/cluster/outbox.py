@@ -77,6 +77,8 @@ class Outbox:
         self.k_control = f"{prefix}:control"
         self.k_retained = f"{prefix}:retained"
         self.retained_shards = 0  # on a Redis Cluster: retained hashes by topic (keyspace.py)
+        # Broadcast with SPUBLISH: --sharded-pubsub, or set by the bus on a Redis Cluster.
+        self.sharded_pubsub = settings.sharded_pubsub
         self.k_subs = f"{prefix}:subs:{{{self.me}}}"
         self.packer = EnvelopePacker(self.me.encode())
         self.keys = cluster_keys(settings.keys)
@@ -293,7 +295,7 @@ class Outbox:
             qos = message.qos
             if broadcast:
                 keys = self.keys
-                (commands.spublish if settings.sharded_pubsub else commands.publish)(
+                (commands.spublish if self.sharded_pubsub else commands.publish)(
                     settings.sync_channel,
                     envelope
                     if keys is None
