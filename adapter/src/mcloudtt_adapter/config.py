@@ -181,7 +181,8 @@ ADAPTER = Scheme(
             REDIS,
             "sharded-pubsub",
             boolean,
-            "the brokers' --sharded-pubsub: read the broadcast channel with SSUBSCRIBE",
+            "the brokers' --sharded-pubsub: read the broadcast channel with SSUBSCRIBE (always "
+            "on a Redis Cluster)",
             setting=_config("sharded_pubsub"),
             metavar="BOOL",
         ),

@@ -815,8 +815,8 @@ BROKER = Scheme(
         _cluster(
             "sharded-pubsub",
             boolean,
-            "broadcast mode on sharded Pub/Sub (SPUBLISH/SSUBSCRIBE, Redis 7): for a Redis "
-            "Cluster backplane",
+            "broadcast mode on sharded Pub/Sub (SPUBLISH/SSUBSCRIBE, Redis 7) on one Redis too "
+            "(on a Redis Cluster it is always on)",
             setting=(ClusterSettings, "sharded_pubsub"),
             metavar="BOOL",
         ),
