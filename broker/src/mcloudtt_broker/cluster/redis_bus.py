@@ -453,6 +453,8 @@ class RedisBus:
             "sessions_adopted_total": float(stats["sessions_adopted"]),
             "sessions_restored_total": float(stats["sessions_restored"]),
             "sessions_surrendered_total": float(stats["sessions_surrendered"]),
+            # Sessions taken over from the broker a client was on before (its takeovers).
+            "handovers_total": float(stats["handovers"]),
             "replayed_total": float(stats["replayed"]),
             "flushes_total": float(stats["flushes"]),
             "inbox_reads_total": float(stats["inbox_reads"]),
