@@ -454,6 +454,7 @@ class Failover:
                     inbox=key,
                     token=token,
                     redelivered=False,
+                    shared=False,
                 )
                 ms, seq = marks.position
                 start: bytes | str = f"({ms}-{seq}"
