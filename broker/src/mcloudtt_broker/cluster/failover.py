@@ -454,7 +454,6 @@ class Failover:
                     inbox=key,
                     token=token,
                     redelivered=False,
-                    shared=False,
                 )
                 ms, seq = marks.position
                 start: bytes | str = f"({ms}-{seq}"

@@ -76,7 +76,6 @@ class Replay:
         gone: str = "",
         token: str = "",
         redelivered: bool = True,
-        shared: bool = True,
     ) -> None:
         self.core = core
         self.keys = keys  # with a cluster key: entries of `inbox` without a valid tag are skipped
@@ -96,8 +95,6 @@ class Replay:
         self.suffix = f"\x00{token}" if token else ""
         # False for a live hand-over: the old holder never sent what is past its snapshot.
         self.redelivered = redelivered
-        # False for a live hand-over: the old holder is alive and serves its groups' records.
-        self.replay_groups = shared
         self.reader = EnvelopeReader()
         # What to deliver, in stream order: (origin, sequence, message, client ids, groups).
         self.found: list[tuple[str, int, Message, list[str], list[str]]] = []
@@ -154,7 +151,7 @@ class Replay:
                             marks.seen[origin] = sequence
                             takers.append(client_id)
                 shared = []
-                for key in groups if self.replay_groups else ():
+                for key in groups:
                     group = self.groups.get(key)
                     if group is None:
                         group = self.groups[key] = Marks((0, 0), dict(self.handled))
