@@ -74,8 +74,6 @@ class Replay:
         groups: Mapping[str, Marks] | None = None,
         handled: Mapping[str, int] | None = None,
         gone: str = "",
-        token: str = "",
-        redelivered: bool = True,
     ) -> None:
         self.core = core
         self.keys = keys  # with a cluster key: entries of `inbox` without a valid tag are skipped
@@ -91,10 +89,6 @@ class Replay:
         self.handled = dict(handled or {})
         self.gone = gone
         self.pending = set(origins)  # origins whose end marker is still to come
-        # A live hand-over's markers are "{origin}\x00{token}" (a dead inbox's: "{origin}").
-        self.suffix = f"\x00{token}" if token else ""
-        # False for a live hand-over: the old holder never sent what is past its snapshot.
-        self.redelivered = redelivered
         self.reader = EnvelopeReader()
         # What to deliver, in stream order: (origin, sequence, message, client ids, groups).
         self.found: list[tuple[str, int, Message, list[str], list[str]]] = []
@@ -112,13 +106,7 @@ class Replay:
             if keys is not None and not keys.valid(self.context, marker, fields.get(b"t")):
                 self.bad += 1
                 return
-            value = marker.decode(errors="replace")
-            suffix = self.suffix
-            if suffix:
-                if value.endswith(suffix):
-                    self.pending.discard(value[: -len(suffix)])
-            else:
-                self.pending.discard(value)
+            self.pending.discard(marker.decode(errors="replace"))
             return
         batch = fields.get(b"b")
         if not isinstance(batch, bytes):
@@ -173,7 +161,7 @@ class Replay:
             if (origin, sequence) in delivered_elsewhere:
                 continue
             if takers:
-                self.core.replay_to(takers, message, redelivered=self.redelivered)
+                self.core.replay_to(takers, message)
             if shared:
                 self.core.replay_shared(message, shared, self.gone)
             count += 1

@@ -137,9 +137,7 @@ class ClusterCore(Protocol):
         """Client ids of the online persistent sessions with something in flight or queued."""
         ...
 
-    def replay_to(
-        self, client_ids: Iterable[str], message: Message, *, redelivered: bool = True
-    ) -> None:
+    def replay_to(self, client_ids: Iterable[str], message: Message) -> None:
         """Deliver `message` to the plain subscriptions of these local sessions only."""
         ...
 
