@@ -481,3 +481,42 @@ def test_restart_under_same_id_while_a_connect_waits_elsewhere(redis_server, clu
     while time.monotonic() < deadline and not pub.acked <= set(received(sub)):
         time.sleep(0.05)
     check(pub, sub, 1)
+
+
+@pytest.mark.xfail(
+    strict=False,
+    reason="open (issue 11): the live hand-over race, messages routed to the old holder after its "
+    "snapshot (and published while a broker has the old holder's del but not the new one's add) "
+    "reach nobody; a drain of the old holder's inbox up to per-origin markers is designed in the "
+    "handover branch's history (141b46d, reverted: it waited for markers from a dead peer and "
+    "delivered duplicates after an adopter's hand-over)",
+)
+def test_session_moved_between_live_brokers_under_load_loses_nothing(redis_server, cluster_factory):
+    """Issue 11, the live hand-over race: a persistent subscriber on B moves to C (B stays up)
+    several times while A publishes at RATE. Between B's snapshot and every broker routing the
+    subscription to C, what A sent on to B must still reach the session at C (the new holder
+    drains B's inbox up to every origin's marker): nothing acknowledged is lost. (QoS 1: this
+    paho subscriber is a new client object per connection, so it forgets a QoS 2 message it
+    had PUBREC'd and is only given at PUBREL, a loss of the client's own state.) Measured here:
+    1-3 messages lost per move, 5-12 of 600 over the four."""
+    qos = 1
+    a, b, c = cluster_factory(3, *QUEUE)
+    sub = Subscriber(5)
+    sub.connect(b.port)
+    assert sub.client is not None
+    sub.client.subscribe(TOPIC, qos)
+    wait_until(lambda: a.metric("mcloudtt_cluster_remote_filters") >= 1, 5.0, "routing")
+    pub = Publisher(a.port, qos)
+    pub.start()
+    try:
+        wait_until(lambda: len(sub.got) > 100, 10.0, "deliveries before the first move")
+        for port in (c.port, b.port, c.port, b.port):
+            sub.drop()
+            assert sub.connect(port), "the session was not handed over"
+            time.sleep(0.4)
+    finally:
+        pub.finish()
+    deadline = time.monotonic() + 10.0
+    while time.monotonic() < deadline and not pub.acked <= set(received(sub)):
+        time.sleep(0.05)
+    check(pub, sub, qos)
