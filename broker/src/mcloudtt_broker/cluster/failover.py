@@ -41,7 +41,7 @@ from .replay import Marks, Replay, origins_and_sequences
 from .resp import Commands
 from .session_snapshot import SnapshotError, decode_snapshot, encode_snapshot, snapshot_marks
 from .settings import ClusterSettings
-from .topology import TAKE_STORED_SCRIPT, is_cluster, name_holder
+from .topology import TAKE_STORED_SCRIPT, is_cluster
 
 log = logging.getLogger("mcloudtt.cluster")
 
@@ -66,6 +66,15 @@ if data then
   return data
 end
 return false
+"""
+# The same for a Redis Cluster, where the registry key is in another slot than the stored hash:
+# KEYS client registry; ARGV gone broker, me, registry TTL.
+_NAME_ADOPTER_SCRIPT = """
+local holder = redis.call('GET', KEYS[1])
+if (not holder) or holder == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
+end
+return 1
 """
 # A hand-over answered with where the session is instead of the session itself (the answering
 # broker's CONNECT for it was superseded before it fetched it): b"@" + that broker's id.
@@ -669,8 +678,19 @@ class Failover:
                 *results, checkpoints = await pipe.execute()
                 if cluster:
                     taken = [c for c, data in zip(batch, results, strict=True) if data]
-                    keys = [f"{prefix}:client:{client_id}" for client_id in taken]
-                    await name_holder(redis, keys, self.me, self.settings.client_ttl)
+                    if taken:
+                        # Only where the registry still names the gone broker (_ADOPT_SCRIPT).
+                        named = redis.pipeline(transaction=False)
+                        for client_id in taken:
+                            named.eval(
+                                _NAME_ADOPTER_SCRIPT,
+                                1,
+                                f"{prefix}:client:{client_id}",
+                                peer,
+                                self.me,
+                                self.settings.client_ttl,
+                            )
+                        await named.execute()
                 for client_id, data, checkpoint in zip(batch, results, checkpoints, strict=True):
                     if data is None or core.has_session(client_id):
                         continue
