@@ -22,9 +22,8 @@ import base64
 import hashlib
 import hmac
 import os
-from pathlib import Path
-
 from collections.abc import Callable
+from pathlib import Path
 
 from ..core.auth import Answer, Credentials, Outcome, Result
 from ..core.scram import PREFIX as SCRAM_PREFIX
