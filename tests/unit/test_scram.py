@@ -4,9 +4,18 @@ unknown user, a replayed and a tampered proof, and the stored credential's text 
 from __future__ import annotations
 
 import base64
+import random
+from collections.abc import Callable
 
+import mcloudtt_mqttclient as mqttclient
 import pytest
+from broker.scram_client import ScramClient, auth_props
+from mcloudtt_broker.auth.passwords import PasswordFile
+from mcloudtt_broker.core.auth import Answer, AuthChain, Credentials, Outcome, Result
+from mcloudtt_broker.core.broker import Broker, BrokerSettings
+from mcloudtt_broker.core.connection import ServerConnection
 from mcloudtt_broker.core.scram import (
+    Lookup,
     ScramCredential,
     ScramError,
     ScramExchange,
@@ -94,3 +103,107 @@ def test_stored_credentials_never_hold_the_password() -> None:
     for broken in ("$scrypt$x", text.replace("i=4096", "i=10"), text[:-8]):
         with pytest.raises(ValueError):
             parse_credential(broken)
+
+
+# ------------------------------------------------------------- the connection state machine
+
+
+class Link:
+    def __init__(self) -> None:
+        self.closed = False
+
+    def kick(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class LaterStore:
+    """A credential store that answers later, as Redis does (the core must wait, not block)."""
+
+    name = "later"
+
+    def __init__(self, stored: str) -> None:
+        self.stored = stored
+        self.waiting: list[Callable[[Lookup], None]] = []
+
+    def authenticate(self, credentials: Credentials, answer: Answer) -> Result:
+        return Outcome.IGNORE, None
+
+    def scram_credential(self, username: str, answer: Callable[[Lookup], None]) -> None:
+        self.waiting.append(answer)
+
+    def answer_all(self) -> None:
+        for answer in self.waiting:
+            answer((Outcome.ALLOW, parse_credential(self.stored), None))
+        self.waiting.clear()
+
+
+def packets(conn: ServerConnection) -> list[mqttclient.Packet]:
+    return [mqttclient.parse(*f, version=5) for f in mqttclient.Reader().frames(conn.take_output())]
+
+
+def exchange(
+    conn: ServerConnection, scram: ScramClient, store: LaterStore | None
+) -> tuple[bytes, bytes]:
+    """The CONNECT and the AUTH of a whole SCRAM exchange fed to `conn`; the CONNACK checked."""
+    first = mqttclient.connect("c", version=5, props=auth_props(scram.first()))
+    conn.receive_data(first, 1.0)
+    if store is not None:
+        assert packets(conn) == []  # waiting for the store, nothing sent yet
+        store.answer_all()
+    (challenge,) = packets(conn)
+    final = mqttclient.auth(0x18, auth_props(scram.final(challenge.prop(mqttclient.AUTH_DATA))))
+    conn.receive_data(final, 1.0)
+    (ack,) = packets(conn)
+    assert (ack.type, ack.code) == (mqttclient.CONNACK, 0)
+    scram.check_server_final(ack.prop(mqttclient.AUTH_DATA))
+    return first, final
+
+
+def test_the_core_waits_for_a_store_that_answers_later() -> None:
+    store = LaterStore(make_credential(b"pw"))
+    broker = Broker(BrokerSettings(), clock=lambda: 1.0, auth=AuthChain([store]))
+    conn = broker.connect(Link(), 1.0)
+    exchange(conn, ScramClient("sam", b"pw"), store)
+    assert conn.username == "sam" and broker.stats.auth["success"] == 1
+
+
+def test_mutated_exchanges_never_crash_the_core() -> None:
+    """Seeded fuzzing of the SCRAM paths: a recorded exchange (and a re-authentication) with
+    bytes flipped, cut or repeated; every outcome is a reply or a close, never an exception."""
+    users = {"sam": make_credential(b"pw")}
+    broker = Broker(BrokerSettings(), clock=lambda: 1.0, auth=AuthChain([PasswordFile(users)]))
+    conn = broker.connect(Link(), 1.0)
+    first, final = exchange(conn, ScramClient("sam", b"pw"), None)
+    reauth = mqttclient.auth(0x19, auth_props(ScramClient("sam", b"pw").first()))
+    rng = random.Random(13)
+    for _ in range(3000):
+        connected = rng.random() < 0.3
+        # Either a whole CONNECT exchange (replayed: the server's nonce is new each time) with
+        # maybe a re-authentication after it, or a re-authentication on a connected client.
+        data = bytearray(reauth + final if connected else first + final)
+        if not connected and rng.random() < 0.5:
+            data += reauth
+        for _ in range(rng.randint(1, 4)):
+            roll, at = rng.random(), rng.randrange(len(data))
+            if roll < 0.6:
+                data[at] = rng.randrange(256)
+            elif roll < 0.8:
+                del data[at : at + rng.randint(1, 8)]
+            else:
+                data[at:at] = data[at : at + rng.randint(1, 16)]
+        link = Link()
+        conn = broker.connect(link, 1.0)
+        if connected:
+            exchange(conn, ScramClient("sam", b"pw"), None)
+        step = rng.choice([len(data), 1, 7])
+        for i in range(0, len(data), step):
+            conn.receive_data(bytes(data[i : i + step]), 1.0)
+            conn.take_output()
+        conn.connection_lost(1.0)
+        assert link.closed
+    assert broker.stats.auth["bad_username_or_password"] > 10
+    assert broker.stats.protocol_errors > 100
+    assert broker.stats.auth["reauth_failure"] > 10
