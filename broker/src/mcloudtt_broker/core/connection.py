@@ -71,6 +71,8 @@ from .trie import Subscription
 if TYPE_CHECKING:
     from .broker import Broker
 
+WRITE_DENY = (WRITE, "deny")
+
 # LOCATING: CONNECT accepted, waiting for the cluster to hand over the session (no packet is
 # processed meanwhile; they wait in the decoder). Below CLOSED means "still reading".
 CONNECTING, CONNECTED, CLOSED, LOCATING = 0, 1, 3, 2
@@ -476,7 +478,7 @@ class ServerConnection:
             and not authorizer.allowed(self.client_id, self.username, WRITE, will_message.topic)
         ):
             # A will the client could not publish itself is refused with the CONNECT.
-            broker.stats.acl[WRITE, "deny"] += 1
+            broker.stats.acl_other[WRITE_DENY] += 1
             self.connect_args = None
             self._refuse(ReasonCode.NOT_AUTHORIZED)
             return
@@ -767,11 +769,21 @@ class ServerConnection:
                 )  # MQTT-3.3.4-9
         broker.stats.messages_received[qos] += 1
         allowed = topic[0] != "$" or broker.authorize_publish(self.client_id, topic)
-        if allowed and broker.authorizer is not None and not broker.may(session, WRITE, topic):
-            allowed = False
-            if broker.settings.acl_deny_action == "disconnect":
-                self.disconnect(ReasonCode.NOT_AUTHORIZED, publish_will=True)
-                return
+        if allowed and broker.authorizer is not None:
+            # Inline cache lookup: one dict get per publish once the topic was decided.
+            allowed_here = session.acl_cache.get(topic)
+            if allowed_here is None:
+                allowed_here = broker.may(session, WRITE, topic)
+            else:
+                if allowed_here:
+                    broker.stats.write_allowed += 1
+                else:
+                    broker.stats.acl_other[WRITE_DENY] += 1
+            if not allowed_here:
+                allowed = False
+                if broker.settings.acl_deny_action == "disconnect":
+                    self.disconnect(ReasonCode.NOT_AUTHORIZED, publish_will=True)
+                    return
         if allowed:
             broker.publish(
                 Message(
