@@ -185,6 +185,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     raise_nofile_limit(4096)
     console = Console()
+    if not console.is_terminal:
+        console = Console(width=160)  # logs and CI: no wrapping of the results table
     summary = asyncio.run(_run(args, settings, console))
     table = Table(title="ACL on vs off (mcloudtt-broker, median msg/s)")
     columns = ("scenario", "ACL off", "ACL on", "on / off", "µs/msg off", "µs/msg on")
