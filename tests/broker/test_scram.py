@@ -1,15 +1,19 @@
 """MQTT 5.0 enhanced authentication with SCRAM-SHA-256 (section 4.12) against a running broker,
-over TCP: the exchange, a wrong password, an unknown method, re-authentication that succeeds and
+over TCP and TLS: the exchange, a wrong password, an unknown method, re-authentication that succeeds and
 one that fails, a replayed and a tampered proof. Credentials from `mcloudtt-broker passwd
 --scram`; the client side is `scram_client` on the independent codec (paho cannot answer AUTH)."""
 
 from __future__ import annotations
 
+import socket
+import ssl
 from pathlib import Path
 from signal import SIGHUP
 
 import pytest
+from brokerproc import free_port, wait_for_port
 from mcloudtt_broker.auth.passwords import read_file
+from redisproc import TlsFiles
 
 from .clients import PahoClient, mcloudtt_only, wait_until
 from .mqttraw import AUTH, AUTH_DATA, AUTH_METHOD, CONNACK, DISCONNECT, RawClient, connect, publish
@@ -159,3 +163,25 @@ def test_auth_out_of_turn_is_a_protocol_error(broker_factory, scram_file) -> Non
     client.send(auth_packet(0x19, auth_props(b"n,,n=sam,r=abc", "SCRAM-SHA-512")))
     assert client.expect(DISCONNECT).code == 0x82
     client.close()
+
+
+def test_scram_over_tls(broker_factory, scram_file, tmp_path) -> None:
+    tls = TlsFiles(tmp_path / "tls")
+    tls_port = free_port()
+    b = broker_factory(
+        "--password-file", str(scram_file), "--tls-bind", f"127.0.0.1:{tls_port}",
+        "--tls-cert", str(tls.server_cert), "--tls-key", str(tls.server_key),
+    )  # fmt: skip
+    wait_for_port(tls_port)
+    context = ssl.create_default_context(cafile=str(tls.ca))
+    for password, code in ((b"s3cret", 0), (b"wrong", 0x86)):
+        raw = socket.create_connection(("127.0.0.1", tls_port), timeout=5)
+        client = RawClient(tls_port, sock=context.wrap_socket(raw, server_hostname="127.0.0.1"))
+        scram = ScramClient("sam", password)
+        ack = scram_connect(client, "tls1", scram)
+        assert (ack.type, ack.code) == (CONNACK, code)
+        if code == 0:
+            scram.check_server_final(ack.prop(AUTH_DATA))
+            assert reauthenticate(client, ScramClient("sam", b"s3cret")).type == AUTH
+        client.close()
+    assert b.metric("mcloudtt_auth_total", result="reauth_success") == 1
