@@ -1,7 +1,8 @@
 """MQTT 5.0 enhanced authentication with SCRAM-SHA-256 (section 4.12) against a running broker,
-over TCP and TLS: the exchange, a wrong password, an unknown method, re-authentication that succeeds and
-one that fails, a replayed and a tampered proof. Credentials from `mcloudtt-broker passwd
---scram`; the client side is `scram_client` on the independent codec (paho cannot answer AUTH)."""
+over TCP and TLS: the exchange, a wrong password, an unknown method, re-authentication that
+succeeds and one that fails, a replayed and a tampered proof. Credentials from `mcloudtt-broker
+passwd --scram`; the client side is `scram_client` on the independent codec (paho cannot answer
+AUTH)."""
 
 from __future__ import annotations
 
