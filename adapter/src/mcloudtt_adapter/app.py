@@ -181,6 +181,7 @@ class Adapter:
                     "/readyz": self._readyz,
                     "/metrics": self._metrics,
                     "/report": self._report,
+                    "/analytics": self._analytics,
                 }
             )
             await self.http.start(*self.config.http)
@@ -235,6 +236,29 @@ class Adapter:
 
         body = await asyncio.get_running_loop().run_in_executor(None, make)
         return "200 OK", body, "text/html; charset=utf-8"
+
+    async def _analytics(self) -> tuple[str, bytes, str]:
+        """The dashboard's charts (`live.live_analytics`), as JSON."""
+        reader = getattr(self.sink, "reader", None)
+        if reader is None:
+            return "404 Not Found", b"live analytics need the DuckDB sink\n", "text/plain"
+        import json
+
+        from .analysis import Analysis, DuckDBEngine
+        from .live import live_analytics
+
+        def make() -> bytes:
+            cursor = reader()
+            cursor.execute("BEGIN TRANSACTION")  # every figure from one snapshot of the table
+            engine = DuckDBEngine(cursor, self.config.table)
+            try:
+                return json.dumps(live_analytics(Analysis(engine))).encode()
+            finally:
+                cursor.execute("ROLLBACK")
+                engine.close()
+
+        body = await asyncio.get_running_loop().run_in_executor(None, make)
+        return "200 OK", body, "application/json"
 
     async def wait_failed(self) -> None:
         while self.pipeline.failed is None and not self._stopped.is_set():

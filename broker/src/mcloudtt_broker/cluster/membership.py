@@ -32,6 +32,7 @@ from .failover import Failover
 from .link import LinkError, RedisClient
 from .redis_url import redact_url
 from .settings import BROADCAST, ClusterSettings, DuplicateBrokerId
+from .topology import is_cluster
 
 log = logging.getLogger("mcloudtt.cluster")
 
@@ -78,10 +79,10 @@ class Membership:
         self.settings = settings
         self.me = settings.broker_id
         prefix = settings.prefix
-        self.k_presence = f"{prefix}:broker:{self.me}"
+        self.k_presence = f"{prefix}:broker:{{{self.me}}}"
         self.k_brokers = f"{prefix}:brokers"
         self.k_control = f"{prefix}:control"
-        self.k_subs = f"{prefix}:subs:{self.me}"
+        self.k_subs = f"{prefix}:subs:{{{self.me}}}"
         self.core = core
         self.live_peers = peers
         self.stats = stats
@@ -90,7 +91,7 @@ class Membership:
         self.on_peer_gone = on_peer_gone
         self.on_adopted = on_adopted
         self.on_table = on_table  # a peer's table was loaded
-        self.k_adopter = f"{prefix}:adopter:{self.me}"
+        self.k_adopter = f"{prefix}:adopter:{{{self.me}}}"
         self.on_sync = on_sync
         self.missing_since: dict[str, float] = {}  # peer -> when its presence was first missed
         self.awaiting_adoption: set[str] = set()  # gone peers we still route to
@@ -103,7 +104,7 @@ class Membership:
         TTL) must not serve them any longer: it gives them up (their clients reconnect and find
         them at the adopter) and rejoins with what it has left. It never exits because Redis
         was away (the retry pattern)."""
-        k_adopted = f"{self.settings.prefix}:adopted:{self.me}"
+        k_adopted = f"{self.settings.prefix}:adopted:{{{self.me}}}"
         if not first and await redis.exists(self.k_adopter):
             # Let an adoption under way finish first: its replay reads our inbox and sessions.
             deadline = time.monotonic() + self.settings.handover_timeout
@@ -147,6 +148,9 @@ class Membership:
         filters = self.core.local_filters()
         if filters:
             pipe.sadd(self.k_subs, *filters)
+        if is_cluster(redis):  # a transaction stays in one slot: the table's
+            await pipe.execute()
+            pipe = redis.pipeline(transaction=False)
         pipe.sadd(self.k_brokers, self.me)
         pipe.publish(self.k_control, self.failover.control_message(f"reset\x00{self.me}\x00"))
         await pipe.execute()
@@ -172,7 +176,7 @@ class Membership:
         ids = {raw.decode() for raw in await redis.smembers(self.k_brokers)} - {self.me}
         prefix = self.settings.prefix
         for peer in ids:
-            if await redis.exists(f"{prefix}:broker:{peer}"):
+            if await redis.exists(f"{prefix}:broker:{{{peer}}}"):
                 self.live_peers.add(peer)
                 self.missing_since.pop(peer, None)
                 await self.load_peer_table(redis, peer)
@@ -180,7 +184,7 @@ class Membership:
                 await redis.srem(self.k_brokers, peer)
 
     async def load_peer_table(self, redis: RedisClient, peer: str) -> None:
-        filters = await redis.smembers(f"{self.settings.prefix}:subs:{peer}")
+        filters = await redis.smembers(f"{self.settings.prefix}:subs:{{{peer}}}")
         self.core.remote_forget(peer)
         for raw in filters:
             self.core.remote_subscribe(peer, raw.decode())
@@ -237,7 +241,7 @@ class Membership:
             # Peers whose presence expired have left (their sessions are adopted).
             now = time.monotonic()
             for peer in list(self.live_peers):
-                if await redis.exists(f"{prefix}:broker:{peer}"):
+                if await redis.exists(f"{prefix}:broker:{{{peer}}}"):
                     self.missing_since.pop(peer, None)
                 elif now - self.missing_since.setdefault(peer, now) > grace:
                     self.peer_gone(peer)

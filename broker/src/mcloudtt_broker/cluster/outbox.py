@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from ..core.message import Message
 from .envelope import EnvelopePacker
 from .keys import cluster_keys
+from .keyspace import retained_key
 from .records import encode_record
 from .resp import Commands
 from .settings import BROADCAST, ClusterSettings
@@ -74,7 +75,8 @@ class Outbox:
         prefix = settings.prefix
         self.k_control = f"{prefix}:control"
         self.k_retained = f"{prefix}:retained"
-        self.k_subs = f"{prefix}:subs:{self.me}"
+        self.retained_shards = 0  # on a Redis Cluster: retained hashes by topic (keyspace.py)
+        self.k_subs = f"{prefix}:subs:{{{self.me}}}"
         self.packer = EnvelopePacker(self.me.encode())
         self.keys = cluster_keys(settings.keys)
         # Live peers (kept by the membership): where retained and broadcast publishes go.
@@ -233,7 +235,7 @@ class Outbox:
             elif op == "del":
                 commands.srem(self.k_subs, full_filter)
             elif op == "mark":
-                inbox = f"{self.settings.prefix}:inbox:{full_filter}"
+                inbox = f"{self.settings.prefix}:inbox:{{{full_filter}}}"
                 self._xadd(commands, inbox, "m", self.me.encode(), self.settings.inbox_maxlen)
                 continue
             else:  # adopted: the dead broker, then the filters we took with its sessions
@@ -312,23 +314,26 @@ class Outbox:
                 if qos:
                     confirmable.setdefault(dest, []).append((sequence, record))
             if message.retain:
+                k_retained = self.k_retained
+                if self.retained_shards:
+                    k_retained = retained_key(settings.prefix, message.topic, self.retained_shards)
                 if message.payload:
                     keys = self.keys
                     commands.hset(
-                        self.k_retained,
+                        k_retained,
                         message.topic,
                         envelope
                         if keys is None
-                        else keys.sign_envelope(self.k_retained.encode(), envelope),
+                        else keys.sign_envelope(k_retained.encode(), envelope),
                     )
                 else:
-                    commands.hdel(self.k_retained, message.topic)
+                    commands.hdel(k_retained, message.topic)
             if settings.tap_stream:
                 self._xadd(commands, settings.tap_stream, "e", envelope, settings.tap_maxlen)
         for dest, records in batches.items():
             self._xadd(
                 commands,
-                f"{settings.prefix}:inbox:{dest}",
+                f"{settings.prefix}:inbox:{{{dest}}}",
                 "b",
                 b"".join(records),
                 settings.inbox_maxlen,
@@ -361,7 +366,7 @@ class Outbox:
         for dest, queue in self.unconfirmed.items():
             self._xadd(
                 commands,
-                f"{self.settings.prefix}:inbox:{dest}",
+                f"{self.settings.prefix}:inbox:{{{dest}}}",
                 "b",
                 b"".join(record for _, record in queue),
                 self.settings.inbox_maxlen,
