@@ -33,10 +33,13 @@ class AdapterConfig:
     redis: str | None = None
     redis_mode: str = "stream"  # or pubsub
     tap_stream: str = "mcloudtt:tap"
+    tap_streams: int = 1  # the brokers' --tap-streams
+    sharded_pubsub: bool = False  # the brokers' --sharded-pubsub
     sync_channel: str = "sync"
     cluster_key_file: str | None = None  # the brokers' key: tap entries must carry its tag
     redis_group: str = "mcloudtt-adapter"
     consumer: str | None = None  # default: client_id
+    claim_idle: float = 60.0  # seconds before another replica's pending entries are claimed
     start_id: str = "0"
     # sinks
     duckdb: str | None = None
@@ -98,20 +101,29 @@ def build_sources(config: AdapterConfig) -> list[Source]:
     if config.redis:
         from mcloudtt_broker.cluster.keys import cluster_keys, read_key_file
 
-        from .sources.redis import RedisPubSubSource, RedisStreamSource
+        from .sources.redis import RedisPubSubSource, stream_source
 
         keys = cluster_keys(
             read_key_file(config.cluster_key_file) if config.cluster_key_file else ()
         )
         if config.redis_mode == "pubsub":
-            sources.append(RedisPubSubSource(config.redis, channel=config.sync_channel, keys=keys))
+            sources.append(
+                RedisPubSubSource(
+                    config.redis,
+                    channel=config.sync_channel,
+                    keys=keys,
+                    sharded=config.sharded_pubsub,
+                )
+            )
         else:
             sources.append(
-                RedisStreamSource(
+                stream_source(
                     config.redis,
                     stream=config.tap_stream,
+                    streams=config.tap_streams,
                     group=config.redis_group,
                     consumer=config.consumer or config.client_id,
+                    claim_idle=config.claim_idle,
                     start_id=config.start_id,
                     keys=keys,
                 )

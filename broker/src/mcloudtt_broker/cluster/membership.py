@@ -29,8 +29,8 @@ from collections.abc import Callable
 
 from ..core.ports import ClusterCore
 from .failover import Failover
-from .link import LinkError, RedisClient
-from .redis_url import redact_url
+from .link import LinkError, RedisClient, redis_errors
+from .redis_url import RedisOptions, parse_redis_url, redact_url
 from .settings import BROADCAST, ClusterSettings, DuplicateBrokerId
 from .topology import is_cluster
 
@@ -93,6 +93,7 @@ class Membership:
         self.on_table = on_table  # a peer's table was loaded
         self.k_adopter = f"{prefix}:adopter:{{{self.me}}}"
         self.on_sync = on_sync
+        self.sharded_pubsub = settings.sharded_pubsub  # the bus sets it on a Redis Cluster
         self.missing_since: dict[str, float] = {}  # peer -> when its presence was first missed
         self.awaiting_adoption: set[str] = set()  # gone peers we still route to
 
@@ -250,16 +251,30 @@ class Membership:
         """The control channel (and in broadcast mode the sync channel) until the link breaks."""
         pubsub = redis.pubsub(ignore_subscribe_messages=True)
         channels = [self.k_control]
-        if self.settings.mode == BROADCAST:
+        broadcast = self.settings.mode == BROADCAST
+        sharded = self.sharded_pubsub
+        if broadcast and not sharded:
             channels.append(self.settings.sync_channel)
+        shard_reader: asyncio.Task[None] | None = None
         try:
             await pubsub.subscribe(*channels)
+            if broadcast and sharded and is_cluster(redis):
+                # SSUBSCRIBE on the primary of the channel's slot: only that shard carries it.
+                # A plain connection of our own there, read like the classic channel; a
+                # failover or migration breaks it, and with it the link (which reconnects).
+                node = redis.get_node_from_key(self.settings.sync_channel)
+                options = parse_redis_url(self.settings.url).for_node(node.host, node.port)
+                shard_reader = asyncio.create_task(self._read_shard_channel(options))
+            elif broadcast and sharded:
+                await pubsub.ssubscribe(self.settings.sync_channel)
             # Anything announced before we listened is covered by the table load on connect;
             # reload once more now that we listen, so nothing falls between the two.
             await self.load_peers(redis)
             sync = self.settings.sync_channel.encode()
             while True:
                 message = await pubsub.get_message(timeout=1.0)
+                if shard_reader is not None and shard_reader.done():
+                    shard_reader.result()  # its link broke: so did ours
                 if message is None:
                     continue
                 channel = message["channel"]
@@ -269,8 +284,25 @@ class Membership:
                 else:
                     await self.on_control(redis, data)
         finally:
+            if shard_reader is not None:
+                shard_reader.cancel()
             with contextlib.suppress(Exception):  # the link may be broken already
                 await pubsub.aclose()
+
+    async def _read_shard_channel(self, options: RedisOptions) -> None:
+        client = options.client(socket_connect_timeout=1.0)
+        pubsub = client.pubsub(ignore_subscribe_messages=True)
+        try:
+            with redis_errors():
+                await pubsub.ssubscribe(self.settings.sync_channel)
+                while True:
+                    message = await pubsub.get_message(timeout=1.0)
+                    if message is not None:
+                        self.on_sync(message["data"])
+        finally:
+            with contextlib.suppress(Exception):
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
+                await client.aclose()
 
     async def on_control(self, redis: RedisClient, data: bytes) -> None:
         keys = self.failover.keys
@@ -290,8 +322,11 @@ class Membership:
         if op == "add":
             self.live_peers.add(peer)
             self.core.remote_subscribe(peer, argument)
+            self.failover.route_added(peer, argument)
         elif op == "del":
-            self.core.remote_unsubscribe(peer, argument)
+            # Not while we route it to that broker for a session we just handed it.
+            if not self.failover.route_removed(peer, argument):
+                self.core.remote_unsubscribe(peer, argument)
         elif op == "reset":
             self.live_peers.add(peer)
             await self.load_peer_table(redis, peer)

@@ -31,6 +31,7 @@ from .keyspace import retained_key
 from .records import encode_record
 from .resp import Commands
 from .settings import BROADCAST, ClusterSettings
+from .tap import tap_index, tap_streams
 
 # Messages per write: small enough that the next hop starts while we read the rest of a burst.
 FLUSH_BATCH = 256
@@ -76,6 +77,8 @@ class Outbox:
         self.k_control = f"{prefix}:control"
         self.k_retained = f"{prefix}:retained"
         self.retained_shards = 0  # on a Redis Cluster: retained hashes by topic (keyspace.py)
+        # Broadcast with SPUBLISH: --sharded-pubsub, or set by the bus on a Redis Cluster.
+        self.sharded_pubsub = settings.sharded_pubsub
         self.k_subs = f"{prefix}:subs:{{{self.me}}}"
         self.packer = EnvelopePacker(self.me.encode())
         self.keys = cluster_keys(settings.keys)
@@ -90,6 +93,9 @@ class Outbox:
         self.sequence = time.time_ns() // 1000 if sequence is None else sequence
         # Every publish goes to Redis in these settings, whether or not a peer subscribed.
         self._forward_all = settings.mode == BROADCAST or bool(settings.tap_stream)
+        self._taps = (
+            tap_streams(settings.tap_stream, settings.tap_streams) if settings.tap_stream else ()
+        )
         self.outbound: deque[Item] = deque()
         self.control: list[tuple[str, str]] = []  # ("add"|"del", filter) to announce
         self.unconfirmed: dict[str, deque[tuple[int, bytes]]] = {}
@@ -289,7 +295,7 @@ class Outbox:
             qos = message.qos
             if broadcast:
                 keys = self.keys
-                commands.publish(
+                (commands.spublish if self.sharded_pubsub else commands.publish)(
                     settings.sync_channel,
                     envelope
                     if keys is None
@@ -328,8 +334,10 @@ class Outbox:
                     )
                 else:
                     commands.hdel(k_retained, message.topic)
-            if settings.tap_stream:
-                self._xadd(commands, settings.tap_stream, "e", envelope, settings.tap_maxlen)
+            taps = self._taps
+            if taps:
+                tap = taps[0] if len(taps) == 1 else taps[tap_index(message.topic_wire, len(taps))]
+                self._xadd(commands, tap, "e", envelope, settings.tap_maxlen)
         for dest, records in batches.items():
             self._xadd(
                 commands,

@@ -328,6 +328,9 @@ class RedisBus:
         self.inbox.slots = slots
         shards = 0 if slots is None else RETAINED_SHARDS
         self.inbox.retained_shards = self.outbox.retained_shards = shards
+        # Broadcast mode on a cluster: sharded Pub/Sub (a PUBLISH is copied to every node).
+        sharded = self.settings.sharded_pubsub or slots is not None
+        self.outbox.sharded_pubsub = self.membership.sharded_pubsub = sharded
         redis: RedisClient
         if slots is None:
             link.redis = redis = self.redis_options.client(

@@ -55,6 +55,9 @@ class Commands:
     def publish(self, channel: str, message: bytes | str) -> None:
         self.add("PUBLISH", channel, message)
 
+    def spublish(self, channel: str, message: bytes | str) -> None:
+        self.add("SPUBLISH", channel, message)
+
     def hset(self, key: str, field: str, value: bytes) -> None:
         self.add("HSET", key, field, value)
 

@@ -422,7 +422,8 @@ class Broker:
         per_session, _ = self.trie.match(message.topic)
         chosen = [(session, subs) for session, subs in per_session if session.client_id in wanted]
         if chosen:
-            self._deliver_plain(message, chosen)
+            # The dead broker may have sent it before it died: DUP 1 (MQTT-3.3.1-1).
+            self._deliver_plain(message.redelivery(), chosen)
 
     def remote_route(self, message: Message) -> tuple[Sequence[str], dict[str, list[str]]]:
         """Where a publish accepted before the cluster table was known goes now: the remote

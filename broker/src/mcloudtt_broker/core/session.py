@@ -172,7 +172,7 @@ class Session:
         identifiers: tuple[int, ...],
     ) -> None:
         pid = self.allocate_packet_id()
-        if conn.write_publish(message, qos, retain, pid, False, identifiers):
+        if conn.write_publish(message, qos, retain, pid, message.redelivered, identifiers):
             inflight = self.inflight
             if inflight is _NO_INFLIGHT:
                 inflight = self.inflight = {}
