@@ -94,7 +94,8 @@ class Session:
         # The identity the ACL sees (set at each CONNECT) and its decisions: (action, topic) ->
         # allowed; only used when an authorizer is configured, dropped when the rules reload.
         self.username: str | None = None
-        self.acl_cache: dict[tuple[str, str], bool] = {}
+        # Write decisions by topic, subscribe decisions by ("subscribe", filter).
+        self.acl_cache: dict[tuple[str, str] | str, bool] = {}
         self.acl_read: dict[str, bool] = {}  # delivery decisions by topic (the hot one)
         self.rights: Authorizer | None = None  # the client's own rules (JWT claims)
 
