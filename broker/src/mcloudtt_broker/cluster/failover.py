@@ -54,6 +54,7 @@ from .session_snapshot import (
     snapshot_marks,
 )
 from .settings import ClusterSettings
+from .topology import TAKE_STORED_SCRIPT, is_cluster
 
 log = logging.getLogger("mcloudtt.cluster")
 
@@ -64,16 +65,37 @@ ADOPT_BATCH = 200
 # Claim a session a gone broker stored (a CONNECT elsewhere that took it removed it, so a stored
 # copy is still the gone broker's; a CONNECT waiting for this adoption asks us next): KEYS
 # client registry, stored sessions of the gone broker; ARGV gone broker, me, client id,
-# registry TTL. Returns the stored session, or nil; the stored copy is removed either way.
+# registry TTL. Returns the stored session, or nil; the stored copy is removed either way. The
+# registry names us only if it still names the gone broker: one that names a CONNECT waiting
+# elsewhere is left alone (that CONNECT is the latest, it takes the session from us).
 _ADOPT_SCRIPT = """
 local data = redis.call('HGET', KEYS[2], ARGV[3])
 redis.call('HDEL', KEYS[2], ARGV[3])
 if data then
-  redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[4])
+  local holder = redis.call('GET', KEYS[1])
+  if (not holder) or holder == ARGV[1] then
+    redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[4])
+  end
   return data
 end
 return false
 """
+# The same for a Redis Cluster, where the registry key is in another slot than the stored hash:
+# KEYS client registry; ARGV gone broker, me, registry TTL.
+_NAME_ADOPTER_SCRIPT = """
+local holder = redis.call('GET', KEYS[1])
+if (not holder) or holder == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
+end
+return 1
+"""
+# A hand-over answered with where the session is instead of the session itself (the answering
+# broker's CONNECT for it was superseded before it fetched it): b"@" + that broker's id.
+REDIRECT = b"@"
+# Redirects followed by one CONNECT before it takes what it has.
+MAX_REDIRECTS = 3
+# How long a route to a broker we handed a session to outlives a `del` it sent before its `add`.
+PIN_SECONDS = 10.0
 # Take the adoption lock of a gone broker only while its presence is missing: KEYS presence,
 # lock; ARGV me, lock TTL seconds.
 _LOCK_SCRIPT = """
@@ -106,8 +128,8 @@ class Failover:
         self.settings = settings
         self.me = settings.broker_id
         prefix = settings.prefix
-        self.k_sessions = f"{prefix}:sessions:{self.me}"
-        self.k_inbox = f"{prefix}:inbox:{self.me}"
+        self.k_sessions = f"{prefix}:sessions:{{{self.me}}}"
+        self.k_inbox = f"{prefix}:inbox:{{{self.me}}}"
         self.k_control = f"{prefix}:control"
         self.keys = cluster_keys(settings.keys)
         self.core = core
@@ -123,10 +145,10 @@ class Failover:
         self.announce_adoption = announce_adoption  # (dead, filters): tell every broker
         self.finish_adoption = finish_adoption  # stop routing to dead: our records for it
         self.replay_enabled = replay  # False only to show what is lost without it (tests)
-        self.k_marks = f"{prefix}:marks:{self.me}"
+        self.k_marks = f"{prefix}:marks:{{{self.me}}}"
         # The wills due if we died now (client id -> will), published by whoever takes our
         # sessions (an adopter, or our own restart under this id).
-        self.k_wills = f"{prefix}:wills:{self.me}"
+        self.k_wills = f"{prefix}:wills:{{{self.me}}}"
         self._wills_stored: dict[str, Message] = {}
         self._checkpointed: dict[str, tuple[int, int]] = {}
         self._checkpoint_position: tuple[int, int] = (0, 0)
@@ -147,6 +169,12 @@ class Failover:
         # CONNECTs here still looking for their session: the registry names us already, so a
         # hand-over asked of us meanwhile waits for it (the client may have given up on us).
         self._locating: dict[str, asyncio.Event] = {}
+        # ClientIds whose CONNECT here was superseded by a later one elsewhere before it fetched
+        # the session: where the session is, for the hand-over the later CONNECT asks of us.
+        self._redirects: dict[str, str] = {}
+        # Routes to a broker we handed a session to, set before its own `add` comes: (broker,
+        # filter) -> [until (loop time), a `del` of it came meanwhile and was held back].
+        self._pinned: dict[tuple[str, str], list[float | bool]] = {}
         # ClientIds that connected while Redis was away: the registry learns them on reconnect.
         self._unregistered: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -206,7 +234,7 @@ class Failover:
         """`broker` died (or this is its restart under its id): publish the wills it stored
         for the connections it had, once (whoever takes the hash takes them all). Those
         connections ended without a DISCONNECT: their wills are due (MQTT-3.1.2-8)."""
-        key = f"{self.settings.prefix}:wills:{broker}"
+        key = f"{self.settings.prefix}:wills:{{{broker}}}"
         pipe = redis.pipeline(transaction=True)
         pipe.hgetall(key)
         pipe.delete(key)
@@ -394,7 +422,7 @@ class Failover:
         return settings.presence_ttl + 2 * settings.backoff_max + 2 * settings.handover_timeout + 2
 
     async def _handover_from(
-        self, redis: RedisClient, holder: str, client_id: str, clean_start: bool
+        self, redis: RedisClient, holder: str, client_id: str, clean_start: bool, hops: int = 0
     ) -> SessionSnapshot | None:
         """Ask the live broker `holder` for the session; TimeoutError if it does not answer."""
         prefix = self.settings.prefix
@@ -420,9 +448,49 @@ class Failover:
             raise
         self.stats["handovers"] += 1
         data = await redis.getdel(f"{prefix}:handover:{self.me}:{client_id}")
+        return await self._answer(redis, data, client_id, clean_start, hops)
+
+    async def _answer(
+        self,
+        redis: RedisClient,
+        data: bytes | None,
+        client_id: str,
+        clean_start: bool,
+        hops: int,
+    ) -> SessionSnapshot | None:
+        """What a hand-over brought: the session, nothing, or where the session is."""
+        if data is not None and data.startswith(REDIRECT):
+            return await self._follow(redis, data[1:].decode(), client_id, clean_start, hops + 1)
         if data is None or clean_start:
             return None
         return decode_snapshot(data, self.core.clock)
+
+    async def _follow(
+        self, redis: RedisClient, holder: str, client_id: str, clean_start: bool, hops: int
+    ) -> SessionSnapshot | None:
+        """The session is at `holder` (a dead broker's adopter, or where a hand-over pointed):
+        take it from there, unless a later CONNECT elsewhere superseded ours meanwhile. That
+        one asks us (the registry named us when it came): we tell it where the session is,
+        rather than compete with it for the session (each waiting for the other)."""
+        if holder == self.me:
+            return None  # it is here already
+        if not await self._current(redis, client_id):
+            self._redirects[client_id] = holder
+            if len(self._redirects) > 100_000:
+                self._redirects.clear()
+            return None
+        if hops > MAX_REDIRECTS:
+            log.warning("session %r: too many redirects, last to %s", client_id, holder)
+            return None
+        try:
+            return await self._handover_from(redis, holder, client_id, clean_start, hops)
+        except TimeoutError:
+            return await self._take_stored(redis, holder, client_id, clean_start)
+
+    async def _current(self, redis: RedisClient, client_id: str) -> bool:
+        """Whether the registry still names us for `client_id` (our CONNECT is the latest)."""
+        raw = await redis.get(f"{self.settings.prefix}:client:{client_id}")
+        return raw is not None and raw.decode() == self.me
 
     async def _after_adoption(
         self, redis: RedisClient, holder: str, client_id: str, clean_start: bool
@@ -434,7 +502,7 @@ class Failover:
         deadline = time.monotonic() + self.adoption_wait()
         adopter = None
         while time.monotonic() < deadline:
-            raw = await redis.get(f"{prefix}:adopted:{holder}")
+            raw = await redis.get(f"{prefix}:adopted:{{{holder}}}")
             # (The holder naming itself is its restart under its id; unless it died again.)
             if raw is not None and (raw.decode() != holder or holder in self.peers):
                 adopter = raw.decode()
@@ -442,24 +510,20 @@ class Failover:
             late = await redis.getdel(f"{prefix}:handover:{self.me}:{client_id}")
             if late is not None:
                 self.stats["handovers"] += 1
-                return None if clean_start else decode_snapshot(late, self.core.clock)
+                return await self._answer(redis, late, client_id, clean_start, 0)
             await asyncio.sleep(0.05)
         if adopter is None:
             log.warning("sessions of %s not adopted; taking %r as stored", holder, client_id)
             return await self._take_stored(redis, holder, client_id, clean_start)
-        await redis.set(f"{prefix}:client:{client_id}", self.me, ex=self.settings.client_ttl)
-        if adopter == self.me:
-            return None  # adopted here: the session is local now
-        try:
-            return await self._handover_from(redis, adopter, client_id, clean_start)
-        except TimeoutError:
-            return await self._take_stored(redis, adopter, client_id, clean_start)
+        # (The registry is not set to us again here: a CONNECT elsewhere that came after ours
+        # named its broker, and the adoption left it alone, `_ADOPT_SCRIPT`.)
+        return await self._follow(redis, adopter, client_id, clean_start, 0)
 
     async def _take_stored(
         self, redis: RedisClient, holder: str, client_id: str, clean_start: bool
     ) -> SessionSnapshot | None:
         """The session as the gone broker `holder` last stored it in Redis (removed there)."""
-        stored_key = f"{self.settings.prefix}:sessions:{holder}"
+        stored_key = f"{self.settings.prefix}:sessions:{{{holder}}}"
         pipe = redis.pipeline(transaction=True)
         pipe.hget(stored_key, client_id)
         pipe.hdel(stored_key, client_id)
@@ -507,6 +571,13 @@ class Failover:
             await asyncio.sleep(0.005)
         located = self._locating.get(client_id)
         if located is not None:
+            if await self._current(redis, client_id):
+                # Our CONNECT came after the requester's (it named us in the registry last):
+                # the requester's client moved on to us, and our CONNECT may be waiting for
+                # that very requester. Waiting for it would be a cycle; tell it the session
+                # comes here.
+                await self._hand(redis, requester, client_id, REDIRECT + self.me.encode())
+                return
             # A CONNECT here is still fetching the session (from a dead broker's adopter, say):
             # hand it over once it arrived, late if need be (the requester looks for a late
             # hand-over while it waits), never as "no session".
@@ -526,18 +597,67 @@ class Failover:
             # published here in between is lost.
             for record in snapshot.subscriptions:
                 core.remote_subscribe(requester, record.topic_filter)
-        pipe = redis.pipeline(transaction=False)
+                self.pin_route(requester, record.topic_filter)
+        redirect = self._redirects.pop(client_id, None)
         if snapshot is not None:
-            pipe.set(
-                f"{self.settings.prefix}:handover:{requester}:{client_id}",
-                encode_snapshot(snapshot, self.me, now),
-                ex=60,
-            )
+            data: bytes | None = encode_snapshot(snapshot, self.me, now)
+        elif redirect is not None:
+            # Our CONNECT was superseded before it fetched the session: it is still there.
+            data = REDIRECT + redirect.encode()
+        else:
+            data = None
+        await self._hand(redis, requester, client_id, data)
+
+    async def _hand(
+        self, redis: RedisClient, requester: str, client_id: str, data: bytes | None
+    ) -> None:
+        """Answer a hand-over: what it brings (if anything), then `handed`."""
+        pipe = redis.pipeline(transaction=False)
+        if data is not None:
+            pipe.set(f"{self.settings.prefix}:handover:{requester}:{client_id}", data, ex=60)
         pipe.publish(
             self.k_control,
             self.control_message(f"handed\x00{self.me}\x00{requester}\x00{client_id}"),
         )
         await pipe.execute()
+
+    def pin_route(self, broker: str, full_filter: str) -> None:
+        """Keep routing `full_filter` to `broker` until its own `add` of it comes (or for
+        PIN_SECONDS): a `del` it announced before it took the session (it had the filter from
+        an earlier session, say) may arrive after we routed to it, and must not undo that."""
+        loop = self.loop
+        if loop is None:
+            return
+        until = loop.time() + PIN_SECONDS
+        key = (broker, full_filter)
+        pin = self._pinned.get(key)
+        if pin is None:
+            self._pinned[key] = [until, False]
+        else:
+            pin[0] = until
+        loop.call_at(until, self._unpin, key)
+
+    def route_removed(self, broker: str, full_filter: str) -> bool:
+        """Control `del` from `broker`: True if it is held back (the route is pinned)."""
+        pin = self._pinned.get((broker, full_filter))
+        if pin is None:
+            return False
+        pin[1] = True
+        return True
+
+    def route_added(self, broker: str, full_filter: str) -> None:
+        """Control `add` from `broker`: its table says so itself now, the pin is done."""
+        if self._pinned:
+            self._pinned.pop((broker, full_filter), None)
+
+    def _unpin(self, key: tuple[str, str]) -> None:
+        pin = self._pinned.get(key)
+        if pin is None or self.loop is None or self.loop.time() < float(pin[0]):
+            return  # done, or pinned again since
+        del self._pinned[key]
+        if pin[1]:
+            # No `add` came after the `del` we held back: it stands.
+            self.core.remote_unsubscribe(*key)
 
     def control_message(self, text: str) -> str | bytes:
         """A message for the control channel, tagged when a cluster key is set (keys.py)."""
@@ -563,8 +683,8 @@ class Failover:
                     locked = await redis.eval(
                         _LOCK_SCRIPT,
                         2,
-                        f"{prefix}:broker:{peer}",
-                        f"{prefix}:adopter:{peer}",
+                        f"{prefix}:broker:{{{peer}}}",
+                        f"{prefix}:adopter:{{{peer}}}",
                         self.me,
                         ADOPTER_LOCK_TTL,
                     )
@@ -589,7 +709,7 @@ class Failover:
         ids go into `claiming` and `_adopting` (the caller removes them once restored)."""
         core = self.core
         prefix = self.settings.prefix
-        stored_key = f"{prefix}:sessions:{peer}"
+        stored_key = f"{prefix}:sessions:{{{peer}}}"
         stored = [raw.decode() for raw in await redis.hkeys(stored_key)]
         waiting = [client_id for client_id in stored if not core.has_session(client_id)]
         claimed: dict[str, tuple[SessionSnapshot, Marks]] = {}
@@ -599,7 +719,13 @@ class Failover:
             self._adopting.update(batch)
             claiming.update(batch)
             pipe = redis.pipeline(transaction=False)
+            cluster = is_cluster(redis)
             for client_id in batch:
+                if cluster:
+                    # The ClientId's key is in another slot than the stored hash: take
+                    # the session here, then name us its holder (below).
+                    pipe.eval(TAKE_STORED_SCRIPT, 1, stored_key, client_id)
+                    continue
                 pipe.eval(
                     _ADOPT_SCRIPT,
                     2,
@@ -610,8 +736,23 @@ class Failover:
                     client_id,
                     self.settings.client_ttl,
                 )
-            pipe.hmget(f"{prefix}:marks:{peer}", batch)
+            pipe.hmget(f"{prefix}:marks:{{{peer}}}", batch)
             *results, checkpoints = await pipe.execute()
+            if cluster:
+                taken = [c for c, data in zip(batch, results, strict=True) if data]
+                if taken:
+                    # Only where the registry still names the gone broker (_ADOPT_SCRIPT).
+                    named = redis.pipeline(transaction=False)
+                    for client_id in taken:
+                        named.eval(
+                            _NAME_ADOPTER_SCRIPT,
+                            1,
+                            f"{prefix}:client:{client_id}",
+                            peer,
+                            self.me,
+                            self.settings.client_ttl,
+                        )
+                    await named.execute()
             for client_id, data, checkpoint in zip(batch, results, checkpoints, strict=True):
                 if data is None or core.has_session(client_id):
                     continue
@@ -675,8 +816,8 @@ class Failover:
         finally:
             self.resume_inbox()
         pipe = redis.pipeline(transaction=False)
-        pipe.set(f"{prefix}:adopted:{peer}", self.me, ex=ADOPTER_LOCK_TTL)
-        pipe.delete(f"{prefix}:marks:{peer}")
+        pipe.set(f"{prefix}:adopted:{{{peer}}}", self.me, ex=ADOPTER_LOCK_TTL)
+        pipe.delete(f"{prefix}:marks:{{{peer}}}")
         await pipe.execute()
         await self.publish_wills(redis, peer)
         log.info("adopted %d sessions of %s", len(claimed), peer)
@@ -696,12 +837,12 @@ class Failover:
             {client_id: marks for client_id, (_, marks) in claimed.items()},
             origins,
             keys=self.keys,
-            inbox=f"{self.settings.prefix}:inbox:{peer}",
+            inbox=f"{self.settings.prefix}:inbox:{{{peer}}}",
             groups=group_marks(claimed),
             handled=await self._progress(redis, peer),
             gone=peer,
         )
-        key = f"{self.settings.prefix}:inbox:{peer}"
+        key = f"{self.settings.prefix}:inbox:{{{peer}}}"
         start: bytes | str = "-"
         deadline = time.monotonic() + self.settings.handover_timeout
         while True:
@@ -770,7 +911,7 @@ class Failover:
         if not self._own_readopted:
             return
         await redis.set(
-            f"{self.settings.prefix}:adopted:{self.me}",
+            f"{self.settings.prefix}:adopted:{{{self.me}}}",
             self.me,
             nx=True,
             ex=max(1, int(self.adoption_wait())),
@@ -779,7 +920,7 @@ class Failover:
 
     async def _progress(self, redis: RedisClient, broker: str) -> dict[str, int]:
         """What `broker`'s inbox last reported handled: origin -> highest sequence."""
-        raw = await redis.hgetall(f"{self.settings.prefix}:progress:{broker}")
+        raw = await redis.hgetall(f"{self.settings.prefix}:progress:{{{broker}}}")
         progress = {}
         for origin, sequence in raw.items():
             with contextlib.suppress(ValueError):
