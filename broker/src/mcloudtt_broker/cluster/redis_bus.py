@@ -79,6 +79,9 @@ class RedisBus:
         self.token = uuid.uuid4().hex
         self.redis_options = parse_redis_url(settings.url)
         self.link_error = ""  # why the link is down, for the log and /readyz ("" when up)
+        # Reasons already logged in this outage: some alternate from one retry to the next (a
+        # TLS 1.3 server refusing a missing client certificate is seen as an alert or as EOF).
+        self._reasons_logged: set[str] = set()
         self.link = Link()
         self.slots: SlotMap | None = None  # the slot map when Redis is a cluster
         self.known_nodes: list[Node] = []
@@ -307,8 +310,10 @@ class RedisBus:
         if link.connected:
             log.warning("lost Redis: %s; retrying", reason)
             self.stats["link_losses"] += 1
-        elif reason != self.link_error:
-            # Once per reason, not once per retry.
+            self._reasons_logged = {reason}
+        elif reason not in self._reasons_logged:
+            # Once per reason and outage, not once per retry.
+            self._reasons_logged.add(reason)
             log.warning("Redis link down: %s; retrying", reason)
         self.link_error = reason
         link.connected = False
@@ -378,6 +383,7 @@ class RedisBus:
         await self.failover.store_all(redis)
         await self.inbox.load_retained(redis)
         self.link_error = ""
+        self._reasons_logged = set()
         log.info("cluster link up (%s mode, %d peers)", self.settings.mode, len(self.live_peers))
 
     async def _confirm_loop(self, redis: RedisClient) -> None:
