@@ -30,10 +30,12 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from ..core.message import Message
 from ..core.ports import ClusterCore, Resume
 from ..core.session import SessionSnapshot
+from ..mqtt.reason_codes import ReasonCode
 from .envelope import EnvelopeFields
 from .keys import cluster_keys
 from .link import GROUP, Link, LinkError, RedisClient, redis_errors, stream_id
@@ -69,6 +71,13 @@ if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'EX', ARGV[2]) then return 1 end
 return 0
 """
 ADOPTER_LOCK_TTL = 300
+# Redis connections for the work CONNECTs bring (look-ups, hand-overs); more wait their turn.
+SESSION_CONNECTIONS = 16
+# A CONNECT that waits for a gone holder's adoption looks for a late hand-over this often (a
+# `handed` control message wakes it at once): one GETDEL a second, not twenty.
+LATE_HANDOVER_POLL = 1.0
+# Every CONNECT waiting for a gone holder's adoption shares one poll of its `adopted` key.
+ADOPTED_POLL = 0.05
 
 
 class Failover:
@@ -127,6 +136,11 @@ class Failover:
         self._locating: dict[str, asyncio.Event] = {}
         # ClientIds that connected while Redis was away: the registry learns them on reconnect.
         self._unregistered: set[str] = set()
+        # CONNECTs refused because their session could not be located: the registry names us
+        # already, so the client's retry must look where the session was (client id -> holder).
+        self._unresolved: dict[str, str] = {}
+        # One poll of `{prefix}:adopted:{holder}` per gone holder, shared by its CONNECTs.
+        self._adoption_watches: dict[str, asyncio.Future[str | None]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
     def _spawn(self, work: Awaitable[None]) -> None:
@@ -278,12 +292,23 @@ class Failover:
             # Serving locally while Redis is away (the retry pattern).
             self._unregistered.add(client_id)
             loop.call_soon(resume, None)
+        elif len(self._locating) >= self.settings.max_locating:
+            # Bounded work per broker: the client is told to come back (its session stays
+            # where it is), not queued without end.
+            self.stats["connects_busy"] += 1
+            loop.call_soon(resume, ReasonCode.SERVER_BUSY)
         else:
             self._spawn(self._locate(client_id, clean_start, resume))
         return True
 
+    def _redis(self) -> RedisClient:
+        """The client for the work CONNECTs bring (the bounded pool, `Link.sessions`)."""
+        redis = self.link.sessions if self.link.sessions is not None else self.link.redis
+        assert redis is not None
+        return redis
+
     async def _locate(self, client_id: str, clean_start: bool, resume: Resume) -> None:
-        snapshot = None
+        snapshot: SessionSnapshot | ReasonCode | None = None
         located = self._locating.get(client_id)
         if located is not None:
             await located.wait()  # an earlier CONNECT of this ClientId goes first
@@ -294,11 +319,19 @@ class Failover:
                     self._take_over(client_id, clean_start),
                     2 * self.settings.handover_timeout + self.adoption_wait(),
                 )
-        except (LinkError, SnapshotError) as error:
+        except LinkError as error:
+            # Redis failed or is overloaded: not a fresh session in place of the one elsewhere
+            # (its messages would be lost), a CONNACK that sends the client to retry.
+            log.warning("session %r not taken over from the cluster: %s", client_id, error)
+            self.stats["handover_failures"] += 1
+            snapshot = ReasonCode.SERVER_UNAVAILABLE
+        except SnapshotError as error:
             log.warning("session %r not taken over from the cluster: %s", client_id, error)
             self.stats["handover_failures"] += 1
         finally:
             self._handovers.pop(client_id, None)
+        if not isinstance(snapshot, ReasonCode):
+            self._unresolved.pop(client_id, None)  # found (or none to find): done looking
         try:
             resume(snapshot)  # the session is here now, also if its client went away meanwhile
         finally:
@@ -317,15 +350,22 @@ class Failover:
             self.resume_inbox()
 
     async def _take_over(self, client_id: str, clean_start: bool) -> SessionSnapshot | None:
-        redis = self.link.redis
-        assert redis is not None
+        redis = self._redis()
         prefix = self.settings.prefix
         previous = await redis.set(
             f"{prefix}:client:{client_id}", self.me, get=True, ex=self.settings.client_ttl
         )
         holder = previous.decode() if previous is not None else None
+        if holder == self.me and not self.core.has_session(client_id):
+            # An earlier CONNECT of it here was refused half way: look where it looked.
+            holder = self._unresolved.get(client_id, holder)
         if holder is None or holder == self.me:
+            self._unresolved.pop(client_id, None)
             return None
+        # Kept until this CONNECT finishes: refused, the next one looks at the same holder.
+        self._unresolved[client_id] = holder
+        if len(self._unresolved) > 100_000:
+            self._unresolved.clear()
         if holder not in self.peers:
             return await self._after_adoption(redis, holder, client_id, clean_start)
         try:
@@ -379,17 +419,25 @@ class Failover:
         prefix = self.settings.prefix
         deadline = time.monotonic() + self.adoption_wait()
         adopter = None
-        while time.monotonic() < deadline:
-            raw = await redis.get(f"{prefix}:adopted:{holder}")
-            # (The holder naming itself is its restart under its id; unless it died again.)
-            if raw is not None and (raw.decode() != holder or holder in self.peers):
-                adopter = raw.decode()
+        # The hand-over asked of the holder, if any: a late answer wakes us (`handed`).
+        asked = self._handovers.get(client_id)
+        while (left := deadline - time.monotonic()) > 0:
+            watch = self._watch_adoption(redis, holder)
+            waits: set[asyncio.Future[Any]] = {watch}
+            if asked is not None and not asked.done():
+                waits.add(asked)
+            await asyncio.wait(
+                waits, timeout=min(left, LATE_HANDOVER_POLL), return_when=asyncio.FIRST_COMPLETED
+            )
+            if watch.done() and watch.result() is not None:
+                adopter = watch.result()
                 break
             late = await redis.getdel(f"{prefix}:handover:{self.me}:{client_id}")
             if late is not None:
                 self.stats["handovers"] += 1
                 return None if clean_start else decode_snapshot(late, self.core.clock)
-            await asyncio.sleep(0.05)
+            if asked is not None and asked.done():
+                asked = None  # answered, but nothing there (yet): back to polling
         if adopter is None:
             log.warning("sessions of %s not adopted; taking %r as stored", holder, client_id)
             return await self._take_stored(redis, holder, client_id, clean_start)
@@ -400,6 +448,34 @@ class Failover:
             return await self._handover_from(redis, adopter, client_id, clean_start)
         except TimeoutError:
             return await self._take_stored(redis, adopter, client_id, clean_start)
+
+    def _watch_adoption(self, redis: RedisClient, holder: str) -> asyncio.Future[str | None]:
+        """Who adopted `holder`'s sessions, once someone did (None: nobody within
+        adoption_wait). One poll per holder, however many CONNECTs wait for it."""
+        watch = self._adoption_watches.get(holder)
+        if watch is None or watch.done():
+            watch = asyncio.ensure_future(self._poll_adopted(redis, holder))
+            self._adoption_watches[holder] = watch
+            watch.add_done_callback(lambda done: self._forget_watch(holder, done))
+        return watch
+
+    def _forget_watch(self, holder: str, watch: asyncio.Future[str | None]) -> None:
+        if self._adoption_watches.get(holder) is watch:
+            del self._adoption_watches[holder]
+        if not watch.cancelled():
+            watch.exception()  # retrieved: a failed poll fails its waiters' next look, not this
+
+    async def _poll_adopted(self, redis: RedisClient, holder: str) -> str | None:
+        key = f"{self.settings.prefix}:adopted:{holder}"
+        deadline = time.monotonic() + self.adoption_wait()
+        while time.monotonic() < deadline:
+            with redis_errors():
+                raw = await redis.get(key)
+            # (The holder naming itself is its restart under its id; unless it died again.)
+            if raw is not None and (raw.decode() != holder or holder in self.peers):
+                return str(raw.decode())
+            await asyncio.sleep(ADOPTED_POLL)
+        return None
 
     async def _take_stored(
         self, redis: RedisClient, holder: str, client_id: str, clean_start: bool
@@ -427,9 +503,10 @@ class Failover:
     def handover_requested(self, requester: str, argument: str) -> None:
         """Control `handover`. In its own task: it waits for our inbox, which must not hold up
         control messages."""
-        redis = self.link.redis
-        if redis is not None:
-            self._spawn(self._give_up_session(redis, requester, argument))
+        if argument.partition("\x00")[0] != self.me:
+            return  # asked of another broker (a storm of CONNECTs elsewhere spawns nothing here)
+        if self.link.redis is not None:
+            self._spawn(self._give_up_session(self._redis(), requester, argument))
 
     async def _give_up_session(self, redis: RedisClient, requester: str, argument: str) -> None:
         """A peer took one of our ClientIds: close it here and hand the session over."""

@@ -44,7 +44,11 @@ def redis_errors() -> Iterator[None]:
 class Link:
     """The current connection to Redis, shared by the bus's parts."""
 
-    redis: RedisClient | None = None  # redis-py, for everything but the hot paths
+    redis: RedisClient | None = None  # redis-py, for the link's own workers
+    # redis-py on a bounded pool that waits (never "Too many connections"), for the work each
+    # CONNECT brings (session look-ups and hand-overs): a reconnect storm queues there, and
+    # neither floods Redis with connections nor starves the workers' heartbeat.
+    sessions: RedisClient | None = None
     writer: RespConnection | None = None  # the lean pipelined writer for outbound traffic
     connected: bool = False
 

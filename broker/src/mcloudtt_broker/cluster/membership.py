@@ -176,6 +176,8 @@ class Membership:
                 self.live_peers.add(peer)
                 self.missing_since.pop(peer, None)
                 await self.load_peer_table(redis, peer)
+                # Its `reset` may have come before we listened: this load is its table.
+                self.on_table(peer)
             else:
                 await redis.srem(self.k_brokers, peer)
 

@@ -115,13 +115,23 @@ class RedisOptions:
             )
         return kwargs
 
-    def client(self, **extra: Any) -> redis.asyncio.Redis:
+    def client(
+        self, *, bounded: int | None = None, wait: float | None = None, **extra: Any
+    ) -> redis.asyncio.Redis:
         """A redis-py asyncio client for this URL (`extra`: timeouts and the like), made the
-        way `Redis.from_url` makes one (a pool of its own, no client-side retries)."""
+        way `Redis.from_url` makes one (a pool of its own, no client-side retries). `bounded`:
+        at most that many connections, and a command waits up to `wait` seconds (None:
+        as long as it takes) for one to be free instead of failing."""
         import redis.asyncio
 
         self.ssl_context()  # an unreadable file is our one-line error, not redis-py's
-        pool = redis.asyncio.ConnectionPool(**self.pool_kwargs(), **extra)
+        pool: redis.asyncio.ConnectionPool
+        if bounded is None:
+            pool = redis.asyncio.ConnectionPool(**self.pool_kwargs(), **extra)
+        else:
+            pool = redis.asyncio.BlockingConnectionPool(
+                max_connections=bounded, timeout=wait, **self.pool_kwargs(), **extra
+            )
         return redis.asyncio.Redis.from_pool(pool)
 
 
