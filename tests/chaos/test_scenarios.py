@@ -33,10 +33,6 @@ from mcloudtt_chaos.scenarios import (
 pytest.importorskip("paho.mqtt")
 
 QOS12_INVARIANTS = ("no_lost", "qos2_once", "ordered", "shared_once", "delivered_were_sent")
-BEFORE_READY = (
-    "known loss, some runs (0 in one, 36 of 1,332 in another): a few publishes acknowledged "
-    "before the first table load still miss a subscriber (not yet explained)"
-)
 NOLOSS_FIX = (
     "known loss, most runs: a subscriber that reconnects while its session is handed over between "
     "two live brokers (its CONNECT timed out on one, it came back to another) misses the few "
@@ -109,7 +105,6 @@ def test_brokers_before_redis_route_what_they_acknowledged_before_ready(
     assert verdict.failures < verdict.checked / 4, failure_detail(before_redis)
 
 
-@pytest.mark.xfail(strict=False, reason=BEFORE_READY)
 def test_brokers_before_redis_lose_nothing_acknowledged_before_ready(
     before_redis: ScenarioResult,
 ) -> None:

@@ -451,7 +451,10 @@ async def _reconnect_storm(run: Run) -> None:
 
             async def back(client: ProbeClient) -> bool:
                 answer = await _connect_retrying(
-                    client, deadline_s=STORM_DEADLINE_S, refused=refused
+                    client,
+                    deadline_s=STORM_DEADLINE_S,
+                    refused=refused,
+                    connack_timeout_s=STORM_CONNACK_TIMEOUT_S,
                 )
                 if answer is not None:
                     done.append(time.monotonic() - start)
@@ -477,11 +480,16 @@ async def _reconnect_storm(run: Run) -> None:
 
 
 CONNACK_TIMEOUT_S = 5.0
+STORM_CONNACK_TIMEOUT_S = 30.0  # a device waits this long for its CONNACK in a storm
 STORM_DEADLINE_S = 60.0  # every storm client back by then, or storm_reconnected fails
 
 
 async def _connect_retrying(
-    client: ProbeClient, *, deadline_s: float, refused: Counter[int] | None = None
+    client: ProbeClient,
+    *,
+    deadline_s: float,
+    refused: Counter[int] | None = None,
+    connack_timeout_s: float = CONNACK_TIMEOUT_S,
 ) -> bool | None:
     """Connect until accepted, with a device's backoff: its CONNACK's session-present flag
     (None: not accepted within the deadline). Refusals are counted in `refused` by code."""
@@ -490,7 +498,7 @@ async def _connect_retrying(
     while time.monotonic() < deadline:
         try:
             # A broker that takes the TCP connection but never answers is tried again.
-            async with asyncio.timeout(CONNACK_TIMEOUT_S):
+            async with asyncio.timeout(connack_timeout_s):
                 present, code = await client.connect()
             if code == 0:
                 return present

@@ -197,7 +197,9 @@ class LocalBackend:
         """The brokers' own MQTT ports, past the client proxies (a reconnect storm's thousands
         of clients would cost the proxies two descriptors each in this process)."""
         return [
-            Endpoint(name=name, host=HOST, mqtt_port=process.port, http_port=e.http_port)
+            Endpoint(
+                name=name, host=HOST, mqtt_port=process.port or e.mqtt_port, http_port=e.http_port
+            )
             for (name, e), process in zip(
                 self._endpoints.items(), self.brokers.values(), strict=True
             )
