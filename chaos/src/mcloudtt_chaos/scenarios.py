@@ -636,6 +636,13 @@ SCENARIOS: dict[str, Scenario] = {
             "(--storm-clients, 2,000 by default)",
             cluster=ClusterSpec(broker_args=("--presence-ttl", f"{PRESENCE_TTL_S:g}")),
             fault=_reconnect_storm,
+            # The workload's own clients wait for their CONNACK as the storm's do (paho also
+            # gives up on it after its keepalive), rather than hop to another broker while
+            # their session is still on its way.
+            load={
+                "connect_timeout": STORM_CONNACK_TIMEOUT_S,
+                "keepalive": int(STORM_CONNACK_TIMEOUT_S),
+            },
             seconds=1.0,
             measures=("storm_reconnected", "storm_sessions_kept"),
         ),

@@ -29,7 +29,7 @@ import json
 import logging
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from ..core.message import Message
@@ -73,9 +73,6 @@ return 0
 ADOPTER_LOCK_TTL = 300
 # Redis connections for the work CONNECTs bring (look-ups, hand-overs); more wait their turn.
 SESSION_CONNECTIONS = 16
-# A CONNECT that waits for a gone holder's adoption looks for a late hand-over this often (a
-# `handed` control message wakes it at once): one GETDEL a second, not twenty.
-LATE_HANDOVER_POLL = 1.0
 # Every CONNECT waiting for a gone holder's adoption shares one poll of its `adopted` key.
 ADOPTED_POLL = 0.05
 
@@ -130,7 +127,10 @@ class Failover:
         self._dirty: set[str] = set()  # client ids whose stored session is stale
         self._write_scheduled = False
         self._handovers: dict[str, asyncio.Future[None]] = {}
-        self._adopting: set[str] = set()  # client ids being claimed from a gone broker
+        # Client ids claimed from a gone broker and not restored here yet (a hand-over or a
+        # CONNECT of one waits for it: the registry names us from the claim on).
+        self._adopting: set[str] = set()
+        self._adopting_changed = asyncio.Event()
         # CONNECTs here still looking for their session: the registry names us already, so a
         # hand-over asked of us meanwhile waits for it (the client may have given up on us).
         self._locating: dict[str, asyncio.Event] = {}
@@ -141,6 +141,11 @@ class Failover:
         self._unresolved: dict[str, str] = {}
         # One poll of `{prefix}:adopted:{holder}` per gone holder, shared by its CONNECTs.
         self._adoption_watches: dict[str, asyncio.Future[str | None]] = {}
+        # Hand-overs asked of us share their reads of the inbox's end and their wait for it.
+        self._next_goal: asyncio.Future[tuple[int, int]] | None = None
+        self._goal_reader: asyncio.Task[None] | None = None
+        self._inbox_waiters: list[tuple[tuple[int, int], asyncio.Future[None]]] = []
+        self._inbox_watcher: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
     def _spawn(self, work: Awaitable[None]) -> None:
@@ -356,9 +361,18 @@ class Failover:
             f"{prefix}:client:{client_id}", self.me, get=True, ex=self.settings.client_ttl
         )
         holder = previous.decode() if previous is not None else None
+        if holder == self.me and client_id in self._adopting:
+            # Claimed here from a gone broker (the claim named us): local once restored.
+            await self._until_adopted(client_id, self.adoption_wait())
         if holder == self.me and not self.core.has_session(client_id):
-            # An earlier CONNECT of it here was refused half way: look where it looked.
+            # An earlier CONNECT of it here was refused half way: look where it looked, and
+            # first whether its holder handed it over late.
             holder = self._unresolved.get(client_id, holder)
+            if holder != self.me:
+                late = await redis.getdel(f"{prefix}:handover:{self.me}:{client_id}")
+                if late is not None:
+                    self.stats["handovers"] += 1
+                    return None if clean_start else decode_snapshot(late, self.core.clock)
         if holder is None or holder == self.me:
             self._unresolved.pop(client_id, None)
             return None
@@ -421,24 +435,28 @@ class Failover:
         adopter = None
         # The hand-over asked of the holder, if any: a late answer wakes us (`handed`).
         asked = self._handovers.get(client_id)
+        late_key = f"{prefix}:handover:{self.me}:{client_id}"
         while (left := deadline - time.monotonic()) > 0:
             watch = self._watch_adoption(redis, holder)
             waits: set[asyncio.Future[Any]] = {watch}
             if asked is not None and not asked.done():
                 waits.add(asked)
-            await asyncio.wait(
-                waits, timeout=min(left, LATE_HANDOVER_POLL), return_when=asyncio.FIRST_COMPLETED
-            )
+            await asyncio.wait(waits, timeout=left, return_when=asyncio.FIRST_COMPLETED)
             if watch.done() and watch.result() is not None:
                 adopter = watch.result()
                 break
-            late = await redis.getdel(f"{prefix}:handover:{self.me}:{client_id}")
+            if asked is not None and asked.done():
+                asked = None
+                late = await redis.getdel(late_key)
+                if late is not None:
+                    self.stats["handovers"] += 1
+                    return None if clean_start else decode_snapshot(late, self.core.clock)
+        if adopter is None:
+            # (A `handed` lost while the control channel reconnected: its snapshot is there.)
+            late = await redis.getdel(late_key)
             if late is not None:
                 self.stats["handovers"] += 1
                 return None if clean_start else decode_snapshot(late, self.core.clock)
-            if asked is not None and asked.done():
-                asked = None  # answered, but nothing there (yet): back to polling
-        if adopter is None:
             log.warning("sessions of %s not adopted; taking %r as stored", holder, client_id)
             return await self._take_stored(redis, holder, client_id, clean_start)
         await redis.set(f"{prefix}:client:{client_id}", self.me, ex=self.settings.client_ttl)
@@ -447,7 +465,23 @@ class Failover:
         try:
             return await self._handover_from(redis, adopter, client_id, clean_start)
         except TimeoutError:
-            return await self._take_stored(redis, adopter, client_id, clean_start)
+            return await self._late_handover(redis, adopter, client_id, clean_start)
+
+    async def _late_handover(
+        self, redis: RedisClient, holder: str, client_id: str, clean_start: bool
+    ) -> SessionSnapshot | None:
+        """A live holder did not answer in time (busy: thousands of hand-overs in a reconnect
+        storm): its answer comes late, and its stored copy may be older than what it hands
+        over. Wait for it as long as an adoption may take; then take what it stored."""
+        asked = self._handovers.get(client_id)
+        if asked is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(asked), self.adoption_wait())
+        late = await redis.getdel(f"{self.settings.prefix}:handover:{self.me}:{client_id}")
+        if late is not None:
+            self.stats["handovers"] += 1
+            return None if clean_start else decode_snapshot(late, self.core.clock)
+        return await self._take_stored(redis, holder, client_id, clean_start)
 
     def _watch_adoption(self, redis: RedisClient, holder: str) -> asyncio.Future[str | None]:
         """Who adopted `holder`'s sessions, once someone did (None: nobody within
@@ -522,9 +556,9 @@ class Failover:
     async def _give_up(
         self, redis: RedisClient, requester: str, client_id: str, clean_start: bool
     ) -> None:
-        deadline = time.monotonic() + self.settings.handover_timeout / 2
-        while client_id in self._adopting and time.monotonic() < deadline:
-            await asyncio.sleep(0.005)  # we are taking it from a gone broker right now
+        # We are taking it from a gone broker right now: hand it over once it is here (the
+        # requester takes a late hand-over while it waits).
+        await self._until_adopted(client_id, self.adoption_wait())
         located = self._locating.get(client_id)
         if located is not None:
             # A CONNECT here is still fetching the session (from a dead broker's adopter, say):
@@ -533,11 +567,8 @@ class Failover:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(located.wait(), self.adoption_wait())
         # Messages for this session that are already in our inbox belong in the snapshot.
-        info = await redis.xinfo_stream(self.k_inbox)
-        goal = stream_id(info.get("last-generated-id", b"0-0"))
-        deadline = time.monotonic() + self.settings.handover_timeout / 2
-        while self.inbox_position() < goal and time.monotonic() < deadline:
-            await asyncio.sleep(0.005)
+        goal = await self._inbox_goal(redis)
+        await self._inbox_reached(goal, self.settings.handover_timeout / 2)
         core = self.core
         now = core.clock()
         snapshot = core.handover(client_id, clean_start, now)
@@ -558,6 +589,53 @@ class Failover:
             self.control_message(f"handed\x00{self.me}\x00{requester}\x00{client_id}"),
         )
         await pipe.execute()
+
+    async def _inbox_goal(self, redis: RedisClient) -> tuple[int, int]:
+        """The id of the last entry in our inbox, read after this call began: one XINFO for
+        every hand-over asked of us meanwhile (thousands in a reconnect storm), not one each."""
+        waiting = self._next_goal
+        if waiting is None:
+            waiting = self._next_goal = asyncio.get_running_loop().create_future()
+            if self._goal_reader is None or self._goal_reader.done():
+                self._goal_reader = asyncio.ensure_future(self._read_goals(redis))
+        return await asyncio.shield(waiting)
+
+    async def _read_goals(self, redis: RedisClient) -> None:
+        # Each read starts after every caller waiting for it had asked: none gets an old id.
+        while (waiting := self._next_goal) is not None:
+            self._next_goal = None
+            try:
+                with redis_errors():
+                    info = await redis.xinfo_stream(self.k_inbox)
+            except LinkError as error:
+                waiting.set_exception(error)
+            else:
+                waiting.set_result(stream_id(info.get("last-generated-id", b"0-0")))
+
+    async def _inbox_reached(self, goal: tuple[int, int], timeout: float) -> None:
+        """Until our inbox has handled the entry `goal` (or `timeout`): one watcher for all."""
+        if self.inbox_position() >= goal:
+            return
+        reached: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._inbox_waiters.append((goal, reached))
+        if self._inbox_watcher is None or self._inbox_watcher.done():
+            self._inbox_watcher = asyncio.ensure_future(self._watch_inbox())
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(reached), timeout)
+
+    async def _watch_inbox(self) -> None:
+        while self._inbox_waiters:
+            position = self.inbox_position()
+            waiting = []
+            for goal, reached in self._inbox_waiters:
+                if reached.done():
+                    continue
+                if position >= goal:
+                    reached.set_result(None)
+                else:
+                    waiting.append((goal, reached))
+            self._inbox_waiters = waiting
+            await asyncio.sleep(0.005)
 
     def control_message(self, text: str) -> str | bytes:
         """A message for the control channel, tagged when a cluster key is set (keys.py)."""
@@ -590,11 +668,15 @@ class Failover:
                     )
                     if not locked:
                         return  # another survivor adopts it, or it is back
-                claimed = await self._claim(redis, peer)
-                if peer == self.me:
-                    await self._readopt_own(redis, claimed)
-                else:
-                    await self._adopt_gone(redis, peer, claimed)
+                claimed: dict[str, tuple[SessionSnapshot, Marks]] = {}
+                try:
+                    claimed = await self._claim(redis, peer)
+                    if peer == self.me:
+                        await self._readopt_own(redis, claimed)
+                    else:
+                        await self._adopt_gone(redis, peer, claimed)
+                finally:
+                    self._settle_adopting(claimed)
         except LinkError as error:
             log.warning("sessions of %s not taken over yet: %s", peer, error)
 
@@ -645,8 +727,21 @@ class Failover:
                             marks = fresher
                     claimed[client_id] = (snapshot, marks)
             finally:
-                self._adopting.difference_update(batch)
+                # What was claimed stays marked until it is restored (`adopt_sessions`).
+                self._settle_adopting(c for c in batch if c not in claimed)
         return claimed
+
+    def _settle_adopting(self, client_ids: Iterable[str]) -> None:
+        self._adopting.difference_update(client_ids)
+        self._adopting_changed.set()
+        self._adopting_changed = asyncio.Event()
+
+    async def _until_adopted(self, client_id: str, timeout: float) -> None:
+        """Until a session we claimed from a gone broker is restored here (or `timeout`)."""
+        deadline = time.monotonic() + timeout
+        while client_id in self._adopting and (left := deadline - time.monotonic()) > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._adopting_changed.wait(), left)
 
     def _restore(self, claimed: dict[str, tuple[SessionSnapshot, Marks]]) -> None:
         core = self.core
