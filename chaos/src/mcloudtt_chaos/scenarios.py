@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import inspect
+import random
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -455,6 +456,7 @@ async def _reconnect_storm(run: Run) -> None:
                     deadline_s=STORM_DEADLINE_S,
                     refused=refused,
                     connack_timeout_s=STORM_CONNACK_TIMEOUT_S,
+                    backoff_cap_s=STORM_BACKOFF_CAP_S,
                 )
                 if answer is not None:
                     done.append(time.monotonic() - start)
@@ -481,6 +483,7 @@ async def _reconnect_storm(run: Run) -> None:
 
 CONNACK_TIMEOUT_S = 5.0
 STORM_CONNACK_TIMEOUT_S = 30.0  # a device waits this long for its CONNACK in a storm
+STORM_BACKOFF_CAP_S = 5.0  # and retries a refused CONNECT after at most this (jittered)
 STORM_DEADLINE_S = 60.0  # every storm client back by then, or storm_reconnected fails
 
 
@@ -490,6 +493,7 @@ async def _connect_retrying(
     deadline_s: float,
     refused: Counter[int] | None = None,
     connack_timeout_s: float = CONNACK_TIMEOUT_S,
+    backoff_cap_s: float = 1.0,
 ) -> bool | None:
     """Connect until accepted, with a device's backoff: its CONNACK's session-present flag
     (None: not accepted within the deadline). Refusals are counted in `refused` by code."""
@@ -507,8 +511,9 @@ async def _connect_retrying(
         except (OSError, TimeoutError, asyncio.IncompleteReadError, ConnectionError):
             pass
         await client.close()
-        await asyncio.sleep(delay)
-        delay = min(1.0, delay * 2)
+        # Jittered, capped doubling, as devices do: refused clients do not come back in step.
+        await asyncio.sleep(random.uniform(delay / 2, delay))
+        delay = min(backoff_cap_s, delay * 2)
     return None
 
 

@@ -802,7 +802,14 @@ class Failover:
         replay = Replay(
             self.core,
             self.to_message,
-            {client_id: marks for client_id, (_, marks) in claimed.items()},
+            # A session without subscriptions takes nothing: left out, the replay does not
+            # look at each record once per such session (10,000 of them stalled the loop
+            # past the presence TTL, and the adopter was declared dead).
+            {
+                client_id: marks
+                for client_id, (snapshot, marks) in claimed.items()
+                if snapshot.subscriptions
+            },
             origins,
             keys=self.keys,
             inbox=f"{self.settings.prefix}:inbox:{peer}",
@@ -849,7 +856,11 @@ class Failover:
         replay = Replay(
             self.core,
             self.to_message,
-            {client_id: marks for client_id, (_, marks) in claimed.items()},
+            {
+                client_id: marks
+                for client_id, (snapshot, marks) in claimed.items()
+                if snapshot.subscriptions  # (as in `_read_dead_inbox`)
+            },
             (),
             keys=self.keys,
             inbox=self.k_inbox,
