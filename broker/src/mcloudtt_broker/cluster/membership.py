@@ -209,6 +209,10 @@ class Membership:
         dead, *filters = argument.split("\x00")
         core = self.core
         self.awaiting_adoption.discard(dead)
+        if dead != adopter:
+            # Gone, whether or not our heartbeat noticed yet: not to be adopted again later.
+            self.live_peers.discard(dead)
+            self.missing_since.pop(dead, None)
         if adopter and adopter != self.me:
             self.live_peers.add(adopter)
             for full_filter in filters:

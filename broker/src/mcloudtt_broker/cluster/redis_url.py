@@ -16,6 +16,7 @@ module imports no redis at load time (a single node never does).
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import os
 import ssl
@@ -129,10 +130,40 @@ class RedisOptions:
         if bounded is None:
             pool = redis.asyncio.ConnectionPool(**self.pool_kwargs(), **extra)
         else:
-            pool = redis.asyncio.BlockingConnectionPool(
-                max_connections=bounded, timeout=wait, **self.pool_kwargs(), **extra
-            )
+            pool = _waiting_pool(bounded, wait, {**self.pool_kwargs(), **extra})
         return redis.asyncio.Redis.from_pool(pool)
+
+
+def _waiting_pool(bound: int, wait: float | None, kwargs: dict[str, Any]) -> Any:
+    """A redis-py pool of at most `bound` connections where a command waits its turn.
+
+    Not redis-py's BlockingConnectionPool: it waits on an asyncio.Condition, which before
+    Python 3.13 loses a notification when the waiter it woke is cancelled (gh-112202); in a
+    reconnect storm, where CONNECTs time out by the thousand, its waiters then sleep beside
+    free connections. An asyncio.Semaphore hands a cancelled waiter's turn on."""
+    import redis.asyncio
+
+    class WaitingPool(redis.asyncio.ConnectionPool):
+        def __init__(self) -> None:
+            super().__init__(max_connections=bound, **kwargs)
+            self.turns = asyncio.Semaphore(bound)
+
+        async def get_connection(self, *args: Any, **options: Any) -> Any:
+            async with asyncio.timeout(wait):
+                await self.turns.acquire()
+            try:
+                return await super().get_connection(*args, **options)  # type: ignore[no-untyped-call]
+            except BaseException:
+                self.turns.release()
+                raise
+
+        async def release(self, connection: Any) -> None:
+            try:
+                await super().release(connection)
+            finally:
+                self.turns.release()
+
+    return WaitingPool()
 
 
 def _load(option: str, path: str, load: Any, *args: Any) -> None:
