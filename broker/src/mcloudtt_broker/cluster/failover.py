@@ -30,7 +30,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any
+from typing import Any, TypeVar
 
 from ..core.message import Message
 from ..core.ports import ClusterCore, Resume
@@ -71,10 +71,33 @@ if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'EX', ARGV[2]) then return 1 end
 return 0
 """
 ADOPTER_LOCK_TTL = 300
+T = TypeVar("T")
 # Redis connections for the work CONNECTs bring (look-ups, hand-overs); more wait their turn.
 SESSION_CONNECTIONS = 16
 # Every CONNECT waiting for a gone holder's adoption shares one poll of its `adopted` key.
 ADOPTED_POLL = 0.05
+
+
+async def _within(work: Awaitable[T], timeout: float) -> T:
+    """`work`'s result, or TimeoutError after `timeout` seconds, then at once: the work is
+    cancelled but not waited for (asyncio.wait_for waits for the cancelled work to finish, and
+    a CONNECT must get its CONNACK on time whatever the work is stuck in)."""
+    task = asyncio.ensure_future(work)
+    done, _ = await asyncio.wait({task}, timeout=timeout)
+    if not done:
+        task.cancel()
+        task.add_done_callback(_retrieve)
+        raise TimeoutError
+    try:
+        return task.result()
+    except asyncio.CancelledError:
+        # The work was cancelled from inside (not us): a failed look-up, not our end.
+        raise LinkError("session look-up cancelled") from None
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 class Failover:
@@ -320,7 +343,7 @@ class Failover:
         located = self._locating[client_id] = asyncio.Event()
         try:
             with redis_errors():
-                snapshot = await asyncio.wait_for(
+                snapshot = await _within(
                     self._take_over(client_id, clean_start),
                     2 * self.settings.handover_timeout + self.adoption_wait(),
                 )
@@ -414,7 +437,9 @@ class Failover:
             ),
         )
         try:
-            await asyncio.wait_for(waiter, self.settings.handover_timeout / 2)
+            # Shielded: on a timeout the waiter stays, for the late answer (`_late_handover`,
+            # `_after_adoption`); cancelled, it would cancel whoever waited on it next.
+            await asyncio.wait_for(asyncio.shield(waiter), self.settings.handover_timeout / 2)
         except TimeoutError:
             self._unpause(client_id)  # no session coming (yet): do not hold the inbox up
             raise
@@ -474,7 +499,7 @@ class Failover:
         storm): its answer comes late, and its stored copy may be older than what it hands
         over. Wait for it as long as an adoption may take; then take what it stored."""
         asked = self._handovers.get(client_id)
-        if asked is not None:
+        if asked is not None and not asked.done():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(asked), self.adoption_wait())
         late = await redis.getdel(f"{self.settings.prefix}:handover:{self.me}:{client_id}")
@@ -607,8 +632,14 @@ class Failover:
             try:
                 with redis_errors():
                     info = await redis.xinfo_stream(self.k_inbox)
-            except LinkError as error:
-                waiting.set_exception(error)
+            except BaseException as error:
+                # Whatever it is (redis-py under load raises more than RedisError), the
+                # hand-overs waiting for this read learn it: none waits forever.
+                waiting.set_exception(
+                    error if isinstance(error, Exception) else LinkError("cancelled")
+                )
+                if not isinstance(error, Exception):
+                    raise
             else:
                 waiting.set_result(stream_id(info.get("last-generated-id", b"0-0")))
 
