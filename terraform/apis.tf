@@ -6,6 +6,7 @@ resource "google_project_service" "apis" {
     "compute.googleapis.com",
     "container.googleapis.com",
     "iam.googleapis.com",
+    "networkconnectivity.googleapis.com",
     "redis.googleapis.com",
     "servicenetworking.googleapis.com",
   ])

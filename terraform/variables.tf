@@ -93,6 +93,56 @@ variable "redis_version" {
   default     = "REDIS_7_2"
 }
 
+variable "redis_backend" {
+  description = "The cluster bus: \"instance\" (one Memorystore for Redis, STANDARD_HA) or \"cluster\" (Memorystore for Redis Cluster, sharded). `mcloudtt-sim plan` recommends one."
+  type        = string
+  default     = "instance"
+
+  validation {
+    condition     = contains(["instance", "cluster"], var.redis_backend)
+    error_message = "redis_backend must be \"instance\" or \"cluster\"."
+  }
+}
+
+variable "redis_shard_count" {
+  description = "Memorystore for Redis Cluster: primaries (shards), from `mcloudtt-sim plan` (redis_backend = \"cluster\" only)."
+  type        = number
+  default     = 3
+
+  validation {
+    condition     = var.redis_shard_count >= 1 && var.redis_shard_count <= 250 && floor(var.redis_shard_count) == var.redis_shard_count
+    error_message = "redis_shard_count must be a whole number from 1 to 250."
+  }
+}
+
+variable "redis_replica_count" {
+  description = "Memorystore for Redis Cluster: replicas per shard, in other zones (0 to 2; 1 or more for automatic failover)."
+  type        = number
+  default     = 1
+
+  validation {
+    condition     = contains([0, 1, 2], var.redis_replica_count)
+    error_message = "redis_replica_count must be 0, 1 or 2."
+  }
+}
+
+variable "redis_node_type" {
+  description = "Memorystore for Redis Cluster node type (REDIS_SHARED_CORE_NANO, REDIS_STANDARD_SMALL, REDIS_HIGHMEM_MEDIUM, REDIS_HIGHMEM_XLARGE)."
+  type        = string
+  default     = "REDIS_HIGHMEM_MEDIUM"
+
+  validation {
+    condition     = contains(["REDIS_SHARED_CORE_NANO", "REDIS_STANDARD_SMALL", "REDIS_HIGHMEM_MEDIUM", "REDIS_HIGHMEM_XLARGE"], var.redis_node_type)
+    error_message = "redis_node_type must be one of REDIS_SHARED_CORE_NANO, REDIS_STANDARD_SMALL, REDIS_HIGHMEM_MEDIUM, REDIS_HIGHMEM_XLARGE."
+  }
+}
+
+variable "redis_cluster_psc_cidr" {
+  description = "Subnet the Memorystore for Redis Cluster endpoints get their addresses in (Private Service Connect); the NetworkPolicy egress target."
+  type        = string
+  default     = "10.40.0.0/24"
+}
+
 # ------------------------------------------------------------------ BigQuery
 
 variable "bigquery_location" {

@@ -13,6 +13,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from broker.mqttraw import RawClient
 from brokerproc import TARGET, BrokerProcess, broker_pool
+from rediscluster import RedisClusterProcess
 from redisproc import RedisProcess
 
 
@@ -69,3 +70,28 @@ def redis_server() -> Iterator[RedisProcess]:
     """A fresh redis-server on a free port; `kill()`, `restart()` and `url` for fault tests."""
     with RedisProcess() as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def _shared_redis_cluster() -> Iterator[RedisClusterProcess]:
+    with RedisClusterProcess() as cluster:  # some seconds to form: once per session
+        yield cluster
+
+
+@pytest.fixture
+def redis_cluster(_shared_redis_cluster: RedisClusterProcess) -> RedisClusterProcess:
+    """A real Redis Cluster (3 primaries, 3 replicas) shared by the session, emptied for each
+    test. Tests that kill nodes or move slots take `fresh_redis_cluster` instead."""
+    cluster = _shared_redis_cluster
+    cluster.wait_healthy()
+    for node, _ in cluster.shards():
+        with node.client() as r:
+            r.flushall()
+    return cluster
+
+
+@pytest.fixture
+def fresh_redis_cluster() -> Iterator[RedisClusterProcess]:
+    """A Redis Cluster of its own, for a test that kills primaries or reshards."""
+    with RedisClusterProcess() as cluster:
+        yield cluster

@@ -43,6 +43,8 @@ def test_report_command_writes_offline_html_and_a_terminal_summary(tmp_path) -> 
     page = out.read_text()
     assert page.count("<svg") >= 1 + 5  # message rate and one per device
     assert "Stale devices (1)" in page and "d4" in page
+    # The charted measurement with its unit, on the heading and on each chart's axis.
+    assert "<code>temp</code> in °C" in page and page.count('class="axis">°C</text>') >= 4
     assert "Anomalies (" in page and 'class="anomaly"' in page
     # Works offline: no scripts, no external references (the SVG namespace is not fetched).
     assert "<script" not in page

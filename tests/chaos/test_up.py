@@ -91,11 +91,15 @@ def test_up_runs_the_whole_system_and_writes_a_report(tmp_path: Path) -> None:
         for _ in range(3):
             live = state(dashboard)
             real = scrape(snap["adapter_http"]).value("mcloudtt_adapter_event_lag_seconds")
-            assert abs(live["adapter"]["lag_s"] - real) <= 1.0, (live["adapter"], real)
+            # Sampled a moment apart from the scrape, so within a second or half the lag (the
+            # summed series it once showed were many times too large).
+            tolerance = max(1.0, 0.5 * real)
+            assert abs(live["adapter"]["lag_s"] - real) <= tolerance, (live["adapter"], real)
             time.sleep(1)
         out, _ = proc.communicate(timeout=120)
     finally:
         proc.kill()
+        proc.wait()
     assert proc.returncode == 0, out[-3000:]
     assert f"dashboard: http://127.0.0.1:{dashboard}" in out
     report = tmp_path / "report.html"

@@ -191,8 +191,8 @@ def test_garbage_on_redis_is_counted_and_dropped(cluster_factory, clients, redis
     r = redis.Redis(port=redis_server.port)
     r.publish("sync", b"\x00garbage")
     r.publish("sync", b"\x07" + b"\x00" * 40)  # unknown envelope version
-    r.xadd("mcloudtt:inbox:b2", {"b": b"\xff\xff\xff\xff junk"})
-    r.xadd("mcloudtt:inbox:b2", {"x": b"no batch field"})
+    r.xadd("mcloudtt:inbox:{b2}", {"b": b"\xff\xff\xff\xff junk"})
+    r.xadd("mcloudtt:inbox:{b2}", {"x": b"no batch field"})
     good = encode_envelope(
         Envelope(
             origin="foreign",
@@ -204,7 +204,7 @@ def test_garbage_on_redis_is_counted_and_dropped(cluster_factory, clients, redis
             qos=1,
         )
     )
-    r.xadd("mcloudtt:inbox:b2", {"b": encode_record(good, True, ())})
+    r.xadd("mcloudtt:inbox:{b2}", {"b": encode_record(good, True, ())})
     assert sub.get().payload == b"ok"  # the good record after the bad ones still arrives
     wait_until(
         lambda: b.metric("mcloudtt_cluster_bad_envelopes_total") >= 4, what="bad data counted"
@@ -393,17 +393,17 @@ def test_stored_sessions_follow_their_state(cluster_factory, clients, redis_serv
     keep = clients(a.port, "keeper", version=5, clean=False, session_expiry=600)
     clients(a.port, "passer-by", version=5, clean=True)  # session expiry 0: not stored
     keep.subscribe("k/1", qos=1)
-    wait_until(lambda: r.hexists("mcloudtt:sessions:b1", "keeper"), what="session stored")
-    assert not r.hexists("mcloudtt:sessions:b1", "passer-by")
+    wait_until(lambda: r.hexists("mcloudtt:sessions:{b1}", "keeper"), what="session stored")
+    assert not r.hexists("mcloudtt:sessions:{b1}", "passer-by")
     keep.subscribe("k/2", qos=0)
     wait_until(
-        lambda: b"k/2" in (r.hget("mcloudtt:sessions:b1", "keeper") or b""),
+        lambda: b"k/2" in (r.hget("mcloudtt:sessions:{b1}", "keeper") or b""),
         what="new subscription stored",
     )
     keep.disconnect()
     clients(a.port, "keeper", version=5, clean=True)
     wait_until(
-        lambda: not r.hexists("mcloudtt:sessions:b1", "keeper"),
+        lambda: not r.hexists("mcloudtt:sessions:{b1}", "keeper"),
         what="clean start removed the stored session",
     )
 

@@ -55,12 +55,12 @@ def test_same_key_delivers_and_forged_entries_are_dropped_and_counted(
     assert b.metric(BAD) == 0
 
     r = redis.Redis(port=redis_server.port)
-    inbox = "mcloudtt:inbox:b2"
+    inbox = "mcloudtt:inbox:{b2}"
     r.xadd(inbox, {"b": forged_record("t/forged", b"no tag")})
     r.xadd(inbox, {"b": forged_record("t/forged", b"bad tag", 2), "t": b"\x00" * 32})
     # A valid tag from another inbox's context does not verify here (bound to the key name).
     moved = forged_record("t/forged", b"moved", 3)
-    r.xadd(inbox, {"b": moved, "t": ClusterKeys([key]).tag(b"mcloudtt:inbox:b1", moved)})
+    r.xadd(inbox, {"b": moved, "t": ClusterKeys([key]).tag(b"mcloudtt:inbox:{b1}", moved)})
     # A control message that would route every topic to a broker that does not exist.
     r.publish("mcloudtt:control", b"add\x00intruder\x00#")
     r.publish(
@@ -88,7 +88,7 @@ def test_same_key_delivers_and_forged_entries_are_dropped_and_counted(
     assert b.metric("mcloudtt_cluster_remote_filters") == 0
 
     # What the brokers write carries the tag (field `t`), and verifies under the key.
-    for _entry_id, fields in r.xrange("mcloudtt:inbox:b2"):
+    for _entry_id, fields in r.xrange("mcloudtt:inbox:{b2}"):
         if (
             b"m" not in fields
             and fields.get(b"t") != b"\x00" * 32

@@ -26,6 +26,8 @@ OVERLAYS = {"base": "kind/base", "kind": "kind/overlays/kind", "gke": "kind/over
 WITH_COMPONENTS = {
     "kind-locust": ("kind/overlays/kind", "kind/components/locust"),
     "gke-locust": ("kind/overlays/gke", "kind/components/locust"),
+    "kind-redis-cluster": ("kind/overlays/kind", "kind/components/redis-cluster"),
+    "gke-memorystore-cluster": ("kind/overlays/gke", "kind/components/memorystore-cluster"),
 }
 GKE_EXAMPLE = KIND / "overlays" / "gke" / "gke.env.example"
 K8S_VERSION = "1.33"

@@ -61,7 +61,7 @@ def test_gke_autopilot_cluster(hcl: dict[str, list[Any]]) -> None:
     assert cluster["private_cluster_config"][0]["enable_private_nodes"] is True
     assert cluster["release_channel"][0]["channel"] == "${var.release_channel}"
     policy = cluster["ip_allocation_policy"][0]
-    subnet = _one(hcl, "google_compute_subnetwork")
+    subnet = _resources(hcl, "google_compute_subnetwork")["gke"]  # (redis_psc: the cluster option)
     ranges = {r["range_name"] for r in subnet["secondary_ip_range"]}
     assert {
         policy["cluster_secondary_range_name"],

@@ -4,6 +4,7 @@ addresses and two generator processes, against a real mcloudtt-broker process.""
 from __future__ import annotations
 
 import json
+import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -43,3 +44,32 @@ def test_each_client_subscribes_to_its_own_filter() -> None:
     first, second = client_packets(1), client_packets(2)
     assert b"devices/1/cmd" in first and b"cb-1" in first
     assert b"devices/2/cmd" in second and first != second
+
+
+def _hard_limit_2500() -> None:
+    # Lowering a hard limit needs no privilege: the same situation as this machine's 20,000.
+    resource.setrlimit(resource.RLIMIT_NOFILE, (2_500, 2_500))
+
+
+def test_a_million_blocked_by_descriptors_is_said_in_one_line_and_the_limit_is_reached(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "conn.json"
+    cmd = [
+        *(sys.executable, "-m", "mcloudtt_loadtest.conn_bench"),
+        *("--steps", "1000,1000000", "--per-source", "1200", "--generators", "2"),
+        *("--fanin-seconds", "0.3", "--rest-seconds", "0.3", "--json", str(out)),
+    ]
+    done = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=120, preexec_fn=_hard_limit_2500
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    first = done.stdout.splitlines()[0]
+    assert first.startswith("limits: at most 1,500 connections here, so 1,000,000 is blocked:")
+    assert "hard limit is 2500" in first or "fs." in first  # CAP_SYS_RESOURCE could raise it
+    result = json.loads(out.read_text())
+    # The steps below the limit, then the limit itself; then what stopped it.
+    assert [row["target"] for row in result["steps"]] == [1000, 1500]
+    assert result["largest_held"] == 1500
+    assert result["stopped_by"].startswith("1,000,000 is over the 1,500 the limits allow;")
+    assert result["limit"]["connections"] == 1500

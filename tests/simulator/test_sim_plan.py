@@ -219,7 +219,15 @@ def test_sizing_arithmetic() -> None:
     r = sizing.size_redis(x)
     assert r.breakdown["retained"] == 100_000 * (150 + sizing.REDIS_ENTRY_OVERHEAD)
     assert r.maxmemory_gb >= 1 and r.memory_bytes > sum(r.breakdown.values())
-    assert r.ops_s_peak == pytest.approx(50_000 * 2 + 10_000 + 1_000 + 100 * 4 + 100 * 2)
+    # Measured per-message commands (test_redis_ops.py): 5 per crossing message, 1 for the tap.
+    assert r.ops_s_peak == pytest.approx(
+        40_000 * 5 + 10_000 * 5 + 50_000 * 1 + 1_000 + 100 * 4 + 100 * 2
+    )
+    # 301,600 ops/s at 60 % of 80k per primary: 7 primaries, so a cluster of 7 shards.
+    assert (r.backend, r.shards, r.replicas, r.primaries) == ("cluster", 7, 1, 7)
+    assert r.tfvars()[1] == "redis_shard_count   = 7"
+    small = sizing.size_redis(replace(x, peak=replace(peak, in_msg_s=5_000, qos_msg_s=1_000)))
+    assert (small.backend, small.shards) == ("instance", 0) and small.broker_settings() == []
 
 
 def test_cli_plan_json_and_plot(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -37,7 +37,7 @@ def entries_for(dest: str, batches: list[Commands]) -> list[list[bytes]]:
         reader.feed(bytes(batch.data))
     out = []
     while (command := reader.gets()) is not False:
-        if command[0] == b"XADD" and command[1] == f"mcloudtt:inbox:{dest}".encode():
+        if command[0] == b"XADD" and command[1] == f"mcloudtt:inbox:{{{dest}}}".encode():
             out.append(command[-2:])
     return out
 

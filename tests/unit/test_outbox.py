@@ -46,7 +46,7 @@ def inbox_deliveries(commands: list[list[bytes]]) -> list[Delivery]:
     for command in commands:
         if command[0] != b"XADD" or not command[1].startswith(b"mcloudtt:inbox:"):
             continue
-        dest = command[1].decode().rsplit(":", 1)[1]
+        dest = command[1].decode().rsplit(":", 1)[1].strip("{}")
         assert command[-2] == b"b"
         batch = command[-1]
         for plain, groups, start, stop in iter_records(batch):
@@ -94,7 +94,7 @@ def test_batching_one_xadd_per_destination_per_batch() -> None:
     assert len(batches) == 2
     commands = commands_of(batches)
     assert [c[0] for c in commands] == [b"XADD"] * 4
-    assert {c[1] for c in commands} == {b"mcloudtt:inbox:b", b"mcloudtt:inbox:c"}
+    assert {c[1] for c in commands} == {b"mcloudtt:inbox:{b}", b"mcloudtt:inbox:{c}"}
     assert all(c[2:5] == [b"MAXLEN", b"~", b"100000"] for c in commands)
     deliveries = inbox_deliveries(commands)
     for dest in ("b", "c"):
@@ -120,7 +120,7 @@ def test_announcements_go_first_and_retained_goes_to_every_peer() -> None:
     outbox.forward(message(1, retain=True, topic="r"), (), {})
     outbox.forward(message(2, topic="s"), ("b",), {"c": ["$share/g/s"]})
     commands = commands_of(outbox.flush(0))
-    assert commands[0] == [b"SADD", b"mcloudtt:subs:a", b"x/#"]
+    assert commands[0] == [b"SADD", b"mcloudtt:subs:{a}", b"x/#"]
     assert commands[1] == [b"PUBLISH", b"mcloudtt:control", b"add\x00a\x00x/#"]
     hset = [c for c in commands if c[0] == b"HSET"]
     assert len(hset) == 1 and hset[0][1:3] == [b"mcloudtt:retained", b"r"]

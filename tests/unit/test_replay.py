@@ -38,7 +38,7 @@ def xadds(dest: str, batches: list[Commands]) -> list[tuple[bytes, dict[bytes, b
         reader.feed(bytes(batch.data))
     out = []
     while (command := reader.gets()) is not False:
-        if command[0] == b"XADD" and command[1] == f"mcloudtt:inbox:{dest}".encode():
+        if command[0] == b"XADD" and command[1] == f"mcloudtt:inbox:{{{dest}}}".encode():
             out.append((f"{len(out) + 1}-0".encode(), {command[-2]: command[-1]}))
     return out
 

@@ -33,10 +33,13 @@ class AdapterConfig:
     redis: str | None = None
     redis_mode: str = "stream"  # or pubsub
     tap_stream: str = "mcloudtt:tap"
+    tap_streams: int = 1  # the brokers' --tap-streams
+    sharded_pubsub: bool = False  # the brokers' --sharded-pubsub
     sync_channel: str = "sync"
     cluster_key_file: str | None = None  # the brokers' key: tap entries must carry its tag
     redis_group: str = "mcloudtt-adapter"
     consumer: str | None = None  # default: client_id
+    claim_idle: float = 60.0  # seconds before another replica's pending entries are claimed
     start_id: str = "0"
     # sinks
     duckdb: str | None = None
@@ -98,20 +101,29 @@ def build_sources(config: AdapterConfig) -> list[Source]:
     if config.redis:
         from mcloudtt_broker.cluster.keys import cluster_keys, read_key_file
 
-        from .sources.redis import RedisPubSubSource, RedisStreamSource
+        from .sources.redis import RedisPubSubSource, stream_source
 
         keys = cluster_keys(
             read_key_file(config.cluster_key_file) if config.cluster_key_file else ()
         )
         if config.redis_mode == "pubsub":
-            sources.append(RedisPubSubSource(config.redis, channel=config.sync_channel, keys=keys))
+            sources.append(
+                RedisPubSubSource(
+                    config.redis,
+                    channel=config.sync_channel,
+                    keys=keys,
+                    sharded=config.sharded_pubsub,
+                )
+            )
         else:
             sources.append(
-                RedisStreamSource(
+                stream_source(
                     config.redis,
                     stream=config.tap_stream,
+                    streams=config.tap_streams,
                     group=config.redis_group,
                     consumer=config.consumer or config.client_id,
+                    claim_idle=config.claim_idle,
                     start_id=config.start_id,
                     keys=keys,
                 )
@@ -181,6 +193,7 @@ class Adapter:
                     "/readyz": self._readyz,
                     "/metrics": self._metrics,
                     "/report": self._report,
+                    "/analytics": self._analytics,
                 }
             )
             await self.http.start(*self.config.http)
@@ -235,6 +248,29 @@ class Adapter:
 
         body = await asyncio.get_running_loop().run_in_executor(None, make)
         return "200 OK", body, "text/html; charset=utf-8"
+
+    async def _analytics(self) -> tuple[str, bytes, str]:
+        """The dashboard's charts (`live.live_analytics`), as JSON."""
+        reader = getattr(self.sink, "reader", None)
+        if reader is None:
+            return "404 Not Found", b"live analytics need the DuckDB sink\n", "text/plain"
+        import json
+
+        from .analysis import Analysis, DuckDBEngine
+        from .live import live_analytics
+
+        def make() -> bytes:
+            cursor = reader()
+            cursor.execute("BEGIN TRANSACTION")  # every figure from one snapshot of the table
+            engine = DuckDBEngine(cursor, self.config.table)
+            try:
+                return json.dumps(live_analytics(Analysis(engine))).encode()
+            finally:
+                cursor.execute("ROLLBACK")
+                engine.close()
+
+        body = await asyncio.get_running_loop().run_in_executor(None, make)
+        return "200 OK", body, "application/json"
 
     async def wait_failed(self) -> None:
         while self.pipeline.failed is None and not self._stopped.is_set():

@@ -15,6 +15,7 @@ from mcloudtt_broker.config import (
     Option,
     Scheme,
     address,
+    boolean,
     bounded,
     choice,
     log_level,
@@ -162,11 +163,28 @@ ADAPTER = Scheme(
         ),
         _option(
             REDIS,
+            "tap-streams",
+            positive_int,
+            "the brokers' --tap-streams: read all N tap streams (one consumer group each)",
+            setting=_config("tap_streams"),
+            metavar="N",
+        ),
+        _option(
+            REDIS,
             "sync-channel",
             text,
             "the broadcast channel (--redis-mode pubsub)",
             setting=_config("sync_channel"),
             metavar="NAME",
+        ),
+        _option(
+            REDIS,
+            "sharded-pubsub",
+            boolean,
+            "the brokers' --sharded-pubsub: read the broadcast channel with SSUBSCRIBE (always "
+            "on a Redis Cluster)",
+            setting=_config("sharded_pubsub"),
+            metavar="BOOL",
         ),
         _option(
             REDIS,
@@ -193,6 +211,15 @@ ADAPTER = Scheme(
             setting=_config("consumer"),
             metavar="NAME",
             shown="the client id",
+        ),
+        _option(
+            REDIS,
+            "claim-idle",
+            positive_float,
+            "take over entries another replica left pending (unacknowledged) this long "
+            "(XAUTOCLAIM)",
+            setting=_config("claim_idle"),
+            metavar="SECONDS",
         ),
         _option(
             REDIS,

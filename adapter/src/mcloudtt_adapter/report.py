@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from .analysis import Analysis, AnomalyRules, Window
+from .live import UNITS
 
 PALETTE = ("#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2", "#be185d", "#4d7c0f")
 ALL_TIME = Window()
@@ -299,9 +300,10 @@ def render_html(data: ReportData) -> str:
     ]
     rate_points = [(r["bucket"], r["messages"] / data.rate_bucket_s) for r in data.rate]
     parts.append(svg_chart([("messages/s", rate_points)], y_label="messages / s", area=True))
+    unit = UNITS.get(data.metric or "", "")
     parts.append(
-        f"<h2>Per-device series: <code>{html.escape(data.metric or 'no numeric metric')}</code> "
-        f"(average per {data.series_unit})</h2>"
+        f"<h2>Per-device series: <code>{html.escape(data.metric or 'no numeric metric')}</code>"
+        f"{f' in {html.escape(unit)}' if unit else ''} (average per {data.series_unit})</h2>"
     )
     if data.series:
         anomalies_by_device: dict[str, list[tuple[datetime, float, str]]] = {}
@@ -323,6 +325,7 @@ def render_html(data: ReportData) -> str:
                     [(device, pts)],
                     width=440,
                     height=180,
+                    y_label=unit,
                     markers=anomalies_by_device.get(device),
                 )
             )

@@ -42,7 +42,7 @@ def raise_open_files_limit() -> None:
     if soft != hard:
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    logging.getLogger("mcloudtt.broker").info(
+    logging.getLogger("mcloudtt.broker").debug(
         "open files limit %s", resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     )
 

@@ -399,6 +399,9 @@ def _check_broker(values: dict[str, Any]) -> None:
         raise ConfigError("--tls-ca needs a --tls-bind or --wss-bind listener")
     if values["jwt-audience"] and not (values["jwt-secret-file"] or values["jwks-file"]):
         raise ConfigError("--jwt-audience needs --jwt-secret-file or --jwks-file")
+    if values["tap-streams"] > 1 and "{" in (values["tap-stream"] or ""):
+        # A hash tag in the base key would put all the streams on one slot (cluster/tap.py).
+        raise ConfigError("--tap-streams above 1 needs a --tap-stream without a {hash tag}")
     configured = {
         "password-file": ("password-file", values["password-file"]),
         "tls-cert": ("tls-ca", values["tls-ca"]),
@@ -800,6 +803,22 @@ BROKER = Scheme(
             "approximate length the tap stream is trimmed to",
             setting=(ClusterSettings, "tap_maxlen"),
             metavar="N",
+        ),
+        _cluster(
+            "tap-streams",
+            positive_int,
+            "shard the tap into N streams by topic hash, each on its own Redis Cluster slot "
+            "(1: the one --tap-stream key; give the adapter the same N)",
+            setting=(ClusterSettings, "tap_streams"),
+            metavar="N",
+        ),
+        _cluster(
+            "sharded-pubsub",
+            boolean,
+            "broadcast mode on sharded Pub/Sub (SPUBLISH/SSUBSCRIBE, Redis 7) on one Redis too "
+            "(on a Redis Cluster it is always on)",
+            setting=(ClusterSettings, "sharded_pubsub"),
+            metavar="BOOL",
         ),
         _cluster(
             "cluster-buffer",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import logging
 import signal
 import ssl
@@ -22,7 +23,7 @@ from .cluster.settings import ClusterSettings
 from .core.broker import Broker, BrokerSettings
 from .core.connection import ServerConnection
 from .core.limits import BucketTable, Throttle
-from .httpd import PROMETHEUS, TEXT, HttpServer
+from .httpd import JSON, PROMETHEUS, TEXT, HttpServer
 from .metrics import registry_for, render_metrics
 from .mqtt.reason_codes import ReasonCode
 from .websocket import WebSocketProtocol
@@ -372,7 +373,8 @@ class BrokerServer:
             log.info("MQTT over WebSocket listening on %s:%d", host, port)
         if self.options.http is not None:
             self.http = HttpServer(
-                {"/healthz": self._healthz, "/readyz": self._readyz, "/metrics": self._metrics}
+                {"/healthz": self._healthz, "/readyz": self._readyz, "/metrics": self._metrics},
+                {"/clients": self._clients},
             )
             await self.http.start(*self.options.http)
         self.accepting = True
@@ -409,6 +411,36 @@ class BrokerServer:
 
     async def _metrics(self) -> tuple[str, bytes, str]:
         return "200 OK", render_metrics(self.metrics), PROMETHEUS
+
+    async def _clients(self, query: dict[str, str]) -> tuple[str, bytes, str]:
+        """One session by ClientId (`?id=`), or the ClientIds starting with `?prefix=` (at most
+        50): what the dashboard's client lookup asks every broker. Topic filters and counts
+        only, never a payload; on the probe port, which is not meant to leave the cluster."""
+        sessions = self.broker.sessions
+        me = self.broker.settings.broker_id
+        if "id" not in query:
+            prefix = query.get("prefix", "")
+            ids = sorted(c for c in sessions if c.startswith(prefix))[:50]
+            return "200 OK", json.dumps({"broker": me, "clients": ids}).encode(), JSON
+        session = sessions.get(query["id"])
+        if session is None:
+            body = {"broker": me, "client_id": query["id"], "found": False}
+        else:
+            body = {
+                "broker": me,
+                "client_id": session.client_id,
+                "found": True,
+                "connected": session.online,
+                "protocol": {3: "3.1", 4: "3.1.1", 5: "5.0"}.get(session.version, "?"),
+                "expiry_interval": session.expiry_interval,
+                "subscriptions": [
+                    {"filter": s.topic_filter, "qos": s.qos} for s in session.subscriptions.values()
+                ],
+                "inflight": len(session.inflight),
+                "queued": len(session.queue),
+                "awaiting_release": len(session.awaiting_release),
+            }
+        return "200 OK", json.dumps(body).encode(), JSON
 
     def ready(self) -> bool:
         if not self.accepting:

@@ -22,7 +22,7 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 
-from .dashboard import Canary, DashboardServer, Sampler, adapter_figures, final_page
+from .dashboard import Canary, DashboardServer, Sampler, Watched, adapter_figures, final_page
 from .local import LocalCluster, workdir
 from .procs import Metrics, Process, console_script, free_port, port_free, scrape
 
@@ -63,6 +63,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="where the live dashboard is served (default 127.0.0.1:8000; a free port if taken)",
     )
     up.add_argument("--no-dashboard", action="store_true", help="no dashboard, no canary")
+    up.add_argument(
+        "--kind",
+        action="store_true",
+        help="the dashboard, canary and fleet against the kind cluster kind/up.sh made "
+        "(needs docker, kind and kubectl)",
+    )
+    up.add_argument(
+        "--dry-run", action="store_true", help="with --kind: print the endpoints and commands"
+    )
     args = parser.parse_args(argv)
     host, _, port = args.dashboard.rpartition(":")
     if not host or not port.isdigit():
@@ -75,6 +84,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         raise SystemExit(2)
     if args.brokers < 1:
         parser.error("--brokers must be at least 1")
+    if args.dry_run and not args.kind:
+        parser.error("--dry-run goes with --kind")
     return args
 
 
@@ -90,7 +101,7 @@ def _scrape(port: int) -> Metrics | None:
 
 
 def view(
-    cluster: LocalCluster,
+    cluster: Watched,
     adapter_http: int | None,
     previous: dict[str, dict[str, float]],
     elapsed: float,
@@ -156,6 +167,16 @@ def _sample_forever(sampler: Sampler, canary: Canary, server: DashboardServer) -
     while not server.stopping.wait(1.0):
         canary.tick()
         sampler.sample()
+
+
+def _analytics_forever(sampler: Sampler, server: DashboardServer) -> None:
+    # Its own thread: a query under load must not hold up the once-a-second sample. Every 5 s,
+    # or less often when the queries take long (the adapter's CPU is for ingesting).
+    pause = 5.0
+    while not server.stopping.wait(pause):
+        began = time.monotonic()
+        sampler.refresh_analytics()
+        pause = max(5.0, 3 * (time.monotonic() - began))
 
 
 def apply_action(
@@ -301,6 +322,7 @@ def up(args: argparse.Namespace) -> int:
                 target=_sample_forever, args=(sampler, canary, server), daemon=True
             )
             sampler_thread.start()
+            threading.Thread(target=_analytics_forever, args=(sampler, server), daemon=True).start()
             console.print(f"[bold]dashboard:[/] {server.url}")
         console.print("[dim]Ctrl-C stops everything and writes the report.[/]")
         started = time.monotonic()
@@ -356,7 +378,18 @@ def up(args: argparse.Namespace) -> int:
             with contextlib.suppress(OSError):
                 args.report.parent.mkdir(parents=True, exist_ok=True)
                 final = args.report.with_name(args.report.stem + "-dashboard.html")
-                final.write_text(final_page(sampler.snapshot))
+                # The analytics and topics as they are now, not as last refreshed.
+                sampler.refresh_analytics()
+                sampler.refresh_topics(timeout=3.0)
+                final.write_text(
+                    final_page(
+                        {
+                            **sampler.snapshot,
+                            "analytics": sampler.analytics,
+                            "topics": sampler.topics,
+                        }
+                    )
+                )
                 console.print(f"dashboard's final state: {final.resolve()}")
         if canary is not None:
             canary.stop()
@@ -386,6 +419,10 @@ def up(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
+        if args.kind:
+            from .upkind import up_kind
+
+            sys.exit(up_kind(args))
         sys.exit(up(args))
     except (RuntimeError, TimeoutError) as error:
         print(f"mcloudtt: error: {error}", file=sys.stderr)

@@ -40,6 +40,13 @@ trap 'rm -rf "$work"' EXIT
     tf redis_auth_string >"$work/password"
     tf redis_server_ca >"$work/ca.pem"
 )
+if [ "$(tf redis_backend)" = cluster ]; then
+    # Memorystore for Redis Cluster: no AUTH string; its server CA comes from the API.
+    gcloud redis clusters get-cluster-certificate-authority "$(tf redis_cluster_name)" \
+        --region="$(tf redis_region)" --format=json |
+        python3 -c 'import json, sys; ca = json.load(sys.stdin)["managedServerCa"]; print("\n".join(c for chain in ca["caCerts"] for c in chain["certificates"]))' \
+            >"$work/ca.pem"
+fi
 
 kubectl apply -f "$ROOT/kind/base/namespace.yaml"
 kubectl -n "$NAMESPACE" create secret generic mcloudtt-redis \

@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from mcloudtt_chaos.procs import Process, RedisServer, free_port
+from mcloudtt_chaos.procs import Process, RedisServer, free_port, scrape
 
 from .brokers import BrokerUnavailable
 from .cluster_bench import cluster, fanin
@@ -35,6 +35,8 @@ from .cluster_bench import cluster, fanin
 AEDES_PACKAGES = {"aedes": "1.2.0", "mqemitter-redis": "7.2.1", "aedes-persistence-redis": "11.2.2"}
 NODE_SCRIPT = Path(__file__).resolve().parents[2] / "aedes" / "node.mjs"
 SYSTEMS = ("mcloudtt", "aedes")
+# The issue's target: cross-broker QoS 1 fan-in at least 3x Aedes's, at 2 and 3 nodes.
+QOS1_TARGET = 3.0
 
 
 def aedes_cache_dir() -> Path:
@@ -133,7 +135,7 @@ def run_system(
     if system == "mcloudtt":
         with cluster("routed", size) as brokers:
             a, b = brokers[0], brokers[-1]
-            return _measure(
+            out = _measure(
                 a.port,
                 b.port,
                 [p.pid for p in brokers],
@@ -141,6 +143,16 @@ def run_system(
                 duration,
                 a.http_port if size > 1 else None,
             )
+            if size > 1:
+                # The layout, checked on the brokers themselves: the publishers' node delivered
+                # nothing to a client and the subscriber's node got no PUBLISH from one.
+                out["pub_node_deliveries"] = scrape(a.http_port).total(
+                    "mcloudtt_messages_sent_total"
+                )
+                out["sub_node_client_publishes"] = scrape(b.http_port).total(
+                    "mcloudtt_messages_received_total"
+                )
+            return out
     assert modules is not None
     with aedes_cluster(modules, size) as nodes:
         _settle_subscription()
@@ -203,10 +215,27 @@ def run_clusters(
                 for q in (0, 1)
                 if a[f"qos{q}_msg_per_s"] > 0
             }
+    targets = [
+        {
+            "metric": f"cross-broker QoS 1 MCloudTT/Aedes at {size} nodes",
+            "target": f">= {QOS1_TARGET:g}x",
+            "value": ratios.get(str(size), {}).get("qos1"),
+            "pass": (
+                None
+                if ratios.get(str(size), {}).get("qos1") is None
+                else ratios[str(size)]["qos1"] >= QOS1_TARGET
+            ),
+        }
+        for size in sizes
+        if size >= 2
+    ]
     return {
         "sizes": list(sizes),
         "runs": runs,
         "layout": "publishers on the first node, the subscriber on the last",
+        # Node numbers (1-based) per size: from 2 nodes on, every message crosses Redis.
+        "nodes": {str(size): {"publishers": 1, "subscriber": size} for size in sizes},
+        "targets": targets,
         "versions": versions,
         "skipped": skipped,
         "errors": errors,
@@ -318,6 +347,13 @@ def write_html(doc: Mapping[str, Any], path: Path, ratio_chart: Path | None = No
                     f"<td>{_fmt_ratio(r.get('qos0'))}</td><td>{_fmt_ratio(r.get('qos1'))}</td></tr>"
                 )
         parts.append("</table>")
+        for t in clusters.get("targets", []):
+            verdict = {True: "PASS", False: "FAIL", None: "not measured"}[t["pass"]]
+            value = "" if t["value"] is None else f" (got {t['value']:.2f}\u00d7)"
+            parts.append(
+                f"<p>target: {html.escape(t['metric'])} {html.escape(t['target'])}: "
+                f"<b>{verdict}</b>{value}</p>"
+            )
         for system, why in clusters.get("skipped", {}).items():
             parts.append(f"<p>{html.escape(system)} skipped: {html.escape(why)}</p>")
         chart = cluster_chart(clusters)

@@ -369,9 +369,19 @@ def _print_plan(s: dict[str, Any], out: Path) -> None:
         (
             "redis",
             f"[green]{r['maxmemory_gb']} GB[/] maxmemory ({r['memory_bytes'] / 2**20:,.0f} MiB used), "
-            f"{r['ops_s_peak']:,.0f} ops/s peak, {r['ops_s_mean']:,.0f} mean, {r['primaries']} primary(ies)",
+            f"{r['ops_s_peak']:,.0f} ops/s peak ({r['ops_per_message']:g} per message), "
+            f"{r['ops_s_mean']:,.0f} mean, {r['primaries']} primary(ies): "
+            + (
+                "[green]one Memorystore for Redis instance[/]"
+                if r["backend"] == "instance"
+                else f"[green]Memorystore for Redis Cluster, {r['shards']} shards x "
+                f"{r['replicas']} replica(s)[/]"
+            ),
         ),
+        ("terraform.tfvars", "\n".join(r["tfvars"])),
     ]
+    if r["settings"]:
+        rows.append(("brokers, adapter", " ".join(r["settings"])))
     for k, v in rows:
         t.add_row(k, v)
     con.print(t)

@@ -14,7 +14,9 @@ rest under capacity, and never fewer than `min_pods`.
 Redis: memory = retained messages + persistent sessions + the client registry + the stream
 backlog of the acked hop, times a fragmentation factor, and twice that to be provisioned so that
 an RDB/AOF rewrite fork's copy-on-write fits. Commands per second per publish, connect and
-disconnect are set out in `REDIS_OPS_*`.
+disconnect are set out in `REDIS_OPS_*` (the per-message ones measured on real brokers). One
+primary's worth is one Memorystore for Redis instance; more is Memorystore for Redis Cluster
+with a shard count, printed as the terraform.tfvars lines `terraform/` takes.
 """
 
 from __future__ import annotations
@@ -43,11 +45,19 @@ MIN_PODS = 2
 # TCP buffers absorb shorter spikes (the 1 s peak is reported as well).
 PEAK_WINDOW_S = 10.0
 
-# Redis commands per event (routed mode, docs/architecture.md):
-REDIS_OPS_PER_PUBLISH = 1.0  # PUBLISH or XADD to the pods that hold subscribers
-REDIS_OPS_PER_QOS_HOP = 1.0  # XACK of the acked hop for QoS >= 1
+# Redis commands per event, routed mode. The per-message figures are measured, not guessed:
+# tests/simulator/test_redis_ops.py counts `INFO commandstats` on a real Redis while two real
+# brokers exchange a known number of messages and keeps these within 20 % of it. A message that
+# crosses to another broker costs, when it is alone in its batch: XADD to that broker's inbox;
+# there XREADGROUP, XACK, HSET of the progress, XTRIM of the handled entries (5, QoS 0 and 1
+# alike: QoS 1 is confirmed from the progress the receiver writes anyway). Brokers batch (up to
+# 256 records per XADD, 16 entries per read), which only lowers this; at a large fleet's
+# per-pod-pair rates a batch holds about one message, so the plan counts it unbatched and as
+# crossing to one other broker per publish.
+REDIS_OPS_PER_CROSS_QOS0 = 5.0
+REDIS_OPS_PER_CROSS_QOS1 = 5.0
+REDIS_OPS_PER_TAP = 1.0  # XADD to the adapter's tap stream (measured with it on)
 REDIS_OPS_PER_RETAINED = 1.0  # HSET / HDEL of the retained hash
-REDIS_OPS_PER_TAP = 1.0  # the `sync` channel feed for the adapter
 REDIS_OPS_PER_CONNECT = 4.0  # claim the ClientId, load session + subscriptions, presence
 REDIS_OPS_PER_DISCONNECT = 2.0  # release the ClientId, save the session
 # One Redis primary's sustainable commands/s for small commands without pipelining.
@@ -60,6 +70,13 @@ REDIS_CLIENT_ENTRY = 96
 REDIS_STREAM_BACKLOG_S = 30.0  # QoS >= 1 hop messages kept until trimmed
 REDIS_FRAGMENTATION = 1.5
 REDIS_FORK_FACTOR = 2.0
+# Past one primary (by commands or memory): Memorystore for Redis Cluster. A shard's memory
+# for the default node type (REDIS_HIGHMEM_MEDIUM: 13 GB); at least three shards, so that the
+# tap's streams and the inboxes spread and a failover moves a third of the load, not half.
+REDIS_INSTANCE_MAX_GB = 300  # the largest Memorystore for Redis instance
+REDIS_SHARD_MEMORY_GB = 13
+REDIS_MIN_SHARDS = 3
+REDIS_REPLICAS = 1  # per shard: automatic failover to another zone
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -113,9 +130,35 @@ class RedisSizing:
     ops_s_mean: float
     primaries: int
     breakdown: dict[str, int]
+    backend: str = "instance"  # or "cluster": terraform's redis_backend
+    shards: int = 0  # Memorystore for Redis Cluster shards (0 with an instance)
+    replicas: int = 0
+    ops_per_message: float = 0.0  # commands per published message at the peak mix
+
+    def tfvars(self) -> list[str]:
+        """The terraform.tfvars lines of this recommendation (terraform/variables.tf)."""
+        if self.backend == "instance":
+            return [
+                'redis_backend        = "instance"',
+                f"redis_memory_size_gb = {self.maxmemory_gb}",
+            ]
+        return [
+            'redis_backend       = "cluster"',
+            f"redis_shard_count   = {self.shards}",
+            f"redis_replica_count = {self.replicas}",
+        ]
+
+    def broker_settings(self) -> list[str]:
+        """What brokers and the adapter need for it: the tap sharded one stream per shard."""
+        if self.backend == "instance":
+            return []
+        return [
+            f"MCLOUDTT_TAP_STREAMS={self.shards}",
+            f"MCLOUDTT_ADAPTER_TAP_STREAMS={self.shards}",
+        ]
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "tfvars": self.tfvars(), "settings": self.broker_settings()}
 
 
 def size_brokers(
@@ -180,22 +223,33 @@ def size_redis(
     gb = max(1, math.ceil(provision / 2**30))
 
     def ops(r: Rates) -> float:
-        per_pub = REDIS_OPS_PER_PUBLISH + (REDIS_OPS_PER_TAP if x.tap else 0.0)
+        qos0 = max(0.0, r.in_msg_s - r.qos_msg_s)
         return (
-            r.in_msg_s * per_pub
-            + r.qos_msg_s * REDIS_OPS_PER_QOS_HOP
+            qos0 * REDIS_OPS_PER_CROSS_QOS0
+            + r.qos_msg_s * REDIS_OPS_PER_CROSS_QOS1
+            + (r.in_msg_s * REDIS_OPS_PER_TAP if x.tap else 0.0)
             + r.retained_s * REDIS_OPS_PER_RETAINED
             + r.connects_s * REDIS_OPS_PER_CONNECT
             + r.disconnects_s * REDIS_OPS_PER_DISCONNECT
         )
 
     peak, mean = ops(x.peak), ops(x.mean)
+    primaries = max(1, math.ceil(peak / (ops_capacity * headroom)))
+    if primaries == 1 and gb <= REDIS_INSTANCE_MAX_GB:
+        backend, shards, replicas = "instance", 0, 0
+    else:
+        backend, replicas = "cluster", REDIS_REPLICAS
+        shards = max(primaries, math.ceil(gb / REDIS_SHARD_MEMORY_GB), REDIS_MIN_SHARDS)
     return RedisSizing(
         memory_bytes=int(used),
         maxmemory_gb=gb,
         ops_s_peak=round(peak, 1),
         ops_s_mean=round(mean, 1),
-        primaries=max(1, math.ceil(peak / (ops_capacity * headroom))),
+        primaries=max(primaries, shards),
+        backend=backend,
+        shards=shards,
+        replicas=replicas,
+        ops_per_message=round(peak / x.peak.in_msg_s, 2) if x.peak.in_msg_s else 0.0,
         breakdown={
             "retained": int(retained),
             "sessions": int(sessions),

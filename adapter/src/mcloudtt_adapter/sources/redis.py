@@ -11,8 +11,18 @@ entries with XREADGROUP `>`. Entries a dead replica left pending for `claim_idle
 with XAUTOCLAIM. XACK only after the sink committed. Redis going away is retried with capped,
 jittered backoff; acknowledgements that could not be sent are sent after the reconnect.
 
+Sharded tap (`--tap-streams N`, the brokers' N): one stream source per tap stream, each with the
+group on its own key, under one `ShardedStreamSource`; every replica reads every stream, and each
+stream's group splits its entries between the replicas that are up, so replicas come and go
+without a coordinator and what a dead one left pending is claimed by the others.
+
+Redis Cluster: a URL that reaches a node with `cluster_enabled:1` gets redis-py's `RedisCluster`
+client (the topology from that seed node, MOVED and ASK followed by redis-py); every command of a
+stream source names one key, so one slot.
+
 Pub/Sub: fire-and-forget by nature; whatever is published while the adapter is disconnected is
-lost (use the stream for at-least-once).
+lost (use the stream for at-least-once). On a Redis Cluster, or with `sharded=True` (the brokers'
+`--sharded-pubsub`), the channel is read with SSUBSCRIBE (on a cluster only its shard carries it).
 """
 
 from __future__ import annotations
@@ -86,6 +96,24 @@ class _LinkState:
     def client(self) -> aioredis.Redis:
         return self.options.client(socket_connect_timeout=5)
 
+    async def connect(self) -> Any:
+        """A client for the URL: redis-py's `RedisCluster` when the node is in a cluster (the
+        broker's way of making one: the URL's seeds, its user, password and TLS on every node)."""
+        plain = self.client()
+        try:
+            info = await plain.info("cluster")
+        except ResponseError:
+            info = {}  # a server without the section (or a proxy that refuses it)
+        except BaseException:
+            await plain.aclose()
+            raise
+        if not info.get("cluster_enabled"):
+            return plain
+        await plain.aclose()
+        cluster = self.options.cluster_client(socket_connect_timeout=5)
+        await cluster.initialize()
+        return cluster
+
     def failed(self, error: BaseException, delay: float | None = None) -> None:
         reason = link_error_reason(error, self.options)
         if reason != self.last_error:
@@ -107,7 +135,7 @@ class _RedisSource:
         self.link = _LinkState(url)
         self.backoff_cap = backoff_cap
         self.pipeline: Pipeline | None = None
-        self._redis: aioredis.Redis | None = None
+        self._redis: Any = None  # aioredis.Redis, or RedisCluster on a cluster
         self._stopping = False
         self._connected = False
 
@@ -194,7 +222,7 @@ class RedisStreamSource(_RedisSource):
         while not self._stopping:
             try:
                 if self._redis is None:
-                    self._redis = self.link.client()
+                    self._redis = await self.link.connect()
                 await self._setup()
                 self._connected = True
                 self.link.up()
@@ -337,6 +365,73 @@ class RedisStreamSource(_RedisSource):
         return int(info["pending"]) if isinstance(info, dict) else int(info[0])
 
 
+class ShardedStreamSource:
+    """The sharded tap: one `RedisStreamSource` per stream, seen by the pipeline as one source.
+
+    Records keep their own stream source, so each XACK goes to the stream it came from."""
+
+    name = "stream"
+
+    def __init__(self, parts: list[RedisStreamSource]) -> None:
+        self.parts = parts
+
+    def attach(self, pipeline: Pipeline) -> None:
+        for part in self.parts:
+            part.attach(pipeline)
+
+    async def run(self) -> None:
+        await asyncio.gather(*(part.run() for part in self.parts))
+
+    def pause(self) -> None:
+        pass  # pull sources wait for room themselves
+
+    def resume(self) -> None:
+        pass
+
+    def ack(self, tokens: list[Any]) -> None:
+        raise AssertionError("records are acknowledged to their own stream")  # pragma: no cover
+
+    def stop_receiving(self) -> None:
+        for part in self.parts:
+            part.stop_receiving()
+
+    async def close(self) -> None:
+        await asyncio.gather(*(part.close() for part in self.parts))
+
+    @property
+    def connected(self) -> bool:
+        return all(part.connected for part in self.parts)
+
+    @property
+    def last_error(self) -> str:
+        return "; ".join(f"{p.stream}: {p.last_error}" for p in self.parts if p.last_error)
+
+    @property
+    def bad(self) -> int:
+        return sum(part.bad for part in self.parts)
+
+    @property
+    def acked(self) -> int:
+        return sum(part.acked for part in self.parts)
+
+    async def stream_pending(self) -> int | None:
+        counts = await asyncio.gather(*(part.stream_pending() for part in self.parts))
+        known = [count for count in counts if count is not None]
+        return sum(known) if known else None
+
+
+def stream_source(
+    url: str, *, stream: str = "mcloudtt:tap", streams: int = 1, **kwargs: Any
+) -> RedisStreamSource | ShardedStreamSource:
+    """The tap source for the brokers' `--tap-stream` and `--tap-streams`."""
+    from mcloudtt_broker.cluster.tap import tap_streams
+
+    keys = tap_streams(stream, streams)
+    if len(keys) == 1:
+        return RedisStreamSource(url, stream=keys[0], **kwargs)
+    return ShardedStreamSource([RedisStreamSource(url, stream=key, **kwargs) for key in keys])
+
+
 class RedisPubSubSource(_RedisSource):
     """The broadcast channel: every envelope of every broker, at most once."""
 
@@ -349,9 +444,11 @@ class RedisPubSubSource(_RedisSource):
         channel: str = "sync",
         backoff_cap: float = 10.0,
         keys: ClusterKeys | None = None,
+        sharded: bool = False,
     ) -> None:
         super().__init__(url, backoff_cap)
         self.channel = channel
+        self.sharded = sharded
         self.keys = keys
         self.bad = 0
         self.subscribed = asyncio.Event()
@@ -372,21 +469,34 @@ class RedisPubSubSource(_RedisSource):
         while not self._stopping:
             pubsub = None
             try:
-                self._redis = self.link.client()
+                self._redis = await self.link.connect()
+                cluster = isinstance(self._redis, aioredis.RedisCluster)
+                if cluster:
+                    # Brokers broadcast on sharded Pub/Sub there: SSUBSCRIBE on the primary of
+                    # the channel's slot, on a connection of our own (as the broker does).
+                    node = self._redis.get_node_from_key(self.channel)
+                    await self._redis.aclose()
+                    self._redis = self.link.options.for_node(node.host, node.port).client(
+                        socket_connect_timeout=5
+                    )
                 pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
-                await pubsub.subscribe(self.channel)
+                get_message = pubsub.get_message
+                if self.sharded or cluster:
+                    await pubsub.ssubscribe(self.channel)
+                else:
+                    await pubsub.subscribe(self.channel)
                 self._connected = True
                 self.link.up()
                 self.subscribed.set()
                 backoff.reset()
                 while not self._stopping:
                     await self.pipeline.wait_for_room()
-                    message = await pubsub.get_message(timeout=0.5)
+                    message = await get_message(timeout=0.5)
                     if message is None:
                         continue
                     batch = [message]
                     while len(batch) < 2000:
-                        more = await pubsub.get_message(timeout=0)
+                        more = await get_message(timeout=0)
                         if more is None:
                             break
                         batch.append(more)
@@ -402,7 +512,7 @@ class RedisPubSubSource(_RedisSource):
             finally:
                 if pubsub is not None:
                     with contextlib.suppress(Exception):
-                        await pubsub.aclose()  # type: ignore[no-untyped-call]
+                        await pubsub.aclose()
                 if self._redis is not None:
                     with contextlib.suppress(Exception):
                         await self._redis.aclose()
@@ -412,7 +522,7 @@ class RedisPubSubSource(_RedisSource):
         assert self.pipeline is not None
         records = []
         for message in messages:
-            if message.get("type") != "message":
+            if message.get("type") not in ("message", "smessage"):
                 continue
             data = message["data"]
             try:

@@ -43,6 +43,7 @@ from .replay import Marks, Replay, origins_and_sequences
 from .resp import Commands
 from .session_snapshot import SnapshotError, decode_snapshot, encode_snapshot, snapshot_marks
 from .settings import ClusterSettings
+from .topology import TAKE_STORED_SCRIPT, is_cluster, name_holder
 
 log = logging.getLogger("mcloudtt.cluster")
 
@@ -122,8 +123,8 @@ class Failover:
         self.settings = settings
         self.me = settings.broker_id
         prefix = settings.prefix
-        self.k_sessions = f"{prefix}:sessions:{self.me}"
-        self.k_inbox = f"{prefix}:inbox:{self.me}"
+        self.k_sessions = f"{prefix}:sessions:{{{self.me}}}"
+        self.k_inbox = f"{prefix}:inbox:{{{self.me}}}"
         self.k_control = f"{prefix}:control"
         self.keys = cluster_keys(settings.keys)
         self.core = core
@@ -139,7 +140,7 @@ class Failover:
         self.announce_adoption = announce_adoption  # (dead, filters): tell every broker
         self.finish_adoption = finish_adoption  # stop routing to dead: our records for it
         self.replay_enabled = replay  # False only to show what is lost without it (tests)
-        self.k_marks = f"{prefix}:marks:{self.me}"
+        self.k_marks = f"{prefix}:marks:{{{self.me}}}"
         self._checkpointed: dict[str, tuple[int, int]] = {}
         self._checkpoint_position: tuple[int, int] = (0, 0)
         self._completed: set[str] = set()
@@ -525,7 +526,7 @@ class Failover:
             watch.exception()  # retrieved: a failed poll fails its waiters' next look, not this
 
     async def _poll_adopted(self, redis: RedisClient, holder: str) -> str | None:
-        key = f"{self.settings.prefix}:adopted:{holder}"
+        key = f"{self.settings.prefix}:adopted:{{{holder}}}"
         deadline = time.monotonic() + self.adoption_wait()
         while time.monotonic() < deadline:
             with redis_errors():
@@ -540,7 +541,7 @@ class Failover:
         self, redis: RedisClient, holder: str, client_id: str, clean_start: bool
     ) -> SessionSnapshot | None:
         """The session as the gone broker `holder` last stored it in Redis (removed there)."""
-        stored_key = f"{self.settings.prefix}:sessions:{holder}"
+        stored_key = f"{self.settings.prefix}:sessions:{{{holder}}}"
         pipe = redis.pipeline(transaction=True)
         pipe.hget(stored_key, client_id)
         pipe.hdel(stored_key, client_id)
@@ -692,8 +693,8 @@ class Failover:
                     locked = await redis.eval(
                         _LOCK_SCRIPT,
                         2,
-                        f"{prefix}:broker:{peer}",
-                        f"{prefix}:adopter:{peer}",
+                        f"{prefix}:broker:{{{peer}}}",
+                        f"{prefix}:adopter:{{{peer}}}",
                         self.me,
                         ADOPTER_LOCK_TTL,
                     )
@@ -717,7 +718,7 @@ class Failover:
         """Claim what `peer` stored, each session with its marks (the freshest we have)."""
         core = self.core
         prefix = self.settings.prefix
-        stored_key = f"{prefix}:sessions:{peer}"
+        stored_key = f"{prefix}:sessions:{{{peer}}}"
         stored = [raw.decode() for raw in await redis.hkeys(stored_key)]
         waiting = [client_id for client_id in stored if not core.has_session(client_id)]
         claimed: dict[str, tuple[SessionSnapshot, Marks]] = {}
@@ -727,7 +728,13 @@ class Failover:
             self._adopting.update(batch)
             try:
                 pipe = redis.pipeline(transaction=False)
+                cluster = is_cluster(redis)
                 for client_id in batch:
+                    if cluster:
+                        # The ClientId's key is in another slot than the stored hash: take
+                        # the session here, then name us its holder (below).
+                        pipe.eval(TAKE_STORED_SCRIPT, 1, stored_key, client_id)
+                        continue
                     pipe.eval(
                         _ADOPT_SCRIPT,
                         2,
@@ -738,8 +745,12 @@ class Failover:
                         client_id,
                         self.settings.client_ttl,
                     )
-                pipe.hmget(f"{prefix}:marks:{peer}", batch)
+                pipe.hmget(f"{prefix}:marks:{{{peer}}}", batch)
                 *results, checkpoints = await pipe.execute()
+                if cluster:
+                    taken = [c for c, data in zip(batch, results, strict=True) if data]
+                    keys = [f"{prefix}:client:{client_id}" for client_id in taken]
+                    await name_holder(redis, keys, self.me, self.settings.client_ttl)
                 for client_id, data, checkpoint in zip(batch, results, checkpoints, strict=True):
                     if data is None or core.has_session(client_id):
                         continue
@@ -816,8 +827,8 @@ class Failover:
         finally:
             self.resume_inbox()
         pipe = redis.pipeline(transaction=False)
-        pipe.set(f"{prefix}:adopted:{peer}", self.me, ex=ADOPTER_LOCK_TTL)
-        pipe.delete(f"{prefix}:marks:{peer}")
+        pipe.set(f"{prefix}:adopted:{{{peer}}}", self.me, ex=ADOPTER_LOCK_TTL)
+        pipe.delete(f"{prefix}:marks:{{{peer}}}")
         await pipe.execute()
         log.info("adopted %d sessions of %s", len(claimed), peer)
 
@@ -843,12 +854,12 @@ class Failover:
             },
             origins,
             keys=self.keys,
-            inbox=f"{self.settings.prefix}:inbox:{peer}",
+            inbox=f"{self.settings.prefix}:inbox:{{{peer}}}",
             groups=group_marks(claimed),
             handled=await self._progress(redis, peer),
             gone=peer,
         )
-        key = f"{self.settings.prefix}:inbox:{peer}"
+        key = f"{self.settings.prefix}:inbox:{{{peer}}}"
         start: bytes | str = "-"
         deadline = time.monotonic() + self.settings.handover_timeout
         while True:
@@ -876,7 +887,7 @@ class Failover:
         # anyone adopted them) takes them from us; not over an adoption by another broker, and
         # not for longer than such a wait lasts (a later death of ours is adopted as usual).
         await redis.set(
-            f"{self.settings.prefix}:adopted:{self.me}",
+            f"{self.settings.prefix}:adopted:{{{self.me}}}",
             self.me,
             nx=True,
             ex=max(1, int(self.adoption_wait())),
@@ -918,7 +929,7 @@ class Failover:
 
     async def _progress(self, redis: RedisClient, broker: str) -> dict[str, int]:
         """What `broker`'s inbox last reported handled: origin -> highest sequence."""
-        raw = await redis.hgetall(f"{self.settings.prefix}:progress:{broker}")
+        raw = await redis.hgetall(f"{self.settings.prefix}:progress:{{{broker}}}")
         progress = {}
         for origin, sequence in raw.items():
             with contextlib.suppress(ValueError):

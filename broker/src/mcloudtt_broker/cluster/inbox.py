@@ -27,12 +27,14 @@ from ..core.ports import ClusterCore
 from ..mqtt.properties import EMPTY_PROPERTIES
 from .envelope import EnvelopeError, EnvelopeFields, EnvelopeReader, unpack_envelope
 from .keys import cluster_keys
+from .keyspace import retained_keys
 from .link import GROUP, LinkError, RedisClient, stream_id
 from .records import InboxError, iter_records
 from .redis_url import RedisOptions
 from .replay import REPLAY_WINDOW_MS
-from .resp import Commands, open_connection
+from .resp import Commands
 from .settings import ClusterSettings
+from .topology import SlotMap, open_link
 
 # How long one inbox read blocks in Redis, and how long past that an answer may take before the
 # link counts as lost.
@@ -50,10 +52,12 @@ class Inbox:
     ) -> None:
         self.settings = settings
         self.options = options
+        self.slots: SlotMap | None = None  # the bus sets it when Redis is a cluster
+        self.retained_shards = 0  # and this (keyspace.py)
         self.me = settings.broker_id
-        self.k_inbox = f"{settings.prefix}:inbox:{self.me}"
+        self.k_inbox = f"{settings.prefix}:inbox:{{{self.me}}}"
         self.k_inbox_bytes = self.k_inbox.encode()
-        self.k_progress = f"{settings.prefix}:progress:{self.me}"
+        self.k_progress = f"{settings.prefix}:progress:{{{self.me}}}"
         self.k_retained = f"{settings.prefix}:retained"
         self.core = core
         self.stats = stats
@@ -86,27 +90,28 @@ class Inbox:
         core: at start and after each reconnect."""
         messages = []
         keys = self.keys
-        context = self.k_retained.encode()
-        async for _topic, stored in redis.hscan_iter(self.k_retained):
-            envelope_raw = stored if keys is None else keys.open_envelope(context, stored)
-            if envelope_raw is None:
-                self.stats["bad_tag"] += 1
-                continue
-            try:
-                fields = unpack_envelope(envelope_raw)
-            except EnvelopeError:
-                self.stats["bad_envelopes"] += 1
-                continue
-            message = self.to_message(fields)
-            if message is not None:
-                messages.append(message)
+        for k_retained in retained_keys(self.settings.prefix, self.retained_shards):
+            context = k_retained.encode()
+            async for _topic, stored in redis.hscan_iter(k_retained):
+                envelope_raw = stored if keys is None else keys.open_envelope(context, stored)
+                if envelope_raw is None:
+                    self.stats["bad_tag"] += 1
+                    continue
+                try:
+                    fields = unpack_envelope(envelope_raw)
+                except EnvelopeError:
+                    self.stats["bad_envelopes"] += 1
+                    continue
+                message = self.to_message(fields)
+                if message is not None:
+                    messages.append(message)
         self.core.load_retained(messages)
 
     async def run(self, redis: RedisClient) -> None:
         """Read and deliver until the link breaks (the bus translates the errors)."""
         last_id = b"0"  # first what was delivered to us before and not acknowledged
         acks: list[bytes] = []
-        inbox = await open_connection(self.options, lambda error: None)
+        inbox = await open_link(self.options, self.slots, lambda error: None)
         try:
             while True:
                 # Acknowledge the last batch, report progress and ask for the next: one trip.

@@ -9,12 +9,15 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from .redis_url import RedisUrlError
 from .resp import RespConnection
+
+if TYPE_CHECKING:
+    from .topology import ShardedConnection
 
 # redis-py's annotations describe every response shape at once (RESP2 and RESP3, bytes or str);
 # we use bytes responses throughout and check shapes where they are read.
@@ -36,7 +39,7 @@ def redis_errors() -> Iterator[None]:
         yield
     except LinkError:
         raise
-    except (RedisError, OSError, RedisUrlError) as error:
+    except (RedisError, RedisClusterException, OSError, RedisUrlError) as error:
         raise LinkError(str(error) or type(error).__name__) from error
 
 
@@ -47,12 +50,14 @@ class Link:
     redis: RedisClient | None = None  # redis-py, for the link's own workers
     # redis-py on a bounded pool that waits (never "Too many connections"), for the work each
     # CONNECT brings (session look-ups and hand-overs): a reconnect storm queues there, and
-    # neither floods Redis with connections nor starves the workers' heartbeat.
+    # neither floods Redis with connections nor starves the workers' heartbeat. None on a
+    # Redis Cluster: that work goes through `redis`, the cluster client.
     sessions: RedisClient | None = None
-    writer: RespConnection | None = None  # the lean pipelined writer for outbound traffic
+    # The lean pipelined writer for outbound traffic (one connection per shard of a cluster).
+    writer: RespConnection | ShardedConnection | None = None
     connected: bool = False
 
-    def writable(self) -> RespConnection | None:
+    def writable(self) -> RespConnection | ShardedConnection | None:
         writer = self.writer
         if not self.connected or writer is None or writer.closed:
             return None

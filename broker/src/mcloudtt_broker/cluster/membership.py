@@ -29,9 +29,10 @@ from collections.abc import Callable
 
 from ..core.ports import ClusterCore
 from .failover import Failover
-from .link import LinkError, RedisClient
-from .redis_url import redact_url
+from .link import LinkError, RedisClient, redis_errors
+from .redis_url import RedisOptions, parse_redis_url, redact_url
 from .settings import BROADCAST, ClusterSettings, DuplicateBrokerId
+from .topology import is_cluster
 
 log = logging.getLogger("mcloudtt.cluster")
 
@@ -78,10 +79,10 @@ class Membership:
         self.settings = settings
         self.me = settings.broker_id
         prefix = settings.prefix
-        self.k_presence = f"{prefix}:broker:{self.me}"
+        self.k_presence = f"{prefix}:broker:{{{self.me}}}"
         self.k_brokers = f"{prefix}:brokers"
         self.k_control = f"{prefix}:control"
-        self.k_subs = f"{prefix}:subs:{self.me}"
+        self.k_subs = f"{prefix}:subs:{{{self.me}}}"
         self.core = core
         self.live_peers = peers
         self.stats = stats
@@ -90,8 +91,9 @@ class Membership:
         self.on_peer_gone = on_peer_gone
         self.on_adopted = on_adopted
         self.on_table = on_table  # a peer's table was loaded
-        self.k_adopter = f"{prefix}:adopter:{self.me}"
+        self.k_adopter = f"{prefix}:adopter:{{{self.me}}}"
         self.on_sync = on_sync
+        self.sharded_pubsub = settings.sharded_pubsub  # the bus sets it on a Redis Cluster
         self.missing_since: dict[str, float] = {}  # peer -> when its presence was first missed
         self.awaiting_adoption: set[str] = set()  # gone peers we still route to
 
@@ -103,7 +105,7 @@ class Membership:
         TTL) must not serve them any longer: it gives them up (their clients reconnect and find
         them at the adopter) and rejoins with what it has left. It never exits because Redis
         was away (the retry pattern)."""
-        k_adopted = f"{self.settings.prefix}:adopted:{self.me}"
+        k_adopted = f"{self.settings.prefix}:adopted:{{{self.me}}}"
         if not first and await redis.exists(self.k_adopter):
             # Let an adoption under way finish first: its replay reads our inbox and sessions.
             deadline = time.monotonic() + self.settings.handover_timeout
@@ -147,6 +149,9 @@ class Membership:
         filters = self.core.local_filters()
         if filters:
             pipe.sadd(self.k_subs, *filters)
+        if is_cluster(redis):  # a transaction stays in one slot: the table's
+            await pipe.execute()
+            pipe = redis.pipeline(transaction=False)
         pipe.sadd(self.k_brokers, self.me)
         pipe.publish(self.k_control, self.failover.control_message(f"reset\x00{self.me}\x00"))
         await pipe.execute()
@@ -172,7 +177,7 @@ class Membership:
         ids = {raw.decode() for raw in await redis.smembers(self.k_brokers)} - {self.me}
         prefix = self.settings.prefix
         for peer in ids:
-            if await redis.exists(f"{prefix}:broker:{peer}"):
+            if await redis.exists(f"{prefix}:broker:{{{peer}}}"):
                 self.live_peers.add(peer)
                 self.missing_since.pop(peer, None)
                 await self.load_peer_table(redis, peer)
@@ -182,7 +187,7 @@ class Membership:
                 await redis.srem(self.k_brokers, peer)
 
     async def load_peer_table(self, redis: RedisClient, peer: str) -> None:
-        filters = await redis.smembers(f"{self.settings.prefix}:subs:{peer}")
+        filters = await redis.smembers(f"{self.settings.prefix}:subs:{{{peer}}}")
         self.core.remote_forget(peer)
         for raw in filters:
             self.core.remote_subscribe(peer, raw.decode())
@@ -243,7 +248,7 @@ class Membership:
             # Peers whose presence expired have left (their sessions are adopted).
             now = time.monotonic()
             for peer in list(self.live_peers):
-                if await redis.exists(f"{prefix}:broker:{peer}"):
+                if await redis.exists(f"{prefix}:broker:{{{peer}}}"):
                     self.missing_since.pop(peer, None)
                 elif now - self.missing_since.setdefault(peer, now) > grace:
                     self.peer_gone(peer)
@@ -252,16 +257,30 @@ class Membership:
         """The control channel (and in broadcast mode the sync channel) until the link breaks."""
         pubsub = redis.pubsub(ignore_subscribe_messages=True)
         channels = [self.k_control]
-        if self.settings.mode == BROADCAST:
+        broadcast = self.settings.mode == BROADCAST
+        sharded = self.sharded_pubsub
+        if broadcast and not sharded:
             channels.append(self.settings.sync_channel)
+        shard_reader: asyncio.Task[None] | None = None
         try:
             await pubsub.subscribe(*channels)
+            if broadcast and sharded and is_cluster(redis):
+                # SSUBSCRIBE on the primary of the channel's slot: only that shard carries it.
+                # A plain connection of our own there, read like the classic channel; a
+                # failover or migration breaks it, and with it the link (which reconnects).
+                node = redis.get_node_from_key(self.settings.sync_channel)
+                options = parse_redis_url(self.settings.url).for_node(node.host, node.port)
+                shard_reader = asyncio.create_task(self._read_shard_channel(options))
+            elif broadcast and sharded:
+                await pubsub.ssubscribe(self.settings.sync_channel)
             # Anything announced before we listened is covered by the table load on connect;
             # reload once more now that we listen, so nothing falls between the two.
             await self.load_peers(redis)
             sync = self.settings.sync_channel.encode()
             while True:
                 message = await pubsub.get_message(timeout=1.0)
+                if shard_reader is not None and shard_reader.done():
+                    shard_reader.result()  # its link broke: so did ours
                 if message is None:
                     continue
                 channel = message["channel"]
@@ -271,8 +290,25 @@ class Membership:
                 else:
                     await self.on_control(redis, data)
         finally:
+            if shard_reader is not None:
+                shard_reader.cancel()
             with contextlib.suppress(Exception):  # the link may be broken already
                 await pubsub.aclose()
+
+    async def _read_shard_channel(self, options: RedisOptions) -> None:
+        client = options.client(socket_connect_timeout=1.0)
+        pubsub = client.pubsub(ignore_subscribe_messages=True)
+        try:
+            with redis_errors():
+                await pubsub.ssubscribe(self.settings.sync_channel)
+                while True:
+                    message = await pubsub.get_message(timeout=1.0)
+                    if message is not None:
+                        self.on_sync(message["data"])
+        finally:
+            with contextlib.suppress(Exception):
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
+                await client.aclose()
 
     async def on_control(self, redis: RedisClient, data: bytes) -> None:
         keys = self.failover.keys

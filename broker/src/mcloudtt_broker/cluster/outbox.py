@@ -27,9 +27,11 @@ from dataclasses import dataclass
 from ..core.message import Message
 from .envelope import EnvelopePacker
 from .keys import cluster_keys
+from .keyspace import retained_key
 from .records import encode_record
 from .resp import Commands
 from .settings import BROADCAST, ClusterSettings
+from .tap import tap_index, tap_streams
 
 # Messages per write: small enough that the next hop starts while we read the rest of a burst.
 FLUSH_BATCH = 256
@@ -74,7 +76,10 @@ class Outbox:
         prefix = settings.prefix
         self.k_control = f"{prefix}:control"
         self.k_retained = f"{prefix}:retained"
-        self.k_subs = f"{prefix}:subs:{self.me}"
+        self.retained_shards = 0  # on a Redis Cluster: retained hashes by topic (keyspace.py)
+        # Broadcast with SPUBLISH: --sharded-pubsub, or set by the bus on a Redis Cluster.
+        self.sharded_pubsub = settings.sharded_pubsub
+        self.k_subs = f"{prefix}:subs:{{{self.me}}}"
         self.packer = EnvelopePacker(self.me.encode())
         self.keys = cluster_keys(settings.keys)
         # Live peers (kept by the membership): where retained and broadcast publishes go.
@@ -88,6 +93,9 @@ class Outbox:
         self.sequence = time.time_ns() // 1000 if sequence is None else sequence
         # Every publish goes to Redis in these settings, whether or not a peer subscribed.
         self._forward_all = settings.mode == BROADCAST or bool(settings.tap_stream)
+        self._taps = (
+            tap_streams(settings.tap_stream, settings.tap_streams) if settings.tap_stream else ()
+        )
         self.outbound: deque[Item] = deque()
         self.control: list[tuple[str, str]] = []  # ("add"|"del", filter) to announce
         self.unconfirmed: dict[str, deque[tuple[int, bytes]]] = {}
@@ -233,7 +241,7 @@ class Outbox:
             elif op == "del":
                 commands.srem(self.k_subs, full_filter)
             elif op == "mark":
-                inbox = f"{self.settings.prefix}:inbox:{full_filter}"
+                inbox = f"{self.settings.prefix}:inbox:{{{full_filter}}}"
                 self._xadd(commands, inbox, "m", self.me.encode(), self.settings.inbox_maxlen)
                 continue
             else:  # adopted: the dead broker, then the filters we took with its sessions
@@ -287,7 +295,7 @@ class Outbox:
             qos = message.qos
             if broadcast:
                 keys = self.keys
-                commands.publish(
+                (commands.spublish if self.sharded_pubsub else commands.publish)(
                     settings.sync_channel,
                     envelope
                     if keys is None
@@ -312,23 +320,28 @@ class Outbox:
                 if qos:
                     confirmable.setdefault(dest, []).append((sequence, record))
             if message.retain:
+                k_retained = self.k_retained
+                if self.retained_shards:
+                    k_retained = retained_key(settings.prefix, message.topic, self.retained_shards)
                 if message.payload:
                     keys = self.keys
                     commands.hset(
-                        self.k_retained,
+                        k_retained,
                         message.topic,
                         envelope
                         if keys is None
-                        else keys.sign_envelope(self.k_retained.encode(), envelope),
+                        else keys.sign_envelope(k_retained.encode(), envelope),
                     )
                 else:
-                    commands.hdel(self.k_retained, message.topic)
-            if settings.tap_stream:
-                self._xadd(commands, settings.tap_stream, "e", envelope, settings.tap_maxlen)
+                    commands.hdel(k_retained, message.topic)
+            taps = self._taps
+            if taps:
+                tap = taps[0] if len(taps) == 1 else taps[tap_index(message.topic_wire, len(taps))]
+                self._xadd(commands, tap, "e", envelope, settings.tap_maxlen)
         for dest, records in batches.items():
             self._xadd(
                 commands,
-                f"{settings.prefix}:inbox:{dest}",
+                f"{settings.prefix}:inbox:{{{dest}}}",
                 "b",
                 b"".join(records),
                 settings.inbox_maxlen,
@@ -361,7 +374,7 @@ class Outbox:
         for dest, queue in self.unconfirmed.items():
             self._xadd(
                 commands,
-                f"{self.settings.prefix}:inbox:{dest}",
+                f"{self.settings.prefix}:inbox:{{{dest}}}",
                 "b",
                 b"".join(record for _, record in queue),
                 self.settings.inbox_maxlen,

@@ -48,12 +48,13 @@ from ..core.message import Message
 from ..core.ports import ClusterCore, Resume
 from .failover import SESSION_CONNECTIONS, SESSION_WRITE_DELAY, Failover
 from .inbox import Inbox
+from .keyspace import RETAINED_SHARDS
 from .link import Link, LinkError, RedisClient, redis_errors
 from .membership import Membership
 from .outbox import Outbox
 from .redis_url import link_error_reason, parse_redis_url
-from .resp import open_connection
 from .settings import BROADCAST, ClusterSettings, DuplicateBrokerId
+from .topology import BusCluster, Node, SlotMap, open_link, probe
 
 log = logging.getLogger("mcloudtt.cluster")
 
@@ -79,6 +80,8 @@ class RedisBus:
         self.redis_options = parse_redis_url(settings.url)
         self.link_error = ""  # why the link is down, for the log and /readyz ("" when up)
         self.link = Link()
+        self.slots: SlotMap | None = None  # the slot map when Redis is a cluster
+        self.known_nodes: list[Node] = []
         self.live_peers: set[str] = set()
         self.stats: Counter[str] = Counter()
         self.dropped: Counter[str] = Counter()
@@ -336,20 +339,40 @@ class RedisBus:
             if old is not None:
                 with contextlib.suppress(Exception):
                     await old.aclose()
-        link.redis = redis = self.redis_options.client(
-            socket_connect_timeout=1.0,
-            socket_timeout=5.0,
-            health_check_interval=10,
-        )
-        # The work CONNECTs bring waits for one of a few connections (bounded by each
-        # CONNECT's own deadline), so that a reconnect storm is queued, not refused.
-        link.sessions = self.redis_options.client(
-            bounded=SESSION_CONNECTIONS,
-            wait=None,
-            socket_connect_timeout=1.0,
-            socket_timeout=5.0,
-            health_check_interval=10,
-        )
+        link.sessions = None
+        # One round trip per connect: a cluster node gives its slot map (topology.py).
+        self.slots = slots = await probe(self.redis_options, self.known_nodes)
+        self.inbox.slots = slots
+        shards = 0 if slots is None else RETAINED_SHARDS
+        self.inbox.retained_shards = self.outbox.retained_shards = shards
+        # Broadcast mode on a cluster: sharded Pub/Sub (a PUBLISH is copied to every node).
+        sharded = self.settings.sharded_pubsub or slots is not None
+        self.outbox.sharded_pubsub = self.membership.sharded_pubsub = sharded
+        redis: RedisClient
+        if slots is None:
+            link.redis = redis = self.redis_options.client(
+                socket_connect_timeout=1.0,
+                socket_timeout=5.0,
+                health_check_interval=10,
+            )
+            # The work CONNECTs bring waits for one of a few connections (bounded by each
+            # CONNECT's own deadline), so that a reconnect storm is queued, not refused.
+            link.sessions = self.redis_options.client(
+                bounded=SESSION_CONNECTIONS,
+                wait=None,
+                socket_connect_timeout=1.0,
+                socket_timeout=5.0,
+                health_check_interval=10,
+            )
+        else:
+            self.known_nodes = slots.nodes  # a seed that dies later is not needed
+            link.redis = redis = self.redis_options.cluster_client(
+                slots.nodes,
+                BusCluster,
+                socket_connect_timeout=1.0,
+                socket_timeout=5.0,
+                health_check_interval=10,
+            )
         await redis.ping()
         membership = self.membership
         first = not self.stats["connects"]
@@ -367,7 +390,7 @@ class RedisBus:
         # Resend what receivers have not confirmed (Redis may have lost it), then the buffer,
         # in sequence order: receivers drop a sequence lower than one they already handled.
         resend = self.outbox.resend(await self._progress(redis, self.outbox.destinations()))
-        writer = await open_connection(self.redis_options, self._link_lost)
+        writer = await open_link(self.redis_options, slots, self._link_lost)
         link.writer = writer
         if resend is not None:
             refused = [r for r in await writer.call(resend) if isinstance(r, hiredis.ReplyError)]
@@ -400,7 +423,7 @@ class RedisBus:
             return {}
         pipe = redis.pipeline(transaction=False)
         for dest in dests:
-            pipe.hget(f"{self.settings.prefix}:progress:{dest}", self.me)
+            pipe.hget(f"{self.settings.prefix}:progress:{{{dest}}}", self.me)
         values = await pipe.execute()
         return {
             dest: int(value) for dest, value in zip(dests, values, strict=True) if value is not None
@@ -456,6 +479,8 @@ class RedisBus:
             "sessions_adopted_total": float(stats["sessions_adopted"]),
             "sessions_restored_total": float(stats["sessions_restored"]),
             "sessions_surrendered_total": float(stats["sessions_surrendered"]),
+            # Sessions taken over from the broker a client was on before (its takeovers).
+            "handovers_total": float(stats["handovers"]),
             "replayed_total": float(stats["replayed"]),
             "flushes_total": float(stats["flushes"]),
             "inbox_reads_total": float(stats["inbox_reads"]),

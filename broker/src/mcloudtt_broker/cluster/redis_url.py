@@ -8,6 +8,11 @@ same TLS trust and client certificate, user, password and database.
     rediss://[[USER]:PASSWORD@]HOST[:PORT][/DB][?ssl_ca_certs=CA&ssl_certfile=CERT
         &ssl_keyfile=KEY&ssl_cert_reqs=none|optional|required&ssl_check_hostname=true|false]
     unix://[[USER]:PASSWORD@]/PATH/TO/redis.sock[?db=DB]
+    redis[s]://[[USER]:PASSWORD@]HOST1[:PORT1],HOST2[:PORT2],...[/0][?...]   (cluster seeds)
+
+Any node of a Redis Cluster will do (as Memorystore's discovery endpoint); a comma-separated
+list of seed nodes is tried in order until one answers (`topology.py` finds the shards). The
+user, password and TLS options apply to every node of the cluster.
 
 User and password are percent-decoded (`%40` for `@`). An option we do not know, or an `ssl_*`
 option on a URL without TLS, is refused: a typo must not quietly turn verification off. This
@@ -17,9 +22,11 @@ module imports no redis at load time (a single node never does).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import os
 import ssl
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
@@ -63,6 +70,8 @@ class RedisOptions:
     ssl_keyfile: str | None = None
     ssl_cert_reqs: str = "required"
     ssl_check_hostname: bool = True
+    # Further seed nodes of a Redis Cluster given after the first (host, port).
+    seeds: tuple[tuple[str, int], ...] = ()
 
     @property
     def tls(self) -> bool:
@@ -115,6 +124,45 @@ class RedisOptions:
                 ssl_check_hostname=self.ssl_check_hostname,
             )
         return kwargs
+
+    @property
+    def nodes(self) -> tuple[tuple[str, int], ...]:
+        """Every node the URL names, the first first (empty for a unix socket)."""
+        if self.scheme == "unix":
+            return ()
+        return ((self.host, self.port), *self.seeds)
+
+    def for_node(self, host: str, port: int) -> RedisOptions:
+        """The same user, password and TLS options, for another node of the cluster."""
+        return dataclasses.replace(self, host=host, port=port, seeds=())
+
+    def cluster_client(
+        self,
+        nodes: Sequence[tuple[str, int]] = (),
+        client_class: type[redis.asyncio.RedisCluster] | None = None,
+        **extra: Any,
+    ) -> redis.asyncio.RedisCluster:
+        """redis-py's cluster client, found from `nodes` (default: the URL's), with this URL's
+        user, password and TLS options on every node; no client-side retries of its own beyond
+        following MOVED and ASK (the bus reconnects)."""
+        import redis.asyncio
+        from redis.asyncio.cluster import ClusterNode
+
+        self.ssl_context()
+        kwargs: dict[str, Any] = {"username": self.username, "password": self.password}
+        if self.tls:
+            kwargs.update(
+                ssl=True,
+                ssl_ca_certs=self.ssl_ca_certs,
+                ssl_certfile=self.ssl_certfile,
+                ssl_keyfile=self.ssl_keyfile,
+                ssl_cert_reqs=self.ssl_cert_reqs,
+                ssl_check_hostname=self.ssl_check_hostname,
+            )
+        startup = [ClusterNode(host, port) for host, port in (nodes or self.nodes)]
+        return (client_class or redis.asyncio.RedisCluster)(
+            startup_nodes=startup, cluster_error_retry_attempts=2, **kwargs, **extra
+        )
 
     def client(
         self, *, bounded: int | None = None, wait: float | None = None, **extra: Any
@@ -192,6 +240,7 @@ def _db(text: str) -> int:
 @functools.lru_cache(maxsize=32)
 def parse_redis_url(url: str) -> RedisOptions:
     """The options of one Redis URL (cached: the same URL gets the same TLS context)."""
+    url, seeds = _split_seeds(url)
     try:
         parts = urlsplit(url)
         port = parts.port
@@ -217,6 +266,10 @@ def parse_redis_url(url: str) -> RedisOptions:
         "username": unquote(parts.username) if parts.username else None,
         "password": unquote(parts.password) if parts.password else None,  # as redis-py
     }
+    if seeds and scheme == "unix":
+        raise RedisUrlError("a unix:// Redis URL names one socket, not a list of seed nodes")
+    if seeds:
+        fields["seeds"] = seeds
     if scheme == "unix":
         if not parts.path:
             raise RedisUrlError("a unix:// Redis URL needs the socket's path: unix:///path/to/sock")
@@ -247,16 +300,40 @@ def parse_redis_url(url: str) -> RedisOptions:
     return RedisOptions(**fields)
 
 
+def _split_seeds(url: str) -> tuple[str, tuple[tuple[str, int], ...]]:
+    """`scheme://auth@h1:p1,h2:p2/db?q` -> (`scheme://auth@h1:p1/db?q`, ((h2, p2),))."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url, ()
+    netloc, slash, tail = rest.partition("/")
+    if "?" in netloc:  # no path: the query follows the hosts
+        netloc, _, query = netloc.partition("?")
+        slash, tail = "/", "?" + query
+    auth, at, hosts = netloc.rpartition("@")
+    if "," not in hosts:
+        return url, ()
+    first, *others = hosts.split(",")
+    seeds = []
+    for other in others:
+        try:
+            seed = urlsplit(f"//{other}")
+            port = seed.port
+        except ValueError as error:
+            raise RedisUrlError(f"not a Redis URL: seed {other!r}: {error}") from None
+        if not seed.hostname:
+            raise RedisUrlError(f"an empty seed node in the Redis URL's list: {other!r}")
+        seeds.append((unquote(seed.hostname), DEFAULT_PORT if port is None else port))
+    return f"{scheme}://{auth}{at}{first}{slash}{tail}", tuple(seeds)
+
+
 def redact_url(url: str) -> str:
     """The URL with any password replaced, for logs and error messages."""
     parts = urlsplit(url)
     if parts.password is None:
         return url
     user = parts.username or ""
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    hosts = parts.netloc.rpartition("@")[2]  # as given: a seed list stays a list
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{hosts}"))
 
 
 def check_redis_url(url: str) -> RedisOptions:

@@ -55,6 +55,9 @@ class Commands:
     def publish(self, channel: str, message: bytes | str) -> None:
         self.add("PUBLISH", channel, message)
 
+    def spublish(self, channel: str, message: bytes | str) -> None:
+        self.add("SPUBLISH", channel, message)
+
     def hset(self, key: str, field: str, value: bytes) -> None:
         self.add("HSET", key, field, value)
 
@@ -148,13 +151,17 @@ class RespConnection(asyncio.Protocol):
     async def call(self, commands: Commands) -> list[Any]:
         """Send and wait for the replies, in order; error replies come back as
         `hiredis.ReplyError` values, not raised."""
+        return await self.submit(commands)
+
+    def submit(self, commands: Commands) -> asyncio.Future[list[Any]]:
+        """`call()` without awaiting: send now, the replies come in the future."""
         if self.closed or self.transport is None:
             raise ConnectionError("Redis connection closed")
         future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
         first = self.sent
         self._waiting.append((first, first + commands.count, future, []))
         self.write(commands)
-        return await future
+        return future
 
     def close(self) -> None:
         if self.transport is not None and not self.closed:

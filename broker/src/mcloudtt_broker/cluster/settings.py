@@ -21,6 +21,10 @@ class ClusterSettings:
     prefix: str = "mcloudtt"
     tap_stream: str | None = None
     tap_maxlen: int = 1_000_000
+    tap_streams: int = 1  # N > 1: N tap streams by topic hash (tap.py)
+    # Broadcast on sharded Pub/Sub (SPUBLISH/SSUBSCRIBE, Redis 7): set on a Redis Cluster,
+    # where a classic PUBLISH is copied to every node of the cluster.
+    sharded_pubsub: bool = False
     buffer_limit: int = 100_000  # outbound messages kept while Redis is away
     presence_ttl: float = 5.0
     replay: bool = True  # replay a dead broker's inbox to the sessions taken from it

@@ -1,0 +1,159 @@
+"""The plan's Redis load comes from the commands the brokers really issue (issue 15).
+
+Two real brokers on a real Redis; a known number of cross-broker messages (QoS 0, then QoS 1)
+goes from a publisher on one to a subscriber on the other, one at a time (each delivered before
+the next is sent: every message its own batch, as at a large fleet's per-pod-pair rates). The
+`INFO commandstats` delta, less the background the idle pair issues in the same time
+(heartbeats, blocking reads that time out), divided by the messages, must be within 20 % of the
+simulator's constants, with and without the adapter's tap.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import paho.mqtt.client as mqtt
+import pytest
+import redis
+from brokerproc import BrokerProcess, broker_pool
+from mcloudtt_chaos.procs import wait_for
+from mcloudtt_simulator import sizing
+from paho.mqtt.enums import CallbackAPIVersion
+
+MESSAGES = 60
+TOLERANCE = 0.20
+
+
+@pytest.fixture
+def brokers() -> Iterator[Callable[..., BrokerProcess]]:
+    with broker_pool("--log-level", "warning", "--sys-interval", "0") as start:
+        yield start
+
+
+def _calls(r: redis.Redis) -> dict[str, int]:
+    stats = r.info("commandstats")
+    return {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items()}
+
+
+def _delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    return {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
+
+
+class _Pair:
+    """Publisher on broker A, subscriber on broker B; `send(qos)` returns once B delivered."""
+
+    def __init__(self, a: BrokerProcess, b: BrokerProcess) -> None:
+        self.got = 0
+        self.cond = threading.Condition()
+        self.sub = self._client(b.port, "ops-sub")
+        self.sub.on_message = self._on_message
+        self.sub.subscribe("ops/#", qos=1)
+        self.pub = self._client(a.port, "ops-pub")
+        # Until B's subscription reached A's routing table, nothing crosses.
+        wait_for(lambda: self._probe(), timeout=15, what="the subscription to cross brokers")
+
+    @staticmethod
+    def _client(port: int, client_id: str) -> mqtt.Client:
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id)
+        client.connect("127.0.0.1", port)
+        client.loop_start()
+        wait_for(client.is_connected, timeout=5, what="connected")
+        return client
+
+    def _on_message(self, _client: object, _userdata: object, _message: object) -> None:
+        with self.cond:
+            self.got += 1
+            self.cond.notify_all()
+
+    def _probe(self) -> bool:
+        return self.send(0, timeout=0.3)
+
+    def send(self, qos: int, timeout: float = 5.0) -> bool:
+        with self.cond:
+            want = self.got + 1
+        self.pub.publish("ops/sensor/1", b"21.5", qos=qos).wait_for_publish(timeout)
+        with self.cond:
+            return self.cond.wait_for(lambda: self.got >= want, timeout)
+
+    def close(self) -> None:
+        for client in (self.pub, self.sub):
+            client.loop_stop()
+            client.disconnect()
+
+
+def _measure(r: redis.Redis, pair: _Pair, qos: int) -> tuple[float, dict[str, int]]:
+    """Commands per message above the idle background, and the per-command delta."""
+    before = _calls(r)
+    began = time.monotonic()
+    time.sleep(0.5)
+    idle = sum(_delta(before, _calls(r)).values()) / (time.monotonic() - began)
+    before = _calls(r)
+    began = time.monotonic()
+    for _ in range(MESSAGES):
+        assert pair.send(qos)
+    elapsed = time.monotonic() - began
+    delta = _delta(before, _calls(r))
+    delta.pop("info", None)
+    return (sum(delta.values()) - idle * elapsed) / MESSAGES, delta
+
+
+def test_plan_constants_match_measured_redis_commands(redis_server, brokers) -> None:
+    """With the adapter's tap on (the plan's default): its entries are counted by XLEN, so the
+    crossing and the tap are checked apart from one run."""
+    tap = "mcloudtt:tap"
+    a = brokers("--redis", redis_server.url, "--id", "ops-a", "--tap-stream", tap)
+    b = brokers("--redis", redis_server.url, "--id", "ops-b", "--tap-stream", tap)
+    for broker in (a, b):
+        wait_for(
+            lambda broker=broker: broker.http_get("/readyz")[0] == 200, timeout=15, what="ready"
+        )
+    r = redis.Redis(port=redis_server.port)
+    pair = _Pair(a, b)
+    try:
+        for qos, expected in (
+            (0, sizing.REDIS_OPS_PER_CROSS_QOS0),
+            (1, sizing.REDIS_OPS_PER_CROSS_QOS1),
+        ):
+            entries = r.xlen(tap)
+            measured, delta = _measure(r, pair, qos)
+            tap_ops = (r.xlen(tap) - entries) / MESSAGES
+            assert tap_ops == sizing.REDIS_OPS_PER_TAP, (qos, delta)
+            crossing = measured - tap_ops
+            assert abs(crossing - expected) <= TOLERANCE * crossing, (qos, crossing, delta)
+    finally:
+        pair.close()
+
+
+def test_the_plan_prints_what_terraform_takes(capsys: pytest.CaptureFixture[str], tmp_path) -> None:
+    """The recommendation's tfvars lines name variables terraform/ declares, with values its
+    validations accept; the shard count is also the tap's stream count for both sides."""
+    import json
+    import re
+    from pathlib import Path
+
+    from mcloudtt_simulator.cli import main
+
+    root = Path(__file__).resolve().parents[2]
+    declared = set(
+        re.findall(r'^variable "(\w+)"', (root / "terraform" / "variables.tf").read_text(), re.M)
+    )
+    argv = "plan --scenario smart-building --devices 1000000 --hours 1 --start-time 07:30"
+    assert main([*argv.split(), "--json", "--no-plot", "--out", str(tmp_path)]) == 0
+    redis_plan = json.loads(capsys.readouterr().out)["redis"]
+    assert redis_plan["backend"] == "cluster" and 3 <= redis_plan["shards"] <= 250
+    values = {}
+    for line in redis_plan["tfvars"]:
+        name, _, value = line.partition("=")
+        values[name.strip()] = value.strip()
+    assert set(values) <= declared, values
+    assert values == {
+        "redis_backend": '"cluster"',
+        "redis_shard_count": str(redis_plan["shards"]),
+        "redis_replica_count": "1",
+    }
+    assert redis_plan["settings"] == [
+        f"MCLOUDTT_TAP_STREAMS={redis_plan['shards']}",
+        f"MCLOUDTT_ADAPTER_TAP_STREAMS={redis_plan['shards']}",
+    ]
