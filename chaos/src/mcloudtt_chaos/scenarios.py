@@ -420,7 +420,10 @@ def _storm_endpoints(backend: Backend) -> dict[str, Endpoint]:
 
 async def _reconnect_storm(run: Run) -> None:
     victim = run.broker(-1)
-    endpoints = _storm_endpoints(run.backend)
+    # (A dry run's stand-in backend answers every call, this one included, with None.)
+    endpoints = (
+        {e.name: e for e in run.backend.endpoints()} if run.dry else _storm_endpoints(run.backend)
+    )
     others = [e for name, e in endpoints.items() if name != victim]
     count = 0 if run.dry else run.options.storm_clients
     clients = [ProbeClient(endpoints[victim], f"storm-{i}", clean=False) for i in range(count)]
