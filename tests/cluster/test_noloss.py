@@ -131,6 +131,9 @@ class Subscriber:
             protocol=mqtt.MQTTv311,
             clean_session=False,
         )
+        # On a loaded machine the session may come before `after`: what the device got (and
+        # acknowledged) then is delivered, not lost.
+        c.on_message = lambda c, u, m: self.got.append((int(m.payload), bool(m.dup)))
         c.connect("127.0.0.1", port, 60)
         c.loop_start()
         time.sleep(after)
@@ -350,7 +353,11 @@ def test_a_frozen_broker_declared_dead_gives_its_sessions_up_and_rejoins(redis_s
 
 @pytest.mark.xfail(
     strict=False,
-    reason="open (issue 11): passed on its branch, fails since the merge with the cluster-key, memory-per-connection and authentication branches (a session of a killed broker is not found by the next CONNECT elsewhere); to be bisected",
+    reason="open (issue 11), not a merge regression (fails as often on chaosfix's tip): the "
+    "superseded-CONNECT cycle that lost the session is fixed (about 1 run in 2 lost ~1,000 "
+    "before, 1 in 10 loses 2-6 now); what is left is the live hand-over race of "
+    "test_session_moved_between_live_brokers_under_load_loses_nothing (the adopter hands the "
+    "session to the new broker under load)",
 )
 def test_session_found_after_a_connect_that_gave_up_waiting_for_it(redis_server, cluster_factory):
     """Issue 11, found by the chaos harness (broker-kill): the subscriber's broker B dies; it
@@ -482,3 +489,42 @@ def test_restart_under_same_id_while_a_connect_waits_elsewhere(redis_server, clu
     while time.monotonic() < deadline and not pub.acked <= set(received(sub)):
         time.sleep(0.05)
     check(pub, sub, 1)
+
+
+@pytest.mark.xfail(
+    strict=False,
+    reason="open (issue 11): the live hand-over race, messages routed to the old holder after its "
+    "snapshot (and published while a broker has the old holder's del but not the new one's add) "
+    "reach nobody; a drain of the old holder's inbox up to per-origin markers is designed in the "
+    "handover branch's history (141b46d, reverted: it waited for markers from a dead peer and "
+    "delivered duplicates after an adopter's hand-over)",
+)
+def test_session_moved_between_live_brokers_under_load_loses_nothing(redis_server, cluster_factory):
+    """Issue 11, the live hand-over race: a persistent subscriber on B moves to C (B stays up)
+    several times while A publishes at RATE. Between B's snapshot and every broker routing the
+    subscription to C, what A sent on to B must still reach the session at C (the new holder
+    drains B's inbox up to every origin's marker): nothing acknowledged is lost. (QoS 1: this
+    paho subscriber is a new client object per connection, so it forgets a QoS 2 message it
+    had PUBREC'd and is only given at PUBREL, a loss of the client's own state.) Measured here:
+    1-3 messages lost per move, 5-12 of 600 over the four."""
+    qos = 1
+    a, b, c = cluster_factory(3, *QUEUE)
+    sub = Subscriber(5)
+    sub.connect(b.port)
+    assert sub.client is not None
+    sub.client.subscribe(TOPIC, qos)
+    wait_until(lambda: a.metric("mcloudtt_cluster_remote_filters") >= 1, 5.0, "routing")
+    pub = Publisher(a.port, qos)
+    pub.start()
+    try:
+        wait_until(lambda: len(sub.got) > 100, 10.0, "deliveries before the first move")
+        for port in (c.port, b.port, c.port, b.port):
+            sub.drop()
+            assert sub.connect(port), "the session was not handed over"
+            time.sleep(0.4)
+    finally:
+        pub.finish()
+    deadline = time.monotonic() + 10.0
+    while time.monotonic() < deadline and not pub.acked <= set(received(sub)):
+        time.sleep(0.05)
+    check(pub, sub, qos)

@@ -129,9 +129,10 @@ class BrokerCollector(Collector):
             "ACL decisions (publish: write, subscribe, delivery: read), by action and result.",
             labels=["action", "result"],
         )
+        decisions = stats.acl
         for action in ACTIONS:
             for result in ("allow", "deny"):
-                acl.add_metric([action, result], stats.acl[action, result])
+                acl.add_metric([action, result], decisions[action, result])
         yield acl
         yield _counter(
             "mcloudtt_oversized_closes_total",

@@ -2,7 +2,8 @@
 
 The password is read from standard input when it is not a terminal (one line, the newline
 dropped), else asked twice without echo. The file is created when missing (mode 0600) and
-replaced atomically; a running broker reads it again on SIGHUP.
+replaced atomically; a running broker reads it again on SIGHUP. `--scram` stores SCRAM-SHA-256
+credentials for MQTT 5 enhanced authentication (the plain password works with them too).
 """
 
 from __future__ import annotations
@@ -24,6 +25,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument("file", metavar="FILE")
     parser.add_argument("user", metavar="USER")
     parser.add_argument("--delete", action="store_true", help="remove the user")
+    parser.add_argument(
+        "--scram",
+        action="store_true",
+        help="store SCRAM-SHA-256 credentials (salt, StoredKey, ServerKey) instead of an scrypt "
+        "hash: the user can then also log in with MQTT 5 enhanced authentication",
+    )
     args = parser.parse_args(argv)
     prog = parser.prog
     if not args.user or ":" in args.user:
@@ -50,7 +57,7 @@ def main(argv: list[str]) -> int:
         if not password:
             print(f"{prog}: error: empty password", file=sys.stderr)
             return 1
-        users[args.user] = hash_password(password.encode())
+        users[args.user] = hash_password(password.encode(), scram=args.scram)
     try:
         write_file(path, users)
     except OSError as error:

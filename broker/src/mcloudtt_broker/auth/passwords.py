@@ -6,6 +6,14 @@ Line format (blank lines and lines starting with `#` are ignored; a username has
 
 `ln` is log2 of scrypt's N; the key is 32 bytes, the salt 16 random bytes. Parameters live in
 each line, so stronger ones can come later without breaking old files.
+
+A line may instead hold SCRAM-SHA-256 stored credentials (`mcloudtt-broker passwd --scram`)::
+
+    bob:$scram-sha-256$i=4096$<salt>$<StoredKey>$<ServerKey>
+
+Such a user logs in with the plain password too, and also through MQTT 5.0 enhanced
+authentication (`mcloudtt_broker.core.scram`); a `$scrypt$` user cannot do SCRAM (scrypt's key
+is not SCRAM's StoredKey).
 """
 
 from __future__ import annotations
@@ -14,9 +22,13 @@ import base64
 import hashlib
 import hmac
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from ..core.auth import Answer, Credentials, Outcome, Result
+from ..core.scram import PREFIX as SCRAM_PREFIX
+from ..core.scram import Lookup, make_credential, parse_credential
+from ..core.scram import verify_password as verify_scram
 
 LN, R, P = 14, 8, 1
 KEY_BYTES = 32
@@ -33,7 +45,9 @@ def _scrypt(password: bytes, salt: bytes, ln: int, r: int, p: int) -> bytes:
     )
 
 
-def hash_password(password: bytes, *, ln: int = LN) -> str:
+def hash_password(password: bytes, *, ln: int = LN, scram: bool = False) -> str:
+    if scram:
+        return make_credential(password)
     salt = os.urandom(16)
     key = _scrypt(password, salt, ln, R, P)
     b64 = base64.b64encode
@@ -41,6 +55,9 @@ def hash_password(password: bytes, *, ln: int = LN) -> str:
 
 
 def _parse_hash(text: str) -> tuple[int, int, int, bytes, bytes]:
+    if text.startswith(SCRAM_PREFIX):
+        parse_credential(text)
+        return 0, 0, 0, b"", b""
     if not text.startswith(PREFIX):
         raise ValueError("not a $scrypt$ hash")
     params, salt, key = text[len(PREFIX) :].split("$")
@@ -53,6 +70,8 @@ def _parse_hash(text: str) -> tuple[int, int, int, bytes, bytes]:
 
 def verify_password(password: bytes, stored: str) -> bool:
     try:
+        if stored.startswith(SCRAM_PREFIX):
+            return verify_scram(password, parse_credential(stored))
         ln, r, p, salt, key = _parse_hash(stored)
     except (ValueError, KeyError):
         return False
@@ -124,3 +143,11 @@ class PasswordFile:
             self._verified.clear()
         self._verified[username, stored] = digest
         return Outcome.ALLOW, username
+
+    def scram_credential(self, username: str, answer: Callable[[Lookup], None]) -> Lookup:
+        stored = self.users.get(username)
+        if stored is None:
+            return Outcome.IGNORE, None, None
+        if not stored.startswith(SCRAM_PREFIX):
+            return Outcome.DENY, None, None  # a $scrypt$ user: no SCRAM for them
+        return Outcome.ALLOW, parse_credential(stored), None

@@ -12,6 +12,10 @@ line (`mcloudtt_broker.auth.passwords`). A lookup is asynchronous: the core's CO
 Redis, and scrypt runs in a worker thread. A fetched hash is kept `ttl` seconds (0.5 by
 default), so a user added, changed or removed in Redis is seen by every broker within a second.
 Redis unreachable: CONNACK 0x88 (3.1.1: 3), never a stack trace.
+
+A user whose value is a `$scram-sha-256$` credential can also log in through MQTT 5.0 enhanced
+authentication (SCRAM-SHA-256) on any broker of the cluster; the credential is fetched the same
+way (`scram_credential`).
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from typing import Any
 
 from ..cluster.redis_url import parse_redis_url
 from ..core.auth import Answer, Credentials, Outcome, Result
+from ..core.scram import PREFIX as SCRAM_PREFIX
+from ..core.scram import Lookup, parse_credential
 from .acl import AclFile
 from .passwords import verify_password
 
@@ -67,9 +73,25 @@ class RedisUsers:
         task.add_done_callback(self._tasks.discard)
         return None
 
-    async def _lookup(self, credentials: Credentials, answer: Answer) -> None:
-        username = credentials.username
-        assert username is not None
+    def scram_credential(self, username: str, answer: Callable[[Lookup], None]) -> Lookup | None:
+        entry = self._hashes.get(username)
+        if entry is not None and time.monotonic() - entry[0] < self.ttl:
+            return _scram_lookup(entry[1], self.rights.get(username))
+        task = asyncio.get_running_loop().create_task(self._scram_lookup(username, answer))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return None
+
+    async def _scram_lookup(self, username: str, answer: Callable[[Lookup], None]) -> None:
+        fetched = await self._fetch(username)
+        if fetched is None:
+            answer((Outcome.UNAVAILABLE, None, None))
+            return
+        answer(_scram_lookup(fetched[0], self.rights.get(username)))
+
+    async def _fetch(self, username: str) -> tuple[str | None] | None:
+        """The user's stored hash (None: no such user), its rights kept; None when Redis
+        cannot be asked."""
         try:
             async with self.client.pipeline(transaction=False) as pipe:
                 pipe.hget(self.key, username)
@@ -77,16 +99,26 @@ class RedisUsers:
                 raw, rules = await pipe.execute()
         except Exception as error:  # redis-py's errors, timeouts, OSError: one line, no trace
             log.warning("user store in Redis unreachable: %s", type(error).__name__)
-            answer((Outcome.UNAVAILABLE, None))
-            return
+            return None
         stored = raw.decode() if isinstance(raw, bytes) else raw
         self._hashes[username] = (time.monotonic(), stored)
         if len(self._hashes) > 100_000:
             self._hashes.clear()
+        if stored is not None:
+            self._set_rights(username, rules)
+        return (stored,)
+
+    async def _lookup(self, credentials: Credentials, answer: Answer) -> None:
+        username = credentials.username
+        assert username is not None
+        fetched = await self._fetch(username)
+        if fetched is None:
+            answer((Outcome.UNAVAILABLE, None))
+            return
+        stored = fetched[0]
         if stored is None:
             answer((Outcome.IGNORE, None))
             return
-        self._set_rights(username, rules)
         password = credentials.password or b""
         ok = await asyncio.to_thread(verify_password, password, stored)
         if not ok:
@@ -143,3 +175,15 @@ class RedisUsers:
         for task in list(self._tasks):
             task.cancel()
         await self.client.aclose()
+
+
+def _scram_lookup(stored: str | None, rights: AclFile | None) -> Lookup:
+    if stored is None:
+        return Outcome.IGNORE, None, None
+    if not stored.startswith(SCRAM_PREFIX):
+        return Outcome.DENY, None, None  # an scrypt user: no SCRAM for them
+    try:
+        return Outcome.ALLOW, parse_credential(stored), rights
+    except ValueError:
+        log.warning("user store in Redis: a broken SCRAM credential")
+        return Outcome.DENY, None, None

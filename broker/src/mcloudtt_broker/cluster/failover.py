@@ -43,7 +43,7 @@ from .replay import Marks, Replay, origins_and_sequences
 from .resp import Commands
 from .session_snapshot import SnapshotError, decode_snapshot, encode_snapshot, snapshot_marks
 from .settings import ClusterSettings
-from .topology import TAKE_STORED_SCRIPT, is_cluster, name_holder
+from .topology import TAKE_STORED_SCRIPT, is_cluster
 
 log = logging.getLogger("mcloudtt.cluster")
 
@@ -54,16 +54,37 @@ ADOPT_BATCH = 200
 # Claim a session a gone broker stored (a CONNECT elsewhere that took it removed it, so a stored
 # copy is still the gone broker's; a CONNECT waiting for this adoption asks us next): KEYS
 # client registry, stored sessions of the gone broker; ARGV gone broker, me, client id,
-# registry TTL. Returns the stored session, or nil; the stored copy is removed either way.
+# registry TTL. Returns the stored session, or nil; the stored copy is removed either way. The
+# registry names us only if it still names the gone broker: one that names a CONNECT waiting
+# elsewhere is left alone (that CONNECT is the latest, it takes the session from us).
 _ADOPT_SCRIPT = """
 local data = redis.call('HGET', KEYS[2], ARGV[3])
 redis.call('HDEL', KEYS[2], ARGV[3])
 if data then
-  redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[4])
+  local holder = redis.call('GET', KEYS[1])
+  if (not holder) or holder == ARGV[1] then
+    redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[4])
+  end
   return data
 end
 return false
 """
+# The same for a Redis Cluster, where the registry key is in another slot than the stored hash:
+# KEYS client registry; ARGV gone broker, me, registry TTL.
+_NAME_ADOPTER_SCRIPT = """
+local holder = redis.call('GET', KEYS[1])
+if (not holder) or holder == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
+end
+return 1
+"""
+# A hand-over answered with where the session is instead of the session itself (the answering
+# broker's CONNECT for it was superseded before it fetched it): b"@" + that broker's id.
+REDIRECT = b"@"
+# Redirects followed by one CONNECT before it takes what it has.
+MAX_REDIRECTS = 3
+# How long a route to a broker we handed a session to outlives a `del` it sent before its `add`.
+PIN_SECONDS = 10.0
 # Take the adoption lock of a gone broker only while its presence is missing: KEYS presence,
 # lock; ARGV me, lock TTL seconds.
 _LOCK_SCRIPT = """
@@ -158,6 +179,12 @@ class Failover:
         # CONNECTs here still looking for their session: the registry names us already, so a
         # hand-over asked of us meanwhile waits for it (the client may have given up on us).
         self._locating: dict[str, asyncio.Event] = {}
+        # ClientIds whose CONNECT here was superseded by a later one elsewhere before it fetched
+        # the session: where the session is, for the hand-over the later CONNECT asks of us.
+        self._redirects: dict[str, str] = {}
+        # Routes to a broker we handed a session to, set before its own `add` comes: (broker,
+        # filter) -> [until (loop time), a `del` of it came meanwhile and was held back].
+        self._pinned: dict[tuple[str, str], list[float | bool]] = {}
         # ClientIds that connected while Redis was away: the registry learns them on reconnect.
         self._unregistered: set[str] = set()
         # CONNECTs refused because their session could not be located: the registry names us
@@ -396,7 +423,7 @@ class Failover:
                 late = await redis.getdel(f"{prefix}:handover:{self.me}:{client_id}")
                 if late is not None:
                     self.stats["handovers"] += 1
-                    return None if clean_start else decode_snapshot(late, self.core.clock)
+                    return await self._answer(redis, late, client_id, clean_start, 0)
         if holder is None or holder == self.me:
             self._unresolved.pop(client_id, None)
             return None
@@ -418,7 +445,7 @@ class Failover:
         return settings.presence_ttl + 2 * settings.backoff_max + 2 * settings.handover_timeout + 2
 
     async def _handover_from(
-        self, redis: RedisClient, holder: str, client_id: str, clean_start: bool
+        self, redis: RedisClient, holder: str, client_id: str, clean_start: bool, hops: int = 0
     ) -> SessionSnapshot | None:
         """Ask the live broker `holder` for the session; TimeoutError if it does not answer."""
         prefix = self.settings.prefix
@@ -446,9 +473,49 @@ class Failover:
             raise
         self.stats["handovers"] += 1
         data = await redis.getdel(f"{prefix}:handover:{self.me}:{client_id}")
+        return await self._answer(redis, data, client_id, clean_start, hops)
+
+    async def _answer(
+        self,
+        redis: RedisClient,
+        data: bytes | None,
+        client_id: str,
+        clean_start: bool,
+        hops: int,
+    ) -> SessionSnapshot | None:
+        """What a hand-over brought: the session, nothing, or where the session is."""
+        if data is not None and data.startswith(REDIRECT):
+            return await self._follow(redis, data[1:].decode(), client_id, clean_start, hops + 1)
         if data is None or clean_start:
             return None
         return decode_snapshot(data, self.core.clock)
+
+    async def _follow(
+        self, redis: RedisClient, holder: str, client_id: str, clean_start: bool, hops: int
+    ) -> SessionSnapshot | None:
+        """The session is at `holder` (a dead broker's adopter, or where a hand-over pointed):
+        take it from there, unless a later CONNECT elsewhere superseded ours meanwhile. That
+        one asks us (the registry named us when it came): we tell it where the session is,
+        rather than compete with it for the session (each waiting for the other)."""
+        if holder == self.me:
+            return None  # it is here already
+        if not await self._current(redis, client_id):
+            self._redirects[client_id] = holder
+            if len(self._redirects) > 100_000:
+                self._redirects.clear()
+            return None
+        if hops > MAX_REDIRECTS:
+            log.warning("session %r: too many redirects, last to %s", client_id, holder)
+            return None
+        try:
+            return await self._handover_from(redis, holder, client_id, clean_start, hops)
+        except TimeoutError:
+            return await self._late_handover(redis, holder, client_id, clean_start, hops)
+
+    async def _current(self, redis: RedisClient, client_id: str) -> bool:
+        """Whether the registry still names us for `client_id` (our CONNECT is the latest)."""
+        raw = await redis.get(f"{self.settings.prefix}:client:{client_id}")
+        return raw is not None and raw.decode() == self.me
 
     async def _after_adoption(
         self, redis: RedisClient, holder: str, client_id: str, clean_start: bool
@@ -476,25 +543,21 @@ class Failover:
                 late = await redis.getdel(late_key)
                 if late is not None:
                     self.stats["handovers"] += 1
-                    return None if clean_start else decode_snapshot(late, self.core.clock)
+                    return await self._answer(redis, late, client_id, clean_start, 0)
         if adopter is None:
             # (A `handed` lost while the control channel reconnected: its snapshot is there.)
             late = await redis.getdel(late_key)
             if late is not None:
                 self.stats["handovers"] += 1
-                return None if clean_start else decode_snapshot(late, self.core.clock)
+                return await self._answer(redis, late, client_id, clean_start, 0)
             log.warning("sessions of %s not adopted; taking %r as stored", holder, client_id)
             return await self._take_stored(redis, holder, client_id, clean_start)
-        await redis.set(f"{prefix}:client:{client_id}", self.me, ex=self.settings.client_ttl)
-        if adopter == self.me:
-            return None  # adopted here: the session is local now
-        try:
-            return await self._handover_from(redis, adopter, client_id, clean_start)
-        except TimeoutError:
-            return await self._late_handover(redis, adopter, client_id, clean_start)
+        # (The registry is not set to us again here: a CONNECT elsewhere that came after ours
+        # named its broker, and the adoption left it alone, `_ADOPT_SCRIPT`.)
+        return await self._follow(redis, adopter, client_id, clean_start, 0)
 
     async def _late_handover(
-        self, redis: RedisClient, holder: str, client_id: str, clean_start: bool
+        self, redis: RedisClient, holder: str, client_id: str, clean_start: bool, hops: int
     ) -> SessionSnapshot | None:
         """A live holder did not answer in time (busy: thousands of hand-overs in a reconnect
         storm): its answer comes late, and its stored copy may be older than what it hands
@@ -506,7 +569,7 @@ class Failover:
         late = await redis.getdel(f"{self.settings.prefix}:handover:{self.me}:{client_id}")
         if late is not None:
             self.stats["handovers"] += 1
-            return None if clean_start else decode_snapshot(late, self.core.clock)
+            return await self._answer(redis, late, client_id, clean_start, hops)
         return await self._take_stored(redis, holder, client_id, clean_start)
 
     def _watch_adoption(self, redis: RedisClient, holder: str) -> asyncio.Future[str | None]:
@@ -587,6 +650,13 @@ class Failover:
         await self._until_adopted(client_id, self.adoption_wait())
         located = self._locating.get(client_id)
         if located is not None:
+            if await self._current(redis, client_id):
+                # Our CONNECT came after the requester's (it named us in the registry last):
+                # the requester's client moved on to us, and our CONNECT may be waiting for
+                # that very requester. Waiting for it would be a cycle; tell it the session
+                # comes here.
+                await self._hand(redis, requester, client_id, REDIRECT + self.me.encode())
+                return
             # A CONNECT here is still fetching the session (from a dead broker's adopter, say):
             # hand it over once it arrived, late if need be (the requester looks for a late
             # hand-over while it waits), never as "no session".
@@ -603,13 +673,24 @@ class Failover:
             # published here in between is lost.
             for record in snapshot.subscriptions:
                 core.remote_subscribe(requester, record.topic_filter)
-        pipe = redis.pipeline(transaction=False)
+                self.pin_route(requester, record.topic_filter)
+        redirect = self._redirects.pop(client_id, None)
         if snapshot is not None:
-            pipe.set(
-                f"{self.settings.prefix}:handover:{requester}:{client_id}",
-                encode_snapshot(snapshot, self.me, now),
-                ex=60,
-            )
+            data: bytes | None = encode_snapshot(snapshot, self.me, now)
+        elif redirect is not None:
+            # Our CONNECT was superseded before it fetched the session: it is still there.
+            data = REDIRECT + redirect.encode()
+        else:
+            data = None
+        await self._hand(redis, requester, client_id, data)
+
+    async def _hand(
+        self, redis: RedisClient, requester: str, client_id: str, data: bytes | None
+    ) -> None:
+        """Answer a hand-over: what it brings (if anything), then `handed`."""
+        pipe = redis.pipeline(transaction=False)
+        if data is not None:
+            pipe.set(f"{self.settings.prefix}:handover:{requester}:{client_id}", data, ex=60)
         pipe.publish(
             self.k_control,
             self.control_message(f"handed\x00{self.me}\x00{requester}\x00{client_id}"),
@@ -668,6 +749,44 @@ class Failover:
                     waiting.append((goal, reached))
             self._inbox_waiters = waiting
             await asyncio.sleep(0.005)
+
+    def pin_route(self, broker: str, full_filter: str) -> None:
+        """Keep routing `full_filter` to `broker` until its own `add` of it comes (or for
+        PIN_SECONDS): a `del` it announced before it took the session (it had the filter from
+        an earlier session, say) may arrive after we routed to it, and must not undo that."""
+        loop = self.loop
+        if loop is None:
+            return
+        until = loop.time() + PIN_SECONDS
+        key = (broker, full_filter)
+        pin = self._pinned.get(key)
+        if pin is None:
+            self._pinned[key] = [until, False]
+        else:
+            pin[0] = until
+        loop.call_at(until, self._unpin, key)
+
+    def route_removed(self, broker: str, full_filter: str) -> bool:
+        """Control `del` from `broker`: True if it is held back (the route is pinned)."""
+        pin = self._pinned.get((broker, full_filter))
+        if pin is None:
+            return False
+        pin[1] = True
+        return True
+
+    def route_added(self, broker: str, full_filter: str) -> None:
+        """Control `add` from `broker`: its table says so itself now, the pin is done."""
+        if self._pinned:
+            self._pinned.pop((broker, full_filter), None)
+
+    def _unpin(self, key: tuple[str, str]) -> None:
+        pin = self._pinned.get(key)
+        if pin is None or self.loop is None or self.loop.time() < float(pin[0]):
+            return  # done, or pinned again since
+        del self._pinned[key]
+        if pin[1]:
+            # No `add` came after the `del` we held back: it stands.
+            self.core.remote_unsubscribe(*key)
 
     def control_message(self, text: str) -> str | bytes:
         """A message for the control channel, tagged when a cluster key is set (keys.py)."""
@@ -749,8 +868,19 @@ class Failover:
                 *results, checkpoints = await pipe.execute()
                 if cluster:
                     taken = [c for c, data in zip(batch, results, strict=True) if data]
-                    keys = [f"{prefix}:client:{client_id}" for client_id in taken]
-                    await name_holder(redis, keys, self.me, self.settings.client_ttl)
+                    if taken:
+                        # Only where the registry still names the gone broker (_ADOPT_SCRIPT).
+                        named = redis.pipeline(transaction=False)
+                        for client_id in taken:
+                            named.eval(
+                                _NAME_ADOPTER_SCRIPT,
+                                1,
+                                f"{prefix}:client:{client_id}",
+                                peer,
+                                self.me,
+                                self.settings.client_ttl,
+                            )
+                        await named.execute()
                 for client_id, data, checkpoint in zip(batch, results, checkpoints, strict=True):
                     if data is None or core.has_session(client_id):
                         continue

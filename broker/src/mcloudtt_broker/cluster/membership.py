@@ -328,8 +328,11 @@ class Membership:
         if op == "add":
             self.live_peers.add(peer)
             self.core.remote_subscribe(peer, argument)
+            self.failover.route_added(peer, argument)
         elif op == "del":
-            self.core.remote_unsubscribe(peer, argument)
+            # Not while we route it to that broker for a session we just handed it.
+            if not self.failover.route_removed(peer, argument):
+                self.core.remote_unsubscribe(peer, argument)
         elif op == "reset":
             self.live_peers.add(peer)
             await self.load_peer_table(redis, peer)

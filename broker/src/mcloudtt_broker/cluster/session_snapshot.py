@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ..core.message import Message
+from ..core.message import Message, Redelivery
 from ..core.session import InflightRecord, SessionSnapshot, SubscriptionRecord
 from ..mqtt.properties import EMPTY_PROPERTIES
 from .envelope import Envelope, EnvelopeError, decode_envelope, encode_envelope
@@ -36,7 +36,8 @@ def _pack(message: Message, origin: str, now: float) -> str:
     raw = encode_envelope(
         Envelope(
             origin=origin,
-            sequence=0,
+            # (Unused in a snapshot otherwise.) 1: a possible re-delivery, DUP 1 when sent.
+            sequence=1 if message.redelivered else 0,
             received_at_us=time.time_ns() // 1000,
             client_id=message.origin,
             topic=message.topic,
@@ -55,7 +56,7 @@ def _unpack(text: str, now: float) -> Message:
     expires_at = None
     if props is not EMPTY_PROPERTIES and props.message_expiry_interval is not None:
         expires_at = now + props.message_expiry_interval
-    return Message(
+    return (Redelivery if envelope.sequence == 1 else Message)(
         envelope.topic,
         envelope.payload,
         envelope.qos,

@@ -127,7 +127,7 @@ async def probe(
 
 
 # Cluster mode's half of failover.py's adoption script (KEYS stored hash; ARGV ClientId): the
-# ClientId's key lives in another slot, so it is set after (`name_holder`).
+# ClientId's key lives in another slot, so it is named after (failover's _NAME_ADOPTER_SCRIPT).
 TAKE_STORED_SCRIPT = """
 local data = redis.call('HGET', KEYS[1], ARGV[1])
 redis.call('HDEL', KEYS[1], ARGV[1])
@@ -168,14 +168,6 @@ class _BusPipeline(ClusterPipeline):
 def is_cluster(redis: Any) -> bool:
     """Whether this redis-py client is the cluster client (multi-key steps split by slot)."""
     return isinstance(redis, RedisCluster)
-
-
-async def name_holder(redis: Any, keys: Sequence[str], holder: str, ttl: int) -> None:
-    if keys:
-        pipe = redis.pipeline(transaction=False)
-        for key in keys:
-            pipe.set(key, holder, ex=ttl)
-        await pipe.execute()
 
 
 def command_key(args: Sequence[bytes]) -> bytes:

@@ -22,9 +22,12 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol, cast
 
 from ..mqtt.reason_codes import ReasonCode
+
+if TYPE_CHECKING:
+    from .scram import Lookup, ScramSource
 
 
 class Outcome(enum.IntEnum):
@@ -98,6 +101,8 @@ AUTH_LABELS = (
     "not_authorized",
     "bad_authentication_method",
     "server_unavailable",
+    "reauth_success",  # MQTT 5.0 re-authentication (AUTH 0x19), SCRAM-SHA-256
+    "reauth_failure",
 )
 
 
@@ -112,6 +117,37 @@ class AuthChain:
         self.allow_anonymous = (
             not self.authenticators if allow_anonymous is None else allow_anonymous
         )
+
+    @property
+    def scram(self) -> bool:
+        """SCRAM-SHA-256 is offered: some link of the chain holds SCRAM credentials."""
+        return any(hasattr(link, "scram_credential") for link in self.authenticators)
+
+    def scram_lookup(
+        self, username: str, done: Callable[[Lookup], None], start: int = 0
+    ) -> Lookup | None:
+        """The user's SCRAM credential from the first link that knows the user, in chain
+        order; now, or None and `done(lookup)` later (exactly once)."""
+        links = self.authenticators
+        for index in range(start, len(links)):
+            if not hasattr(links[index], "scram_credential"):
+                continue
+            source = cast("ScramSource", links[index])
+
+            def later(lookup: Lookup, index: int = index) -> None:
+                if lookup[0] == Outcome.IGNORE:
+                    lookup_next = self.scram_lookup(username, done, index + 1)
+                    if lookup_next is None:
+                        return
+                    lookup = lookup_next
+                done(lookup)
+
+            lookup = source.scram_credential(username, later)
+            if lookup is None:
+                return None
+            if lookup[0] != Outcome.IGNORE:
+                return lookup
+        return Outcome.IGNORE, None, None
 
     @property
     def open(self) -> bool:

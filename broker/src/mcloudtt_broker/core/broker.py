@@ -16,7 +16,7 @@ from .. import __version__
 from ..mqtt.properties import Properties
 from ..mqtt.reason_codes import ReasonCode
 from ..mqtt.topics import split_shared
-from .auth import READ, AuthChain, Authorizer
+from .auth import READ, WRITE, AuthChain, Authorizer
 from .connection import CONNECTED, CONNECTING, Link, ServerConnection
 from .message import Message
 from .ports import ClusterBus, LocalBus
@@ -31,6 +31,8 @@ from .session import (
 )
 from .stats import Stats
 from .trie import SharedGroup, Subscription, SubscriptionTrie
+
+READ_DENY = (READ, "deny")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -426,7 +428,8 @@ class Broker:
         per_session, _ = self.trie.match(message.topic)
         chosen = [(session, subs) for session, subs in per_session if session.client_id in wanted]
         if chosen:
-            self._deliver_plain(message, chosen)
+            # The dead broker may have sent it before it died: DUP 1 (MQTT-3.3.1-1).
+            self._deliver_plain(message.redelivery(), chosen)
 
     def remote_route(self, message: Message) -> tuple[Sequence[str], dict[str, list[str]]]:
         """Where a publish accepted before the cluster table was known goes now: the remote
@@ -506,14 +509,19 @@ class Broker:
     # ------------------------------------------------------------ publish and routing
 
     def may(self, session: Session, action: str, topic: str) -> bool:
-        """The authorizer's answer for this session, cached per (action, topic); counted."""
+        """The authorizer's answer for this session, cached per action and topic; counted."""
         if action == READ:
             allowed = session.acl_read.get(topic)
             if allowed is None:
                 allowed = self._read_decision(session, topic)
-            self.stats.acl[READ, "allow" if allowed else "deny"] += 1
+            if allowed:
+                self.stats.read_allowed += 1
+            else:
+                self.stats.acl_other[READ_DENY] += 1
             return allowed
-        key = (action, topic)
+        # Write decisions are keyed by the topic alone (the hot one, looked up inline on
+        # PUBLISH), subscribe decisions by (action, filter).
+        key: tuple[str, str] | str = topic if action == WRITE else (action, topic)
         cache = session.acl_cache
         allowed = cache.get(key)
         if allowed is None:
@@ -524,7 +532,10 @@ class Broker:
             if len(cache) >= ACL_CACHE_SIZE:
                 cache.clear()
             cache[key] = allowed
-        self.stats.acl[action, "allow" if allowed else "deny"] += 1
+        if allowed and action == WRITE:
+            self.stats.write_allowed += 1
+        else:
+            self.stats.acl_other[action, "allow" if allowed else "deny"] += 1
         return allowed
 
     def _read_decision(self, session: Session, topic: str) -> bool:
@@ -667,11 +678,10 @@ class Broker:
                 identifiers = tuple(s.identifier for s in live if s.identifier)
             session.deliver(message, qos, retain, identifiers)
         if acl:
-            counts = self.stats.acl
+            stats = self.stats
             if denied:
-                counts[READ, "deny"] += denied
-            if len(per_session) > denied:
-                counts[READ, "allow"] += len(per_session) - denied
+                stats.acl_other[READ_DENY] += denied
+            stats.read_allowed += len(per_session) - denied
 
     def _deliver_one(self, message: Message, member: Subscription[Session]) -> None:
         if self.authorizer is not None and not self.may(member.session, READ, message.topic):

@@ -15,6 +15,11 @@ up) or DISCONNECT (5.0) carrying the reason code, then the connection closes (MQ
 Versions: MQTT 3.1 (`MQIsdp`, level 3) is handled as 3.1.1 except for its client identifier
 rule (1 to 23 characters), its CONNACK (no session-present flag) and its SUBACK (no failure
 code). Everything written to a 5.0 client respects its Maximum Packet Size (MQTT-3.1.2-24).
+
+Enhanced authentication (5.0 section 4.12, SCRAM-SHA-256 only, `core.scram`): a CONNECT with an
+Authentication Method keeps the connection CONNECTING while AUTH packets go back and forth
+(`scram` holds the exchange); its success goes on as a password's would (`_admit`). A connected
+client re-authenticates with AUTH 0x19 while its traffic goes on; a failure ends the connection.
 """
 
 from __future__ import annotations
@@ -55,14 +60,18 @@ from ..mqtt.primitives import encode_varint, varint_size
 from ..mqtt.properties import EMPTY_PROPERTIES, Properties
 from ..mqtt.reason_codes import ReasonCode, connack_code_311
 from ..mqtt.topics import is_valid_topic_filter, split_shared
-from .auth import BAD_METHOD, SUBSCRIBE, WRITE, Authorizer, Credentials, Decision
+from .auth import BAD_METHOD, SUBSCRIBE, WRITE, Authorizer, Credentials, Decision, Outcome
 from .limits import new_throttle
 from .message import Message
+from .scram import METHOD as SCRAM_METHOD
+from .scram import Lookup, ScramError, ScramExchange
 from .session import AWAITING_COMP, NEVER_EXPIRES, Session, SessionSnapshot
 from .trie import Subscription
 
 if TYPE_CHECKING:
     from .broker import Broker
+
+WRITE_DENY = (WRITE, "deny")
 
 # LOCATING: CONNECT accepted, waiting for the cluster to hand over the session (no packet is
 # processed meanwhile; they wait in the decoder). Below CLOSED means "still reading".
@@ -89,6 +98,8 @@ class ServerConnection:
         "alias_in",
         "alias_out",
         "alias_out_max",
+        "auth_method",
+        "auth_reply",
         "broker",
         "client_id",
         "congested",
@@ -103,6 +114,7 @@ class ServerConnection:
         "problem_info",
         "refusal",
         "rights",
+        "scram",
         "send_quota",
         "session",
         "state",
@@ -125,6 +137,11 @@ class ServerConnection:
         self.client_id = ""
         self.username: str | None = None
         self.rights: Authorizer | None = None
+        # Enhanced authentication: the CONNECT's method, the exchange under way, and the
+        # server-final message for the CONNACK.
+        self.auth_method: str | None = None
+        self.scram: ScramExchange | None = None
+        self.auth_reply: bytes | None = None
         self.session: Session | None = None
         self.created_at = now
         self.last_received = now
@@ -192,6 +209,15 @@ class ServerConnection:
             self._protocol_error(error)
 
     def _dispatch(self, packet: Packet, now: float) -> None:
+        if self.state == CONNECTING and self.connect_args is not None:
+            # Between a CONNECT with an Authentication Method and its CONNACK only AUTH and
+            # DISCONNECT may come (MQTT-3.1.2-30 / 5.0 section 4.12).
+            if not isinstance(packet, Auth | Disconnect):
+                raise ProtocolError(f"{type(packet).__name__} during enhanced authentication")
+            if isinstance(packet, Disconnect):
+                self.will_on_close = False
+                self._end()
+                return
         if isinstance(packet, PubAck):
             self._on_puback(packet.packet_id, now)
         elif isinstance(packet, PubRec):
@@ -211,8 +237,7 @@ class ServerConnection:
         elif isinstance(packet, Disconnect):
             self._on_disconnect(packet)
         elif isinstance(packet, Auth):
-            # Enhanced authentication is not offered, so AUTH is never expected (MQTT-4.12.0-7).
-            raise ProtocolError("AUTH without an authentication method")
+            self._on_auth(packet, now)
         else:
             raise ProtocolError(f"a client must not send {type(packet).__name__}")
 
@@ -355,8 +380,13 @@ class ServerConnection:
         self.version = version = packet.protocol_level
         props = packet.properties
         v5 = version == MQTT_5
-        if props.authentication_method is not None:
-            # Enhanced authentication (MQTT 5.0 section 4.12) is not offered.
+        method = props.authentication_method
+        if method is None and props.authentication_data is not None:
+            # MQTT 5.0 section 3.1.2.11.10: Authentication Data without a method.
+            raise ProtocolError("authentication data without an authentication method")
+        if method is not None and (method != SCRAM_METHOD or not broker.auth.scram):
+            # Enhanced authentication: only SCRAM-SHA-256, and only with a credential store in
+            # the chain; else 0x8C Bad authentication method (MQTT-4.12.0-1).
             broker.stats.auth[BAD_METHOD.label] += 1
             self._refuse(ReasonCode.BAD_AUTHENTICATION_METHOD)
             return
@@ -399,6 +429,10 @@ class ServerConnection:
             self.will_delay = will.properties.will_delay_interval or 0
         self.client_id = client_id
         self.connect_args = (packet, assigned, will_message)
+        if method is not None:
+            self.auth_method = method
+            self._scram_begin(props.authentication_data, reauth=False)
+            return
         # The chain may answer later (a lookup in Redis), the cluster may have to hand the
         # session over: meanwhile nothing else is processed (packets wait in the decoder).
         self.state = LOCATING
@@ -444,7 +478,7 @@ class ServerConnection:
             and not authorizer.allowed(self.client_id, self.username, WRITE, will_message.topic)
         ):
             # A will the client could not publish itself is refused with the CONNECT.
-            broker.stats.acl[WRITE, "deny"] += 1
+            broker.stats.acl_other[WRITE_DENY] += 1
             self.connect_args = None
             self._refuse(ReasonCode.NOT_AUTHORIZED)
             return
@@ -544,12 +578,131 @@ class ServerConnection:
         }
         if assigned is not None:
             values["assigned_client_identifier"] = assigned
+        if self.auth_method is not None:
+            # MQTT-4.12.0-5: the method of the CONNECT; the data is the server-final message,
+            # which proves to the client that the server knows its credential.
+            values["authentication_method"] = self.auth_method
+            values["authentication_data"] = self.auth_reply
         if server_keep_alive is not None:
             values["server_keep_alive"] = server_keep_alive
         if expiry != requested_expiry:
             # The server tells the value it uses instead of the client's (5.0 section 3.2.2.3.2).
             values["session_expiry_interval"] = expiry
         return keep_alive, expiry, Properties(**values)  # type: ignore[arg-type]
+
+    # ---------------------------------------------------------------- AUTH (5.0 section 4.12)
+
+    def _on_auth(self, packet: Auth, now: float) -> None:
+        props = packet.properties
+        if self.auth_method is None:
+            # No Authentication Method in the CONNECT: no AUTH may follow (MQTT-4.12.0-7).
+            raise ProtocolError("AUTH without an authentication method")
+        if props.authentication_method != self.auth_method:
+            # MQTT-4.12.0-5, re-authentication MQTT-4.12.1-1: the method of the CONNECT.
+            raise ProtocolError("AUTH with another authentication method")
+        code = packet.reason_code
+        exchange = self.scram
+        if code == ReasonCode.RE_AUTHENTICATE:
+            if self.state != CONNECTED or exchange is not None:
+                # Only after CONNACK and not while one is under way (MQTT-4.12.1-1).
+                raise ProtocolError("re-authentication out of turn")
+            self._scram_begin(props.authentication_data, reauth=True)
+            return
+        if code != ReasonCode.CONTINUE_AUTHENTICATION or exchange is None:
+            raise ProtocolError("unexpected AUTH")
+        try:
+            reply = exchange.server_final(props.authentication_data)
+        except ScramError as error:
+            self._scram_failed(exchange, str(error))
+            return
+        self.scram = None
+        if exchange.reauth:
+            self.broker.stats.auth["reauth_success"] += 1
+            if exchange.rights is not self.rights and self.session is not None:
+                # Fresh rights from the store (a Redis user's): earlier decisions are stale.
+                self.rights = self.session.rights = exchange.rights
+                self.session.acl_cache.clear()
+                self.session.acl_read.clear()
+            self.send_packet(
+                Auth(
+                    reason_code=ReasonCode.SUCCESS,
+                    properties=Properties(
+                        authentication_method=self.auth_method, authentication_data=reply
+                    ),
+                )
+            )
+            return
+        self.auth_reply = reply
+        self.state = LOCATING
+        self._admit(
+            Decision(True, ReasonCode.SUCCESS, "success", exchange.username, exchange.rights), now
+        )
+
+    def _scram_begin(self, client_first: bytes | None, *, reauth: bool) -> None:
+        try:
+            exchange = ScramExchange(client_first, reauth=reauth)
+        except ScramError as error:
+            raise ProtocolError(f"SCRAM: {error}") from None
+        if reauth and exchange.username != self.username:
+            # A session keeps the identity it was authorised with: another user is a failure.
+            self._scram_failed(exchange, "another user")
+            return
+        self.scram = exchange
+        found = self.broker.auth.scram_lookup(
+            exchange.username, lambda lookup: self._scram_found(exchange, lookup)
+        )
+        if found is not None:
+            self._scram_found(exchange, found)
+
+    def _scram_found(self, exchange: ScramExchange, lookup: Lookup) -> None:
+        """The store's answer (maybe later): send the server-first message."""
+        if self.scram is not exchange or self.state == CLOSED:
+            return  # the connection closed meanwhile
+        outcome, credential, rights = lookup
+        if outcome == Outcome.UNAVAILABLE:
+            self._scram_failed(exchange, "credential store unavailable", unavailable=True)
+            return
+        exchange.rights = rights
+        try:
+            first = exchange.server_first(credential if outcome == Outcome.ALLOW else None)
+        except ScramError as error:
+            self._scram_failed(exchange, str(error))
+            return
+        self.send_packet(
+            Auth(
+                reason_code=ReasonCode.CONTINUE_AUTHENTICATION,
+                properties=Properties(
+                    authentication_method=self.auth_method, authentication_data=first
+                ),
+            )
+        )
+
+    def _scram_failed(
+        self, exchange: ScramExchange, why: str, *, unavailable: bool = False
+    ) -> None:
+        self.scram = None
+        stats = self.broker.stats
+        log.info(
+            "SCRAM %s failed: client %r, user %r: %s",
+            "re-authentication" if exchange.reauth else "authentication",
+            self.client_id,
+            exchange.username,
+            why,
+        )
+        if exchange.reauth:
+            # MQTT-4.12.1-2: DISCONNECT with a reason code, then close (0x87: 0x86 is not a
+            # DISCONNECT reason code).
+            stats.auth["reauth_failure"] += 1
+            reason = ReasonCode.UNSPECIFIED_ERROR if unavailable else ReasonCode.NOT_AUTHORIZED
+            self.disconnect(reason, publish_will=True)
+            return
+        # MQTT-4.12.0-4: refused with a CONNACK of 0x80 or above, then closed.
+        label = "server_unavailable" if unavailable else "bad_username_or_password"
+        stats.auth[label] += 1
+        self.connect_args = None
+        self._refuse(
+            ReasonCode.SERVER_UNAVAILABLE if unavailable else ReasonCode.BAD_USER_NAME_OR_PASSWORD
+        )
 
     def _refuse(self, reason: ReasonCode) -> None:
         """Answer a CONNECT with an error CONNACK and close (MQTT-3.2.2-6: no session present)."""
@@ -622,11 +775,21 @@ class ServerConnection:
                 )  # MQTT-3.3.4-9
         broker.stats.messages_received[qos] += 1
         allowed = topic[0] != "$" or broker.authorize_publish(self.client_id, topic)
-        if allowed and broker.authorizer is not None and not broker.may(session, WRITE, topic):
-            allowed = False
-            if broker.settings.acl_deny_action == "disconnect":
-                self.disconnect(ReasonCode.NOT_AUTHORIZED, publish_will=True)
-                return
+        if allowed and broker.authorizer is not None:
+            # Inline cache lookup: one dict get per publish once the topic was decided.
+            allowed_here = session.acl_cache.get(topic)
+            if allowed_here is None:
+                allowed_here = broker.may(session, WRITE, topic)
+            else:
+                if allowed_here:
+                    broker.stats.write_allowed += 1
+                else:
+                    broker.stats.acl_other[WRITE_DENY] += 1
+            if not allowed_here:
+                allowed = False
+                if broker.settings.acl_deny_action == "disconnect":
+                    self.disconnect(ReasonCode.NOT_AUTHORIZED, publish_will=True)
+                    return
         if allowed:
             broker.publish(
                 Message(

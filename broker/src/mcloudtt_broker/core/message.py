@@ -26,6 +26,9 @@ class Message:
         "topic",
         "topic_wire",
     )
+    # A copy that may have reached its subscriber already (a dead broker's inbox replayed to
+    # the sessions taken from it): sent with DUP 1 (MQTT-3.3.1-1), see `Redelivery`.
+    redelivered = False
 
     def __init__(
         self,
@@ -62,6 +65,18 @@ class Message:
     def __repr__(self) -> str:
         return f"Message({self.topic!r}, {len(self.payload)} bytes, qos={self.qos}, retain={self.retain})"
 
+    def redelivery(self) -> Message:
+        """This message as a possible re-delivery (`redelivered`, so its PUBLISH has DUP 1)."""
+        return Redelivery(
+            self.topic,
+            self.payload,
+            self.qos,
+            self.retain,
+            self.properties,
+            expires_at=self.expires_at,
+            origin=self.origin,
+        )
+
     def expired(self, now: float) -> bool:
         return self.expires_at is not None and now >= self.expires_at
 
@@ -79,3 +94,11 @@ class Message:
             encode_properties(self.properties, out)
             wire = self._properties_wire = bytes(out)
         return wire
+
+
+class Redelivery(Message):
+    """A message the broker that died may have sent already: the adopter cannot know, so it
+    says "this might be a re-delivery" (DUP 1); a client that saw it tells it by that flag."""
+
+    __slots__ = ()
+    redelivered = True

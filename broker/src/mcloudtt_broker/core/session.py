@@ -94,7 +94,8 @@ class Session:
         # The identity the ACL sees (set at each CONNECT) and its decisions: (action, topic) ->
         # allowed; only used when an authorizer is configured, dropped when the rules reload.
         self.username: str | None = None
-        self.acl_cache: dict[tuple[str, str], bool] = {}
+        # Write decisions by topic, subscribe decisions by ("subscribe", filter).
+        self.acl_cache: dict[tuple[str, str] | str, bool] = {}
         self.acl_read: dict[str, bool] = {}  # delivery decisions by topic (the hot one)
         self.rights: Authorizer | None = None  # the client's own rules (JWT claims)
 
@@ -171,7 +172,7 @@ class Session:
         identifiers: tuple[int, ...],
     ) -> None:
         pid = self.allocate_packet_id()
-        if conn.write_publish(message, qos, retain, pid, False, identifiers):
+        if conn.write_publish(message, qos, retain, pid, message.redelivered, identifiers):
             inflight = self.inflight
             if inflight is _NO_INFLIGHT:
                 inflight = self.inflight = {}

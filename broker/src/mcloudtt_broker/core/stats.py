@@ -7,7 +7,7 @@ from collections import Counter
 
 class Stats:
     __slots__ = (
-        "acl",
+        "acl_other",
         "auth",
         "bytes_received",
         "bytes_sent",
@@ -18,7 +18,9 @@ class Stats:
         "messages_sent",
         "oversized_closes",
         "protocol_errors",
+        "read_allowed",
         "started_at",
+        "write_allowed",
         "wrong_acks",
     )
 
@@ -41,6 +43,18 @@ class Stats:
         # publish_rate and bandwidth (reading paused), subscriptions, topic_length, topic_levels.
         self.limited: Counter[str] = Counter()
         # CONNECT decisions by label (success, anonymous, bad_username_or_password,
-        # not_authorized, bad_authentication_method), and ACL decisions by (action, result).
+        # not_authorized, bad_authentication_method), and ACL decisions by (action, result):
+        # the two counted per message as plain integers (a Counter update would cost more
+        # than the cached decision itself), the others in `acl_other`.
         self.auth: Counter[str] = Counter()
-        self.acl: Counter[tuple[str, str]] = Counter()
+        self.read_allowed = 0
+        self.write_allowed = 0
+        self.acl_other: Counter[tuple[str, str]] = Counter()
+
+    @property
+    def acl(self) -> Counter[tuple[str, str]]:
+        """Every ACL decision by (action, result); a copy, to read (count into the fields)."""
+        merged = Counter(self.acl_other)
+        merged["read", "allow"] += self.read_allowed
+        merged["write", "allow"] += self.write_allowed
+        return merged
