@@ -100,8 +100,12 @@ SESSION_CONNECTIONS = 16
 ADOPTED_POLL = 0.05
 
 
+class LookupOverdue(Exception):
+    """A session look-up did not finish in its time (the cluster is busy): CONNACK 0x88."""
+
+
 async def _within(work: Awaitable[T], timeout: float) -> T:
-    """`work`'s result, or TimeoutError after `timeout` seconds, then at once: the work is
+    """`work`'s result, or LookupOverdue after `timeout` seconds, then at once: the work is
     cancelled but not waited for (asyncio.wait_for waits for the cancelled work to finish, and
     a CONNECT must get its CONNACK on time whatever the work is stuck in)."""
     task = asyncio.ensure_future(work)
@@ -109,12 +113,12 @@ async def _within(work: Awaitable[T], timeout: float) -> T:
     if not done:
         task.cancel()
         task.add_done_callback(_retrieve)
-        raise TimeoutError
+        raise LookupOverdue(f"not done in {timeout:g} s")
     try:
         return task.result()
     except asyncio.CancelledError:
         # The work was cancelled from inside (not us): a failed look-up, not our end.
-        raise LinkError("session look-up cancelled") from None
+        raise LookupOverdue("cancelled") from None
 
 
 def _retrieve(task: asyncio.Future[Any]) -> None:
@@ -375,12 +379,19 @@ class Failover:
                     self._take_over(client_id, clean_start),
                     2 * self.settings.handover_timeout + self.adoption_wait(),
                 )
-        except LinkError as error:
-            # Redis failed or is overloaded: not a fresh session in place of the one elsewhere
-            # (its messages would be lost), a CONNACK that sends the client to retry.
+        except LookupOverdue as error:
+            # The cluster is too busy to find it in time: not a fresh session in place of the
+            # one elsewhere (its messages would be lost), a CONNACK that sends the client to
+            # retry (0x88 Server unavailable; 3.1.1: 3).
             log.warning("session %r not taken over from the cluster: %s", client_id, error)
             self.stats["handover_failures"] += 1
             snapshot = ReasonCode.SERVER_UNAVAILABLE
+        except LinkError as error:
+            # Redis went away meanwhile: served here, as while Redis is away (the retry
+            # pattern); the registry learns it on reconnect.
+            log.warning("session %r not taken over from the cluster: %s", client_id, error)
+            self.stats["handover_failures"] += 1
+            self._unregistered.add(client_id)
         except SnapshotError as error:
             log.warning("session %r not taken over from the cluster: %s", client_id, error)
             self.stats["handover_failures"] += 1

@@ -20,7 +20,7 @@ from .message import Message
 from .session import SessionSnapshot
 
 # Called once with the session found elsewhere (None: none, or a clean start) to finish CONNECT;
-# with a reason code when it could not be looked for (the cluster is busy or Redis failed): the
+# with a reason code when it could not be looked for in time (the cluster is busy): the
 # CONNECT is refused with it, and the session stays where it is for the client's next try.
 Resume = Callable[[SessionSnapshot | ReasonCode | None], None]
 
