@@ -140,3 +140,29 @@ def test_the_cluster_table_counts_remote_filters() -> None:
     assert sorted(bus.forwarded[-1][1]) == ["b", "c"]
     broker.remote_forget("b")
     assert broker.remote_filter_count() == 1
+
+
+def test_a_shared_message_for_a_group_whose_member_left_goes_to_a_member_elsewhere() -> None:
+    """Issue 11 (rolling-restart): the origin chose us for a group whose member was handed to
+    another broker meanwhile; the message goes on to a member broker in our table (the origin
+    included), instead of to nobody."""
+    broker, bus, _ = make()
+    key = "$share/g/a/#"
+    broker.remote_subscribe("b-origin", key)  # the member now sits on the origin
+    message = Message("a/1", b"x", 1, False)
+    orphaned = broker.deliver_remote(message, plain=False, groups=[key])
+    assert list(orphaned) == [key]
+    broker.replay_shared(message, orphaned, "")
+    assert bus.forwarded == [("a/1", (), {"b-origin": [key]})]
+    # With a member here it is delivered here, and nothing is passed on.
+    broker.adopt_session(
+        SessionSnapshot(
+            client_id="m",
+            expiry_interval=30,
+            subscriptions=(SubscriptionRecord(topic_filter=key, qos=1),),
+        ),
+        1000.0,
+    )
+    assert not broker.deliver_remote(message, plain=False, groups=[key])
+    assert broker.stored_session("m") is not None
+    assert len(broker.stored_session("m").queue) == 1  # type: ignore[union-attr]

@@ -15,6 +15,12 @@
   session's marks until every origin's marker is read (`replay.py`), then resumes its inbox and
   sets `{prefix}:adopted:{id}`. A CONNECT whose holder does not answer waits for that adoption
   and then takes the session from the adopter: nothing routed to the dead broker is lost.
+* Wills: each broker also stores the wills due for its connections in `{prefix}:wills:{me}`
+  (with the sessions, only when one changes); whoever takes a dead broker's sessions (its
+  adopter, or its own restart under its id) publishes them once (MQTT-3.1.2-8: those
+  connections ended without DISCONNECT). A restart names itself in `adopted:{me}` only once
+  it listens on the control channel, and a CONNECT on an adopter waits until the session it
+  claimed is restored.
 * Marks: each stored session carries where it stood in its broker's inbox; online sessions
   seen idle are checkpointed in `{prefix}:marks:{me}` every SESSION_WRITE_DELAY, so that a
   replay does not repeat what their clients already acknowledged.
@@ -41,7 +47,14 @@ from .keys import cluster_keys
 from .link import GROUP, Link, LinkError, RedisClient, redis_errors, stream_id
 from .replay import Marks, Replay, origins_and_sequences
 from .resp import Commands
-from .session_snapshot import SnapshotError, decode_snapshot, encode_snapshot, snapshot_marks
+from .session_snapshot import (
+    SnapshotError,
+    decode_snapshot,
+    decode_will,
+    encode_snapshot,
+    encode_will,
+    snapshot_marks,
+)
 from .settings import ClusterSettings
 from .topology import TAKE_STORED_SCRIPT, is_cluster
 
@@ -166,6 +179,10 @@ class Failover:
         self.finish_adoption = finish_adoption  # stop routing to dead: our records for it
         self.replay_enabled = replay  # False only to show what is lost without it (tests)
         self.k_marks = f"{prefix}:marks:{{{self.me}}}"
+        # The wills due if we died now (client id -> will), published by whoever takes our
+        # sessions (an adopter, or our own restart under this id).
+        self.k_wills = f"{prefix}:wills:{{{self.me}}}"
+        self._wills_stored: dict[str, Message] = {}
         self._checkpointed: dict[str, tuple[int, int]] = {}
         self._checkpoint_position: tuple[int, int] = (0, 0)
         self._completed: set[str] = set()
@@ -180,6 +197,9 @@ class Failover:
         # CONNECT of one waits for it: the registry names us from the claim on).
         self._adopting: set[str] = set()
         self._adopting_changed = asyncio.Event()
+        # A restart under our id took stored sessions back: `adopted:{me}` is set once we
+        # listen on the control channel (a CONNECT elsewhere then asks us for them).
+        self._own_readopted = False
         # CONNECTs here still looking for their session: the registry names us already, so a
         # hand-over asked of us meanwhile waits for it (the client may have given up on us).
         self._locating: dict[str, asyncio.Event] = {}
@@ -244,8 +264,34 @@ class Failover:
             else:
                 commands.hdel(self.k_sessions, client_id)
                 commands.hdel(self.k_marks, client_id)
+            will = core.will_of(client_id)
+            if will is not None:
+                if self._wills_stored.get(client_id) is not will:
+                    self._wills_stored[client_id] = will
+                    commands.hset(self.k_wills, client_id, encode_will(will, self.me, now).encode())
+            elif self._wills_stored.pop(client_id, None) is not None:
+                commands.hdel(self.k_wills, client_id)
         self._dirty.clear()
         return commands
+
+    async def publish_wills(self, redis: RedisClient, broker: str) -> None:
+        """`broker` died (or this is its restart under its id): publish the wills it stored
+        for the connections it had, once (whoever takes the hash takes them all). Those
+        connections ended without a DISCONNECT: their wills are due (MQTT-3.1.2-8)."""
+        key = f"{self.settings.prefix}:wills:{{{broker}}}"
+        pipe = redis.pipeline(transaction=True)
+        pipe.hgetall(key)
+        pipe.delete(key)
+        stored, _ = await pipe.execute()
+        now = self.core.clock()
+        for client_id, data in stored.items():
+            try:
+                will = decode_will(data, now)
+            except SnapshotError as error:
+                log.warning("stored will of %r on %s dropped: %s", client_id, broker, error)
+                continue
+            self.core.publish(will)
+            self.stats["wills_published"] += 1
 
     def marks(self) -> dict[str, object]:
         return Marks(self.inbox_position(), dict(self.inbox_handled())).encode()
@@ -326,7 +372,8 @@ class Failover:
             raw.decode() if isinstance(raw, bytes) else raw
             for raw in await redis.hkeys(self.k_sessions)
         }
-        self._dirty |= stored | set(self.core.persistent_sessions())
+        self._dirty |= stored | set(self.core.persistent_sessions()) | set(self._wills_stored)
+        self._wills_stored.clear()  # stored again (the hash may be gone)
         self.write_sessions()
         # Sessions that connected while Redis was away: name us in the registry, or a CONNECT
         # elsewhere after our death would find no holder and start afresh.
@@ -830,22 +877,23 @@ class Failover:
                     )
                     if not locked:
                         return  # another survivor adopts it, or it is back
-                claimed: dict[str, tuple[SessionSnapshot, Marks]] = {}
+                claiming: set[str] = set()
                 try:
-                    claimed = await self._claim(redis, peer)
+                    claimed = await self._claim(redis, peer, claiming)
                     if peer == self.me:
                         await self._readopt_own(redis, claimed)
                     else:
                         await self._adopt_gone(redis, peer, claimed)
                 finally:
-                    self._settle_adopting(claimed)
+                    self._settle_adopting(claiming)
         except LinkError as error:
             log.warning("sessions of %s not taken over yet: %s", peer, error)
 
     async def _claim(
-        self, redis: RedisClient, peer: str
+        self, redis: RedisClient, peer: str, claiming: set[str]
     ) -> dict[str, tuple[SessionSnapshot, Marks]]:
-        """Claim what `peer` stored, each session with its marks (the freshest we have)."""
+        """Claim what `peer` stored, each session with its marks (the freshest we have). The
+        ids go into `claiming` and `_adopting` (the caller removes them once restored)."""
         core = self.core
         prefix = self.settings.prefix
         stored_key = f"{prefix}:sessions:{{{peer}}}"
@@ -856,62 +904,59 @@ class Failover:
             # One round trip claims a batch (each claim is atomic on its own).
             batch = waiting[first : first + ADOPT_BATCH]
             self._adopting.update(batch)
-            try:
-                pipe = redis.pipeline(transaction=False)
-                cluster = is_cluster(redis)
-                for client_id in batch:
-                    if cluster:
-                        # The ClientId's key is in another slot than the stored hash: take
-                        # the session here, then name us its holder (below).
-                        pipe.eval(TAKE_STORED_SCRIPT, 1, stored_key, client_id)
-                        continue
-                    pipe.eval(
-                        _ADOPT_SCRIPT,
-                        2,
-                        f"{prefix}:client:{client_id}",
-                        stored_key,
-                        peer,
-                        self.me,
-                        client_id,
-                        self.settings.client_ttl,
-                    )
-                pipe.hmget(f"{prefix}:marks:{{{peer}}}", batch)
-                *results, checkpoints = await pipe.execute()
+            claiming.update(batch)
+            pipe = redis.pipeline(transaction=False)
+            cluster = is_cluster(redis)
+            for client_id in batch:
                 if cluster:
-                    taken = [c for c, data in zip(batch, results, strict=True) if data]
-                    if taken:
-                        # Only where the registry still names the gone broker (_ADOPT_SCRIPT).
-                        named = redis.pipeline(transaction=False)
-                        for client_id in taken:
-                            named.eval(
-                                _NAME_ADOPTER_SCRIPT,
-                                1,
-                                f"{prefix}:client:{client_id}",
-                                peer,
-                                self.me,
-                                self.settings.client_ttl,
-                            )
-                        await named.execute()
-                for client_id, data, checkpoint in zip(batch, results, checkpoints, strict=True):
-                    if data is None or core.has_session(client_id):
-                        continue
-                    try:
-                        snapshot = decode_snapshot(data, core.clock)
-                    except SnapshotError as error:
-                        log.warning("stored session %r of %s dropped: %s", client_id, peer, error)
-                        self.stats["bad_sessions"] += 1
-                        continue
-                    marks = Marks.decode(snapshot_marks(data))
-                    if checkpoint is not None:
-                        fresher = Marks.decode(json.loads(checkpoint))
-                        if fresher.position > marks.position:
-                            # Seen idle after it was stored: nothing in it is unacknowledged.
-                            snapshot = dataclasses.replace(snapshot, inflight=(), queue=())
-                            marks = fresher
-                    claimed[client_id] = (snapshot, marks)
-            finally:
-                # What was claimed stays marked until it is restored (`adopt_sessions`).
-                self._settle_adopting(c for c in batch if c not in claimed)
+                    # The ClientId's key is in another slot than the stored hash: take
+                    # the session here, then name us its holder (below).
+                    pipe.eval(TAKE_STORED_SCRIPT, 1, stored_key, client_id)
+                    continue
+                pipe.eval(
+                    _ADOPT_SCRIPT,
+                    2,
+                    f"{prefix}:client:{client_id}",
+                    stored_key,
+                    peer,
+                    self.me,
+                    client_id,
+                    self.settings.client_ttl,
+                )
+            pipe.hmget(f"{prefix}:marks:{{{peer}}}", batch)
+            *results, checkpoints = await pipe.execute()
+            if cluster:
+                taken = [c for c, data in zip(batch, results, strict=True) if data]
+                if taken:
+                    # Only where the registry still names the gone broker (_ADOPT_SCRIPT).
+                    named = redis.pipeline(transaction=False)
+                    for client_id in taken:
+                        named.eval(
+                            _NAME_ADOPTER_SCRIPT,
+                            1,
+                            f"{prefix}:client:{client_id}",
+                            peer,
+                            self.me,
+                            self.settings.client_ttl,
+                        )
+                    await named.execute()
+            for client_id, data, checkpoint in zip(batch, results, checkpoints, strict=True):
+                if data is None or core.has_session(client_id):
+                    continue
+                try:
+                    snapshot = decode_snapshot(data, core.clock)
+                except SnapshotError as error:
+                    log.warning("stored session %r of %s dropped: %s", client_id, peer, error)
+                    self.stats["bad_sessions"] += 1
+                    continue
+                marks = Marks.decode(snapshot_marks(data))
+                if checkpoint is not None:
+                    fresher = Marks.decode(json.loads(checkpoint))
+                    if fresher.position > marks.position:
+                        # Seen idle after it was stored: nothing in it is unacknowledged.
+                        snapshot = dataclasses.replace(snapshot, inflight=(), queue=())
+                        marks = fresher
+                claimed[client_id] = (snapshot, marks)
         return claimed
 
     def _settle_adopting(self, client_ids: Iterable[str]) -> None:
@@ -929,6 +974,8 @@ class Failover:
     def _restore(self, claimed: dict[str, tuple[SessionSnapshot, Marks]]) -> None:
         core = self.core
         for snapshot, _ in claimed.values():
+            if core.has_session(snapshot.client_id):
+                continue  # a CONNECT here that could not wait made it afresh: it stays
             core.adopt_session(snapshot, core.clock())
             self.stats["sessions_adopted"] += 1
 
@@ -971,6 +1018,7 @@ class Failover:
         pipe.set(f"{prefix}:adopted:{{{peer}}}", self.me, ex=ADOPTER_LOCK_TTL)
         pipe.delete(f"{prefix}:marks:{{{peer}}}")
         await pipe.execute()
+        await self.publish_wills(redis, peer)
         log.info("adopted %d sessions of %s", len(claimed), peer)
 
     async def _read_dead_inbox(
@@ -1020,19 +1068,16 @@ class Failover:
         self, redis: RedisClient, claimed: dict[str, tuple[SessionSnapshot, Marks]]
     ) -> None:
         """A restart under our id: our stored sessions, and our inbox replayed to them past
-        their marks; the inbox reader then goes on after what was replayed."""
+        their marks; the inbox reader then goes on after what was replayed. The wills of
+        the connections our previous run had are due."""
         self._restore(claimed)
+        await self.publish_wills(redis, self.me)
         if not claimed:
             return
-        # A CONNECT elsewhere waiting for our sessions' adoption (we died and came back before
-        # anyone adopted them) takes them from us; not over an adoption by another broker, and
-        # not for longer than such a wait lasts (a later death of ours is adopted as usual).
-        await redis.set(
-            f"{self.settings.prefix}:adopted:{{{self.me}}}",
-            self.me,
-            nx=True,
-            ex=max(1, int(self.adoption_wait())),
-        )
+        # Announced in `listening`, once a hand-over asked of us reaches us (not before: a
+        # CONNECT elsewhere would ask, get no answer and take the stored copy of a session we
+        # hold, which then lives on two brokers).
+        self._own_readopted = True
         if not self.replay_enabled:
             return
         assert self.to_message is not None
@@ -1067,6 +1112,21 @@ class Failover:
             pipe.xgroup_destroy(self.k_inbox, GROUP)
             pipe.xgroup_create(self.k_inbox, GROUP, id=last[1:], mkstream=True)
             await pipe.execute()
+
+    async def listening(self, redis: RedisClient) -> None:
+        """We listen on the control channel. After a restart under our id that took stored
+        sessions back: a CONNECT elsewhere waiting for their adoption (we died and came back
+        before anyone adopted them) takes them from us; not over an adoption by another broker,
+        and not for longer than such a wait lasts (a later death of ours is adopted as usual)."""
+        if not self._own_readopted:
+            return
+        await redis.set(
+            f"{self.settings.prefix}:adopted:{{{self.me}}}",
+            self.me,
+            nx=True,
+            ex=max(1, int(self.adoption_wait())),
+        )
+        self._own_readopted = False
 
     async def _progress(self, redis: RedisClient, broker: str) -> dict[str, int]:
         """What `broker`'s inbox last reported handled: origin -> highest sequence."""

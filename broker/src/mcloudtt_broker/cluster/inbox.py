@@ -5,6 +5,8 @@ the last batch, reports progress (`{prefix}:progress:{me}`: origin -> highest se
 what the origins' outboxes confirm against) and asks for the next. Each origin's sequences are
 handled in order; one not above the last handled from that origin is a duplicate (a resend) and
 dropped. Broadcast mode's QoS 0 publishes come from the Pub/Sub channel instead (`on_sync`).
+A record for a shared group whose member left this broker since its origin chose it (handed
+over, adopted, unsubscribed) goes on to a member broker in our table, not to nobody.
 
 Handled entries are trimmed only REPLAY_WINDOW_MS behind the last one, so that if this broker
 dies, the broker that takes its sessions can replay what its clients had not acknowledged yet
@@ -84,6 +86,15 @@ class Inbox:
         except ResponseError as error:
             if "BUSYGROUP" not in str(error):
                 raise
+
+    async def skip_backlog(self, redis: RedisClient) -> None:
+        """Read only what comes from now on: what the stream holds (pending entries of our
+        previous run included) was replayed by the broker that adopted its sessions, and
+        delivering it here again would repeat it (a shared group's records, passed on)."""
+        pipe = redis.pipeline(transaction=True)
+        pipe.xgroup_destroy(self.k_inbox, GROUP)
+        pipe.xgroup_create(self.k_inbox, GROUP, id="$", mkstream=True)
+        await pipe.execute()
 
     async def load_retained(self, redis: RedisClient) -> None:
         """The cluster's retained messages, `{prefix}:retained` (topic -> envelope), into the
@@ -196,7 +207,13 @@ class Inbox:
                     message = self.to_message(envelope)
                 if message is not None:
                     received += 1
-                    deliver(message, plain, groups)
+                    orphaned = deliver(message, plain, groups)
+                    if orphaned:
+                        # Groups whose members left here since the origin chose us (handed
+                        # over, say): to a member broker in our table, the origin included.
+                        # (No ping-pong: our table no longer lists ourselves, and the other
+                        # broker's lists us only until our `del` reaches it.)
+                        self.core.replay_shared(message, orphaned, "")
         except InboxError:
             self.stats["bad_batches"] += 1
         self.stats["received"] += received

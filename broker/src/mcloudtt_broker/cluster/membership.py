@@ -99,13 +99,26 @@ class Membership:
 
     # ------------------------------------------------------------------ joining and leaving
 
-    async def claim_id(self, redis: RedisClient, first: bool) -> None:
+    async def claim_id(self, redis: RedisClient, first: bool) -> bool:
         """Claim our id: a new process (`first`) clears an old adoption of it. A reconnecting
         one whose sessions were adopted meanwhile (it was cut off or frozen past its presence
         TTL) must not serve them any longer: it gives them up (their clients reconnect and find
         them at the adopter) and rejoins with what it has left. It never exits because Redis
-        was away (the retry pattern)."""
+        was away (the retry pattern).
+
+        Returns True when another broker adopted our sessions (with what our inbox held for
+        them, which it replayed): our inbox's backlog is not ours to deliver any more."""
         k_adopted = f"{self.settings.prefix}:adopted:{{{self.me}}}"
+        adopted_elsewhere = False
+        if first and await redis.exists(self.k_adopter):
+            # A restart under our id while a survivor adopts our previous run's sessions: let
+            # it finish (its replay reads our inbox), then leave the backlog to it.
+            deadline = time.monotonic() + self.settings.handover_timeout
+            while not await redis.exists(k_adopted) and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+        if first:
+            adopter = await redis.get(k_adopted)
+            adopted_elsewhere = adopter is not None and adopter.decode() != self.me
         if not first and await redis.exists(self.k_adopter):
             # Let an adoption under way finish first: its replay reads our inbox and sessions.
             deadline = time.monotonic() + self.settings.handover_timeout
@@ -123,6 +136,7 @@ class Membership:
         await self._claim(redis)
         if first:
             await redis.delete(self.k_adopter, k_adopted)
+        return adopted_elsewhere
 
     async def _claim(self, redis: RedisClient) -> None:
         ttl_ms = int(self.settings.presence_ttl * 1000)
@@ -276,6 +290,7 @@ class Membership:
             # Anything announced before we listened is covered by the table load on connect;
             # reload once more now that we listen, so nothing falls between the two.
             await self.load_peers(redis)
+            await self.failover.listening(redis)
             sync = self.settings.sync_channel.encode()
             while True:
                 message = await pubsub.get_message(timeout=1.0)

@@ -376,8 +376,10 @@ class RedisBus:
         await redis.ping()
         membership = self.membership
         first = not self.stats["connects"]
-        await membership.claim_id(redis, first)
+        adopted_elsewhere = await membership.claim_id(redis, first)
         await self.inbox.ensure_group(redis)
+        if adopted_elsewhere:
+            await self.inbox.skip_backlog(redis)
         if first:
             # Sessions a previous run of this broker id stored (a restarted pod keeps its name),
             # with what its inbox still holds for them, before our table is announced.

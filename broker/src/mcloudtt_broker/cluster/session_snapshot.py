@@ -67,6 +67,18 @@ def _unpack(text: str, now: float) -> Message:
     )
 
 
+def encode_will(will: Message, origin: str, now: float) -> str:
+    """A will as stored in `{prefix}:wills:{id}` (published if its broker dies)."""
+    return _pack(will, origin, now)
+
+
+def decode_will(data: bytes | str, now: float) -> Message:
+    try:
+        return _unpack(data.decode() if isinstance(data, bytes) else data, now)
+    except (ValueError, EnvelopeError) as error:
+        raise SnapshotError(f"bad stored will: {error}") from error
+
+
 def encode_snapshot(
     snapshot: SessionSnapshot, origin: str, now: float, marks: object = None
 ) -> bytes:

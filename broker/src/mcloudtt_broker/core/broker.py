@@ -362,6 +362,16 @@ class Broker:
             return None
         return snapshot_of(session)
 
+    def will_of(self, client_id: str) -> Message | None:
+        """The will due if the connection of `client_id` here ended now without DISCONNECT
+        (a cluster bus stores it, so that it is published if this broker dies). A will with
+        a delay is not: it waits here, and is lost with this broker."""
+        session = self.sessions.get(client_id)
+        conn = session.connection if session is not None else None
+        if conn is None or not conn.will_on_close or conn.will_delay:
+            return None
+        return conn.will
+
     def adopt_session(self, snapshot: SessionSnapshot, now: float) -> None:
         session = self.restore_session(snapshot, now)
         session.ended_at = now
@@ -573,11 +583,12 @@ class Broker:
         targets, groups = self.route(message)
         self.bus.forward(message, targets, groups)
 
-    def deliver_remote(self, message: Message, plain: bool, groups: Sequence[str]) -> None:
+    def deliver_remote(self, message: Message, plain: bool, groups: Sequence[str]) -> Sequence[str]:
         """A publish from another broker: keep its retained state and deliver here only.
 
         `plain`: deliver to local non-shared subscriptions; `groups`: shared groups the origin
-        chose this broker for.
+        chose this broker for. Returns those of them with no member here (the origin's table
+        was behind: the caller passes the message on to a member elsewhere).
         """
         if message.retain:
             self._store_retained(message)
@@ -585,12 +596,16 @@ class Broker:
             per_session, _ = self.trie.match(message.topic)
             if per_session:
                 self._deliver_plain(message, per_session)
+        orphaned: Sequence[str] = _NO_TARGETS
         for key in groups:
             group_name, inner = split_shared(key)
             group = self.trie.group(inner, group_name or "")
             member = group.pick() if group is not None else None
             if member is not None:
                 self._deliver_one(message, member)
+            else:
+                orphaned = [*orphaned, key]
+        return orphaned
 
     def _store_retained(self, message: Message) -> None:
         if message.payload:
@@ -749,6 +764,10 @@ class Broker:
         return sum(1 for c in self.connections if c.state == CONNECTED)
 
     def shutdown(self) -> None:
-        """Tell 5.0 clients the server is going away (0x8B) and close every connection."""
+        """Tell 5.0 clients the server is going away (0x8B) and close every connection.
+
+        Their wills are published: the server closes the connection without a DISCONNECT
+        0x00 from the client (MQTT-3.1.2-8; 5.0 section 3.1.2.5), and the cluster gets them
+        before this broker leaves. A will with a delay is kept only here, so it is lost."""
         for conn in list(self.connections):
-            conn.disconnect(ReasonCode.SERVER_SHUTTING_DOWN, publish_will=False)
+            conn.disconnect(ReasonCode.SERVER_SHUTTING_DOWN, publish_will=True)

@@ -111,7 +111,9 @@ class MemoryHub:
             return
         self.stats["delivered"] += 1
         self.log.append(Delivery(dest, message.topic, message.payload, plain, groups))
-        bus.broker.deliver_remote(message, plain, groups)
+        orphaned = bus.broker.deliver_remote(message, plain, groups)
+        if orphaned:  # as the Redis inbox does: to a member broker elsewhere
+            bus.broker.replay_shared(message, orphaned, "")
 
 
 def _arrive(sent: _InTransit, hub_now: float, local_now: float) -> Message | None:

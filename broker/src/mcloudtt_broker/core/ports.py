@@ -93,7 +93,11 @@ class ClusterCore(Protocol):
         ...
 
     # Messages from other brokers.
-    def deliver_remote(self, message: Message, plain: bool, groups: Sequence[str]) -> None: ...
+    def deliver_remote(self, message: Message, plain: bool, groups: Sequence[str]) -> Sequence[str]:
+        """Deliver here; returns the shared groups of `groups` with no member here any more
+        (their last one just left, or was handed to another broker): the caller passes them
+        on (`replay_shared`), or the message would reach no member."""
+        ...
 
     def retained_messages(self) -> list[Message]:
         """The retained messages (without `$` topics, which include this broker's `$SYS`)."""
@@ -117,6 +121,14 @@ class ClusterCore(Protocol):
 
     def handover(self, client_id: str, clean_start: bool, now: float) -> SessionSnapshot | None:
         """Another broker took `client_id`: close the connection here, give up the session."""
+        ...
+
+    def will_of(self, client_id: str) -> Message | None:
+        """The will to publish if this broker died now with `client_id` connected."""
+        ...
+
+    def publish(self, message: Message) -> None:
+        """Route a message as if a client here published it (a dead broker's stored wills)."""
         ...
 
     def adopt_session(self, snapshot: SessionSnapshot, now: float) -> None:
