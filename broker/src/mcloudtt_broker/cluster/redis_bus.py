@@ -46,7 +46,7 @@ import hiredis
 from ..backoff import Backoff
 from ..core.message import Message
 from ..core.ports import ClusterCore, Resume
-from .failover import SESSION_WRITE_DELAY, Failover
+from .failover import SESSION_CONNECTIONS, SESSION_WRITE_DELAY, Failover
 from .inbox import Inbox
 from .keyspace import RETAINED_SHARDS
 from .link import Link, LinkError, RedisClient, redis_errors
@@ -118,9 +118,10 @@ class RedisBus:
 
     def _route_unrouted(self) -> None:
         """The table is loaded: route what was kept, in the order it was published. Brokers
-        that started without Redis too may announce their tables a moment later: what was kept
-        also goes to each of them whose table comes within UNROUTED_GRACE (`_late_table`)."""
-        self.forward = self.outbox.forward
+        that started without Redis too may announce their tables a moment later: what was kept,
+        and what is published until UNROUTED_GRACE is over (our table does not know those
+        brokers' subscribers yet), also goes to each of them whose table comes meanwhile
+        (`_late_table`)."""
         self.table_loaded = True
         unrouted, self.unrouted = self.unrouted, deque()
         kept: list[tuple[Message, set[str]]] = []
@@ -129,13 +130,25 @@ class RedisBus:
             if targets or groups:
                 self.outbox.forward(message, targets, groups)
             kept.append((message, set(targets)))
-        if kept and self.loop is not None:
-            self._late = kept
-            self.loop.call_later(UNROUTED_GRACE, self._forget_late)
+        self._late = kept
+        if self.loop is None:
+            self.forward = self.outbox.forward
+            return
+        self.forward = self._forward_late
+        self.loop.call_later(UNROUTED_GRACE, self._forget_late)
+
+    def _forward_late(
+        self, message: Message, targets: Sequence[str], groups: Mapping[str, list[str]]
+    ) -> None:
+        """`forward` for UNROUTED_GRACE after the first table load (then the outbox's)."""
+        self.outbox.forward(message, targets, groups)
+        # (A copy kept for late tables only: past the bound, it is simply not kept.)
+        if message.qos and not message.retain and len(self._late) < self.settings.buffer_limit:
+            self._late.append((message, set(targets)))
 
     def _late_table(self, peer: str) -> None:
-        """A peer's table was (re)loaded: what we kept from before our first load and did
-        not route to it yet goes to it now, if it subscribed."""
+        """A peer's table was (re)loaded: what we kept from before our first load (and from
+        the grace after it) and did not route to it yet goes to it now, if it subscribed."""
         for message, routed in self._late:
             if peer in routed:
                 continue
@@ -146,6 +159,7 @@ class RedisBus:
 
     def _forget_late(self) -> None:
         self._late = []
+        self.forward = self.outbox.forward
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -205,9 +219,10 @@ class RedisBus:
         for task in self._tasks:
             with contextlib.suppress(BaseException):
                 await task
-        if redis is not None:
-            with contextlib.suppress(Exception):
-                await redis.aclose()
+        for client in (redis, self.link.sessions):
+            if client is not None:
+                with contextlib.suppress(Exception):
+                    await client.aclose()
 
     def ready(self) -> bool:
         return self.link.connected
@@ -325,9 +340,11 @@ class RedisBus:
 
     async def _connect(self) -> None:
         link = self.link
-        if link.redis is not None:
-            with contextlib.suppress(Exception):
-                await link.redis.aclose()
+        for old in (link.redis, link.sessions):
+            if old is not None:
+                with contextlib.suppress(Exception):
+                    await old.aclose()
+        link.sessions = None
         # One round trip per connect: a cluster node gives its slot map (topology.py).
         self.slots = slots = await probe(self.redis_options, self.known_nodes)
         self.inbox.slots = slots
@@ -339,6 +356,15 @@ class RedisBus:
         redis: RedisClient
         if slots is None:
             link.redis = redis = self.redis_options.client(
+                socket_connect_timeout=1.0,
+                socket_timeout=5.0,
+                health_check_interval=10,
+            )
+            # The work CONNECTs bring waits for one of a few connections (bounded by each
+            # CONNECT's own deadline), so that a reconnect storm is queued, not refused.
+            link.sessions = self.redis_options.client(
+                bounded=SESSION_CONNECTIONS,
+                wait=None,
                 socket_connect_timeout=1.0,
                 socket_timeout=5.0,
                 health_check_interval=10,
