@@ -541,6 +541,7 @@ def fuzz_atheris(
     rss_limit_mb: int = 1024,
     timeout: int = 10,
     work: Path | None = None,
+    run: str = "-",
 ) -> Result:
     """`inputs` coverage-guided inputs through the codec or a core, in an atheris subprocess.
 
@@ -548,12 +549,12 @@ def fuzz_atheris(
     `corpus` files and the saved crashers of `target`; libFuzzer's new inputs go to `work`
     (a temporary folder unless given, so a corpus can be kept between runs). Memory is bounded by
     libFuzzer's `-rss_limit_mb`, time per input by `-timeout`: an input that breaks either is
-    saved as a crasher too."""
+    saved as a crasher too. `run` (`module:function`) replaces the target's own function."""
     import shutil
     import subprocess
     import tempfile
 
-    if target not in ("codec", "core", "cluster"):
+    if target not in ("codec", "core", "cluster") and run == "-":
         raise ValueError(f"atheris runs codec, core or cluster, not {target}")
     crashers.mkdir(parents=True, exist_ok=True)
     before = set(crashers.glob("*.bin"))
@@ -576,6 +577,7 @@ def fuzz_atheris(
             "mcloudtt_loadtest.fuzz_atheris",
             target,
             str(crashers),
+            run,
             f"-runs={inputs}",
             f"-seed={seed + 1}",  # libFuzzer takes 0 as 'a random seed'
             f"-max_len={max_len}",

@@ -1,7 +1,8 @@
 """The atheris (coverage-guided, libFuzzer) worker behind `mcloudtt-fuzz TARGET --engine atheris`.
 
-Run as `python -m mcloudtt_loadtest.fuzz_atheris TARGET CRASHERS LIBFUZZER-ARGS...` by
+Run as `python -m mcloudtt_loadtest.fuzz_atheris TARGET CRASHERS RUN LIBFUZZER-ARGS...` by
 `fuzz.fuzz_atheris`, in its own process: libFuzzer takes the argv and ends the process itself.
+RUN is `-` (TARGET's own target) or `module:function`, a target of one's own (tests plant a bug).
 
 The broker's modules are imported under `atheris.instrument_imports`, so every branch of the codec
 and the core feeds libFuzzer's coverage. The targets and oracles are those of `fuzz` (one home):
@@ -15,6 +16,7 @@ CRASHERS under `fuzz.save_crasher`'s name, so `tests/fuzz/test_fuzz.py` replays 
 
 from __future__ import annotations
 
+import importlib
 import random
 import sys
 import traceback
@@ -28,9 +30,12 @@ with atheris.instrument_imports(include=["mcloudtt_broker"]):
 
 
 def main() -> None:
-    target, crashers = sys.argv[1], Path(sys.argv[2])
+    target, crashers, spec = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
     core = fuzz.CoreTarget(cluster=target == "cluster")
     run = fuzz.run_codec if target == "codec" else core.run
+    if spec != "-":
+        module, _, function = spec.partition(":")
+        run = getattr(importlib.import_module(module), function)
 
     def one_input(data: bytes) -> None:
         try:
@@ -48,7 +53,7 @@ def main() -> None:
             return bytes(atheris.Mutate(data, max_size))
         return fuzz.mutate([fuzz.split_packets(data)], rng)[:max_size]
 
-    atheris.Setup([sys.argv[0], *sys.argv[3:]], one_input, custom_mutator=mutator)
+    atheris.Setup([sys.argv[0], *sys.argv[4:]], one_input, custom_mutator=mutator)
     atheris.Fuzz()
 
 
