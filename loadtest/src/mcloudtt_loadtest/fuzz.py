@@ -1,23 +1,26 @@
 """`mcloudtt-fuzz codec|core|live`: mutation fuzzing of the broker's codec, its sans-IO connection
 state machine and a running broker over TCP.
 
-Coverage-less. atheris (coverage-guided, libFuzzer) was the plan, but atheris 3.1.0 ships wheels
-for CPython 3.12+ only and building it needs clang with libFuzzer, which this machine lacks; so
-this is seeded random mutation of valid packet sequences instead (no coverage feedback). The
-seeds are built with the independent client codec `mcloudtt_mqttclient` (never the broker's own
-encoder), then mutated: bit flips, byte edits, truncation, remaining-length fields that lie,
-packet-type swaps, duplicated, dropped and reordered packets, splices of other seeds, and plain
-random bytes; the result is fed in random chunks.
+Two engines. `--engine mutation` (the default): seeded random mutation of valid packet
+sequences, no coverage feedback. The seeds are built with the independent client codec
+`mcloudtt_mqttclient` (never the broker's own encoder), then mutated: bit flips, byte edits,
+truncation, remaining-length fields that lie, packet-type swaps, duplicated, dropped and
+reordered packets, splices of other seeds, and plain random bytes; the result is fed in
+random chunks.
+`--engine atheris`: coverage-guided (libFuzzer) over the same codec and core targets and
+oracles, with the same seeds and the same mutations mixed into libFuzzer's, in a subprocess
+(`fuzz_atheris`); memory bounded by libFuzzer's RSS limit.
 
 Oracles. codec: feeding the decoder anything raises nothing but the codec's `ProtocolError`s,
 and every packet it accepts encodes and decodes back to itself.
 core: no exception escapes `ServerConnection.receive_data` (protocol errors are answered with
-a reason code and the connection closes: the documented path), and a closed connection asked
-its shell to close. live: after each batch the broker process is alive and a well-behaved paho
-client still connects, subscribes, publishes and receives its message.
+a reason code and the connection closes: the documented path), what it writes parses with the
+client codec, and a closed connection asked its shell to close. live: after each batch the
+broker process is alive and a well-behaved paho client still connects, subscribes, publishes and
+receives its message.
 
 A crashing input is saved as `CRASHERS/<target>-<sha1>.bin` (the whole byte stream; for live, the
-batch's streams with 4-byte length prefixes); `tests/fuzz/test_crashers.py` replays every one.
+batch's streams with 4-byte length prefixes); `tests/fuzz/test_fuzz.py` replays every one.
 """
 
 from __future__ import annotations
