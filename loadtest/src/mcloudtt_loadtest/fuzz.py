@@ -550,10 +550,9 @@ def fuzz_atheris(
 
     The seeds are those of the mutation engine (each session's packets as one stream) plus the
     `corpus` files and the saved crashers of `target`; libFuzzer's new inputs go to `work`
-    (a temporary folder unless given, so a corpus can be kept between runs). Memory is bounded by
+    (kept for the next run when given, else a temporary folder). Memory is bounded by
     libFuzzer's `-rss_limit_mb`, time per input by `-timeout`: an input that breaks either is
     saved as a crasher too. `run` (`module:function`) replaces the target's own function."""
-    import shutil
     import subprocess
     import tempfile
 
@@ -609,7 +608,6 @@ def fuzz_atheris(
             data = found[0].read_bytes() if found else b""
             why = f"libFuzzer exited with {proc.returncode}\n{log[-4000:]}"
             result.crashes.append(save_crasher(crashers, target, data, why))
-        shutil.rmtree(artifacts, ignore_errors=True)
     return result
 
 
