@@ -88,7 +88,9 @@ class Client:
 def _delivered(backend: NetnsBackend, source: str, target: str, *, timeout: float = 20.0) -> None:
     """A message published on `source` reaches a subscriber on `target` (through Redis)."""
     topic = f"netns/{uuid.uuid4().hex[:8]}"
-    sub, pub = Client(backend, target), Client(backend, source)
+    # A CONNECT waits for the session lookup in Redis, which a link just changed may still be
+    # re-establishing: a longer CONNACK wait than the default.
+    sub, pub = Client(backend, target, timeout=15.0), Client(backend, source, timeout=15.0)
     try:
         sub.client.subscribe(topic, qos=1)
         deadline = time.monotonic() + timeout

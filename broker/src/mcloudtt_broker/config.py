@@ -828,6 +828,14 @@ BROKER = Scheme(
             metavar="N",
         ),
         _cluster(
+            "max-locating",
+            positive_int,
+            "CONNECTs looking for their session in the cluster at once; more are refused with "
+            "CONNACK 0x89 Server busy (3.1.1: 3, Server unavailable) and retry",
+            setting=(ClusterSettings, "max_locating"),
+            metavar="N",
+        ),
+        _cluster(
             "presence-ttl",
             positive_float,
             "how long a broker's presence lives without a heartbeat",

@@ -893,25 +893,37 @@ class Workload:
     ) -> list[Snapshot]:
         """Write what each broker serves: its retained messages and its filter count."""
         out: list[Snapshot] = []
-        for endpoint in endpoints if endpoints is not None else self.endpoints:
+        chosen = list(endpoints if endpoints is not None else self.endpoints)
+        # Every filter count is read before any retained-message reader subscribes to `#`:
+        # a reader's filter still counted while its DISCONNECT is processed (or announced to
+        # the other brokers) would make the tables differ by the reader, not by the brokers.
+        counts = {endpoint.name: self._filter_rows(endpoint) for endpoint in chosen}
+        for endpoint in chosen:
             retained = _read_retained(endpoint, settle=settle, timeout=self.spec.connect_timeout)
-            rows: tuple[tuple[str, str, int], ...] = ()
-            try:
-                metrics = scrape(endpoint.http_port, host=endpoint.host)
-            except (OSError, ValueError):
-                metrics = None
-            names = {name for name, _ in metrics} if metrics is not None else set()
-            if metrics is not None and "mcloudtt_cluster_local_filters" in names:
-                total = metrics.value("mcloudtt_cluster_local_filters") + metrics.value(
-                    "mcloudtt_cluster_remote_filters"
-                )
-                rows = (("cluster", "distinct-filters", int(total)),)
             snap = Snapshot(
-                t=time.monotonic(), broker=endpoint.name, retained=retained, subscriptions=rows
+                t=time.monotonic(),
+                broker=endpoint.name,
+                retained=retained,
+                subscriptions=counts[endpoint.name],
             )
             self.record(snap)
             out.append(snap)
         return out
+
+    @staticmethod
+    def _filter_rows(endpoint: Endpoint) -> tuple[tuple[str, str, int], ...]:
+        rows: tuple[tuple[str, str, int], ...] = ()
+        try:
+            metrics = scrape(endpoint.http_port, host=endpoint.host)
+        except (OSError, ValueError):
+            metrics = None
+        names = {name for name, _ in metrics} if metrics is not None else set()
+        if metrics is not None and "mcloudtt_cluster_local_filters" in names:
+            total = metrics.value("mcloudtt_cluster_local_filters") + metrics.value(
+                "mcloudtt_cluster_remote_filters"
+            )
+            rows = (("cluster", "distinct-filters", int(total)),)
+        return rows
 
     def stop(self, timeout: float = 5.0) -> None:
         """Every client ends with DISCONNECT (will clients first: no will is due)."""

@@ -35,11 +35,13 @@ import json
 import logging
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, TypeVar
 
 from ..core.message import Message
 from ..core.ports import ClusterCore, Resume
 from ..core.session import SessionSnapshot
+from ..mqtt.reason_codes import ReasonCode
 from .envelope import EnvelopeFields
 from .keys import cluster_keys
 from .link import GROUP, Link, LinkError, RedisClient, redis_errors, stream_id
@@ -104,6 +106,37 @@ if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'EX', ARGV[2]) then return 1 end
 return 0
 """
 ADOPTER_LOCK_TTL = 300
+T = TypeVar("T")
+# Redis connections for the work CONNECTs bring (look-ups, hand-overs); more wait their turn.
+SESSION_CONNECTIONS = 16
+# Every CONNECT waiting for a gone holder's adoption shares one poll of its `adopted` key.
+ADOPTED_POLL = 0.05
+
+
+class LookupOverdue(Exception):
+    """A session look-up did not finish in its time (the cluster is busy): CONNACK 0x88."""
+
+
+async def _within(work: Awaitable[T], timeout: float) -> T:
+    """`work`'s result, or LookupOverdue after `timeout` seconds, then at once: the work is
+    cancelled but not waited for (asyncio.wait_for waits for the cancelled work to finish, and
+    a CONNECT must get its CONNACK on time whatever the work is stuck in)."""
+    task = asyncio.ensure_future(work)
+    done, _ = await asyncio.wait({task}, timeout=timeout)
+    if not done:
+        task.cancel()
+        task.add_done_callback(_retrieve)
+        raise LookupOverdue(f"not done in {timeout:g} s")
+    try:
+        return task.result()
+    except asyncio.CancelledError:
+        # The work was cancelled from inside (not us): a failed look-up, not our end.
+        raise LookupOverdue("cancelled") from None
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 class Failover:
@@ -160,9 +193,10 @@ class Failover:
         self._dirty: set[str] = set()  # client ids whose stored session is stale
         self._write_scheduled = False
         self._handovers: dict[str, asyncio.Future[None]] = {}
-        # Client ids claimed from a gone broker (or our own previous run) and not restored in
-        # the core yet: the registry names us already, so a CONNECT here waits for them.
+        # Client ids claimed from a gone broker and not restored here yet (a hand-over or a
+        # CONNECT of one waits for it: the registry names us from the claim on).
         self._adopting: set[str] = set()
+        self._adopting_changed = asyncio.Event()
         # A restart under our id took stored sessions back: `adopted:{me}` is set once we
         # listen on the control channel (a CONNECT elsewhere then asks us for them).
         self._own_readopted = False
@@ -177,6 +211,16 @@ class Failover:
         self._pinned: dict[tuple[str, str], list[float | bool]] = {}
         # ClientIds that connected while Redis was away: the registry learns them on reconnect.
         self._unregistered: set[str] = set()
+        # CONNECTs refused because their session could not be located: the registry names us
+        # already, so the client's retry must look where the session was (client id -> holder).
+        self._unresolved: dict[str, str] = {}
+        # One poll of `{prefix}:adopted:{holder}` per gone holder, shared by its CONNECTs.
+        self._adoption_watches: dict[str, asyncio.Future[str | None]] = {}
+        # Hand-overs asked of us share their reads of the inbox's end and their wait for it.
+        self._next_goal: asyncio.Future[tuple[int, int]] | None = None
+        self._goal_reader: asyncio.Task[None] | None = None
+        self._inbox_waiters: list[tuple[tuple[int, int], asyncio.Future[None]]] = []
+        self._inbox_watcher: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
     def _spawn(self, work: Awaitable[None]) -> None:
@@ -355,27 +399,53 @@ class Failover:
             # Serving locally while Redis is away (the retry pattern).
             self._unregistered.add(client_id)
             loop.call_soon(resume, None)
+        elif len(self._locating) >= self.settings.max_locating:
+            # Bounded work per broker: the client is told to come back (its session stays
+            # where it is), not queued without end.
+            self.stats["connects_busy"] += 1
+            loop.call_soon(resume, ReasonCode.SERVER_BUSY)
         else:
             self._spawn(self._locate(client_id, clean_start, resume))
         return True
 
+    def _redis(self) -> RedisClient:
+        """The client for the work CONNECTs bring (the bounded pool, `Link.sessions`)."""
+        redis = self.link.sessions if self.link.sessions is not None else self.link.redis
+        assert redis is not None
+        return redis
+
     async def _locate(self, client_id: str, clean_start: bool, resume: Resume) -> None:
-        snapshot = None
+        snapshot: SessionSnapshot | ReasonCode | None = None
         located = self._locating.get(client_id)
         if located is not None:
             await located.wait()  # an earlier CONNECT of this ClientId goes first
         located = self._locating[client_id] = asyncio.Event()
         try:
             with redis_errors():
-                snapshot = await asyncio.wait_for(
+                snapshot = await _within(
                     self._take_over(client_id, clean_start),
                     2 * self.settings.handover_timeout + self.adoption_wait(),
                 )
-        except (LinkError, SnapshotError) as error:
+        except LookupOverdue as error:
+            # The cluster is too busy to find it in time: not a fresh session in place of the
+            # one elsewhere (its messages would be lost), a CONNACK that sends the client to
+            # retry (0x88 Server unavailable; 3.1.1: 3).
+            log.warning("session %r not taken over from the cluster: %s", client_id, error)
+            self.stats["handover_failures"] += 1
+            snapshot = ReasonCode.SERVER_UNAVAILABLE
+        except LinkError as error:
+            # Redis went away meanwhile: served here, as while Redis is away (the retry
+            # pattern); the registry learns it on reconnect.
+            log.warning("session %r not taken over from the cluster: %s", client_id, error)
+            self.stats["handover_failures"] += 1
+            self._unregistered.add(client_id)
+        except SnapshotError as error:
             log.warning("session %r not taken over from the cluster: %s", client_id, error)
             self.stats["handover_failures"] += 1
         finally:
             self._handovers.pop(client_id, None)
+        if not isinstance(snapshot, ReasonCode):
+            self._unresolved.pop(client_id, None)  # found (or none to find): done looking
         try:
             resume(snapshot)  # the session is here now, also if its client went away meanwhile
         finally:
@@ -394,20 +464,31 @@ class Failover:
             self.resume_inbox()
 
     async def _take_over(self, client_id: str, clean_start: bool) -> SessionSnapshot | None:
-        redis = self.link.redis
-        assert redis is not None
+        redis = self._redis()
         prefix = self.settings.prefix
         previous = await redis.set(
             f"{prefix}:client:{client_id}", self.me, get=True, ex=self.settings.client_ttl
         )
         holder = previous.decode() if previous is not None else None
+        if holder == self.me and client_id in self._adopting:
+            # Claimed here from a gone broker (the claim named us): local once restored.
+            await self._until_adopted(client_id, self.adoption_wait())
+        if holder == self.me and not self.core.has_session(client_id):
+            # An earlier CONNECT of it here was refused half way: look where it looked, and
+            # first whether its holder handed it over late.
+            holder = self._unresolved.get(client_id, holder)
+            if holder != self.me:
+                late = await redis.getdel(f"{prefix}:handover:{self.me}:{client_id}")
+                if late is not None:
+                    self.stats["handovers"] += 1
+                    return await self._answer(redis, late, client_id, clean_start, 0)
         if holder is None or holder == self.me:
-            # Claimed by an adoption here that has not restored it yet: wait for it, or this
-            # CONNECT starts a fresh session that the adopted one then replaces under it.
-            deadline = time.monotonic() + self.adoption_wait()
-            while client_id in self._adopting and time.monotonic() < deadline:
-                await asyncio.sleep(0.005)
+            self._unresolved.pop(client_id, None)
             return None
+        # Kept until this CONNECT finishes: refused, the next one looks at the same holder.
+        self._unresolved[client_id] = holder
+        if len(self._unresolved) > 100_000:
+            self._unresolved.clear()
         if holder not in self.peers:
             return await self._after_adoption(redis, holder, client_id, clean_start)
         try:
@@ -442,7 +523,9 @@ class Failover:
             ),
         )
         try:
-            await asyncio.wait_for(waiter, self.settings.handover_timeout / 2)
+            # Shielded: on a timeout the waiter stays, for the late answer (`_late_handover`,
+            # `_after_adoption`); cancelled, it would cancel whoever waited on it next.
+            await asyncio.wait_for(asyncio.shield(waiter), self.settings.handover_timeout / 2)
         except TimeoutError:
             self._unpause(client_id)  # no session coming (yet): do not hold the inbox up
             raise
@@ -485,7 +568,7 @@ class Failover:
         try:
             return await self._handover_from(redis, holder, client_id, clean_start, hops)
         except TimeoutError:
-            return await self._take_stored(redis, holder, client_id, clean_start)
+            return await self._late_handover(redis, holder, client_id, clean_start, hops)
 
     async def _current(self, redis: RedisClient, client_id: str) -> bool:
         """Whether the registry still names us for `client_id` (our CONNECT is the latest)."""
@@ -501,23 +584,79 @@ class Failover:
         prefix = self.settings.prefix
         deadline = time.monotonic() + self.adoption_wait()
         adopter = None
-        while time.monotonic() < deadline:
-            raw = await redis.get(f"{prefix}:adopted:{{{holder}}}")
-            # (The holder naming itself is its restart under its id; unless it died again.)
-            if raw is not None and (raw.decode() != holder or holder in self.peers):
-                adopter = raw.decode()
+        # The hand-over asked of the holder, if any: a late answer wakes us (`handed`).
+        asked = self._handovers.get(client_id)
+        late_key = f"{prefix}:handover:{self.me}:{client_id}"
+        while (left := deadline - time.monotonic()) > 0:
+            watch = self._watch_adoption(redis, holder)
+            waits: set[asyncio.Future[Any]] = {watch}
+            if asked is not None and not asked.done():
+                waits.add(asked)
+            await asyncio.wait(waits, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+            if watch.done() and watch.result() is not None:
+                adopter = watch.result()
                 break
-            late = await redis.getdel(f"{prefix}:handover:{self.me}:{client_id}")
+            if asked is not None and asked.done():
+                asked = None
+                late = await redis.getdel(late_key)
+                if late is not None:
+                    self.stats["handovers"] += 1
+                    return await self._answer(redis, late, client_id, clean_start, 0)
+        if adopter is None:
+            # (A `handed` lost while the control channel reconnected: its snapshot is there.)
+            late = await redis.getdel(late_key)
             if late is not None:
                 self.stats["handovers"] += 1
                 return await self._answer(redis, late, client_id, clean_start, 0)
-            await asyncio.sleep(0.05)
-        if adopter is None:
             log.warning("sessions of %s not adopted; taking %r as stored", holder, client_id)
             return await self._take_stored(redis, holder, client_id, clean_start)
         # (The registry is not set to us again here: a CONNECT elsewhere that came after ours
         # named its broker, and the adoption left it alone, `_ADOPT_SCRIPT`.)
         return await self._follow(redis, adopter, client_id, clean_start, 0)
+
+    async def _late_handover(
+        self, redis: RedisClient, holder: str, client_id: str, clean_start: bool, hops: int
+    ) -> SessionSnapshot | None:
+        """A live holder did not answer in time (busy: thousands of hand-overs in a reconnect
+        storm): its answer comes late, and its stored copy may be older than what it hands
+        over. Wait for it as long as an adoption may take; then take what it stored."""
+        asked = self._handovers.get(client_id)
+        if asked is not None and not asked.done():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(asked), self.adoption_wait())
+        late = await redis.getdel(f"{self.settings.prefix}:handover:{self.me}:{client_id}")
+        if late is not None:
+            self.stats["handovers"] += 1
+            return await self._answer(redis, late, client_id, clean_start, hops)
+        return await self._take_stored(redis, holder, client_id, clean_start)
+
+    def _watch_adoption(self, redis: RedisClient, holder: str) -> asyncio.Future[str | None]:
+        """Who adopted `holder`'s sessions, once someone did (None: nobody within
+        adoption_wait). One poll per holder, however many CONNECTs wait for it."""
+        watch = self._adoption_watches.get(holder)
+        if watch is None or watch.done():
+            watch = asyncio.ensure_future(self._poll_adopted(redis, holder))
+            self._adoption_watches[holder] = watch
+            watch.add_done_callback(lambda done: self._forget_watch(holder, done))
+        return watch
+
+    def _forget_watch(self, holder: str, watch: asyncio.Future[str | None]) -> None:
+        if self._adoption_watches.get(holder) is watch:
+            del self._adoption_watches[holder]
+        if not watch.cancelled():
+            watch.exception()  # retrieved: a failed poll fails its waiters' next look, not this
+
+    async def _poll_adopted(self, redis: RedisClient, holder: str) -> str | None:
+        key = f"{self.settings.prefix}:adopted:{{{holder}}}"
+        deadline = time.monotonic() + self.adoption_wait()
+        while time.monotonic() < deadline:
+            with redis_errors():
+                raw = await redis.get(key)
+            # (The holder naming itself is its restart under its id; unless it died again.)
+            if raw is not None and (raw.decode() != holder or holder in self.peers):
+                return str(raw.decode())
+            await asyncio.sleep(ADOPTED_POLL)
+        return None
 
     async def _take_stored(
         self, redis: RedisClient, holder: str, client_id: str, clean_start: bool
@@ -545,9 +684,10 @@ class Failover:
     def handover_requested(self, requester: str, argument: str) -> None:
         """Control `handover`. In its own task: it waits for our inbox, which must not hold up
         control messages."""
-        redis = self.link.redis
-        if redis is not None:
-            self._spawn(self._give_up_session(redis, requester, argument))
+        if argument.partition("\x00")[0] != self.me:
+            return  # asked of another broker (a storm of CONNECTs elsewhere spawns nothing here)
+        if self.link.redis is not None:
+            self._spawn(self._give_up_session(self._redis(), requester, argument))
 
     async def _give_up_session(self, redis: RedisClient, requester: str, argument: str) -> None:
         """A peer took one of our ClientIds: close it here and hand the session over."""
@@ -563,12 +703,9 @@ class Failover:
     async def _give_up(
         self, redis: RedisClient, requester: str, client_id: str, clean_start: bool
     ) -> None:
-        # We are taking it from a gone broker right now: hand it over once restored (as long
-        # as an adoption may take; the requester looks for a late hand-over meanwhile), not
-        # as "no session".
-        deadline = time.monotonic() + self.adoption_wait()
-        while client_id in self._adopting and time.monotonic() < deadline:
-            await asyncio.sleep(0.005)
+        # We are taking it from a gone broker right now: hand it over once it is here (the
+        # requester takes a late hand-over while it waits).
+        await self._until_adopted(client_id, self.adoption_wait())
         located = self._locating.get(client_id)
         if located is not None:
             if await self._current(redis, client_id):
@@ -584,11 +721,8 @@ class Failover:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(located.wait(), self.adoption_wait())
         # Messages for this session that are already in our inbox belong in the snapshot.
-        info = await redis.xinfo_stream(self.k_inbox)
-        goal = stream_id(info.get("last-generated-id", b"0-0"))
-        deadline = time.monotonic() + self.settings.handover_timeout / 2
-        while self.inbox_position() < goal and time.monotonic() < deadline:
-            await asyncio.sleep(0.005)
+        goal = await self._inbox_goal(redis)
+        await self._inbox_reached(goal, self.settings.handover_timeout / 2)
         core = self.core
         now = core.clock()
         snapshot = core.handover(client_id, clean_start, now)
@@ -620,6 +754,59 @@ class Failover:
             self.control_message(f"handed\x00{self.me}\x00{requester}\x00{client_id}"),
         )
         await pipe.execute()
+
+    async def _inbox_goal(self, redis: RedisClient) -> tuple[int, int]:
+        """The id of the last entry in our inbox, read after this call began: one XINFO for
+        every hand-over asked of us meanwhile (thousands in a reconnect storm), not one each."""
+        waiting = self._next_goal
+        if waiting is None:
+            waiting = self._next_goal = asyncio.get_running_loop().create_future()
+            if self._goal_reader is None or self._goal_reader.done():
+                self._goal_reader = asyncio.ensure_future(self._read_goals(redis))
+        return await asyncio.shield(waiting)
+
+    async def _read_goals(self, redis: RedisClient) -> None:
+        # Each read starts after every caller waiting for it had asked: none gets an old id.
+        while (waiting := self._next_goal) is not None:
+            self._next_goal = None
+            try:
+                with redis_errors():
+                    info = await redis.xinfo_stream(self.k_inbox)
+            except BaseException as error:
+                # Whatever it is (redis-py under load raises more than RedisError), the
+                # hand-overs waiting for this read learn it: none waits forever.
+                waiting.set_exception(
+                    error if isinstance(error, Exception) else LinkError("cancelled")
+                )
+                if not isinstance(error, Exception):
+                    raise
+            else:
+                waiting.set_result(stream_id(info.get("last-generated-id", b"0-0")))
+
+    async def _inbox_reached(self, goal: tuple[int, int], timeout: float) -> None:
+        """Until our inbox has handled the entry `goal` (or `timeout`): one watcher for all."""
+        if self.inbox_position() >= goal:
+            return
+        reached: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._inbox_waiters.append((goal, reached))
+        if self._inbox_watcher is None or self._inbox_watcher.done():
+            self._inbox_watcher = asyncio.ensure_future(self._watch_inbox())
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(reached), timeout)
+
+    async def _watch_inbox(self) -> None:
+        while self._inbox_waiters:
+            position = self.inbox_position()
+            waiting = []
+            for goal, reached in self._inbox_waiters:
+                if reached.done():
+                    continue
+                if position >= goal:
+                    reached.set_result(None)
+                else:
+                    waiting.append((goal, reached))
+            self._inbox_waiters = waiting
+            await asyncio.sleep(0.005)
 
     def pin_route(self, broker: str, full_filter: str) -> None:
         """Keep routing `full_filter` to `broker` until its own `add` of it comes (or for
@@ -698,7 +885,7 @@ class Failover:
                     else:
                         await self._adopt_gone(redis, peer, claimed)
                 finally:
-                    self._adopting.difference_update(claiming)
+                    self._settle_adopting(claiming)
         except LinkError as error:
             log.warning("sessions of %s not taken over yet: %s", peer, error)
 
@@ -772,6 +959,18 @@ class Failover:
                 claimed[client_id] = (snapshot, marks)
         return claimed
 
+    def _settle_adopting(self, client_ids: Iterable[str]) -> None:
+        self._adopting.difference_update(client_ids)
+        self._adopting_changed.set()
+        self._adopting_changed = asyncio.Event()
+
+    async def _until_adopted(self, client_id: str, timeout: float) -> None:
+        """Until a session we claimed from a gone broker is restored here (or `timeout`)."""
+        deadline = time.monotonic() + timeout
+        while client_id in self._adopting and (left := deadline - time.monotonic()) > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._adopting_changed.wait(), left)
+
     def _restore(self, claimed: dict[str, tuple[SessionSnapshot, Marks]]) -> None:
         core = self.core
         for snapshot, _ in claimed.values():
@@ -834,7 +1033,14 @@ class Failover:
         replay = Replay(
             self.core,
             self.to_message,
-            {client_id: marks for client_id, (_, marks) in claimed.items()},
+            # A session without subscriptions takes nothing: left out, the replay does not
+            # look at each record once per such session (10,000 of them stalled the loop
+            # past the presence TTL, and the adopter was declared dead).
+            {
+                client_id: marks
+                for client_id, (snapshot, marks) in claimed.items()
+                if snapshot.subscriptions
+            },
             origins,
             keys=self.keys,
             inbox=f"{self.settings.prefix}:inbox:{{{peer}}}",
@@ -878,7 +1084,11 @@ class Failover:
         replay = Replay(
             self.core,
             self.to_message,
-            {client_id: marks for client_id, (_, marks) in claimed.items()},
+            {
+                client_id: marks
+                for client_id, (snapshot, marks) in claimed.items()
+                if snapshot.subscriptions  # (as in `_read_dead_inbox`)
+            },
             (),
             keys=self.keys,
             inbox=self.k_inbox,

@@ -47,7 +47,12 @@ def redis_errors() -> Iterator[None]:
 class Link:
     """The current connection to Redis, shared by the bus's parts."""
 
-    redis: RedisClient | None = None  # redis-py, for everything but the hot paths
+    redis: RedisClient | None = None  # redis-py, for the link's own workers
+    # redis-py on a bounded pool that waits (never "Too many connections"), for the work each
+    # CONNECT brings (session look-ups and hand-overs): a reconnect storm queues there, and
+    # neither floods Redis with connections nor starves the workers' heartbeat. None on a
+    # Redis Cluster: that work goes through `redis`, the cluster client.
+    sessions: RedisClient | None = None
     # The lean pipelined writer for outbound traffic (one connection per shard of a cluster).
     writer: RespConnection | ShardedConnection | None = None
     connected: bool = False

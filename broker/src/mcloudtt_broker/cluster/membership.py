@@ -195,6 +195,8 @@ class Membership:
                 self.live_peers.add(peer)
                 self.missing_since.pop(peer, None)
                 await self.load_peer_table(redis, peer)
+                # Its `reset` may have come before we listened: this load is its table.
+                self.on_table(peer)
             else:
                 await redis.srem(self.k_brokers, peer)
 
@@ -226,6 +228,10 @@ class Membership:
         dead, *filters = argument.split("\x00")
         core = self.core
         self.awaiting_adoption.discard(dead)
+        if dead != adopter:
+            # Gone, whether or not our heartbeat noticed yet: not to be adopted again later.
+            self.live_peers.discard(dead)
+            self.missing_since.pop(dead, None)
         if adopter and adopter != self.me:
             self.live_peers.add(adopter)
             for full_filter in filters:

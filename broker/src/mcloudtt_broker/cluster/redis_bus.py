@@ -46,7 +46,7 @@ import hiredis
 from ..backoff import Backoff
 from ..core.message import Message
 from ..core.ports import ClusterCore, Resume
-from .failover import SESSION_WRITE_DELAY, Failover
+from .failover import SESSION_CONNECTIONS, SESSION_WRITE_DELAY, Failover
 from .inbox import Inbox
 from .keyspace import RETAINED_SHARDS
 from .link import Link, LinkError, RedisClient, redis_errors
@@ -79,6 +79,9 @@ class RedisBus:
         self.token = uuid.uuid4().hex
         self.redis_options = parse_redis_url(settings.url)
         self.link_error = ""  # why the link is down, for the log and /readyz ("" when up)
+        # Reasons already logged in this outage: some alternate from one retry to the next (a
+        # TLS 1.3 server refusing a missing client certificate is seen as an alert or as EOF).
+        self._reasons_logged: set[str] = set()
         self.link = Link()
         self.slots: SlotMap | None = None  # the slot map when Redis is a cluster
         self.known_nodes: list[Node] = []
@@ -115,9 +118,10 @@ class RedisBus:
 
     def _route_unrouted(self) -> None:
         """The table is loaded: route what was kept, in the order it was published. Brokers
-        that started without Redis too may announce their tables a moment later: what was kept
-        also goes to each of them whose table comes within UNROUTED_GRACE (`_late_table`)."""
-        self.forward = self.outbox.forward
+        that started without Redis too may announce their tables a moment later: what was kept,
+        and what is published until UNROUTED_GRACE is over (our table does not know those
+        brokers' subscribers yet), also goes to each of them whose table comes meanwhile
+        (`_late_table`)."""
         self.table_loaded = True
         unrouted, self.unrouted = self.unrouted, deque()
         kept: list[tuple[Message, set[str]]] = []
@@ -126,13 +130,25 @@ class RedisBus:
             if targets or groups:
                 self.outbox.forward(message, targets, groups)
             kept.append((message, set(targets)))
-        if kept and self.loop is not None:
-            self._late = kept
-            self.loop.call_later(UNROUTED_GRACE, self._forget_late)
+        self._late = kept
+        if self.loop is None:
+            self.forward = self.outbox.forward
+            return
+        self.forward = self._forward_late
+        self.loop.call_later(UNROUTED_GRACE, self._forget_late)
+
+    def _forward_late(
+        self, message: Message, targets: Sequence[str], groups: Mapping[str, list[str]]
+    ) -> None:
+        """`forward` for UNROUTED_GRACE after the first table load (then the outbox's)."""
+        self.outbox.forward(message, targets, groups)
+        # (A copy kept for late tables only: past the bound, it is simply not kept.)
+        if message.qos and not message.retain and len(self._late) < self.settings.buffer_limit:
+            self._late.append((message, set(targets)))
 
     def _late_table(self, peer: str) -> None:
-        """A peer's table was (re)loaded: what we kept from before our first load and did
-        not route to it yet goes to it now, if it subscribed."""
+        """A peer's table was (re)loaded: what we kept from before our first load (and from
+        the grace after it) and did not route to it yet goes to it now, if it subscribed."""
         for message, routed in self._late:
             if peer in routed:
                 continue
@@ -143,6 +159,7 @@ class RedisBus:
 
     def _forget_late(self) -> None:
         self._late = []
+        self.forward = self.outbox.forward
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -202,9 +219,10 @@ class RedisBus:
         for task in self._tasks:
             with contextlib.suppress(BaseException):
                 await task
-        if redis is not None:
-            with contextlib.suppress(Exception):
-                await redis.aclose()
+        for client in (redis, self.link.sessions):
+            if client is not None:
+                with contextlib.suppress(Exception):
+                    await client.aclose()
 
     def ready(self) -> bool:
         return self.link.connected
@@ -307,8 +325,10 @@ class RedisBus:
         if link.connected:
             log.warning("lost Redis: %s; retrying", reason)
             self.stats["link_losses"] += 1
-        elif reason != self.link_error:
-            # Once per reason, not once per retry.
+            self._reasons_logged = {reason}
+        elif reason not in self._reasons_logged:
+            # Once per reason and outage, not once per retry.
+            self._reasons_logged.add(reason)
             log.warning("Redis link down: %s; retrying", reason)
         self.link_error = reason
         link.connected = False
@@ -320,9 +340,11 @@ class RedisBus:
 
     async def _connect(self) -> None:
         link = self.link
-        if link.redis is not None:
-            with contextlib.suppress(Exception):
-                await link.redis.aclose()
+        for old in (link.redis, link.sessions):
+            if old is not None:
+                with contextlib.suppress(Exception):
+                    await old.aclose()
+        link.sessions = None
         # One round trip per connect: a cluster node gives its slot map (topology.py).
         self.slots = slots = await probe(self.redis_options, self.known_nodes)
         self.inbox.slots = slots
@@ -334,6 +356,15 @@ class RedisBus:
         redis: RedisClient
         if slots is None:
             link.redis = redis = self.redis_options.client(
+                socket_connect_timeout=1.0,
+                socket_timeout=5.0,
+                health_check_interval=10,
+            )
+            # The work CONNECTs bring waits for one of a few connections (bounded by each
+            # CONNECT's own deadline), so that a reconnect storm is queued, not refused.
+            link.sessions = self.redis_options.client(
+                bounded=SESSION_CONNECTIONS,
+                wait=None,
                 socket_connect_timeout=1.0,
                 socket_timeout=5.0,
                 health_check_interval=10,
@@ -378,6 +409,7 @@ class RedisBus:
         await self.failover.store_all(redis)
         await self.inbox.load_retained(redis)
         self.link_error = ""
+        self._reasons_logged = set()
         log.info("cluster link up (%s mode, %d peers)", self.settings.mode, len(self.live_peers))
 
     async def _confirm_loop(self, redis: RedisClient) -> None:

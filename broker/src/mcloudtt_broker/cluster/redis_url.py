@@ -21,6 +21,7 @@ module imports no redis at load time (a single node never does).
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import functools
 import os
@@ -163,14 +164,54 @@ class RedisOptions:
             startup_nodes=startup, cluster_error_retry_attempts=2, **kwargs, **extra
         )
 
-    def client(self, **extra: Any) -> redis.asyncio.Redis:
+    def client(
+        self, *, bounded: int | None = None, wait: float | None = None, **extra: Any
+    ) -> redis.asyncio.Redis:
         """A redis-py asyncio client for this URL (`extra`: timeouts and the like), made the
-        way `Redis.from_url` makes one (a pool of its own, no client-side retries)."""
+        way `Redis.from_url` makes one (a pool of its own, no client-side retries). `bounded`:
+        at most that many connections, and a command waits up to `wait` seconds (None:
+        as long as it takes) for one to be free instead of failing."""
         import redis.asyncio
 
         self.ssl_context()  # an unreadable file is our one-line error, not redis-py's
-        pool = redis.asyncio.ConnectionPool(**self.pool_kwargs(), **extra)
+        pool: redis.asyncio.ConnectionPool
+        if bounded is None:
+            pool = redis.asyncio.ConnectionPool(**self.pool_kwargs(), **extra)
+        else:
+            pool = _waiting_pool(bounded, wait, {**self.pool_kwargs(), **extra})
         return redis.asyncio.Redis.from_pool(pool)
+
+
+def _waiting_pool(bound: int, wait: float | None, kwargs: dict[str, Any]) -> Any:
+    """A redis-py pool of at most `bound` connections where a command waits its turn.
+
+    Not redis-py's BlockingConnectionPool: it waits on an asyncio.Condition, which before
+    Python 3.13 loses a notification when the waiter it woke is cancelled (gh-112202); in a
+    reconnect storm, where CONNECTs time out by the thousand, its waiters then sleep beside
+    free connections. An asyncio.Semaphore hands a cancelled waiter's turn on."""
+    import redis.asyncio
+
+    class WaitingPool(redis.asyncio.ConnectionPool):
+        def __init__(self) -> None:
+            super().__init__(max_connections=bound, **kwargs)
+            self.turns = asyncio.Semaphore(bound)
+
+        async def get_connection(self, *args: Any, **options: Any) -> Any:
+            async with asyncio.timeout(wait):
+                await self.turns.acquire()
+            try:
+                return await super().get_connection(*args, **options)  # type: ignore[no-untyped-call]
+            except BaseException:
+                self.turns.release()
+                raise
+
+        async def release(self, connection: Any) -> None:
+            try:
+                await super().release(connection)
+            finally:
+                self.turns.release()
+
+    return WaitingPool()
 
 
 def _load(option: str, path: str, load: Any, *args: Any) -> None:

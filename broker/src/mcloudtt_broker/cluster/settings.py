@@ -31,6 +31,9 @@ class ClusterSettings:
     backoff_max: float = 1.0
     inbox_maxlen: int = 100_000  # entries (batches) kept for a broker that does not read
     handover_timeout: float = 3.0  # how long a CONNECT waits for another broker's session
+    # CONNECTs looking for their session in the cluster at once; more get CONNACK 0x89 Server
+    # busy (3.1.1: 3, Server unavailable) and come back with their client's backoff.
+    max_locating: int = 2_000
     client_ttl: int = 8 * 24 * 3600  # how long Redis remembers which broker had a ClientId
     # --cluster-key-file: the signing key first (keys.py); empty: nothing is tagged.
     keys: tuple[bytes, ...] = field(default=(), repr=False)

@@ -403,10 +403,16 @@ class Broker:
     def idle_sessions(self) -> list[str]:
         # Online persistent sessions with nothing in flight or queued: everything delivered to
         # them so far is acknowledged (a cluster bus checkpoints them for its inbox replay).
+        # One without subscriptions gets nothing replayed: no checkpoint to write (10,000 such
+        # clients would cost 10,000 writes every checkpoint).
         return [
             client_id
             for client_id, s in self.sessions.items()
-            if s.expiry_interval and s.connection is not None and not s.inflight and not s.queue
+            if s.expiry_interval
+            and s.connection is not None
+            and s.subscriptions
+            and not s.inflight
+            and not s.queue
         ]
 
     def release(self, client_id: str, packet_id: int) -> None:

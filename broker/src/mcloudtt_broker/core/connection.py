@@ -499,7 +499,13 @@ class ServerConnection:
         self.state = CONNECTING
         self.finish_connect(None, now)
 
-    def _located(self, snapshot: SessionSnapshot | None) -> None:
+    def _located(self, snapshot: SessionSnapshot | ReasonCode | None) -> None:
+        if isinstance(snapshot, ReasonCode):
+            # The cluster could not look for the session: refused, not started afresh.
+            if self.state == LOCATING and self.connect_args is not None:
+                self.connect_args = None
+                self._refuse(snapshot)
+            return
         self.finish_connect(snapshot, self.broker.clock())
 
     def finish_connect(self, snapshot: SessionSnapshot | None, now: float) -> None:

@@ -15,11 +15,14 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Protocol
 
+from ..mqtt.reason_codes import ReasonCode
 from .message import Message
 from .session import SessionSnapshot
 
-# Called once with the session found elsewhere (None: none, or a clean start) to finish CONNECT.
-Resume = Callable[[SessionSnapshot | None], None]
+# Called once with the session found elsewhere (None: none, or a clean start) to finish CONNECT;
+# with a reason code when it could not be looked for in time (the cluster is busy): the
+# CONNECT is refused with it, and the session stays where it is for the client's next try.
+Resume = Callable[[SessionSnapshot | ReasonCode | None], None]
 
 
 class ClusterBus(Protocol):

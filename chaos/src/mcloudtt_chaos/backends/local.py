@@ -193,6 +193,18 @@ class LocalBackend:
     def endpoints(self) -> list[Endpoint]:
         return list(self._endpoints.values())
 
+    def direct_endpoints(self) -> list[Endpoint]:
+        """The brokers' own MQTT ports, past the client proxies (a reconnect storm's thousands
+        of clients would cost the proxies two descriptors each in this process)."""
+        return [
+            Endpoint(
+                name=name, host=HOST, mqtt_port=process.port or e.mqtt_port, http_port=e.http_port
+            )
+            for (name, e), process in zip(
+                self._endpoints.items(), self.brokers.values(), strict=True
+            )
+        ]
+
     def readyz(self, broker: str) -> tuple[int, str]:
         try:
             return http_get(self._endpoints[broker].http_port, "/readyz", timeout=2.0)
