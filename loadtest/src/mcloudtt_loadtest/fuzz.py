@@ -1,23 +1,26 @@
 """`mcloudtt-fuzz codec|core|live`: mutation fuzzing of the broker's codec, its sans-IO connection
 state machine and a running broker over TCP.
 
-Coverage-less. atheris (coverage-guided, libFuzzer) was the plan, but atheris 3.1.0 ships wheels
-for CPython 3.12+ only and building it needs clang with libFuzzer, which this machine lacks; so
-this is seeded random mutation of valid packet sequences instead (no coverage feedback). The
-seeds are built with the independent client codec `mcloudtt_mqttclient` (never the broker's own
-encoder), then mutated: bit flips, byte edits, truncation, remaining-length fields that lie,
-packet-type swaps, duplicated, dropped and reordered packets, splices of other seeds, and plain
-random bytes; the result is fed in random chunks.
+Two engines. `--engine mutation` (the default): seeded random mutation of valid packet
+sequences, no coverage feedback. The seeds are built with the independent client codec
+`mcloudtt_mqttclient` (never the broker's own encoder), then mutated: bit flips, byte edits,
+truncation, remaining-length fields that lie, packet-type swaps, duplicated, dropped and
+reordered packets, splices of other seeds, and plain random bytes; the result is fed in
+random chunks.
+`--engine atheris`: coverage-guided (libFuzzer) over the same codec and core targets and
+oracles, with the same seeds and the same mutations mixed into libFuzzer's, in a subprocess
+(`fuzz_atheris`); memory bounded by libFuzzer's RSS limit.
 
 Oracles. codec: feeding the decoder anything raises nothing but the codec's `ProtocolError`s,
 and every packet it accepts encodes and decodes back to itself.
 core: no exception escapes `ServerConnection.receive_data` (protocol errors are answered with
-a reason code and the connection closes: the documented path), and a closed connection asked
-its shell to close. live: after each batch the broker process is alive and a well-behaved paho
-client still connects, subscribes, publishes and receives its message.
+a reason code and the connection closes: the documented path), what it writes parses with the
+client codec, and a closed connection asked its shell to close. live: after each batch the
+broker process is alive and a well-behaved paho client still connects, subscribes, publishes and
+receives its message.
 
 A crashing input is saved as `CRASHERS/<target>-<sha1>.bin` (the whole byte stream; for live, the
-batch's streams with 4-byte length prefixes); `tests/fuzz/test_crashers.py` replays every one.
+batch's streams with 4-byte length prefixes); `tests/fuzz/test_fuzz.py` replays every one.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import argparse
 import dataclasses
 import hashlib
 import random
+import re
 import shlex
 import socket
 import struct
@@ -152,6 +156,29 @@ def _mutate_packet(packet: bytes, rng: random.Random) -> bytes:
     return bytes(data)
 
 
+def split_packets(data: bytes) -> list[bytes]:
+    """`data` cut where its fixed headers say packets end (the rest, if any, as the last piece):
+    how the atheris mutator turns one input back into a packet sequence for `mutate`."""
+    out, i = [], 0
+    while i + 2 <= len(data):
+        length, shift, j = 0, 0, i + 1
+        while j < len(data) and j < i + 5:
+            length |= (data[j] & 0x7F) << shift
+            shift += 7
+            j += 1
+            if data[j - 1] < 0x80:
+                break
+        else:
+            break
+        if j + length > len(data):
+            break
+        out.append(data[i : j + length])
+        i = j + length
+    if i < len(data) or not out:
+        out.append(data[i:])
+    return out
+
+
 def mutate(corpus: Sequence[Sequence[bytes]], rng: random.Random) -> bytes:
     """One byte stream: a seed session, mutated per packet and as a sequence."""
     roll = rng.random()
@@ -256,6 +283,19 @@ class CoreCrash(AssertionError):
     """The core broke its contract on an input."""
 
 
+def check_output(wire: bytes | bytearray, version: int) -> None:
+    """What the core wrote is whole packets that the independent client codec parses."""
+    reader = mc.Reader(max_size=1 << 28)
+    reader.feed(wire)
+    try:
+        while (frame := reader.next_frame()) is not None:
+            mc.parse(*frame, version)
+    except mc.MalformedPacket as error:
+        raise CoreCrash(f"the core wrote a malformed packet: {error}") from error
+    if reader.buffered:
+        raise CoreCrash(f"the core's output ends in {reader.buffered} bytes of a partial packet")
+
+
 # Small limits, so the fuzzer reaches the paths where they are hit; the second enables all the
 # limits of the core (topic length and levels, subscriptions, publish rate and bandwidth).
 CORE_SETTINGS = (
@@ -332,7 +372,7 @@ class CoreTarget:
                 hub.pump()
             if conn.state == CLOSED and not link.closed:
                 raise CoreCrash("the connection closed without asking its shell to close")
-            conn.take_output()
+            check_output(conn.take_output(), conn.version)
         if rng.random() < 0.3:
             self.now += 100.0
             broker.tick(self.now)  # keepalive, expiry, wills
@@ -434,6 +474,11 @@ class Result:
     inputs: int = 0
     crashes: list[Path] = field(default_factory=list)
     seconds: float = 0.0
+    # atheris: libFuzzer's coverage counters at the end (edges, features) and its final stats.
+    coverage: int = 0
+    features: int = 0
+    corpus: int = 0
+    peak_rss_mb: int = 0
 
 
 def save_crasher(directory: Path, target: str, data: bytes, why: str) -> Path:
@@ -482,6 +527,87 @@ def fuzz_in_process(
         if progress is not None and i % 1000 == 0:
             progress(i)
     result.seconds = time.monotonic() - started
+    return result
+
+
+_DONE = re.compile(r"^#(\d+)\s+DONE\s+cov: (\d+) ft: (\d+) corp: (\d+)", re.M)
+_STAT = re.compile(r"^stat::(\w+):\s+(\d+)", re.M)
+
+
+def fuzz_atheris(
+    target: str,
+    inputs: int,
+    seed: int,
+    crashers: Path,
+    corpus: Path | None = None,
+    max_len: int = 4096,
+    rss_limit_mb: int = 1024,
+    timeout: int = 10,
+    work: Path | None = None,
+    run: str = "-",
+) -> Result:
+    """`inputs` coverage-guided inputs through the codec or a core, in an atheris subprocess.
+
+    The seeds are those of the mutation engine (each session's packets as one stream) plus the
+    `corpus` files and the saved crashers of `target`; libFuzzer's new inputs go to `work`
+    (kept for the next run when given, else a temporary folder). Memory is bounded by
+    libFuzzer's `-rss_limit_mb`, time per input by `-timeout`: an input that breaks either is
+    saved as a crasher too. `run` (`module:function`) replaces the target's own function."""
+    import subprocess
+    import tempfile
+
+    if target not in ("codec", "core", "cluster") and run == "-":
+        raise ValueError(f"atheris runs codec, core or cluster, not {target}")
+    crashers.mkdir(parents=True, exist_ok=True)
+    before = set(crashers.glob("*.bin"))
+    with tempfile.TemporaryDirectory(prefix="mcloudtt-atheris-") as tmp:
+        seeds_dir = Path(tmp) / "seeds"
+        seeds_dir.mkdir()
+        seeds = [b"".join(s) for s in seed_corpus(random.Random(seed))]
+        seeds += [p.read_bytes() for p in sorted(crashers.glob(f"{target}-*.bin"))]
+        if corpus is not None and corpus.is_dir():
+            seeds += [p.read_bytes() for p in sorted(corpus.glob("*.bin"))]
+        for i, data in enumerate(seeds):
+            (seeds_dir / f"{i:04d}").write_bytes(data)
+        work = work or Path(tmp) / "corpus"
+        work.mkdir(parents=True, exist_ok=True)
+        artifacts = Path(tmp) / "artifacts"
+        artifacts.mkdir()
+        command = [
+            sys.executable,
+            "-m",
+            "mcloudtt_loadtest.fuzz_atheris",
+            target,
+            str(crashers),
+            run,
+            f"-runs={inputs}",
+            f"-seed={seed + 1}",  # libFuzzer takes 0 as 'a random seed'
+            f"-max_len={max_len}",
+            f"-rss_limit_mb={rss_limit_mb}",
+            f"-timeout={timeout}",
+            f"-artifact_prefix={artifacts}/",
+            "-print_final_stats=1",
+            str(work),
+            str(seeds_dir),
+        ]
+        started = time.monotonic()
+        proc = subprocess.run(command, capture_output=True, text=True, errors="replace")
+        seconds = time.monotonic() - started
+        log = proc.stderr + proc.stdout
+        result = Result(target, seconds=seconds)
+        stats = {k: int(v) for k, v in _STAT.findall(log)}
+        result.inputs = stats.get("number_of_executed_units", 0)
+        result.peak_rss_mb = stats.get("peak_rss_mb", 0)
+        done = _DONE.findall(log)
+        if done:
+            result.coverage, result.features, result.corpus = (int(x) for x in done[-1][1:])
+        result.crashes = sorted(set(crashers.glob("*.bin")) - before)
+        if proc.returncode != 0 and not result.crashes:
+            # A timeout, an out-of-memory or a crash outside Python: libFuzzer's own artifact.
+            found = sorted(artifacts.iterdir()) if artifacts.is_dir() else []
+            data = found[0].read_bytes() if found else b""
+            why = f"libFuzzer exited with {proc.returncode}\n{log[-4000:]}"
+            result.crashes.append(save_crasher(crashers, target, data, why))
     return result
 
 
@@ -561,10 +687,23 @@ def fuzz_live(
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="mcloudtt-fuzz",
-        description="Mutation fuzzing (coverage-less: atheris does not install here) of the "
-        "codec, the connection state machine, or a live broker over TCP.",
+        description="Fuzzing of the codec, the connection state machine (core, cluster), or a "
+        "live broker over TCP: seeded mutation, or coverage-guided with --engine atheris.",
     )
     parser.add_argument("target", choices=["codec", "core", "cluster", "live"])
+    parser.add_argument(
+        "--engine",
+        choices=["mutation", "atheris"],
+        default="mutation",
+        help="atheris: coverage-guided (libFuzzer) in a subprocess; codec, core and cluster only",
+    )
+    parser.add_argument("--max-len", type=int, default=4096, help="atheris: longest input")
+    parser.add_argument(
+        "--rss-limit-mb", type=int, default=1024, help="atheris: memory bound (a crash above it)"
+    )
+    parser.add_argument(
+        "--work-corpus", type=Path, help="atheris: keep libFuzzer's corpus here between runs"
+    )
     parser.add_argument("--inputs", type=int, default=100_000, help="inputs to run")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--corpus", type=Path, help="extra seed inputs (*.bin files)")
@@ -576,6 +715,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="live: more options for the broker started, e.g. '--publish-rate 50'",
     )
     args = parser.parse_args(argv)
+    if args.engine == "atheris":
+        if args.target == "live":
+            parser.error("--engine atheris fuzzes codec, core or cluster in process")
+        result = fuzz_atheris(
+            args.target,
+            args.inputs,
+            args.seed,
+            args.crashers,
+            args.corpus,
+            max_len=args.max_len,
+            rss_limit_mb=args.rss_limit_mb,
+            work=args.work_corpus,
+        )
+        rate = result.inputs / result.seconds if result.seconds else 0.0
+        print(
+            f"{result.target} (atheris): {result.inputs} inputs in {result.seconds:.1f} s "
+            f"({rate:,.0f}/s), cov {result.coverage}, ft {result.features}, "
+            f"corpus {result.corpus}, peak RSS {result.peak_rss_mb} MB, "
+            f"{len(result.crashes)} crashing"
+        )
+        for path in result.crashes:
+            print(f"  saved {path}")
+        return 1 if result.crashes else 0
     from rich.progress import Progress
 
     with Progress(transient=True) as bar:
