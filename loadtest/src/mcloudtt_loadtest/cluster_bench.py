@@ -370,38 +370,37 @@ async def latency(
 def backplane_run(
     kind: str, warmup: float, duration: float, lone: int, console: Console
 ) -> dict[str, float]:
-    """QoS 0 then QoS 1 from A to B of 3 routed brokers on this backplane: msg/s, Redis CPU
-    and commands per cross-broker message at full load and one message at a time, the latter
-    against the plan's commands per message."""
+    """QoS 0 then QoS 1 (the same brokers) from A to B of 3 routed brokers on this backplane:
+    msg/s, Redis CPU and commands per cross-broker message at full load and one message at a
+    time, the latter against the plan's commands per message."""
     out: dict[str, float] = {}
-    with backplane(kind) as bp:
+    with backplane(kind) as bp, _brokers("routed", 3, bp.url) as (a, b, cc):
         for qos in (0, 1):
-            with _brokers("routed", 3, bp.url) as (a, b, cc):
-                # The idle background (heartbeats, blocking reads timing out) over a short
-                # while, taken off the window's count as test_redis_ops does.
-                idle0, t0 = redis_totals(bp.primaries)[1], time.monotonic()
-                time.sleep(max(0.5, warmup))
-                idle = sum(calls_delta(idle0, redis_totals(bp.primaries)[1]).values())
-                idle_rate = idle / (time.monotonic() - t0)
-                lone_ops, lone_cpu = lone_messages(bp, a.port, b.port, qos, lone, idle_rate)
-                began: list[float] = []
+            # The idle background (heartbeats, blocking reads timing out) over a short
+            # while, taken off the window's count as test_redis_ops does.
+            idle0, t0 = redis_totals(bp.primaries)[1], time.monotonic()
+            time.sleep(max(0.5, warmup))
+            idle = sum(calls_delta(idle0, redis_totals(bp.primaries)[1]).values())
+            idle_rate = idle / (time.monotonic() - t0)
+            lone_ops, lone_cpu = lone_messages(bp, a.port, b.port, qos, lone, idle_rate)
+            began: list[float] = []
 
-                def probe(began: list[float] = began) -> tuple[float, dict[str, int]]:
-                    began.append(time.monotonic())
-                    return redis_totals(bp.primaries)
+            def probe(began: list[float] = began) -> tuple[float, dict[str, int]]:
+                began.append(time.monotonic())
+                return redis_totals(bp.primaries)
 
-                r = asyncio.run(
-                    fanin(
-                        a.port,
-                        b.port,
-                        [a.pid, b.pid, cc.pid],
-                        qos,
-                        warmup,
-                        duration,
-                        wait_table=a.http_port,
-                        probe=probe,
-                    )
+            r = asyncio.run(
+                fanin(
+                    a.port,
+                    b.port,
+                    [a.pid, b.pid, cc.pid],
+                    qos,
+                    warmup,
+                    duration,
+                    wait_table=a.http_port,
+                    probe=probe,
                 )
+            )
             (cpu0, calls0), (cpu1, calls1) = r["probe"]
             delivered = r["delivered"]
             window = began[1] - began[0]
