@@ -186,3 +186,35 @@ def test_scram_over_tls(broker_factory, scram_file, tmp_path) -> None:
             assert reauthenticate(client, ScramClient("sam", b"s3cret")).type == AUTH
         client.close()
     assert b.metric("mcloudtt_auth_total", result="reauth_success") == 1
+
+
+def _salt_offered(port: int, user: str) -> str:
+    client = RawClient(port)
+    try:
+        client.send(connect("decoy", version=5, props=auth_props(ScramClient(user, b"x").first())))
+        reply = client.recv()
+        assert reply.type == AUTH and reply.code == 0x18
+        data = reply.prop(AUTH_DATA)
+        assert isinstance(data, bytes)
+        return dict(part.split("=", 1) for part in data.decode().split(","))["s"]
+    finally:
+        client.close()
+
+
+def test_an_unknown_user_gets_the_same_salt_from_every_broker_of_a_cluster(
+    broker_factory, scram_file, tmp_path
+) -> None:
+    # Two brokers offering an unknown user two different salts would tell it from a real user
+    # (whose stored salt is the same everywhere): the made-up salts come from the cluster key.
+    key, other = tmp_path / "cluster.key", tmp_path / "other.key"
+    key.write_text("a" * 64 + "\n")
+    other.write_text("b" * 64 + "\n")
+    args = ("--password-file", str(scram_file))
+    a = broker_factory(*args, "--cluster-key-file", str(key))
+    b = broker_factory(*args, "--cluster-key-file", str(key))
+    c = broker_factory(*args, "--cluster-key-file", str(other))
+    assert _salt_offered(a.port, "nobody") == _salt_offered(b.port, "nobody")
+    assert _salt_offered(a.port, "nobody") != _salt_offered(a.port, "somebody-else")
+    assert _salt_offered(c.port, "nobody") != _salt_offered(a.port, "nobody")
+    # A real user's salt is the stored one, on every broker.
+    assert _salt_offered(a.port, "sam") == _salt_offered(c.port, "sam")

@@ -15,6 +15,7 @@ from .cluster.redis_url import RedisUrlError, check_redis_url
 from .cluster.settings import ClusterSettings, DuplicateBrokerId
 from .config import BROKER, ConfigError, environment
 from .core.broker import BrokerSettings
+from .core.scram import use_decoy_key
 from .server import ServerOptions, serve
 
 
@@ -63,6 +64,8 @@ def main(argv: list[str] | None = None) -> None:
             check_redis_url(values["redis"])  # the TLS files are read now, not at each retry
         key_file = values["cluster-key-file"]
         keys = read_key_file(key_file) if key_file else ()
+        if keys:
+            use_decoy_key(keys[0])
     except (ConfigError, RedisUrlError, KeyFileError) as error:
         print(f"mcloudtt-broker: error: {error}", file=sys.stderr)
         sys.exit(2)

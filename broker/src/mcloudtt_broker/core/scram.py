@@ -42,9 +42,17 @@ METHOD = "SCRAM-SHA-256"
 PREFIX = "$scram-sha-256$"
 ITERATIONS = 4096  # RFC 7677 section 4: at least 4096
 _MECHANISM = ScramMechanism(METHOD)
-# A per-process secret: the made-up salts of unknown users are stable (asking twice does not
-# show a difference) but not predictable.
-_DECOY_KEY = os.urandom(32)
+# The secret behind the made-up salts of unknown users: stable (asking twice shows no
+# difference) but not predictable. Per process unless `use_decoy_key` gives one shared by the
+# cluster: otherwise asking two brokers, or one before and after a restart, would tell an
+# unknown username (two different salts) from a real one.
+_decoy_key = os.urandom(32)
+
+
+def use_decoy_key(secret: bytes) -> None:
+    """Derive the made-up salts from `secret` (the cluster key: the same on every broker)."""
+    global _decoy_key
+    _decoy_key = hmac.digest(secret, b"mcloudtt scram decoy salts", "sha256")
 
 
 class ScramError(ValueError):
@@ -97,7 +105,7 @@ def verify_password(password: bytes, credential: ScramCredential) -> bool:
 
 
 def _decoy(username: str) -> ScramCredential:
-    salt = hmac.digest(_DECOY_KEY, username.encode(), "sha256")[:16]
+    salt = hmac.digest(_decoy_key, username.encode(), "sha256")[:16]
     # Keys nobody can match (a proof would need a SHA-256 preimage of random bytes).
     return ScramCredential(salt, ITERATIONS, os.urandom(32), os.urandom(32))
 
