@@ -28,7 +28,18 @@ Docs = dict[str, list[dict[str, Any]]]
 DEPLOYED = ("kind", "gke")
 
 
-@pytest.mark.parametrize("overlay", ["base", "kind", "gke", "kind-locust", "gke-locust"])
+@pytest.mark.parametrize(
+    "overlay",
+    [
+        "base",
+        "kind",
+        "gke",
+        "kind-locust",
+        "gke-locust",
+        "kind-redis-cluster",
+        "gke-memorystore-cluster",
+    ],
+)
 def test_overlay_validates_strictly(tools: Tools, rendered: dict[str, Path], overlay: str) -> None:
     proc = subprocess.run(
         [

@@ -33,26 +33,6 @@ def _script(workload: dict[str, Any], name: str) -> str:
     return script
 
 
-def test_renders_and_validates_strictly(tools: Tools, rendered: dict[str, Path]) -> None:
-    from .manifests import K8S_VERSION
-
-    proc = subprocess.run(
-        [
-            str(tools.kubernetes_validate),
-            "--strict",
-            "-k",
-            K8S_VERSION,
-            "--quiet",
-            str(rendered[NAME]),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-
-
 def test_six_nodes_replace_the_single_redis(docs: Docs) -> None:
     d = docs[NAME]
     assert maybe_find(d, "StatefulSet", "mcloudtt-redis") is None
@@ -254,24 +234,10 @@ def test_gke_on_memorystore_cluster(tools: Tools, rendered: dict[str, Path], doc
     """kind/components/memorystore-cluster on the gke overlay: validates strictly; the clients
     may reach the discovery endpoint and the node ports in the cluster's range, and no more; the
     tap is sharded with the same N on both sides."""
-    from .manifests import K8S_VERSION, example_values
+    from .manifests import example_values
 
+    # Validated strictly with the other overlays (test_manifests.py).
     name = "gke-memorystore-cluster"
-    proc = subprocess.run(
-        [
-            str(tools.kubernetes_validate),
-            "--strict",
-            "-k",
-            K8S_VERSION,
-            "--quiet",
-            str(rendered[name]),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
     d = docs[name]
     (rule,) = find(d, "NetworkPolicy", "mcloudtt-redis-clients-egress")["spec"]["egress"]
     values = example_values()
