@@ -1,0 +1,143 @@
+"""Memorystore for Redis Cluster is TLS-only with a private CA: a real 3+3 Redis Cluster on
+loopback with TLS on every link (clients `--tls-port` only, the cluster bus `--tls-cluster`,
+replication `--tls-replication`), its certificate from a CA made by the test (trustme).
+
+Brokers and the adapter are given the URL exactly as the gke overlay with the
+`memorystore-cluster` component renders it (`MCLOUDTT_REDIS` from the StatefulSet's template,
+`rediss`, the discovery endpoint, an empty AUTH string, the CA file; `MCLOUDTT_TAP_STREAMS=3`):
+they find the shards over TLS, follow redirections to nodes they were not given (each node its
+own TLS handshake, the certificate checked against the address in CLUSTER SLOTS), deliver
+cross-broker QoS 1 and the adapter reads the sharded tap.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from adapter.helpers import AdapterProcess
+from broker.clients import PahoClient
+from brokerproc import BrokerProcess
+from mcloudtt_broker.cluster.tap import tap_streams
+from rediscluster import RedisClusterProcess, RedisTls
+from redisproc import TlsFiles
+
+from .conftest import CLUSTER_ARGS, wait_filters, wait_ready, wait_until
+
+ROOT = Path(__file__).resolve().parents[2]
+CA_IN_POD = "/etc/mcloudtt/redis-ca/ca.pem"
+
+
+@pytest.fixture(scope="module")
+def tls(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
+    return TlsFiles(tmp_path_factory.mktemp("cluster-tls"))
+
+
+@pytest.fixture(scope="module")
+def tls_cluster(tls: TlsFiles) -> Iterator[RedisClusterProcess]:
+    with RedisClusterProcess(tls=RedisTls(tls.ca, tls.server_cert, tls.server_key)) as cluster:
+        yield cluster
+
+
+def _env_value(manifest: Path, name: str) -> str:
+    """A container's `- name: NAME` / `value: ...` (the project has no YAML parser; the deploy
+    tests render the same manifests with kustomize and check them strictly)."""
+    found = re.search(rf"- name: {name}\n\s+value: (\S+)", manifest.read_text())
+    assert found, f"{name} not in {manifest}"
+    return found.group(1)
+
+
+def _literals(kustomization: Path, configmap: str) -> dict[str, str]:
+    """The `literals` of one configMapGenerator entry."""
+    text = kustomization.read_text()
+    block = re.search(rf"- name: {configmap}\n(.*?)(?=\n  - name: |\n\S|\Z)", text, re.S)
+    assert block, f"{configmap} not in {kustomization}"
+    literals = re.findall(r"^\s+- ([A-Z_]+)=(.*)$", block.group(1), re.M)
+    return dict(literals)
+
+
+def rendered_env(cluster: RedisClusterProcess, ca: Path) -> tuple[dict[str, str], dict[str, str]]:
+    """The brokers' and the adapter's Redis environment as the gke overlay with the
+    memorystore-cluster component renders it, for this cluster's discovery endpoint (one node)
+    and CA file."""
+    endpoint = _literals(ROOT / "kind/overlays/gke/kustomization.yaml", "mcloudtt-redis-endpoint")
+    component = ROOT / "kind/components/memorystore-cluster/kustomization.yaml"
+    seed = cluster.live_nodes()[0]
+    values = {
+        **endpoint,
+        "REDIS_HOST": "127.0.0.1",
+        "REDIS_PORT": str(seed.port),
+        "REDIS_PASSWORD": "",  # configure.sh: no AUTH string on a cluster
+        "REDIS_QUERY": endpoint["REDIS_QUERY"].replace(CA_IN_POD, str(ca)),
+    }
+    assert CA_IN_POD in endpoint["REDIS_QUERY"] and endpoint["REDIS_SCHEME"] == "rediss"
+
+    def expand(template: str) -> str:
+        return re.sub(r"\$\((\w+)\)", lambda m: values[m.group(1)], template)
+
+    broker_url = expand(_env_value(ROOT / "kind/base/broker/statefulset.yaml", "MCLOUDTT_REDIS"))
+    adapter_url = expand(
+        _env_value(ROOT / "kind/base/adapter/deployment.yaml", "MCLOUDTT_ADAPTER_REDIS")
+    )
+    broker = {"MCLOUDTT_REDIS": broker_url, "MCLOUDTT_TAP_STREAM": "mcloudtt:tap"}
+    broker.update(_literals(component, "mcloudtt-broker"))
+    adapter = {"MCLOUDTT_ADAPTER_REDIS": adapter_url, "MCLOUDTT_ADAPTER_TAP_STREAM": "mcloudtt:tap"}
+    adapter.update(_literals(component, "mcloudtt-adapter"))
+    return broker, adapter
+
+
+def deliver_across(a: BrokerProcess, b: BrokerProcess, topic: str, count: int = 20) -> None:
+    """A QoS 1 subscriber on b gets, in order, what a publisher on a sends."""
+    subscriber = PahoClient(b.port, f"sub-{topic}")
+    publisher = PahoClient(a.port, f"pub-{topic}")
+    try:
+        assert subscriber.subscribe(f"{topic}/#", qos=1) == [1]
+        wait_filters([a], at_least=1)
+        for n in range(count):
+            publisher.publish(f"{topic}/{n}", f"m{n}".encode(), qos=1)
+        received = subscriber.get_n(count)
+        assert [m.payload for m in received] == [f"m{n}".encode() for n in range(count)]
+        assert {m.qos for m in received} == {1}
+    finally:
+        publisher.stop()
+        subscriber.stop()
+
+
+def test_brokers_and_adapter_on_a_tls_redis_cluster_as_gke_renders_it(
+    tls: TlsFiles, tls_cluster: RedisClusterProcess, tmp_path: Path
+) -> None:
+    broker_env, adapter_env = rendered_env(tls_cluster, tls.ca)
+    url = broker_env["MCLOUDTT_REDIS"]
+    assert url == f"rediss://:@127.0.0.1:{tls_cluster.live_nodes()[0].port}/0?ssl_ca_certs={tls.ca}"
+    assert broker_env["MCLOUDTT_TAP_STREAMS"] == "3"
+    # The tap streams sit on three shards: the seed alone cannot serve them (MOVED elsewhere).
+    with tls_cluster.client() as store:
+        keys = tap_streams("mcloudtt:tap", 3)
+        assert len({store.get_node_from_key(key).port for key in keys}) == 3
+    brokers = [
+        BrokerProcess("--id", name, *CLUSTER_ARGS, env=broker_env).start() for name in ("ta", "tb")
+    ]
+    adapter = AdapterProcess("--duckdb", str(tmp_path / "tap.duckdb"), env=adapter_env)
+    try:
+        wait_ready(brokers, timeout=20)
+        a, b = brokers
+        deliver_across(a, b, "tls-cluster")
+        deliver_across(b, a, "back")
+        adapter.start()
+        wait_until(
+            lambda: adapter.metric("mcloudtt_adapter_rows_out_total", sink="duckdb") >= 40,
+            30,
+            "the adapter to store the 40 messages from three tap streams over TLS",
+        )
+        with tls_cluster.client() as store:
+            assert all(store.xlen(key) for key in keys)  # every shard's stream was written
+    finally:
+        for broker in brokers:
+            code = broker.stop()
+            print(f"--- broker {broker.port} exited {code}", broker.output()[-3000:], sep="\n")
+        print("--- adapter", adapter.log()[-3000:], sep="\n")
+        adapter.close()
+    for broker in brokers:
+        assert "Traceback" not in broker.output()
