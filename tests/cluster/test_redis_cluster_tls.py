@@ -13,6 +13,7 @@ cross-broker QoS 1 and the adapter reads the sharded tap.
 from __future__ import annotations
 
 import re
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -141,3 +142,74 @@ def test_brokers_and_adapter_on_a_tls_redis_cluster_as_gke_renders_it(
         adapter.close()
     for broker in brokers:
         assert "Traceback" not in broker.output()
+
+
+def _loopback_name() -> str:
+    """A host name other than `localhost` (which redis-py's cluster client turns into
+    127.0.0.1) that resolves to loopback here: the machine's own name, as /etc/hosts often has."""
+    name = socket.gethostname()
+    try:
+        address = socket.gethostbyname(name)
+    except OSError:
+        address = ""
+    if not address.startswith("127.") or name == "localhost":
+        pytest.skip(f"the host name {name!r} does not resolve to loopback here")
+    return name
+
+
+def test_certificates_for_names_and_nodes_announced_by_name_or_ip(tmp_path: Path) -> None:
+    """A cluster whose certificate names the nodes by host name (not IP): with the nodes
+    announced by that name in CLUSTER SLOTS (`cluster-preferred-endpoint-type hostname`) every
+    per-node TLS handshake checks the name and the brokers work; announced by IP, the check
+    fails on the nodes found from the seed, and the broker says why and what to do."""
+    import trustme
+
+    name = _loopback_name()
+    ca = trustme.CA(organization_name="mcloudtt name-only CA")
+    cert = ca.issue_cert(name)  # no IP address in it
+    files = RedisTls(tmp_path / "ca.pem", tmp_path / "node.pem", tmp_path / "node.key")
+    ca.cert_pem.write_to_path(str(files.ca))
+    cert.cert_chain_pems[0].write_to_path(str(files.cert))
+    cert.private_key_pem.write_to_path(str(files.key))
+    brokers: list[BrokerProcess] = []
+    late: BrokerProcess | None = None
+
+    def start(url: str, broker_id: str) -> BrokerProcess:
+        broker = BrokerProcess("--redis", url, "--id", broker_id, *CLUSTER_ARGS).start()
+        brokers.append(broker)
+        return broker
+
+    with RedisClusterProcess(tls=files, hostname=name) as cluster:
+        url = cluster.seed_url
+        assert url.startswith(f"rediss://{name}:")
+        try:
+            a, b = start(url, "na"), start(url, "nb")
+            wait_ready([a, b], timeout=20)
+            deliver_across(a, b, "by-name")
+            # The nodes announced by IP: the seed's name checks out, the other nodes' IPs not.
+            for node in cluster.nodes:
+                with node.client() as r:
+                    r.config_set("cluster-preferred-endpoint-type", "ip")
+            late = start(url, "nc")
+            body = readyz_503(late)
+            assert "does not name 127.0.0.1" in body and "ssl_check_hostname=false" in body, body
+            # The way out the reason gives: the CA is still checked, the name no longer.
+            relaxed = start(f"{url}&ssl_check_hostname=false", "nd")
+            wait_until(lambda: relaxed.http_get("/readyz")[0] == 200, 20, "ready")
+        finally:
+            for broker in brokers:
+                code = broker.stop()
+                print(f"--- broker {broker.port} exited {code}", broker.output()[-2000:], sep="\n")
+    # (Not the refused one: uvloop may log the handshake it was in when it was stopped.)
+    assert all("Traceback" not in broker.output() for broker in brokers if broker is not late)
+
+
+def readyz_503(broker: BrokerProcess, timeout: float = 15) -> str:
+    seen: list[tuple[int, str]] = []
+
+    def down() -> bool:
+        seen.append(broker.http_get("/readyz"))
+        return seen[-1][0] == 503 and "TLS" in seen[-1][1]
+
+    wait_until(down, timeout, "/readyz to give the TLS reason")
+    return seen[-1][1]

@@ -728,12 +728,18 @@ class ClusterNode(RedisServer):
     and the node announces its TLS port in CLUSTER SLOTS."""
 
     def __init__(
-        self, *, node_timeout_ms: int, password: str | None = None, tls: RedisTls | None = None
+        self,
+        *,
+        node_timeout_ms: int,
+        password: str | None = None,
+        tls: RedisTls | None = None,
+        hostname: str | None = None,
     ) -> None:
         super().__init__(password=password, name="redis-cluster-node")
         self.bus_port = free_port()
         self.node_timeout_ms = node_timeout_ms
         self.tls = tls
+        self.hostname = hostname
 
     def extra_args(self) -> list[str]:
         extra = [
@@ -754,6 +760,13 @@ class ClusterNode(RedisServer):
                 "--tls-replication", "yes",
                 *self.tls.server_args(),
             ]  # fmt: skip
+        if self.hostname is not None:
+            # CLUSTER SLOTS names the node by this host name, not its IP (as a managed
+            # cluster whose certificates are issued for names).
+            extra += [
+                "--cluster-announce-hostname", self.hostname,
+                "--cluster-preferred-endpoint-type", "hostname",
+            ]  # fmt: skip
         return [*super().extra_args(), *extra]
 
     @property
@@ -763,7 +776,7 @@ class ClusterNode(RedisServer):
     def client(self, **kwargs: Any) -> redis.Redis:
         tls = self.tls.client_kwargs() if self.tls is not None else {}
         return redis.Redis(
-            host=HOST,
+            host=self.hostname or HOST,
             port=self.port,
             password=self.password,
             socket_timeout=2,
@@ -803,20 +816,23 @@ class RedisClusterProcess:
         node_timeout_ms: int = 1000,
         password: str | None = None,
         tls: RedisTls | None = None,
+        hostname: str | None = None,
     ) -> None:
         self.primaries = primaries
         self.replicas = replicas
         self.password = password
         self.tls = tls
         self.nodes = [
-            ClusterNode(node_timeout_ms=node_timeout_ms, password=password, tls=tls)
+            ClusterNode(
+                node_timeout_ms=node_timeout_ms, password=password, tls=tls, hostname=hostname
+            )
             for _ in range(primaries * (1 + replicas))
         ]
 
     # ---------------------------------------------------------------- addresses
 
     def _url(self, node: ClusterNode) -> str:
-        return self._scheme_auth() + f"{HOST}:{node.port}/0" + self._query()
+        return self._scheme_auth() + f"{node.hostname or HOST}:{node.port}/0" + self._query()
 
     def _scheme_auth(self) -> str:
         auth = f":{self.password}@" if self.password is not None else ""
@@ -855,7 +871,7 @@ class RedisClusterProcess:
         node = self.live_nodes()[0]
         tls = self.tls.client_kwargs() if self.tls is not None else {}
         return redis.RedisCluster(
-            host=HOST,
+            host=node.hostname or HOST,
             port=node.port,
             password=self.password,
             decode_responses=True,
