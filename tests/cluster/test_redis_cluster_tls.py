@@ -26,6 +26,8 @@ from rediscluster import RedisClusterProcess, RedisTls
 from redisproc import TlsFiles
 
 from .conftest import CLUSTER_ARGS, wait_filters, wait_ready, wait_until
+from .test_noloss import check
+from .test_redis_cluster import run_under_load
 
 ROOT = Path(__file__).resolve().parents[2]
 CA_IN_POD = "/etc/mcloudtt/redis-ca/ca.pem"
@@ -213,3 +215,30 @@ def readyz_503(broker: BrokerProcess, timeout: float = 15) -> str:
 
     wait_until(down, timeout, "/readyz to give the TLS reason")
     return seen[-1][1]
+
+
+def test_slot_migration_over_tls_loses_nothing(tls: TlsFiles) -> None:
+    """`redis-cli --cluster reshard` (over TLS) moves the slot of B's inbox while A forwards to
+    it under QoS 1: the lean link's ASK to the target node and its reconnect after MOVED each
+    open a TLS connection to a node the URL did not name; nothing acknowledged is lost."""
+    files = RedisTls(tls.ca, tls.server_cert, tls.server_key)
+    with RedisClusterProcess(tls=files) as cluster:
+        assert cluster.seeds_url.startswith("rediss://")
+        (source, _), (target, _), _ = cluster.shards()
+        moved: list[str] = []
+
+        def reshard(b_id: str) -> None:
+            cluster.reshard(800, source, target, pipeline=5)
+            moved.append(b_id)
+
+        pub, sub, brokers = run_under_load(cluster, reshard)
+        try:
+            assert cluster.primary_for(f"mcloudtt:inbox:{{{moved[0]}}}") is target
+            check(pub, sub, 1)
+            assert len(pub.acked) > 300
+            assert sum(b.metric("mcloudtt_cluster_link_losses_total") for b in brokers) >= 1
+        finally:
+            for broker in brokers:
+                broker.stop()
+        for broker in brokers:
+            assert "Traceback" not in broker.output()
