@@ -239,6 +239,7 @@ def test_slot_migration_over_tls_loses_nothing(tls: TlsFiles) -> None:
             assert sum(b.metric("mcloudtt_cluster_link_losses_total") for b in brokers) >= 1
         finally:
             for broker in brokers:
-                broker.stop()
+                code = broker.stop()
+                print(f"--- broker {broker.port} exited {code}", broker.output()[-4000:], sep="\n")
         for broker in brokers:
             assert "Traceback" not in broker.output()
