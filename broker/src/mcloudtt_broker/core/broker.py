@@ -281,7 +281,7 @@ class Broker:
     # ------------------------------------------------------------ subscriptions
 
     def subscribe(self, session: Session, sub: Subscription[Session], inner_filter: str) -> bool:
-        session.subscriptions[sub.topic_filter] = sub
+        session.add_subscription(sub)
         self.bus.session_changed(session.client_id)
         existed = self.trie.add(sub, inner_filter)
         if not existed:
@@ -291,7 +291,7 @@ class Broker:
         return existed
 
     def unsubscribe(self, session: Session, full_filter: str) -> bool:
-        sub = session.subscriptions.pop(full_filter, None)
+        sub = session.remove_subscription(full_filter)
         if sub is None:
             return False
         self.bus.session_changed(session.client_id)
@@ -410,7 +410,7 @@ class Broker:
             for client_id, s in self.sessions.items()
             if s.expiry_interval
             and s.connection is not None
-            and s.subscriptions
+            and s.subs is not None
             and not s.inflight
             and not s.queue
         ]
@@ -532,13 +532,13 @@ class Broker:
         # Write decisions are keyed by the topic alone (the hot one, looked up inline on
         # PUBLISH), subscribe decisions by (action, filter).
         key: tuple[str, str] | str = topic if action == WRITE else (action, topic)
-        cache = session.acl_cache
-        allowed = cache.get(key)
+        allowed = session.acl_cache.get(key)
         if allowed is None:
             # The client's own rights (JWT claims) decide when it has them, else the ACL.
             authorizer = session.rights or self.authorizer
             assert authorizer is not None
             allowed = authorizer.allowed(session.client_id, session.username, action, topic)
+            cache = session.own_acl_cache()
             if len(cache) >= ACL_CACHE_SIZE:
                 cache.clear()
             cache[key] = allowed
@@ -553,7 +553,7 @@ class Broker:
         authorizer = session.rights or self.authorizer
         assert authorizer is not None
         allowed = authorizer.allowed(session.client_id, session.username, READ, topic)
-        cache = session.acl_read
+        cache = session.own_acl_read()
         if len(cache) >= ACL_CACHE_SIZE:
             cache.clear()
         cache[topic] = allowed
@@ -569,8 +569,7 @@ class Broker:
     def forget_decisions(self) -> None:
         """Some rules changed (a reload, rights changed in Redis): drop every cached decision."""
         for session in self.sessions.values():
-            session.acl_cache.clear()
-            session.acl_read.clear()
+            session.forget_decisions()
 
     def authorize_publish(self, client_id: str, topic: str) -> bool:
         # $SYS belongs to the broker; clients may read it, not write it.

@@ -534,8 +534,7 @@ class ServerConnection:
         if session.username != self.username or session.rights is not self.rights:
             session.username = self.username
             session.rights = self.rights
-            session.acl_cache.clear()
-            session.acl_read.clear()
+            session.forget_decisions()
         self.session = session
         self.state = CONNECTED
         self.will = will_message
@@ -621,8 +620,7 @@ class ServerConnection:
             if exchange.rights is not self.rights and self.session is not None:
                 # Fresh rights from the store (a Redis user's): earlier decisions are stale.
                 self.rights = self.session.rights = exchange.rights
-                self.session.acl_cache.clear()
-                self.session.acl_read.clear()
+                self.session.forget_decisions()
             self.send_packet(
                 Auth(
                     reason_code=ReasonCode.SUCCESS,
@@ -970,9 +968,9 @@ class ServerConnection:
             code = ReasonCode.TOPIC_FILTER_INVALID if v5 else 0x80
         else:
             limit = self.broker.settings.max_subscriptions
-            if not limit or full_filter in session.subscriptions:
+            if not limit or session.subscription(full_filter) is not None:
                 return 0
-            if len(session.subscriptions) < limit:
+            if session.subscription_count() < limit:
                 return 0
             self.broker.stats.limited["subscriptions"] += 1
             code = ReasonCode.QUOTA_EXCEEDED if v5 else 0x80
