@@ -30,7 +30,7 @@ from .session import (
     snapshot_of,
 )
 from .stats import Stats
-from .trie import SharedGroup, Subscription, SubscriptionTrie
+from .trie import SharedGroup, Subscription, SubscriptionTrie, in_exact_index
 
 READ_DENY = (READ, "deny")
 
@@ -113,7 +113,9 @@ class Broker:
         # (fan-in repeats topics); dropped on every change of the table.
         self._remote_routes: dict[str, tuple[list[str], list[SharedGroup[RemoteBroker]]]] = {}
         self.peers: dict[str, RemoteBroker] = {}
-        self.filter_refs: Counter[str] = Counter()  # local sessions per full filter
+        # Local sessions per full filter, for the filters the trie's exact index does not
+        # count itself (wildcards, shared): a device's own filter costs no entry here.
+        self.filter_refs: Counter[str] = Counter()
         self._group_turns: Counter[str] = Counter()
         self.pending_wills: dict[str, tuple[float, Message]] = {}
         self.expiring: dict[str, float] = {}
@@ -285,9 +287,14 @@ class Broker:
         self.bus.session_changed(session.client_id)
         existed = self.trie.add(sub, inner_filter)
         if not existed:
-            self.filter_refs[sub.topic_filter] += 1
-            if self.filter_refs[sub.topic_filter] == 1:
-                self.bus.subscription_added(sub.topic_filter)
+            full_filter = sub.topic_filter
+            if in_exact_index(inner_filter, sub.share_group):
+                first = self.trie.exact_holders(inner_filter) == 1
+            else:
+                refs = self.filter_refs[full_filter] = self.filter_refs[full_filter] + 1
+                first = refs == 1
+            if first:
+                self.bus.subscription_added(full_filter)
         return existed
 
     def unsubscribe(self, session: Session, full_filter: str) -> bool:
@@ -297,9 +304,14 @@ class Broker:
         self.bus.session_changed(session.client_id)
         group, inner = split_shared(full_filter)
         self.trie.remove(session, inner, group)
-        self.filter_refs[full_filter] -= 1
-        if self.filter_refs[full_filter] <= 0:
-            del self.filter_refs[full_filter]
+        if in_exact_index(inner, group):
+            last = self.trie.exact_holders(inner) == 0
+        else:
+            self.filter_refs[full_filter] -= 1
+            last = self.filter_refs[full_filter] <= 0
+            if last:
+                del self.filter_refs[full_filter]
+        if last:
             self.bus.subscription_removed(full_filter)
         return True
 
@@ -345,7 +357,7 @@ class Broker:
         return sum(len(peer.filters) for peer in self.peers.values())
 
     def local_filters(self) -> list[str]:
-        return list(self.filter_refs)
+        return self.trie.exact_filters() + list(self.filter_refs)
 
     # ------------------------------------------------------------ sessions across brokers
     # (`ports.ClusterCore`: what a cluster bus uses)
