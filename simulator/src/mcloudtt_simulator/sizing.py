@@ -200,7 +200,7 @@ def redis_ops_per_cross(
     destinations = max(1, destinations)
     per_write = 1.0 + broker_msg_s * window_s  # messages one outbox write carries
     # The destinations those messages go to (expected distinct ones, each equally likely).
-    spread = destinations * (1.0 - (1.0 - 1.0 / destinations) ** per_write)
+    spread = destinations * (1.0 - math.pow(1.0 - 1.0 / destinations, per_write))
     per_xadd = min(float(FLUSH_BATCH), per_write / spread)
     # Entries reach a receiver at broker_msg_s / per_xadd per second; one read takes those
     # that arrived while the previous read was on its way.
