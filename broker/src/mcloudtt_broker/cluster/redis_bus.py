@@ -54,7 +54,7 @@ from .membership import Membership
 from .outbox import Outbox
 from .redis_url import link_error_reason, parse_redis_url
 from .settings import BROADCAST, ClusterSettings, DuplicateBrokerId
-from .topology import BusCluster, Node, SlotMap, open_link, probe
+from .topology import BusCluster, Node, SlotMap, close_quietly, open_link, probe
 
 log = logging.getLogger("mcloudtt.cluster")
 
@@ -63,6 +63,8 @@ CONFIRM_INTERVAL = 0.1
 # How long what was published before the first table load is kept for peers whose tables come
 # after ours (brokers that all started before Redis reconnect within a backoff of each other).
 UNROUTED_GRACE = 5.0
+# How long a reconnect waits for the old link's workers and clients to close.
+STOP_TIMEOUT = 2.0
 
 
 class RedisBus:
@@ -223,6 +225,7 @@ class RedisBus:
             if client is not None:
                 with contextlib.suppress(Exception):
                     await client.aclose()
+        close_quietly(self.link.writer)
 
     def ready(self) -> bool:
         return self.link.connected
@@ -276,13 +279,16 @@ class RedisBus:
 
     # ------------------------------------------------------------------ the link
 
-    async def _guarded(self, work: Awaitable[None]) -> None:
-        """Run one of the link's jobs; the one place Redis and socket errors are handled."""
+    async def _guarded(self, work: Awaitable[None], connects: int | None = None) -> None:
+        """Run one of the link's jobs; the one place Redis and socket errors are handled.
+        A worker of an earlier link (`connects` behind, left running by `_stopped`) cannot
+        break the current one."""
         try:
             with redis_errors():
                 await work
         except LinkError as error:
-            self._link_lost(error)
+            if connects is None or connects == self.stats["connects"]:
+                self._link_lost(error)
         except DuplicateBrokerId as error:
             log.error("%s", error)
             if self.fatal is not None and not self.fatal.done():
@@ -290,7 +296,7 @@ class RedisBus:
             self._lost_event.set()  # the link stops for good
 
     def _worker(self, work: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
-        return asyncio.create_task(self._guarded(work), name=name)
+        return asyncio.create_task(self._guarded(work, self.stats["connects"]), name=name)
 
     async def _link_forever(self) -> None:
         backoff = Backoff(base=0.05, cap=self.settings.backoff_max, jitter=0.2)
@@ -312,12 +318,28 @@ class RedisBus:
                 finally:
                     for worker in workers:
                         worker.cancel()
-                    for worker in workers:
-                        with contextlib.suppress(BaseException):
-                            await worker
+                    await self._stopped(workers)
             if self._closing or (self.fatal is not None and self.fatal.done()):
                 return
             await asyncio.sleep(backoff.next())
+
+    async def _stopped(self, workers: list[asyncio.Task[None]]) -> None:
+        """Wait for the cancelled workers, a bounded time: one that does not end when
+        cancelled (a redis-py close waiting on a TLS shutdown or a lock) must not keep the
+        link down for good; it is left to finish alone and the link reconnects."""
+        done, pending = await asyncio.wait(workers, timeout=STOP_TIMEOUT)
+        for worker in done:
+            if not worker.cancelled():
+                worker.exception()  # retrieved: `_guarded` already handled what matters
+        for worker in pending:
+            self.stats["workers_stuck"] += 1
+            frames = worker.get_stack()
+            where = f"{frames[-1].f_code.co_filename}:{frames[-1].f_lineno}" if frames else "?"
+            log.warning(
+                "%s did not stop when cancelled (at %s); reconnecting without it",
+                worker.get_name(),
+                where,
+            )
 
     def _link_lost(self, error: BaseException) -> None:
         link = self.link
@@ -342,8 +364,10 @@ class RedisBus:
         link = self.link
         for old in (link.redis, link.sessions):
             if old is not None:
-                with contextlib.suppress(Exception):
-                    await old.aclose()
+                # Bounded, as the workers' stop is.
+                with contextlib.suppress(Exception, TimeoutError):
+                    async with asyncio.timeout(STOP_TIMEOUT):
+                        await old.aclose()
         link.sessions = None
         # One round trip per connect: a cluster node gives its slot map (topology.py).
         self.slots = slots = await probe(self.redis_options, self.known_nodes)
@@ -478,6 +502,8 @@ class RedisBus:
             "link_up": 1.0 if self.link.connected else 0.0,
             "connects_total": float(stats["connects"]),
             "link_losses_total": float(stats["link_losses"]),
+            # Reconnects that went on without a worker of the old link that would not stop.
+            "link_workers_stuck_total": float(stats["workers_stuck"]),
             "buffered_messages": float(self.outbox.buffered()),
             "unconfirmed_messages": float(self.outbox.unconfirmed_count()),
             "forwarded_total": float(stats["forwarded"]),
