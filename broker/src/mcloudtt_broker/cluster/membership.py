@@ -56,6 +56,13 @@ return 1
 ADOPTION_DEADLINE = 30.0
 
 
+def heartbeat_deadline(settings: ClusterSettings) -> float:
+    """How long one presence refresh may go unanswered before the link counts as lost: two
+    beats (TTL/5 each), within 1-2 s (a tiny script; Redis answering it later than that is
+    unreachable for the cluster's purposes, and peers see our presence expire soon anyway)."""
+    return min(2.0, max(1.0, 2 * settings.presence_ttl / 5))
+
+
 def gone_grace(settings: ClusterSettings) -> float:
     """How long past its TTL a peer's presence must stay missing before it is gone."""
     return max(1.0, 2 * settings.backoff_max)
@@ -245,14 +252,21 @@ class Membership:
     async def heartbeat(self, redis: RedisClient) -> None:
         # Five beats per TTL: a broker must miss four in a row to look dead.
         interval = max(0.1, self.settings.presence_ttl / 5)
+        deadline = heartbeat_deadline(self.settings)
         prefix = self.settings.prefix
         grace = gone_grace(self.settings)
         while True:
             await asyncio.sleep(interval)
             ttl_ms = int(self.settings.presence_ttl * 1000)
-            state = await redis.eval(
-                _REFRESH_SCRIPT, 2, self.k_presence, self.k_adopter, self.token, ttl_ms
-            )
+            # A link held rather than refused (a partition: nothing answers, nothing resets)
+            # is lost when a beat goes unanswered past its deadline, not after the 5 s socket
+            # timeout: until then every CONNECT here waits on its session look-up, and a
+            # broker cut from Redis must keep serving its local clients. (TimeoutError is an
+            # OSError: the link's guard makes it a LinkError.)
+            async with asyncio.timeout(deadline):
+                state = await redis.eval(
+                    _REFRESH_SCRIPT, 2, self.k_presence, self.k_adopter, self.token, ttl_ms
+                )
             if state == -1:
                 raise DuplicateBrokerId(f"broker id {self.me!r} was taken by another broker")
             if state == 0:
