@@ -250,6 +250,19 @@ class Membership:
     # ------------------------------------------------------------------ workers
 
     async def heartbeat(self, redis: RedisClient) -> None:
+        # One connection of its own (not a cluster client's): a beat is one round trip, and
+        # its deadline never pays for a connection set up through a slow link.
+        beat = redis if is_cluster(redis) else redis.client()
+        try:
+            if beat is not redis:
+                await beat.initialize()
+            await self._beat_forever(beat)
+        finally:
+            if beat is not redis:
+                with contextlib.suppress(Exception):
+                    await beat.aclose()
+
+    async def _beat_forever(self, redis: RedisClient) -> None:
         # Five beats per TTL: a broker must miss four in a row to look dead.
         interval = max(0.1, self.settings.presence_ttl / 5)
         deadline = heartbeat_deadline(self.settings)
