@@ -19,7 +19,7 @@ Faults:
   program, so the process started is the server itself).
 - `cut_from_redis`: the bridge end of the broker's backplane veth goes down, a cable pulled at
   the switch: packets are silently lost, TCP retransmits, ARP fails after a few seconds (a
-  broker here says `/readyz` 503 about 6 s after the cut).
+  broker's heartbeat notices within a beat and its deadline, 1-2 s, and says `/readyz` 503).
 - `cut_from_clients`: the same for its clients veth.
 - `degrade_redis_link`: brokers use Redis's *service* address; degrading puts that address on
   the broker namespace's loopback and a fault proxy listening on it, which forwards to Redis's
