@@ -21,7 +21,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Generic, Literal, Protocol, Self, TypeVar
 
-from .procs import http_get, port_open, wait_for
+from .procs import Process, RedisServer, http_get, port_open, wait_for
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -327,6 +327,79 @@ class BackendBase:
         if not self._broker_running(broker):
             self._start_broker(broker)
         self._wait_serving(broker)
+
+
+class ProcessBackend(BackendBase):
+    """A backend whose Redis and brokers are processes this one started (local, netns): every
+    fault on them is a signal, the same on both."""
+
+    redis: RedisServer | None
+
+    def _process(self, broker: str) -> Process:
+        raise NotImplementedError
+
+    def _redis(self) -> RedisServer:
+        if self.redis is None:
+            raise RuntimeError("setup() first")
+        return self.redis
+
+    def log(self, name: str) -> str:
+        """The log of `redis` or a broker (for reports and failing tests)."""
+        process = self.redis if name == "redis" else self._process(name)
+        return "" if process is None else process.log_text()
+
+    # Redis
+    def start_redis(self) -> None:
+        redis = self._redis()
+        if not redis.alive():
+            redis.start()
+
+    def kill_redis(self) -> None:
+        self._redis().kill()
+
+    def _redis_running(self) -> bool:
+        return self._redis().alive()
+
+    def _redis_data_dir(self) -> Path:
+        return self._redis().data_dir
+
+    def freeze_redis(self) -> None:
+        self._redis().pause()
+
+    def thaw_redis(self) -> None:
+        self._redis().resume()
+
+    def _stop_redis(self) -> None:
+        if self.redis is not None and self.redis.proc is not None:
+            self.redis.stop(timeout=5.0)
+
+    # brokers
+    def _start_broker(self, broker: str) -> None:
+        self._process(broker).start()
+
+    def _broker_running(self, broker: str) -> bool:
+        return self._process(broker).alive()
+
+    def _broker_pid(self, broker: str) -> int | None:
+        process = self._process(broker)
+        return process.pid if process.alive() else None
+
+    def _gone(self, broker: str) -> str | None:
+        """Why the broker will not come to serve (it exited), None while it may."""
+        process = self._process(broker)
+        return None if process.alive() else f"exited with status {process.returncode}"
+
+    def kill_broker(self, broker: str) -> None:
+        self._process(broker).kill()
+
+    def stop_broker(self, broker: str) -> None:
+        self._process(broker).stop(timeout=15.0)
+
+    def freeze_broker(self, broker: str) -> None:
+        self._process(broker).pause()
+
+    def thaw_broker(self, broker: str) -> None:
+        self._process(broker).resume()
 
 
 @dataclass(kw_only=True)

@@ -25,7 +25,7 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from mcloudtt_chaos.backend import Backend, BackendBase, ClusterSpec, Endpoint, LinkFault
+from mcloudtt_chaos.backend import Backend, ClusterSpec, Endpoint, LinkFault, ProcessBackend
 from mcloudtt_chaos.faultproxy import FaultProxy
 from mcloudtt_chaos.procs import (
     HOST,
@@ -59,7 +59,7 @@ class _ProxyLoop:
             self.loop.close()
 
 
-class LocalBackend(BackendBase):
+class LocalBackend(ProcessBackend):
     name = "local"
 
     def __init__(self, workdir: Path | str | None = None, *, seed: int | None = None) -> None:
@@ -120,27 +120,16 @@ class LocalBackend(BackendBase):
     def broker_names(self) -> list[str]:
         return list(self.brokers)
 
-    def _start_broker(self, broker: str) -> None:
-        self.brokers[broker].start()
-
-    def _broker_running(self, broker: str) -> bool:
-        return self.brokers[broker].alive()
-
     def _wait_serving(self, broker: str) -> None:
         self.brokers[broker].wait_port(timeout=30)
 
-    def _broker_pid(self, broker: str) -> int | None:
-        process = self.brokers[broker]
-        return process.pid if process.alive() else None
+    def _process(self, broker: str) -> Process:
+        return self.brokers[broker]
 
     def _stop_brokers(self) -> None:
         for broker in self.brokers.values():
             if broker.proc is not None:
                 broker.stop(timeout=5)
-
-    def _stop_redis(self) -> None:
-        if self.redis is not None and self.redis.proc is not None:
-            self.redis.stop(timeout=5)
 
     def _release(self) -> None:
         if self._loop is not None:
@@ -173,51 +162,6 @@ class LocalBackend(BackendBase):
             return http_get(self._endpoints[broker].http_port, "/readyz", timeout=2.0)
         except OSError as error:
             return 0, f"unreachable: {error}"
-
-    def log(self, name: str) -> str:
-        """The log of `redis` or a broker (for reports and failing tests)."""
-        process = self.redis if name == "redis" else self.brokers[name]
-        return "" if process is None else process.log_text()
-
-    # ------------------------------------------------------------------ Redis
-
-    def _redis(self) -> RedisServer:
-        assert self.redis is not None, "setup() first"
-        return self.redis
-
-    def start_redis(self) -> None:
-        redis = self._redis()
-        if not redis.alive():
-            redis.start()
-
-    def kill_redis(self) -> None:
-        self._redis().kill()
-
-    def _redis_running(self) -> bool:
-        return self._redis().alive()
-
-    def _redis_data_dir(self) -> Path:
-        return self._redis().data_dir
-
-    def freeze_redis(self) -> None:
-        self._redis().pause()
-
-    def thaw_redis(self) -> None:
-        self._redis().resume()
-
-    # ------------------------------------------------------------------ brokers
-
-    def kill_broker(self, broker: str) -> None:
-        self.brokers[broker].kill()
-
-    def stop_broker(self, broker: str) -> None:
-        self.brokers[broker].stop(timeout=15)
-
-    def freeze_broker(self, broker: str) -> None:
-        self.brokers[broker].pause()
-
-    def thaw_broker(self, broker: str) -> None:
-        self.brokers[broker].resume()
 
     # ------------------------------------------------------------------ links
 

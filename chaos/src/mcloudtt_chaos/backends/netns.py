@@ -64,6 +64,7 @@ from ..backend import (
     Backend,
     ClusterSpec,
     LinkFault,
+    ProcessBackend,
     TwoNetworkBackend,
     TwoNetworkBroker,
     owner_alive,
@@ -293,7 +294,7 @@ class _Broker(TwoNetworkBroker):
     service_on_lo: bool = False
 
 
-class NetnsBackend(TwoNetworkBackend[_Broker]):
+class NetnsBackend(ProcessBackend, TwoNetworkBackend[_Broker]):
     """Redis and the brokers in namespaces of their own, joined by two bridges."""
 
     name = "netns"
@@ -449,77 +450,16 @@ class NetnsBackend(TwoNetworkBackend[_Broker]):
                         process.stop(timeout=5.0)
             broker.proxy = None
 
-    def _stop_redis(self) -> None:
-        if self.redis is not None and self.redis.proc is not None:
-            self.redis.stop(timeout=5.0)
-
     def _release(self) -> None:
         if self._made:
             _remove_run(self.run_id)
             self._made = False
 
-    def _start_broker(self, broker: str) -> None:
-        self.broker(broker).process.start()
-
-    def _broker_running(self, broker: str) -> bool:
-        return self.broker(broker).process.alive()
-
-    def _broker_pid(self, broker: str) -> int | None:
-        process = self.broker(broker).process
-        return process.pid if process.alive() else None
-
-    def _gone(self, broker: str) -> str | None:
-        process = self.broker(broker).process
-        return None if process.alive() else f"exited with status {process.returncode}"
+    def _process(self, broker: str) -> Process:
+        return self.broker(broker).process
 
     def _serving_error(self, message: str) -> Exception:
         return ProcessError(message)
-
-    # ---------------------------------------------------------------- looking
-
-    def log(self, name: str) -> str:
-        """The log of `redis` or a broker (for reports and failing tests)."""
-        process = self.redis if name == "redis" else self.broker(name).process
-        return "" if process is None else process.log_text()
-
-    # ---------------------------------------------------------------- Redis
-
-    def _redis(self) -> _NsRedis:
-        if self.redis is None:
-            raise RuntimeError("setup() first")
-        return self.redis
-
-    def start_redis(self) -> None:
-        self._redis().start()
-
-    def kill_redis(self) -> None:
-        self._redis().kill()
-
-    def _redis_running(self) -> bool:
-        return self._redis().alive()
-
-    def _redis_data_dir(self) -> Path:
-        return self._redis().data_dir
-
-    def freeze_redis(self) -> None:
-        self._redis().pause()
-
-    def thaw_redis(self) -> None:
-        self._redis().resume()
-
-    # ---------------------------------------------------------------- brokers
-
-    def kill_broker(self, broker: str) -> None:
-        self.broker(broker).process.kill()
-
-    def stop_broker(self, broker: str) -> None:
-        self.broker(broker).process.stop(timeout=15.0)
-
-    def freeze_broker(self, broker: str) -> None:
-        self.broker(broker).process.pause()
-
-    def thaw_broker(self, broker: str) -> None:
-        self.broker(broker).process.resume()
 
     # ---------------------------------------------------------------- links
 
