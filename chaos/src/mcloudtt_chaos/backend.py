@@ -142,9 +142,10 @@ def _unwind(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(128 + signum)
 
 
-def _unwind_on_signals() -> None:
+def unwind_on_signals() -> None:
     """SIGTERM (a CI job cancelled, `kill`) and SIGHUP (the terminal closed) end the run like
-    Ctrl-C; only in the main thread and where nobody has chosen a handler already."""
+    Ctrl-C; only in the main thread and where nobody has chosen a handler already. `setup`
+    calls it, and so must whoever calls `setup` off the main thread (the scenario runner)."""
     if threading.current_thread() is not threading.main_thread():
         return
     for sig in (signal.SIGTERM, signal.SIGHUP):
@@ -273,7 +274,7 @@ class BackendBase:
         self._check(spec)
         self.spec = spec
         _LIVE.add(self)
-        _unwind_on_signals()
+        unwind_on_signals()
         try:
             self._build(spec)
             if spec.redis_first:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from mcloudtt_chaos.backend import Backend, ClusterSpec, Endpoint, LinkFault
+from mcloudtt_chaos.backend import Backend, ClusterSpec, Endpoint, LinkFault, unwind_on_signals
 from mcloudtt_chaos.checker import Report, Verdict, check
 from mcloudtt_chaos.history import Acked, Delivered, HistoryWriter, Record, Sent, read_history
 from mcloudtt_chaos.probe import ProbeClient, local_roundtrip
@@ -857,6 +857,10 @@ async def run_scenario(
     writer = HistoryWriter(history_path)
     workload: WorkloadLike | None = None
     run: Run | None = None
+    # Here, on the loop's thread (the main one from the CLI), not in `setup`'s worker thread,
+    # where no signal handler can be set: a SIGTERM then unwinds through the `finally` below,
+    # which tears the cluster down, instead of killing us and leaving it running.
+    unwind_on_signals()
     try:
         progress(f"setting up {cluster.brokers} brokers on {backend.name}")
         await asyncio.to_thread(backend.setup, cluster)
