@@ -255,7 +255,10 @@ class Membership:
         beat = redis if is_cluster(redis) else redis.client()
         try:
             if beat is not redis:
-                await beat.initialize()
+                # Set up under a deadline too (a few round trips): a link cut right after it
+                # came up is noticed as fast as one cut later.
+                async with asyncio.timeout(2 * heartbeat_deadline(self.settings)):
+                    await beat.initialize()
             await self._beat_forever(beat)
         finally:
             if beat is not redis:
@@ -289,7 +292,9 @@ class Membership:
             # Peers whose presence expired have left (their sessions are adopted).
             now = time.monotonic()
             for peer in list(self.live_peers):
-                if await redis.exists(f"{prefix}:broker:{{{peer}}}"):
+                async with asyncio.timeout(deadline):
+                    present = await redis.exists(f"{prefix}:broker:{{{peer}}}")
+                if present:
                     self.missing_since.pop(peer, None)
                 elif now - self.missing_since.setdefault(peer, now) > grace:
                     self.peer_gone(peer)
