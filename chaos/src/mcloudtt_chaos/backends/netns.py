@@ -30,10 +30,10 @@ Faults:
   the kernel has it (no proxy, no reset), else the proxy's. `heal` removes all of it.
 
 Everything a run creates is named after its id and recorded in a state file with the owner's
-pid and start time; `teardown()` (also from an atexit hook, and on SIGTERM, which then unwinds
-like Ctrl-C) removes it, and `cleanup_stale()` removes what a SIGKILLed run left behind (the
-processes in its namespaces first: they run in sessions of their own and outlive it), never
-touching a live run's. Subnets come from 10.203.0.0/16, a /24 that no address or route of the
+pid and start time; `teardown()` (also from an atexit hook, and on SIGTERM/SIGHUP, which then
+unwind like Ctrl-C) removes it, and `cleanup_stale()`, run at every setup, removes what a
+SIGKILLed run left behind (the processes in its namespaces first: they run in sessions of their
+own and outlive it), never touching a live run's. Subnets come from 10.203.0.0/16, a /24 that no address or route of the
 root namespace overlaps, picked under a lock so two runs starting at once differ.
 """
 
@@ -353,6 +353,7 @@ class NetnsBackend(ProcessBackend, TwoNetworkBackend[_Broker]):
     def _build(self, spec: ClusterSpec) -> None:
         self.brokers = {}
         self._fresh_workdir()
+        cleanup_stale()  # what a SIGKILLed run left (a live run's is spared)
         with _allocation_lock():
             self.subnet = _pick_subnet(self._rng)
             self._record()
