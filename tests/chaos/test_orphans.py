@@ -170,3 +170,21 @@ def test_a_normal_exit_leaves_children_as_before(tmp_path: Path) -> None:
         assert _alive(child)
     finally:
         os.kill(child, signal.SIGKILL)
+
+
+def test_a_killed_watchdog_is_replaced_before_the_next_child(tmp_path: Path) -> None:
+    code = (
+        "import os, signal, time\n"
+        "from mcloudtt_chaos.procs import Process\n"
+        "from mcloudtt_chaos.watchdog import guard\n"
+        "first = Process(['sleep', '60']).start()\n"
+        "os.kill(guard().proc.pid, signal.SIGKILL)\n"
+        "guard().proc.wait()\n"
+        "second = Process(['sleep', '61']).start()\n"
+        "print(first.pid, second.pid, flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    parent = Process([sys.executable, "-c", code], log_path=tmp_path / "parent.log").start()
+    with parent:
+        match = parent.wait_log(r"(?m)^(\d+) (\d+)$")
+        _kill_and_expect_none_left(parent, {int(match.group(1)), int(match.group(2))})

@@ -38,8 +38,8 @@ class Watchdog:
     """The parent's end of one watchdog: `watch(pid)` after a child starts, `forget(pid)` once
     it is reaped, `close()` on a clean exit."""
 
-    def __init__(self) -> None:
-        self.token = f"{os.getpid()}.{time.time_ns()}"
+    def __init__(self, token: str | None = None) -> None:
+        self.token = token or f"{os.getpid()}.{time.time_ns()}"
         read_end, self._fd = os.pipe()  # both close-on-exec: no child inherits the write end
         try:
             self.proc = subprocess.Popen(
@@ -93,6 +93,11 @@ def guard() -> Watchdog:
         if _GUARD is None:
             _GUARD = Watchdog()
             atexit.register(_clean_exit)
+        elif _GUARD.proc.poll() is not None:
+            # Killed under us: a new one on the same token, which the children carry (the
+            # groups told to the old one are known by that token only, unless re-watched).
+            _GUARD._drop()
+            _GUARD = Watchdog(_GUARD.token)
         # Set after the watchdog started (it must not carry its own token), and again if a
         # caller replaced os.environ.
         tokens = os.environ.get(ENV, "").split()
