@@ -1,7 +1,8 @@
 """Nothing outlives a SIGKILLed harness: not the Redis Cluster nodes and brokers of a pytest run
 that never ran its teardown, not a bare `subprocess.Popen` child, not a child started from a
 worker thread (PR_SET_PDEATHSIG would have killed it when the thread ended, and spares it when
-the process dies), not the brokers, Redis and proxies of a `mcloudtt-chaos run`."""
+the process dies), not a load test's Mosquitto peer, not the brokers and Redis of a
+`mcloudtt-chaos run`."""
 
 from __future__ import annotations
 
@@ -31,10 +32,16 @@ def test_hold_everything(redis_cluster, broker_factory):
         Process(["sleep", "300"], die_with_parent=True).start()))
     worker.start()
     worker.join()  # the thread that started it has ended
+    # A load test's comparison peer, as mcloudtt-bench starts it.
+    from mcloudtt_chaos.procs import free_port
+    from mcloudtt_loadtest.brokers import RunningBroker, make_launcher
+    launcher = make_launcher("mosquitto", cache_dir=Path.cwd())
+    launcher.prepare()
+    peer = RunningBroker(launcher, free_port(), Path.cwd()).start().wait_port()
     pids = {
         "redis": [node.pid for node in redis_cluster.nodes],
         "brokers": [b.pid for b in brokers],
-        "other": [bare.pid, from_thread[0].pid],
+        "other": [bare.pid, from_thread[0].pid, peer.pid],
     }
     Path(os.environ["PIDS_FILE"]).write_text(json.dumps(pids))
     time.sleep(300)
@@ -125,6 +132,7 @@ def test_a_sigkilled_pytest_leaves_no_redis_cluster_node_broker_or_child(
             )
         )
         assert len(recorded["redis"]) == 6 and len(recorded["brokers"]) == 2
+        assert len(recorded["other"]) == 3
         pids = {pid for group in recorded.values() for pid in group}
         # Whatever else it started (the watchdog is meant to outlive it by a moment).
         pids |= {p for p in _descendants(inner.pid) if "watchdog.py" not in _cmdline(p)}
