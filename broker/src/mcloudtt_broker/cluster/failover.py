@@ -34,6 +34,7 @@ import dataclasses
 import json
 import logging
 import time
+import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, TypeVar
@@ -156,6 +157,8 @@ class Failover:
         resume_inbox: Callable[[], None] | None = None,
         announce_adoption: Callable[[str, list[str]], None] | None = None,
         finish_adoption: Callable[[str], list[bytes]] | None = None,
+        announce_move: Callable[[str, str, list[str]], None] | None = None,
+        mark_inbox: Callable[[str, str], None] | None = None,
         replay: bool = True,
     ) -> None:
         self.settings = settings
@@ -177,6 +180,8 @@ class Failover:
         self.resume_inbox = resume_inbox
         self.announce_adoption = announce_adoption  # (dead, filters): tell every broker
         self.finish_adoption = finish_adoption  # stop routing to dead: our records for it
+        self.announce_move = announce_move  # (requester, token, filters): `moved`, before `del`
+        self.mark_inbox = mark_inbox  # (broker, token): our end marker in its inbox
         self.replay_enabled = replay  # False only to show what is lost without it (tests)
         self.k_marks = f"{prefix}:marks:{{{self.me}}}"
         # The wills due if we died now (client id -> will), published by whoever takes our
@@ -209,6 +214,9 @@ class Failover:
         # Routes to a broker we handed a session to, set before its own `add` comes: (broker,
         # filter) -> [until (loop time), a `del` of it came meanwhile and was held back].
         self._pinned: dict[tuple[str, str], list[float | bool]] = {}
+        # Sessions handed to us by a live broker, whose inbox we still drain past the snapshot:
+        # client id -> (that broker, its marks at the snapshot, the hand-over's token).
+        self._drains: dict[str, tuple[str, Marks, str]] = {}
         # ClientIds that connected while Redis was away: the registry learns them on reconnect.
         self._unregistered: set[str] = set()
         # CONNECTs refused because their session could not be located: the registry names us
@@ -446,8 +454,11 @@ class Failover:
             self._handovers.pop(client_id, None)
         if not isinstance(snapshot, ReasonCode):
             self._unresolved.pop(client_id, None)  # found (or none to find): done looking
+        drain = self._drains.pop(client_id, None)
         try:
             resume(snapshot)  # the session is here now, also if its client went away meanwhile
+            if drain is not None and snapshot is not None:
+                self._start_drain(client_id, *drain)
         finally:
             if self._locating.get(client_id) is located:
                 del self._locating[client_id]
@@ -546,7 +557,78 @@ class Failover:
             return await self._follow(redis, data[1:].decode(), client_id, clean_start, hops + 1)
         if data is None or clean_start:
             return None
-        return decode_snapshot(data, self.core.clock)
+        snapshot = decode_snapshot(data, self.core.clock)
+        moved = snapshot_marks(data)
+        if isinstance(moved, dict) and self.replay_enabled:
+            token, holder = moved.get("token"), moved.get("from")
+            if isinstance(token, str) and isinstance(holder, str) and holder != self.me:
+                self._drains[client_id] = (holder, Marks.decode(moved), token)
+        return snapshot
+
+    def _start_drain(self, client_id: str, holder: str, marks: Marks, token: str) -> None:
+        """The session handed over by the live broker `holder` is restored here: what was
+        routed to `holder` for it after its snapshot is in `holder`'s inbox, up to each
+        origin's marker for this hand-over (written once it routed to us, `moved`). Our
+        inbox waits until that is delivered: what it holds for the session is newer."""
+        redis = self.link.redis
+        if redis is None or self.pause_inbox is None or self.mark_inbox is None:
+            return
+        self.pause_inbox()
+        # Our own marker: from now on we deliver to the session here ourselves.
+        self.mark_inbox(holder, token)
+        origins = (set(self.peers) | {self.me}) - {holder}
+        self._spawn(self._drain(redis, holder, client_id, marks, token, origins))
+
+    async def _drain(
+        self,
+        redis: RedisClient,
+        holder: str,
+        client_id: str,
+        marks: Marks,
+        token: str,
+        origins: set[str],
+    ) -> None:
+        assert self.to_message is not None and self.resume_inbox is not None
+        key = f"{self.settings.prefix}:inbox:{{{holder}}}"
+        try:
+            with redis_errors():
+                replay = Replay(
+                    self.core,
+                    self.to_message,
+                    {client_id: marks},
+                    origins,
+                    keys=self.keys,
+                    inbox=key,
+                    token=token,
+                    redelivered=False,
+                    shared=False,
+                )
+                ms, seq = marks.position
+                start: bytes | str = f"({ms}-{seq}"
+                deadline = time.monotonic() + self.settings.handover_timeout
+                while not replay.done and time.monotonic() < deadline:
+                    entries = await redis.xrange(key, min=start, max="+", count=1000)
+                    for entry_id, fields in entries:
+                        replay.feed(entry_id, fields)
+                        start = b"(" + entry_id
+                    if not entries:
+                        await asyncio.sleep(0.002)
+                if replay.pending:
+                    log.warning(
+                        "hand-over of %r from %s: no marker from %s",
+                        client_id,
+                        holder,
+                        sorted(replay.pending),
+                    )
+                ms, seq = self.inbox_position()
+                ours = await redis.xrange(self.k_inbox, min=f"({ms}-{seq}", max="+")
+                # From here on, no await: our inbox still waits.
+                if self.core.has_session(client_id):
+                    self.stats["drained"] += replay.deliver(origins_and_sequences(ours))
+        except LinkError as error:
+            log.warning("hand-over of %r from %s not drained: %s", client_id, holder, error)
+        finally:
+            self.resume_inbox()
 
     async def _follow(
         self, redis: RedisClient, holder: str, client_id: str, clean_start: bool, hops: int
@@ -725,16 +807,24 @@ class Failover:
         await self._inbox_reached(goal, self.settings.handover_timeout / 2)
         core = self.core
         now = core.clock()
+        marks = self.marks()  # where our inbox stands: the requester drains it past these
         snapshot = core.handover(client_id, clean_start, now)
         if snapshot is not None:
             # The requester will announce these filters; route to it from now on, so nothing
             # published here in between is lost.
-            for record in snapshot.subscriptions:
-                core.remote_subscribe(requester, record.topic_filter)
-                self.pin_route(requester, record.topic_filter)
+            filters = [record.topic_filter for record in snapshot.subscriptions]
+            for full_filter in filters:
+                core.remote_subscribe(requester, full_filter)
+                self.pin_route(requester, full_filter)
+            if self.announce_move is not None and filters:
+                # Every broker routes them to the requester and marks our inbox (before our
+                # `del` of them, so that no broker is left routing them nowhere).
+                token = uuid.uuid4().hex[:16]
+                marks["token"], marks["from"] = token, self.me
+                self.announce_move(requester, token, filters)
         redirect = self._redirects.pop(client_id, None)
         if snapshot is not None:
-            data: bytes | None = encode_snapshot(snapshot, self.me, now)
+            data: bytes | None = encode_snapshot(snapshot, self.me, now, marks)
         elif redirect is not None:
             # Our CONNECT was superseded before it fetched the session: it is still there.
             data = REDIRECT + redirect.encode()

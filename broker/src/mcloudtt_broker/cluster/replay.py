@@ -74,6 +74,9 @@ class Replay:
         groups: Mapping[str, Marks] | None = None,
         handled: Mapping[str, int] | None = None,
         gone: str = "",
+        token: str = "",
+        redelivered: bool = True,
+        shared: bool = True,
     ) -> None:
         self.core = core
         self.keys = keys  # with a cluster key: entries of `inbox` without a valid tag are skipped
@@ -89,6 +92,12 @@ class Replay:
         self.handled = dict(handled or {})
         self.gone = gone
         self.pending = set(origins)  # origins whose end marker is still to come
+        # A live hand-over's markers are "{origin}\x00{token}" (a dead inbox's: "{origin}").
+        self.suffix = f"\x00{token}" if token else ""
+        # False for a live hand-over: the old holder never sent what is past its snapshot.
+        self.redelivered = redelivered
+        # False for a live hand-over: the old holder is alive and serves its groups' records.
+        self.replay_groups = shared
         self.reader = EnvelopeReader()
         # What to deliver, in stream order: (origin, sequence, message, client ids, groups).
         self.found: list[tuple[str, int, Message, list[str], list[str]]] = []
@@ -106,7 +115,13 @@ class Replay:
             if keys is not None and not keys.valid(self.context, marker, fields.get(b"t")):
                 self.bad += 1
                 return
-            self.pending.discard(marker.decode(errors="replace"))
+            value = marker.decode(errors="replace")
+            suffix = self.suffix
+            if suffix:
+                if value.endswith(suffix):
+                    self.pending.discard(value[: -len(suffix)])
+            else:
+                self.pending.discard(value)
             return
         batch = fields.get(b"b")
         if not isinstance(batch, bytes):
@@ -139,7 +154,7 @@ class Replay:
                             marks.seen[origin] = sequence
                             takers.append(client_id)
                 shared = []
-                for key in groups:
+                for key in groups if self.replay_groups else ():
                     group = self.groups.get(key)
                     if group is None:
                         group = self.groups[key] = Marks((0, 0), dict(self.handled))
@@ -161,7 +176,7 @@ class Replay:
             if (origin, sequence) in delivered_elsewhere:
                 continue
             if takers:
-                self.core.replay_to(takers, message)
+                self.core.replay_to(takers, message, redelivered=self.redelivered)
             if shared:
                 self.core.replay_shared(message, shared, self.gone)
             count += 1

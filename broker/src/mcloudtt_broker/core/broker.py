@@ -431,15 +431,18 @@ class Broker:
             if s.expiry_interval and s.connection is not None and (s.inflight or s.queue)
         ]
 
-    def replay_to(self, client_ids: Iterable[str], message: Message) -> None:
+    def replay_to(
+        self, client_ids: Iterable[str], message: Message, *, redelivered: bool = True
+    ) -> None:
         """Deliver `message` to the plain subscriptions of these sessions only (a dead
-        broker's inbox replayed to the sessions taken from it)."""
+        broker's inbox replayed to the sessions taken from it; with `redelivered` False, a
+        live broker's inbox past the snapshot of a session it handed over)."""
         wanted = set(client_ids)
         per_session, _ = self.trie.match(message.topic)
         chosen = [(session, subs) for session, subs in per_session if session.client_id in wanted]
         if chosen:
             # The dead broker may have sent it before it died: DUP 1 (MQTT-3.3.1-1).
-            self._deliver_plain(message.redelivery(), chosen)
+            self._deliver_plain(message.redelivery() if redelivered else message, chosen)
 
     def remote_route(self, message: Message) -> tuple[Sequence[str], dict[str, list[str]]]:
         """Where a publish accepted before the cluster table was known goes now: the remote

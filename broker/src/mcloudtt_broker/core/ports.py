@@ -152,7 +152,9 @@ class ClusterCore(Protocol):
         """Client ids of the online persistent sessions with something in flight or queued."""
         ...
 
-    def replay_to(self, client_ids: Iterable[str], message: Message) -> None:
+    def replay_to(
+        self, client_ids: Iterable[str], message: Message, *, redelivered: bool = True
+    ) -> None:
         """Deliver `message` to the plain subscriptions of these local sessions only."""
         ...
 
