@@ -217,6 +217,9 @@ class Failover:
         # Sessions handed to us by a live broker, whose inbox we still drain past the snapshot:
         # client id -> (that broker, its marks at the snapshot, the hand-over's token).
         self._drains: dict[str, tuple[str, Marks, str]] = {}
+        # Sessions whose drain runs now: a hand-over asked of us waits for it (the snapshot
+        # must hold what the drain delivers, and our marks must be past it).
+        self._draining: dict[str, asyncio.Event] = {}
         # ClientIds that connected while Redis was away: the registry learns them on reconnect.
         self._unregistered: set[str] = set()
         # CONNECTs refused because their session could not be located: the registry names us
@@ -577,7 +580,8 @@ class Failover:
         # Our own marker: from now on we deliver to the session here ourselves.
         self.mark_inbox(holder, token)
         origins = (set(self.peers) | {self.me}) - {holder}
-        self._spawn(self._drain(redis, holder, client_id, marks, token, origins))
+        self._draining[client_id] = drained = asyncio.Event()
+        self._spawn(self._drain(redis, holder, client_id, marks, token, origins, drained))
 
     async def _drain(
         self,
@@ -587,6 +591,7 @@ class Failover:
         marks: Marks,
         token: str,
         origins: set[str],
+        drained: asyncio.Event,
     ) -> None:
         assert self.to_message is not None and self.resume_inbox is not None
         key = f"{self.settings.prefix}:inbox:{{{holder}}}"
@@ -612,6 +617,8 @@ class Failover:
                         replay.feed(entry_id, fields)
                         start = b"(" + entry_id
                     if not entries:
+                        # A peer that left meanwhile sends nothing more (and no marker).
+                        replay.pending &= self.peers | {self.me}
                         await asyncio.sleep(0.002)
                 if replay.pending:
                     log.warning(
@@ -628,6 +635,9 @@ class Failover:
         except LinkError as error:
             log.warning("hand-over of %r from %s not drained: %s", client_id, holder, error)
         finally:
+            if self._draining.get(client_id) is drained:
+                del self._draining[client_id]
+            drained.set()
             self.resume_inbox()
 
     async def _follow(
@@ -802,6 +812,12 @@ class Failover:
             # hand-over while it waits), never as "no session".
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(located.wait(), self.adoption_wait())
+        drained = self._draining.get(client_id)
+        if drained is not None:
+            # Handed to us a moment ago and its old holder's inbox still being drained: what
+            # that brings belongs in the snapshot (handed on now, it would reach nobody).
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(drained.wait(), 2 * self.settings.handover_timeout)
         # Messages for this session that are already in our inbox belong in the snapshot.
         goal = await self._inbox_goal(redis)
         await self._inbox_reached(goal, self.settings.handover_timeout / 2)

@@ -96,6 +96,10 @@ class Replay:
         self.suffix = f"\x00{token}" if token else ""
         # False for a live hand-over: the old holder never sent what is past its snapshot.
         self.redelivered = redelivered
+        # Origins whose marker for this hand-over was read: what they sent the old holder
+        # after it went to the new one too (another session there has the filter) or was
+        # delivered there locally. Taking it as well would deliver it twice.
+        self.ended: set[str] = set()
         # False for a live hand-over: the old holder is alive and serves its groups' records.
         self.replay_groups = shared
         self.reader = EnvelopeReader()
@@ -119,7 +123,9 @@ class Replay:
             suffix = self.suffix
             if suffix:
                 if value.endswith(suffix):
-                    self.pending.discard(value[: -len(suffix)])
+                    origin = value[: -len(suffix)]
+                    self.pending.discard(origin)
+                    self.ended.add(origin)
             else:
                 self.pending.discard(value)
             return
@@ -145,7 +151,7 @@ class Replay:
                     self.bad += 1
                     continue
                 origin, sequence = envelope[0], envelope[1]
-                if not envelope[6]:
+                if not envelope[6] or origin in self.ended:
                     continue  # QoS 0 is not kept for absent clients anyway
                 takers = []
                 if plain:
