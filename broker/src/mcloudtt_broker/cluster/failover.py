@@ -459,9 +459,13 @@ class Failover:
             self._unresolved.pop(client_id, None)  # found (or none to find): done looking
         drain = self._drains.pop(client_id, None)
         try:
+            if (
+                drain is not None
+                and isinstance(snapshot, SessionSnapshot)
+                and await self._take_drained(client_id, snapshot, *drain)
+            ):
+                snapshot = None  # here already, with what was routed to its old holder
             resume(snapshot)  # the session is here now, also if its client went away meanwhile
-            if drain is not None and snapshot is not None:
-                self._start_drain(client_id, *drain)
         finally:
             if self._locating.get(client_id) is located:
                 del self._locating[client_id]
@@ -568,72 +572,77 @@ class Failover:
                 self._drains[client_id] = (holder, Marks.decode(moved), token)
         return snapshot
 
-    def _start_drain(self, client_id: str, holder: str, marks: Marks, token: str) -> None:
-        """The session handed over by the live broker `holder` is restored here: what was
-        routed to `holder` for it after its snapshot is in `holder`'s inbox, up to each
-        origin's marker for this hand-over (written once it routed to us, `moved`). Our
-        inbox waits until that is delivered: what it holds for the session is newer."""
+    async def _take_drained(
+        self, client_id: str, snapshot: SessionSnapshot, holder: str, marks: Marks, token: str
+    ) -> bool:
+        """The live broker `holder` handed us the session: what was routed to `holder` for it
+        after its snapshot is in `holder`'s inbox, up to each origin's marker for this
+        hand-over (written once it routed the session's filters to us, `moved`). The session
+        is taken here offline first (what we publish for it from then on is queued for it),
+        our own marker written, `holder`'s inbox read to the markers and what it found put
+        before what was queued meanwhile; our inbox waits (what it holds is newer). False:
+        not drained, the caller restores the snapshot."""
         redis = self.link.redis
-        if redis is None or self.pause_inbox is None or self.mark_inbox is None:
-            return
+        core = self.core
+        if (
+            redis is None
+            or self.pause_inbox is None
+            or self.resume_inbox is None
+            or self.mark_inbox is None
+            or self.to_message is None
+            or core.has_session(client_id)
+        ):
+            return False
         self.pause_inbox()
-        # Our own marker: from now on we deliver to the session here ourselves.
-        self.mark_inbox(holder, token)
-        origins = (set(self.peers) | {self.me}) - {holder}
-        self._draining[client_id] = drained = asyncio.Event()
-        self._spawn(self._drain(redis, holder, client_id, marks, token, origins, drained))
-
-    async def _drain(
-        self,
-        redis: RedisClient,
-        holder: str,
-        client_id: str,
-        marks: Marks,
-        token: str,
-        origins: set[str],
-        drained: asyncio.Event,
-    ) -> None:
-        assert self.to_message is not None and self.resume_inbox is not None
-        key = f"{self.settings.prefix}:inbox:{{{holder}}}"
+        drained = self._draining[client_id] = asyncio.Event()
         try:
-            with redis_errors():
-                replay = Replay(
-                    self.core,
-                    self.to_message,
-                    {client_id: marks},
-                    origins,
-                    keys=self.keys,
-                    inbox=key,
-                    token=token,
-                    redelivered=False,
-                    shared=False,
-                )
-                ms, seq = marks.position
-                start: bytes | str = f"({ms}-{seq}"
-                deadline = time.monotonic() + self.settings.handover_timeout
-                while not replay.done and time.monotonic() < deadline:
-                    entries = await redis.xrange(key, min=start, max="+", count=1000)
-                    for entry_id, fields in entries:
-                        replay.feed(entry_id, fields)
-                        start = b"(" + entry_id
-                    if not entries:
-                        # A peer that left meanwhile sends nothing more (and no marker).
-                        replay.pending &= self.peers | {self.me}
-                        await asyncio.sleep(0.002)
-                if replay.pending:
-                    log.warning(
-                        "hand-over of %r from %s: no marker from %s",
-                        client_id,
-                        holder,
-                        sorted(replay.pending),
-                    )
-                ms, seq = self.inbox_position()
-                ours = await redis.xrange(self.k_inbox, min=f"({ms}-{seq}", max="+")
-                # From here on, no await: our inbox still waits.
-                if self.core.has_session(client_id):
-                    self.stats["drained"] += replay.deliver(origins_and_sequences(ours))
-        except LinkError as error:
-            log.warning("hand-over of %r from %s not drained: %s", client_id, holder, error)
+            core.adopt_session(snapshot, core.clock())
+            base = core.queued(client_id)
+            self.mark_inbox(holder, token)
+            key = f"{self.settings.prefix}:inbox:{{{holder}}}"
+            replay = Replay(
+                core,
+                self.to_message,
+                {client_id: marks},
+                (set(self.peers) | {self.me}) - {holder},
+                keys=self.keys,
+                inbox=key,
+                token=token,
+                redelivered=False,  # the old holder never sent what is past its snapshot
+                shared=False,  # the old holder is alive and passes its groups' records on
+            )
+            try:
+                with redis_errors():
+                    ms, seq = marks.position
+                    start: bytes | str = f"({ms}-{seq}"
+                    deadline = time.monotonic() + self.settings.handover_timeout
+                    while not replay.done and time.monotonic() < deadline:
+                        entries = await redis.xrange(key, min=start, max="+", count=1000)
+                        for entry_id, fields in entries:
+                            replay.feed(entry_id, fields)
+                            start = b"(" + entry_id
+                        if not entries:
+                            # A peer that left meanwhile sends nothing more (and no marker).
+                            replay.pending &= self.peers | {self.me}
+                            await asyncio.sleep(0.002)
+                    if replay.pending:
+                        log.warning(
+                            "hand-over of %r from %s: no marker from %s",
+                            client_id,
+                            holder,
+                            sorted(replay.pending),
+                        )
+                    ms, seq = self.inbox_position()
+                    ours = await redis.xrange(self.k_inbox, min=f"({ms}-{seq}", max="+")
+            except LinkError as error:
+                log.warning("hand-over of %r from %s not drained: %s", client_id, holder, error)
+                return True
+            # From here on, no await: what the drain found goes before what was queued since.
+            if core.has_session(client_id):
+                since = core.queued(client_id)
+                self.stats["drained"] += replay.deliver(origins_and_sequences(ours))
+                core.queue_behind(client_id, base, since)
+            return True
         finally:
             if self._draining.get(client_id) is drained:
                 del self._draining[client_id]

@@ -8,7 +8,7 @@ about once a second for keepalive, delayed wills, session expiry and `$SYS` stat
 from __future__ import annotations
 
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -371,6 +371,21 @@ class Broker:
         if conn is None or not conn.will_on_close or conn.will_delay:
             return None
         return conn.will
+
+    def queued(self, client_id: str) -> int:
+        """How many messages wait in the queue of `client_id`'s session (0 without one)."""
+        session = self.sessions.get(client_id)
+        return len(session.queue) if session is not None else 0
+
+    def queue_behind(self, client_id: str, start: int, stop: int) -> None:
+        """Move the queued messages [start, stop) of `client_id`'s session behind the rest (a
+        live hand-over: what the new broker queued for the session since it took it is newer
+        than what it then found for it in the old holder's inbox)."""
+        session = self.sessions.get(client_id)
+        if session is None or stop <= start:
+            return
+        items = list(session.queue)
+        session.queue = deque([*items[:start], *items[stop:], *items[start:stop]])
 
     def adopt_session(self, snapshot: SessionSnapshot, now: float) -> None:
         session = self.restore_session(snapshot, now)

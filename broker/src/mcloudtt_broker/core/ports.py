@@ -135,6 +135,14 @@ class ClusterCore(Protocol):
         """Take a session a gone broker served, as an offline session expiring from `now`."""
         ...
 
+    def queued(self, client_id: str) -> int:
+        """How many messages wait in the queue of `client_id`'s session."""
+        ...
+
+    def queue_behind(self, client_id: str, start: int, stop: int) -> None:
+        """Move the queued messages [start, stop) of `client_id`'s session behind the rest."""
+        ...
+
     def surrender_sessions(self) -> list[str]:
         """Give up every persistent session (another broker adopted them while we were
         declared dead); returns their ClientIds."""
