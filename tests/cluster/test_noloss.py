@@ -88,6 +88,8 @@ class Subscriber:
         self.version = version
         self.got: list[tuple[int, bool]] = []
         self.client: mqtt.Client | None = None
+        self.connections = 0
+        self.per_connection: list[tuple[int, int]] = []  # (connection, sequence)
 
     def connect(self, port: int, timeout: float = 20.0) -> bool:
         proto = mqtt.MQTTv5 if self.version == 5 else mqtt.MQTTv311
@@ -105,7 +107,13 @@ class Subscriber:
             connected.set()
 
         c.on_connect = on_connect
-        c.on_message = lambda c, u, m: self.got.append((int(m.payload), bool(m.dup)))
+        conn = self.connections = self.connections + 1
+
+        def on_message(c: Any, u: Any, m: Any) -> None:
+            self.got.append((int(m.payload), bool(m.dup)))
+            self.per_connection.append((conn, int(m.payload)))
+
+        c.on_message = on_message
         props = None
         if self.version == 5:
             props = Properties(PacketTypes.CONNECT)
@@ -528,3 +536,46 @@ def test_session_moved_between_live_brokers_under_load_loses_nothing(redis_serve
     while time.monotonic() < deadline and not pub.acked <= set(received(sub)):
         time.sleep(0.05)
     check(pub, sub, qos)
+
+
+def test_qos2_never_twice_when_a_session_moves_between_live_brokers(redis_server, cluster_factory):
+    """Issue 11, the live hand-over race at QoS 2: another subscriber of the topic stays on
+    both B and C, so A sends every message to both while a persistent subscriber moves
+    between them under load. What the old holder delivered before its snapshot (in the
+    session it hands over) also waits in the new holder's inbox, and what an origin sends
+    the old holder after its marker went to the new one too: neither may reach the session
+    a second time. (Per connection: this paho subscriber is a new client object each time,
+    so a DUP resend of what was in flight is allowed once on the next connection.)"""
+    a, b, c = cluster_factory(3, *QUEUE)
+    anchors = []
+    for port in (b.port, c.port):
+        anchor = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"anchor-{port}")
+        anchor.connect("127.0.0.1", port, 60)
+        anchor.loop_start()
+        anchor.subscribe(TOPIC, 2)
+        anchors.append(anchor)
+    sub = Subscriber(5)
+    sub.connect(b.port)
+    assert sub.client is not None
+    sub.client.subscribe(TOPIC, 2)
+    wait_until(lambda: a.metric("mcloudtt_cluster_remote_filters") >= 2, 5.0, "routing")
+    pub = Publisher(a.port, 2)
+    pub.start()
+    try:
+        wait_until(lambda: len(sub.got) > 100, 10.0, "deliveries before the first move")
+        for port in (c.port, b.port, c.port, b.port):
+            sub.drop()
+            assert sub.connect(port), "the session was not handed over"
+            time.sleep(0.4)
+    finally:
+        pub.finish()
+        for anchor in anchors:
+            anchor.loop_stop()
+            anchor.disconnect()
+    deadline = time.monotonic() + 10.0
+    while time.monotonic() < deadline and not pub.acked <= set(received(sub)):
+        time.sleep(0.05)
+    twice = sorted(k for k, v in Counter(sub.per_connection).items() if v > 1)
+    assert not twice, f"QoS 2 delivered twice on one connection: {twice[:20]}"
+    fresh = Counter(seq for seq, dup in sub.got if not dup)
+    assert not [k for k, v in fresh.items() if v > 1], "QoS 2 sent anew (DUP 0) twice"

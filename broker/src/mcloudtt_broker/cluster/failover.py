@@ -159,6 +159,7 @@ class Failover:
         finish_adoption: Callable[[str], list[bytes]] | None = None,
         announce_move: Callable[[str, str, list[str]], None] | None = None,
         mark_inbox: Callable[[str, str], None] | None = None,
+        delivered_before: Callable[[str, dict[str, int], tuple[int, int]], None] | None = None,
         replay: bool = True,
     ) -> None:
         self.settings = settings
@@ -182,6 +183,7 @@ class Failover:
         self.finish_adoption = finish_adoption  # stop routing to dead: our records for it
         self.announce_move = announce_move  # (requester, token, filters): `moved`, before `del`
         self.mark_inbox = mark_inbox  # (broker, token): our end marker in its inbox
+        self.delivered_before = delivered_before  # (client id, old holder's seen, until)
         self.replay_enabled = replay  # False only to show what is lost without it (tests)
         self.k_marks = f"{prefix}:marks:{{{self.me}}}"
         # The wills due if we died now (client id -> will), published by whoever takes our
@@ -220,6 +222,8 @@ class Failover:
         # Sessions whose drain runs now: a hand-over asked of us waits for it (the snapshot
         # must hold what the drain delivers, and our marks must be past it).
         self._draining: dict[str, asyncio.Event] = {}
+        # Hand-overs to us whose session is here now (tokens): a late `moved` of one is moot.
+        self._moves_done: set[str] = set()
         # ClientIds that connected while Redis was away: the registry learns them on reconnect.
         self._unregistered: set[str] = set()
         # CONNECTs refused because their session could not be located: the registry names us
@@ -599,6 +603,12 @@ class Failover:
             core.adopt_session(snapshot, core.clock())
             base = core.queued(client_id)
             self.mark_inbox(holder, token)
+            # What we publish for it is queued here now: `holder` has no more use for it.
+            self._moves_done.add(token)
+            if len(self._moves_done) > 100_000:
+                self._moves_done.clear()
+            for record in snapshot.subscriptions:
+                self._release_pin(holder, record.topic_filter)
             key = f"{self.settings.prefix}:inbox:{{{holder}}}"
             replay = Replay(
                 core,
@@ -638,6 +648,10 @@ class Failover:
                 log.warning("hand-over of %r from %s not drained: %s", client_id, holder, error)
                 return True
             # From here on, no await: what the drain found goes before what was queued since.
+            if ours and self.delivered_before is not None:
+                # What an origin sent both to `holder` (delivered there before the snapshot,
+                # so in it) and to us (another session here has the filter): not twice.
+                self.delivered_before(client_id, marks.seen, stream_id(ours[-1][0]))
             if core.has_session(client_id):
                 since = core.queued(client_id)
                 self.stats["drained"] += replay.deliver(origins_and_sequences(ours))
@@ -938,6 +952,21 @@ class Failover:
         else:
             pin[0] = until
         loop.call_at(until, self._unpin, key)
+
+    def moved_here(self, holder: str, token: str, filters: Iterable[str]) -> None:
+        """Control `moved` of a session `holder` hands to us: until it is here (and our marker
+        in `holder`'s inbox), what we publish for it goes to `holder`, whose `del` of its
+        filters (announced right after) must not stop that."""
+        if token in self._moves_done:
+            return
+        for full_filter in filters:
+            self.core.remote_subscribe(holder, full_filter)
+            self.pin_route(holder, full_filter)
+
+    def _release_pin(self, broker: str, full_filter: str) -> None:
+        pin = self._pinned.pop((broker, full_filter), None)
+        if pin is not None and pin[1]:
+            self.core.remote_unsubscribe(broker, full_filter)  # the `del` held back stands
 
     def route_removed(self, broker: str, full_filter: str) -> bool:
         """Control `del` from `broker`: True if it is held back (the route is pinned)."""

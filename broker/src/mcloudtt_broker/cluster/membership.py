@@ -249,11 +249,7 @@ class Membership:
         new broker marks it itself when it restores the session."""
         requester, token, *filters = argument.split("\x00")
         if requester == self.me:
-            # What we publish for the session goes to `holder` until we hold it (its inbox
-            # is drained to our marker): its `del` that follows must not stop that.
-            for full_filter in filters:
-                self.core.remote_subscribe(holder, full_filter)
-                self.failover.pin_route(holder, full_filter)
+            self.failover.moved_here(holder, token, filters)
             return
         self.live_peers.add(requester)
         for full_filter in filters:

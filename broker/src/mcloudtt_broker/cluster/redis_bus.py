@@ -184,6 +184,7 @@ class RedisBus:
             finish_adoption=self._finish_adoption,
             announce_move=self.outbox.announce_move,
             mark_inbox=self._mark_inbox,
+            delivered_before=self.inbox.delivered_before,
             replay=settings.replay,
         )
         self.membership = Membership(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 
 from .. import __version__
@@ -601,17 +601,22 @@ class Broker:
         targets, groups = self.route(message)
         self.bus.forward(message, targets, groups)
 
-    def deliver_remote(self, message: Message, plain: bool, groups: Sequence[str]) -> Sequence[str]:
+    def deliver_remote(
+        self, message: Message, plain: bool, groups: Sequence[str], skip: Collection[str] = ()
+    ) -> Sequence[str]:
         """A publish from another broker: keep its retained state and deliver here only.
 
-        `plain`: deliver to local non-shared subscriptions; `groups`: shared groups the origin
-        chose this broker for. Returns those of them with no member here (the origin's table
-        was behind: the caller passes the message on to a member elsewhere).
+        `plain`: deliver to local non-shared subscriptions (but for the sessions in `skip`:
+        handed to us by a broker that delivered it already); `groups`: shared groups the
+        origin chose this broker for. Returns those of them with no member here (the origin's
+        table was behind: the caller passes the message on to a member elsewhere).
         """
         if message.retain:
             self._store_retained(message)
         if plain:
             per_session, _ = self.trie.match(message.topic)
+            if skip:
+                per_session = [pair for pair in per_session if pair[0].client_id not in skip]
             if per_session:
                 self._deliver_plain(message, per_session)
         orphaned: Sequence[str] = _NO_TARGETS

@@ -12,7 +12,7 @@ A bus uses only `ClusterCore`, never the core's internals.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import Protocol
 
 from ..mqtt.reason_codes import ReasonCode
@@ -93,10 +93,13 @@ class ClusterCore(Protocol):
         ...
 
     # Messages from other brokers.
-    def deliver_remote(self, message: Message, plain: bool, groups: Sequence[str]) -> Sequence[str]:
-        """Deliver here; returns the shared groups of `groups` with no member here any more
-        (their last one just left, or was handed to another broker): the caller passes them
-        on (`replay_shared`), or the message would reach no member."""
+    def deliver_remote(
+        self, message: Message, plain: bool, groups: Sequence[str], skip: Collection[str] = ()
+    ) -> Sequence[str]:
+        """Deliver here (`skip`: not to these sessions' plain subscriptions); returns the
+        shared groups of `groups` with no member here any more (their last one just left, or
+        was handed to another broker): the caller passes them on (`replay_shared`), or the
+        message would reach no member."""
         ...
 
     def retained_messages(self) -> list[Message]:
