@@ -601,6 +601,7 @@ class Failover:
         drained = self._draining[client_id] = asyncio.Event()
         try:
             core.adopt_session(snapshot, core.clock())
+            core.bound_queue(client_id, False)  # until the client takes it back (below)
             base = core.queued(client_id)
             self.mark_inbox(holder, token)
             # What we publish for it is queued here now: `holder` has no more use for it.
@@ -658,6 +659,7 @@ class Failover:
                 core.queue_behind(client_id, base, since)
             return True
         finally:
+            core.bound_queue(client_id, True)
             if self._draining.get(client_id) is drained:
                 del self._draining[client_id]
             drained.set()

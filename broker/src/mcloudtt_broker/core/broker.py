@@ -377,6 +377,17 @@ class Broker:
         session = self.sessions.get(client_id)
         return len(session.queue) if session is not None else 0
 
+    def bound_queue(self, client_id: str, bounded: bool) -> None:
+        """Lift (False) or restore (True) the queue bound of `client_id`'s session: a live
+        hand-over's drain queues for it while its client waits for CONNACK, and what the old
+        holder queued may have filled it already (dropped, those would be lost). Restored,
+        the bound is at least what the queue holds then: what comes next is not dropped
+        before its client, back at once, has taken some of it."""
+        session = self.sessions.get(client_id)
+        if session is not None:
+            limit = self.settings.max_queued_messages
+            session.max_queued = max(limit, len(session.queue)) if bounded else 1 << 62
+
     def queue_behind(self, client_id: str, start: int, stop: int) -> None:
         """Move the queued messages [start, stop) of `client_id`'s session behind the rest (a
         live hand-over: what the new broker queued for the session since it took it is newer

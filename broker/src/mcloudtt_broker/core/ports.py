@@ -142,6 +142,10 @@ class ClusterCore(Protocol):
         """How many messages wait in the queue of `client_id`'s session."""
         ...
 
+    def bound_queue(self, client_id: str, bounded: bool) -> None:
+        """Lift (False) or restore (True) the queue bound of `client_id`'s session."""
+        ...
+
     def queue_behind(self, client_id: str, start: int, stop: int) -> None:
         """Move the queued messages [start, stop) of `client_id`'s session behind the rest."""
         ...
