@@ -224,6 +224,9 @@ class Failover:
         self._draining: dict[str, asyncio.Event] = {}
         # Hand-overs to us whose session is here now (tokens): a late `moved` of one is moot.
         self._moves_done: set[str] = set()
+        # Routes to an old holder kept for hand-overs to us still in progress: (holder,
+        # filter) -> their tokens (two sessions with one filter moving at once need it both).
+        self._move_pins: dict[tuple[str, str], set[str]] = {}
         # ClientIds that connected while Redis was away: the registry learns them on reconnect.
         self._unregistered: set[str] = set()
         # CONNECTs refused because their session could not be located: the registry names us
@@ -609,7 +612,13 @@ class Failover:
             if len(self._moves_done) > 100_000:
                 self._moves_done.clear()
             for record in snapshot.subscriptions:
-                self._release_pin(holder, record.topic_filter)
+                key = (holder, record.topic_filter)
+                tokens = self._move_pins.get(key)
+                if tokens is not None:
+                    tokens.discard(token)
+                    if not tokens:
+                        del self._move_pins[key]
+                        self._release_pin(*key)
             key = f"{self.settings.prefix}:inbox:{{{holder}}}"
             replay = Replay(
                 core,
@@ -962,6 +971,7 @@ class Failover:
         if token in self._moves_done:
             return
         for full_filter in filters:
+            self._move_pins.setdefault((holder, full_filter), set()).add(token)
             self.core.remote_subscribe(holder, full_filter)
             self.pin_route(holder, full_filter)
 
@@ -988,6 +998,7 @@ class Failover:
         if pin is None or self.loop is None or self.loop.time() < float(pin[0]):
             return  # done, or pinned again since
         del self._pinned[key]
+        self._move_pins.pop(key, None)
         if pin[1]:
             # No `add` came after the `del` we held back: it stands.
             self.core.remote_unsubscribe(*key)
