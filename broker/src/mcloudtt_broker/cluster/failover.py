@@ -612,13 +612,13 @@ class Failover:
             if len(self._moves_done) > 100_000:
                 self._moves_done.clear()
             for record in snapshot.subscriptions:
-                key = (holder, record.topic_filter)
-                tokens = self._move_pins.get(key)
+                route = (holder, record.topic_filter)
+                tokens = self._move_pins.get(route)
                 if tokens is not None:
                     tokens.discard(token)
                     if not tokens:
-                        del self._move_pins[key]
-                        self._release_pin(*key)
+                        del self._move_pins[route]
+                        self._release_pin(*route)
             key = f"{self.settings.prefix}:inbox:{{{holder}}}"
             replay = Replay(
                 core,
