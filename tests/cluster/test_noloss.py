@@ -359,14 +359,6 @@ def test_a_frozen_broker_declared_dead_gives_its_sessions_up_and_rejoins(redis_s
             print(f"--- broker {x.port}", x.output()[-3000:], sep="\n")
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="open (issue 11), not a merge regression (fails as often on chaosfix's tip): the "
-    "superseded-CONNECT cycle that lost the session is fixed (about 1 run in 2 lost ~1,000 "
-    "before, 1 in 10 loses 2-6 now); what is left is the live hand-over race of "
-    "test_session_moved_between_live_brokers_under_load_loses_nothing (the adopter hands the "
-    "session to the new broker under load)",
-)
 def test_session_found_after_a_connect_that_gave_up_waiting_for_it(redis_server, cluster_factory):
     """Issue 11, found by the chaos harness (broker-kill): the subscriber's broker B dies; it
     reconnects to A at once, which waits for B's sessions to be adopted, and gives up before
@@ -460,11 +452,6 @@ def test_publishes_before_the_first_table_load_are_routed_with_it(redis_server, 
     check(pub, sub, 1)
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="open (issue 11): the session comes back present at C, but what B replayed to it after "
-    "its restart stays on B (about 1,000 of 1,500 lost here)",
-)
 def test_restart_under_same_id_while_a_connect_waits_elsewhere(redis_server, cluster_factory):
     """Issue 11, found by the chaos harness (broker-restart-same-id): B dies; its subscriber
     reconnects to A, which waits for B's sessions to be adopted, and gives up; B comes back under
@@ -499,22 +486,14 @@ def test_restart_under_same_id_while_a_connect_waits_elsewhere(redis_server, clu
     check(pub, sub, 1)
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="open (issue 11): the live hand-over race, messages routed to the old holder after its "
-    "snapshot (and published while a broker has the old holder's del but not the new one's add) "
-    "reach nobody; a drain of the old holder's inbox up to per-origin markers is designed in the "
-    "handover branch's history (141b46d, reverted: it waited for markers from a dead peer and "
-    "delivered duplicates after an adopter's hand-over)",
-)
 def test_session_moved_between_live_brokers_under_load_loses_nothing(redis_server, cluster_factory):
     """Issue 11, the live hand-over race: a persistent subscriber on B moves to C (B stays up)
     several times while A publishes at RATE. Between B's snapshot and every broker routing the
     subscription to C, what A sent on to B must still reach the session at C (the new holder
     drains B's inbox up to every origin's marker): nothing acknowledged is lost. (QoS 1: this
     paho subscriber is a new client object per connection, so it forgets a QoS 2 message it
-    had PUBREC'd and is only given at PUBREL, a loss of the client's own state.) Measured here:
-    1-3 messages lost per move, 5-12 of 600 over the four."""
+    had PUBREC'd and is only given at PUBREL, a loss of the client's own state.) Before the
+    drain: 1-3 messages lost per move, 5-12 of 600 over the four."""
     qos = 1
     a, b, c = cluster_factory(3, *QUEUE)
     sub = Subscriber(5)
