@@ -5,7 +5,11 @@
 # ready. Idempotent: run it again after a code change to rebuild and roll the pods.
 #
 #   kind/up.sh [--skip-build] [--base auto|registry|local|IMAGE] [--timeout SECONDS]
+#              [--redis-cluster]
 #
+# --redis-cluster: a Redis Cluster of three primaries and three replicas instead of the single
+# Redis (kind/overlays/kind-redis-cluster = the kind overlay + components/redis-cluster); the
+# other Redis's StatefulSet is removed when switching (the data of the one left is not moved).
 # --base: what the images build on (kind/images.sh; default auto: the official slim Python
 # image when it can be pulled, else a Debian bookworm base made locally with debootstrap).
 # Needs docker (a running daemon), kind >= 0.24 and kubectl. Environment:
@@ -23,10 +27,12 @@ TAG=dev # kind/base/kustomization.yaml names the images mcloudtt-broker:dev and 
 BUILD=1
 BASE=auto
 TIMEOUT=300
+OVERLAY=kind/overlays/kind
 
 while [ $# -gt 0 ]; do
     case "$1" in
         --skip-build) BUILD=0 ;;
+        --redis-cluster) OVERLAY=kind/overlays/kind-redis-cluster ;;
         --base)
             BASE=${2:?--base needs auto, registry, local or an image}
             shift
@@ -36,7 +42,7 @@ while [ $# -gt 0 ]; do
             shift
             ;;
         -h | --help)
-            sed -n '2,19p' "$0"
+            sed -n '2,23p' "$0"
             exit 0
             ;;
         *)
@@ -93,8 +99,16 @@ if ! k -n "$NAMESPACE" get secret mcloudtt-cluster-key >/dev/null 2>&1; then
     rm -rf "$key_dir"
 fi
 
-say "applying kind/overlays/kind"
-k apply -k kind/overlays/kind
+# kubectl apply does not prune: the Redis of the other layout goes first (its pods would
+# otherwise keep the Service's name label and take connections).
+if [ "$OVERLAY" = kind/overlays/kind-redis-cluster ]; then
+    k -n "$NAMESPACE" delete statefulset mcloudtt-redis --ignore-not-found
+else
+    k -n "$NAMESPACE" delete statefulset mcloudtt-redis-cluster --ignore-not-found
+    k -n "$NAMESPACE" delete job mcloudtt-redis-cluster-init --ignore-not-found
+fi
+say "applying $OVERLAY"
+k apply -k "$OVERLAY"
 
 if [ "$existed" = 1 ] && [ "$BUILD" = 1 ]; then
     # Same tag, new image: restart so the pods pick it up.
@@ -102,7 +116,14 @@ if [ "$existed" = 1 ] && [ "$BUILD" = 1 ]; then
 fi
 
 say "waiting for Redis, the brokers and the adapter (up to ${TIMEOUT}s each)"
-k -n "$NAMESPACE" rollout status statefulset/mcloudtt-redis --timeout="${TIMEOUT}s"
+if [ "$OVERLAY" = kind/overlays/kind-redis-cluster ]; then
+    k -n "$NAMESPACE" rollout status statefulset/mcloudtt-redis-cluster --timeout="${TIMEOUT}s"
+    # The Job joins the six nodes (redis-cli --cluster create) once they all answer.
+    k -n "$NAMESPACE" wait --for=condition=complete job/mcloudtt-redis-cluster-init \
+        --timeout="${TIMEOUT}s"
+else
+    k -n "$NAMESPACE" rollout status statefulset/mcloudtt-redis --timeout="${TIMEOUT}s"
+fi
 k -n "$NAMESPACE" rollout status statefulset/mcloudtt-broker --timeout="${TIMEOUT}s"
 k -n "$NAMESPACE" rollout status deployment/mcloudtt-adapter --timeout="${TIMEOUT}s"
 k -n "$NAMESPACE" get pods -o wide

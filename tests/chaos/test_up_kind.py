@@ -123,6 +123,31 @@ def test_dry_run_endpoints_are_the_overlays(tools: Tools, rendered: list[Obj]) -
     assert "dashboard: http://127.0.0.1:8123" in out
 
 
+@pytest.mark.timeout(900)
+def test_dry_run_on_a_redis_cluster_names_what_up_sh_made(tools: Tools, tmp_path: Path) -> None:
+    """`--redis-cluster`: the plan says the cluster comes from `kind/up.sh --redis-cluster` and
+    names the Redis Cluster's StatefulSet, which that overlay renders (and the plain one not)."""
+    result = run(["--dry-run", "--redis-cluster", "--devices", "0"], "/usr/bin")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "made by kind/up.sh --redis-cluster" in out
+    named = re.search(r"^redis: a Redis Cluster, StatefulSet (\S+) ", out, re.M)
+    assert named is not None, out
+    rendered = tools.render(tmp_path)
+    cluster = tools.load_yaml(rendered["kind-redis-cluster"])
+    assert find(cluster, "StatefulSet", named.group(1))["spec"]["replicas"] == 6
+    assert (
+        "--redis-cluster) OVERLAY=kind/overlays/kind-redis-cluster"
+        in (ROOT / "kind/up.sh").read_text()
+    )
+    plain = run(["--dry-run", "--devices", "0"], "/usr/bin").stdout
+    assert "made by kind/up.sh (" not in plain and "redis: a Redis Cluster" not in plain
+    wrong = subprocess.run(
+        [mcloudtt(), "up", "--redis-cluster"], capture_output=True, text=True, timeout=60
+    )
+    assert wrong.returncode == 2 and "--redis-cluster goes with --kind" in wrong.stderr
+
+
 def test_buttons_act_through_the_kind_backend() -> None:
     """Each dashboard button, on a dry-run kind backend: the pod it acts on is the one whose
     node ports the card shows (pod N on 30880+N), and Redis' state follows."""
@@ -153,6 +178,11 @@ def test_buttons_act_through_the_kind_backend() -> None:
     assert (
         any("broker-1: pod deleted" in t for t in log) and any("failed" in t for t in log) is False
     )
+    # On a Redis Cluster the Redis buttons do nothing to the single Redis, and say so.
+    before = len(backend.runner.plan)
+    apply_kind_action(backend, sampler, ("redis", "stop"), redis_cluster=True)
+    assert backend.runner.plan[before:] == [] and sampler.redis_state == "running"
+    assert "not on a Redis Cluster" in sampler.events[0]["text"]  # newest first
 
 
 def test_the_sampler_watches_brokers_it_did_not_start(tmp_path: Path) -> None:

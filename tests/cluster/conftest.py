@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 from broker.clients import PahoClient
@@ -86,3 +87,34 @@ def clients() -> Iterator[Callable[..., PahoClient]]:
     yield make
     for client in made:
         client.stop()
+
+
+class UserStore:
+    """Where the tests of the Redis user store keep users: one Redis or a Redis Cluster."""
+
+    def __init__(self, kind: str, url: str, store: Any, server: RedisProcess | None) -> None:
+        self.kind = kind
+        self.url = url  # the brokers' --redis
+        self.store = store  # redis-py's client (the cluster client on a cluster)
+        self.server = server  # one Redis only: a test may stop it
+
+    @property
+    def cluster(self) -> bool:
+        return self.kind == "cluster"
+
+
+@pytest.fixture(params=["single", "cluster"])
+def user_store(request: pytest.FixtureRequest) -> Iterator[UserStore]:
+    """The user store on one Redis, and on the session's Redis Cluster (3+3, emptied)."""
+    import redis
+
+    if request.param == "single":
+        with RedisProcess() as server:
+            store = redis.Redis.from_url(server.url)
+            yield UserStore("single", server.url, store, server)
+            store.close()
+        return
+    cluster = request.getfixturevalue("redis_cluster")
+    store = cluster.client()
+    yield UserStore("cluster", cluster.seed_url, store, None)
+    store.close()

@@ -1,17 +1,16 @@
 """SCRAM-SHA-256 across the cluster: credentials stored in Redis (salt, StoredKey, ServerKey),
 a client authenticated on broker A and another on broker B exchange messages; the user's rights
-in Redis apply; a password changed in Redis fails the next re-authentication; Redis down: 0x88."""
+in Redis apply; a password changed in Redis fails the next re-authentication; Redis down: 0x88.
+On one Redis and on a real Redis Cluster (3+3)."""
 
 from __future__ import annotations
 
-import redis
 from broker.clients import wait_until
 from broker.mqttraw import AUTH, AUTH_DATA, CONNACK, DISCONNECT, RawClient
 from broker.scram_client import ScramClient, reauthenticate, scram_connect
 from mcloudtt_broker.auth.passwords import hash_password
-from redisproc import RedisProcess
 
-from .conftest import start_broker, wait_ready
+from .conftest import UserStore, start_broker, wait_ready
 
 
 def login(port: int, client_id: str, user: str, password: bytes) -> tuple[RawClient, int]:
@@ -30,14 +29,14 @@ def code_of(port: int, user: str, password: bytes) -> int:
     return code
 
 
-def test_scram_with_credentials_in_redis_on_two_brokers() -> None:
-    server = RedisProcess().start()
+def test_scram_with_credentials_in_redis_on_two_brokers(user_store: UserStore) -> None:
+    server = user_store.server
     brokers = []
     try:
-        brokers = [start_broker(server.url, f"sc{i}", "--auth-chain", "redis") for i in (1, 2)]
+        brokers = [start_broker(user_store.url, f"sc{i}", "--auth-chain", "redis") for i in (1, 2)]
         wait_ready(brokers)
         a, b = brokers
-        store = redis.Redis.from_url(server.url)
+        store = user_store.store
         store.hset("mcloudtt:users", "sam", hash_password(b"pw1", scram=True))
         store.hset("mcloudtt:acl:sam", mapping={"sam/#": "readwrite"})
         on_a, code = login(a.port, "sam-a", "sam", b"pw1")
@@ -66,11 +65,11 @@ def test_scram_with_credentials_in_redis_on_two_brokers() -> None:
         again, code = login(a.port, "sam-d", "sam", b"pw2")
         assert code == 0
         again.close()
-        # Redis gone: refused as unavailable, not as a bad password.
-        server.stop()
-        wait_until(lambda: code_of(b.port, "sam", b"pw2") == 0x88, 5)
+        if server is not None:
+            # Redis gone: refused as unavailable, not as a bad password.
+            server.stop()
+            wait_until(lambda: code_of(b.port, "sam", b"pw2") == 0x88, 5)
     finally:
         for broker in brokers:
             broker.stop()
-        server.close()
     assert "Traceback" not in brokers[0].output()

@@ -253,3 +253,42 @@ def test_gke_on_memorystore_cluster(tools: Tools, rendered: dict[str, Path], doc
         return {(o["kind"], o["metadata"]["name"]) for o in objects if o["kind"] != "ConfigMap"}
 
     assert names(d) == names(docs["gke"])
+
+
+def test_kind_up_applies_the_redis_cluster_overlay_when_asked(
+    tools: Tools, rendered: dict[str, Path], docs: Docs, tmp_path: Path
+) -> None:
+    """`kind/up.sh --redis-cluster` applies kind/overlays/kind-redis-cluster, which renders to
+    exactly the composition validated above (the kind overlay + components/redis-cluster); the
+    objects up.sh waits for and removes when switching are the ones each layout renders."""
+    proc = subprocess.run(
+        [str(tools.kubectl), "kustomize", str(KIND / "overlays" / "kind-redis-cluster")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    committed = tmp_path / "kind-redis-cluster.yaml"
+    committed.write_text(proc.stdout)
+    assert tools.load_yaml(committed) == docs[NAME]
+
+    script = (KIND / "up.sh").read_text()
+    assert "--redis-cluster) OVERLAY=kind/overlays/kind-redis-cluster ;;" in script
+    assert 'k apply -k "$OVERLAY"' in script
+    cluster, single = docs[NAME], docs["kind"]
+    for kind, name in (
+        ("StatefulSet", "mcloudtt-redis-cluster"),
+        ("Job", "mcloudtt-redis-cluster-init"),
+    ):
+        assert find(cluster, kind, name) and maybe_find(single, kind, name) is None
+    assert maybe_find(cluster, "StatefulSet", "mcloudtt-redis") is None
+    assert find(single, "StatefulSet", "mcloudtt-redis")
+    for line in (
+        "rollout status statefulset/mcloudtt-redis-cluster",
+        "wait --for=condition=complete job/mcloudtt-redis-cluster-init",
+        "delete statefulset mcloudtt-redis --ignore-not-found",
+        "delete statefulset mcloudtt-redis-cluster --ignore-not-found",
+        "delete job mcloudtt-redis-cluster-init --ignore-not-found",
+    ):
+        assert line in script, line

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from mcloudtt_loadtest.conn_bench import client_packets, limits_note
+from mcloudtt_loadtest.conn_bench import client_packets, flatness, limits_note
 
 
 def test_two_thousand_connections_are_held_and_measured(tmp_path: Path) -> None:
@@ -30,8 +30,18 @@ def test_two_thousand_connections_are_held_and_measured(tmp_path: Path) -> None:
         assert not row["connect_errors"]
         assert row["connect_per_s"] > 0
         assert 0 < row["kb_per_conn"] < 50  # RSS grew with the connections (noisy, so loose)
+        assert 0 < row["kb_per_conn_step"] < 50  # and with this step's connections alone
         assert row["qos0_fanin_msg_per_s"] > 0  # the broker still routes with them all held
     assert "2,000 held" in done.stdout
+    assert "per connection, step over step: " in done.stdout
+
+
+def test_step_over_step_memory_is_called_flat_only_within_ten_percent() -> None:
+    assert flatness([{"kb_per_conn_step": 2.30}, {"kb_per_conn_step": 2.35}]) == (
+        "2.30 -> 2.35 KB: flat (within 2%)"
+    )
+    rising = flatness([{"kb_per_conn_step": 2.0}, {"kb_per_conn_step": 2.6}])
+    assert rising == "2.00 -> 2.60 KB: rising (30% apart), not flat"
 
 
 def test_a_step_beyond_the_descriptor_limit_is_refused_with_the_reason() -> None:

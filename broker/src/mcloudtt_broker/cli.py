@@ -55,6 +55,10 @@ def main(argv: list[str] | None = None) -> None:
         from .auth.passwd import main as passwd
 
         sys.exit(passwd(argv[1:]))
+    if argv[:1] == ["migrate-keys"]:
+        from .cluster.migrate import main as migrate_keys
+
+        sys.exit(migrate_keys(argv[1:]))
     parser = build_parser()
     args = vars(parser.parse_args(argv))
     env = environment()

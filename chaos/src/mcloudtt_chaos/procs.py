@@ -37,6 +37,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self, TypeVar
 
@@ -696,14 +697,49 @@ def slot_of(slot_or_key: int | str | bytes) -> int:
     return int(key_slot(key))
 
 
+@dataclass(frozen=True)
+class RedisTls:
+    """PEM files for a TLS-only Redis: the CA that signed `cert` (clients trust it) and the
+    server's certificate and key (one for every node: they all listen on 127.0.0.1)."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+    def server_args(self) -> list[str]:
+        return [
+            "--tls-cert-file", str(self.cert),
+            "--tls-key-file", str(self.key),
+            "--tls-ca-cert-file", str(self.ca),
+            "--tls-auth-clients", "no",
+        ]  # fmt: skip
+
+    def cli_args(self) -> list[str]:
+        return ["--tls", "--cacert", str(self.ca)]
+
+    def client_kwargs(self) -> dict[str, Any]:
+        return {"ssl": True, "ssl_ca_certs": str(self.ca)}
+
+
 class ClusterNode(RedisServer):
     """One cluster node: its own data directory (nodes.conf) and an explicit bus port (a free
-    one, not port+10000, which might be taken)."""
+    one, not port+10000, which might be taken). With `tls`, TLS only (as Memorystore for Redis
+    Cluster): clients, the cluster bus and replication (`--tls-cluster`, `--tls-replication`),
+    and the node announces its TLS port in CLUSTER SLOTS."""
 
-    def __init__(self, *, node_timeout_ms: int, password: str | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        node_timeout_ms: int,
+        password: str | None = None,
+        tls: RedisTls | None = None,
+        hostname: str | None = None,
+    ) -> None:
         super().__init__(password=password, name="redis-cluster-node")
         self.bus_port = free_port()
         self.node_timeout_ms = node_timeout_ms
+        self.tls = tls
+        self.hostname = hostname
 
     def extra_args(self) -> list[str]:
         extra = [
@@ -716,6 +752,21 @@ class ClusterNode(RedisServer):
         ]  # fmt: skip
         if self.password is not None:
             extra += ["--masterauth", self.password]
+        if self.tls is not None:
+            extra += [
+                "--port", "0",
+                "--tls-port", str(self.port),
+                "--tls-cluster", "yes",
+                "--tls-replication", "yes",
+                *self.tls.server_args(),
+            ]  # fmt: skip
+        if self.hostname is not None:
+            # CLUSTER SLOTS names the node by this host name, not its IP (as a managed
+            # cluster whose certificates are issued for names).
+            extra += [
+                "--cluster-announce-hostname", self.hostname,
+                "--cluster-preferred-endpoint-type", "hostname",
+            ]  # fmt: skip
         return [*super().extra_args(), *extra]
 
     @property
@@ -723,12 +774,14 @@ class ClusterNode(RedisServer):
         return f"{HOST}:{self.port}"
 
     def client(self, **kwargs: Any) -> redis.Redis:
+        tls = self.tls.client_kwargs() if self.tls is not None else {}
         return redis.Redis(
-            host=HOST,
+            host=self.hostname or HOST,
             port=self.port,
             password=self.password,
             socket_timeout=2,
             decode_responses=True,
+            **tls,
             **kwargs,
         )
 
@@ -762,20 +815,32 @@ class RedisClusterProcess:
         *,
         node_timeout_ms: int = 1000,
         password: str | None = None,
+        tls: RedisTls | None = None,
+        hostname: str | None = None,
     ) -> None:
         self.primaries = primaries
         self.replicas = replicas
         self.password = password
+        self.tls = tls
         self.nodes = [
-            ClusterNode(node_timeout_ms=node_timeout_ms, password=password)
+            ClusterNode(
+                node_timeout_ms=node_timeout_ms, password=password, tls=tls, hostname=hostname
+            )
             for _ in range(primaries * (1 + replicas))
         ]
 
     # ---------------------------------------------------------------- addresses
 
     def _url(self, node: ClusterNode) -> str:
+        return self._scheme_auth() + f"{node.hostname or HOST}:{node.port}/0" + self._query()
+
+    def _scheme_auth(self) -> str:
         auth = f":{self.password}@" if self.password is not None else ""
-        return f"redis://{auth}{HOST}:{node.port}/0"
+        return f"{'rediss' if self.tls else 'redis'}://{auth}"
+
+    def _query(self) -> str:
+        # With TLS: the CA, as the gke overlay's REDIS_QUERY gives it.
+        return f"?ssl_ca_certs={self.tls.ca}" if self.tls is not None else ""
 
     @property
     def urls(self) -> list[str]:
@@ -795,8 +860,8 @@ class RedisClusterProcess:
     @property
     def seeds_url(self) -> str:
         """A comma-separated list of every node, started or not: redis://h:p1,h:p2,.../0"""
-        auth = f":{self.password}@" if self.password is not None else ""
-        return f"redis://{auth}{','.join(n.address for n in self.nodes)}/0"
+        nodes = ",".join(n.address for n in self.nodes)
+        return f"{self._scheme_auth()}{nodes}/0{self._query()}"
 
     def live_nodes(self) -> list[ClusterNode]:
         return [node for node in self.nodes if node.alive()]
@@ -804,9 +869,21 @@ class RedisClusterProcess:
     def client(self, **kwargs: Any) -> redis.RedisCluster:
         """redis-py's cluster client on a live node (decoded strings)."""
         node = self.live_nodes()[0]
+        tls = self.tls.client_kwargs() if self.tls is not None else {}
         return redis.RedisCluster(
-            host=HOST, port=node.port, password=self.password, decode_responses=True, **kwargs
+            host=node.hostname or HOST,
+            port=node.port,
+            password=self.password,
+            decode_responses=True,
+            **tls,
+            **kwargs,
         )
+
+    def _cli_args(self) -> list[str]:
+        args = [] if self.tls is None else self.tls.cli_args()
+        if self.password is not None:
+            args += ["-a", self.password, "--no-auth-warning"]
+        return args
 
     # ---------------------------------------------------------------- life cycle
 
@@ -819,9 +896,8 @@ class RedisClusterProcess:
                 "--cluster", "create", *(node.address for node in self.nodes),
                 "--cluster-replicas", str(self.replicas),
                 "--cluster-yes",
+                *self._cli_args(),
             ]  # fmt: skip
-            if self.password is not None:
-                cmd += ["-a", self.password, "--no-auth-warning"]
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
             if done.returncode != 0:
                 raise RuntimeError(
@@ -935,9 +1011,8 @@ class RedisClusterProcess:
             "--cluster-slots", str(slots),
             "--cluster-pipeline", str(pipeline),
             "--cluster-yes",
+            *self._cli_args(),
         ]  # fmt: skip
-        if self.password is not None:
-            cmd += ["-a", self.password, "--no-auth-warning"]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
         if done.returncode != 0:
             raise RuntimeError(f"redis-cli --cluster reshard failed:\n{done.stdout}{done.stderr}")

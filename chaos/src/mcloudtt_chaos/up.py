@@ -72,6 +72,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     up.add_argument(
         "--dry-run", action="store_true", help="with --kind: print the endpoints and commands"
     )
+    up.add_argument(
+        "--redis-cluster",
+        action="store_true",
+        help="with --kind: the cluster was made by kind/up.sh --redis-cluster (a Redis Cluster of"
+        " 3 primaries + 3 replicas; the dashboard's Redis buttons are off)",
+    )
     args = parser.parse_args(argv)
     host, _, port = args.dashboard.rpartition(":")
     if not host or not port.isdigit():
@@ -86,6 +92,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--brokers must be at least 1")
     if args.dry_run and not args.kind:
         parser.error("--dry-run goes with --kind")
+    if args.redis_cluster and not args.kind:
+        parser.error("--redis-cluster goes with --kind")
     return args
 
 

@@ -136,13 +136,26 @@ def fleet_command(args: argparse.Namespace, targets: KindTargets) -> list[str]:
     return command
 
 
+REDIS_CLUSTER_STS = "mcloudtt-redis-cluster"  # kind/components/redis-cluster/statefulset.yaml
+
+
+def made_by(args: argparse.Namespace) -> str:
+    """The kind/up.sh command that made the cluster this run expects."""
+    return "kind/up.sh --redis-cluster" if getattr(args, "redis_cluster", False) else "kind/up.sh"
+
+
 def plan(args: argparse.Namespace, adapter_port: int) -> list[str]:
     """What `mcloudtt up --kind` would connect to and run, one line each."""
     targets = kind_targets(args.brokers)
     lines = [
         f"# kind cluster {os.environ.get('KIND_CLUSTER_NAME', 'mcloudtt')}"
-        f" (kubectl context {context()}), made by kind/up.sh"
+        f" (kubectl context {context()}), made by {made_by(args)}"
     ]
+    if getattr(args, "redis_cluster", False):
+        lines.append(
+            f"redis: a Redis Cluster, StatefulSet {REDIS_CLUSTER_STS} (3 primaries + 3 replicas,"
+            " kind/overlays/kind-redis-cluster); the dashboard's Redis buttons are off"
+        )
     for s in targets.services:
         if s.port is not None:
             lines.append(
@@ -157,10 +170,20 @@ def plan(args: argparse.Namespace, adapter_port: int) -> list[str]:
     return lines
 
 
-def apply_kind_action(backend: kb.KindBackend, sampler: Sampler, action: tuple[str, str]) -> None:
+def apply_kind_action(
+    backend: kb.KindBackend,
+    sampler: Sampler,
+    action: tuple[str, str],
+    *,
+    redis_cluster: bool = False,
+) -> None:
     """A dashboard button, through the kind backend (blocking, on the main thread)."""
     target, verb = action
     note = sampler.event
+    if target == "redis" and redis_cluster:
+        # The backend stops, starts and freezes the single Redis's StatefulSet and pod.
+        note(f"redis {verb}: not on a Redis Cluster (kind/up.sh --redis-cluster)", "bad")
+        return
     try:
         if target.startswith("broker-"):
             broker = "b" + target.removeprefix("broker-")
@@ -257,7 +280,12 @@ def up_kind(args: argparse.Namespace) -> int:
         with Live(view(targets, adapter_port, previous, 0, 1.0), console=console) as live:
             while not stop_requested:
                 with contextlib.suppress(queue.Empty):
-                    apply_kind_action(backend, sampler, server.actions.get(timeout=1.0))
+                    apply_kind_action(
+                        backend,
+                        sampler,
+                        server.actions.get(timeout=1.0),
+                        redis_cluster=args.redis_cluster,
+                    )
                 now = time.monotonic()
                 live.update(view(targets, adapter_port, previous, now - started, now - last))
                 last = now

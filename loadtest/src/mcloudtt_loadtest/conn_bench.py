@@ -5,7 +5,9 @@ reports the broker's memory per connection (VmRSS from /proc against the RSS bef
 connection), the connect rate of that step (CONNECT + SUBSCRIBE sent, CONNACK + SUBACK read),
 the broker's CPU while the connections sit idle, and a QoS 0 fan-in with all of them held. It
 stops at the largest count reached and says what stopped it (descriptors, source ports, memory,
-connect errors, a broker that died).
+connect errors, a broker that died). Each step also reports the memory of its own connections
+alone (`kb_per_conn_step`), and the run says whether that stayed flat from step to step: the
+honest test of extrapolating the largest count reached to a larger one.
 
 A client here is a bare `asyncio.Protocol` with `__slots__` that writes one pre-encoded
 CONNECT + SUBSCRIBE (from the `mcloudtt_mqttclient` codec) and counts the 9 bytes of CONNACK +
@@ -417,7 +419,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         held_base = pool.held()
         base_rss = await _settled_rss(broker.pid)
         out["rss_base_mb"] = base_rss / 2**20
-        reached = held_base
+        reached = prev_held = held_base
+        prev_rss = base_rss
         over = [s for s in steps if s > cap]
         allowed = [s for s in steps if s <= cap]
         if over and cap > max(allowed, default=0) and cap >= 100:
@@ -455,13 +458,17 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 "connect_errors": result.errors,
                 "rss_mb": rss / 2**20,
                 "kb_per_conn": (rss - base_rss) / max(1, held - held_base) / 1024,
+                # This step's connections alone: flat from step to step means the figure
+                # extrapolates to larger counts (a rising one would not).
+                "kb_per_conn_step": (rss - prev_rss) / max(1, held - prev_held) / 1024,
                 "broker_cpu_at_rest": cpu_rest,
                 "qos0_fanin_msg_per_s": fanin["msg_per_s"],
                 "generator_rss_mb": sum(rss_bytes(p.pid) for p in pool.procs) / 2**20,
             }
             out["steps"].append(row)
             print(_row_text(row), file=sys.stderr, flush=True)
-            reached = held
+            reached = prev_held = held
+            prev_rss = rss
             if held < step:
                 errors = ", ".join(f"{k} x{v}" for k, v in result.errors.items()) or "none"
                 out["stopped_by"] = f"connects failed at {held} of {step} (errors: {errors})"
@@ -478,9 +485,22 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def flatness(steps: list[dict[str, Any]]) -> str:
+    """Whether each step's connections cost what the first ones did (within 10 %): only then
+    does the figure at the largest count reached extrapolate to larger ones."""
+    marginal = [row["kb_per_conn_step"] for row in steps]
+    figures = " -> ".join(f"{kb:.2f}" for kb in marginal) + " KB"
+    spread = (max(marginal) - min(marginal)) / max(min(marginal), 1e-9)
+    if spread <= 0.10:
+        return f"{figures}: flat (within {spread:.0%})"
+    trend = "rising" if marginal[-1] > marginal[0] else "falling"
+    return f"{figures}: {trend} ({spread:.0%} apart), not flat"
+
+
 def _row_text(row: dict[str, Any]) -> str:
     return (
-        f"{row['held']:>9,} held  {row['kb_per_conn']:6.2f} KB/conn  "
+        f"{row['held']:>9,} held  {row['kb_per_conn']:6.2f} KB/conn "
+        f"({row['kb_per_conn_step']:5.2f} this step)  "
         f"RSS {row['rss_mb']:8.1f} MB  connect {row['connect_per_s']:8,.0f}/s  "
         f"CPU at rest {row['broker_cpu_at_rest'] * 100:5.1f} %  "
         f"QoS 0 fan-in {row['qos0_fanin_msg_per_s']:9,.0f} msg/s"
@@ -494,6 +514,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for row in result["steps"]:
         print(_row_text(row))
     print(f"largest count held: {result['largest_held']:,}")
+    if len(result["steps"]) > 1:
+        print(f"per connection, step over step: {flatness(result['steps'])}")
     if result["stopped_by"]:
         print(f"stopped by: {result['stopped_by']}")
     if args.json is not None:

@@ -369,7 +369,8 @@ def _print_plan(s: dict[str, Any], out: Path) -> None:
         (
             "redis",
             f"[green]{r['maxmemory_gb']} GB[/] maxmemory ({r['memory_bytes'] / 2**20:,.0f} MiB used), "
-            f"{r['ops_s_peak']:,.0f} ops/s peak ({r['ops_per_message']:g} per message), "
+            f"{r['ops_s_peak']:,.0f} ops/s peak ({r['ops_per_message']:g} per message, "
+            f"{r['ops_per_cross']:g} per crossing with batching), "
             f"{r['ops_s_mean']:,.0f} mean, {r['primaries']} primary(ies): "
             + (
                 "[green]one Memorystore for Redis instance[/]"

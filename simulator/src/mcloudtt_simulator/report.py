@@ -273,7 +273,9 @@ def summarize(
         connect_rate=connect_rate,
         cluster_overhead=cluster_overhead,
     )
-    redis = sizing.size_redis(inputs, headroom=headroom)
+    # Every pod shares the peak (the spare too): the per-pod rate decides how much the brokers
+    # batch their Redis commands (more pods, smaller batches, more commands).
+    redis = sizing.size_redis(inputs, headroom=headroom, brokers=brokers.brokers_recommended)
     expected = expected_rates(fleet)
     topics = []
     for k, info in enumerate(infos):

@@ -25,7 +25,15 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-__all__ = ["BrokerSizing", "Rates", "RedisSizing", "SizingInputs", "size_brokers", "size_redis"]
+__all__ = [
+    "BrokerSizing",
+    "Rates",
+    "RedisSizing",
+    "SizingInputs",
+    "redis_ops_per_cross",
+    "size_brokers",
+    "size_redis",
+]
 
 # Broker: our asyncio probe core's QoS 1 fan-in (anchors.md: 36,200 delivered msg/s; QoS 0 was
 # 49,000). Conservative for mixed QoS traffic until the broker member's benchmark replaces it.
@@ -51,11 +59,25 @@ PEAK_WINDOW_S = 10.0
 # crosses to another broker costs, when it is alone in its batch: XADD to that broker's inbox;
 # there XREADGROUP, XACK, HSET of the progress, XTRIM of the handled entries (5, QoS 0 and 1
 # alike: QoS 1 is confirmed from the progress the receiver writes anyway). Brokers batch (up to
-# 256 records per XADD, 16 entries per read), which only lowers this; at a large fleet's
-# per-pod-pair rates a batch holds about one message, so the plan counts it unbatched and as
-# crossing to one other broker per publish.
+# 256 records per XADD, 16 entries per read), which lowers this as the rate grows:
+# `redis_ops_per_cross` below. Each publish is counted as crossing to one other broker.
 REDIS_OPS_PER_CROSS_QOS0 = 5.0
 REDIS_OPS_PER_CROSS_QOS1 = 5.0
+# Batching. A broker's outbox writes what it buffered since its last write (one XADD per
+# destination, at most FLUSH_BATCH records each: cluster/outbox.py); a receiver reads up to
+# INBOX_READ_COUNT entries per XREADGROUP and pays XACK, HSET and XTRIM once per read
+# (cluster/inbox.py). While one write or read is on its way, what arrives waits for the next:
+# about 1 + rate x REDIS_BATCH_WINDOW_S messages go together. The window is measured: fitted
+# (least squares of the log) to the median Redis commands per message of 3 runs at Poisson-paced
+# rates of 100 to 30,000 msg/s between two brokers on one Redis (loopback, 2 cores),
+# recorded in tests/simulator/data/redis_batching.json with the command that made it
+# (`python -m mcloudtt_loadtest.batching`); tests/simulator/test_redis_ops.py holds the model
+# within 20 % of it. A saturated broker batches further (0.017 commands per message at its full
+# rate, mcloudtt-cluster-bench --backplane): the plan sizes brokers below saturation, so the
+# model is not taken there and errs towards more commands.
+REDIS_BATCH_WINDOW_S = 0.00028
+FLUSH_BATCH = 256
+INBOX_READ_COUNT = 16
 REDIS_OPS_PER_TAP = 1.0  # XADD to the adapter's tap stream (measured with it on)
 REDIS_OPS_PER_RETAINED = 1.0  # HSET / HDEL of the retained hash
 REDIS_OPS_PER_CONNECT = 4.0  # claim the ClientId, load session + subscriptions, presence
@@ -134,6 +156,7 @@ class RedisSizing:
     shards: int = 0  # Memorystore for Redis Cluster shards (0 with an instance)
     replicas: int = 0
     ops_per_message: float = 0.0  # commands per published message at the peak mix
+    ops_per_cross: float = REDIS_OPS_PER_CROSS_QOS1  # per crossing message, batching counted
 
     def tfvars(self) -> list[str]:
         """The terraform.tfvars lines of this recommendation (terraform/variables.tf)."""
@@ -159,6 +182,30 @@ class RedisSizing:
 
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "tfvars": self.tfvars(), "settings": self.broker_settings()}
+
+
+def redis_ops_per_cross(
+    broker_msg_s: float,
+    destinations: int = 1,
+    *,
+    window_s: float = REDIS_BATCH_WINDOW_S,
+    lone: float = REDIS_OPS_PER_CROSS_QOS1,
+) -> float:
+    """Redis commands per message that crosses brokers when each broker sends `broker_msg_s`
+    of them, spread evenly over `destinations` other brokers (and, the fleet being symmetric,
+    receives as many). `lone` at low rates (one XADD, then XREADGROUP, XACK, HSET, XTRIM
+    per message), falling as writes and reads carry more."""
+    if broker_msg_s <= 0 or window_s <= 0:
+        return lone
+    destinations = max(1, destinations)
+    per_write = 1.0 + broker_msg_s * window_s  # messages one outbox write carries
+    # The destinations those messages go to (expected distinct ones, each equally likely).
+    spread = destinations * (1.0 - math.pow(1.0 - 1.0 / destinations, per_write))
+    per_xadd = min(float(FLUSH_BATCH), per_write / spread)
+    # Entries reach a receiver at broker_msg_s / per_xadd per second; one read takes those
+    # that arrived while the previous read was on its way.
+    per_read = min(float(INBOX_READ_COUNT), 1.0 + broker_msg_s / per_xadd * window_s)
+    return 1.0 / per_xadd + (lone - 1.0) / (per_xadd * per_read)
 
 
 def size_brokers(
@@ -207,8 +254,15 @@ def size_brokers(
 
 
 def size_redis(
-    x: SizingInputs, *, ops_capacity: float = REDIS_OPS_CAPACITY, headroom: float = HEADROOM
+    x: SizingInputs,
+    *,
+    ops_capacity: float = REDIS_OPS_CAPACITY,
+    headroom: float = HEADROOM,
+    brokers: int | None = None,
+    batch_window_s: float = REDIS_BATCH_WINDOW_S,
 ) -> RedisSizing:
+    """`brokers`: the pods the load is spread over (size_brokers' recommendation); their
+    per-pod rate sets how much the brokers batch. None: every message unbatched."""
     retained = x.retained_bytes + x.retained_topics * REDIS_ENTRY_OVERHEAD
     sessions = x.sessions * (
         REDIS_SESSION_BASE
@@ -222,11 +276,18 @@ def size_redis(
     provision = used * REDIS_FORK_FACTOR
     gb = max(1, math.ceil(provision / 2**30))
 
+    def per_cross(r: Rates, lone: float) -> float:
+        if brokers is None or brokers < 2:
+            return lone
+        return redis_ops_per_cross(
+            r.in_msg_s / brokers, brokers - 1, window_s=batch_window_s, lone=lone
+        )
+
     def ops(r: Rates) -> float:
         qos0 = max(0.0, r.in_msg_s - r.qos_msg_s)
         return (
-            qos0 * REDIS_OPS_PER_CROSS_QOS0
-            + r.qos_msg_s * REDIS_OPS_PER_CROSS_QOS1
+            qos0 * per_cross(r, REDIS_OPS_PER_CROSS_QOS0)
+            + r.qos_msg_s * per_cross(r, REDIS_OPS_PER_CROSS_QOS1)
             + (r.in_msg_s * REDIS_OPS_PER_TAP if x.tap else 0.0)
             + r.retained_s * REDIS_OPS_PER_RETAINED
             + r.connects_s * REDIS_OPS_PER_CONNECT
@@ -250,6 +311,7 @@ def size_redis(
         shards=shards,
         replicas=replicas,
         ops_per_message=round(peak / x.peak.in_msg_s, 2) if x.peak.in_msg_s else 0.0,
+        ops_per_cross=round(per_cross(x.peak, REDIS_OPS_PER_CROSS_QOS1), 3),
         breakdown={
             "retained": int(retained),
             "sessions": int(sessions),

@@ -13,6 +13,11 @@ Redis, and scrypt runs in a worker thread. A fetched hash is kept `ttl` seconds 
 default), so a user added, changed or removed in Redis is seen by every broker within a second.
 Redis unreachable: CONNACK 0x88 (3.1.1: 3), never a stack trace.
 
+On a Redis Cluster (the URL reaches a cluster node, as `topology.probe` finds) the store is read
+with redis-py's cluster client: the users hash and each user's rights hash are keys of their own
+(in whatever slots they fall), and a pipeline is split by node. The key names are the same as on
+one Redis: `redis-cli -c HSET {prefix}:users ...` writes them on a cluster.
+
 A user whose value is a `$scram-sha-256$` credential can also log in through MQTT 5.0 enhanced
 authentication (SCRAM-SHA-256) on any broker of the cluster; the credential is fetched the same
 way (`scram_credential`).
@@ -28,7 +33,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ..cluster.redis_url import parse_redis_url
+from ..cluster.redis_url import RedisOptions, parse_redis_url
 from ..core.auth import Answer, Credentials, Outcome, Result
 from ..core.scram import PREFIX as SCRAM_PREFIX
 from ..core.scram import Lookup, parse_credential
@@ -48,9 +53,10 @@ class RedisUsers:
         self._raw_rights: dict[str, dict[bytes, bytes]] = {}
         self.changed: Callable[[], None] | None = None  # told when some user's rights changed
         self.ttl = ttl
-        self.client: Any = parse_redis_url(url).client(
-            socket_timeout=timeout, socket_connect_timeout=timeout
-        )
+        self.options: RedisOptions = parse_redis_url(url)
+        self.timeout = timeout
+        self.client: Any = None  # made at the first lookup: one Redis or a Redis Cluster
+        self._connecting: asyncio.Lock | None = None
         self._hashes: dict[str, tuple[float, str | None]] = {}  # user -> (fetched at, hash)
         self._verified: dict[tuple[str, str], bytes] = {}  # as PasswordFile keeps them
         self._tasks: set[asyncio.Task[None]] = set()
@@ -89,11 +95,35 @@ class RedisUsers:
             return
         answer(_scram_lookup(fetched[0], self.rights.get(username)))
 
+    async def _client(self) -> Any:
+        """The redis-py client for the URL: the cluster client when the URL's node is in a
+        Redis Cluster (the single-node client would get MOVED for most keys), else one
+        Redis's. Asked once; a failed probe is asked again at the next lookup."""
+        if self.client is not None:
+            return self.client
+        if self._connecting is None:
+            self._connecting = asyncio.Lock()
+        async with self._connecting:
+            if self.client is None:
+                from ..cluster.topology import probe
+
+                timeouts: dict[str, Any] = {
+                    "socket_timeout": self.timeout,
+                    "socket_connect_timeout": self.timeout,
+                }
+                slots = await probe(self.options, timeout=self.timeout)
+                if slots is None:
+                    self.client = self.options.client(**timeouts)
+                else:
+                    self.client = self.options.cluster_client(slots.nodes, **timeouts)
+            return self.client
+
     async def _fetch(self, username: str) -> tuple[str | None] | None:
         """The user's stored hash (None: no such user), its rights kept; None when Redis
         cannot be asked."""
         try:
-            async with self.client.pipeline(transaction=False) as pipe:
+            client = await self._client()
+            async with client.pipeline(transaction=False) as pipe:
                 pipe.hget(self.key, username)
                 pipe.hgetall(self.acl_prefix + username)
                 raw, rules = await pipe.execute()
@@ -160,7 +190,8 @@ class RedisUsers:
             if not users:
                 continue
             try:
-                async with self.client.pipeline(transaction=False) as pipe:
+                client = await self._client()
+                async with client.pipeline(transaction=False) as pipe:
                     for username in users:
                         pipe.hgetall(self.acl_prefix + username)
                     results = await pipe.execute()
@@ -174,7 +205,8 @@ class RedisUsers:
     async def close(self) -> None:
         for task in list(self._tasks):
             task.cancel()
-        await self.client.aclose()
+        if self.client is not None:
+            await self.client.aclose()
 
 
 def _scram_lookup(stored: str | None, rights: AclFile | None) -> Lookup:

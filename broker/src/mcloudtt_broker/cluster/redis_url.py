@@ -25,6 +25,7 @@ import asyncio
 import dataclasses
 import functools
 import os
+import re
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -44,6 +45,8 @@ _TLS_OPTIONS = (
     "ssl_cert_reqs",
     "ssl_check_hostname",
 )
+# OpenSSL's X509_V_ERR_HOSTNAME_MISMATCH and X509_V_ERR_IP_ADDRESS_MISMATCH.
+_NAME_MISMATCH = (62, 64)
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
 _WRONG_PASSWORD = ("WRONGPASS", "invalid username-password", "invalid password", "Invalid Username")
@@ -358,6 +361,17 @@ def link_error_reason(error: BaseException, options: RedisOptions) -> str:
     where = options.address
     chain = _chain(error)
     for cause in chain:
+        if isinstance(cause, ssl.SSLCertVerificationError) and cause.verify_code in _NAME_MISMATCH:
+            # The CA is right; the certificate names other hosts. On a Redis Cluster the nodes
+            # after the seed are reached at the addresses CLUSTER SLOTS gives (often IPs).
+            named = re.search(r"not valid for '([^']*)'", cause.verify_message or "")
+            used = named.group(1) if named else "the address used"
+            return (
+                f"TLS certificate of a Redis node does not name {used}, the address it was "
+                f"reached at ({where}; {cause.verify_message}): use certificates that name the "
+                "addresses CLUSTER SLOTS reports, or add ssl_check_hostname=false to the Redis "
+                "URL (the CA is still checked)"
+            )
         if isinstance(cause, ssl.SSLCertVerificationError):
             return (
                 f"TLS certificate of {where} not trusted ({cause.verify_message}): "

@@ -30,7 +30,7 @@ from .session import (
     snapshot_of,
 )
 from .stats import Stats
-from .trie import SharedGroup, Subscription, SubscriptionTrie
+from .trie import SharedGroup, Subscription, SubscriptionTrie, in_exact_index
 
 READ_DENY = (READ, "deny")
 
@@ -113,7 +113,9 @@ class Broker:
         # (fan-in repeats topics); dropped on every change of the table.
         self._remote_routes: dict[str, tuple[list[str], list[SharedGroup[RemoteBroker]]]] = {}
         self.peers: dict[str, RemoteBroker] = {}
-        self.filter_refs: Counter[str] = Counter()  # local sessions per full filter
+        # Local sessions per full filter, for the filters the trie's exact index does not
+        # count itself (wildcards, shared): a device's own filter costs no entry here.
+        self.filter_refs: Counter[str] = Counter()
         self._group_turns: Counter[str] = Counter()
         self.pending_wills: dict[str, tuple[float, Message]] = {}
         self.expiring: dict[str, float] = {}
@@ -281,25 +283,35 @@ class Broker:
     # ------------------------------------------------------------ subscriptions
 
     def subscribe(self, session: Session, sub: Subscription[Session], inner_filter: str) -> bool:
-        session.subscriptions[sub.topic_filter] = sub
+        session.add_subscription(sub)
         self.bus.session_changed(session.client_id)
         existed = self.trie.add(sub, inner_filter)
         if not existed:
-            self.filter_refs[sub.topic_filter] += 1
-            if self.filter_refs[sub.topic_filter] == 1:
-                self.bus.subscription_added(sub.topic_filter)
+            full_filter = sub.topic_filter
+            if in_exact_index(inner_filter, sub.share_group):
+                first = self.trie.exact_holders(inner_filter) == 1
+            else:
+                refs = self.filter_refs[full_filter] = self.filter_refs[full_filter] + 1
+                first = refs == 1
+            if first:
+                self.bus.subscription_added(full_filter)
         return existed
 
     def unsubscribe(self, session: Session, full_filter: str) -> bool:
-        sub = session.subscriptions.pop(full_filter, None)
+        sub = session.remove_subscription(full_filter)
         if sub is None:
             return False
         self.bus.session_changed(session.client_id)
         group, inner = split_shared(full_filter)
         self.trie.remove(session, inner, group)
-        self.filter_refs[full_filter] -= 1
-        if self.filter_refs[full_filter] <= 0:
-            del self.filter_refs[full_filter]
+        if in_exact_index(inner, group):
+            last = self.trie.exact_holders(inner) == 0
+        else:
+            self.filter_refs[full_filter] -= 1
+            last = self.filter_refs[full_filter] <= 0
+            if last:
+                del self.filter_refs[full_filter]
+        if last:
             self.bus.subscription_removed(full_filter)
         return True
 
@@ -345,7 +357,7 @@ class Broker:
         return sum(len(peer.filters) for peer in self.peers.values())
 
     def local_filters(self) -> list[str]:
-        return list(self.filter_refs)
+        return self.trie.exact_filters() + list(self.filter_refs)
 
     # ------------------------------------------------------------ sessions across brokers
     # (`ports.ClusterCore`: what a cluster bus uses)
@@ -436,7 +448,7 @@ class Broker:
             for client_id, s in self.sessions.items()
             if s.expiry_interval
             and s.connection is not None
-            and s.subscriptions
+            and s.subs is not None
             and not s.inflight
             and not s.queue
         ]
@@ -561,13 +573,13 @@ class Broker:
         # Write decisions are keyed by the topic alone (the hot one, looked up inline on
         # PUBLISH), subscribe decisions by (action, filter).
         key: tuple[str, str] | str = topic if action == WRITE else (action, topic)
-        cache = session.acl_cache
-        allowed = cache.get(key)
+        allowed = session.acl_cache.get(key)
         if allowed is None:
             # The client's own rights (JWT claims) decide when it has them, else the ACL.
             authorizer = session.rights or self.authorizer
             assert authorizer is not None
             allowed = authorizer.allowed(session.client_id, session.username, action, topic)
+            cache = session.own_acl_cache()
             if len(cache) >= ACL_CACHE_SIZE:
                 cache.clear()
             cache[key] = allowed
@@ -582,7 +594,7 @@ class Broker:
         authorizer = session.rights or self.authorizer
         assert authorizer is not None
         allowed = authorizer.allowed(session.client_id, session.username, READ, topic)
-        cache = session.acl_read
+        cache = session.own_acl_read()
         if len(cache) >= ACL_CACHE_SIZE:
             cache.clear()
         cache[topic] = allowed
@@ -598,8 +610,7 @@ class Broker:
     def forget_decisions(self) -> None:
         """Some rules changed (a reload, rights changed in Redis): drop every cached decision."""
         for session in self.sessions.values():
-            session.acl_cache.clear()
-            session.acl_read.clear()
+            session.forget_decisions()
 
     def authorize_publish(self, client_id: str, topic: str) -> bool:
         # $SYS belongs to the broker; clients may read it, not write it.

@@ -78,6 +78,7 @@ WRITE_DENY = (WRITE, "deny")
 CONNECTING, CONNECTED, CLOSED, LOCATING = 0, 1, 3, 2
 
 _PINGRESP = b"\xd0\x00"
+_NO_OUTPUT = b""
 # Never written to: see `alias_in` / `alias_out`.
 _NO_ALIASES: dict[Any, Any] = {}
 # A cluster stores a session before its PUBREL only while its queue is at most this long.
@@ -131,7 +132,10 @@ class ServerConnection:
         self.broker = broker
         self.link = link
         self.decoder = Decoder(max_packet_size=broker.settings.max_packet_size)
-        self.out = bytearray()
+        # Output waiting for the shell's flush: the shared empty `_NO_OUTPUT` between flushes
+        # (an idle connection's empty bytearray was 56 bytes), a bytearray of its own from the
+        # first write on, which `take_output` hands over.
+        self.out: bytearray | bytes = _NO_OUTPUT
         self.state = CONNECTING
         self.version = MQTT_311
         self.client_id = ""
@@ -247,15 +251,18 @@ class ServerConnection:
         out = self.out
         if not out:
             self.link.kick()
-        out += data
+            self.out = bytearray(data)
+        else:
+            out += data
 
     def send_packet(self, packet: Packet) -> bool:
         """Write a non-PUBLISH packet; False when it could not be sent and the connection closed."""
         if self.max_packet_out:
             return self._send_limited(packet)
-        out = self.out
+        out: bytearray = self.out  # type: ignore[assignment]  # only b"" when empty
         if not out:
             self.link.kick()
+            out = self.out = bytearray()
         encode(packet, self.version, out)
         return True
 
@@ -286,9 +293,9 @@ class ServerConnection:
         self._write(wire)
         return True
 
-    def take_output(self) -> bytearray:
+    def take_output(self) -> bytearray | bytes:
         data = self.out
-        self.out = bytearray()
+        self.out = _NO_OUTPUT
         self.broker.stats.bytes_sent += len(data)
         return data
 
@@ -318,9 +325,10 @@ class ServerConnection:
                 if 1 + varint_size(length) + length > self.max_packet_out:
                     stats.dropped["packet_too_large"] += 1  # MQTT-3.1.2-25
                     return False
-            out = self.out
+            out: bytearray = self.out  # type: ignore[assignment]  # only b"" when empty
             if not out:
                 self.link.kick()
+                out = self.out = bytearray()
             out.append(0x30 | (qos << 1) | (1 if retain else 0))
             if length < 128:
                 out.append(length)
@@ -534,8 +542,7 @@ class ServerConnection:
         if session.username != self.username or session.rights is not self.rights:
             session.username = self.username
             session.rights = self.rights
-            session.acl_cache.clear()
-            session.acl_read.clear()
+            session.forget_decisions()
         self.session = session
         self.state = CONNECTED
         self.will = will_message
@@ -621,8 +628,7 @@ class ServerConnection:
             if exchange.rights is not self.rights and self.session is not None:
                 # Fresh rights from the store (a Redis user's): earlier decisions are stale.
                 self.rights = self.session.rights = exchange.rights
-                self.session.acl_cache.clear()
-                self.session.acl_read.clear()
+                self.session.forget_decisions()
             self.send_packet(
                 Auth(
                     reason_code=ReasonCode.SUCCESS,
@@ -970,9 +976,9 @@ class ServerConnection:
             code = ReasonCode.TOPIC_FILTER_INVALID if v5 else 0x80
         else:
             limit = self.broker.settings.max_subscriptions
-            if not limit or full_filter in session.subscriptions:
+            if not limit or session.subscription(full_filter) is not None:
                 return 0
-            if len(session.subscriptions) < limit:
+            if session.subscription_count() < limit:
                 return 0
             self.broker.stats.limited["subscriptions"] += 1
             code = ReasonCode.QUOTA_EXCEEDED if v5 else 0x80

@@ -10,9 +10,10 @@ MQTT 4.3.3: the message is delivered on receipt, duplicates are recognised by id
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
 
 from .message import Message
 from .trie import Subscription
@@ -50,6 +51,11 @@ _NO_QUEUE: tuple[Pending, ...] = ()
 _NO_IDS: frozenset[int] = frozenset()
 # Shared and never written to: `_send` and `Broker.restore_session` give a session its own first.
 _NO_INFLIGHT: dict[int, Outgoing] = {}
+# ACL decisions are only cached with an authorizer: without one (and until the first decision)
+# a session points at this shared empty dict (two empty dicts were 128 bytes per session);
+# `own_acl_cache` / `own_acl_read` give it its own before the first write.
+NO_DECISIONS: dict[Any, bool] = {}
+_NO_SUBS: Mapping[str, Subscription[Any]] = MappingProxyType({})
 
 
 class Session:
@@ -69,7 +75,7 @@ class Session:
         "queue",
         "rights",
         "stats",
-        "subscriptions",
+        "subs",
         "username",
         "version",
     )
@@ -78,7 +84,10 @@ class Session:
         self.client_id = client_id
         self.version = 4
         self.connection: ServerConnection | None = None
-        self.subscriptions: dict[str, Subscription[Session]] = {}
+        # By full filter. Most devices hold one subscription: it is kept as itself (a dict with
+        # one entry is 184 bytes), a dict from the second on, None without any. Written only
+        # through `add_subscription` / `remove_subscription`; read with `subscriptions`.
+        self.subs: Subscription[Session] | dict[str, Subscription[Session]] | None = None
         self.inflight: dict[int, Outgoing] = _NO_INFLIGHT
         self.queue: deque[Pending] | tuple[Pending, ...] = _NO_QUEUE
         self.awaiting_release: set[int] | frozenset[int] = _NO_IDS
@@ -95,8 +104,8 @@ class Session:
         # allowed; only used when an authorizer is configured, dropped when the rules reload.
         self.username: str | None = None
         # Write decisions by topic, subscribe decisions by ("subscribe", filter).
-        self.acl_cache: dict[tuple[str, str] | str, bool] = {}
-        self.acl_read: dict[str, bool] = {}  # delivery decisions by topic (the hot one)
+        self.acl_cache: dict[tuple[str, str] | str, bool] = NO_DECISIONS
+        self.acl_read: dict[str, bool] = NO_DECISIONS  # delivery decisions by topic (the hot one)
         self.rights: Authorizer | None = None  # the client's own rules (JWT claims)
 
     def __repr__(self) -> str:
@@ -106,10 +115,70 @@ class Session:
     def online(self) -> bool:
         return self.connection is not None
 
+    @property
+    def subscriptions(self) -> Mapping[str, Subscription[Session]]:
+        """A read-only view of the subscriptions by full filter (made on each call: not for
+        a per-message path)."""
+        subs = self.subs
+        if subs is None:
+            return _NO_SUBS
+        if isinstance(subs, dict):
+            return MappingProxyType(subs)
+        return MappingProxyType({subs.topic_filter: subs})
+
+    def subscription(self, full_filter: str) -> Subscription[Session] | None:
+        subs = self.subs
+        if subs is None or isinstance(subs, dict):
+            return subs.get(full_filter) if subs else None
+        return subs if subs.topic_filter == full_filter else None
+
+    def subscription_count(self) -> int:
+        subs = self.subs
+        return 0 if subs is None else len(subs) if isinstance(subs, dict) else 1
+
+    def add_subscription(self, sub: Subscription[Session]) -> None:
+        """Add, or replace the one with the same full filter."""
+        subs = self.subs
+        if subs is None or (not isinstance(subs, dict) and subs.topic_filter == sub.topic_filter):
+            self.subs = sub
+        elif isinstance(subs, dict):
+            subs[sub.topic_filter] = sub
+        else:
+            self.subs = {subs.topic_filter: subs, sub.topic_filter: sub}
+
+    def remove_subscription(self, full_filter: str) -> Subscription[Session] | None:
+        subs = self.subs
+        if subs is None:
+            return None
+        if isinstance(subs, dict):
+            sub = subs.pop(full_filter, None)
+            if not subs:
+                self.subs = None
+            return sub
+        if subs.topic_filter != full_filter:
+            return None
+        self.subs = None
+        return subs
+
     def own_inflight(self) -> dict[int, Outgoing]:
         if self.inflight is _NO_INFLIGHT:
             self.inflight = {}
         return self.inflight
+
+    def own_acl_cache(self) -> dict[tuple[str, str] | str, bool]:
+        if self.acl_cache is NO_DECISIONS:
+            self.acl_cache = {}
+        return self.acl_cache
+
+    def own_acl_read(self) -> dict[str, bool]:
+        if self.acl_read is NO_DECISIONS:
+            self.acl_read = {}
+        return self.acl_read
+
+    def forget_decisions(self) -> None:
+        """The identity or the rules changed: no cached ACL decision holds (back to shared)."""
+        self.acl_cache = NO_DECISIONS
+        self.acl_read = NO_DECISIONS
 
     def queue_for_append(self) -> deque[Pending]:
         queue = self.queue

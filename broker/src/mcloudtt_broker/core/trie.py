@@ -93,6 +93,11 @@ def _exact(topic_filter: str) -> bool:
     return "+" not in topic_filter and "#" not in topic_filter
 
 
+def in_exact_index(topic_filter: str, share_group: str | None) -> bool:
+    """Whether a subscription sits in the exact index (`exact_holders` counts its holders)."""
+    return share_group is None and _exact(topic_filter)
+
+
 class SubscriptionTrie(Generic[S]):
     def __init__(self, *, cache_size: int = 65_536) -> None:
         self._root: _Node[S] = _Node()
@@ -105,6 +110,14 @@ class SubscriptionTrie(Generic[S]):
         # a device's own topic), or subscriber -> subscription when several sessions share it.
         self._exact: dict[str, Subscription[S] | dict[S, Subscription[S]]] = {}
         self.count = 0
+
+    def exact_holders(self, topic_filter: str) -> int:
+        """How many subscribers hold a filter of the exact index (no wildcard, not shared)."""
+        held = self._exact.get(topic_filter)
+        return 0 if held is None else len(held) if isinstance(held, dict) else 1
+
+    def exact_filters(self) -> list[str]:
+        return list(self._exact)
 
     def _node(self, topic_filter: str, create: bool) -> _Node[S] | None:
         node = self._root
