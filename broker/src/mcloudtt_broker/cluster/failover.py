@@ -5,6 +5,14 @@
   control channel to hand the session over (it closes its connection and leaves the snapshot in
   `{prefix}:handover:{requester}:{id}`, so that no other broker waiting for the same ClientId
   takes it); a gone peer (or one that does not answer), take the copy it stored.
+* A live hand-over loses nothing routed to the old holder X after its snapshot: X announces
+  `moved` (new holder Y, a token, the filters) before its `del` of them; every other broker
+  routes them to Y at once and writes a marker for the token into X's inbox after what it sent
+  X. Y takes the session offline, writes its own marker (what it publishes for it is queued
+  from then on; until then it routed to X, whose `del` it holds back), reads X's inbox past the
+  snapshot's marks to every origin's marker (nothing of an origin after its marker: that went
+  to Y too), puts what it found before what it queued meanwhile, and only then lets the client
+  in; its inbox skips for the session what X had delivered already (an origin sent it to both).
 * Stored sessions: each broker writes its persistent sessions to `{prefix}:sessions:{me}`
   (client id -> snapshot, `session_snapshot.py`) within SESSION_WRITE_DELAY of each change.
 * Adoption: when a broker is gone, one survivor (the lock `{prefix}:adopter:{id}`, taken only
