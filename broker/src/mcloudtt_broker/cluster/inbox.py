@@ -204,6 +204,7 @@ class Inbox:
             self.stats["bad_tag"] += 1
             return
         received = 0
+        handed_in = self.handed_in  # empty but for a moment after a live hand-over
         try:
             for plain, groups, start, stop in iter_records(batch):
                 try:
@@ -224,7 +225,6 @@ class Inbox:
                     message = self.to_message(envelope)
                 if message is not None:
                     received += 1
-                    handed_in = self.handed_in
                     if handed_in:
                         skip = [
                             c
