@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 from mcloudtt_chaos.procs import raise_nofile_limit
+from mcloudtt_chaos.watchdog import guard
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -21,6 +22,9 @@ def pytest_configure(config: pytest.Config) -> None:
     # The chaos tests run fault proxies and workload clients in this process (two descriptors
     # per proxied link); the brokers started by tests inherit the raised limit too.
     raise_nofile_limit(1 << 20)
+    # Whatever the tests start dies with this process, even when it is SIGKILLed and runs no
+    # teardown: brokers, Redis nodes, CLIs started with a bare Popen, xdist workers and theirs.
+    guard()
 
 
 @pytest.fixture

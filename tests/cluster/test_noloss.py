@@ -12,196 +12,26 @@ import signal
 import threading
 import time
 from collections import Counter
-from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
 from brokerproc import BrokerProcess
 from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
 from .conftest import start_broker, wait_ready, wait_until
+from .noloss import (
+    TOPIC,
+    Publisher,
+    Subscriber,
+    check,
+    received,
+    streaming,
+    subscribed,
+)
 
-TOPIC = "noloss/seq"
-RATE = 300  # messages a second
 # An offline session's queue must hold what arrives while its broker is declared dead and its
 # client away (the default 1000 is about 3 s at RATE): a bound, not what is tested here.
 QUEUE = ("--max-queued-messages", "100000")
-
-
-class Publisher(threading.Thread):
-    """Publishes 0, 1, 2, ... at RATE; `acked` holds what the broker acknowledged."""
-
-    def __init__(self, port: int, qos: int) -> None:
-        super().__init__(daemon=True)
-        self.qos = qos
-        self.acked: set[int] = set()
-        self.sent = 0
-        self._mids: dict[int, int] = {}
-        self._early: set[int] = set()
-        self._lock = threading.Lock()
-        self.stopping = threading.Event()
-        self.c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="noloss-pub")
-        self.c.max_inflight_messages_set(100)
-        self.c.on_publish = self._on_publish
-        self.c.connect("127.0.0.1", port, 60)
-        self.c.loop_start()
-
-    def _on_publish(self, c: Any, u: Any, mid: int, rc: Any, p: Any) -> None:
-        with self._lock:
-            seq = self._mids.pop(mid, None)
-            if seq is None:
-                self._early.add(mid)  # acknowledged before `run` noted its mid
-            else:
-                self.acked.add(seq)
-
-    def run(self) -> None:
-        start = time.monotonic()
-        while not self.stopping.is_set():
-            due = start + self.sent / RATE
-            delay = due - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
-            # Not under our lock: paho calls `_on_publish` under its own.
-            info = self.c.publish(TOPIC, str(self.sent).encode(), self.qos)
-            with self._lock:
-                if info.mid in self._early:
-                    self._early.discard(info.mid)
-                    self.acked.add(self.sent)
-                else:
-                    self._mids[info.mid] = self.sent
-            self.sent += 1
-
-    def finish(self) -> None:
-        self.stopping.set()
-        self.join()
-        wait_until(lambda: not self._mids, 10.0, "every publish acknowledged")
-        self.c.loop_stop()
-        self.c.disconnect()
-
-
-class Subscriber:
-    """A persistent-session subscriber; `got` is (sequence, DUP flag) in arrival order."""
-
-    def __init__(self, version: int) -> None:
-        self.version = version
-        self.got: list[tuple[int, bool]] = []
-        self.client: mqtt.Client | None = None
-        self.connections = 0
-        self.per_connection: list[tuple[int, int]] = []  # (connection, sequence)
-
-    def connect(self, port: int, timeout: float = 20.0) -> bool:
-        proto = mqtt.MQTTv5 if self.version == 5 else mqtt.MQTTv311
-        c = mqtt.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=f"noloss-sub-{self.version}",
-            protocol=proto,
-            clean_session=None if self.version == 5 else False,
-        )
-        connected = threading.Event()
-        present: list[bool] = []
-
-        def on_connect(c: Any, u: Any, flags: Any, rc: Any, p: Any) -> None:
-            present.append(bool(flags.session_present))
-            connected.set()
-
-        c.on_connect = on_connect
-        conn = self.connections = self.connections + 1
-
-        def on_message(c: Any, u: Any, m: Any) -> None:
-            self.got.append((int(m.payload), bool(m.dup)))
-            self.per_connection.append((conn, int(m.payload)))
-
-        c.on_message = on_message
-        props = None
-        if self.version == 5:
-            props = Properties(PacketTypes.CONNECT)
-            props.SessionExpiryInterval = 600
-        c.connect(
-            "127.0.0.1",
-            port,
-            60,
-            clean_start=False if self.version == 5 else mqtt.MQTT_CLEAN_START_FIRST_ONLY,
-            properties=props,
-        )
-        c.loop_start()
-        assert connected.wait(timeout), "no CONNACK"
-        self.client = c
-        return present[0]
-
-    def give_up(self, port: int, after: float) -> None:
-        """CONNECT to `port` and close the socket `after` seconds later, CONNACK or not (a
-        device whose connect timeout ran out while the broker looked for its session)."""
-        c = mqtt.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=f"noloss-sub-{self.version}",
-            protocol=mqtt.MQTTv311,
-            clean_session=False,
-        )
-        # On a loaded machine the session may come before `after`: what the device got (and
-        # acknowledged) then is delivered, not lost.
-        c.on_message = lambda c, u, m: self.got.append((int(m.payload), bool(m.dup)))
-        c.connect("127.0.0.1", port, 60)
-        c.loop_start()
-        time.sleep(after)
-        c.loop_stop()
-        sock = c.socket()
-        if sock is not None:
-            sock.close()
-
-    def drop(self) -> None:
-        if self.client is not None:
-            self.client.loop_stop()
-            sock = self.client.socket()
-            if sock is not None:
-                sock.close()
-            self.client = None
-
-
-def received(sub: Subscriber) -> list[int]:
-    return [seq for seq, _ in sub.got]
-
-
-def ranges(values: list[int]) -> str:
-    """1,2,3,7,8 -> '1-3, 7-8' (what a failure shows)."""
-    parts: list[str] = []
-    for v in values:
-        if parts and int(parts[-1].split("-")[-1]) == v - 1:
-            parts[-1] = f"{parts[-1].split('-')[0]}-{v}"
-        else:
-            parts.append(str(v))
-    return ", ".join(parts[:30])
-
-
-def check(pub: Publisher, sub: Subscriber, qos: int) -> None:
-    got = received(sub)
-    print(f"acked {len(pub.acked)}, received {len(got)}, distinct {len(set(got))}")
-    lost = sorted(pub.acked - set(got))
-    if lost:
-        lo = lost[0]
-        print("around", [(i, x) for i, x in enumerate(sub.got) if lo - 20 <= x[0] <= lo + 5])
-    assert not lost, f"{len(lost)} of {len(pub.acked)} acknowledged lost: {ranges(lost)}"
-    firsts: list[int] = []
-    seen: set[int] = set()
-    for seq in got:
-        if seq not in seen:
-            seen.add(seq)
-            firsts.append(seq)
-    assert firsts == sorted(firsts), "order per publisher broken"
-    dups = sorted(k for k, v in Counter(got).items() if v > 1)
-    if dups:
-        first_idx = [i for i, x in enumerate(sub.got) if x[0] == dups[0]]
-        print(
-            "duplicates",
-            ranges(dups),
-            "first at",
-            first_idx,
-            "DUP flags",
-            [dup for seq, dup in sub.got if seq in set(dups)][:10],
-        )
-    if qos == 2:
-        assert len(got) == len(set(got)), f"QoS 2 delivered twice: {len(got) - len(set(got))}"
 
 
 def run_kill(
@@ -211,15 +41,8 @@ def run_kill(
     `when` ("at-once" or "after-expiry"); returns once everything acknowledged arrived (or
     15 s passed)."""
     a, b, c = brokers
-    sub = Subscriber(version)
-    sub.connect(b.port)
-    assert sub.client is not None
-    sub.client.subscribe(TOPIC, qos)
-    wait_until(lambda: a.metric("mcloudtt_cluster_remote_filters") >= 1, 5.0, "routing")
-    pub = Publisher(a.port, qos)
-    pub.start()
-    try:
-        wait_until(lambda: len(sub.got) > 200, 10.0, "deliveries before the kill")
+    sub = subscribed(b, version, qos)
+    with streaming(a, sub, qos, what="deliveries before the kill") as pub:
         b.signal(signal.SIGKILL)
         b.proc.wait()  # type: ignore[union-attr]
         sub.drop()
@@ -236,11 +59,6 @@ def run_kill(
             time.sleep(0.5)
             assert sub.connect(c.port)
         time.sleep(1.0)
-    finally:
-        pub.finish()
-    deadline = time.monotonic() + 15.0
-    while time.monotonic() < deadline and not pub.acked <= set(received(sub)):
-        time.sleep(0.05)
     return pub, sub
 
 
@@ -261,22 +79,13 @@ def test_broker_kill_qos2_no_loss_no_duplicate(redis_server, cluster_factory):
 def test_without_replay_acknowledged_messages_are_lost(redis_server, cluster_factory):
     """The same kill with the replay switched off: what the fix is for."""
     brokers = cluster_factory(3, *QUEUE, "--inbox-replay", "false")
-    sub = Subscriber(5)
     a, b, c = brokers
-    sub.connect(b.port)
-    assert sub.client is not None
-    sub.client.subscribe(TOPIC, 1)
-    wait_until(lambda: a.metric("mcloudtt_cluster_remote_filters") >= 1, 5.0, "routing")
-    pub = Publisher(a.port, 1)
-    pub.start()
-    try:
-        wait_until(lambda: len(sub.got) > 200, 10.0, "deliveries before the kill")
+    sub = subscribed(b, 5, 1)
+    with streaming(a, sub, 1, what="deliveries before the kill", settle=0) as pub:
         b.signal(signal.SIGKILL)
         sub.drop()
         sub.connect(c.port)
         time.sleep(1.0)
-    finally:
-        pub.finish()
     time.sleep(2.0)
     lost = pub.acked - set(received(sub))
     assert lost, "expected losses without the replay"
@@ -289,15 +98,8 @@ def test_restart_under_same_id_loses_nothing(redis_server):
     try:
         wait_ready(brokers)
         a, b, _ = brokers
-        sub = Subscriber(5)
-        sub.connect(b.port)
-        assert sub.client is not None
-        sub.client.subscribe(TOPIC, 1)
-        wait_until(lambda: a.metric("mcloudtt_cluster_remote_filters") >= 1, 5.0, "routing")
-        pub = Publisher(a.port, 1)
-        pub.start()
-        try:
-            wait_until(lambda: len(sub.got) > 200, 10.0, "deliveries before the kill")
+        sub = subscribed(b, 5, 1)
+        with streaming(a, sub, 1, what="deliveries before the kill", settle=0) as pub:
             b.signal(signal.SIGKILL)
             b.proc.wait()  # type: ignore[union-attr]
             sub.drop()
@@ -305,8 +107,6 @@ def test_restart_under_same_id_loses_nothing(redis_server):
             wait_until(lambda: restarted.http_get("/readyz")[0] == 200, 10.0, "restarted")
             assert sub.connect(restarted.port)
             time.sleep(1.0)
-        finally:
-            pub.finish()
         wait_until(lambda: pub.acked <= set(received(sub)), 15.0, "every acknowledged message")
         check(pub, sub, 1)
     finally:
@@ -367,26 +167,14 @@ def test_session_found_after_a_connect_that_gave_up_waiting_for_it(redis_server,
     "no session" and drop what was queued for it."""
     brokers = cluster_factory(3, *QUEUE)
     a, b, c = brokers
-    sub = Subscriber(4)
-    sub.connect(b.port)
-    assert sub.client is not None
-    sub.client.subscribe(TOPIC, 1)
-    wait_until(lambda: a.metric("mcloudtt_cluster_remote_filters") >= 1, 5.0, "routing")
-    pub = Publisher(a.port, 1)
-    pub.start()
-    try:
-        wait_until(lambda: len(sub.got) > 200, 10.0, "deliveries before the kill")
+    sub = subscribed(b, 4, 1)
+    with streaming(a, sub, 1, what="deliveries before the kill") as pub:
         b.signal(signal.SIGKILL)
         b.proc.wait()  # type: ignore[union-attr]
         sub.drop()
         sub.give_up(a.port, after=2.0)  # B's presence (5 s) has not expired yet
         assert sub.connect(c.port), "the session was lost"
         time.sleep(1.0)
-    finally:
-        pub.finish()
-    deadline = time.monotonic() + 15.0
-    while time.monotonic() < deadline and not pub.acked <= set(received(sub)):
-        time.sleep(0.05)
     check(pub, sub, 1)
 
 
@@ -405,21 +193,12 @@ def test_session_made_before_redis_is_found_after_its_broker_died(redis_server, 
     time.sleep(0.5)
     redis_server.restart()
     wait_ready(brokers, timeout=15.0)
-    wait_until(lambda: a.metric("mcloudtt_cluster_remote_filters") >= 1, 5.0, "routing")
-    pub = Publisher(a.port, 1)
-    pub.start()
-    try:
-        wait_until(lambda: len(sub.got) > 200, 10.0, "deliveries before the kill")
+    with streaming(a, sub, 1, what="deliveries before the kill") as pub:
         b.signal(signal.SIGKILL)
         b.proc.wait()  # type: ignore[union-attr]
         sub.drop()
         assert sub.connect(c.port), "the session was not found"
         time.sleep(1.0)
-    finally:
-        pub.finish()
-    deadline = time.monotonic() + 15.0
-    while time.monotonic() < deadline and not pub.acked <= set(received(sub)):
-        time.sleep(0.05)
     check(pub, sub, 1)
 
 
@@ -459,15 +238,8 @@ def test_restart_under_same_id_while_a_connect_waits_elsewhere(redis_server, clu
     to C. A must learn that B has them (`adopted:B` names B), and the snapshot B hands to C must
     not be taken by A's wait (hand-overs are keyed by requester)."""
     a, b, c = cluster_factory(3, *QUEUE)
-    sub = Subscriber(4)
-    sub.connect(b.port)
-    assert sub.client is not None
-    sub.client.subscribe(TOPIC, 1)
-    wait_until(lambda: a.metric("mcloudtt_cluster_remote_filters") >= 1, 5.0, "routing")
-    pub = Publisher(a.port, 1)
-    pub.start()
-    try:
-        wait_until(lambda: len(sub.got) > 200, 10.0, "deliveries before the kill")
+    sub = subscribed(b, 4, 1)
+    with streaming(a, sub, 1, what="deliveries before the kill") as pub:
         b.signal(signal.SIGKILL)
         b.proc.wait()  # type: ignore[union-attr]
         sub.drop()
@@ -478,11 +250,6 @@ def test_restart_under_same_id_while_a_connect_waits_elsewhere(redis_server, clu
         gave_up.join()
         assert sub.connect(c.port), "the session was lost"
         time.sleep(1.0)
-    finally:
-        pub.finish()
-    deadline = time.monotonic() + 15.0
-    while time.monotonic() < deadline and not pub.acked <= set(received(sub)):
-        time.sleep(0.05)
     check(pub, sub, 1)
 
 
@@ -496,24 +263,14 @@ def test_session_moved_between_live_brokers_under_load_loses_nothing(redis_serve
     drain: 1-3 messages lost per move, 5-12 of 600 over the four."""
     qos = 1
     a, b, c = cluster_factory(3, *QUEUE)
-    sub = Subscriber(5)
-    sub.connect(b.port)
-    assert sub.client is not None
-    sub.client.subscribe(TOPIC, qos)
-    wait_until(lambda: a.metric("mcloudtt_cluster_remote_filters") >= 1, 5.0, "routing")
-    pub = Publisher(a.port, qos)
-    pub.start()
-    try:
-        wait_until(lambda: len(sub.got) > 100, 10.0, "deliveries before the first move")
+    sub = subscribed(b, 5, qos)
+    with streaming(
+        a, sub, qos, before=100, what="deliveries before the first move", settle=10.0
+    ) as pub:
         for port in (c.port, b.port, c.port, b.port):
             sub.drop()
             assert sub.connect(port), "the session was not handed over"
             time.sleep(0.4)
-    finally:
-        pub.finish()
-    deadline = time.monotonic() + 10.0
-    while time.monotonic() < deadline and not pub.acked <= set(received(sub)):
-        time.sleep(0.05)
     check(pub, sub, qos)
 
 

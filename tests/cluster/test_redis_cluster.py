@@ -16,6 +16,7 @@ from brokerproc import BrokerProcess
 from rediscluster import RedisClusterProcess, slot_of
 
 from .conftest import start_broker, wait_ready, wait_until
+from .noloss import Publisher, Subscriber, check, streaming, subscribed
 from .test_cluster import (  # noqa: F401 (collected again here, on the cluster)
     test_a_broker_restarted_under_its_id_takes_back_its_stored_sessions,
     test_clean_start_on_b_discards_the_session_on_a,
@@ -27,14 +28,7 @@ from .test_cluster import (  # noqa: F401 (collected again here, on the cluster)
     test_shared_subscription_across_brokers_delivers_each_message_once,
 )
 from .test_cluster import test_session_resumes_on_another_broker_with_what_was_queued as resumes
-from .test_noloss import (  # noqa: F401
-    TOPIC,
-    Publisher,
-    Subscriber,
-    check,
-    received,
-    test_broker_kill_qos2_no_loss_no_duplicate,
-)
+from .test_noloss import test_broker_kill_qos2_no_loss_no_duplicate  # noqa: F401
 
 
 @pytest.fixture
@@ -72,22 +66,10 @@ def run_under_load(
     a, b = brokers
     try:
         wait_ready(brokers)
-        sub = Subscriber(4)
-        sub.connect(b.port)
-        assert sub.client is not None
-        sub.client.subscribe(TOPIC, 1)
-        wait_until(lambda: a.metric("mcloudtt_cluster_remote_filters") >= 1, 5.0, "routing")
-        pub = Publisher(a.port, 1)
-        pub.start()
-        try:
-            wait_until(lambda: len(sub.got) > 200, 10.0, "deliveries before the fault")
+        sub = subscribed(b, 4, 1)
+        with streaming(a, sub, 1) as pub:
             fault(b_id)
             time.sleep(1.0)
-        finally:
-            pub.finish()
-        deadline = time.monotonic() + 15.0
-        while time.monotonic() < deadline and not pub.acked <= set(received(sub)):
-            time.sleep(0.05)
         sub.drop()
     except BaseException:
         for broker in brokers:

@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .procs import Process, RedisServer, console_script, free_block, port_free
-from .watchdog import Watchdog
 
 
 @dataclass
@@ -26,17 +25,10 @@ class LocalCluster:
     services: list[Process] = field(default_factory=list)
     # Ports taken by something else and replaced by free ones: what to print.
     notes: list[str] = field(default_factory=list)
-    # Children die with this process however it ends: PR_SET_PDEATHSIG for each, and a
-    # watchdog that SIGKILLs their groups when this process's pipe to it closes.
+    # Children die with this process however it ends: every `Process` is watched by this
+    # process's watchdog (`watchdog.guard()`); `guard` adds PR_SET_PDEATHSIG, which acts even
+    # if the watchdog is killed too.
     guard: bool = True
-    _watchdog: Watchdog | None = None
-
-    def _watch(self, process: Process) -> None:
-        if not self.guard:
-            return
-        if self._watchdog is None:
-            self._watchdog = Watchdog()
-        self._watchdog.watch(process.pid)
 
     def _spawn(
         self, name: str, cmd: list[str], port: int | None = None, http_port: int | None = None
@@ -51,13 +43,11 @@ class LocalCluster:
             die_with_parent=self.guard,
         )
         self.services.append(process.start())
-        self._watch(process)
         return process
 
     def restart(self, process: Process) -> Process:
         """Start a stopped service again (from the main thread: see `die_with_parent`)."""
         process.start()
-        self._watch(process)
         return process
 
     def start_redis(self) -> RedisServer:
@@ -70,7 +60,6 @@ class LocalCluster:
         )
         self.redis_port = redis.port
         self.services.append(redis.start())
-        self._watch(redis)
         return redis
 
     @property
@@ -127,9 +116,6 @@ class LocalCluster:
         for service in reversed(self.services):
             if service.proc is not None:
                 service.stop(timeout=15.0)
-        if self._watchdog is not None:
-            self._watchdog.close()
-            self._watchdog = None
 
 
 def workdir(base: Path | None) -> Path:

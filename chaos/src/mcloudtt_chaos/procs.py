@@ -9,7 +9,9 @@ share to run real processes on this machine.
   each have a deadline and fail with `ProcessError`, whose message ends with the log's tail.
   `stop()` sends SIGTERM, then SIGKILL to the whole group after a timeout; `pause()`,
   `resume()` and `kill()` (SIGSTOP, SIGCONT, SIGKILL of the group) are the faults the chaos
-  harness injects. A context manager: started on entry, stopped on exit.
+  harness injects. A context manager: started on entry, stopped on exit. Every child dies
+  with this process however it ends, SIGKILL included (`watchdog.guard()`); a normal exit
+  leaves them as teardown left them.
 - `RedisServer`: a `Process` running redis-server (port, password, appendonly, extra args).
 - `RedisClusterProcess`: a Redis Cluster of `ClusterNode`s (3 primaries + 3 replicas by
   default) formed with `redis-cli --cluster create`; `redis_cli_binary()`, `slot_of(key)`.
@@ -32,6 +34,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -44,6 +47,8 @@ from typing import Any, Self, TypeVar
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 from redis.crc import key_slot
+
+from .watchdog import guard, guarded
 
 HOST = "127.0.0.1"
 _SIGTERM = signal.SIGTERM  # a default in `Process`, whose `signal` method hides the module
@@ -299,6 +304,7 @@ def run_concurrently(
     """Run short-lived commands at once (each start may cost a second of imports) until they
     exit: name -> (exit status, stderr). `env` replaces the environment; one still running
     after `timeout` is killed (it started instead of refusing)."""
+    guard()  # those that inherit the environment die with this process
     procs = {
         name: subprocess.Popen(
             list(cmd),
@@ -334,8 +340,8 @@ _PR_SET_PDEATHSIG = 1
 
 
 def _die_with_parent(parent: int) -> None:
-    """In the child before exec: SIGKILL when the parent dies (PR_SET_PDEATHSIG), so that no
-    child outlives a SIGKILLed parent. Linux only; elsewhere nothing happens."""
+    """In the child before exec: SIGKILL when the parent's forking thread ends
+    (PR_SET_PDEATHSIG), at once even if the watchdog was killed too. Linux only."""
     if _PRCTL is None:
         return
     _PRCTL(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
@@ -366,8 +372,8 @@ class Process:
         die_with_parent: bool = False,
     ) -> None:
         self.cmd = [str(part) for part in cmd]
-        # The kernel sends the signal when the *thread* that started the child ends: start such
-        # a process from a thread that lives as long as the parent (the main thread).
+        # PR_SET_PDEATHSIG as well as the watchdog. The kernel sends it when the *thread* that
+        # started the child ends, so it is set only for a start from the main thread.
         self.die_with_parent = die_with_parent
         self.cpus = cpus  # pinned to these CPUs (benchmarks keep it off the generator's)
         self.name = name or Path(self.cmd[0]).name
@@ -389,7 +395,9 @@ class Process:
     def start(self) -> Self:
         if self.alive():
             raise RuntimeError(f"{self.name} is already running (pid {self.pid})")
+        watchdog = guard()  # first: the child inherits its token in os.environ
         env = None if self.env is None else {**os.environ, **self.env}
+        pdeathsig = self.die_with_parent and threading.current_thread() is threading.main_thread()
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:  # the child keeps its own descriptor
             # A session of its own: the whole group can be stopped, paused or killed, and a
@@ -402,12 +410,9 @@ class Process:
                 env=env,
                 cwd=self.cwd,
                 start_new_session=True,
-                preexec_fn=(
-                    functools.partial(_die_with_parent, os.getpid())
-                    if self.die_with_parent
-                    else None
-                ),
+                preexec_fn=functools.partial(_die_with_parent, os.getpid()) if pdeathsig else None,
             )
+        watchdog.watch(self.proc.pid)  # its group too, should its environment lack the token
         if self.cpus:
             # Set at once, while the interpreter is still starting: its threads inherit it.
             os.sched_setaffinity(self.proc.pid, self.cpus)
@@ -472,7 +477,11 @@ class Process:
 
     def _reap(self) -> int:
         assert self.proc is not None
-        return self.proc.wait()
+        code = self.proc.wait()
+        watchdog = guarded()
+        if watchdog is not None:
+            watchdog.forget(self.proc.pid)
+        return code
 
     def close(self) -> None:
         """Stop it (if it runs) and remove a temporary log."""

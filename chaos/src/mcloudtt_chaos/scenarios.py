@@ -254,11 +254,15 @@ async def _broker_kill(run: Run) -> None:
 
 
 PRESENCE_TTL_S = 3.0  # the --presence-ttl of the broker-kill scenarios
+# The cluster of the scenarios that wait for a dead (or frozen) broker's presence to expire.
+SHORT_PRESENCE = ClusterSpec(broker_args=("--presence-ttl", f"{PRESENCE_TTL_S:g}"))
 # A session whose client is away while its broker is declared dead and adopted, then handed on,
 # queues everything for it meanwhile (~200 a second in this workload, 5-8 s); the default bound
 # of 1,000 then drops (counted, queue_full) what is acknowledged. A bound, not what these
 # scenarios test (tests/cluster/test_noloss.py does the same).
 OFFLINE_QUEUE = ("--max-queued-messages", "100000")
+# The short-presence cluster whose clients are away for seconds: the broker-kill scenarios.
+AWAY_PRESENCE = ClusterSpec(broker_args=("--presence-ttl", f"{PRESENCE_TTL_S:g}", *OFFLINE_QUEUE))
 
 
 async def _broker_kill_after_expiry(run: Run) -> None:
@@ -560,7 +564,7 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario(
             name="redis-freeze",
             summary="Redis SIGSTOPped past every timeout (presence TTL 3 s), then SIGCONT",
-            cluster=ClusterSpec(broker_args=("--presence-ttl", f"{PRESENCE_TTL_S:g}")),
+            cluster=SHORT_PRESENCE,
             fault=_redis_freeze,
             seconds=6.0,
         ),
@@ -579,16 +583,14 @@ SCENARIOS: dict[str, Scenario] = {
             name="broker-kill",
             summary="SIGKILL of a broker holding persistent sessions, traffic in flight; its "
             "clients reconnect elsewhere at once",
-            cluster=ClusterSpec(
-                broker_args=("--presence-ttl", f"{PRESENCE_TTL_S:g}", *OFFLINE_QUEUE)
-            ),
+            cluster=AWAY_PRESENCE,
             fault=_broker_kill,
             seconds=3.0,
         ),
         Scenario(
             name="broker-kill-after-expiry",
             summary="as broker-kill, but its clients come back only after its presence expired",
-            cluster=ClusterSpec(broker_args=("--presence-ttl", f"{PRESENCE_TTL_S:g}")),
+            cluster=AWAY_PRESENCE,
             fault=_broker_kill_after_expiry,
             seconds=6.0,
         ),
@@ -596,9 +598,7 @@ SCENARIOS: dict[str, Scenario] = {
             name="broker-restart-same-id",
             summary="a broker SIGKILLed and started again at once under the same id (a "
             "StatefulSet pod)",
-            cluster=ClusterSpec(
-                broker_args=("--presence-ttl", f"{PRESENCE_TTL_S:g}", *OFFLINE_QUEUE)
-            ),
+            cluster=AWAY_PRESENCE,
             fault=_broker_restart_same_id,
             seconds=2.0,
         ),
@@ -613,7 +613,7 @@ SCENARIOS: dict[str, Scenario] = {
             name="partition",
             summary="a broker cut from Redis while its clients reach it; a broker cut from its "
             "clients",
-            cluster=ClusterSpec(broker_args=("--presence-ttl", f"{PRESENCE_TTL_S:g}")),
+            cluster=SHORT_PRESENCE,
             fault=_partition,
             seconds=5.0,
             measures=("serves_clients_while_cut",),
@@ -651,9 +651,7 @@ SCENARIOS: dict[str, Scenario] = {
             name="reconnect-storm",
             summary="thousands of persistent clients of a killed broker reconnect at once "
             "(--storm-clients, 2,000 by default)",
-            cluster=ClusterSpec(
-                broker_args=("--presence-ttl", f"{PRESENCE_TTL_S:g}", *OFFLINE_QUEUE)
-            ),
+            cluster=AWAY_PRESENCE,
             fault=_reconnect_storm,
             # The workload's own clients wait for their CONNACK as the storm's do (paho also
             # gives up on it after its keepalive), rather than hop to another broker while

@@ -305,18 +305,20 @@ class _Client:
         self.broker = endpoint.name
         self._ended = False
         self._closing_normally = False
-        self.w.record(
-            Connect(
-                t=time.monotonic(),
-                client=self.name,
-                conn=self.conn,
-                broker=self.broker,
-                clean_start=clean if self.protocol == 5 else not self.persistent,
-                protocol=self.protocol,
-                will_topic=self.will_topic(),
-            )
+        self._record_connection(
+            Connect,
+            broker=self.broker,
+            clean_start=clean if self.protocol == 5 else not self.persistent,
+            protocol=self.protocol,
+            will_topic=self.will_topic(),
         )
         return True
+
+    def _record_connection(
+        self, record: type[Connect | ConnAck | Disconnect], **fields: Any
+    ) -> None:
+        """A record of this client's current connection: now, its name and number filled in."""
+        self.w.record(record(t=time.monotonic(), client=self.name, conn=self.conn, **fields))
 
     def will_topic(self) -> str | None:
         return None
@@ -336,11 +338,7 @@ class _Client:
             return
         self._ended = True
         self.connected.clear()
-        self.w.record(
-            Disconnect(
-                t=time.monotonic(), client=self.name, conn=self.conn, normal=False, reason=reason
-            )
-        )
+        self._record_connection(Disconnect, normal=False, reason=reason)
 
     def _finish(self) -> None:
         if not self._ended:
@@ -353,15 +351,7 @@ class _Client:
     def disconnect_normally(self) -> None:
         self._ended = True
         self._closing_normally = True
-        self.w.record(
-            Disconnect(
-                t=time.monotonic(),
-                client=self.name,
-                conn=self.conn,
-                normal=True,
-                reason="DISCONNECT",
-            )
-        )
+        self._record_connection(Disconnect, normal=True, reason="DISCONNECT")
         self.client.disconnect()
         end = time.monotonic() + 1.0
         while time.monotonic() < end:
@@ -373,18 +363,10 @@ class _Client:
     def _on_connect(
         self, client: paho.Client, userdata: Any, flags: Any, reason: ReasonCode, props: Any
     ) -> None:
-        now = time.monotonic()
         rc = _rc_value(reason)
         present = bool(getattr(flags, "session_present", False))
-        self.w.record(
-            ConnAck(
-                t=now,
-                client=self.name,
-                conn=self.conn,
-                broker=self.broker,
-                session_present=present,
-                reason_code=rc,
-            )
+        self._record_connection(
+            ConnAck, broker=self.broker, session_present=present, reason_code=rc
         )
         if rc != 0:
             return  # the broker closes the connection after a refusing CONNACK

@@ -240,6 +240,10 @@ class Failover:
         # CONNECTs refused because their session could not be located: the registry names us
         # already, so the client's retry must look where the session was (client id -> holder).
         self._unresolved: dict[str, str] = {}
+        # Per holder a CONNECT here waits to hand a session over: set once it is known gone
+        # (declared so, or its adoption announced), so that the CONNECT waits for the adopter
+        # instead of the rest of the hand-over timeout (with our inbox paused).
+        self._holder_gone: dict[str, asyncio.Event] = {}
         # One poll of `{prefix}:adopted:{holder}` per gone holder, shared by its CONNECTs.
         self._adoption_watches: dict[str, asyncio.Future[str | None]] = {}
         # Hand-overs asked of us share their reads of the inbox's end and their wait for it.
@@ -555,13 +559,26 @@ class Failover:
                 f"handover\x00{self.me}\x00{holder}\x00{int(clean_start)}\x00{client_id}"
             ),
         )
+        gone = self._holder_gone.get(holder)
+        if gone is None:
+            gone = self._holder_gone[holder] = asyncio.Event()
+        gone_wait: asyncio.Future[Any] = asyncio.ensure_future(gone.wait())
+        waits: set[asyncio.Future[Any]] = {waiter, gone_wait}
         try:
-            # Shielded: on a timeout the waiter stays, for the late answer (`_late_handover`,
-            # `_after_adoption`); cancelled, it would cancel whoever waited on it next.
-            await asyncio.wait_for(asyncio.shield(waiter), self.settings.handover_timeout / 2)
-        except TimeoutError:
+            # Not cancelled on a timeout: the waiter stays, for the late answer
+            # (`_late_handover`, `_after_adoption`); cancelled, it would cancel whoever waited
+            # on it next.
+            await asyncio.wait(
+                waits,
+                timeout=self.settings.handover_timeout / 2,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        finally:
+            gone_wait.cancel()
+        if not waiter.done():
+            # No answer in time, or the holder is gone (its adopter has the session).
             self._unpause(client_id)  # no session coming (yet): do not hold the inbox up
-            raise
+            raise TimeoutError
         self.stats["handovers"] += 1
         data = await redis.getdel(f"{prefix}:handover:{self.me}:{client_id}")
         return await self._answer(redis, data, client_id, clean_start, hops)
@@ -1018,7 +1035,15 @@ class Failover:
 
     # ------------------------------------------------------------------ adoption
 
+    def holder_gone(self, broker: str) -> None:
+        """`broker` is gone (declared so, or its sessions' adoption announced): it answers
+        no hand-over. A CONNECT waiting for one goes on to wait for the adoption."""
+        gone = self._holder_gone.pop(broker, None)
+        if gone is not None:
+            gone.set()
+
     def peer_gone(self, peer: str) -> None:
+        self.holder_gone(peer)
         redis = self.link.redis
         if self.link.connected and redis is not None:
             self._spawn(self.adopt_sessions(redis, peer))

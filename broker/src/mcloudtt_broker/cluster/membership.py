@@ -234,6 +234,7 @@ class Membership:
             # Gone, whether or not our heartbeat noticed yet: not to be adopted again later.
             self.live_peers.discard(dead)
             self.missing_since.pop(dead, None)
+            self.failover.holder_gone(dead)
         if adopter and adopter != self.me:
             self.live_peers.add(adopter)
             for full_filter in filters:

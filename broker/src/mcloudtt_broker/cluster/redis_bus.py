@@ -61,8 +61,20 @@ log = logging.getLogger("mcloudtt.cluster")
 # Seconds between reads of the receivers' progress (what unconfirmed QoS 1/2 records to forget).
 CONFIRM_INTERVAL = 0.1
 # How long what was published before the first table load is kept for peers whose tables come
-# after ours (brokers that all started before Redis reconnect within a backoff of each other).
+# after ours (brokers that all started before Redis reconnect within a backoff of each other,
+# `late_grace`).
 UNROUTED_GRACE = 5.0
+
+
+def late_grace(settings: ClusterSettings) -> float:
+    """How long after our first table load a peer's first table may still come: within its
+    reconnect backoff of ours (twice the cap, with jitter), at least UNROUTED_GRACE."""
+    return max(UNROUTED_GRACE, 2 * settings.backoff_max + 1.0)
+
+
+def _group_keys(groups: Mapping[str, list[str]]) -> set[str]:
+    """The shared groups (`$share/...` filters) a routing gives a message to."""
+    return {key for keys in groups.values() for key in keys}
 
 
 class RedisBus:
@@ -95,7 +107,9 @@ class RedisBus:
         # QoS 1/2 publishes accepted before the first load of the cluster table had nowhere to
         # go: kept (within the buffer bound) and routed with the table when it comes.
         self.unrouted: deque[Message] = deque()
-        self._late: list[tuple[Message, set[str]]] = []  # routed at the first load, to whom
+        # Kept from before (and just after) the first table load: (message, brokers its plain
+        # subscriptions were routed to, shared groups it was given to), for late peer tables.
+        self._late: list[tuple[Message, set[str], set[str]]] = []
         self.table_loaded = settings.mode == BROADCAST or bool(settings.tap_stream)
         if not self.table_loaded:
             self.forward = self._forward_unrouted
@@ -124,38 +138,45 @@ class RedisBus:
         (`_late_table`)."""
         self.table_loaded = True
         unrouted, self.unrouted = self.unrouted, deque()
-        kept: list[tuple[Message, set[str]]] = []
+        kept: list[tuple[Message, set[str], set[str]]] = []
         for message in unrouted:
             targets, groups = self.core.remote_route(message)
             if targets or groups:
                 self.outbox.forward(message, targets, groups)
-            kept.append((message, set(targets)))
+            kept.append((message, set(targets), _group_keys(groups)))
         self._late = kept
         if self.loop is None:
             self.forward = self.outbox.forward
             return
         self.forward = self._forward_late
-        self.loop.call_later(UNROUTED_GRACE, self._forget_late)
+        self.loop.call_later(late_grace(self.settings), self._forget_late)
 
     def _forward_late(
         self, message: Message, targets: Sequence[str], groups: Mapping[str, list[str]]
     ) -> None:
-        """`forward` for UNROUTED_GRACE after the first table load (then the outbox's)."""
+        """`forward` for `late_grace` after the first table load (then the outbox's)."""
         self.outbox.forward(message, targets, groups)
         # (A copy kept for late tables only: past the bound, it is simply not kept.)
         if message.qos and not message.retain and len(self._late) < self.settings.buffer_limit:
-            self._late.append((message, set(targets)))
+            self._late.append((message, set(targets), _group_keys(groups)))
 
     def _late_table(self, peer: str) -> None:
         """A peer's table was (re)loaded: what we kept from before our first load (and from
-        the grace after it) and did not route to it yet goes to it now, if it subscribed."""
-        for message, routed in self._late:
-            if peer in routed:
-                continue
-            targets, _ = self.core.remote_route(message)
-            if peer in targets:
-                routed.add(peer)
-                self.outbox.forward(message, (peer,), {})
+        the grace after it) and did not route to it yet goes to it now, if it subscribed; so
+        does each shared group it was given to nobody for (no member was in our table yet: the
+        group's members may all be on brokers whose tables came after ours), once."""
+        for message, routed, served in self._late:
+            targets, groups = self.core.remote_route(message)
+            plain = (peer,) if peer in targets and peer not in routed else ()
+            assigned = {
+                broker: fresh
+                for broker, keys in groups.items()
+                if (fresh := [key for key in keys if key not in served])
+            }
+            if plain or assigned:
+                routed.update(plain)
+                served.update(_group_keys(assigned))
+                self.outbox.forward(message, plain, assigned)
 
     def _forget_late(self) -> None:
         self._late = []

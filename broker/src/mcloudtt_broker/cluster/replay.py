@@ -14,7 +14,7 @@ marks of the group's claimed members, or past the dead inbox's reported progress
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Set
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -174,12 +174,16 @@ class Replay:
         except InboxError:
             self.bad += 1
 
-    def deliver(self, delivered_elsewhere: set[tuple[str, int]]) -> int:
+    def deliver(self, delivered_elsewhere: Set[Delivered]) -> int:
         """Hand what was found to the sessions, but for what the taker's own inbox will
-        deliver anyway (origin, sequence). Returns how many messages were replayed."""
+        deliver anyway (`origins_and_sequences`). Returns how many messages were replayed."""
         count = 0
-        for origin, sequence, message, takers, shared in self.found:
-            if (origin, sequence) in delivered_elsewhere:
+        for origin, sequence, message, found_takers, found_shared in self.found:
+            # Only the part that our inbox delivers itself (to the restored sessions too): a
+            # record there for a shared group only does not reach the plain takers.
+            takers = [] if (origin, sequence) in delivered_elsewhere else found_takers
+            shared = [k for k in found_shared if (origin, sequence, k) not in delivered_elsewhere]
+            if not (takers or shared):
                 continue
             if takers:
                 self.core.replay_to(takers, message, redelivered=self.redelivered)
@@ -190,21 +194,30 @@ class Replay:
         return count
 
 
-def origins_and_sequences(entries: Iterable[tuple[Any, Any]]) -> set[tuple[str, int]]:
-    """(origin, sequence) of every record in these inbox entries."""
+# What an inbox delivers of a record itself: (origin, sequence) to its plain subscriptions,
+# (origin, sequence, group) to a shared group.
+Delivered = tuple[str, int] | tuple[str, int, str]
+
+
+def origins_and_sequences(entries: Iterable[tuple[Any, Any]]) -> set[Delivered]:
+    """What the inbox these entries are from delivers of their records itself: (origin,
+    sequence) of every plain record, (origin, sequence, group) for each group of each."""
     reader = EnvelopeReader()
-    found: set[tuple[str, int]] = set()
+    found: set[Delivered] = set()
     for _entry_id, raw in entries:
         batch = entry_fields(raw).get(b"b")
         if not isinstance(batch, bytes):
             continue
         try:
-            for _plain, _groups, start, stop in iter_records(batch):
+            for plain, groups, start, stop in iter_records(batch):
                 try:
                     envelope = reader.read(batch, start, stop)
                 except EnvelopeError:
                     continue
-                found.add((envelope[0], envelope[1]))
+                origin, sequence = envelope[0], envelope[1]
+                if plain:
+                    found.add((origin, sequence))
+                found.update((origin, sequence, key) for key in groups)
         except InboxError:
             continue
     return found
