@@ -339,6 +339,18 @@ def test_teardown_and_cleanup_after_a_crash_leave_nothing(tmp_path: Path) -> Non
 
 
 @needs_netns
+def test_the_next_run_removes_what_a_crashed_one_left(tmp_path: Path) -> None:
+    crashed, run_id, broker_pids = _start_run(tmp_path / "crashed")
+    crashed.kill()
+    crashed.wait()
+    assert _leftovers(run_id)
+    with NetnsBackend(tmp_path / "next") as backend:
+        backend.setup(ClusterSpec(brokers=1))
+        assert _leftovers(run_id) == []
+        assert not any(_alive(int(pid)) for pid in broker_pids)
+
+
+@needs_netns
 def test_cleanup_stale_spares_a_live_run(cluster: NetnsBackend) -> None:
     assert cluster.run_id not in cleanup_stale()
     assert cluster.readyz("b0")[0] == 200

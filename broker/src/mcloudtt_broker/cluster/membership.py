@@ -56,6 +56,13 @@ return 1
 ADOPTION_DEADLINE = 30.0
 
 
+def heartbeat_deadline(settings: ClusterSettings) -> float:
+    """How long one presence refresh may go unanswered before the link counts as lost: two
+    beats (TTL/5 each), within 1-2 s (a tiny script; Redis answering it later than that is
+    unreachable for the cluster's purposes, and peers see our presence expire soon anyway)."""
+    return min(2.0, max(1.0, 2 * settings.presence_ttl / 5))
+
+
 def gone_grace(settings: ClusterSettings) -> float:
     """How long past its TTL a peer's presence must stay missing before it is gone."""
     return max(1.0, 2 * settings.backoff_max)
@@ -261,16 +268,39 @@ class Membership:
     # ------------------------------------------------------------------ workers
 
     async def heartbeat(self, redis: RedisClient) -> None:
+        # One connection of its own (not a cluster client's): a beat is one round trip, and
+        # its deadline never pays for a connection set up through a slow link.
+        beat = redis if is_cluster(redis) else redis.client()
+        try:
+            if beat is not redis:
+                # Set up under a deadline too (a few round trips): a link cut right after it
+                # came up is noticed as fast as one cut later.
+                async with asyncio.timeout(2 * heartbeat_deadline(self.settings)):
+                    await beat.initialize()
+            await self._beat_forever(beat)
+        finally:
+            if beat is not redis:
+                with contextlib.suppress(Exception):
+                    await beat.aclose()
+
+    async def _beat_forever(self, redis: RedisClient) -> None:
         # Five beats per TTL: a broker must miss four in a row to look dead.
         interval = max(0.1, self.settings.presence_ttl / 5)
+        deadline = heartbeat_deadline(self.settings)
         prefix = self.settings.prefix
         grace = gone_grace(self.settings)
         while True:
             await asyncio.sleep(interval)
             ttl_ms = int(self.settings.presence_ttl * 1000)
-            state = await redis.eval(
-                _REFRESH_SCRIPT, 2, self.k_presence, self.k_adopter, self.token, ttl_ms
-            )
+            # A link held rather than refused (a partition: nothing answers, nothing resets)
+            # is lost when a beat goes unanswered past its deadline, not after the 5 s socket
+            # timeout: until then every CONNECT here waits on its session look-up, and a
+            # broker cut from Redis must keep serving its local clients. (TimeoutError is an
+            # OSError: the link's guard makes it a LinkError.)
+            async with asyncio.timeout(deadline):
+                state = await redis.eval(
+                    _REFRESH_SCRIPT, 2, self.k_presence, self.k_adopter, self.token, ttl_ms
+                )
             if state == -1:
                 raise DuplicateBrokerId(f"broker id {self.me!r} was taken by another broker")
             if state == 0:
@@ -280,7 +310,9 @@ class Membership:
             # Peers whose presence expired have left (their sessions are adopted).
             now = time.monotonic()
             for peer in list(self.live_peers):
-                if await redis.exists(f"{prefix}:broker:{{{peer}}}"):
+                async with asyncio.timeout(deadline):
+                    present = await redis.exists(f"{prefix}:broker:{{{peer}}}")
+                if present:
                     self.missing_since.pop(peer, None)
                 elif now - self.missing_since.setdefault(peer, now) > grace:
                     self.peer_gone(peer)

@@ -46,20 +46,26 @@ left behind, never a live run's.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import os
 import random
 import shutil
-import signal
-import tempfile
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, Self
+from typing import TYPE_CHECKING
 
-from ..backend import Backend, ClusterSpec, Endpoint, LinkFault
+from ..backend import (
+    HTTP_PORT,
+    MQTT_PORT,
+    Backend,
+    ClusterSpec,
+    LinkFault,
+    TwoNetworkBackend,
+    TwoNetworkBroker,
+    owner_alive,
+    process_start_time,
+)
 from ..containers import (
     Container,
     Docker,
@@ -68,13 +74,11 @@ from ..containers import (
     build_redis_image,
     unavailable_reason,
 )
-from ..procs import http_get, port_open, wait_for
+from ..procs import port_open, wait_for
 
 PREFIX = "mcdk"  # not "mctt": the netns backend removes stale links named so
 LABEL_RUN = "mcloudtt.chaos.run"
 LABEL_OWNER = "mcloudtt.chaos.owner"  # "pid:start time" of the process that made the run
-MQTT_PORT = 1883
-HTTP_PORT = 8080
 REDIS_PORT = 6379
 BROKER_IMAGE = "mcloudtt-broker:dev"  # kind/images.sh's tag (what .ci/containers builds)
 REDIS_IMAGE = "mcloudtt-redis:dev"
@@ -87,22 +91,14 @@ class DockerUnavailable(RuntimeError):
     """Docker cannot run the backend here (the message says why, in one line)."""
 
 
-def _start_time(pid: int) -> str | None:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
 def _owner() -> str:
-    return f"{os.getpid()}:{_start_time(os.getpid())}"
+    return f"{os.getpid()}:{process_start_time(os.getpid())}"
 
 
 def _owner_alive(owner: str) -> bool:
     pid, _, started = owner.partition(":")
     try:
-        return _start_time(int(pid)) == started
+        return owner_alive(int(pid), started)
     except ValueError:
         return False
 
@@ -143,42 +139,17 @@ def _no_forwarding(bridge: str) -> bool:
     return True
 
 
-_LIVE: set[DockerBackend] = set()
-
-
-def _teardown_all() -> None:
-    for backend in list(_LIVE):
-        backend.teardown()
-
-
-atexit.register(_teardown_all)
-
-
-def _exit_on_sigterm() -> None:
-    """A SIGTERM (a CI job cancelled) unwinds through `finally` and atexit, as Ctrl-C does."""
-    if threading.current_thread() is not threading.main_thread():
-        return
-    if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
-
-        def _exit(signum: int, _frame: object) -> None:
-            raise SystemExit(128 + signum)
-
-        signal.signal(signal.SIGTERM, _exit)
-
-
-@dataclass
-class _Broker:
-    name: str
+@dataclass(kw_only=True)
+class _Broker(TwoNetworkBroker):
     container: Container
-    client_addr: str
-    backplane_addr: str
     cut: set[str] = field(default_factory=set)  # "clients" and/or "backplane"
 
 
-class DockerBackend:
+class DockerBackend(TwoNetworkBackend[_Broker]):
     """Redis and the brokers in containers on two networks of the run's own."""
 
     name = "docker"
+    workdir_prefix = "mcloudtt-docker-"
 
     def __init__(
         self,
@@ -188,15 +159,12 @@ class DockerBackend:
         broker_image: str = BROKER_IMAGE,
         docker: Docker | None = None,
     ) -> None:
-        self.workdir: Path | None = Path(workdir) if workdir else None
-        self._own_dir = False
-        self.seed = seed
+        super().__init__(workdir, seed=seed)
         self.broker_image = broker_image
         self.redis_image = REDIS_IMAGE
         self.docker = docker or Docker()
         self.run_id = f"{random.SystemRandom().getrandbits(24):06x}"
         self.prefix = f"{PREFIX}-{self.run_id}"
-        self.spec = ClusterSpec()
         self.clients: Network | None = None
         self.backplane: Network | None = None
         self.brokers: dict[str, _Broker] = {}
@@ -208,51 +176,36 @@ class DockerBackend:
 
     # ---------------------------------------------------------------- life cycle
 
-    def setup(self, spec: ClusterSpec) -> None:
+    def _check(self, spec: ClusterSpec) -> None:
         if (reason := unavailable_reason(self.docker.cli)) is not None:
             raise DockerUnavailable(f"the docker backend cannot run here: {reason}")
         if not self.docker.has_image(self.broker_image):
             raise DockerUnavailable(
                 f"no image {self.broker_image}: build it first (bash kind/images.sh broker)"
             )
-        self.spec = spec
+
+    def _build(self, spec: ClusterSpec) -> None:
         cleanup_stale(self.docker)
-        _LIVE.add(self)
-        _exit_on_sigterm()
-        if self.workdir is None:
-            self.workdir = Path(tempfile.mkdtemp(prefix="mcloudtt-docker-"))
-            self._own_dir = True
-        self.workdir = self.workdir.resolve()
-        self.workdir.mkdir(parents=True, exist_ok=True)
+        workdir = self._workdir()
         self._labels = [
             "--label",
             f"{LABEL_RUN}={self.run_id}",
             "--label",
             f"{LABEL_OWNER}={_owner()}",
         ]
-        try:
-            # Made of this machine's redis-server, on the broker image's Debian (cached).
-            self.redis_image = build_redis_image(self.docker, self.broker_image, REDIS_IMAGE)
-            self.clients = self._network_create("clients")
-            self.backplane = self._network_create("backplane")
-            self.isolated = all(_no_forwarding(self._bridge(w)) for w in ("clients", "backplane"))
-            # Reserved before the brokers' addresses: Redis may come only later.
-            self.redis_addr = self.backplane.allocate()
-            data = self.workdir / "redis"
-            shutil.rmtree(data, ignore_errors=True)  # a fresh cluster every run
-            data.mkdir()
-            data.chmod(0o777)  # the Redis image runs as uid 999
-            if spec.redis_first:
-                self.start_redis()
-            for index in range(spec.brokers):
-                self._create_broker(f"b{index}")
-            for broker in self.brokers.values():
-                broker.container.start()
-            for broker in self.brokers.values():
-                self._wait_serving(broker)
-        except BaseException:
-            self.teardown()
-            raise
+        # Made of this machine's redis-server, on the broker image's Debian (cached).
+        self.redis_image = build_redis_image(self.docker, self.broker_image, REDIS_IMAGE)
+        self.clients = self._network_create("clients")
+        self.backplane = self._network_create("backplane")
+        self.isolated = all(_no_forwarding(self._bridge(w)) for w in ("clients", "backplane"))
+        # Reserved before the brokers' addresses: Redis may come only later.
+        self.redis_addr = self.backplane.allocate()
+        data = workdir / "redis"
+        shutil.rmtree(data, ignore_errors=True)  # a fresh cluster every run
+        data.mkdir()
+        data.chmod(0o777)  # the Redis image runs as uid 999
+        for index in range(spec.brokers):
+            self._create_broker(f"b{index}")
 
     def _bridge(self, which: str) -> str:
         return f"{PREFIX}{self.run_id}{which[0]}"  # at most 15 characters (IFNAMSIZ)
@@ -296,94 +249,53 @@ class DockerBackend:
         self.docker(
             "network", "connect", "--ip", backplane_addr, self.backplane.name, container.name
         )
-        self.brokers[name] = _Broker(name, container, client_addr, backplane_addr)
+        self.brokers[name] = _Broker(
+            name=name, container=container, client_addr=client_addr, backplane_addr=backplane_addr
+        )
 
-    def _wait_serving(self, b: _Broker, timeout: float = 60.0) -> None:
-        """Until it accepts MQTT on whichever of its links is up (a cut one stays cut)."""
+    def _start_broker(self, broker: str) -> None:
+        self.broker(broker).container.start()
+
+    def _broker_running(self, broker: str) -> bool:
+        return bool(self.broker(broker).container.state().get("Running"))
+
+    def _broker_pid(self, broker: str) -> int | None:
         try:
-            wait_for(
-                lambda: (
-                    port_open(MQTT_PORT, b.client_addr) or port_open(MQTT_PORT, b.backplane_addr)
-                ),
-                timeout=timeout,
-                what=f"{b.name} serving MQTT",
-                interval=0.1,
-            )
-        except TimeoutError as error:
-            raise DockerError(f"{error}\n{b.container.logs()[-2000:]}") from None
+            state = self.broker(broker).container.state()
+        except DockerError:
+            return None
+        return int(state["Pid"]) if state.get("Running") and state.get("Pid") else None
 
-    def teardown(self) -> None:
-        # Brokers first, all at once (each drains), Redis last; then the networks. Their logs
-        # are kept in the workdir next to the history.
+    def _serving_error(self, message: str) -> Exception:
+        return DockerError(message)
+
+    def _stop_brokers(self) -> None:
+        # All at once (each drains); their logs are kept in the workdir next to the history.
         names = [b.container.name for b in self.brokers.values()]
         if names:
-            with contextlib.suppress(Exception):
-                self.docker("stop", "--time", "5", *names, timeout=60, check=False)
+            self.docker("stop", "--time", "5", *names, timeout=60, check=False)
+
+    def _stop_redis(self) -> None:
+        pass  # removed with the run (its data is on this machine's disk)
+
+    def _release(self) -> None:
         if self.workdir is not None and not self._own_dir:
             for name in [*self.brokers, "redis"]:
                 with contextlib.suppress(Exception):
                     (self.workdir / f"{name}.log").write_text(self.log(name))
-        with contextlib.suppress(Exception):
+        try:
             _remove_run(self.docker, self.run_id)
-        self.brokers = {}
-        self.redis = None
-        self.clients = self.backplane = None
-        _LIVE.discard(self)
-        if self._own_dir and self.workdir is not None:
-            # Redis's files were written by uid 999: as root (CI) they go; else best effort.
-            shutil.rmtree(self.workdir, ignore_errors=True)
-            self.workdir = None
-            self._own_dir = False
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.teardown()
+        finally:
+            self.brokers = {}
+            self.redis = None
+            self.clients = self.backplane = None
 
     # ---------------------------------------------------------------- looking
-
-    def endpoints(self) -> list[Endpoint]:
-        return [
-            Endpoint(name=b.name, host=b.client_addr, mqtt_port=MQTT_PORT, http_port=HTTP_PORT)
-            for b in self.brokers.values()
-        ]
-
-    def broker(self, broker: str) -> _Broker:
-        try:
-            return self.brokers[broker]
-        except KeyError:
-            raise KeyError(f"no broker {broker!r} (have {', '.join(self.brokers)})") from None
-
-    def readyz(
-        self, broker: str, *, via: Literal["clients", "backplane"] = "clients"
-    ) -> tuple[int, str]:
-        """`/readyz` as the clients see it, or `via="backplane"` from behind."""
-        b = self.broker(broker)
-        host = b.client_addr if via == "clients" else b.backplane_addr
-        try:
-            return http_get(HTTP_PORT, "/readyz", timeout=2.0, host=host)
-        except OSError as error:
-            return 0, f"{broker} unreachable at {host}:{HTTP_PORT}: {error}"
 
     def log(self, name: str) -> str:
         """The container log of `redis` or a broker."""
         container = self.redis if name == "redis" else self.broker(name).container
         return "" if container is None else container.logs()
-
-    def rss(self, broker: str) -> int | None:
-        """Resident memory of the broker (the container's PID 1) in bytes; None: not running."""
-        try:
-            state = self.broker(broker).container.state()
-            if not state.get("Running") or not state.get("Pid"):
-                return None
-            status = Path(f"/proc/{state['Pid']}/status").read_text()
-        except (OSError, DockerError):
-            return None
-        for line in status.splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-        return None
 
     def restart_count(self, broker: str) -> int:
         """How often its restart policy restarted it."""
@@ -433,19 +345,12 @@ class DockerBackend:
     def kill_redis(self) -> None:
         self._redis().kill()
 
-    def restart_redis(self, *, keep_data: bool = True) -> None:
-        redis = self._redis()
-        if redis.state().get("Running"):
-            redis.kill()
-        if not keep_data:
-            # As after a failover to a replica that had none of it.
-            assert self.workdir is not None
-            for path in (self.workdir / "redis").iterdir():
-                if path.is_dir():
-                    shutil.rmtree(path)
-                else:
-                    path.unlink()
-        self.start_redis()
+    def _redis_running(self) -> bool:
+        return bool(self._redis().state().get("Running"))
+
+    def _redis_data_dir(self) -> Path:
+        assert self.workdir is not None, "setup() first"
+        return self.workdir / "redis"
 
     def freeze_redis(self) -> None:
         self._redis().pause()
@@ -471,17 +376,11 @@ class DockerBackend:
             timeout=timeout,
             what=f"{broker} restarted by its policy",
         )
-        self._wait_serving(b, timeout=timeout)
+        self._wait_serving(broker, timeout=timeout)
 
     def stop_broker(self, broker: str) -> None:
         """`docker stop`: SIGTERM and the drain (SIGKILL after 30 s)."""
         self.broker(broker).container.stop(timeout=STOP_TIMEOUT_S)
-
-    def start_broker(self, broker: str) -> None:
-        b = self.broker(broker)
-        if not b.container.state().get("Running"):
-            b.container.start()
-        self._wait_serving(b)
 
     def freeze_broker(self, broker: str) -> None:
         self.broker(broker).container.pause()

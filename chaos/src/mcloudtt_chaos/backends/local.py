@@ -20,18 +20,12 @@ KeyboardInterrupt unwinds through the caller's `finally`, and atexit catches the
 from __future__ import annotations
 
 import asyncio
-import atexit
-import contextlib
-import shutil
-import signal
-import tempfile
 import threading
 from collections.abc import Coroutine
 from pathlib import Path
-from types import FrameType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from mcloudtt_chaos.backend import ClusterSpec, Endpoint, LinkFault
+from mcloudtt_chaos.backend import Backend, ClusterSpec, Endpoint, LinkFault, ProcessBackend
 from mcloudtt_chaos.faultproxy import FaultProxy
 from mcloudtt_chaos.procs import (
     HOST,
@@ -43,21 +37,6 @@ from mcloudtt_chaos.procs import (
 )
 
 T = TypeVar("T")
-
-_LIVE: set[LocalBackend] = set()  # torn down at exit, whatever happened
-
-
-def _teardown_all() -> None:
-    for backend in list(_LIVE):
-        backend.teardown()
-
-
-atexit.register(_teardown_all)
-
-
-def _on_terminate(signum: int, frame: FrameType | None) -> None:
-    # Unwind like Ctrl-C does: the callers' `finally` blocks stop the processes.
-    raise SystemExit(128 + signum)
 
 
 class _ProxyLoop:
@@ -80,16 +59,11 @@ class _ProxyLoop:
             self.loop.close()
 
 
-class LocalBackend:
+class LocalBackend(ProcessBackend):
     name = "local"
 
     def __init__(self, workdir: Path | str | None = None, *, seed: int | None = None) -> None:
-        # None: a temporary directory made at setup and removed at teardown; one set (by the
-        # caller, or by the runner: the run's directory) keeps the logs and Redis's files.
-        self.workdir: Path | None = Path(workdir) if workdir else None
-        self._own_dir = False
-        self.seed = seed
-        self.spec = ClusterSpec()
+        super().__init__(workdir, seed=seed)
         self.redis: RedisServer | None = None
         self.brokers: dict[str, Process] = {}
         self.redis_proxies: dict[str, FaultProxy] = {}
@@ -99,27 +73,13 @@ class LocalBackend:
 
     # ------------------------------------------------------------------ life cycle
 
-    def setup(self, spec: ClusterSpec) -> None:
-        self.spec = spec
-        if self.workdir is None:
-            self.workdir = Path(tempfile.mkdtemp(prefix="mcloudtt-chaos-"))
-            self._own_dir = True
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        # A fresh cluster every run: an earlier run's Redis files in a reused directory would
-        # bring back its persistent sessions (which then queue and drop this run's messages).
-        shutil.rmtree(self.workdir / "redis", ignore_errors=True)
-        for log in self.workdir.glob("*.log"):
-            log.unlink()
-        _LIVE.add(self)
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGHUP):
-                if signal.getsignal(sig) in (signal.SIG_DFL, None):
-                    signal.signal(sig, _on_terminate)
+    def _build(self, spec: ClusterSpec) -> None:
+        workdir = self._fresh_workdir()
         self._loop = _ProxyLoop()
         self.redis = RedisServer(
             appendonly=spec.redis_appendonly,
-            data_dir=self.workdir / "redis",
-            log_path=self.workdir / "redis.log",
+            data_dir=workdir / "redis",
+            log_path=workdir / "redis.log",
         )
         names = [f"b{i}" for i in range(spec.brokers)]
         for index, name in enumerate(names):
@@ -142,7 +102,7 @@ class LocalBackend:
                     *spec.broker_args,
                 ],
                 name=name,
-                log_path=self.workdir / f"{name}.log",
+                log_path=workdir / f"{name}.log",
                 env=spec.env,
                 port=mqtt_port,
                 http_port=http_port,
@@ -156,37 +116,29 @@ class LocalBackend:
                 mqtt_port=self.client_proxies[name].port,
                 http_port=http_port,
             )
-        if spec.redis_first:
-            self.redis.start()
-        for broker in self.brokers.values():
-            broker.start()
-        for broker in self.brokers.values():
-            broker.wait_port(timeout=30)
 
-    def teardown(self) -> None:
-        # Brokers first (they drain), Redis last, then the proxies.
+    def broker_names(self) -> list[str]:
+        return list(self.brokers)
+
+    def _wait_serving(self, broker: str) -> None:
+        self.brokers[broker].wait_port(timeout=30)
+
+    def _process(self, broker: str) -> Process:
+        return self.brokers[broker]
+
+    def _stop_brokers(self) -> None:
         for broker in self.brokers.values():
             if broker.proc is not None:
                 broker.stop(timeout=5)
-        if self.redis is not None and self.redis.proc is not None:
-            self.redis.stop(timeout=5)
+
+    def _release(self) -> None:
         if self._loop is not None:
             proxies = [*self.redis_proxies.values(), *self.client_proxies.values()]
-            with contextlib.suppress(Exception):
+            try:
                 self._loop.run(_close_all(proxies))
-            self._loop.close()
-            self._loop = None
-        _LIVE.discard(self)
-        if self._own_dir and self.workdir is not None:
-            shutil.rmtree(self.workdir, ignore_errors=True)
-            self.workdir = None
-            self._own_dir = False
-
-    def __enter__(self) -> LocalBackend:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.teardown()
+            finally:
+                self._loop.close()
+                self._loop = None
 
     # ------------------------------------------------------------------ looking
 
@@ -210,78 +162,6 @@ class LocalBackend:
             return http_get(self._endpoints[broker].http_port, "/readyz", timeout=2.0)
         except OSError as error:
             return 0, f"unreachable: {error}"
-
-    def rss(self, broker: str) -> int | None:
-        """Resident memory of the broker process in bytes (None: not running)."""
-        process = self.brokers[broker]
-        if not process.alive():
-            return None
-        try:
-            status = Path(f"/proc/{process.pid}/status").read_text()
-        except OSError:
-            return None
-        for line in status.splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-        return None
-
-    def log(self, name: str) -> str:
-        """The log of `redis` or a broker (for reports and failing tests)."""
-        process = self.redis if name == "redis" else self.brokers[name]
-        return "" if process is None else process.log_text()
-
-    # ------------------------------------------------------------------ Redis
-
-    def _redis(self) -> RedisServer:
-        assert self.redis is not None, "setup() first"
-        return self.redis
-
-    def start_redis(self) -> None:
-        redis = self._redis()
-        if not redis.alive():
-            redis.start()
-
-    def kill_redis(self) -> None:
-        self._redis().kill()
-
-    def restart_redis(self, *, keep_data: bool = True) -> None:
-        redis = self._redis()
-        if redis.alive():
-            redis.kill()
-        if not keep_data:
-            # As after a failover to a replica that had none of it.
-            for path in redis.data_dir.iterdir():
-                if path.is_dir():
-                    shutil.rmtree(path)
-                else:
-                    path.unlink()
-        redis.start()
-
-    def freeze_redis(self) -> None:
-        self._redis().pause()
-
-    def thaw_redis(self) -> None:
-        self._redis().resume()
-
-    # ------------------------------------------------------------------ brokers
-
-    def kill_broker(self, broker: str) -> None:
-        self.brokers[broker].kill()
-
-    def stop_broker(self, broker: str) -> None:
-        self.brokers[broker].stop(timeout=15)
-
-    def start_broker(self, broker: str) -> None:
-        process = self.brokers[broker]
-        if not process.alive():
-            process.start()
-        process.wait_port(timeout=30)
-
-    def freeze_broker(self, broker: str) -> None:
-        self.brokers[broker].pause()
-
-    def thaw_broker(self, broker: str) -> None:
-        self.brokers[broker].resume()
 
     # ------------------------------------------------------------------ links
 
@@ -328,3 +208,7 @@ async def _close_all(proxies: list[FaultProxy]) -> None:
 
 def create() -> LocalBackend:
     return LocalBackend()
+
+
+if TYPE_CHECKING:  # mypy checks that the class implements the interface
+    _implements: Backend = LocalBackend()

@@ -19,7 +19,7 @@ Faults:
   program, so the process started is the server itself).
 - `cut_from_redis`: the bridge end of the broker's backplane veth goes down, a cable pulled at
   the switch: packets are silently lost, TCP retransmits, ARP fails after a few seconds (a
-  broker here says `/readyz` 503 about 6 s after the cut).
+  broker's heartbeat notices within a beat and its deadline, 1-2 s, and says `/readyz` 503).
 - `cut_from_clients`: the same for its clients veth.
 - `degrade_redis_link`: brokers use Redis's *service* address; degrading puts that address on
   the broker namespace's loopback and a fault proxy listening on it, which forwards to Redis's
@@ -30,16 +30,15 @@ Faults:
   the kernel has it (no proxy, no reset), else the proxy's. `heal` removes all of it.
 
 Everything a run creates is named after its id and recorded in a state file with the owner's
-pid and start time; `teardown()` (also from an atexit hook, and on SIGTERM, which then unwinds
-like Ctrl-C) removes it, and `cleanup_stale()` removes what a SIGKILLed run left behind (the
-processes in its namespaces first: they run in sessions of their own and outlive it), never
-touching a live run's. Subnets come from 10.203.0.0/16, a /24 that no address or route of the
+pid and start time; `teardown()` (also from an atexit hook, and on SIGTERM/SIGHUP, which then
+unwind like Ctrl-C) removes it, and `cleanup_stale()`, run at every setup, removes what a
+SIGKILLed run left behind (the processes in its namespaces first: they run in sessions of their
+own and outlive it), never touching a live run's. Subnets come from 10.203.0.0/16, a /24 that no address or route of the
 root namespace overlaps, picked under a lock so two runs starting at once differ.
 """
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import fcntl
 import ipaddress
@@ -53,28 +52,28 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Self
+from typing import TYPE_CHECKING, Any, Self
 
-from ..backend import Backend, ClusterSpec, Endpoint, LinkFault
-from ..procs import (
-    Process,
-    ProcessError,
-    RedisServer,
-    console_script,
-    http_get,
-    port_open,
-    wait_for,
+from ..backend import (
+    HTTP_PORT,
+    MQTT_PORT,
+    Backend,
+    ClusterSpec,
+    LinkFault,
+    ProcessBackend,
+    TwoNetworkBackend,
+    TwoNetworkBroker,
+    owner_alive,
+    process_start_time,
 )
+from ..procs import Process, ProcessError, RedisServer, console_script
 
 PREFIX = "mctt"  # every namespace, bridge and veth of this backend starts with it
 STATE_DIR = Path(tempfile.gettempdir()) / "mcloudtt-netns"
-MQTT_PORT = 1883
-HTTP_PORT = 8080
 REDIS_PORT = 6379
 MAX_BROKERS = 100
 # Subnets tried: 10.203.X.0/24, split into clients (.0/25) and backplane (.128/25).
@@ -223,15 +222,6 @@ def cleanup_stale() -> list[str]:
     return removed
 
 
-def _start_time(pid: int) -> str | None:
-    """When a process started (clock ticks since boot): with the pid, who it is."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
 def _owner_alive(run_id: str) -> bool:
     """Whether the process that made this run still runs (not another one with its pid)."""
     try:
@@ -239,7 +229,7 @@ def _owner_alive(run_id: str) -> bool:
         pid, started = int(state["pid"]), state.get("started")
     except (OSError, ValueError, KeyError, TypeError):
         return False
-    return _pid_alive(pid) and (started is None or _start_time(pid) == started)
+    return owner_alive(pid, started)
 
 
 @contextlib.contextmanager
@@ -252,19 +242,6 @@ def _allocation_lock() -> Iterator[None]:
             yield
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
-
-
-def _exit_on_sigterm() -> None:
-    """A SIGTERM (a CI job cancelled, `kill`) ends the run through `finally` and atexit, which
-    the default action skips; only where nobody has chosen a handler already."""
-    if threading.current_thread() is not threading.main_thread():
-        return
-    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
-
-        def _exit(signum: int, _frame: object) -> None:
-            raise SystemExit(128 + signum)
-
-        signal.signal(signal.SIGTERM, _exit)
 
 
 # ------------------------------------------------------------------------------- processes
@@ -304,13 +281,10 @@ class _NsRedis(RedisServer):
         return self
 
 
-@dataclass
-class _Broker:
-    name: str
+@dataclass(kw_only=True)
+class _Broker(TwoNetworkBroker):
     index: int
     ns: str
-    client_addr: str
-    backplane_addr: str
     host_client_veth: str  # the bridge end (root namespace) of each veth
     host_backplane_veth: str
     process: Process
@@ -320,19 +294,18 @@ class _Broker:
     service_on_lo: bool = False
 
 
-class NetnsBackend:
+class NetnsBackend(ProcessBackend, TwoNetworkBackend[_Broker]):
     """Redis and the brokers in namespaces of their own, joined by two bridges."""
 
     name = "netns"
+    workdir_prefix = "mcloudtt-netns-"
 
     def __init__(self, workdir: Path | str | None = None, *, seed: int | None = None) -> None:
+        super().__init__(workdir, seed=seed)
         self._rng = random.Random(seed)
         self.run_id = f"{random.SystemRandom().getrandbits(24):06x}"
         self.base = PREFIX + self.run_id
-        # Logs and Redis's data; a temporary directory at setup when nobody set one.
-        self.workdir: Path | None = Path(workdir) if workdir else None
         self._proxies = 0
-        self.spec = ClusterSpec()
         self.brokers: dict[str, _Broker] = {}
         self.redis: _NsRedis | None = None
         self.redis_ns = f"{self.base}-redis"
@@ -340,12 +313,6 @@ class NetnsBackend:
         self.clients_bridge = f"{self.base}c"
         self.backplane_bridge = f"{self.base}r"
         self._made = False
-        self._atexit = False
-
-    def _workdir(self) -> Path:
-        if self.workdir is None:
-            self.workdir = Path(tempfile.mkdtemp(prefix="mcloudtt-netns-"))
-        return self.workdir
 
     # ---------------------------------------------------------------- addresses
 
@@ -377,38 +344,27 @@ class NetnsBackend:
 
     # ---------------------------------------------------------------- life cycle
 
-    def setup(self, spec: ClusterSpec) -> None:
+    def _check(self, spec: ClusterSpec) -> None:
         if not 1 <= spec.brokers <= MAX_BROKERS:
             raise ValueError(f"the netns backend runs 1 to {MAX_BROKERS} brokers")
         if (reason := unavailable_reason()) is not None:
             raise NetnsUnavailable(reason)
-        self.spec = spec
+
+    def _build(self, spec: ClusterSpec) -> None:
         self.brokers = {}
-        if not self._atexit:
-            atexit.register(self.teardown)
-            self._atexit = True
-            _exit_on_sigterm()
-        try:
-            with _allocation_lock():
-                self.subnet = _pick_subnet(self._rng)
-                self._record()
-                self._made = True
-                self._make_network(spec.brokers)
-            if spec.redis_first:
-                self.start_redis()
-            for broker in self.brokers.values():
-                broker.process.start()
-            for broker in self.brokers.values():
-                broker.process.wait_port(timeout=60.0, host=broker.client_addr)
-        except BaseException:
-            self.teardown()
-            raise
+        self._fresh_workdir()
+        cleanup_stale()  # what a SIGKILLed run left (a live run's is spared)
+        with _allocation_lock():
+            self.subnet = _pick_subnet(self._rng)
+            self._record()
+            self._made = True
+            self._make_network(spec.brokers)
 
     def _record(self) -> None:
         STATE_DIR.mkdir(parents=True, exist_ok=True)
         state = {
             "pid": os.getpid(),
-            "started": _start_time(os.getpid()),
+            "started": process_start_time(os.getpid()),
             "subnet": str(self.subnet),
             "workdir": str(self._workdir()),
         }
@@ -465,7 +421,14 @@ class NetnsBackend:
                 http_port=HTTP_PORT,
             )
             self.brokers[name] = _Broker(
-                name, index, ns, client_addr, backplane_addr, host_c, host_r, process
+                name=name,
+                index=index,
+                ns=ns,
+                client_addr=client_addr,
+                backplane_addr=backplane_addr,
+                host_client_veth=host_c,
+                host_backplane_veth=host_r,
+                process=process,
             )
 
     def _veth(self, ns: str, host_end: str, inside: str, bridge: str) -> str:
@@ -477,8 +440,8 @@ class NetnsBackend:
         _ip("-n", ns, "link", "set", "dev", "lo", "up")
         return host_end
 
-    def teardown(self) -> None:
-        # Brokers first (they drain, all at once), proxies, Redis last; then the network.
+    def _stop_brokers(self) -> None:
+        # All at once (each drains), their fault proxies with them.
         for broker in self.brokers.values():
             broker.process.signal_group(signal.SIGTERM)
         for broker in self.brokers.values():
@@ -487,121 +450,17 @@ class NetnsBackend:
                     with contextlib.suppress(Exception):
                         process.stop(timeout=5.0)
             broker.proxy = None
-        if self.redis is not None and self.redis.proc is not None:
-            with contextlib.suppress(Exception):
-                self.redis.stop(timeout=5.0)
+
+    def _release(self) -> None:
         if self._made:
             _remove_run(self.run_id)
             self._made = False
-        if self._atexit:
-            atexit.unregister(self.teardown)
-            self._atexit = False
 
-    def __enter__(self) -> Self:
-        return self
+    def _process(self, broker: str) -> Process:
+        return self.broker(broker).process
 
-    def __exit__(self, *exc_info: object) -> None:
-        self.teardown()
-
-    # ---------------------------------------------------------------- looking
-
-    def endpoints(self) -> list[Endpoint]:
-        return [
-            Endpoint(name=b.name, host=b.client_addr, mqtt_port=MQTT_PORT, http_port=HTTP_PORT)
-            for b in self.brokers.values()
-        ]
-
-    def broker(self, broker: str) -> _Broker:
-        try:
-            return self.brokers[broker]
-        except KeyError:
-            raise KeyError(f"no broker {broker!r} (have {', '.join(self.brokers)})") from None
-
-    def readyz(
-        self, broker: str, *, via: Literal["clients", "backplane"] = "clients"
-    ) -> tuple[int, str]:
-        """`/readyz` as the clients see it, or `via="backplane"` from behind (a broker cut
-        from its clients still answers there)."""
-        b = self.broker(broker)
-        host = b.client_addr if via == "clients" else b.backplane_addr
-        try:
-            return http_get(HTTP_PORT, "/readyz", timeout=2.0, host=host)
-        except OSError as error:
-            return 0, f"{broker} unreachable at {host}:{HTTP_PORT}: {error}"
-
-    def log(self, name: str) -> str:
-        """The log of `redis` or a broker (for reports and failing tests)."""
-        process = self.redis if name == "redis" else self.broker(name).process
-        return "" if process is None else process.log_text()
-
-    def rss(self, broker: str) -> int | None:
-        """Resident memory of the broker process in bytes (None: not running)."""
-        process = self.broker(broker).process
-        if not process.alive():
-            return None
-        try:
-            status = Path(f"/proc/{process.pid}/status").read_text()
-        except OSError:
-            return None
-        for line in status.splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-        return None
-
-    # ---------------------------------------------------------------- Redis
-
-    def _redis(self) -> _NsRedis:
-        if self.redis is None:
-            raise RuntimeError("setup() first")
-        return self.redis
-
-    def start_redis(self) -> None:
-        self._redis().start()
-
-    def kill_redis(self) -> None:
-        self._redis().kill()
-
-    def restart_redis(self, *, keep_data: bool = True) -> None:
-        redis = self._redis()
-        if redis.alive():
-            redis.kill()
-        if not keep_data:
-            for path in list(redis.data_dir.iterdir()):
-                if path.is_dir():
-                    shutil.rmtree(path)
-                else:
-                    path.unlink()
-        redis.start()
-
-    def freeze_redis(self) -> None:
-        self._redis().pause()
-
-    def thaw_redis(self) -> None:
-        self._redis().resume()
-
-    # ---------------------------------------------------------------- brokers
-
-    def kill_broker(self, broker: str) -> None:
-        self.broker(broker).process.kill()
-
-    def stop_broker(self, broker: str) -> None:
-        self.broker(broker).process.stop(timeout=15.0)
-
-    def start_broker(self, broker: str) -> None:
-        b = self.broker(broker)
-        b.process.start()
-        # Through whichever of its links is up (a cut one stays cut across a restart).
-        b.process.wait_until(
-            lambda: port_open(MQTT_PORT, b.client_addr) or port_open(MQTT_PORT, b.backplane_addr),
-            what=f"serving MQTT on {b.client_addr} or {b.backplane_addr}",
-            timeout=60.0,
-        )
-
-    def freeze_broker(self, broker: str) -> None:
-        self.broker(broker).process.pause()
-
-    def thaw_broker(self, broker: str) -> None:
-        self.broker(broker).process.resume()
+    def _serving_error(self, message: str) -> Exception:
+        return ProcessError(message)
 
     # ---------------------------------------------------------------- links
 
@@ -731,20 +590,6 @@ class NetnsBackend:
         """Run a short command inside a broker's namespace."""
         return subprocess.run(
             _in_ns(self.broker(broker).ns, cmd), capture_output=True, text=True, timeout=timeout
-        )
-
-    def wait_ready(
-        self,
-        broker: str,
-        *,
-        timeout: float = 30.0,
-        via: Literal["clients", "backplane"] = "clients",
-    ) -> None:
-        wait_for(
-            lambda: self.readyz(broker, via=via)[0] == 200,
-            timeout=timeout,
-            what=f"{broker} /readyz 200 via {via}",
-            interval=0.1,
         )
 
 
