@@ -82,6 +82,8 @@ class Subscriber:
         self.version = version
         self.got: list[tuple[int, bool]] = []
         self.client: mqtt.Client | None = None
+        self.connections = 0
+        self.per_connection: list[tuple[int, int]] = []  # (connection, sequence)
 
     def connect(self, port: int, timeout: float = 20.0) -> bool:
         proto = mqtt.MQTTv5 if self.version == 5 else mqtt.MQTTv311
@@ -99,7 +101,13 @@ class Subscriber:
             connected.set()
 
         c.on_connect = on_connect
-        c.on_message = lambda c, u, m: self.got.append((int(m.payload), bool(m.dup)))
+        conn = self.connections = self.connections + 1
+
+        def on_message(c: Any, u: Any, m: Any) -> None:
+            self.got.append((int(m.payload), bool(m.dup)))
+            self.per_connection.append((conn, int(m.payload)))
+
+        c.on_message = on_message
         props = None
         if self.version == 5:
             props = Properties(PacketTypes.CONNECT)

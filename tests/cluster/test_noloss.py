@@ -11,9 +11,12 @@ from __future__ import annotations
 import signal
 import threading
 import time
+from collections import Counter
 
+import paho.mqtt.client as mqtt
 import pytest
 from brokerproc import BrokerProcess
+from paho.mqtt.enums import CallbackAPIVersion
 
 from .conftest import start_broker, wait_ready, wait_until
 from .noloss import (
@@ -156,14 +159,6 @@ def test_a_frozen_broker_declared_dead_gives_its_sessions_up_and_rejoins(redis_s
             print(f"--- broker {x.port}", x.output()[-3000:], sep="\n")
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="open (issue 11), not a merge regression (fails as often on chaosfix's tip): the "
-    "superseded-CONNECT cycle that lost the session is fixed (about 1 run in 2 lost ~1,000 "
-    "before, 1 in 10 loses 2-6 now); what is left is the live hand-over race of "
-    "test_session_moved_between_live_brokers_under_load_loses_nothing (the adopter hands the "
-    "session to the new broker under load)",
-)
 def test_session_found_after_a_connect_that_gave_up_waiting_for_it(redis_server, cluster_factory):
     """Issue 11, found by the chaos harness (broker-kill): the subscriber's broker B dies; it
     reconnects to A at once, which waits for B's sessions to be adopted, and gives up before
@@ -236,11 +231,6 @@ def test_publishes_before_the_first_table_load_are_routed_with_it(redis_server, 
     check(pub, sub, 1)
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="open (issue 11): the session comes back present at C, but what B replayed to it after "
-    "its restart stays on B (about 1,000 of 1,500 lost here)",
-)
 def test_restart_under_same_id_while_a_connect_waits_elsewhere(redis_server, cluster_factory):
     """Issue 11, found by the chaos harness (broker-restart-same-id): B dies; its subscriber
     reconnects to A, which waits for B's sessions to be adopted, and gives up; B comes back under
@@ -263,22 +253,14 @@ def test_restart_under_same_id_while_a_connect_waits_elsewhere(redis_server, clu
     check(pub, sub, 1)
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="open (issue 11): the live hand-over race, messages routed to the old holder after its "
-    "snapshot (and published while a broker has the old holder's del but not the new one's add) "
-    "reach nobody; a drain of the old holder's inbox up to per-origin markers is designed in the "
-    "handover branch's history (141b46d, reverted: it waited for markers from a dead peer and "
-    "delivered duplicates after an adopter's hand-over)",
-)
 def test_session_moved_between_live_brokers_under_load_loses_nothing(redis_server, cluster_factory):
     """Issue 11, the live hand-over race: a persistent subscriber on B moves to C (B stays up)
     several times while A publishes at RATE. Between B's snapshot and every broker routing the
     subscription to C, what A sent on to B must still reach the session at C (the new holder
     drains B's inbox up to every origin's marker): nothing acknowledged is lost. (QoS 1: this
     paho subscriber is a new client object per connection, so it forgets a QoS 2 message it
-    had PUBREC'd and is only given at PUBREL, a loss of the client's own state.) Measured here:
-    1-3 messages lost per move, 5-12 of 600 over the four."""
+    had PUBREC'd and is only given at PUBREL, a loss of the client's own state.) Before the
+    drain: 1-3 messages lost per move, 5-12 of 600 over the four."""
     qos = 1
     a, b, c = cluster_factory(3, *QUEUE)
     sub = subscribed(b, 5, qos)
@@ -290,3 +272,46 @@ def test_session_moved_between_live_brokers_under_load_loses_nothing(redis_serve
             assert sub.connect(port), "the session was not handed over"
             time.sleep(0.4)
     check(pub, sub, qos)
+
+
+def test_qos2_never_twice_when_a_session_moves_between_live_brokers(redis_server, cluster_factory):
+    """Issue 11, the live hand-over race at QoS 2: another subscriber of the topic stays on
+    both B and C, so A sends every message to both while a persistent subscriber moves
+    between them under load. What the old holder delivered before its snapshot (in the
+    session it hands over) also waits in the new holder's inbox, and what an origin sends
+    the old holder after its marker went to the new one too: neither may reach the session
+    a second time. (Per connection: this paho subscriber is a new client object each time,
+    so a DUP resend of what was in flight is allowed once on the next connection.)"""
+    a, b, c = cluster_factory(3, *QUEUE)
+    anchors = []
+    for port in (b.port, c.port):
+        anchor = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"anchor-{port}")
+        anchor.connect("127.0.0.1", port, 60)
+        anchor.loop_start()
+        anchor.subscribe(TOPIC, 2)
+        anchors.append(anchor)
+    sub = Subscriber(5)
+    sub.connect(b.port)
+    assert sub.client is not None
+    sub.client.subscribe(TOPIC, 2)
+    wait_until(lambda: a.metric("mcloudtt_cluster_remote_filters") >= 2, 5.0, "routing")
+    pub = Publisher(a.port, 2)
+    pub.start()
+    try:
+        wait_until(lambda: len(sub.got) > 100, 10.0, "deliveries before the first move")
+        for port in (c.port, b.port, c.port, b.port):
+            sub.drop()
+            assert sub.connect(port), "the session was not handed over"
+            time.sleep(0.4)
+    finally:
+        pub.finish()
+        for anchor in anchors:
+            anchor.loop_stop()
+            anchor.disconnect()
+    deadline = time.monotonic() + 10.0
+    while time.monotonic() < deadline and not pub.acked <= set(received(sub)):
+        time.sleep(0.05)
+    twice = sorted(k for k, v in Counter(sub.per_connection).items() if v > 1)
+    assert not twice, f"QoS 2 delivered twice on one connection: {twice[:20]}"
+    fresh = Counter(seq for seq, dup in sub.got if not dup)
+    assert not [k for k, v in fresh.items() if v > 1], "QoS 2 sent anew (DUP 0) twice"

@@ -166,3 +166,30 @@ def test_a_shared_message_for_a_group_whose_member_left_goes_to_a_member_elsewhe
     assert not broker.deliver_remote(message, plain=False, groups=[key])
     assert broker.stored_session("m") is not None
     assert len(broker.stored_session("m").queue) == 1  # type: ignore[union-attr]
+
+
+def test_a_live_hand_over_s_drain_goes_before_what_was_queued_meanwhile_unbounded() -> None:
+    """Issue 11, the live hand-over: the new holder takes the session offline, queues what it
+    publishes for it, then delivers what the drain found in the old holder's inbox: that goes
+    before what was queued meanwhile (older per publisher), the queue's bound lifted while the
+    client waits (what the old holder queued may have filled it) and then at least what it
+    holds; a skipped session gets no copy of what its old holder delivered already."""
+    broker = Broker(BrokerSettings(sys_interval=0, max_queued_messages=2), clock=Clock())
+    broker.adopt_session(snapshot(), 1000.0)
+    broker.bound_queue("dev-1", False)
+    broker.deliver_remote(Message("a/1", b"from-snapshot", 1, False), plain=True, groups=())
+    base = broker.queued("dev-1")
+    for n in range(2):
+        broker.deliver_remote(Message("a/1", b"new-%d" % n, 1, False), plain=True, groups=())
+    since = broker.queued("dev-1")
+    broker.replay_to(["dev-1"], Message("a/1", b"drained", 1, False), redelivered=False)
+    broker.queue_behind("dev-1", base, since)
+    broker.bound_queue("dev-1", True)
+    broker.deliver_remote(Message("a/1", b"skipped", 1, False), True, (), skip={"dev-1"})
+    stored = broker.stored_session("dev-1")
+    assert stored is not None
+    payloads = [m.payload for m, *_ in stored.queue]
+    assert payloads == [b"from-snapshot", b"drained", b"new-0", b"new-1"]
+    assert not [m for m, *_ in stored.queue if m.redelivered]  # the old holder never sent them
+    broker.deliver_remote(Message("a/1", b"over", 1, False), plain=True, groups=())
+    assert broker.queued("dev-1") == 4  # bounded again, at what it held

@@ -19,9 +19,13 @@ class Core:
     def __init__(self) -> None:
         self.replayed: list[tuple[list[str], bytes]] = []
         self.shared: list[tuple[bytes, list[str], str]] = []
+        self.redelivered: list[bool] = []
 
-    def replay_to(self, client_ids: Iterable[str], message: Message) -> None:
+    def replay_to(
+        self, client_ids: Iterable[str], message: Message, *, redelivered: bool = True
+    ) -> None:
         self.replayed.append((sorted(client_ids), message.payload))
+        self.redelivered.append(redelivered)
 
     def replay_shared(self, message: Message, keys: Iterable[str], gone: str) -> None:
         self.shared.append((message.payload, list(keys), gone))
@@ -152,3 +156,101 @@ def test_marks_round_trip_and_bad_marks_mean_from_the_start() -> None:
     assert Marks.decode(marks.encode()) == marks
     assert Marks.decode(None) == Marks()
     assert Marks.decode({"pos": "x-y"}) == Marks()
+
+
+def test_a_live_hand_over_waits_for_its_own_markers_only() -> None:
+    """Issue 11, the live hand-over: the new holder drains the old holder's inbox past the
+    snapshot's marks up to every origin's marker for this hand-over ("{origin}\\x00{token}");
+    an adoption's bare marker or another hand-over's does not end it, and what it delivers is
+    not a re-delivery (the old holder never sent it)."""
+    a = outbox("a")
+    entries = xadds("old", [*publish_to(a, "old", range(3))])
+    a.mark("old", "tok1")
+    a.mark("old", "other")
+    a.mark("old")
+    marks = [cmd for cmd in xadds_marks("old", a.flush(0))]
+    assert marks == [b"a\x00tok1", b"a\x00other", b"a"]
+    core = Core()
+    replay = Replay(
+        core,  # type: ignore[arg-type]
+        to_message,
+        {"s": Marks((0, 0), {"a": 1})},  # the snapshot had a's first message
+        {"a", "c"},
+        token="tok1",
+        redelivered=False,
+    )
+    for entry_id, fields in entries:
+        replay.feed(entry_id, fields)
+    replay.feed(b"5-0", {b"m": b"c\x00other"})
+    replay.feed(b"6-0", {b"m": b"c"})
+    assert not replay.done  # neither is c's marker for this hand-over
+    replay.feed(b"7-0", {b"m": b"a\x00tok1"})
+    replay.feed(b"8-0", {b"m": b"c\x00tok1"})
+    assert replay.done
+    replay.deliver(set())
+    assert core.replayed == [(["s"], b"1"), (["s"], b"2")]
+    assert core.redelivered == [False, False]
+
+
+def test_a_live_hand_over_takes_nothing_an_origin_sent_after_its_marker() -> None:
+    """After an origin's marker for the hand-over it routes the session's filters to the new
+    holder: what it still sends the old holder (for another session there with the same
+    filter, or the new holder's own publishes, delivered to the session locally) reaches the
+    session another way. Taken from the drain too, a QoS 2 message would arrive twice."""
+    a, c = outbox("a"), outbox("c")
+    before_a = xadds("old", publish_to(a, "old", range(2)))
+    before_c = xadds("old", publish_to(c, "old", range(10, 12)))
+    after_c = xadds("old", publish_to(c, "old", range(12, 14)))
+    after_a = xadds("old", publish_to(a, "old", range(2, 4)))
+    core = Core()
+    replay = Replay(
+        core,  # type: ignore[arg-type]
+        to_message,
+        {"s": Marks((0, 0), {})},
+        {"a", "c"},
+        token="tok",
+        redelivered=False,
+    )
+    stream = [
+        *before_a,
+        *before_c,
+        (b"m-c", {b"m": b"c\x00tok"}),
+        *after_c,  # c delivers these to the session itself
+        *after_a,  # a's marker is still to come: these are the session's here
+        (b"m-a", {b"m": b"a\x00tok"}),
+    ]
+    for n, (_entry_id, fields) in enumerate(stream):
+        replay.feed(f"{n + 1}-0".encode(), fields)
+    assert replay.done
+    replay.deliver(set())
+    assert [payload for _, payload in core.replayed] == [b"0", b"1", b"10", b"11", b"2", b"3"]
+
+
+def test_a_moved_announcement_goes_before_the_del_of_its_filters() -> None:
+    """The old holder's `moved` (route these filters to the new holder) is written before its
+    own `del` of them: no broker is left routing them nowhere in between."""
+    a = outbox("a")
+    a.announce("del", "x/#")
+    a.announce("del", "t")
+    a.announce_move("c", "tok", ["t"])
+    assert [op for op, _ in a.control] == ["del", "moved", "del"]
+    assert a.control[1] == ("moved", "c\x00tok\x00t")
+
+
+def publish_to(box: Outbox, dest: str, payloads: Iterable[int]) -> list[Commands]:
+    for n in payloads:
+        box.forward(Message("t", str(n).encode(), 1, False, origin="pub"), (dest,), {})
+    return box.flush(0)
+
+
+def xadds_marks(dest: str, batches: list[Commands]) -> list[bytes]:
+    """The marker values the commands add to `dest`'s inbox."""
+    reader = hiredis.Reader()
+    for batch in batches:
+        reader.feed(bytes(batch.data))
+    out = []
+    while (command := reader.gets()) is not False:
+        if command[0] == b"XADD" and command[1] == f"mcloudtt:inbox:{{{dest}}}".encode():
+            if b"m" in command:
+                out.append(command[command.index(b"m") + 1])
+    return out

@@ -5,6 +5,14 @@
   control channel to hand the session over (it closes its connection and leaves the snapshot in
   `{prefix}:handover:{requester}:{id}`, so that no other broker waiting for the same ClientId
   takes it); a gone peer (or one that does not answer), take the copy it stored.
+* A live hand-over loses nothing routed to the old holder X after its snapshot: X announces
+  `moved` (new holder Y, a token, the filters) before its `del` of them; every other broker
+  routes them to Y at once and writes a marker for the token into X's inbox after what it sent
+  X. Y takes the session offline, writes its own marker (what it publishes for it is queued
+  from then on; until then it routed to X, whose `del` it holds back), reads X's inbox past the
+  snapshot's marks to every origin's marker (nothing of an origin after its marker: that went
+  to Y too), puts what it found before what it queued meanwhile, and only then lets the client
+  in; its inbox skips for the session what X had delivered already (an origin sent it to both).
 * Stored sessions: each broker writes its persistent sessions to `{prefix}:sessions:{me}`
   (client id -> snapshot, `session_snapshot.py`) within SESSION_WRITE_DELAY of each change.
 * Adoption: when a broker is gone, one survivor (the lock `{prefix}:adopter:{id}`, taken only
@@ -34,6 +42,7 @@ import dataclasses
 import json
 import logging
 import time
+import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, TypeVar
@@ -156,6 +165,9 @@ class Failover:
         resume_inbox: Callable[[], None] | None = None,
         announce_adoption: Callable[[str, list[str]], None] | None = None,
         finish_adoption: Callable[[str], list[bytes]] | None = None,
+        announce_move: Callable[[str, str, list[str]], None] | None = None,
+        mark_inbox: Callable[[str, str], None] | None = None,
+        delivered_before: Callable[[str, dict[str, int], tuple[int, int]], None] | None = None,
         replay: bool = True,
     ) -> None:
         self.settings = settings
@@ -177,6 +189,9 @@ class Failover:
         self.resume_inbox = resume_inbox
         self.announce_adoption = announce_adoption  # (dead, filters): tell every broker
         self.finish_adoption = finish_adoption  # stop routing to dead: our records for it
+        self.announce_move = announce_move  # (requester, token, filters): `moved`, before `del`
+        self.mark_inbox = mark_inbox  # (broker, token): our end marker in its inbox
+        self.delivered_before = delivered_before  # (client id, old holder's seen, until)
         self.replay_enabled = replay  # False only to show what is lost without it (tests)
         self.k_marks = f"{prefix}:marks:{{{self.me}}}"
         # The wills due if we died now (client id -> will), published by whoever takes our
@@ -209,6 +224,17 @@ class Failover:
         # Routes to a broker we handed a session to, set before its own `add` comes: (broker,
         # filter) -> [until (loop time), a `del` of it came meanwhile and was held back].
         self._pinned: dict[tuple[str, str], list[float | bool]] = {}
+        # Sessions handed to us by a live broker, whose inbox we still drain past the snapshot:
+        # client id -> (that broker, its marks at the snapshot, the hand-over's token).
+        self._drains: dict[str, tuple[str, Marks, str]] = {}
+        # Sessions whose drain runs now: a hand-over asked of us waits for it (the snapshot
+        # must hold what the drain delivers, and our marks must be past it).
+        self._draining: dict[str, asyncio.Event] = {}
+        # Hand-overs to us whose session is here now (tokens): a late `moved` of one is moot.
+        self._moves_done: set[str] = set()
+        # Routes to an old holder kept for hand-overs to us still in progress: (holder,
+        # filter) -> their tokens (two sessions with one filter moving at once need it both).
+        self._move_pins: dict[tuple[str, str], set[str]] = {}
         # ClientIds that connected while Redis was away: the registry learns them on reconnect.
         self._unregistered: set[str] = set()
         # CONNECTs refused because their session could not be located: the registry names us
@@ -450,7 +476,14 @@ class Failover:
             self._handovers.pop(client_id, None)
         if not isinstance(snapshot, ReasonCode):
             self._unresolved.pop(client_id, None)  # found (or none to find): done looking
+        drain = self._drains.pop(client_id, None)
         try:
+            if (
+                drain is not None
+                and isinstance(snapshot, SessionSnapshot)
+                and await self._take_drained(client_id, snapshot, *drain)
+            ):
+                snapshot = None  # here already, with what was routed to its old holder
             resume(snapshot)  # the session is here now, also if its client went away meanwhile
         finally:
             if self._locating.get(client_id) is located:
@@ -563,7 +596,108 @@ class Failover:
             return await self._follow(redis, data[1:].decode(), client_id, clean_start, hops + 1)
         if data is None or clean_start:
             return None
-        return decode_snapshot(data, self.core.clock)
+        snapshot = decode_snapshot(data, self.core.clock)
+        moved = snapshot_marks(data)
+        if isinstance(moved, dict) and self.replay_enabled:
+            token, holder = moved.get("token"), moved.get("from")
+            if isinstance(token, str) and isinstance(holder, str) and holder != self.me:
+                self._drains[client_id] = (holder, Marks.decode(moved), token)
+        return snapshot
+
+    async def _take_drained(
+        self, client_id: str, snapshot: SessionSnapshot, holder: str, marks: Marks, token: str
+    ) -> bool:
+        """The live broker `holder` handed us the session: what was routed to `holder` for it
+        after its snapshot is in `holder`'s inbox, up to each origin's marker for this
+        hand-over (written once it routed the session's filters to us, `moved`). The session
+        is taken here offline first (what we publish for it from then on is queued for it),
+        our own marker written, `holder`'s inbox read to the markers and what it found put
+        before what was queued meanwhile; our inbox waits (what it holds is newer). False:
+        not drained, the caller restores the snapshot."""
+        redis = self.link.redis
+        core = self.core
+        if (
+            redis is None
+            or self.pause_inbox is None
+            or self.resume_inbox is None
+            or self.mark_inbox is None
+            or self.to_message is None
+            or core.has_session(client_id)
+        ):
+            return False
+        self.pause_inbox()
+        drained = self._draining[client_id] = asyncio.Event()
+        try:
+            core.adopt_session(snapshot, core.clock())
+            core.bound_queue(client_id, False)  # until the client takes it back (below)
+            base = core.queued(client_id)
+            self.mark_inbox(holder, token)
+            # What we publish for it is queued here now: `holder` has no more use for it.
+            self._moves_done.add(token)
+            if len(self._moves_done) > 100_000:
+                self._moves_done.clear()
+            for record in snapshot.subscriptions:
+                route = (holder, record.topic_filter)
+                tokens = self._move_pins.get(route)
+                if tokens is not None:
+                    tokens.discard(token)
+                    if not tokens:
+                        del self._move_pins[route]
+                        self._release_pin(*route)
+            key = f"{self.settings.prefix}:inbox:{{{holder}}}"
+            replay = Replay(
+                core,
+                self.to_message,
+                {client_id: marks},
+                (set(self.peers) | {self.me}) - {holder},
+                keys=self.keys,
+                inbox=key,
+                token=token,
+                redelivered=False,  # the old holder never sent what is past its snapshot
+                shared=False,  # the old holder is alive and passes its groups' records on
+            )
+            try:
+                with redis_errors():
+                    ms, seq = marks.position
+                    start: bytes | str = f"({ms}-{seq}"
+                    deadline = time.monotonic() + self.settings.handover_timeout
+                    while not replay.done and time.monotonic() < deadline:
+                        entries = await redis.xrange(key, min=start, max="+", count=1000)
+                        for entry_id, fields in entries:
+                            replay.feed(entry_id, fields)
+                            start = b"(" + entry_id
+                        if not entries:
+                            # A peer that left meanwhile sends nothing more (and no marker).
+                            replay.pending &= self.peers | {self.me}
+                            await asyncio.sleep(0.002)
+                    if replay.pending:
+                        log.warning(
+                            "hand-over of %r from %s: no marker from %s",
+                            client_id,
+                            holder,
+                            sorted(replay.pending),
+                        )
+                    ms, seq = self.inbox_position()
+                    ours = await redis.xrange(self.k_inbox, min=f"({ms}-{seq}", max="+")
+            except LinkError as error:
+                log.warning("hand-over of %r from %s not drained: %s", client_id, holder, error)
+                return True
+            # From here on, no await: what the drain found goes before what was queued since.
+            if ours and self.delivered_before is not None:
+                # What an origin sent both to `holder` (delivered there before the snapshot,
+                # so in it) and to us (another session here has the filter): not twice.
+                self.delivered_before(client_id, marks.seen, stream_id(ours[-1][0]))
+            if core.has_session(client_id):
+                since = core.queued(client_id)
+                self.stats["drained"] += replay.deliver(origins_and_sequences(ours))
+                core.queue_behind(client_id, base, since)
+            return True
+        finally:
+            core.bound_queue(client_id, True)
+            if self._draining.get(client_id) is drained:
+                del self._draining[client_id]
+            drained.set()
+            self.resume_inbox()
 
     async def _follow(
         self, redis: RedisClient, holder: str, client_id: str, clean_start: bool, hops: int
@@ -737,21 +871,35 @@ class Failover:
             # hand-over while it waits), never as "no session".
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(located.wait(), self.adoption_wait())
+        drained = self._draining.get(client_id)
+        if drained is not None:
+            # Handed to us a moment ago and its old holder's inbox still being drained: what
+            # that brings belongs in the snapshot (handed on now, it would reach nobody).
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(drained.wait(), 2 * self.settings.handover_timeout)
         # Messages for this session that are already in our inbox belong in the snapshot.
         goal = await self._inbox_goal(redis)
         await self._inbox_reached(goal, self.settings.handover_timeout / 2)
         core = self.core
         now = core.clock()
+        marks = self.marks()  # where our inbox stands: the requester drains it past these
         snapshot = core.handover(client_id, clean_start, now)
         if snapshot is not None:
             # The requester will announce these filters; route to it from now on, so nothing
             # published here in between is lost.
-            for record in snapshot.subscriptions:
-                core.remote_subscribe(requester, record.topic_filter)
-                self.pin_route(requester, record.topic_filter)
+            filters = [record.topic_filter for record in snapshot.subscriptions]
+            for full_filter in filters:
+                core.remote_subscribe(requester, full_filter)
+                self.pin_route(requester, full_filter)
+            if self.announce_move is not None and filters:
+                # Every broker routes them to the requester and marks our inbox (before our
+                # `del` of them, so that no broker is left routing them nowhere).
+                token = uuid.uuid4().hex[:16]
+                marks["token"], marks["from"] = token, self.me
+                self.announce_move(requester, token, filters)
         redirect = self._redirects.pop(client_id, None)
         if snapshot is not None:
-            data: bytes | None = encode_snapshot(snapshot, self.me, now)
+            data: bytes | None = encode_snapshot(snapshot, self.me, now, marks)
         elif redirect is not None:
             # Our CONNECT was superseded before it fetched the session: it is still there.
             data = REDIRECT + redirect.encode()
@@ -841,6 +989,22 @@ class Failover:
             pin[0] = until
         loop.call_at(until, self._unpin, key)
 
+    def moved_here(self, holder: str, token: str, filters: Iterable[str]) -> None:
+        """Control `moved` of a session `holder` hands to us: until it is here (and our marker
+        in `holder`'s inbox), what we publish for it goes to `holder`, whose `del` of its
+        filters (announced right after) must not stop that."""
+        if token in self._moves_done:
+            return
+        for full_filter in filters:
+            self._move_pins.setdefault((holder, full_filter), set()).add(token)
+            self.core.remote_subscribe(holder, full_filter)
+            self.pin_route(holder, full_filter)
+
+    def _release_pin(self, broker: str, full_filter: str) -> None:
+        pin = self._pinned.pop((broker, full_filter), None)
+        if pin is not None and pin[1]:
+            self.core.remote_unsubscribe(broker, full_filter)  # the `del` held back stands
+
     def route_removed(self, broker: str, full_filter: str) -> bool:
         """Control `del` from `broker`: True if it is held back (the route is pinned)."""
         pin = self._pinned.get((broker, full_filter))
@@ -859,6 +1023,7 @@ class Failover:
         if pin is None or self.loop is None or self.loop.time() < float(pin[0]):
             return  # done, or pinned again since
         del self._pinned[key]
+        self._move_pins.pop(key, None)
         if pin[1]:
             # No `add` came after the `del` we held back: it stands.
             self.core.remote_unsubscribe(*key)

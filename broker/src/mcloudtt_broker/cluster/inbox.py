@@ -68,7 +68,19 @@ class Inbox:
         self.handled: dict[str, int] = {}  # origin -> highest sequence delivered from my inbox
         self.position: tuple[int, int] = (0, 0)  # id of the last inbox entry handled
         self.pauses = 0  # deliveries wait while this is above 0
+        # Sessions handed to us by a live broker that had delivered some of what this inbox
+        # still holds for them (an origin sent it to both of us): client id -> (its highest
+        # sequence per origin there, the entry of ours past which none of that remains).
+        self.handed_in: dict[str, tuple[dict[str, int], tuple[int, int]]] = {}
         self._resumed = asyncio.Event()
+
+    def delivered_before(
+        self, client_id: str, seen: dict[str, int], until: tuple[int, int]
+    ) -> None:
+        """The session `client_id` came with what its old holder delivered: up to `seen`
+        (origin -> sequence); our entries up to `until` may hold the same records."""
+        if self.position < until:
+            self.handed_in[client_id] = (seen, until)
 
     def pause(self) -> None:
         """Deliver nothing more until `resume()` (pauses nest)."""
@@ -160,6 +172,11 @@ class Inbox:
                     self.position = stream_id(entry_id)
                     # Let deliveries flush to subscribers between batches.
                     await asyncio.sleep(0)
+                if self.handed_in:
+                    position = self.position
+                    self.handed_in = {
+                        c: held for c, held in self.handed_in.items() if held[1] > position
+                    }
         finally:
             inbox.close()
 
@@ -187,6 +204,7 @@ class Inbox:
             self.stats["bad_tag"] += 1
             return
         received = 0
+        handed_in = self.handed_in  # empty but for a moment after a live hand-over
         try:
             for plain, groups, start, stop in iter_records(batch):
                 try:
@@ -207,7 +225,15 @@ class Inbox:
                     message = self.to_message(envelope)
                 if message is not None:
                     received += 1
-                    orphaned = deliver(message, plain, groups)
+                    if handed_in:
+                        skip = [
+                            c
+                            for c, (seen, _) in handed_in.items()
+                            if sequence <= seen.get(origin, 0)
+                        ]
+                        orphaned = deliver(message, plain, groups, skip)
+                    else:
+                        orphaned = deliver(message, plain, groups)
                     if orphaned:
                         # Groups whose members left here since the origin chose us (handed
                         # over, say): to a member broker in our table, the origin included.

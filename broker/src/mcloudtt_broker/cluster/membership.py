@@ -81,6 +81,7 @@ class Membership:
         on_peer_gone: Callable[[str], None],
         on_adopted: Callable[[str, str], None],
         on_table: Callable[[str], None] = lambda peer: None,
+        on_moved: Callable[[str, str], None] = lambda holder, token: None,
         on_sync: Callable[[bytes], None],
     ) -> None:
         self.settings = settings
@@ -98,6 +99,7 @@ class Membership:
         self.on_peer_gone = on_peer_gone
         self.on_adopted = on_adopted
         self.on_table = on_table  # a peer's table was loaded
+        self.on_moved = on_moved  # (holder, token): mark its inbox for a hand-over's drain
         self.k_adopter = f"{prefix}:adopter:{{{self.me}}}"
         self.on_sync = on_sync
         self.sharded_pubsub = settings.sharded_pubsub  # the bus sets it on a Redis Cluster
@@ -248,6 +250,21 @@ class Membership:
         log.info("peer %s's sessions adopted by %s", dead, adopter)
         self.on_adopted(adopter, dead)
 
+    def moved(self, holder: str, argument: str) -> None:
+        """Control `moved`: `holder` handed a session to a live broker; route its filters
+        there (before `holder`'s `del` of them comes), then mark `holder`'s inbox: the new
+        broker delivers what `holder` got for the session up to every origin's marker. The
+        new broker marks it itself when it restores the session."""
+        requester, token, *filters = argument.split("\x00")
+        if requester == self.me:
+            self.failover.moved_here(holder, token, filters)
+            return
+        self.live_peers.add(requester)
+        for full_filter in filters:
+            self.core.remote_subscribe(requester, full_filter)
+            self.failover.pin_route(requester, full_filter)
+        self.on_moved(holder, token)
+
     # ------------------------------------------------------------------ workers
 
     async def heartbeat(self, redis: RedisClient) -> None:
@@ -393,5 +410,7 @@ class Membership:
             self.failover.handover_requested(peer, argument)
         elif op == "handed":
             self.failover.handed(argument)
+        elif op == "moved":
+            self.moved(peer, argument)
         else:
             self.stats["bad_control"] += 1

@@ -166,10 +166,23 @@ class Outbox:
         self.control.append(("adopted", "\x00".join([dead, *filters])))
         self.wake(True)
 
-    def mark(self, dest: str) -> None:
-        """We stopped routing to `dest` (adopted): an end marker in its inbox, after every
-        record we sent there (call after a flush: announcements are written first)."""
-        self.control.append(("mark", dest))
+    def mark(self, dest: str, token: str = "") -> None:
+        """We stopped routing to `dest` (adopted), or route a session's filters elsewhere now
+        (`token`: that hand-over's): an end marker in its inbox, after every record we sent
+        there (call after a flush: announcements are written first)."""
+        self.control.append(("mark", f"{dest}\x00{token}" if token else dest))
+        self.wake(True)
+
+    def announce_move(self, requester: str, token: str, filters: Sequence[str]) -> None:
+        """We handed a session to `requester`: every broker routes its filters there and
+        marks our inbox (`moved`), announced before our own `del` of any of them."""
+        entry = ("moved", "\x00".join([requester, token, *filters]))
+        control = self.control
+        index = next(
+            (i for i, (op, f) in enumerate(control) if op == "del" and f in filters),
+            len(control),
+        )
+        control.insert(index, entry)
         self.wake(True)
 
     def clear_announcements(self) -> None:
@@ -241,9 +254,13 @@ class Outbox:
             elif op == "del":
                 commands.srem(self.k_subs, full_filter)
             elif op == "mark":
-                inbox = f"{self.settings.prefix}:inbox:{{{full_filter}}}"
-                self._xadd(commands, inbox, "m", self.me.encode(), self.settings.inbox_maxlen)
+                dest, _, token = full_filter.partition("\x00")
+                inbox = f"{self.settings.prefix}:inbox:{{{dest}}}"
+                value = f"{self.me}\x00{token}" if token else self.me
+                self._xadd(commands, inbox, "m", value.encode(), self.settings.inbox_maxlen)
                 continue
+            elif op == "moved":
+                pass  # only the control message
             else:  # adopted: the dead broker, then the filters we took with its sessions
                 for adopted_filter in full_filter.split("\x00")[1:]:
                     commands.sadd(self.k_subs, adopted_filter)

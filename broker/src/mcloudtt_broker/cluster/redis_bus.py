@@ -203,6 +203,9 @@ class RedisBus:
             resume_inbox=self.inbox.resume,
             announce_adoption=self._announce_adoption,
             finish_adoption=self._finish_adoption,
+            announce_move=self.outbox.announce_move,
+            mark_inbox=self._mark_inbox,
+            delivered_before=self.inbox.delivered_before,
             replay=settings.replay,
         )
         self.membership = Membership(
@@ -214,6 +217,7 @@ class RedisBus:
             failover=self.failover,
             on_peer_gone=self._peer_gone,
             on_adopted=self._on_adopted,
+            on_moved=self._mark_inbox,
             on_table=self._late_table,
             on_sync=self.inbox.on_sync,
         )
@@ -485,6 +489,14 @@ class RedisBus:
         self.outbox.mark(dead)
         self._flush()
         self.outbox.forget_destination(dead)
+
+    def _mark_inbox(self, holder: str, token: str) -> None:
+        """A session `holder` handed over is routed to its new broker now (we heard `moved`,
+        or we are that broker): after everything we sent `holder`, our marker for that
+        hand-over in its inbox, for the new broker's drain."""
+        self._flush()
+        self.outbox.mark(holder, token)
+        self._flush()
 
     async def _checkpoint_loop(self) -> None:
         while True:

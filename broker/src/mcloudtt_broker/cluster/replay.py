@@ -74,6 +74,9 @@ class Replay:
         groups: Mapping[str, Marks] | None = None,
         handled: Mapping[str, int] | None = None,
         gone: str = "",
+        token: str = "",
+        redelivered: bool = True,
+        shared: bool = True,
     ) -> None:
         self.core = core
         self.keys = keys  # with a cluster key: entries of `inbox` without a valid tag are skipped
@@ -89,6 +92,16 @@ class Replay:
         self.handled = dict(handled or {})
         self.gone = gone
         self.pending = set(origins)  # origins whose end marker is still to come
+        # A live hand-over's markers are "{origin}\x00{token}" (a dead inbox's: "{origin}").
+        self.suffix = f"\x00{token}" if token else ""
+        # False for a live hand-over: the old holder never sent what is past its snapshot.
+        self.redelivered = redelivered
+        # Origins whose marker for this hand-over was read: what they sent the old holder
+        # after it went to the new one too (another session there has the filter) or was
+        # delivered there locally. Taking it as well would deliver it twice.
+        self.ended: set[str] = set()
+        # False for a live hand-over: the old holder is alive and serves its groups' records.
+        self.replay_groups = shared
         self.reader = EnvelopeReader()
         # What to deliver, in stream order: (origin, sequence, message, client ids, groups).
         self.found: list[tuple[str, int, Message, list[str], list[str]]] = []
@@ -106,7 +119,15 @@ class Replay:
             if keys is not None and not keys.valid(self.context, marker, fields.get(b"t")):
                 self.bad += 1
                 return
-            self.pending.discard(marker.decode(errors="replace"))
+            value = marker.decode(errors="replace")
+            suffix = self.suffix
+            if suffix:
+                if value.endswith(suffix):
+                    origin = value[: -len(suffix)]
+                    self.pending.discard(origin)
+                    self.ended.add(origin)
+            else:
+                self.pending.discard(value)
             return
         batch = fields.get(b"b")
         if not isinstance(batch, bytes):
@@ -130,7 +151,7 @@ class Replay:
                     self.bad += 1
                     continue
                 origin, sequence = envelope[0], envelope[1]
-                if not envelope[6]:
+                if not envelope[6] or origin in self.ended:
                     continue  # QoS 0 is not kept for absent clients anyway
                 takers = []
                 if plain:
@@ -139,7 +160,7 @@ class Replay:
                             marks.seen[origin] = sequence
                             takers.append(client_id)
                 shared = []
-                for key in groups:
+                for key in groups if self.replay_groups else ():
                     group = self.groups.get(key)
                     if group is None:
                         group = self.groups[key] = Marks((0, 0), dict(self.handled))
@@ -165,7 +186,7 @@ class Replay:
             if not (takers or shared):
                 continue
             if takers:
-                self.core.replay_to(takers, message)
+                self.core.replay_to(takers, message, redelivered=self.redelivered)
             if shared:
                 self.core.replay_shared(message, shared, self.gone)
             count += 1

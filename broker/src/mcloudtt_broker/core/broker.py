@@ -8,8 +8,8 @@ about once a second for keepalive, delayed wills, session expiry and `$SYS` stat
 from __future__ import annotations
 
 import time
-from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections import Counter, deque
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 
 from .. import __version__
@@ -384,6 +384,32 @@ class Broker:
             return None
         return conn.will
 
+    def queued(self, client_id: str) -> int:
+        """How many messages wait in the queue of `client_id`'s session (0 without one)."""
+        session = self.sessions.get(client_id)
+        return len(session.queue) if session is not None else 0
+
+    def bound_queue(self, client_id: str, bounded: bool) -> None:
+        """Lift (False) or restore (True) the queue bound of `client_id`'s session: a live
+        hand-over's drain queues for it while its client waits for CONNACK, and what the old
+        holder queued may have filled it already (dropped, those would be lost). Restored,
+        the bound is at least what the queue holds then: what comes next is not dropped
+        before its client, back at once, has taken some of it."""
+        session = self.sessions.get(client_id)
+        if session is not None:
+            limit = self.settings.max_queued_messages
+            session.max_queued = max(limit, len(session.queue)) if bounded else 1 << 62
+
+    def queue_behind(self, client_id: str, start: int, stop: int) -> None:
+        """Move the queued messages [start, stop) of `client_id`'s session behind the rest (a
+        live hand-over: what the new broker queued for the session since it took it is newer
+        than what it then found for it in the old holder's inbox)."""
+        session = self.sessions.get(client_id)
+        if session is None or stop <= start:
+            return
+        items = list(session.queue)
+        session.queue = deque([*items[:start], *items[stop:], *items[start:stop]])
+
     def adopt_session(self, snapshot: SessionSnapshot, now: float) -> None:
         session = self.restore_session(snapshot, now)
         session.ended_at = now
@@ -443,15 +469,18 @@ class Broker:
             if s.expiry_interval and s.connection is not None and (s.inflight or s.queue)
         ]
 
-    def replay_to(self, client_ids: Iterable[str], message: Message) -> None:
+    def replay_to(
+        self, client_ids: Iterable[str], message: Message, *, redelivered: bool = True
+    ) -> None:
         """Deliver `message` to the plain subscriptions of these sessions only (a dead
-        broker's inbox replayed to the sessions taken from it)."""
+        broker's inbox replayed to the sessions taken from it; with `redelivered` False, a
+        live broker's inbox past the snapshot of a session it handed over)."""
         wanted = set(client_ids)
         per_session, _ = self.trie.match(message.topic)
         chosen = [(session, subs) for session, subs in per_session if session.client_id in wanted]
         if chosen:
             # The dead broker may have sent it before it died: DUP 1 (MQTT-3.3.1-1).
-            self._deliver_plain(message.redelivery(), chosen)
+            self._deliver_plain(message.redelivery() if redelivered else message, chosen)
 
     def remote_route(self, message: Message) -> tuple[Sequence[str], dict[str, list[str]]]:
         """Where a publish accepted before the cluster table was known goes now: the remote
@@ -594,17 +623,22 @@ class Broker:
         targets, groups = self.route(message)
         self.bus.forward(message, targets, groups)
 
-    def deliver_remote(self, message: Message, plain: bool, groups: Sequence[str]) -> Sequence[str]:
+    def deliver_remote(
+        self, message: Message, plain: bool, groups: Sequence[str], skip: Collection[str] = ()
+    ) -> Sequence[str]:
         """A publish from another broker: keep its retained state and deliver here only.
 
-        `plain`: deliver to local non-shared subscriptions; `groups`: shared groups the origin
-        chose this broker for. Returns those of them with no member here (the origin's table
-        was behind: the caller passes the message on to a member elsewhere).
+        `plain`: deliver to local non-shared subscriptions (but for the sessions in `skip`:
+        handed to us by a broker that delivered it already); `groups`: shared groups the
+        origin chose this broker for. Returns those of them with no member here (the origin's
+        table was behind: the caller passes the message on to a member elsewhere).
         """
         if message.retain:
             self._store_retained(message)
         if plain:
             per_session, _ = self.trie.match(message.topic)
+            if skip:
+                per_session = [pair for pair in per_session if pair[0].client_id not in skip]
             if per_session:
                 self._deliver_plain(message, per_session)
         orphaned: Sequence[str] = _NO_TARGETS

@@ -12,7 +12,7 @@ A bus uses only `ClusterCore`, never the core's internals.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import Protocol
 
 from ..mqtt.reason_codes import ReasonCode
@@ -93,10 +93,13 @@ class ClusterCore(Protocol):
         ...
 
     # Messages from other brokers.
-    def deliver_remote(self, message: Message, plain: bool, groups: Sequence[str]) -> Sequence[str]:
-        """Deliver here; returns the shared groups of `groups` with no member here any more
-        (their last one just left, or was handed to another broker): the caller passes them
-        on (`replay_shared`), or the message would reach no member."""
+    def deliver_remote(
+        self, message: Message, plain: bool, groups: Sequence[str], skip: Collection[str] = ()
+    ) -> Sequence[str]:
+        """Deliver here (`skip`: not to these sessions' plain subscriptions); returns the
+        shared groups of `groups` with no member here any more (their last one just left, or
+        was handed to another broker): the caller passes them on (`replay_shared`), or the
+        message would reach no member."""
         ...
 
     def retained_messages(self) -> list[Message]:
@@ -135,6 +138,18 @@ class ClusterCore(Protocol):
         """Take a session a gone broker served, as an offline session expiring from `now`."""
         ...
 
+    def queued(self, client_id: str) -> int:
+        """How many messages wait in the queue of `client_id`'s session."""
+        ...
+
+    def bound_queue(self, client_id: str, bounded: bool) -> None:
+        """Lift (False) or restore (True) the queue bound of `client_id`'s session."""
+        ...
+
+    def queue_behind(self, client_id: str, start: int, stop: int) -> None:
+        """Move the queued messages [start, stop) of `client_id`'s session behind the rest."""
+        ...
+
     def surrender_sessions(self) -> list[str]:
         """Give up every persistent session (another broker adopted them while we were
         declared dead); returns their ClientIds."""
@@ -152,7 +167,9 @@ class ClusterCore(Protocol):
         """Client ids of the online persistent sessions with something in flight or queued."""
         ...
 
-    def replay_to(self, client_ids: Iterable[str], message: Message) -> None:
+    def replay_to(
+        self, client_ids: Iterable[str], message: Message, *, redelivered: bool = True
+    ) -> None:
         """Deliver `message` to the plain subscriptions of these local sessions only."""
         ...
 
