@@ -15,10 +15,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 from broker.clients import PahoClient
 from mcloudtt_chaos.backend import ClusterSpec
 from mcloudtt_chaos.backends.local import LocalBackend
-from mcloudtt_chaos.procs import wait_for
+from mcloudtt_chaos.faultproxy import FaultProxy
+from mcloudtt_chaos.procs import scrape, wait_for
 
 pytest.importorskip("paho.mqtt")
 
@@ -127,3 +129,78 @@ def _routes_to(publisher: PahoClient, device: PahoClient, topic: str) -> bool:
         return device.get(timeout=0.5).payload == b"probe"
     except AssertionError:
         return False
+
+
+def test_a_rejoining_broker_writes_what_it_acknowledged_before_giving_up_its_sessions(
+    cluster: LocalBackend,
+) -> None:
+    """b0 is cut from Redis past its presence TTL: b1 adopts its sessions while b0 still
+    PUBACKs its publisher locally, holding the messages for b1's subscriber in its outbox.
+    When b0 rejoins it gives the adopted sessions up (the publisher is disconnected and
+    reconnects to b1). What b0 acknowledged must reach the subscriber before what the
+    publisher sends next through b1 (MQTT-4.6.0-5: order per publisher and topic), also when
+    b0's link is slow after the heal (every round trip 300 ms)."""
+    sub = PahoClient(port(cluster, "b1"), "rj-sub", version=5, session_expiry=300)
+    pub = PahoClient(port(cluster, "b0"), "rj-pub", version=5, session_expiry=300)
+    # No automatic reconnect to b0: the test reconnects it to b1, as a load balancer would.
+    pub.c.reconnect_delay_set(60, 60)
+    again: PahoClient | None = None
+    try:
+        assert sub.subscribe("rj/t", qos=1) == [1]
+        wait_for(
+            lambda: cluster.readyz("b0")[0] == 200 and _routes_to(pub, sub, "rj/t"),
+            timeout=10.0,
+            what="b0 to route rj/t to b1",
+        )
+        assert cluster.redis is not None
+        stored = redis.Redis(port=cluster.redis.port)
+        wait_for(  # b0 stored the session: b1 can adopt it
+            lambda: stored.hexists("mcloudtt:sessions:{b0}", "rj-pub"),
+            timeout=10.0,
+            what="b0 to store rj-pub's session",
+        )
+        stored.close()
+        cluster.cut_from_redis("b0")
+        http = {e.name: e for e in cluster.endpoints()}["b1"].http_port
+        wait_for(
+            lambda: scrape(http).value("mcloudtt_cluster_sessions_adopted_total") >= 1,
+            timeout=PRESENCE_TTL_S + 10.0,
+            what="b1 to adopt b0's sessions",
+        )
+        for i in range(10):  # PUBACKed by b0 alone, while it cannot reach Redis
+            pub.publish("rj/t", f"m{i}", qos=1)
+        _heal_slowly(cluster, "b0", latency_ms=150.0)
+        assert pub.disconnected.wait(20.0), "b0 kept the session b1 adopted"
+        pub.c.loop_stop()
+        again = PahoClient(
+            port(cluster, "b1"), "rj-pub", version=5, clean=False, session_expiry=300
+        )
+        for i in range(5):
+            again.publish("rj/t", f"n{i}", qos=1)
+        got: list[str] = []
+        while not {"m9", "n4"} <= set(got):
+            payload = sub.get().payload.decode()
+            if payload != "probe":
+                got.append(payload)
+        first_new = got.index("n0")
+        late = [m for m in got[first_new:] if m.startswith("m")]
+        assert not late, f"acknowledged by b0, overtaken by the publisher's later ones: {late}"
+        assert got[:first_new] == [f"m{i}" for i in range(10)]
+    finally:
+        if again is not None:
+            again.stop()
+        pub.kill()
+        sub.stop()
+        cluster.heal("b0")
+
+
+def _heal_slowly(backend: LocalBackend, broker: str, latency_ms: float) -> None:
+    """Lift the cut from Redis and add latency in one step (no fast moment in between)."""
+    proxy = backend.redis_proxies[broker]
+
+    async def heal(proxy: FaultProxy) -> None:
+        proxy.normal()
+        proxy.latency(latency_ms)
+
+    assert backend._loop is not None
+    backend._loop.run(heal(proxy))
