@@ -10,6 +10,7 @@ redis-server behind the chaos FaultProxy, real broker processes, real paho clien
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -204,3 +205,62 @@ def _heal_slowly(backend: LocalBackend, broker: str, latency_ms: float) -> None:
 
     assert backend._loop is not None
     backend._loop.run(heal(proxy))
+
+
+def test_a_session_handed_over_gets_its_old_brokers_own_messages_once(
+    cluster: LocalBackend,
+) -> None:
+    """A publisher on b1 streams QoS 2 to a topic that an offline persistent session on b1 and
+    an online subscriber on b0 both have: each message is queued for the session on b1 and
+    forwarded to b0. The session's client reconnects to b0 (a live hand-over): what b1 had
+    queued comes in the snapshot, and b0's inbox must not deliver b1's records of the same
+    messages to it again, also those still in b0's inbox while the hand-over drained
+    (MQTT-4.3.3-2: QoS 2 exactly once)."""
+    watcher = PahoClient(port(cluster, "b0"), "ho-watch", version=5)
+    pub = PahoClient(port(cluster, "b1"), "ho-pub", version=5)
+    try:
+        assert watcher.subscribe("ho/t", qos=2) == [2]
+        wait_for(
+            lambda: cluster.readyz("b1")[0] == 200 and _routes_to(pub, watcher, "ho/t"),
+            timeout=10.0,
+            what="b1 to route ho/t to b0",
+        )
+        sent = 0
+        twice: list[bytes] = []
+        for round_ in range(5):
+            device = PahoClient(
+                port(cluster, "b1"), "ho-dev", version=5, clean=False, session_expiry=300
+            )
+            if round_ == 0:
+                assert device.subscribe("ho/t", qos=2) == [2]
+            device.kill()  # offline on b1: what b1's publisher sends is queued there
+            stop = threading.Event()
+
+            def stream(stop: threading.Event = stop) -> None:
+                nonlocal sent
+                while not stop.is_set():
+                    sent += 1
+                    pub.publish("ho/t", f"{sent}", qos=2, wait=False)
+                    time.sleep(0.001)
+
+            streamer = threading.Thread(target=stream)
+            streamer.start()
+            time.sleep(0.05)
+            again = PahoClient(
+                port(cluster, "b0"), "ho-dev", version=5, clean=False, session_expiry=300
+            )
+            time.sleep(0.05)
+            stop.set()
+            streamer.join()
+            time.sleep(0.3)
+            again.disconnect()
+            seen: set[bytes] = set()
+            while not again.messages.empty():
+                payload = again.messages.get().payload
+                if payload in seen and payload != b"probe":
+                    twice.append(payload)
+                seen.add(payload)
+        assert not twice, f"QoS 2 delivered twice to the handed-over session: {twice}"
+    finally:
+        pub.stop()
+        watcher.stop()

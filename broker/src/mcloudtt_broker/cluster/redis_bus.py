@@ -206,6 +206,7 @@ class RedisBus:
             announce_move=self.outbox.announce_move,
             mark_inbox=self._mark_inbox,
             delivered_before=self.inbox.delivered_before,
+            outbox_sequence=lambda: self.outbox.sequence,
             replay=settings.replay,
         )
         self.membership = Membership(
