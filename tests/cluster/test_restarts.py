@@ -88,6 +88,39 @@ def test_clients_of_a_stopped_broker_find_their_sessions_on_the_adopter(
             client.stop()
 
 
+def test_a_stopped_broker_leaves_no_stored_will_for_its_adopter_to_publish_again(
+    cluster_factory, clients, redis_server
+):
+    """A SIGTERMed broker publishes the wills of the connections it closes; whoever adopts its
+    sessions must not publish them again from `{prefix}:wills:{id}` (once per abnormal
+    disconnect, MQTT-3.1.2-8). Found by rolling-restart: a will's entry whose removal was not
+    yet written when the broker left was published by the adopter a second time. The entry is
+    planted here as that unwritten removal leaves it."""
+    import redis
+    from mcloudtt_broker.cluster.session_snapshot import encode_will
+    from mcloudtt_broker.core.message import Message
+
+    a, b = cluster_factory(2)
+    watcher = clients(a.port, "stale-watcher")
+    watcher.subscribe("wills/#", 1)
+    wait_filters([b], 1)
+    clients(b.port, "closed-will", will=("wills/closed-will", b"once", 1, False))
+    time.sleep(0.5)  # its will stored
+    stale = Message("wills/stale", b"published at shutdown", 1, False)
+    redis.Redis.from_url(redis_server.url).hset(
+        "mcloudtt:wills:{b2}", "stale", encode_will(stale, "b2", time.monotonic())
+    )
+    b.signal(signal.SIGTERM)
+    message = watcher.get(timeout=10)
+    assert (message.topic, message.payload) == ("wills/closed-will", b"once")
+    wait_until(lambda: a.metric("mcloudtt_cluster_peers") == 0, 10.0, "b2 gone")
+    try:
+        extra = watcher.get(timeout=2)
+    except AssertionError:  # nothing more came: right
+        extra = None
+    assert extra is None, f"a will published again after a graceful stop: {extra.topic}"
+
+
 def test_wills_of_a_killed_broker_are_published_by_its_adopter_or_its_restart(
     cluster_factory, clients
 ):

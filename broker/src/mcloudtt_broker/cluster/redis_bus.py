@@ -241,6 +241,11 @@ class RedisBus:
             if self.link.writer is not None:
                 await self.link.writer.settled(2.0)
             with contextlib.suppress(Exception):
+                # Every connection is closed by now and its will published by us: none is
+                # due again from whoever takes our sessions (once, MQTT-3.1.2-8), even one
+                # whose removal had not been written yet.
+                await asyncio.wait_for(redis.delete(self.failover.k_wills), 2.0)
+            with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.membership.leave(redis), 2.0)
         for task in self._tasks:
             task.cancel()
