@@ -70,11 +70,18 @@ return 0
 
 # Our table rewritten in one command (KEYS table; ARGV filters): atomic like MULTI/EXEC, so a
 # peer never reads it empty, but one command, which redis-py follows through ASK and MOVED
-# while the table's slot migrates (a transaction is refused until the slot has moved).
+# while the table's slot migrates (a transaction is refused until the slot has moved). Added
+# before the stale members go, never DEL then SADD: in a migrating slot a script may not
+# create a key ("non local key"), and the table only disappears when it is to be empty.
 _TABLE_SCRIPT = """
-redis.call('DEL', KEYS[1])
+local new = {}
+for i = 1, #ARGV do new[ARGV[i]] = true end
+local old = redis.call('SMEMBERS', KEYS[1])
 for i = 1, #ARGV, 4000 do
   redis.call('SADD', KEYS[1], unpack(ARGV, i, math.min(i + 3999, #ARGV)))
+end
+for _, member in ipairs(old) do
+  if not new[member] then redis.call('SREM', KEYS[1], member) end
 end
 return 1
 """
