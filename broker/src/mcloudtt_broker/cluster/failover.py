@@ -168,6 +168,7 @@ class Failover:
         announce_move: Callable[[str, str, list[str]], None] | None = None,
         mark_inbox: Callable[[str, str], None] | None = None,
         delivered_before: Callable[[str, dict[str, int], tuple[int, int]], None] | None = None,
+        outbox_sequence: Callable[[], int] = int,
         replay: bool = True,
     ) -> None:
         self.settings = settings
@@ -192,6 +193,7 @@ class Failover:
         self.announce_move = announce_move  # (requester, token, filters): `moved`, before `del`
         self.mark_inbox = mark_inbox  # (broker, token): our end marker in its inbox
         self.delivered_before = delivered_before  # (client id, old holder's seen, until)
+        self.outbox_sequence = outbox_sequence  # the sequence of the last record we forwarded
         self.replay_enabled = replay  # False only to show what is lost without it (tests)
         self.k_marks = f"{prefix}:marks:{{{self.me}}}"
         # The wills due if we died now (client id -> will), published by whoever takes our
@@ -323,8 +325,13 @@ class Failover:
             self.core.publish(will)
             self.stats["wills_published"] += 1
 
-    def marks(self) -> dict[str, object]:
-        return Marks(self.inbox_position(), dict(self.inbox_handled())).encode()
+    def marks(self, own: bool = False) -> dict[str, object]:
+        seen = dict(self.inbox_handled())
+        if own:
+            # A hand-over's: what we published ourselves up to now is in the session's queue,
+            # and may also be in the requester's inbox (another session there has the filter).
+            seen[self.me] = self.outbox_sequence()
+        return Marks(self.inbox_position(), seen).encode()
 
     def delivery_completed(self, client_id: str) -> None:
         """A QoS 2 delivery completed: store the session (with its marks) on the next turn of
@@ -882,7 +889,10 @@ class Failover:
         await self._inbox_reached(goal, self.settings.handover_timeout / 2)
         core = self.core
         now = core.clock()
-        marks = self.marks()  # where our inbox stands: the requester drains it past these
+        # Where our inbox stands (the requester drains it past these), and our own outbox: the
+        # requester's inbox skips our records up to it for the session (MQTT-4.3.3-2: QoS 2
+        # once), they are in the snapshot.
+        marks = self.marks(own=True)
         snapshot = core.handover(client_id, clean_start, now)
         if snapshot is not None:
             # The requester will announce these filters; route to it from now on, so nothing
@@ -899,6 +909,9 @@ class Failover:
                 self.announce_move(requester, token, filters)
         redirect = self._redirects.pop(client_id, None)
         if snapshot is not None:
+            # Those records are in the requester's inbox before it reads the snapshot, so
+            # within what its inbox skips for the session.
+            await self.drain()
             data: bytes | None = encode_snapshot(snapshot, self.me, now, marks)
         elif redirect is not None:
             # Our CONNECT was superseded before it fetched the session: it is still there.

@@ -208,6 +208,7 @@ class RedisBus:
             announce_move=self.outbox.announce_move,
             mark_inbox=self._mark_inbox,
             delivered_before=self.inbox.delivered_before,
+            outbox_sequence=lambda: self.outbox.sequence,
             replay=settings.replay,
         )
         self.membership = Membership(
@@ -428,6 +429,7 @@ class RedisBus:
                 health_check_interval=10,
             )
         await redis.ping()
+        await self._write_outbox(redis, slots)
         membership = self.membership
         first = not self.stats["connects"]
         adopted_elsewhere = await membership.claim_id(redis, first)
@@ -443,15 +445,6 @@ class RedisBus:
         await membership.load_peers(redis)
         if not self.table_loaded:
             self._route_unrouted()
-        # Resend what receivers have not confirmed (Redis may have lost it), then the buffer,
-        # in sequence order: receivers drop a sequence lower than one they already handled.
-        resend = self.outbox.resend(await self._progress(redis, self.outbox.destinations()))
-        writer = await open_link(self.redis_options, slots, self._link_lost)
-        link.writer = writer
-        if resend is not None:
-            refused = [r for r in await writer.call(resend) if isinstance(r, hiredis.ReplyError)]
-            if refused:
-                raise LinkError(f"resend refused: {refused[0]}")
         link.connected = True
         self.stats["connects"] += 1
         self._flush()
@@ -460,6 +453,32 @@ class RedisBus:
         self.link_error = ""
         self._reasons_logged = set()
         log.info("cluster link up (%s mode, %d peers)", self.settings.mode, len(self.live_peers))
+
+    async def _write_outbox(self, redis: RedisClient, slots: SlotMap | None) -> None:
+        """Open the writer and write what we forwarded while away, answered, before anything
+        else of the reconnect: `claim_id` may give up sessions the cluster adopted meanwhile,
+        and their clients, reconnected elsewhere at once, must not have their next messages
+        overtake the ones we acknowledged to them (MQTT-4.6.0-5: order per topic).
+
+        First what receivers have not confirmed (Redis may have lost it), then the buffer, in
+        sequence order: receivers drop a sequence lower than one they already handled. The
+        buffer's announcements wait for our table (`clear_announcements`, `register`)."""
+        outbox = self.outbox
+        resend = outbox.resend(await self._progress(redis, outbox.destinations()))
+        writer = await open_link(self.redis_options, slots, self._link_lost)
+        self.link.writer = writer
+        calls = [] if resend is None else [writer.submit(resend)]
+        control, outbox.control = outbox.control, []
+        try:
+            calls += [writer.submit(commands) for commands in outbox.flush(writer.sent)]
+        finally:
+            outbox.control[:0] = control
+        # As long as a redis-py call may take (its socket timeout); TimeoutError is a LinkError.
+        for replies in await asyncio.wait_for(asyncio.gather(*calls), 5.0):
+            refused = [r for r in replies if isinstance(r, hiredis.ReplyError)]
+            if refused:
+                raise LinkError(f"outbox write refused: {refused[0]}")
+        outbox.answered(writer.replies)
 
     async def _confirm_loop(self, redis: RedisClient) -> None:
         """Forget the QoS 1/2 records receivers have handled, a few times a second: what is
