@@ -156,6 +156,11 @@ class Inbox:
                         await self.ensure_group(redis)
                         last_id = b"0"
                         continue
+                    if all(error.startswith("UNBLOCKED") for error in errors):
+                        # Our stream was migrated to another node while we waited on it
+                        # (its slot is being resharded): read again, ASK takes us there.
+                        self.stats["inbox_unblocked"] += 1
+                        continue
                     raise LinkError(f"inbox read refused: {errors[0]}")
                 response = replies[-1]
                 entries = response[0][1] if response else []

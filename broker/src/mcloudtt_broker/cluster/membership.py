@@ -25,7 +25,10 @@ import contextlib
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from redis.exceptions import ClusterError, ResponseError
 
 from ..core.ports import ClusterCore
 from .failover import Failover
@@ -33,6 +36,8 @@ from .link import LinkError, RedisClient, redis_errors
 from .redis_url import RedisOptions, parse_redis_url, redact_url
 from .settings import BROADCAST, ClusterSettings, DuplicateBrokerId
 from .topology import is_cluster
+
+T = TypeVar("T")
 
 log = logging.getLogger("mcloudtt.cluster")
 
@@ -49,6 +54,56 @@ if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return 1
 """
+
+# The beat's common case in one key (KEYS presence; ARGV token, TTL ms): 1 refreshed, else 0
+# (not ours: the two-key script above decides). Two keys of one hash tag share a slot, but
+# while that slot migrates key by key a two-key call is refused (TRYAGAIN) as long as one of
+# them is on each side, and the adoption lock is normally absent: one key is always served
+# (by the source, or the target after ASK), so a migration of our slot costs no beat.
+_BEAT_SCRIPT = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+"""
+
+# Our table rewritten in one command (KEYS table; ARGV filters): atomic like MULTI/EXEC, so a
+# peer never reads it empty, but one command, which redis-py follows through ASK and MOVED
+# while the table's slot migrates (a transaction is refused until the slot has moved). Added
+# before the stale members go, never DEL then SADD: in a migrating slot a script may not
+# create a key ("non local key"), and the table only disappears when it is to be empty.
+_TABLE_SCRIPT = """
+local new = {}
+for i = 1, #ARGV do new[ARGV[i]] = true end
+local old = redis.call('SMEMBERS', KEYS[1])
+for i = 1, #ARGV, 4000 do
+  redis.call('SADD', KEYS[1], unpack(ARGV, i, math.min(i + 3999, #ARGV)))
+end
+for _, member in ipairs(old) do
+  if not new[member] then redis.call('SREM', KEYS[1], member) end
+end
+return 1
+"""
+
+# TRYAGAIN (a multi-key call while its slot migrates): retried this often, this far apart.
+TRYAGAIN_ATTEMPTS = 20
+TRYAGAIN_BACKOFF = 0.05
+
+
+async def retry_tryagain(call: Callable[[], Awaitable[T]], what: str) -> T:
+    """`call()`, again after a short pause while Redis Cluster answers TRYAGAIN (a slot of
+    ours is being migrated), up to about a second; then a LinkError that says so."""
+    for attempt in range(TRYAGAIN_ATTEMPTS):
+        try:
+            return await call()
+        except (ResponseError, ClusterError) as error:
+            # redis-py's cluster client retries TRYAGAIN itself for ~0.4 s, then gives up
+            # with "TTL exhausted".
+            if "TRYAGAIN" not in str(error) and "TTL exhausted" not in str(error):
+                raise
+            await asyncio.sleep(TRYAGAIN_BACKOFF * min(4, attempt + 1))
+    raise LinkError(f"{what}: the slot stayed mid-migration (TRYAGAIN) past its retries")
 
 
 # A gone peer whose adoption was never announced to us (its adopter died, or our link was down
@@ -166,15 +221,9 @@ class Membership:
 
     async def register(self, redis: RedisClient) -> None:
         """Our whole table, announced again: whatever the others knew about us may be stale."""
-        # One transaction: a peer must never read our table half rewritten (empty).
-        pipe = redis.pipeline(transaction=True)
-        pipe.delete(self.k_subs)
-        filters = self.core.local_filters()
-        if filters:
-            pipe.sadd(self.k_subs, *filters)
-        if is_cluster(redis):  # a transaction stays in one slot: the table's
-            await pipe.execute()
-            pipe = redis.pipeline(transaction=False)
+        # One script: a peer must never read our table half rewritten (empty).
+        await redis.eval(_TABLE_SCRIPT, 1, self.k_subs, *self.core.local_filters())
+        pipe = redis.pipeline(transaction=False)
         pipe.sadd(self.k_brokers, self.me)
         pipe.publish(self.k_control, self.failover.control_message(f"reset\x00{self.me}\x00"))
         await pipe.execute()
@@ -298,9 +347,16 @@ class Membership:
             # broker cut from Redis must keep serving its local clients. (TimeoutError is an
             # OSError: the link's guard makes it a LinkError.)
             async with asyncio.timeout(deadline):
-                state = await redis.eval(
-                    _REFRESH_SCRIPT, 2, self.k_presence, self.k_adopter, self.token, ttl_ms
-                )
+                state = await redis.eval(_BEAT_SCRIPT, 1, self.k_presence, self.token, ttl_ms)
+            if state != 1:  # expired (or taken): whether we were adopted meanwhile
+
+                async def refresh(ttl_ms: int = ttl_ms) -> object:
+                    async with asyncio.timeout(deadline):
+                        return await redis.eval(
+                            _REFRESH_SCRIPT, 2, self.k_presence, self.k_adopter, self.token, ttl_ms
+                        )
+
+                state = await retry_tryagain(refresh, "presence refresh")
             if state == -1:
                 raise DuplicateBrokerId(f"broker id {self.me!r} was taken by another broker")
             if state == 0:

@@ -10,10 +10,13 @@
   (`answered`, `link_lost`) stays as it is.
 * Redirections: `ASK` (a slot being migrated, the key already moved) sends that command again
   to the target with `ASKING`, in the order the replies came, so one stream's entries keep
-  their order. `MOVED`, `CLUSTERDOWN` and `TRYAGAIN` mean the topology changed: the link is
-  closed as if Redis went away, and the bus's retry pattern reconnects with a fresh slot map
-  and writes again what was not answered (the receivers drop duplicates by sequence).
-  Re-sending a moved command at once could overtake later ones already on their way.
+  their order. `MOVED` to a primary we have a connection to (a slot whose migration ended)
+  is followed the same way, in reply order; the slot's new owner is used for new commands
+  only once nothing is in flight (the commands still on their way to the old owner would be
+  overtaken otherwise). A MOVED elsewhere, `CLUSTERDOWN` and `TRYAGAIN` mean the topology
+  changed: the link is closed as if Redis went away, and the bus's retry pattern reconnects
+  with a fresh slot map and writes again what was not answered (the receivers drop
+  duplicates by sequence).
 """
 
 from __future__ import annotations
@@ -65,6 +68,16 @@ class SlotMap:
 
     def node_for_key(self, key: bytes) -> Node:
         return self.node_for_slot(key_slot(key))
+
+    def moved(self, moves: dict[int, Node]) -> SlotMap:
+        """A copy with these slots given to these primaries (a copy: other connections share
+        this map and may still have commands on their way to the old owners)."""
+        copy = SlotMap((), self.nodes)
+        copy._owner = list(self._owner)
+        for slot, node in moves.items():
+            copy._owner[slot] = node
+        copy.primaries = list(dict.fromkeys([*self.primaries, *moves.values()]))
+        return copy
 
     @classmethod
     def from_cluster_slots(cls, reply: Sequence[Any], seed: Node) -> SlotMap:
@@ -194,6 +207,7 @@ class ShardedConnection:
         self.last_error = ""
         self.closed = False
         self._ahead: set[int] = set()  # answered beyond the first gap
+        self._moves: dict[int, Node] = {}  # slots MOVED, to use once nothing is in flight
         self._calls: set[asyncio.Future[list[Any]]] = set()
 
     @classmethod
@@ -248,6 +262,8 @@ class ShardedConnection:
     def _send(self, commands: Commands, sink: Sink | None) -> None:
         if self.closed:
             raise ConnectionError("Redis connection closed")
+        if self._moves and self.replies == self.sent:
+            self.slots, self._moves = self.slots.moved(self._moves), {}
         reader = hiredis.Reader()  # our own commands, read back to find their keys
         reader.feed(bytes(commands.data))
         shards: dict[Node, tuple[Commands, list[int], list[list[bytes]]]] = {}
@@ -286,7 +302,11 @@ class ShardedConnection:
             if isinstance(reply, hiredis.ReplyError):
                 text = str(reply)
                 if text.startswith("ASK "):
-                    if not self._ask(text, index, args, sink):
+                    if not self._redirect(text, index, args, sink, asking=True):
+                        return
+                    continue
+                if text.startswith("MOVED ") and self._follow(text):
+                    if not self._redirect(text, index, args, sink, asking=False):
                         return
                     continue
                 if text.startswith(_TOPOLOGY_CHANGED):
@@ -296,25 +316,44 @@ class ShardedConnection:
                 self.last_error = text
             self._complete(index, reply, sink)
 
-    def _ask(self, text: str, index: int, args: list[bytes], sink: Sink | None) -> bool:
-        """`ASK slot host:port`: this one command to the slot's importing node."""
+    def _follow(self, text: str) -> bool:
+        """`MOVED slot host:port` to a primary we are connected to: noted for new commands."""
+        _, slot, address = text.split()
+        host, _, port = address.rpartition(":")
+        node = (host, int(port))
+        link = self.links.get(node)
+        if link is None or link.closed:
+            return False  # a new primary (a failover): a fresh slot map, by reconnecting
+        self._moves[int(slot)] = node
+        return True
+
+    def _redirect(
+        self, text: str, index: int, args: list[bytes], sink: Sink | None, *, asking: bool
+    ) -> bool:
+        """`ASK slot host:port` (with `ASKING`: the slot's importing node) or `MOVED`: this
+        one command to that node, in the order the redirections came."""
         host, _, port = text.split()[2].rpartition(":")
         link = self.links.get((host, int(port)))
         if link is None or link.closed:
             self._lost(ConnectionError(f"Redis Cluster redirects to a node we do not know: {text}"))
             return False
         asked = Commands()
-        asked.add("ASKING")
+        if asking:
+            asked.add("ASKING")
         asked.add(*args)
         future = link.submit(asked)
 
         def answered(done: asyncio.Future[list[Any]]) -> None:
             if done.cancelled() or done.exception() is not None or self.closed:
                 return
-            reply = done.result()[1]
+            reply = done.result()[-1]
             if isinstance(reply, hiredis.ReplyError):
-                self._lost(ConnectionError(f"Redis Cluster redirection failed: {reply}"))
-                return
+                error = str(reply)
+                if error.startswith(("ASK ", *_TOPOLOGY_CHANGED)):
+                    self._lost(ConnectionError(f"Redis Cluster redirection failed: {error}"))
+                    return
+                self.errors += 1  # the command's own error (an UNBLOCKED read, say)
+                self.last_error = error
             self._complete(index, reply, sink)
 
         future.add_done_callback(answered)
