@@ -72,6 +72,9 @@ class Inbox:
         # still holds for them (an origin sent it to both of us): client id -> (its highest
         # sequence per origin there, the entry of ours past which none of that remains).
         self.handed_in: dict[str, tuple[dict[str, int], tuple[int, int]]] = {}
+        # After a rejoin whose sessions were adopted meanwhile: our entries up to here were
+        # replayed by the adopter, shared groups' records included (`groups_replayed`).
+        self.groups_replayed_until: tuple[int, int] | None = None
         self._resumed = asyncio.Event()
 
     def delivered_before(
@@ -107,6 +110,15 @@ class Inbox:
         pipe.xgroup_destroy(self.k_inbox, GROUP)
         pipe.xgroup_create(self.k_inbox, GROUP, id="$", mkstream=True)
         await pipe.execute()
+
+    async def groups_replayed(self, redis: RedisClient) -> None:
+        """We rejoin after another broker adopted our sessions and replayed our inbox: its
+        plain records are still ours to deliver to the sessions we kept (clean ones), but its
+        shared groups' records went to a member through the adopter, and delivering or passing
+        them on again would give a group a message twice (MQTT-4.8.2-2). Up to the stream's
+        last entry now: the origins route to us again only once our table is announced."""
+        last = await redis.xrevrange(self.k_inbox, count=1)
+        self.groups_replayed_until = stream_id(last[0][0]) if last else None
 
     async def load_retained(self, redis: RedisClient) -> None:
         """The cluster's retained messages, `{prefix}:retained` (topic -> envelope), into the
@@ -172,7 +184,10 @@ class Inbox:
                 for entry_id, fields in entries:
                     if self.pauses:
                         await self._resumed.wait()
-                    self.handle_entry(fields)
+                    replayed = self.groups_replayed_until
+                    if replayed is not None and stream_id(entry_id) > replayed:
+                        self.groups_replayed_until = replayed = None
+                    self.handle_entry(fields, groups_replayed=replayed is not None)
                     acks.append(entry_id)
                     self.position = stream_id(entry_id)
                     # Let deliveries flush to subscribers between batches.
@@ -185,8 +200,9 @@ class Inbox:
         finally:
             inbox.close()
 
-    def handle_entry(self, fields: list[bytes] | None) -> None:
-        """One inbox entry: its field list, `b` then the batch (None if it was deleted)."""
+    def handle_entry(self, fields: list[bytes] | None, groups_replayed: bool = False) -> None:
+        """One inbox entry: its field list, `b` then the batch (None if it was deleted).
+        `groups_replayed`: its shared groups' records were delivered by our adopter."""
         handled = self.handled
         deliver = self.core.deliver_remote
         read = self.reader.read
@@ -222,6 +238,10 @@ class Inbox:
                     self.stats["duplicates"] += 1
                     continue
                 handled[origin] = sequence
+                if groups_replayed:
+                    if not plain:
+                        continue
+                    groups = ()
                 if props is EMPTY_PROPERTIES:  # nothing expires: the common case, inline
                     message: Message | None = Message(
                         topic, payload, qos, retain, props, origin=client_id

@@ -171,7 +171,8 @@ class Membership:
         was away (the retry pattern).
 
         Returns True when another broker adopted our sessions (with what our inbox held for
-        them, which it replayed): our inbox's backlog is not ours to deliver any more."""
+        them, which it replayed): our inbox's backlog is not ours to deliver any more (after a
+        restart none of it; after a rejoin its shared groups' records, `Inbox.groups_replayed`)."""
         k_adopted = f"{self.settings.prefix}:adopted:{{{self.me}}}"
         adopted_elsewhere = False
         if first and await redis.exists(self.k_adopter):
@@ -188,6 +189,7 @@ class Membership:
             deadline = time.monotonic() + self.settings.handover_timeout
             while not await redis.exists(k_adopted) and time.monotonic() < deadline:
                 await asyncio.sleep(0.1)
+            adopted_elsewhere = True  # the adopter replayed our inbox for them
             given_up = self.core.surrender_sessions()
             self.stats["sessions_surrendered"] += len(given_up)
             log.warning(

@@ -375,6 +375,7 @@ class RedisBus:
     def _link_lost(self, error: BaseException) -> None:
         link = self.link
         reason = link_error_reason(error, self.redis_options)
+        log.debug("link error (%s)", "up" if link.connected else "connecting", exc_info=error)
         if link.connected:
             log.warning("lost Redis: %s; retrying", reason)
             self.stats["link_losses"] += 1
@@ -439,8 +440,11 @@ class RedisBus:
         first = not self.stats["connects"]
         adopted_elsewhere = await membership.claim_id(redis, first)
         await self.inbox.ensure_group(redis)
-        if adopted_elsewhere:
+        if adopted_elsewhere and first:
             await self.inbox.skip_backlog(redis)
+        elif adopted_elsewhere:
+            # Rejoining, not restarted: the clean sessions we kept still want their records.
+            await self.inbox.groups_replayed(redis)
         if first:
             # Sessions a previous run of this broker id stored (a restarted pod keeps its name),
             # with what its inbox still holds for them, before our table is announced.
