@@ -24,6 +24,7 @@ from mcloudtt_chaos.backends.netns import (
     cleanup_stale,
     unavailable_reason,
 )
+from mcloudtt_chaos.procs import scrape
 from paho.mqtt.enums import CallbackAPIVersion
 
 REASON = unavailable_reason()
@@ -203,6 +204,31 @@ def test_degraded_link_goes_through_a_proxy_in_the_namespace(cluster: NetnsBacke
     assert b1.proxy is None
     cluster.wait_ready("b1")
     assert _delivery_time(cluster, "b0", "b1") < 0.15
+
+
+@needs_netns
+def test_heal_closes_the_connections_through_the_proxy_at_once(cluster: NetnsBackend) -> None:
+    """A heal must not black-hole the broker's connections through the proxy: they end at
+    once (FIN from the proxy while Redis's service address is still local), so the broker
+    reconnects straight to Redis in milliseconds, not after a 5 s socket timeout or a beat's
+    deadline (slow-link: a step of a reconnect hung there and the broker's presence expired)."""
+    cluster.degrade_redis_link("b1", LinkFault(latency_ms=50))
+    endpoint = {e.name: e for e in cluster.endpoints()}["b1"]
+
+    def connects() -> float:
+        return scrape(endpoint.http_port, host=endpoint.host).value(
+            "mcloudtt_cluster_connects_total"
+        )
+
+    try:
+        _delivered(cluster, "b0", "b1")  # b1's link is up through the proxy
+        before = connects()
+    finally:
+        cluster.heal("b1")
+    healed = time.monotonic()
+    while connects() <= before:
+        assert time.monotonic() - healed < 1.5, "b1's connections hung after the heal"
+        time.sleep(0.05)
 
 
 SENDER = """
