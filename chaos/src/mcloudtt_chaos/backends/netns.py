@@ -27,7 +27,8 @@ Faults:
   first (`ip_nonlocal_bind` in that namespace), then the address moves: connections open at
   that moment are reset (their packets now reach the proxy's socket), so the broker reconnects
   through the proxy. A bandwidth cap alone is `tc tbf` on both ends of the backplane veth when
-  the kernel has it (no proxy, no reset), else the proxy's. `heal` removes all of it.
+  the kernel has it (no proxy, no reset), else the proxy's. `heal` removes all of it, the proxy
+  before the address: its connections end at once instead of hanging.
 
 Everything a run creates is named after its id and recorded in a state file with the owner's
 pid and start time; `teardown()` (also from an atexit hook, and on SIGTERM/SIGHUP, which then
@@ -572,15 +573,21 @@ class NetnsBackend(ProcessBackend, TwoNetworkBackend[_Broker]):
     def _undegrade(self, b: _Broker) -> None:
         if b.tbf:
             self._untbf(b)
-        if b.service_on_lo:  # first: the broker's next connection goes straight to Redis
-            _ip(
-                "-n", b.ns, "addr", "del", f"{self.redis_service_addr}/32", "dev", "lo", check=False
-            )
-            b.service_on_lo = False
+        # The proxy stops first, while Redis's service address is still local here: its
+        # connections end with a FIN the broker sees at once. Removed first, the address would
+        # take their packets nowhere (the sockets' cached route is `lo`) and the broker's open
+        # connections would hang until a timeout, a link slow but alive turned into a cut one
+        # (slow-link: a reconnect step waited 5 s there and the broker's presence expired).
+        # Connections opened in between are refused, and retried at once.
         if b.proxy is not None:
             b.proxy.stop(timeout=2.0)
             b.proxy = None
             b.proxy_control = None
+        if b.service_on_lo:  # the broker's next connection goes straight to Redis
+            _ip(
+                "-n", b.ns, "addr", "del", f"{self.redis_service_addr}/32", "dev", "lo", check=False
+            )
+            b.service_on_lo = False
 
     # ---------------------------------------------------------------- helpers for tests
 
