@@ -231,6 +231,40 @@ def test_heal_closes_the_connections_through_the_proxy_at_once(cluster: NetnsBac
         time.sleep(0.05)
 
 
+@needs_netns
+def test_a_saturated_bandwidth_cap_is_slow_not_lost(cluster: NetnsBackend) -> None:
+    """The kernel's cap (tbf) is shared by all of a broker's Redis connections: its outbox
+    writes, more than the cap, queue its heartbeat behind them past the beat's deadline. The
+    link still answers (the writes are acknowledged, slowly): it must not count as lost."""
+    endpoint = {e.name: e for e in cluster.endpoints()}["b0"]
+
+    def losses() -> float:
+        return scrape(endpoint.http_port, host=endpoint.host).value(
+            "mcloudtt_cluster_link_losses_total"
+        )
+
+    _delivered(cluster, "b0", "b1")  # b0 routes to a subscriber on b1
+    sub, pub = Client(cluster, "b1"), Client(cluster, "b0")
+    try:
+        sub.client.subscribe("netns/flood", qos=0)
+        time.sleep(0.5)
+        before = losses()
+        cluster.degrade_redis_link("b0", LinkFault(bandwidth_bytes_per_s=20_000))
+        try:
+            payload = bytes(1000)
+            end = time.monotonic() + 6.0
+            while time.monotonic() < end:  # about 100 kB/s for a 20 kB/s link
+                for _ in range(10):
+                    pub.client.publish("netns/flood", payload, qos=0)
+                time.sleep(0.1)
+            assert losses() == before, "b0's slow but answering link was declared lost"
+        finally:
+            cluster.heal("b0")
+    finally:
+        sub.close()
+        pub.close()
+
+
 SENDER = """
 import socket, sys
 server = socket.create_server((sys.argv[1], 0))

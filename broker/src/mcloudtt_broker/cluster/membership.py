@@ -26,7 +26,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from redis.exceptions import ClusterError, ResponseError
 
@@ -118,6 +118,11 @@ def heartbeat_deadline(settings: ClusterSettings) -> float:
     return min(2.0, max(1.0, 2 * settings.presence_ttl / 5))
 
 
+def _retrieved(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()  # a late failure of a call we gave up on: nothing to do with it
+
+
 def gone_grace(settings: ClusterSettings) -> float:
     """How long past its TTL a peer's presence must stay missing before it is gone."""
     return max(1.0, 2 * settings.backoff_max)
@@ -138,8 +143,12 @@ class Membership:
         on_table: Callable[[str], None] = lambda peer: None,
         on_moved: Callable[[str, str], None] = lambda holder, token: None,
         on_sync: Callable[[bytes], None],
+        answers: Callable[[], int] = lambda: 0,
     ) -> None:
         self.settings = settings
+        # How many answers the link's other connections have read so far (the outbox's
+        # writer): a beat late while they still get answers is on a slow link, not a cut one.
+        self.answers = answers
         self.me = settings.broker_id
         prefix = settings.prefix
         self.k_presence = f"{prefix}:broker:{{{self.me}}}"
@@ -348,15 +357,18 @@ class Membership:
             # timeout: until then every CONNECT here waits on its session look-up, and a
             # broker cut from Redis must keep serving its local clients. (TimeoutError is an
             # OSError: the link's guard makes it a LinkError.)
-            async with asyncio.timeout(deadline):
-                state = await redis.eval(_BEAT_SCRIPT, 1, self.k_presence, self.token, ttl_ms)
+            state = await self._answered(
+                redis.eval(_BEAT_SCRIPT, 1, self.k_presence, self.token, ttl_ms), deadline
+            )
             if state != 1:  # expired (or taken): whether we were adopted meanwhile
 
                 async def refresh(ttl_ms: int = ttl_ms) -> object:
-                    async with asyncio.timeout(deadline):
-                        return await redis.eval(
+                    return await self._answered(
+                        redis.eval(
                             _REFRESH_SCRIPT, 2, self.k_presence, self.k_adopter, self.token, ttl_ms
-                        )
+                        ),
+                        deadline,
+                    )
 
                 state = await retry_tryagain(refresh, "presence refresh")
             if state == -1:
@@ -368,12 +380,35 @@ class Membership:
             # Peers whose presence expired have left (their sessions are adopted).
             now = time.monotonic()
             for peer in list(self.live_peers):
-                async with asyncio.timeout(deadline):
-                    present = await redis.exists(f"{prefix}:broker:{{{peer}}}")
+                present = await self._answered(
+                    redis.exists(f"{prefix}:broker:{{{peer}}}"), deadline
+                )
                 if present:
                     self.missing_since.pop(peer, None)
                 elif now - self.missing_since.setdefault(peer, now) > grace:
                     self.peer_gone(peer)
+
+    async def _answered(self, call: Awaitable[Any], deadline: float) -> Any:
+        """`call`'s answer. None within `deadline` loses the link, unless the link's other
+        connections read answers meanwhile: a slow link (a saturated bandwidth cap queues the
+        beat behind the outbox's writes), not a cut one, is waited for a deadline more, up to
+        half the presence TTL in all (peers must not see our presence expire meanwhile). A cut
+        link answers nothing anywhere: it is noticed after one deadline, as before."""
+        task = asyncio.ensure_future(call)
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + max(deadline, self.settings.presence_ttl / 2)
+        try:
+            while True:
+                seen = self.answers()
+                done, _ = await asyncio.wait({task}, timeout=deadline)
+                if done:
+                    return task.result()
+                if self.answers() == seen or loop.time() >= give_up:
+                    raise TimeoutError("Redis left a heartbeat unanswered past its deadline")
+        finally:
+            if not task.done():
+                task.cancel()
+                task.add_done_callback(_retrieved)
 
     async def listen(self, redis: RedisClient) -> None:
         """The control channel (and in broadcast mode the sync channel) until the link breaks."""

@@ -223,6 +223,7 @@ class RedisBus:
             on_moved=self._mark_inbox,
             on_table=self._late_table,
             on_sync=self.inbox.on_sync,
+            answers=self._link_answers,
         )
 
     async def start(self) -> None:
@@ -301,6 +302,10 @@ class RedisBus:
         outbox.answered(writer.replies)
         for commands in outbox.flush(writer.sent):
             writer.write(commands)
+
+    def _link_answers(self) -> int:
+        writer = self.link.writer
+        return 0 if writer is None else writer.replies
 
     async def _drain_outbound(self) -> None:
         """Return once everything forwarded so far has been written to Redis and answered."""
