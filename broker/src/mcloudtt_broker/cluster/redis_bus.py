@@ -375,7 +375,9 @@ class RedisBus:
     def _link_lost(self, error: BaseException) -> None:
         link = self.link
         reason = link_error_reason(error, self.redis_options)
-        if link.connected:
+        if self._closing:
+            pass  # our own close at stop (the writer's), not a lost link: nothing to say
+        elif link.connected:
             log.warning("lost Redis: %s; retrying", reason)
             self.stats["link_losses"] += 1
             self._reasons_logged = {reason}
