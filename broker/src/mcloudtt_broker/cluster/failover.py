@@ -1229,9 +1229,9 @@ class Failover:
             self._spawn(self._check_dead_tail(redis, peer, replay.read_to))
 
     async def _check_dead_tail(self, redis: RedisClient, peer: str, read_to: bytes | str) -> None:
-        """A while after an adoption: what came to the dead inbox after the replay read it
-        (every origin wrote its end marker after its last record there, so nothing should).
-        Counted and logged with its (origin, sequence): a record there reached no session."""
+        """A while after an adoption: what another broker wrote to the dead inbox after the
+        replay read it (each origin wrote its end marker after its last record there, so
+        nothing should). Counted and logged with its (origin, sequence): it reached no session."""
         await asyncio.sleep(DEAD_TAIL_CHECK)
         if peer in self.peers:
             return  # back under its id: what comes to its inbox now is its own
@@ -1242,7 +1242,8 @@ class Failover:
                 for found in origins_and_sequences(
                     await redis.xrange(key, min=read_to, max="+", count=1000)
                 )
-                if len(found) == 2
+                # Ours came back from the outbox (`finish_adoption`) and were replayed too.
+                if len(found) == 2 and found[0] != self.me
             ]
             if late:
                 self.stats["replay_missed"] += len(late)
