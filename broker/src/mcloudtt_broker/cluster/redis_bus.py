@@ -575,6 +575,8 @@ class RedisBus:
             # Sessions taken over from the broker a client was on before (its takeovers).
             "handovers_total": float(stats["handovers"]),
             "replayed_total": float(stats["replayed"]),
+            # Records another broker wrote to a dead inbox after our replay of it read it.
+            "replay_missed_total": float(stats["replay_missed"]),
             "flushes_total": float(stats["flushes"]),
             "inbox_reads_total": float(stats["inbox_reads"]),
             "bad_envelopes_total": float(stats["bad_envelopes"] + stats["bad_batches"]),
