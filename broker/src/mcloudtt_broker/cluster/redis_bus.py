@@ -21,7 +21,9 @@ Theory of operation.
   when the broker that has one is alive; when it is gone, one survivor adopts them as offline
   sessions and replays the dead inbox to them (`replay.py`): nothing acknowledged is lost.
 * Retained messages: the hash `{prefix}:retained` (topic -> envelope), written on each retained
-  publish, loaded at start and after each reconnect; retained publishes go to every broker.
+  publish, loaded at start and after each reconnect; retained publishes go to every broker,
+  those published while Redis was away also to the peers we learn of on reconnect (they loaded
+  the hash before we wrote them).
 * The retry pattern (this module, which runs the link): Redis unreachable (at start or later)
   never stops the broker. It serves local clients, buffers outbound cluster traffic up to a bound
   (QoS 0 dropped first, counted), retries with capped exponential backoff and jitter, and on
