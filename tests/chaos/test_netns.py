@@ -331,10 +331,23 @@ def _delivery_time(
     sub, pub = Client(backend, target), Client(backend, source)
     try:
         sub.client.subscribe(topic, qos=1)
-        time.sleep(1.0)  # the subscription reaches the other broker
+        # Until the subscription reached the other broker (over a slow link, on a loaded
+        # machine, more than a second): probes until one arrives, then the timed message.
+        deadline = time.monotonic() + timeout
+        while True:
+            pub.client.publish(topic, b"probe", qos=1)
+            try:
+                sub.messages.get(timeout=2.0)
+                break
+            except queue.Empty:
+                if time.monotonic() > deadline:
+                    raise
+        while not sub.messages.empty():  # a late probe is not the timed message
+            sub.messages.get_nowait()
         start = time.monotonic()
         pub.client.publish(topic, b"timed", qos=1)
-        sub.messages.get(timeout=10.0)
+        while sub.messages.get(timeout=10.0) != b"timed":
+            pass
         return time.monotonic() - start
     finally:
         sub.close()

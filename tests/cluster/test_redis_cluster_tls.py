@@ -219,8 +219,8 @@ def readyz_503(broker: BrokerProcess, timeout: float = 15) -> str:
 
 def test_slot_migration_over_tls_loses_nothing(tls: TlsFiles) -> None:
     """`redis-cli --cluster reshard` (over TLS) moves the slot of B's inbox while A forwards to
-    it under QoS 1: the lean link's ASK to the target node and its reconnect after MOVED each
-    open a TLS connection to a node the URL did not name; nothing acknowledged is lost."""
+    it under QoS 1: the lean link's ASK and MOVED to the target node open a TLS connection to a
+    node the URL did not name, without dropping the link; nothing acknowledged is lost."""
     files = RedisTls(tls.ca, tls.server_cert, tls.server_key)
     with RedisClusterProcess(tls=files) as cluster:
         assert cluster.seeds_url.startswith("rediss://")
@@ -236,7 +236,8 @@ def test_slot_migration_over_tls_loses_nothing(tls: TlsFiles) -> None:
             assert cluster.primary_for(f"mcloudtt:inbox:{{{moved[0]}}}") is target
             check(pub, sub, 1)
             assert len(pub.acked) > 300
-            assert sum(b.metric("mcloudtt_cluster_link_losses_total") for b in brokers) >= 1
+            # A MOVED to a node the link knows is followed, not a lost link (as without TLS).
+            assert sum(b.metric("mcloudtt_cluster_link_losses_total") for b in brokers) == 0
         finally:
             for broker in brokers:
                 code = broker.stop()

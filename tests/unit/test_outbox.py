@@ -133,6 +133,24 @@ def test_announcements_go_first_and_retained_goes_to_every_peer() -> None:
     assert not by[("c", b"2")].plain and by[("c", b"2")].groups == ("$share/g/s",)
 
 
+def test_retained_to_late_peers_sets_it_there_only_without_writing_the_hash_again() -> None:
+    outbox, _ = make()
+    outbox.forward(message(1, retain=True, topic="r"), (), {})
+    outbox.forward(message(2, topic="s"), ("b",), {})
+    assert [m.payload for m in outbox.retained_buffered()] == [b"1"]
+    outbox.flush(0)
+    # "d" joined after the hash entry was written (it loaded the retained set before).
+    outbox.retained_to(message(1, retain=True, topic="r"), {"d", "a"})
+    assert outbox.retained_buffered() == []
+    commands = commands_of(outbox.flush(0))
+    assert [c[0] for c in commands] == [b"XADD"]  # no HSET, no other inbox
+    [delivery] = inbox_deliveries(commands)
+    # A new sequence: "d" drops none it handled from us; retained state only, no delivery.
+    assert (delivery.dest, delivery.sequence, delivery.payload) == ("d", 1003, b"1")
+    assert not delivery.plain and delivery.groups == ()
+    assert outbox.unconfirmed.get("d") is not None  # QoS 1: kept until "d" confirms
+
+
 def test_bound_drops_qos0_first_then_the_oldest() -> None:
     outbox, _ = make(buffer_limit=4)
     outbox.forward(message(1, qos=1), ("b",), {})

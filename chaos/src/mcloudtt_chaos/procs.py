@@ -532,12 +532,13 @@ class Process:
         """The first truthy `predicate()`; ProcessError if the process exits or time runs out."""
         deadline = time.monotonic() + timeout
         while True:
-            if not self.alive():
+            alive = self.alive()
+            value = predicate()
+            if value:  # also when it came just before the process exited
+                return value
+            if not alive:
                 code = "never started" if self.proc is None else f"exited with {self.returncode}"
                 raise self.failure(f"{code} before {what}")
-            value = predicate()
-            if value:
-                return value
             if time.monotonic() >= deadline:
                 raise self.failure(f"not {what} after {timeout:g}s", timeout=True)
             time.sleep(interval)

@@ -120,6 +120,8 @@ T = TypeVar("T")
 SESSION_CONNECTIONS = 16
 # Every CONNECT waiting for a gone holder's adoption shares one poll of its `adopted` key.
 ADOPTED_POLL = 0.05
+# How long after an adoption the dead inbox is looked at again for records the replay missed.
+DEAD_TAIL_CHECK = 1.0
 
 
 class LookupOverdue(Exception):
@@ -1223,6 +1225,35 @@ class Failover:
         await pipe.execute()
         await self.publish_wills(redis, peer)
         log.info("adopted %d sessions of %s", len(claimed), peer)
+        if replay is not None:
+            self._spawn(self._check_dead_tail(redis, peer, replay.read_to))
+
+    async def _check_dead_tail(self, redis: RedisClient, peer: str, read_to: bytes | str) -> None:
+        """A while after an adoption: what another broker wrote to the dead inbox after the
+        replay read it (each origin wrote its end marker after its last record there, so
+        nothing should). Counted and logged with its (origin, sequence): it reached no session."""
+        await asyncio.sleep(DEAD_TAIL_CHECK)
+        if peer in self.peers:
+            return  # back under its id: what comes to its inbox now is its own
+        with contextlib.suppress(LinkError), redis_errors():
+            key = f"{self.settings.prefix}:inbox:{{{peer}}}"
+            late = [
+                found
+                for found in origins_and_sequences(
+                    await redis.xrange(key, min=read_to, max="+", count=1000)
+                )
+                # Ours came back from the outbox (`finish_adoption`) and were replayed too.
+                if len(found) == 2 and found[0] != self.me
+            ]
+            if late:
+                self.stats["replay_missed"] += len(late)
+                log.warning(
+                    "replay of %s: %d records came to its inbox after the replay read it "
+                    "(origin, sequence): %s",
+                    peer,
+                    len(late),
+                    sorted(late)[:10],
+                )
 
     async def _read_dead_inbox(
         self,
@@ -1263,6 +1294,7 @@ class Failover:
                 break
             if not entries:
                 await asyncio.sleep(0.005)
+        replay.read_to = start
         if replay.pending:
             log.warning("replay of %s: no end marker from %s", peer, sorted(replay.pending))
         return replay

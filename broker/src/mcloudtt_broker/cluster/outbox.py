@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 from ..core.message import Message
@@ -47,6 +47,9 @@ class _Outbound:
     sequence: int
     targets: Sequence[str]
     groups: Mapping[str, list[str]]
+    # Retained, already in Redis: set on these brokers only, with no write of the hash
+    # (`retained_to`).
+    only: Collection[str] | None = None
 
 
 # The common case, a message for plain subscriptions on other brokers only, with its inbox
@@ -152,6 +155,37 @@ class Outbox:
         elif not self.wake_pending:
             self.wake_pending = True
             self.wake(False)
+
+    def retained_buffered(self) -> list[Message]:
+        """The retained messages waiting to be written (published while the link was down),
+        in order."""
+        return [
+            item.message
+            for item in self.outbound
+            if isinstance(item, _Outbound) and item.message.retain and item.only is None
+        ]
+
+    def retained_to(self, message: Message, dests: Collection[str]) -> None:
+        """A retained message whose hash entry we wrote already, for brokers it did not reach
+        (they loaded the retained set before we wrote it): a record that sets it there only,
+        under a new sequence (receivers drop one not above what they handled from us)."""
+        self.sequence += 1
+        properties = message.properties
+        if message.expires_at is not None:
+            remaining = message.remaining_expiry(self.clock())  # MQTT-3.3.2-6
+            properties = properties.replace(message_expiry_interval=remaining)
+        envelope = self.packer.envelope(
+            self.sequence,
+            time.time_ns() // 1000,
+            message.origin,
+            message.topic_wire,
+            message.payload,
+            message.qos,
+            True,
+            properties,
+        )
+        self.outbound.append(_Outbound(message, envelope, self.sequence, (), {}, set(dests)))
+        self.wake(True)
 
     def announce(self, op: str, full_filter: str) -> None:
         """`op` "add" or "del": a filter gained its first or lost its last local subscriber."""
@@ -310,6 +344,14 @@ class Outbox:
             envelope = item.envelope
             sequence = item.sequence
             qos = message.qos
+            if item.only is not None:
+                for dest in item.only:
+                    if dest != me:
+                        record = encode_record(envelope, False, ())
+                        batches.setdefault(dest, []).append(record)
+                        if qos:
+                            confirmable.setdefault(dest, []).append((sequence, record))
+                continue
             if broadcast:
                 keys = self.keys
                 (commands.spublish if self.sharded_pubsub else commands.publish)(

@@ -21,7 +21,9 @@ Theory of operation.
   when the broker that has one is alive; when it is gone, one survivor adopts them as offline
   sessions and replays the dead inbox to them (`replay.py`): nothing acknowledged is lost.
 * Retained messages: the hash `{prefix}:retained` (topic -> envelope), written on each retained
-  publish, loaded at start and after each reconnect; retained publishes go to every broker.
+  publish, loaded at start and after each reconnect; retained publishes go to every broker,
+  those published while Redis was away also to the peers we learn of on reconnect (they loaded
+  the hash before we wrote them).
 * The retry pattern (this module, which runs the link): Redis unreachable (at start or later)
   never stops the broker. It serves local clients, buffers outbound cluster traffic up to a bound
   (QoS 0 dropped first, counted), retries with capped exponential backoff and jitter, and on
@@ -381,7 +383,9 @@ class RedisBus:
         link = self.link
         reason = link_error_reason(error, self.redis_options)
         log.debug("link error (%s)", "up" if link.connected else "connecting", exc_info=error)
-        if link.connected:
+        if self._closing:
+            pass  # our own close at stop (the writer's), not a lost link: nothing to say
+        elif link.connected:
             log.warning("lost Redis: %s; retrying", reason)
             self.stats["link_losses"] += 1
             self._reasons_logged = {reason}
@@ -440,7 +444,7 @@ class RedisBus:
                 health_check_interval=10,
             )
         await redis.ping()
-        await self._write_outbox(redis, slots)
+        retained, reached = await self._write_outbox(redis, slots)
         membership = self.membership
         first = not self.stats["connects"]
         adopted_elsewhere = await membership.claim_id(redis, first)
@@ -457,6 +461,7 @@ class RedisBus:
         self.outbox.clear_announcements()  # the whole table is announced now
         await membership.register(redis)
         await membership.load_peers(redis)
+        self._retained_to_late_peers(retained, reached)
         if not self.table_loaded:
             self._route_unrouted()
         link.connected = True
@@ -468,7 +473,21 @@ class RedisBus:
         self._reasons_logged = set()
         log.info("cluster link up (%s mode, %d peers)", self.settings.mode, len(self.live_peers))
 
-    async def _write_outbox(self, redis: RedisClient, slots: SlotMap | None) -> None:
+    def _retained_to_late_peers(self, retained: list[Message], reached: set[str]) -> None:
+        """Retained messages published while we were away went, with our outbox, to Redis and
+        to the peers we knew then: a peer we learned of since (all of them, when every broker
+        started before Redis) registered and loaded the retained set before we wrote them,
+        and would never hear of them. Each topic's last one goes to such peers now, in order.
+        (A peer that registers after `load_peers` loads them from Redis itself.)"""
+        late = self.live_peers - reached
+        if not (retained and late):
+            return
+        for message in {message.topic: message for message in retained}.values():
+            self.outbox.retained_to(message, late)
+
+    async def _write_outbox(
+        self, redis: RedisClient, slots: SlotMap | None
+    ) -> tuple[list[Message], set[str]]:
         """Open the writer and write what we forwarded while away, answered, before anything
         else of the reconnect: `claim_id` may give up sessions the cluster adopted meanwhile,
         and their clients, reconnected elsewhere at once, must not have their next messages
@@ -476,8 +495,12 @@ class RedisBus:
 
         First what receivers have not confirmed (Redis may have lost it), then the buffer, in
         sequence order: receivers drop a sequence lower than one they already handled. The
-        buffer's announcements wait for our table (`clear_announcements`, `register`)."""
+        buffer's announcements wait for our table (`clear_announcements`, `register`).
+
+        Returns the retained messages it writes and the peers they reach (the live ones we
+        know now), for `_retained_to_late_peers`."""
         outbox = self.outbox
+        retained, reached = outbox.retained_buffered(), set(self.live_peers)
         resend = outbox.resend(await self._progress(redis, outbox.destinations()))
         writer = await open_link(self.redis_options, slots, self._link_lost)
         self.link.writer = writer
@@ -493,6 +516,7 @@ class RedisBus:
             if refused:
                 raise LinkError(f"outbox write refused: {refused[0]}")
         outbox.answered(writer.replies)
+        return retained, reached
 
     async def _confirm_loop(self, redis: RedisClient) -> None:
         """Forget the QoS 1/2 records receivers have handled, a few times a second: what is
@@ -582,6 +606,8 @@ class RedisBus:
             # Sessions taken over from the broker a client was on before (its takeovers).
             "handovers_total": float(stats["handovers"]),
             "replayed_total": float(stats["replayed"]),
+            # Records another broker wrote to a dead inbox after our replay of it read it.
+            "replay_missed_total": float(stats["replay_missed"]),
             "flushes_total": float(stats["flushes"]),
             "inbox_reads_total": float(stats["inbox_reads"]),
             "bad_envelopes_total": float(stats["bad_envelopes"] + stats["bad_batches"]),

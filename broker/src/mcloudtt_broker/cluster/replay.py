@@ -106,6 +106,7 @@ class Replay:
         # What to deliver, in stream order: (origin, sequence, message, client ids, groups).
         self.found: list[tuple[str, int, Message, list[str], list[str]]] = []
         self.bad = 0
+        self.read_to: bytes | str = "-"  # XRANGE start past the last entry read (a check's)
 
     @property
     def done(self) -> bool:
