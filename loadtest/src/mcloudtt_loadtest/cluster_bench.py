@@ -406,7 +406,8 @@ def backplane_run(
             window = began[1] - began[0]
             calls = sum(calls_delta(calls0, calls1).values()) - idle_rate * window
             key = f"{kind}_qos{qos}"
-            out[f"{key}_msg_s"] = r["msg_per_s"]
+            # Not `single_qos{qos}_msg_s`: that is the single-broker figure the ratios use.
+            out[f"{key}_backplane_msg_s"] = r["msg_per_s"]
             out[f"{key}_redis_cpu_us_per_msg"] = (
                 (cpu1 - cpu0) / delivered * 1e6 if delivered else float("nan")
             )
@@ -609,7 +610,7 @@ def backplane_table(medians: dict[str, float], backplanes: tuple[str, ...], runs
             table.add_row(
                 "1 Redis" if kind == "single" else "Cluster 3 shards",
                 str(qos),
-                f"{medians[f'{key}_msg_s']:,.0f}",
+                f"{medians[f'{key}_backplane_msg_s']:,.0f}",
                 f"{medians[f'{key}_redis_cpu_us_per_msg']:.2f}",
                 f"{medians[f'{key}_redis_ops_per_msg']:.3f}",
                 f"{medians[f'{key}_lone_redis_cpu_us_per_msg']:.1f}",
