@@ -17,9 +17,10 @@ from pathlib import Path
 import pytest
 import redis
 from broker.clients import PahoClient
-from mcloudtt_chaos.backend import ClusterSpec
 from mcloudtt_chaos.backends.local import LocalBackend
 from mcloudtt_chaos.procs import scrape, wait_for
+
+from .localpair import local_pair, port
 
 pytest.importorskip("paho.mqtt")
 
@@ -29,20 +30,8 @@ GROUP_FILTER = "$share/g/sl/t"
 
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[LocalBackend]:
-    backend = LocalBackend(tmp_path)
-    try:
-        backend.setup(ClusterSpec(brokers=2, broker_args=("--presence-ttl", f"{PRESENCE_TTL_S:g}")))
-        for broker in ("b0", "b1"):
-            wait_for(
-                lambda b=broker: backend.readyz(b)[0] == 200, timeout=10.0, what=f"{broker} ready"
-            )
+    with local_pair(tmp_path, PRESENCE_TTL_S) as backend:
         yield backend
-    finally:
-        backend.teardown()
-
-
-def port(backend: LocalBackend, broker: str) -> int:
-    return {e.name: e for e in backend.endpoints()}[broker].mqtt_port
 
 
 def _drain(client: PahoClient, into: Counter[bytes], quiet: float = 0.5) -> None:

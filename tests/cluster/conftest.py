@@ -47,6 +47,24 @@ def wait_filters(brokers: list[BrokerProcess], at_least: int) -> None:
         )
 
 
+def deliver_across(a: BrokerProcess, b: BrokerProcess, topic: str, count: int = 20) -> None:
+    """A QoS 1 subscriber on b gets, in order, what a publisher on a sends (TLS tests: the
+    link works end to end)."""
+    subscriber = PahoClient(b.port, f"sub-{topic}")
+    publisher = PahoClient(a.port, f"pub-{topic}")
+    try:
+        assert subscriber.subscribe(f"{topic}/#", qos=1) == [1]
+        wait_filters([a], at_least=1)
+        for n in range(count):
+            publisher.publish(f"{topic}/{n}", f"m{n}".encode(), qos=1)
+        received = subscriber.get_n(count)
+        assert [m.payload for m in received] == [f"m{n}".encode() for n in range(count)]
+        assert {m.qos for m in received} == {1}
+    finally:
+        publisher.stop()
+        subscriber.stop()
+
+
 @pytest.fixture
 def cluster_factory(redis_server: RedisProcess) -> Iterator[Callable[..., list[BrokerProcess]]]:
     started: list[BrokerProcess] = []

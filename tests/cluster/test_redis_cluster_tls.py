@@ -19,13 +19,12 @@ from pathlib import Path
 
 import pytest
 from adapter.helpers import AdapterProcess
-from broker.clients import PahoClient
 from brokerproc import BrokerProcess
 from mcloudtt_broker.cluster.tap import tap_streams
 from rediscluster import RedisClusterProcess, RedisTls
 from redisproc import TlsFiles
 
-from .conftest import CLUSTER_ARGS, wait_filters, wait_ready, wait_until
+from .conftest import CLUSTER_ARGS, deliver_across, wait_ready, wait_until
 from .test_noloss import check
 from .test_redis_cluster import run_under_load
 
@@ -89,23 +88,6 @@ def rendered_env(cluster: RedisClusterProcess, ca: Path) -> tuple[dict[str, str]
     adapter = {"MCLOUDTT_ADAPTER_REDIS": adapter_url, "MCLOUDTT_ADAPTER_TAP_STREAM": "mcloudtt:tap"}
     adapter.update(_literals(component, "mcloudtt-adapter"))
     return broker, adapter
-
-
-def deliver_across(a: BrokerProcess, b: BrokerProcess, topic: str, count: int = 20) -> None:
-    """A QoS 1 subscriber on b gets, in order, what a publisher on a sends."""
-    subscriber = PahoClient(b.port, f"sub-{topic}")
-    publisher = PahoClient(a.port, f"pub-{topic}")
-    try:
-        assert subscriber.subscribe(f"{topic}/#", qos=1) == [1]
-        wait_filters([a], at_least=1)
-        for n in range(count):
-            publisher.publish(f"{topic}/{n}", f"m{n}".encode(), qos=1)
-        received = subscriber.get_n(count)
-        assert [m.payload for m in received] == [f"m{n}".encode() for n in range(count)]
-        assert {m.qos for m in received} == {1}
-    finally:
-        publisher.stop()
-        subscriber.stop()
 
 
 def test_brokers_and_adapter_on_a_tls_redis_cluster_as_gke_renders_it(

@@ -22,7 +22,7 @@ from mcloudtt_broker.cluster.redis_url import parse_redis_url
 from mcloudtt_broker.cluster.resp import Commands, open_connection
 from redisproc import SecureRedisProcess, TlsFiles
 
-from .conftest import start_broker, wait_filters, wait_ready, wait_until
+from .conftest import deliver_across, start_broker, wait_ready, wait_until
 
 PASSWORD = "s3cret-Pa55"
 
@@ -80,23 +80,6 @@ def adapters() -> Iterator[Callable[..., AdapterProcess]]:
     for adapter in made:
         print("--- adapter", adapter.log()[-3000:], sep="\n")
         adapter.close()
-
-
-def deliver_across(a: BrokerProcess, b: BrokerProcess, topic: str, count: int = 10) -> None:
-    """A QoS 1 subscriber on b gets what a publisher on a sends."""
-    subscriber = PahoClient(b.port, f"sub-{topic}")
-    publisher = PahoClient(a.port, f"pub-{topic}")
-    try:
-        assert subscriber.subscribe(f"{topic}/#", qos=1) == [1]
-        wait_filters([a], at_least=1)
-        for n in range(count):
-            publisher.publish(f"{topic}/{n}", f"m{n}".encode(), qos=1)
-        received = subscriber.get_n(count)
-        assert [m.payload for m in received] == [f"m{n}".encode() for n in range(count)]
-        assert {m.qos for m in received} == {1}
-    finally:
-        publisher.stop()
-        subscriber.stop()
 
 
 def readyz_says(process: BrokerProcess | AdapterProcess, *words: str, timeout: float = 10) -> str:

@@ -29,7 +29,7 @@ from typing import Any
 from mcloudtt_chaos.procs import RedisServer
 
 from . import clients as c
-from .cluster_bench import _brokers, _metric, calls_delta, fanin, redis_totals
+from .cluster_bench import _brokers, calls_delta, fanin, redis_totals, wait_remote_filter
 
 
 class PoissonPublisher(c.PacedPublisher):
@@ -58,12 +58,7 @@ async def paced(
     pub = None
     try:
         await sub.subscribe([("sensors/+/temp", 0)])
-        deadline = time.monotonic() + 10
-        while (
-            time.monotonic() < deadline
-            and _metric(wait_table, "mcloudtt_cluster_remote_filters") < 1
-        ):
-            await asyncio.sleep(0.02)
+        await wait_remote_filter(wait_table)
         made = await c.open_client(
             lambda: PoissonPublisher("sensors/0/temp"), pub_port, "batch-pub"
         )

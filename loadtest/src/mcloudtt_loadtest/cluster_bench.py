@@ -62,6 +62,14 @@ def _metric(http_port: int, name: str) -> float:
     return scrape(http_port).value(name)
 
 
+async def wait_remote_filter(http_port: int, timeout: float = 10.0) -> None:
+    """Until the broker on `http_port` has a remote subscription in its table (at most
+    `timeout`): the publisher starts once its messages have somewhere to go."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and _metric(http_port, "mcloudtt_cluster_remote_filters") < 1:
+        await asyncio.sleep(0.02)
+
+
 def _metric_total(http_port: int, name: str) -> float:
     """The sum of a metric over all its labels."""
     return scrape(http_port).total(name)
@@ -286,12 +294,7 @@ async def fanin(
     try:
         await sub.subscribe([("sensors/+/temp", qos)])
         if wait_table is not None:  # the publisher's broker must know the subscriber's filter
-            deadline = time.monotonic() + 10
-            while (
-                time.monotonic() < deadline
-                and _metric(wait_table, "mcloudtt_cluster_remote_filters") < 1
-            ):
-                await asyncio.sleep(0.02)
+            await wait_remote_filter(wait_table)
         for n in range(4):
             topic = f"sensors/{n}/temp"
 
@@ -341,12 +344,7 @@ async def latency(
     try:
         await sub.subscribe([("sensors/+/temp", 0)])
         if wait_table is not None:
-            deadline = time.monotonic() + 10
-            while (
-                time.monotonic() < deadline
-                and _metric(wait_table, "mcloudtt_cluster_remote_filters") < 1
-            ):
-                await asyncio.sleep(0.02)
+            await wait_remote_filter(wait_table)
         made = await c.open_client(
             lambda: c.PacedPublisher("sensors/0/temp"), pub_port, "cb-lat-pub"
         )
