@@ -1,17 +1,18 @@
 """The broker's Redis Cluster link (`cluster/topology.py`) against a real Redis Cluster: a
 single Redis is told apart in one round trip, commands go to their slot's primary, ASK is
-followed in order, MOVED closes the link for a fresh slot map; and the seed-list URLs."""
+followed in order, so is MOVED to a known primary; CLUSTER SHARDS read; the seed-list URLs."""
 
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import hiredis
 import pytest
 import redis
 from mcloudtt_broker.cluster.redis_url import RedisUrlError, parse_redis_url, redact_url
 from mcloudtt_broker.cluster.resp import Commands
-from mcloudtt_broker.cluster.topology import ShardedConnection, probe
+from mcloudtt_broker.cluster.topology import ShardedConnection, SlotMap, probe
 from rediscluster import RedisClusterProcess, slot_of
 from redisproc import RedisProcess
 
@@ -112,3 +113,44 @@ def test_commands_go_to_their_shard_and_asks_are_followed(
     assert r.xlen(key) == 7
     with pytest.raises(redis.RedisClusterException):
         r.eval("return 1", 2, "a", "b")  # why per-broker keys share a hash tag
+
+
+def test_cluster_shards_reply_gives_each_range_its_primary() -> None:
+    """CLUSTER SHARDS (RESP2: flat key/value arrays), as Redis 7 answers: two shards, a replica
+    each, one primary TLS-only; an empty endpoint is the node that was asked."""
+
+    def member(port: int, role: bytes, endpoint: bytes, tls_port: int | None = None) -> list[Any]:
+        fields: list[Any] = [b"id", b"x" * 40, b"port", port]
+        if tls_port is not None:
+            fields += [b"tls-port", tls_port]
+        more = [b"ip", endpoint, b"endpoint", endpoint, b"role", role, b"health", b"online"]
+        return [*fields, *more]
+
+    reply = [
+        [
+            b"slots",
+            [0, 5460, 10923, 16383],
+            b"nodes",
+            [
+                member(7000, b"master", b"10.0.0.1", 7100),
+                member(7001, b"replica", b"10.0.0.2", 7101),
+            ],
+        ],
+        [
+            b"slots",
+            [5461, 10922],
+            b"nodes",
+            [member(7002, b"replica", b"10.0.0.3", 7102), member(7003, b"master", b"", 7103)],
+        ],
+    ]
+    plain = SlotMap.from_cluster_shards(reply, ("seed.example", 6379), tls=False)
+    assert plain.complete()
+    assert plain.node_for_slot(0) == ("10.0.0.1", 7000)
+    assert plain.node_for_slot(16383) == ("10.0.0.1", 7000)
+    assert plain.node_for_slot(5461) == ("seed.example", 7003)
+    tls = SlotMap.from_cluster_shards(reply, ("seed.example", 6379), tls=True)
+    assert tls.node_for_slot(12000) == ("10.0.0.1", 7100)
+    assert ("10.0.0.2", 7101) in tls.nodes
+    # A shard whose primary is missing leaves its slots unserved (the probe refuses the map).
+    partial = SlotMap.from_cluster_shards(reply[:1], ("seed.example", 6379), tls=False)
+    assert not partial.complete()

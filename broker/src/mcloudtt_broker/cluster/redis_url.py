@@ -363,13 +363,13 @@ def link_error_reason(error: BaseException, options: RedisOptions) -> str:
     for cause in chain:
         if isinstance(cause, ssl.SSLCertVerificationError) and cause.verify_code in _NAME_MISMATCH:
             # The CA is right; the certificate names other hosts. On a Redis Cluster the nodes
-            # after the seed are reached at the addresses CLUSTER SLOTS gives (often IPs).
+            # after the seed are reached at the addresses CLUSTER SHARDS gives (often IPs).
             named = re.search(r"not valid for '([^']*)'", cause.verify_message or "")
             used = named.group(1) if named else "the address used"
             return (
                 f"TLS certificate of a Redis node does not name {used}, the address it was "
                 f"reached at ({where}; {cause.verify_message}): use certificates that name the "
-                "addresses CLUSTER SLOTS reports, or add ssl_check_hostname=false to the Redis "
+                "addresses CLUSTER SHARDS reports, or add ssl_check_hostname=false to the Redis "
                 "URL (the CA is still checked)"
             )
         if isinstance(cause, ssl.SSLCertVerificationError):

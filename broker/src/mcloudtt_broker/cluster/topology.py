@@ -1,7 +1,8 @@
 """Redis Cluster as the backplane: finding the shards, and the lean link spread over them.
 
-* `probe()`: one round trip to the first seed node that answers (`CLUSTER SLOTS`): the slot
-  map when it is a cluster node, None for a single Redis (whose link stays the plain
+* `probe()`: one round trip to the first seed node that answers (`CLUSTER SHARDS`, or
+  `CLUSTER SLOTS` before Redis 7): the slot map when it is a cluster node, None for a single
+  Redis (whose link stays the plain
   `RespConnection`, with no per-message work added).
 * `ShardedConnection`: the same surface as `RespConnection` (`write`, `call`, `submit`,
   `sent`, `replies`, `settled`, `close`) over one pipelined connection per primary. Each
@@ -91,6 +92,45 @@ class SlotMap:
             nodes.extend(found)
         return cls(ranges, nodes)
 
+    @classmethod
+    def from_cluster_shards(cls, reply: Sequence[Any], seed: Node, tls: bool) -> SlotMap:
+        """From the `CLUSTER SHARDS` reply (Redis 7; `CLUSTER SLOTS` is deprecated there):
+        per shard its slot ranges and its nodes, each with role, endpoint and port (the TLS
+        port where the link is TLS: a TLS-only node has no plain one)."""
+        ranges: list[tuple[int, int, Node]] = []
+        nodes: list[Node] = []
+        for shard in reply:
+            fields = _fields(shard)
+            bounds = [int(bound) for bound in fields.get("slots") or ()]
+            primary: Node | None = None
+            for member in fields.get("nodes") or ():
+                info = _fields(member)
+                port = info.get("tls-port") if tls else None
+                port = port or info.get("port")
+                if not port:
+                    continue
+                host = _text(info.get("endpoint") or info.get("ip") or b"")
+                node = (host if host and host != "?" else seed[0]), int(port)
+                nodes.append(node)
+                if _text(info.get("role") or b"") in ("master", "primary"):
+                    primary = node
+            if primary is not None:
+                ranges.extend(
+                    (bounds[i], bounds[i + 1], primary) for i in range(0, len(bounds) - 1, 2)
+                )
+        return cls(ranges, nodes)
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _fields(entry: Any) -> dict[str, Any]:
+    """A RESP2 flat key/value array (or a RESP3 map) as a dict with text keys."""
+    if isinstance(entry, dict):
+        return {_text(key): value for key, value in entry.items()}
+    return {_text(entry[i]): entry[i + 1] for i in range(0, len(entry) - 1, 2)}
+
 
 def _node(server: Sequence[Any], seed: Node) -> Node:
     host = server[0].decode() if isinstance(server[0], bytes) else str(server[0])
@@ -116,20 +156,26 @@ async def probe(
             last = error
             continue
         try:
+            # CLUSTER SHARDS (Redis 7, what Memorystore documents); CLUSTER SLOTS before 7.
             probe = Commands()
+            probe.add("CLUSTER", "SHARDS")
             probe.add("CLUSTER", "SLOTS")
-            (reply,) = await asyncio.wait_for(link.call(probe), timeout)
+            shards, slot_ranges = await asyncio.wait_for(link.call(probe), timeout)
         except (OSError, ConnectionError, TimeoutError) as error:
             last = error
             continue
         finally:
             link.close()
+        reply = slot_ranges if isinstance(shards, hiredis.ReplyError) else shards
         if isinstance(reply, hiredis.ReplyError):
             if any(text in str(reply) for text in _NOT_A_CLUSTER):
                 return None
             last = ConnectionError(f"Redis Cluster at {node[0]}:{node[1]}: {reply}")
             continue
-        slots = SlotMap.from_cluster_slots(reply or [], node)
+        if reply is shards:
+            slots = SlotMap.from_cluster_shards(reply or [], node, options.tls)
+        else:
+            slots = SlotMap.from_cluster_slots(reply or [], node)
         if not slots.complete():  # a cluster being formed, or a shard without a primary
             last = ConnectionError(
                 f"Redis Cluster at {node[0]}:{node[1]} does not serve every slot"
