@@ -15,18 +15,16 @@ msg/s (data/redis_batching.json, made by `python -m mcloudtt_loadtest.batching`)
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import paho.mqtt.client as mqtt
 import pytest
 import redis
 from brokerproc import BrokerProcess, broker_pool
 from mcloudtt_chaos.procs import wait_for
+from mcloudtt_loadtest.cluster_bench import LonePair, calls_delta
 from mcloudtt_simulator import sizing
-from paho.mqtt.enums import CallbackAPIVersion
 
 MESSAGES = 60
 TOLERANCE = 0.20
@@ -43,64 +41,18 @@ def _calls(r: redis.Redis) -> dict[str, int]:
     return {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items()}
 
 
-def _delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
-    return {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
-
-
-class _Pair:
-    """Publisher on broker A, subscriber on broker B; `send(qos)` returns once B delivered."""
-
-    def __init__(self, a: BrokerProcess, b: BrokerProcess) -> None:
-        self.got = 0
-        self.cond = threading.Condition()
-        self.sub = self._client(b.port, "ops-sub")
-        self.sub.on_message = self._on_message
-        self.sub.subscribe("ops/#", qos=1)
-        self.pub = self._client(a.port, "ops-pub")
-        # Until B's subscription reached A's routing table, nothing crosses.
-        wait_for(lambda: self._probe(), timeout=15, what="the subscription to cross brokers")
-
-    @staticmethod
-    def _client(port: int, client_id: str) -> mqtt.Client:
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id)
-        client.connect("127.0.0.1", port)
-        client.loop_start()
-        wait_for(client.is_connected, timeout=5, what="connected")
-        return client
-
-    def _on_message(self, _client: object, _userdata: object, _message: object) -> None:
-        with self.cond:
-            self.got += 1
-            self.cond.notify_all()
-
-    def _probe(self) -> bool:
-        return self.send(0, timeout=0.3)
-
-    def send(self, qos: int, timeout: float = 5.0) -> bool:
-        with self.cond:
-            want = self.got + 1
-        self.pub.publish("ops/sensor/1", b"21.5", qos=qos).wait_for_publish(timeout)
-        with self.cond:
-            return self.cond.wait_for(lambda: self.got >= want, timeout)
-
-    def close(self) -> None:
-        for client in (self.pub, self.sub):
-            client.loop_stop()
-            client.disconnect()
-
-
-def _measure(r: redis.Redis, pair: _Pair, qos: int) -> tuple[float, dict[str, int]]:
+def _measure(r: redis.Redis, pair: LonePair, qos: int) -> tuple[float, dict[str, int]]:
     """Commands per message above the idle background, and the per-command delta."""
     before = _calls(r)
     began = time.monotonic()
     time.sleep(0.5)
-    idle = sum(_delta(before, _calls(r)).values()) / (time.monotonic() - began)
+    idle = sum(calls_delta(before, _calls(r)).values()) / (time.monotonic() - began)
     before = _calls(r)
     began = time.monotonic()
     for _ in range(MESSAGES):
         assert pair.send(qos)
     elapsed = time.monotonic() - began
-    delta = _delta(before, _calls(r))
+    delta = calls_delta(before, _calls(r))
     delta.pop("info", None)
     return (sum(delta.values()) - idle * elapsed) / MESSAGES, delta
 
@@ -116,7 +68,7 @@ def test_plan_constants_match_measured_redis_commands(redis_server, brokers) -> 
             lambda broker=broker: broker.http_get("/readyz")[0] == 200, timeout=15, what="ready"
         )
     r = redis.Redis(port=redis_server.port)
-    pair = _Pair(a, b)
+    pair = LonePair(a.port, b.port)
     try:
         for qos, expected in (
             (0, sizing.REDIS_OPS_PER_CROSS_QOS0),
