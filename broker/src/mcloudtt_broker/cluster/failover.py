@@ -13,6 +13,10 @@
   snapshot's marks to every origin's marker (nothing of an origin after its marker: that went
   to Y too), puts what it found before what it queued meanwhile, and only then lets the client
   in; its inbox skips for the session what X had delivered already (an origin sent it to both).
+* Order per publisher across brokers: a ClientId the registry knew (connected before, here or
+  elsewhere) gets its CONNACK only once our inbox was read past where it ended then. Its old
+  broker wrote what it forwarded for it before giving it up (its outbox drained before it
+  answers a hand-over), so that reaches our subscribers before its first PUBLISH here.
 * Stored sessions: each broker writes its persistent sessions to `{prefix}:sessions:{me}`
   (client id -> snapshot, `session_snapshot.py`) within SESSION_WRITE_DELAY of each change.
 * Adoption: when a broker is gone, one survivor (the lock `{prefix}:adopter:{id}`, taken only
@@ -244,6 +248,9 @@ class Failover:
         # CONNECTs refused because their session could not be located: the registry names us
         # already, so the client's retry must look where the session was (client id -> holder).
         self._unresolved: dict[str, str] = {}
+        # ClientIds whose CONNECT found them registered (they were connected before, here or
+        # elsewhere): `_behind_earlier_records` before their CONNACK.
+        self._returning: set[str] = set()
         # Per holder a CONNECT here waits to hand a session over: set once it is known gone
         # (declared so, or its adoption announced), so that the CONNECT waits for the adopter
         # instead of the rest of the hand-over timeout (with our inbox paused).
@@ -493,14 +500,46 @@ class Failover:
                 and await self._take_drained(client_id, snapshot, *drain)
             ):
                 snapshot = None  # here already, with what was routed to its old holder
+            if client_id in self._returning and not isinstance(snapshot, ReasonCode):
+                snapshot = await self._behind_earlier_records(client_id, snapshot)
             resume(snapshot)  # the session is here now, also if its client went away meanwhile
         finally:
+            self._returning.discard(client_id)
             if self._locating.get(client_id) is located:
                 del self._locating[client_id]
             located.set()
         # Our inbox delivers to it again (after what it brought).
         while client_id in self._paused_for:
             self._unpause(client_id)
+
+    async def _behind_earlier_records(
+        self, client_id: str, snapshot: SessionSnapshot | None
+    ) -> SessionSnapshot | None:
+        """A ClientId seen before (here or elsewhere) comes back: what its old broker forwarded
+        here for our subscribers before it gave the client up is in our inbox already, and its
+        first PUBLISH here, delivered at once, must not overtake it (MQTT-4.6.0-6: a topic is
+        ordered per publisher, also across its brokers). CONNACK waits until our inbox has been
+        read past its last entry now; the session is restored offline first, so that what the
+        inbox brings for it meanwhile is queued for it."""
+        core = self.core
+        if isinstance(snapshot, SessionSnapshot) and not core.has_session(client_id):
+            core.adopt_session(snapshot, core.clock())
+            snapshot = None  # here now: resumed as a local session
+        while client_id in self._paused_for:
+            self._unpause(client_id)
+        offline = core.has_session(client_id)
+        if offline:
+            core.bound_queue(client_id, False)  # until the client takes it back (its CONNACK)
+        try:
+            with redis_errors():
+                goal = await self._inbox_goal(self._redis())
+            await self._inbox_reached(goal, self.settings.handover_timeout / 2)
+        except LinkError as error:
+            log.warning("%r let in without reading our inbox first: %s", client_id, error)
+        finally:
+            if offline:
+                core.bound_queue(client_id, True)
+        return snapshot
 
     def _unpause(self, client_id: str) -> None:
         count = self._paused_for.pop(client_id, 0)
@@ -516,6 +555,8 @@ class Failover:
             f"{prefix}:client:{client_id}", self.me, get=True, ex=self.settings.client_ttl
         )
         holder = previous.decode() if previous is not None else None
+        if holder is not None:
+            self._returning.add(client_id)  # CONNACK only behind what it sent before
         if holder == self.me and client_id in self._adopting:
             # Claimed here from a gone broker (the claim named us): local once restored.
             await self._until_adopted(client_id, self.adoption_wait())
@@ -910,10 +951,11 @@ class Failover:
                 marks["token"], marks["from"] = token, self.me
                 self.announce_move(requester, token, filters)
         redirect = self._redirects.pop(client_id, None)
+        # What its client published here is in the peers' inboxes before the requester lets it
+        # in (it reads its own inbox past them first: order per publisher), and, with a
+        # snapshot, within what the requester's inbox skips for the session.
+        await self.drain()
         if snapshot is not None:
-            # Those records are in the requester's inbox before it reads the snapshot, so
-            # within what its inbox skips for the session.
-            await self.drain()
             data: bytes | None = encode_snapshot(snapshot, self.me, now, marks)
         elif redirect is not None:
             # Our CONNECT was superseded before it fetched the session: it is still there.
