@@ -33,22 +33,6 @@ from mcloudtt_chaos.scenarios import (
 pytest.importorskip("paho.mqtt")
 
 QOS12_INVARIANTS = ("no_lost", "qos2_once", "ordered", "shared_once", "delivered_were_sent")
-NOLOSS_FIX = (
-    "known loss, some runs (2 of 6 on the handover2 branch; on the boundary branch 0 of 16 "
-    "at this CI size and 0 of 6 with 2,000 storm clients): one message of a publisher on a surviving broker, lost to every "
-    "persistent subscriber the adopter took from the killed broker, next to the last one the "
-    "dead inbox's replay gave them (the adoption's boundary; the live hand-over race is fixed: "
-    "tests/cluster/test_noloss.py). In the one history kept (2,000 storm clients): seqs "
-    "515-519 came from the replay (DUP), 521 on from the adopter's inbox, 520 from neither; "
-    "its PUBACK took 24 ms (the others 1 ms): its broker was busy switching the route "
-    "(`adopted` with 2,004 filters) as it came. The adopter now logs 'replay of X: N records "
-    "came to its inbox after the replay read it' (mcloudtt_cluster_replay_missed_total) if "
-    "another broker's record lands in the dead inbox after its read (hypothesis a; none in "
-    "those 6 runs). A second, different loss seen once (1 of 16): seq 2 of a publisher on "
-    "b1, lost to both plain subscribers on the victim 30 ms into the run, before any fault "
-    "(its shared-group copy reached b0; seq 1 reached b2 late, after seq 2's PUBACK: the "
-    "first table load's late re-forward, not the adoption)"
-)
 
 
 def run(scenario: Scenario, tmp: Path, **options: Any) -> ScenarioResult:
@@ -238,7 +222,6 @@ def test_reconnect_storm_every_client_back_with_its_session(
         assert "lost Redis" not in text, log.name
 
 
-@pytest.mark.xfail(strict=False, reason=NOLOSS_FIX)
 def test_reconnect_storm_loses_nothing_acknowledged(storm: tuple[ScenarioResult, Path]) -> None:
     result, _ = storm
     report = result.report

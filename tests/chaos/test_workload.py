@@ -327,13 +327,6 @@ def test_html_renders_in_chromium(history: list[Record], tmp_path: Path) -> None
         shutil.copy(shot, keep)
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="open (issue 11), not a merge regression (fails as often on chaosfix's tip): replays "
-    "without DUP are fixed; left: when the adopter hands a session to a broker that has the same "
-    "filter for other clients, a message both had is delivered from the snapshot and again from "
-    "the new broker's own inbox (no DUP; about 1 run in 3)",
-)
 def test_clients_of_a_killed_broker_reconnect_elsewhere(tmp_path: Path) -> None:
     """SIGKILL the broker holding the subscribers: each of its clients writes an abnormal
     disconnect and comes back, same client id, without a clean start, on another broker;

@@ -123,6 +123,11 @@ def test_primary_killed_under_qos1_load_loses_no_acknowledged_message(
         check(pub, sub, 1)
         assert len(pub.acked) > 300
         assert all(b.metric("mcloudtt_cluster_link_up") == 1 for b in brokers)
+    except BaseException:
+        for broker in brokers:
+            broker.stop()
+            print(broker.output()[-6000:])
+        raise
     finally:
         for broker in brokers:
             broker.stop()

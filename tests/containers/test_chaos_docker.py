@@ -40,12 +40,6 @@ require_docker()
 pytestmark = pytest.mark.timeout(600)
 
 QOS12_INVARIANTS = ("no_lost", "qos2_once", "ordered", "shared_once", "delivered_were_sent")
-# As tests/chaos/test_scenarios.py marks the same verdicts on `local`.
-NOLOSS_FIX = (
-    "known loss (issue 11; branch `noloss`, the dead inbox's replay, is merged): as on `local`, "
-    "the live hand-over race (messages routed to the old holder after its snapshot) and "
-    "shared-group messages of the killed broker (100-700 in local runs)"
-)
 
 
 # ------------------------------------------------------------------ the backend's methods
@@ -287,12 +281,10 @@ def test_broker_kill_on_docker_reports_what_it_lost(broker_kill: ScenarioResult)
     assert broker_kill.history is not None
     log = (broker_kill.history.parent / "broker-kill" / f"{victim}.log").read_text()
     assert log.count(f"broker {victim} ready") == 2, log[-2000:]
-    # Only what the workload itself guarantees: a QoS 2 copy too many after the kill is the
-    # known loss's sibling (judged with it below, as on `local`).
+    # What the workload itself guarantees; the broker's promises are judged below.
     assert report.invariants["delivered_were_sent"].passed, failure_detail(broker_kill)
 
 
-@pytest.mark.xfail(strict=False, reason=NOLOSS_FIX)
 def test_broker_kill_on_docker_loses_nothing_acknowledged(broker_kill: ScenarioResult) -> None:
     report = broker_kill.report
     assert report is not None

@@ -193,8 +193,13 @@ class Membership:
         if first:
             adopter = await redis.get(k_adopted)
             adopted_elsewhere = adopter is not None and adopter.decode() != self.me
-        if not first and await redis.exists(self.k_adopter):
-            # Let an adoption under way finish first: its replay reads our inbox and sessions.
+        state = None if first else await self._rejoin(redis)
+        if state == 1:
+            return False  # still ours (or re-created, nobody adopting us): nothing was adopted
+        if state == 0:
+            # Declared dead meanwhile (the adoption lock is there). Let an adoption under way
+            # finish first: its replay reads our inbox and sessions. (-1, our id taken by
+            # another process: `_claim` below waits for it to expire, or says so.)
             deadline = time.monotonic() + self.settings.handover_timeout
             while not await redis.exists(k_adopted) and time.monotonic() < deadline:
                 await asyncio.sleep(0.1)
@@ -212,6 +217,20 @@ class Membership:
         if first:
             await redis.delete(self.k_adopter, k_adopted)
         return adopted_elsewhere
+
+    async def _rejoin(self, redis: RedisClient) -> object:
+        """Our presence refreshed, or re-created if it expired and nobody took the adoption
+        lock, in one step (`_REFRESH_SCRIPT`): a check of the lock, then a plain SET, leaves a
+        window (a round trip, long on a slow link) in which a peer takes the lock and adopts
+        the sessions we go on serving. 1 ours, 0 adopted, -1 taken."""
+        ttl_ms = int(self.settings.presence_ttl * 1000)
+
+        async def refresh() -> object:
+            return await redis.eval(
+                _REFRESH_SCRIPT, 2, self.k_presence, self.k_adopter, self.token, ttl_ms
+            )
+
+        return await retry_tryagain(refresh, "presence refresh")
 
     async def _claim(self, redis: RedisClient) -> None:
         ttl_ms = int(self.settings.presence_ttl * 1000)
