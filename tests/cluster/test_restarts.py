@@ -197,3 +197,32 @@ def test_a_restart_after_its_sessions_were_adopted_does_not_deliver_its_backlog_
     twice = sorted(seq for seq in set(seqs) if seqs.count(seq) > 1)
     assert not twice, f"delivered twice: {twice[:20]}"
     assert set(seqs) == set(range(400)), sorted(set(range(400)) - set(seqs))[:20]
+
+
+def test_a_will_published_just_before_its_broker_is_killed_is_not_published_again(
+    cluster_factory, clients
+):
+    """A client drops without DISCONNECT, B publishes its will, and B is SIGKILLed a moment
+    later and restarted under its id. The will's stored copy goes from Redis with the will's
+    own forward, not a session-write delay (0.1 s) later: the restart must not find it and
+    publish it a second time (once per abnormal disconnect, MQTT-3.1.2-8). Found by
+    broker-restart-same-id, the kill 8 ms after the will."""
+    a, b = cluster_factory(2)
+    watcher = clients(a.port, "late-watcher")
+    watcher.subscribe("wills/#", 1)
+    wait_filters([b], 1)
+    dropping = clients(b.port, "late-will", will=("wills/late-will", b"once", 1, False))
+    time.sleep(0.5)  # stored
+    dropping.kill()  # no DISCONNECT: the will is due
+    message = watcher.get(timeout=5)
+    assert (message.topic, message.payload) == ("wills/late-will", b"once")
+    time.sleep(0.02)  # well inside the session-write delay
+    b.signal(signal.SIGKILL)
+    b.proc.wait()  # type: ignore[union-attr]
+    b.start()  # the same id: it publishes the wills its previous run stored
+    wait_until(lambda: b.http_get("/readyz")[0] == 200, 10.0, "b back")
+    try:
+        extra = watcher.get(timeout=2)
+    except AssertionError:  # nothing more came: right
+        extra = None
+    assert extra is None, f"a will published twice: {extra.topic}, {extra.payload!r}"

@@ -206,6 +206,7 @@ class Failover:
         # sessions (an adopter, or our own restart under this id).
         self.k_wills = f"{prefix}:wills:{{{self.me}}}"
         self._wills_stored: dict[str, Message] = {}
+        self._write_soon = False  # a write of the sessions is due at the loop's next turn
         self._checkpointed: dict[str, tuple[int, int]] = {}
         self._checkpoint_position: tuple[int, int] = (0, 0)
         self._completed: set[str] = set()
@@ -273,9 +274,22 @@ class Failover:
 
     def session_changed(self, client_id: str) -> None:
         self._dirty.add(client_id)
+        if client_id in self._wills_stored and self.link.connected and self.loop is not None:
+            # Its connection may have ended just now: the will stored for it, published or no
+            # longer due, goes from Redis at once, next to the will's own forward, not a write
+            # delay later (a broker killed in between has its restart or adopter publish it
+            # again: twice, MQTT-3.1.2-8 says once).
+            if not self._write_soon:
+                self._write_soon = True
+                self.loop.call_soon(self._write_now)
+            return
         if not self._write_scheduled and self.link.connected and self.loop is not None:
             self._write_scheduled = True
             self.loop.call_later(SESSION_WRITE_DELAY, self.write_sessions)
+
+    def _write_now(self) -> None:
+        self._write_soon = False
+        self.write_sessions()
 
     def write_sessions(self) -> None:
         """Store the persistent sessions that changed in `{prefix}:sessions:{me}`, so that
