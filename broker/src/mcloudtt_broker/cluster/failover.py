@@ -207,6 +207,9 @@ class Failover:
         self.k_wills = f"{prefix}:wills:{{{self.me}}}"
         self._wills_stored: dict[str, Message] = {}
         self._write_soon = False  # a write of the sessions is due at the loop's next turn
+        # The sessions a restart under our id took back from its previous run (`_readopt_own`),
+        # for what was published here before they were back (`RedisBus._route_unrouted`).
+        self.readopted: set[str] = set()
         self._checkpointed: dict[str, tuple[int, int]] = {}
         self._checkpoint_position: tuple[int, int] = (0, 0)
         self._completed: set[str] = set()
@@ -1362,6 +1365,7 @@ class Failover:
         their marks; the inbox reader then goes on after what was replayed. The wills of
         the connections our previous run had are due."""
         self._restore(claimed)
+        self.readopted = set(claimed)
         await self.publish_wills(redis, self.me)
         if not claimed:
             return

@@ -143,7 +143,13 @@ class RedisBus:
         self.table_loaded = True
         unrouted, self.unrouted = self.unrouted, deque()
         kept: list[tuple[Message, set[str], set[str]]] = []
+        # A restart under our id took its previous run's sessions back just now: they were not
+        # here to match what was published before (a will of a client that came and went
+        # while Redis was away), and get it now, after their inbox's replay.
+        readopted, self.failover.readopted = self.failover.readopted, set()
         for message in unrouted:
+            if readopted:
+                self.core.replay_to(readopted, message, redelivered=False)
             targets, groups = self.core.remote_route(message)
             if targets or groups:
                 self.outbox.forward(message, targets, groups)
