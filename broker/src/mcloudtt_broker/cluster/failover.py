@@ -210,6 +210,8 @@ class Failover:
         # The sessions a restart under our id took back from its previous run (`_readopt_own`),
         # for what was published here before they were back (`RedisBus._route_unrouted`).
         self.readopted: set[str] = set()
+        self.readopted_after = 0  # how many of those publishes came before they were back
+        self.unrouted_count: Callable[[], int] = lambda: 0
         self._checkpointed: dict[str, tuple[int, int]] = {}
         self._checkpoint_position: tuple[int, int] = (0, 0)
         self._completed: set[str] = set()
@@ -1366,6 +1368,7 @@ class Failover:
         the connections our previous run had are due."""
         self._restore(claimed)
         self.readopted = set(claimed)
+        self.readopted_after = self.unrouted_count()
         await self.publish_wills(redis, self.me)
         if not claimed:
             return

@@ -146,9 +146,11 @@ class RedisBus:
         # A restart under our id took its previous run's sessions back just now: they were not
         # here to match what was published before (a will of a client that came and went
         # while Redis was away), and get it now, after their inbox's replay.
+        # (Only what came before: what came after, their stored wills included, matched them.)
         readopted, self.failover.readopted = self.failover.readopted, set()
-        for message in unrouted:
-            if readopted:
+        before = self.failover.readopted_after
+        for index, message in enumerate(unrouted):
+            if readopted and index < before:
                 self.core.replay_to(readopted, message, redelivered=False)
             targets, groups = self.core.remote_route(message)
             if targets or groups:
@@ -219,6 +221,7 @@ class RedisBus:
             outbox_sequence=lambda: self.outbox.sequence,
             replay=settings.replay,
         )
+        self.failover.unrouted_count = lambda: len(self.unrouted)
         self.membership = Membership(
             settings,
             core,
