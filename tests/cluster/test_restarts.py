@@ -226,3 +226,29 @@ def test_a_will_published_just_before_its_broker_is_killed_is_not_published_agai
     except AssertionError:  # nothing more came: right
         extra = None
     assert extra is None, f"a will published twice: {extra.topic}, {extra.payload!r}"
+
+
+def test_the_will_of_a_client_that_just_connected_survives_its_broker_killed_at_once(
+    cluster_factory, clients
+):
+    """A client with a will connects to B, and B is SIGKILLed 20 ms after its CONNACK and
+    restarted under its id: the will is stored as the client is let in, not a session-write
+    delay (0.1 s) later, so the restart publishes it (MQTT-3.1.2-8: its connection ended
+    without DISCONNECT). Found by broker-restart-same-id, the kill 2 ms after the CONNACK."""
+    a, b = cluster_factory(2)
+    watcher = clients(a.port, "new-watcher")
+    watcher.subscribe("wills/#", 1)
+    wait_filters([b], 1)
+    fresh = clients(b.port, "new-will", will=("wills/new-will", b"kept", 1, False))
+    fresh.c.reconnect_delay_set(60, 60)
+    time.sleep(0.02)
+    b.signal(signal.SIGKILL)
+    b.proc.wait()  # type: ignore[union-attr]
+    b.start()
+    message = watcher.get(timeout=15)
+    assert (message.topic, message.payload) == ("wills/new-will", b"kept")
+    try:
+        extra = watcher.get(timeout=1)
+    except AssertionError:  # nothing more came: right
+        extra = None
+    assert extra is None, f"a will published twice: {extra.topic}"

@@ -279,11 +279,16 @@ class Failover:
 
     def session_changed(self, client_id: str) -> None:
         self._dirty.add(client_id)
-        if client_id in self._wills_stored and self.link.connected and self.loop is not None:
-            # Its connection may have ended just now: the will stored for it, published or no
-            # longer due, goes from Redis at once, next to the will's own forward, not a write
-            # delay later (a broker killed in between has its restart or adopter publish it
-            # again: twice, MQTT-3.1.2-8 says once).
+        if (
+            self.link.connected
+            and self.loop is not None
+            and (client_id in self._wills_stored or self.core.will_of(client_id) is not None)
+        ):
+            # A will due now, or one stored whose connection may have ended just now (published
+            # or no longer due): stored, or removed next to the will's own forward, at the
+            # loop's next turn, not a write delay later. A broker killed in between loses the
+            # new will, or has its restart or adopter publish the old one again (MQTT-3.1.2-8:
+            # once).
             if not self._write_soon:
                 self._write_soon = True
                 self.loop.call_soon(self._write_now)

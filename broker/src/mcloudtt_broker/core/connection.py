@@ -546,6 +546,9 @@ class ServerConnection:
         self.session = session
         self.state = CONNECTED
         self.will = will_message
+        if will_message is not None:
+            # A cluster bus stores the will due if this broker dies now (`will_of`), at once.
+            broker.bus.session_changed(client_id)
         self.problem_info = props.request_problem_information != 0
         if v5:
             self.send_quota = min(props.receive_maximum or 65_535, settings.max_inflight)
