@@ -64,11 +64,15 @@ def test_quick_run_against_mosquitto_writes_the_results(tmp_path: Path) -> None:
         "latency": ["p50_ms", "p99_ms", "samples"],
         "memory": ["kb_per_conn", "connections"],
         "connect": ["connect_per_s", "clients"],
-        "loaded": ["plain_msg_per_s", "loaded_msg_per_s", "ratio", "connsub_cpu_ms", "devices"],
+        "loaded": ["plain_msg_per_s", "loaded_msg_per_s", "ratio", "devices"],
     }.items():
         for key in keys:
             value = med[scenario][key]
             assert isinstance(value, float | int) and value > 0, (scenario, key, value)
+    # Broker CPU comes in clock ticks (10 ms): Mosquitto's 300 CONNECT+SUBSCRIBE here may take
+    # less than one (0.0 in CI once), so only a measured, non-negative figure is asked for.
+    connsub = med["loaded"]["connsub_cpu_ms"]
+    assert isinstance(connsub, float | int) and connsub >= 0, connsub
     assert med["latency"]["p50_ms"] <= med["latency"]["p99_ms"]
     assert med["loaded"]["devices"] == 300
     assert doc["summary"]["qos0.msg_per_s"]["mosquitto"] == med["qos0"]["msg_per_s"]
