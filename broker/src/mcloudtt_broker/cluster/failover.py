@@ -1024,6 +1024,9 @@ class Failover:
                 waiting.set_exception(
                     error if isinstance(error, Exception) else LinkError("cancelled")
                 )
+                # Its callers get it through their shield; one cancelled meanwhile (a CONNECT
+                # whose client left, the broker stopping) must not leave it "never retrieved".
+                waiting.exception()
                 if not isinstance(error, Exception):
                     raise
             else:
