@@ -172,6 +172,14 @@ class PahoClient:
         except queue.Empty:
             raise AssertionError("no message in time") from None
 
+    def nothing_more(self, timeout: float, what: str) -> None:
+        """Assert that no further message arrives within `timeout` (`what` names the fault)."""
+        try:
+            extra = self.messages.get(timeout=timeout)
+        except queue.Empty:
+            return
+        raise AssertionError(f"{what}: {extra.topic} {extra.payload!r}")
+
     def get_n(self, n: int, timeout: float = TIMEOUT) -> list[mqtt.MQTTMessage]:
         return [self.get(timeout) for _ in range(n)]
 
