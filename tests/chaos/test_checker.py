@@ -394,6 +394,59 @@ def test_a_will_missing_doubled_or_unwarranted_fails(
     assert (example["wills"], example["disconnect"]) == (wills, why)
 
 
+def _watcher_back(t: float, *, broke: bool, resumed: bool) -> list[Record]:
+    """The watcher's first connection ends at `t`; a second one comes right after."""
+    return [
+        Disconnect(t=t, client="watcher", conn=1, normal=not broke),
+        Connect(t=t + 0.5, client="watcher", conn=2, broker="b", clean_start=False),
+        ConnAck(t=t + 0.5, client="watcher", conn=2, broker="b", session_present=resumed),
+    ]
+
+
+def _will_on(t: float, watcher_conn: int, dup: bool = False) -> WillPublished:
+    return WillPublished(
+        t=t, watcher="watcher", client="w", conn=1, broker="b", watcher_conn=watcher_conn, dup=dup
+    )
+
+
+def test_a_will_again_on_the_watchers_resumed_session_after_its_broker_died_passes() -> None:
+    """QoS 1: the broker that delivered it died before it stored the PUBACK (MQTT-4.4.0-1)."""
+    records = [
+        *_will_client(normal=False),
+        _will_on(2.1, 1),
+        *_watcher_back(2.2, broke=True, resumed=True),
+        _will_on(2.8, 2, dup=True),
+    ]
+    report = check(records)
+    assert report.passed, report.failed()
+    assert report.invariants["wills"].counts["redelivered"] == 1
+
+
+@pytest.mark.parametrize(
+    ("broke", "resumed", "second_on"),
+    [
+        (True, False, 2),  # a fresh session has nothing to resend: a second will
+        (False, True, 2),  # a DISCONNECT acknowledged everything before it
+        (True, True, 1),  # twice on one connection
+    ],
+    ids=["not-resumed", "normal-end", "same-connection"],
+)
+def test_a_will_again_other_than_a_resend_on_a_resumed_session_fails(
+    broke: bool, resumed: bool, second_on: int
+) -> None:
+    records = [
+        *_will_client(normal=False),
+        _will_on(2.1, 1),
+        *_watcher_back(2.2, broke=broke, resumed=resumed),
+        _will_on(2.8, second_on, dup=True),
+    ]
+    report = check(records)
+    # (Not resumed also fails `sessions_kept`: the watcher's session was not due to end.)
+    assert report.failed()[0] == "wills"
+    (example,) = report.invariants["wills"].examples
+    assert example["wills"] == 2
+
+
 @pytest.mark.parametrize("wills", [0, 1])
 def test_the_will_of_a_connection_never_acknowledged_is_not_judged(wills: int) -> None:
     """No CONNACK: the broker may or may not have taken the will; neither way fails."""

@@ -28,6 +28,7 @@ a session at that moment receives a message sent after it; the slowest subscribe
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter, defaultdict
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
@@ -457,9 +458,32 @@ def _check_order(index: _Index, verdict: Verdict) -> None:
 
 
 def _check_wills(index: _Index, verdict: Verdict) -> None:
-    seen = Counter[tuple[str, int, str]]()
+    """Each will of a connection that ended without DISCONNECT reaches each of its watchers
+    once (MQTT-3.1.2-8); none of another. A QoS 1 will may come again on the watcher's next
+    connection, when the previous one broke and the session resumed: its broker died before
+    it stored the watcher's PUBACK, and the session's new broker sends it again
+    (MQTT-4.4.0-1), which is at least once, not a second will."""
+    acks = {(a.client, a.conn): a for a in index.connacks}
+    copies: dict[tuple[str, int, str], list[WillPublished]] = defaultdict(list)
     for w in index.wills:
-        seen[(w.client, w.conn, w.watcher)] += 1
+        copies[(w.client, w.conn, w.watcher)].append(w)
+    seen = Counter[tuple[str, int, str]]()
+    for key, got in copies.items():
+        seen[key] = 1
+        for earlier, later in itertools.pairwise(got):
+            ack = acks.get((later.watcher, later.watcher_conn))
+            broke = index.disconnects.get((later.watcher, later.watcher_conn - 1))
+            if (
+                earlier.watcher_conn
+                and later.watcher_conn == earlier.watcher_conn + 1
+                and ack is not None
+                and ack.session_present
+                and broke is not None
+                and not broke.normal
+            ):
+                verdict.counts["redelivered"] = verdict.counts.get("redelivered", 0) + 1
+            else:
+                seen[key] += 1
     watchers_of: dict[tuple[str, int], set[str]] = defaultdict(set)
     for w in index.wills:
         watchers_of[(w.client, w.conn)].add(w.watcher)

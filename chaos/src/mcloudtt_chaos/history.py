@@ -127,6 +127,10 @@ class WillPublished:
     client: str
     conn: int
     broker: str = ""
+    # The watcher's connection it came on, and its DUP flag: a copy on a later connection that
+    # resumed the session is a QoS 1 redelivery, not a second will (0: not recorded).
+    watcher_conn: int = 0
+    dup: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -467,7 +467,15 @@ class _Watcher(_Client):
             return
         self.seen.add((client, conn))
         self.w.record(
-            WillPublished(t=now, watcher=self.name, client=client, conn=conn, broker=self.broker)
+            WillPublished(
+                t=now,
+                watcher=self.name,
+                client=client,
+                conn=conn,
+                broker=self.broker,
+                watcher_conn=self.conn,
+                dup=bool(message.dup),
+            )
         )
 
 
