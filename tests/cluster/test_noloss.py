@@ -315,3 +315,36 @@ def test_qos2_never_twice_when_a_session_moves_between_live_brokers(redis_server
     assert not twice, f"QoS 2 delivered twice on one connection: {twice[:20]}"
     fresh = Counter(seq for seq, dup in sub.got if not dup)
     assert not [k for k, v in fresh.items() if v > 1], "QoS 2 sent anew (DUP 0) twice"
+
+
+@pytest.mark.parametrize("origin", ["holder", "third"])
+def test_a_handover_answered_late_loses_nothing_routed_meanwhile(
+    redis_server, cluster_factory, origin
+):
+    """Issue 11, found by reconnect-storm under load: a CONNECT on A asks the live holder B
+    for the session; B is too busy to answer within A's wait (here: stopped 2.5 s), so A stops
+    holding its inbox and waits for the late answer. Once B gives the session up it routes
+    the subscription to A, and every origin follows it: what reached A's inbox before A had the
+    answer found no session there. It must still reach the session (A replays what its inbox
+    read meanwhile), published on B itself or on a third broker. Before the fix: 2 of 750 lost
+    in the chaos run, 30-400 here."""
+    a, b, c = cluster_factory(3, *QUEUE, "--presence-ttl", "10")  # B stopped is not B dead
+    sub = subscribed(b, 4, 1)
+    publisher_on = b if origin == "holder" else c
+    with streaming(
+        publisher_on, sub, 1, what="deliveries before the move", routed=origin == "third"
+    ) as pub:
+        sub.drop()
+        time.sleep(0.2)  # the session is offline on B, queueing what comes for it
+        b.signal(signal.SIGSTOP)
+        moved: list[bool] = []
+        mover = threading.Thread(target=lambda: moved.append(sub.connect(a.port)))
+        try:
+            mover.start()
+            time.sleep(2.5)  # past A's wait for the answer (--handover-timeout / 2)
+        finally:
+            b.signal(signal.SIGCONT)
+        mover.join()
+        assert moved == [True], "the session was not handed over"
+        time.sleep(1.0)
+    check(pub, sub, 1)

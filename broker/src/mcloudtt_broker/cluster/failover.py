@@ -254,6 +254,12 @@ class Failover:
         # CONNECTs refused because their session could not be located: the registry names us
         # already, so the client's retry must look where the session was (client id -> holder).
         self._unresolved: dict[str, str] = {}
+        # Where our inbox stood when a CONNECT here stopped holding it for a hand-over that did
+        # not answer in time (client id -> holder asked -> entry): a late answer's holder and
+        # origins routed the session here from its move on, and what our inbox read of that
+        # meanwhile found no session (`_take_drained` replays it). Kept, like `_unresolved`,
+        # across CONNECTs.
+        self._unheld_since: dict[str, dict[str, tuple[int, int]]] = {}
         # ClientIds whose CONNECT found them registered (they were connected before, here or
         # elsewhere): `_behind_earlier_records` before their CONNACK.
         self._returning: set[str] = set()
@@ -514,14 +520,16 @@ class Failover:
             self.stats["handover_failures"] += 1
         finally:
             self._handovers.pop(client_id, None)
+        unheld = self._unheld_since.get(client_id, {})
         if not isinstance(snapshot, ReasonCode):
             self._unresolved.pop(client_id, None)  # found (or none to find): done looking
+            self._unheld_since.pop(client_id, None)
         drain = self._drains.pop(client_id, None)
         try:
             if (
                 drain is not None
                 and isinstance(snapshot, SessionSnapshot)
-                and await self._take_drained(client_id, snapshot, *drain)
+                and await self._take_drained(client_id, snapshot, *drain, unheld.get(drain[0]))
             ):
                 snapshot = None  # here already, with what was routed to its old holder
             if client_id in self._returning and not isinstance(snapshot, ReasonCode):
@@ -651,6 +659,10 @@ class Failover:
             gone_wait.cancel()
         if not waiter.done():
             # No answer in time, or the holder is gone (its adopter has the session).
+            asked = self._unheld_since.setdefault(client_id, {})
+            asked.setdefault(holder, self.inbox_position())
+            if len(self._unheld_since) > 100_000:
+                self._unheld_since.clear()
             self._unpause(client_id)  # no session coming (yet): do not hold the inbox up
             raise TimeoutError
         self.stats["handovers"] += 1
@@ -679,15 +691,23 @@ class Failover:
         return snapshot
 
     async def _take_drained(
-        self, client_id: str, snapshot: SessionSnapshot, holder: str, marks: Marks, token: str
+        self,
+        client_id: str,
+        snapshot: SessionSnapshot,
+        holder: str,
+        marks: Marks,
+        token: str,
+        unheld_since: tuple[int, int] | None = None,
     ) -> bool:
         """The live broker `holder` handed us the session: what was routed to `holder` for it
         after its snapshot is in `holder`'s inbox, up to each origin's marker for this
         hand-over (written once it routed the session's filters to us, `moved`). The session
         is taken here offline first (what we publish for it from then on is queued for it),
         our own marker written, `holder`'s inbox read to the markers and what it found put
-        before what was queued meanwhile; our inbox waits (what it holds is newer). False:
-        not drained, the caller restores the snapshot."""
+        before what was queued meanwhile; our inbox waits (what it holds is newer). An answer
+        that came late, after our inbox went on without the session (`unheld_since`): what it
+        read since of what `holder` and the origins routed here past their marks goes in too.
+        False: not drained, the caller restores the snapshot."""
         redis = self.link.redis
         core = self.core
         if (
@@ -752,6 +772,30 @@ class Failover:
                             sorted(replay.pending),
                         )
                     ms, seq = self.inbox_position()
+                    missed = None
+                    if unheld_since is not None and (ms, seq) > unheld_since:
+                        # Past the drain's marks: every origin's records since its marker (the
+                        # holder's since its snapshot), no earlier one twice.
+                        missed = Replay(
+                            core,
+                            self.to_message,
+                            {client_id: Marks(unheld_since, replay.sessions[client_id].seen)},
+                            (),
+                            keys=self.keys,
+                            inbox=self.k_inbox,
+                            redelivered=False,
+                            shared=False,
+                        )
+                        start = f"({unheld_since[0]}-{unheld_since[1]}"
+                        while True:
+                            entries = await redis.xrange(
+                                self.k_inbox, min=start, max=f"{ms}-{seq}", count=1000
+                            )
+                            for entry_id, fields in entries:
+                                missed.feed(entry_id, fields)
+                                start = b"(" + entry_id
+                            if len(entries) < 1000:
+                                break
                     ours = await redis.xrange(self.k_inbox, min=f"({ms}-{seq}", max="+")
             except LinkError as error:
                 log.warning("hand-over of %r from %s not drained: %s", client_id, holder, error)
@@ -764,6 +808,9 @@ class Failover:
             if core.has_session(client_id):
                 since = core.queued(client_id)
                 self.stats["drained"] += replay.deliver(origins_and_sequences(ours))
+                if missed is not None:
+                    # Read by our inbox already, to no session: not delivered by it again.
+                    self.stats["drained"] += missed.deliver(set())
                 core.queue_behind(client_id, base, since)
             return True
         finally:
