@@ -510,11 +510,13 @@ class Failover:
             self.stats["handover_failures"] += 1
             snapshot = ReasonCode.SERVER_UNAVAILABLE
         except LinkError as error:
-            # Redis went away meanwhile: served here, as while Redis is away (the retry
-            # pattern); the registry learns it on reconnect.
+            # Redis went away while we looked: the session may be on another broker, with what
+            # is queued for it there; a fresh one here would lose that. The client is sent to
+            # retry, as above: its retry finds the session once the link is back, or is served
+            # here as a new one while Redis is away (the retry pattern).
             log.warning("session %r not taken over from the cluster: %s", client_id, error)
             self.stats["handover_failures"] += 1
-            self._unregistered.add(client_id)
+            snapshot = ReasonCode.SERVER_UNAVAILABLE
         except SnapshotError as error:
             log.warning("session %r not taken over from the cluster: %s", client_id, error)
             self.stats["handover_failures"] += 1
