@@ -510,13 +510,19 @@ class Failover:
             self.stats["handover_failures"] += 1
             snapshot = ReasonCode.SERVER_UNAVAILABLE
         except LinkError as error:
-            # Redis went away while we looked: the session may be on another broker, with what
-            # is queued for it there; a fresh one here would lose that. The client is sent to
-            # retry, as above: its retry finds the session once the link is back, or is served
-            # here as a new one while Redis is away (the retry pattern).
             log.warning("session %r not taken over from the cluster: %s", client_id, error)
             self.stats["handover_failures"] += 1
-            snapshot = ReasonCode.SERVER_UNAVAILABLE
+            if client_id in self._unresolved:
+                # Redis went away while we fetched it from the broker the registry named: the
+                # session is there, with what is queued for it; a fresh one here would lose
+                # that. The client is sent to retry, as above: its retry finds the session once
+                # the link is back, or is served here while Redis is away (the retry pattern).
+                snapshot = ReasonCode.SERVER_UNAVAILABLE
+            else:
+                # Redis went away before we learnt of a session elsewhere (a broker cut from
+                # Redis, its link held): served here, as while Redis is away; the registry
+                # learns it on reconnect.
+                self._unregistered.add(client_id)
         except SnapshotError as error:
             log.warning("session %r not taken over from the cluster: %s", client_id, error)
             self.stats["handover_failures"] += 1
