@@ -410,20 +410,24 @@ class Membership:
     async def _answered(self, call: Awaitable[Any], deadline: float) -> Any:
         """`call`'s answer. None within `deadline` loses the link, unless the link's other
         connections read answers meanwhile: a slow link (a saturated bandwidth cap queues the
-        beat behind the outbox's writes), not a cut one, is waited for a deadline more, up to
-        half the presence TTL in all (peers must not see our presence expire meanwhile). A cut
-        link answers nothing anywhere: it is noticed after one deadline, as before."""
+        beat behind the outbox's writes, and drops what overflows: TCP resends it after its
+        backoff, on every connection), not a cut one. Once answers came, the beat is waited
+        for until our presence would expire (peers must not see it expire meanwhile), even
+        across a deadline without any. A cut link answers nothing anywhere: it is noticed after
+        one deadline, as before."""
         task = asyncio.ensure_future(call)
-        loop = asyncio.get_running_loop()
-        give_up = loop.time() + max(deadline, self.settings.presence_ttl / 2)
+        ttl = self.settings.presence_ttl
+        # Deadlines that fit before our presence expires (less the beat's own interval).
+        waits = max(1, int((ttl - max(0.1, ttl / 5)) / deadline + 1e-9))
+        seen = self.answers()
         try:
-            while True:
-                seen = self.answers()
+            for _ in range(waits):
                 done, _ = await asyncio.wait({task}, timeout=deadline)
                 if done:
                     return task.result()
-                if self.answers() == seen or loop.time() >= give_up:
-                    raise TimeoutError("Redis left a heartbeat unanswered past its deadline")
+                if self.answers() == seen:
+                    break
+            raise TimeoutError("Redis left a heartbeat unanswered past its deadline")
         finally:
             if not task.done():
                 task.cancel()
