@@ -839,7 +839,8 @@ BROKER = Scheme(
             "presence-ttl",
             positive_float,
             "how long a broker's presence lives without a heartbeat (one beat every TTL/5; a beat "
-            "unanswered for two of them, 1 to 2 s, counts as a lost Redis link)",
+            "unanswered for two of them, 1 to 2 s, while nothing else comes back on the link, "
+            "counts as a lost Redis link)",
             setting=(ClusterSettings, "presence_ttl"),
             metavar="SECONDS",
         ),
