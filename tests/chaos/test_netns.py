@@ -52,17 +52,22 @@ def _leftovers(backend_or_id: NetnsBackend | str) -> list[str]:
     return [w for w in (names + links).replace("@", " ").replace(":", " ").split() if base in w]
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NetnsBackend]:
-    backend = NetnsBackend(tmp_path_factory.mktemp("netns"))
+def _two_brokers(workdir: Path, presence_ttl_s: float) -> Iterator[NetnsBackend]:
+    """Two ready brokers in their namespaces; nothing of them left afterwards."""
+    backend = NetnsBackend(workdir)
     try:
-        backend.setup(ClusterSpec(brokers=2, broker_args=("--presence-ttl", "3")))
+        backend.setup(ClusterSpec(brokers=2, broker_args=("--presence-ttl", f"{presence_ttl_s:g}")))
         for name in ("b0", "b1"):
             backend.wait_ready(name)
         yield backend
     finally:
         backend.teardown()
     assert _leftovers(backend) == []
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NetnsBackend]:
+    yield from _two_brokers(tmp_path_factory.mktemp("netns"), 3.0)
 
 
 class Client:
@@ -235,15 +240,7 @@ def test_heal_closes_the_connections_through_the_proxy_at_once(cluster: NetnsBac
 def patient_cluster(tmp_path: Path) -> Iterator[NetnsBackend]:
     """Two brokers whose presence lives 10 s (the default is 5): time for a beat to cross a
     saturated link before their presence is at risk."""
-    backend = NetnsBackend(tmp_path)
-    try:
-        backend.setup(ClusterSpec(brokers=2, broker_args=("--presence-ttl", "10")))
-        for name in ("b0", "b1"):
-            backend.wait_ready(name)
-        yield backend
-    finally:
-        backend.teardown()
-    assert _leftovers(backend) == []
+    yield from _two_brokers(tmp_path, 10.0)
 
 
 @needs_netns
