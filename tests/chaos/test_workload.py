@@ -414,7 +414,7 @@ def test_a_stalled_broker_stops_the_publisher_at_its_window(tmp_path: Path) -> N
             time.sleep(0.5)
             broker.pause()
             try:
-                frozen = workload.counters_json()["sent"]
+                frozen = workload.counters_json()
                 time.sleep(1.5)
                 stalled = workload.counters_json()
             finally:
@@ -424,7 +424,11 @@ def test_a_stalled_broker_stops_the_publisher_at_its_window(tmp_path: Path) -> N
             assert workload.drain(10.0), workload.counters_json()
             after = workload.counters_json()
     assert stalled["unacked"] <= spec.window
-    assert stalled["sent"] - frozen <= spec.window
+    # PUBACKs the broker sent just before it froze still arrive, and each frees a place in
+    # the window: past those, nothing more than the window goes out (CI once saw 21 = 20 + 1).
+    acked_since = stalled["acked"] - frozen["acked"]
+    assert stalled["sent"] - frozen["sent"] <= spec.window + acked_since
+    assert acked_since <= spec.window
     assert stalled["throttled"] >= 200  # ~1.5 s of turns at 200/s, skipped
     # After SIGCONT: no catching up on 1.5 s of skipped turns in one burst.
     assert after["sent"] - stalled["sent"] <= 0.5 * 200 * 1.5
