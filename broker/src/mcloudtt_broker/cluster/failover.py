@@ -149,6 +149,23 @@ async def _within(work: Awaitable[T], timeout: float) -> T:
         raise LookupOverdue("cancelled") from None
 
 
+async def _feed_range(
+    redis: RedisClient, key: str, replay: Replay, start: str, stop: str
+) -> bytes | None:
+    """Every entry of the stream `key` from `start` to `stop` (XRANGE bounds), fed to `replay`
+    a page at a time; the id of the last one (None: there was none)."""
+    last: bytes | None = None
+    low: bytes | str = start
+    while True:
+        entries = await redis.xrange(key, min=low, max=stop, count=1000)
+        for entry_id, fields in entries:
+            replay.feed(entry_id, fields)
+            last = entry_id
+            low = b"(" + entry_id
+        if len(entries) < 1000:
+            return last
+
+
 def _retrieve(task: asyncio.Future[Any]) -> None:
     if not task.cancelled():
         task.exception()
@@ -794,16 +811,13 @@ class Failover:
                             redelivered=False,
                             shared=False,
                         )
-                        start = f"({unheld_since[0]}-{unheld_since[1]}"
-                        while True:
-                            entries = await redis.xrange(
-                                self.k_inbox, min=start, max=f"{ms}-{seq}", count=1000
-                            )
-                            for entry_id, fields in entries:
-                                missed.feed(entry_id, fields)
-                                start = b"(" + entry_id
-                            if len(entries) < 1000:
-                                break
+                        await _feed_range(
+                            redis,
+                            self.k_inbox,
+                            missed,
+                            f"({unheld_since[0]}-{unheld_since[1]}",
+                            f"{ms}-{seq}",
+                        )
                     ours = await redis.xrange(self.k_inbox, min=f"({ms}-{seq}", max="+")
             except LinkError as error:
                 log.warning("hand-over of %r from %s not drained: %s", client_id, holder, error)
@@ -1457,21 +1471,13 @@ class Failover:
             handled=await self._progress(redis, self.me),
             gone=self.me,
         )
-        start: bytes | str = "-"
-        last = None
-        while True:
-            entries = await redis.xrange(self.k_inbox, min=start, max="+", count=1000)
-            if not entries:
-                break
-            for entry_id, fields in entries:
-                replay.feed(entry_id, fields)
-                start = last = b"(" + entry_id
+        last = await _feed_range(redis, self.k_inbox, replay, "-", "+")
         self.stats["replayed"] += replay.deliver(set())
         if last is not None:
             # Start the group after what was replayed (its pending entries were in it).
             pipe = redis.pipeline(transaction=True)
             pipe.xgroup_destroy(self.k_inbox, GROUP)
-            pipe.xgroup_create(self.k_inbox, GROUP, id=last[1:], mkstream=True)
+            pipe.xgroup_create(self.k_inbox, GROUP, id=last, mkstream=True)
             await pipe.execute()
 
     async def listening(self, redis: RedisClient) -> None:
